@@ -1,0 +1,44 @@
+"""cudnn_bn: cuDNN's batch normalization for CuPy arrays, with an exact NumPy reference.
+
+``forward_training``, ``forward_inference`` and ``backward`` run the NumPy reference on numpy
+arrays and cuDNN on cupy arrays. Importing this package loads neither CuPy nor libcudnn.
+"""
+
+from . import reference
+from ._api import backward, forward_inference, forward_training
+from ._errors import (
+    CudnnBadParamError,
+    CudnnError,
+    CudnnExecutionFailedError,
+    CudnnInternalError,
+    CudnnLibraryNotFoundError,
+    CudnnNotInitializedError,
+    CudnnNotSupportedError,
+    CudnnOverflowError,
+    CudnnVersionError,
+)
+from ._modes import Mode, OnOverflow
+from ._saved import SavedStats
+from .reference import fold_inference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CudnnBadParamError",
+    "CudnnError",
+    "CudnnExecutionFailedError",
+    "CudnnInternalError",
+    "CudnnLibraryNotFoundError",
+    "CudnnNotInitializedError",
+    "CudnnNotSupportedError",
+    "CudnnOverflowError",
+    "CudnnVersionError",
+    "Mode",
+    "OnOverflow",
+    "SavedStats",
+    "backward",
+    "fold_inference",
+    "forward_inference",
+    "forward_training",
+    "reference",
+]

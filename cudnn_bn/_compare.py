@@ -1,0 +1,110 @@
+"""`python -m cudnn_bn compare`: every mode and operation on a standard tensor, on the backend
+that is present, against a float64 computation of the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _api
+from ._backends import cudnn_status
+from ._layout import make_layout
+from ._modes import Mode
+from ._timing import median_gpu_seconds, median_host_seconds
+from ._tolerances import to_numpy
+from ._validate import param_dtype_for
+
+__all__ = ["run_compare", "STANDARD_SHAPE"]
+
+STANDARD_SHAPE = (16, 32, 12, 12)  # N, C, H, W (channels-last runs use N, H, W, C)
+OPERATIONS = ("forward_training", "forward_inference", "backward")
+
+
+def _inputs(mode: Mode, channel_axis: int, dtype, seed: int = 0):
+    n, c, h, w = STANDARD_SHAPE
+    shape = (n, c, h, w) if channel_axis == 1 else (n, h, w, c)
+    layout = make_layout(shape, channel_axis, mode)
+    rng = np.random.default_rng(seed)
+    param_dtype = param_dtype_for(dtype)
+    arrays = {
+        "x": (1.5 + 2.0 * rng.standard_normal(shape)).astype(dtype),
+        "dy": rng.standard_normal(shape).astype(dtype),
+        "gamma": (0.5 + rng.random(layout.param_shape)).astype(param_dtype),
+        "beta": rng.standard_normal(layout.param_shape).astype(param_dtype),
+        "mean": rng.standard_normal(layout.param_shape).astype(param_dtype),
+        "var": (0.5 + rng.random(layout.param_shape)).astype(param_dtype),
+    }
+    return arrays
+
+
+def _runners(arrays, mode, channel_axis):
+    """Operation name -> callable over an array dict (numpy or cupy), same code for both backends."""
+    common = dict(mode=mode, channel_axis=channel_axis)
+
+    def train(a):
+        return _api.forward_training(a["x"], a["gamma"], a["beta"], **common)
+
+    def infer(a):
+        return _api.forward_inference(a["x"], a["gamma"], a["beta"], a["mean"], a["var"], **common)
+
+    def grad(a, saved):
+        return _api.backward(a["x"], a["dy"], a["gamma"], saved)
+
+    return train, infer, grad
+
+
+def _max_error(results, expected) -> float:
+    return max(float(np.max(np.abs(to_numpy(r) - to_numpy(e)))) for r, e in zip(results, expected))
+
+
+def run_compare(dtype=np.float32, force_reference: bool = False) -> tuple[str, list[dict]]:
+    """Run the comparison; returns (backend description, rows)."""
+    usable, reason = (False, "reference forced") if force_reference else cudnn_status()
+    backend = "cuDNN on CuPy arrays" if usable else f"NumPy reference (cuDNN path unavailable: {reason})"
+    rows = []
+    for channel_axis in (1, -1):
+        for mode in Mode:
+            host = _inputs(mode, channel_axis, dtype)
+            wide = {name: array.astype(np.float64) for name, array in host.items()}
+            if usable:
+                import cupy
+
+                arrays = {name: cupy.asarray(array) for name, array in host.items()}
+                timer = median_gpu_seconds
+            else:
+                arrays, timer = host, median_host_seconds
+            train, infer, grad = _runners(arrays, mode, channel_axis)
+            train64, infer64, grad64 = _runners(wide, mode, channel_axis)
+            y, saved = train(arrays)
+            y64, saved64 = train64(wide)
+            results = {
+                "forward_training": (
+                    _max_error([y, saved.mean, saved.inv_std], [y64, saved64.mean, saved64.inv_std]),
+                    timer(lambda: train(arrays)),
+                ),
+                "forward_inference": (_max_error([infer(arrays)], [infer64(wide)]), timer(lambda: infer(arrays))),
+                "backward": (_max_error(grad(arrays, saved), grad64(wide, saved64)), timer(lambda: grad(arrays, saved))),
+            }
+            for operation in OPERATIONS:
+                error, seconds = results[operation]
+                rows.append(
+                    dict(
+                        layout="NCHW" if channel_axis == 1 else "NHWC",
+                        mode=mode.name,
+                        ran=saved.mode.name if operation != "forward_inference" else mode.name,
+                        operation=operation,
+                        max_abs_error=error,
+                        median_ms=seconds * 1e3,
+                    )
+                )
+    return backend, rows
+
+
+def format_table(backend: str, rows: list[dict], dtype) -> str:
+    header = f"backend: {backend}\ntensor: {STANDARD_SHAPE} (N, C, H, W) {np.dtype(dtype).name}, errors against the float64 reference\n"
+    lines = ["| layout | mode | operation | max abs error | median ms |", "|---|---|---|---|---|"]
+    for row in rows:
+        mode = row["mode"] if row["ran"] == row["mode"] else f"{row['mode']} (ran {row['ran']})"
+        lines.append(f"| {row['layout']} | {mode} | {row['operation']} | {row['max_abs_error']:.3e} | {row['median_ms']:.3f} |")
+    return header + "\n".join(lines)
+
+

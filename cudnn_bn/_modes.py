@@ -1,0 +1,63 @@
+"""Batch-norm modes and the overflow policy: the names users type and the values cuDNN expects."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Mode", "OnOverflow", "parse_mode", "parse_on_overflow", "AUTO"]
+
+AUTO = "auto"
+
+
+class Mode(enum.IntEnum):
+    """``cudnnBatchNormMode_t`` with the ``CUDNN_BATCHNORM_`` prefix stripped.
+
+    PER_ACTIVATION normalizes every activation over the batch axis only; SPATIAL normalizes each
+    channel over the batch and all spatial axes; SPATIAL_PERSISTENT computes what SPATIAL computes
+    with a faster kernel that can overflow (see ``docs/modes.md``).
+    """
+
+    PER_ACTIVATION = 0
+    SPATIAL = 1
+    SPATIAL_PERSISTENT = 2
+
+    @property
+    def is_spatial(self) -> bool:
+        """True for the two modes whose statistics are per channel."""
+        return self is not Mode.PER_ACTIVATION
+
+
+class OnOverflow(str, enum.Enum):
+    """What to do when SPATIAL_PERSISTENT reports ``CUDNN_STATUS_RUNTIME_FP_OVERFLOW``."""
+
+    RAISE = "raise"
+    FALLBACK = "fallback"
+    IGNORE = "ignore"
+
+
+_MODE_NAMES = {mode.name.lower(): mode for mode in Mode}
+
+
+def parse_mode(mode, *, allow_auto: bool = False):
+    """Return a :class:`Mode` (or ``"auto"`` where allowed) from a Mode, its value or its name."""
+    if isinstance(mode, Mode):
+        return mode
+    if isinstance(mode, str):
+        key = mode.strip().lower()
+        if allow_auto and key == AUTO:
+            return AUTO
+        if key in _MODE_NAMES:
+            return _MODE_NAMES[key]
+    elif isinstance(mode, int) and not isinstance(mode, bool) and mode in Mode._value2member_map_:
+        return Mode(mode)
+    valid = sorted(_MODE_NAMES) + ([AUTO] if allow_auto else [])
+    raise ValueError(f"mode: expected one of {valid} or a cudnn_bn.Mode, got {mode!r}")
+
+
+def parse_on_overflow(on_overflow) -> OnOverflow:
+    """Return an :class:`OnOverflow` from its value or name."""
+    try:
+        return OnOverflow(on_overflow.lower() if isinstance(on_overflow, str) else on_overflow)
+    except ValueError:
+        valid = [choice.value for choice in OnOverflow]
+        raise ValueError(f"on_overflow: expected one of {valid}, got {on_overflow!r}") from None

@@ -1,0 +1,38 @@
+"""The one place that decides which mode "auto" runs, and what overflow does by default.
+
+Policy (see docs/modes.md for the evidence and its limits):
+- 2-D input: PER_ACTIVATION (for (N, C) data it is the same normalization as SPATIAL).
+- 3-D to 5-D input: SPATIAL.
+- Training on channels-last data: SPATIAL_PERSISTENT with on_overflow="fallback". PyTorch stopped
+  using persistent for NCHW after accuracy losses (ResNeXt-101, R(2+1)D) and TensorFlow keeps it
+  opt-in; NVIDIA's fast NHWC kernels sit behind the persistent mode. Not yet confirmed by our own
+  GPU measurements: revisit when docs/benchmarks has a recorded run.
+- Backward follows the mode that forward actually ran (``SavedStats.mode``).
+- SPATIAL_PERSISTENT asked for by name defaults to on_overflow="raise".
+"""
+
+from __future__ import annotations
+
+from ._layout import make_layout
+from ._modes import AUTO, Mode, OnOverflow, parse_mode, parse_on_overflow
+
+__all__ = ["TRAINING", "INFERENCE", "BACKWARD", "choose_mode"]
+
+TRAINING, INFERENCE, BACKWARD = "forward_training", "forward_inference", "backward"
+
+
+def choose_mode(requested, shape, channel_axis, operation: str, on_overflow=None) -> tuple[Mode, OnOverflow]:
+    """Return the concrete mode to run and the overflow policy for it."""
+    mode = parse_mode(requested, allow_auto=True)
+    chosen_by_policy = mode == AUTO
+    if chosen_by_policy:
+        layout = make_layout(shape, channel_axis, Mode.SPATIAL)
+        if layout.ndim == 2:
+            mode = Mode.PER_ACTIVATION
+        elif operation == TRAINING and layout.channels_last:
+            mode = Mode.SPATIAL_PERSISTENT
+        else:
+            mode = Mode.SPATIAL
+    if on_overflow is None:
+        return mode, OnOverflow.FALLBACK if chosen_by_policy else OnOverflow.RAISE
+    return mode, parse_on_overflow(on_overflow)

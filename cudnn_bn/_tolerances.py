@@ -1,0 +1,34 @@
+"""The one place that says how close a result must be to the float64 reference, per dtype."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["assert_close", "to_numpy", "tolerance"]
+
+# (rtol, atol) per data dtype, for values of order one (normalized outputs, gradients of
+# unit-scale inputs). float16 stores 11 significant bits; float32 kernels reduce in float32.
+_TOLERANCES = {
+    np.dtype(np.float16): (1e-2, 1e-2),
+    np.dtype(np.float32): (1e-4, 1e-4),
+    np.dtype(np.float64): (1e-9, 1e-9),
+}
+
+
+def tolerance(dtype) -> tuple[float, float]:
+    """(rtol, atol) for results computed from data of ``dtype``."""
+    return _TOLERANCES[np.dtype(dtype)]
+
+
+def to_numpy(array) -> np.ndarray:
+    """A host float64 copy of a numpy or cupy array."""
+    return np.asarray(array.get() if hasattr(array, "get") else array, dtype=np.float64)
+
+
+def assert_close(actual, expected, dtype, *, what: str = "", scale: float = 1.0) -> None:
+    """Assert ``actual`` matches ``expected`` within the tolerance of ``dtype``; ``scale`` widens
+    the absolute part for quantities that grow with the data (sums over a batch)."""
+    rtol, atol = tolerance(dtype)
+    np.testing.assert_allclose(
+        to_numpy(actual), to_numpy(expected), rtol=rtol, atol=atol * scale, err_msg=what
+    )

@@ -1,0 +1,211 @@
+"""The NumPy reference against finite differences, independent derivations and invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cudnn_bn import Mode, SavedStats, reference
+from conftest import LAYOUTS, MODES, make_case, shape_for
+
+EPS = 1e-5
+
+
+def _loss_and_grads(x, gamma, beta, dy, mode, channel_axis):
+    """L = sum(y * dy) and its finite-difference gradients w.r.t. x, gamma and beta."""
+
+    def loss(x_, gamma_, beta_):
+        y, _ = reference.forward_training(x_, gamma_, beta_, mode=mode, eps=EPS, channel_axis=channel_axis)
+        return float(np.sum(y * dy))
+
+    def numeric(array, which):
+        grad = np.empty_like(array)
+        step = 1e-5
+        for index in np.ndindex(array.shape):
+            plus, minus = array.copy(), array.copy()
+            plus[index] += step
+            minus[index] -= step
+            args_plus = [x, gamma, beta]
+            args_minus = [x, gamma, beta]
+            args_plus[which], args_minus[which] = plus, minus
+            grad[index] = (loss(*args_plus) - loss(*args_minus)) / (2 * step)
+        return grad
+
+    return numeric(x, 0), numeric(gamma, 1), numeric(beta, 2)
+
+
+def _relative_error(actual, expected):
+    return np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300)
+
+
+# SPATIAL_PERSISTENT backward without saved statistics is an error (tested in test_validation).
+_GRADIENT_CASES = [
+    (mode, with_saved) for mode in MODES for with_saved in (True, False) if with_saved or mode is not Mode.SPATIAL_PERSISTENT
+]
+
+
+@pytest.mark.parametrize("mode,with_saved", _GRADIENT_CASES, ids=lambda v: getattr(v, "name", "saved" if v else "recomputed"))
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+def test_gradients_match_finite_differences(mode, with_saved, ndim, channel_axis):
+    layout, x, dy, gamma, beta = make_case(shape_for(ndim, channel_axis), mode, channel_axis, seed=ndim)
+    _, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
+    if with_saved:
+        dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved)
+    else:
+        dx, dgamma, dbeta = reference.backward(x, dy, gamma, mode=mode, eps=EPS, channel_axis=channel_axis)
+    fd_dx, fd_dgamma, fd_dbeta = _loss_and_grads(x, gamma, beta, dy, mode, channel_axis)
+    assert _relative_error(dx, fd_dx) < 1e-7
+    assert _relative_error(dgamma, fd_dgamma) < 1e-7
+    assert _relative_error(dbeta, fd_dbeta) < 1e-7
+
+
+def _groups(array, layout):
+    """Independent of the reference's matrix helpers: (groups, m) via explicit transposes."""
+    if layout.mode.is_spatial:
+        axes = (layout.channel_axis,) + tuple(a for a in range(layout.ndim) if a != layout.channel_axis)
+        return array.transpose(axes).reshape(layout.channels, -1)
+    return array.reshape(layout.shape[0], -1).T
+
+
+def _chain_rule_backward(x, dy, gamma, layout):
+    """Seed 002's three steps: dL/dxhat, then dL/dvar, then dL/dmean, then dL/dx."""
+    xg, dyg = _groups(x, layout), _groups(dy, layout)
+    g = gamma.reshape(-1, 1)
+    m = xg.shape[1]
+    mu = xg.sum(axis=1, keepdims=True) / m
+    var = ((xg - mu) ** 2).sum(axis=1, keepdims=True) / m
+    dxhat = dyg * g
+    dvar = np.sum(dxhat * (xg - mu), axis=1, keepdims=True) * -0.5 * (var + EPS) ** -1.5
+    dmean = np.sum(-dxhat / np.sqrt(var + EPS), axis=1, keepdims=True) + dvar * np.sum(-2 * (xg - mu), axis=1, keepdims=True) / m
+    dx = dxhat / np.sqrt(var + EPS) + dvar * 2 * (xg - mu) / m + dmean / m
+    xhat = (xg - mu) / np.sqrt(var + EPS)
+    return dx, (dyg * xhat).sum(axis=1), dyg.sum(axis=1)
+
+
+def _compact_backward(x, dy, gamma, layout):
+    """Seeds 000/003: dx = gamma / sqrt(var + eps) * (dy - (dbeta + xhat * dgamma) / m)."""
+    xg, dyg = _groups(x, layout), _groups(dy, layout)
+    m = xg.shape[1]
+    mu = xg.mean(axis=1, keepdims=True)
+    std = np.sqrt(xg.var(axis=1, keepdims=True) + EPS)
+    xhat = (xg - mu) / std
+    dbeta = dyg.sum(axis=1, keepdims=True)
+    dgamma = (dyg * xhat).sum(axis=1, keepdims=True)
+    dx = gamma.reshape(-1, 1) / std * (dyg - (dbeta + xhat * dgamma) / m)
+    return dx, dgamma.ravel(), dbeta.ravel()
+
+
+def _jacobian_backward(x, dy, gamma, layout):
+    """Explicit Jacobian dy_i/dx_j = gamma/std * (delta_ij - 1/m - xhat_i xhat_j / m), per group."""
+    xg, dyg = _groups(x, layout), _groups(dy, layout)
+    m = xg.shape[1]
+    std = np.sqrt(xg.var(axis=1) + EPS)
+    xhat = (xg - xg.mean(axis=1, keepdims=True)) / std[:, None]
+    eye = np.eye(m)[None]
+    jacobian = (gamma.reshape(-1) / std)[:, None, None] * (eye - 1.0 / m - xhat[:, :, None] * xhat[:, None, :] / m)
+    dx = np.einsum("gij,gi->gj", jacobian, dyg)
+    return dx, (dyg * xhat).sum(axis=1), dyg.sum(axis=1)
+
+
+@pytest.mark.parametrize("derivation", [_chain_rule_backward, _compact_backward, _jacobian_backward])
+@pytest.mark.parametrize("mode", [Mode.PER_ACTIVATION, Mode.SPATIAL])
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+def test_backward_matches_independent_derivations(derivation, mode, ndim, channel_axis):
+    layout, x, dy, gamma, beta = make_case(shape_for(ndim, channel_axis), mode, channel_axis, seed=7)
+    _, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
+    dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved)
+    expected_dx, expected_dgamma, expected_dbeta = derivation(x, dy, gamma, layout)
+    np.testing.assert_allclose(_groups(dx, layout), expected_dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dgamma.reshape(-1), expected_dgamma, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dbeta.reshape(-1), expected_dbeta, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+def test_forward_invariants(mode, ndim, channel_axis):
+    layout, x, dy, _, _ = make_case(shape_for(ndim, channel_axis, batch=5), mode, channel_axis, seed=3, offset=3.0, scale=2.0)
+    ones, zeros = np.ones(layout.param_shape), np.zeros(layout.param_shape)
+    y, saved = reference.forward_training(x, ones, zeros, mode=mode, eps=EPS, channel_axis=channel_axis)
+    biased_var = x.var(axis=layout.reduce_axes).reshape(layout.param_shape)
+    np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=1e-12)
+    np.testing.assert_allclose(y.var(axis=layout.reduce_axes).reshape(layout.param_shape), biased_var / (biased_var + EPS), rtol=1e-12)
+    np.testing.assert_allclose(saved.inv_std, 1.0 / np.sqrt(biased_var + EPS), rtol=1e-12)
+    np.testing.assert_allclose(saved.mean, x.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=1e-12)
+    assert saved.mode is mode and saved.eps == EPS and saved.channel_axis == (-1 if layout.channels_last else 1)
+    dx, dgamma, dbeta = reference.backward(x, dy, ones, saved)
+    np.testing.assert_allclose(dx.sum(axis=layout.reduce_axes), 0.0, atol=1e-10)
+    np.testing.assert_allclose(dbeta, dy.sum(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("ndim,channel_axis", [(2, 1), (4, 1), (4, -1)])
+@pytest.mark.parametrize("running_dtype", [np.float16, np.float32, np.float64])
+def test_running_statistics_follow_the_recurrence(mode, ndim, channel_axis, running_dtype):
+    shape = shape_for(ndim, channel_axis, batch=4)
+    layout, *_ = make_case(shape, mode, channel_axis)
+    running_mean = np.zeros(layout.param_shape, dtype=running_dtype)
+    running_var = np.ones(layout.param_shape, dtype=running_dtype)
+    expected_mean, expected_var = running_mean.astype(np.float64), running_var.astype(np.float64)
+    momentum = 0.3
+    for step in range(4):
+        _, x, _, gamma, beta = make_case(shape, mode, channel_axis, seed=100 + step, offset=step)
+        reference.forward_training(x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, channel_axis=channel_axis)
+        batch_mean = x.mean(axis=layout.reduce_axes).reshape(layout.param_shape)
+        unbiased = x.var(axis=layout.reduce_axes, ddof=1).reshape(layout.param_shape)
+        expected_mean = ((1 - momentum) * expected_mean + momentum * batch_mean).astype(running_dtype).astype(np.float64)
+        expected_var = ((1 - momentum) * expected_var + momentum * unbiased).astype(running_dtype).astype(np.float64)
+    assert running_mean.dtype == running_dtype
+    np.testing.assert_allclose(running_mean, expected_mean, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(running_var, expected_var, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+def test_inference_with_batch_statistics_equals_training(mode, ndim, channel_axis):
+    layout, x, _, gamma, beta = make_case(shape_for(ndim, channel_axis), mode, channel_axis, seed=11)
+    y_train, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
+    biased_var = x.var(axis=layout.reduce_axes).reshape(layout.param_shape)
+    y_infer = reference.forward_inference(x, gamma, beta, saved.mean, biased_var, mode=mode, eps=EPS, channel_axis=channel_axis)
+    np.testing.assert_allclose(y_infer, y_train, rtol=1e-12, atol=1e-12)
+    scale, shift = reference.fold_inference(gamma, beta, saved.mean, biased_var, EPS)
+    folded = x * scale.reshape(layout.broadcast_shape) + shift.reshape(layout.broadcast_shape)
+    np.testing.assert_allclose(folded, y_infer, rtol=1e-10, atol=1e-10)
+
+
+def test_two_dim_input_is_the_same_in_every_mode():
+    _, x, dy, gamma, beta = make_case((6, 4), Mode.SPATIAL)
+    results = []
+    for mode in MODES:
+        y, saved = reference.forward_training(x, gamma, beta, mode=mode)
+        results.append((y, saved.mean, saved.inv_std) + reference.backward(x, dy, gamma, saved))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_output_dtypes_follow_cudnn(dtype):
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, dtype=dtype)
+    param_dtype = np.float64 if dtype == np.float64 else np.float32
+    y, saved = reference.forward_training(x, gamma, beta)
+    dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert saved.mean.dtype == param_dtype and saved.inv_std.dtype == param_dtype
+    assert dgamma.dtype == param_dtype and dbeta.dtype == param_dtype
+    assert isinstance(saved, SavedStats)
+
+
+def test_low_precision_matches_float64_reference_within_rounding():
+    _, x, dy, gamma, beta = make_case((8, 3, 5, 5), Mode.SPATIAL, dtype=np.float32, offset=100.0)
+    y32, _ = reference.forward_training(x, gamma, beta)
+    y64, _ = reference.forward_training(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64))
+    np.testing.assert_allclose(y32, y64, rtol=2e-7, atol=2e-7)
+
+
+def test_large_offset_is_exact_two_pass():
+    """A large common offset must not destroy the variance (the one-pass formula would)."""
+    rng = np.random.default_rng(0)
+    x = 1e8 + rng.standard_normal((64, 2))
+    y, saved = reference.forward_training(x, np.ones(2), np.zeros(2), mode="per_activation")
+    np.testing.assert_allclose(1.0 / saved.inv_std**2 - 1e-5, x.var(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-4)
