@@ -60,3 +60,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cudnn_library():
+    """The real libcudnn from the nvidia-cudnn wheel. CI installs it, so there a missing library
+    fails the run instead of skipping the binding tests."""
+    import os
+
+    from cudnn_bn import _raw
+
+    try:
+        return _raw.library()
+    except Exception as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must test against the real libcudnn: {error}")
+        pytest.skip(f"libcudnn not installed ({type(error).__name__}); pip install -e '.[test]'")
+
+
+@pytest.fixture(scope="session")
+def cudnn_headers(cudnn_library):
+    """Text of cudnn_graph.h and cudnn_ops.h as installed beside the library."""
+    import os
+
+    from cuda import pathfinder
+
+    from header_check import HEADERS
+
+    directory = pathfinder.find_nvidia_header_directory("cudnn")
+    if directory is None:
+        pytest.fail("cuda.pathfinder found no cuDNN headers although libcudnn loaded")
+    return [open(os.path.join(directory, name)).read() for name in HEADERS]

@@ -1,0 +1,124 @@
+"""Layout mapping, descriptor creation and derivation, ownership and the cache, against the real
+libcudnn (host-side calls only, no GPU needed)."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+from cudnn_bn import Mode
+from cudnn_bn._descriptors import (
+    CACHE,
+    ActivationDescriptor,
+    TensorDescriptor,
+    cudnn_data_type,
+    data_descriptor,
+    param_descriptor,
+)
+from cudnn_bn._layout import cudnn_dims_and_strides, make_layout
+from cudnn_bn._raw import ActivationMode, DataType
+from conftest import LAYOUTS, MODES, shape_for
+
+
+def _c_strides(shape):
+    return tuple(int(s) // 8 for s in np.empty(shape, np.float64).strides)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,dims,strides",
+    [
+        ((8, 3), 1, (8, 3, 1, 1), (3, 1, 1, 1)),
+        ((8, 3), -1, (8, 3, 1, 1), (3, 1, 1, 1)),
+        ((8, 3, 5), 1, (8, 3, 5, 1), (15, 5, 1, 1)),
+        ((8, 5, 3), -1, (8, 3, 5, 1), (15, 1, 3, 3)),
+        ((8, 3, 4, 5), 1, (8, 3, 4, 5), (60, 20, 5, 1)),
+        ((8, 4, 5, 3), -1, (8, 3, 4, 5), (60, 1, 15, 3)),
+        ((2, 3, 4, 5, 6), 1, (2, 3, 4, 5, 6), (360, 120, 30, 6, 1)),
+        ((2, 4, 5, 6, 3), -1, (2, 3, 4, 5, 6), (360, 1, 90, 18, 3)),
+    ],
+)
+def test_layout_maps_to_nchw_dims_with_packed_strides(shape, axis, dims, strides):
+    layout = make_layout(shape, axis, Mode.SPATIAL)
+    assert cudnn_dims_and_strides(layout, _c_strides(shape)) == (dims, strides)
+
+
+def test_layout_keeps_arbitrary_strides():
+    layout = make_layout((4, 3, 6, 6), 1, Mode.SPATIAL)
+    assert cudnn_dims_and_strides(layout, (216, 1, 36, 6)) == ((4, 3, 6, 6), (216, 1, 36, 6))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_descriptors_for_every_mode_layout_and_dtype(cudnn_library, mode, ndim, channel_axis, dtype):
+    shape = shape_for(ndim, channel_axis, batch=3, channels=4)
+    layout = make_layout(shape, channel_axis, mode)
+    strides = _c_strides(shape)
+    data = data_descriptor(layout, strides, dtype)
+    expected_dims, expected_strides = cudnn_dims_and_strides(layout, strides)
+    assert data.describe() == (cudnn_data_type(dtype), expected_dims, expected_strides)
+    param_type, param_dims, _ = param_descriptor(layout, strides, dtype).describe()
+    assert param_type == (DataType.DOUBLE if dtype == "float64" else DataType.FLOAT)  # FLOAT for half data
+    if mode.is_spatial:
+        assert param_dims == (1, 4) + (1,) * (len(expected_dims) - 2)
+    else:
+        assert param_dims == (1,) + expected_dims[1:]
+        # the parameters' element count is what the reference's parameter shape holds
+        assert int(np.prod(param_dims)) == int(np.prod(layout.param_shape))
+
+
+def test_bfloat16_maps_to_cudnn_bfloat16_and_others_are_refused():
+    assert cudnn_data_type("bfloat16") is DataType.BFLOAT16
+    with pytest.raises(TypeError, match="dtype: expected one of"):
+        cudnn_data_type(np.int32)
+
+
+def test_cache_does_not_grow_over_repeated_calls(cudnn_library):
+    layout = make_layout((16, 8, 5, 5), 1, Mode.SPATIAL)
+    strides = _c_strides(layout.shape)
+    first = (data_descriptor(layout, strides, "float32"), param_descriptor(layout, strides, "float32"))
+    created, size = CACHE.created, len(CACHE)
+    for _ in range(10_000):
+        again = (data_descriptor(layout, strides, "float32"), param_descriptor(layout, strides, "float32"))
+    assert again[0] is first[0] and again[1] is first[1]
+    assert CACHE.created == created and len(CACHE) == size
+
+
+def test_cache_is_bounded_and_keeps_evicted_descriptors_alive_while_used(cudnn_library):
+    from cudnn_bn._descriptors import DescriptorCache
+
+    cache = DescriptorCache(capacity=3)
+    held = cache.get("a", lambda: TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 3, 4), (24, 12, 4, 1)))
+    for key in "bcde":
+        cache.get(key, lambda: TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 3, 4), (24, 12, 4, 1)))
+    assert len(cache) == 3 and cache.created == 5
+    assert not held.closed and held.describe()[1] == (1, 2, 3, 4)
+
+
+def test_descriptor_ownership(cudnn_library):
+    descriptor = TensorDescriptor.from_dims(DataType.FLOAT, (2, 3, 4, 5), (60, 20, 5, 1))
+    descriptor.close()
+    descriptor.close()  # idempotent
+    assert descriptor.closed
+    with pytest.raises(ValueError, match="closed"):
+        descriptor.pointer
+    with TensorDescriptor.from_dims(DataType.HALF, (2, 3, 4, 5), (60, 1, 15, 3)) as inside:
+        assert inside.describe()[0] is DataType.HALF
+    assert inside.closed
+    finalizer = TensorDescriptor.from_dims(DataType.FLOAT, (2, 3, 4, 5), (60, 20, 5, 1))._finalizer
+    gc.collect()
+    assert not finalizer.alive  # collected object released its descriptor
+
+
+def test_activation_descriptor(cudnn_library):
+    with ActivationDescriptor.of(ActivationMode.RELU) as activation:
+        assert activation.pointer
+    assert activation.closed
+
+
+@pytest.mark.parametrize("dims,strides", [((2, 3, 4), (12, 4, 1)), ((2, 0, 4, 5), (20, 20, 5, 1)), ((2, 3, 4, 5), (60, 20, 5, -1))])
+def test_bad_dims_are_refused_before_the_native_call(cudnn_library, dims, strides):
+    with pytest.raises(ValueError, match="dims, strides"):
+        TensorDescriptor.from_dims(DataType.FLOAT, dims, strides)
