@@ -1,0 +1,51 @@
+"""The "auto" mode policy and the overflow defaults (one place: cudnn_bn._policy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cudnn_bn
+from cudnn_bn import Mode, OnOverflow
+from cudnn_bn._policy import BACKWARD, INFERENCE, TRAINING, choose_mode
+from conftest import make_case
+
+
+@pytest.mark.parametrize(
+    "shape,axis,operation,expected",
+    [
+        ((8, 4), 1, TRAINING, Mode.PER_ACTIVATION),
+        ((8, 4), -1, TRAINING, Mode.PER_ACTIVATION),
+        ((8, 4, 5), 1, TRAINING, Mode.SPATIAL),
+        ((8, 4, 5, 5), 1, TRAINING, Mode.SPATIAL),
+        ((8, 5, 5, 4), -1, TRAINING, Mode.SPATIAL_PERSISTENT),
+        ((8, 5, 5, 5, 4), -1, TRAINING, Mode.SPATIAL_PERSISTENT),
+        ((8, 5, 5, 4), -1, INFERENCE, Mode.SPATIAL),
+        ((8, 5, 5, 4), -1, BACKWARD, Mode.SPATIAL),
+        ((8, 4, 5, 5), 1, INFERENCE, Mode.SPATIAL),
+    ],
+)
+def test_auto_policy(shape, axis, operation, expected):
+    mode, on_overflow = choose_mode("auto", shape, axis, operation)
+    assert mode is expected and on_overflow is OnOverflow.FALLBACK
+
+
+def test_persistent_by_name_raises_on_overflow_by_default():
+    assert choose_mode("spatial_persistent", (8, 4, 5, 5), 1, TRAINING) == (Mode.SPATIAL_PERSISTENT, OnOverflow.RAISE)
+    assert choose_mode(Mode.SPATIAL, (8, 4, 5, 5), 1, TRAINING, "ignore") == (Mode.SPATIAL, OnOverflow.IGNORE)
+
+
+def test_auto_records_the_mode_that_ran_and_backward_follows_it():
+    _, x, dy, gamma, beta = make_case((6, 3, 3, 4), Mode.SPATIAL, channel_axis=-1)
+    y, saved = cudnn_bn.forward_training(x, gamma, beta, channel_axis=-1)
+    assert saved.mode is Mode.SPATIAL_PERSISTENT and saved.on_overflow is OnOverflow.FALLBACK
+    dx, dgamma, dbeta = cudnn_bn.backward(x, dy, gamma, saved)
+    expected = cudnn_bn.reference.backward(x, dy, gamma, mode="spatial", eps=1e-5, channel_axis=-1)
+    for actual, wanted in zip((dx, dgamma, dbeta), expected):
+        np.testing.assert_allclose(actual, wanted, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_auto_without_saved_never_picks_persistent():
+    _, x, dy, gamma, _ = make_case((6, 3, 3, 4), Mode.SPATIAL, channel_axis=-1)
+    dx, _, _ = cudnn_bn.backward(x, dy, gamma, mode="auto", eps=1e-5, channel_axis=-1)
+    assert dx.shape == x.shape
