@@ -19,11 +19,13 @@ from ._errors import (
 )
 from ._modes import Mode, OnOverflow
 from ._saved import SavedStats
+from .layer import BatchNorm
 from .reference import fold_inference
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
     "CudnnBadParamError",
     "CudnnError",
     "CudnnExecutionFailedError",

@@ -84,7 +84,7 @@ def _check_running(name: str, array, layout: Layout) -> None:
         raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
 
 
-def _check_eps(eps) -> float:
+def check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
         raise TypeError(f"eps: expected a float, got {eps!r}")
     eps = float(eps)
@@ -93,7 +93,7 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def _check_momentum(momentum) -> float:
+def check_momentum(momentum) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
         raise TypeError(f"momentum: expected a float in [0, 1], got {momentum!r}")
     momentum = float(momentum)
@@ -115,7 +115,7 @@ def _checked(x, mode, channel_axis, eps, params: dict) -> Checked:
     layout = make_layout(x.shape, channel_axis, parse_mode(mode))
     for name, array in params.items():
         _check_float(name, array, layout.param_shape)
-    return Checked(layout, data_dtype, param_dtype_for(data_dtype), _check_eps(eps))
+    return Checked(layout, data_dtype, param_dtype_for(data_dtype), check_eps(eps))
 
 
 def check_forward_training(x, gamma, beta, running_mean, running_var, *, mode, momentum, eps, channel_axis) -> tuple[Checked, float]:
@@ -128,7 +128,7 @@ def check_forward_training(x, gamma, beta, running_mean, running_var, *, mode, m
         _check_running("running_var", running_var, checked.layout)
         if running_mean is running_var:
             raise ValueError("running_mean, running_var: expected two different arrays, got the same one twice")
-    momentum = _check_momentum(momentum)
+    momentum = check_momentum(momentum)
     _check_trainable(checked.layout)
     return checked, momentum
 
@@ -201,7 +201,7 @@ def check_fold(gamma, beta, mean, var, eps) -> float:
     shape = tuple(gamma.shape)
     for name, array in {"gamma": gamma, "beta": beta, "mean": mean, "var": var}.items():
         _check_float(name, array, shape)
-    return _check_eps(eps)
+    return check_eps(eps)
 
 
 def _array_module(array):
