@@ -22,7 +22,7 @@ from ._raw import BatchNormOps, ErrQueryMode, Status
 from ._saved import SavedStats
 from ._validate import check_backward, check_forward_inference, check_forward_training
 
-__all__ = ["backward", "forward_inference", "forward_training", "uses_ex_path"]
+__all__ = ["backward", "forward_inference", "forward_training", "set_ex_path_enabled", "uses_ex_path"]
 
 # alpha = 1, beta = 0 scalars typed to the data: C float for half/float data, C double for double.
 _ONE_ZERO = {
@@ -54,10 +54,20 @@ def _pointer(array) -> int | None:
     return None if array is None else array.data.ptr
 
 
+_EX_PATH = {"enabled": True}
+
+
+def set_ex_path_enabled(enabled: bool) -> bool:
+    """Turn the Ex fast path on or off (for benchmarking it against the plain call); returns the old setting."""
+    previous, _EX_PATH["enabled"] = _EX_PATH["enabled"], bool(enabled)
+    return previous
+
+
 def uses_ex_path(layout: Layout, data_dtype) -> bool:
     """Persistent + channels-last + float16 + C % 4 == 0 runs the Ex calls (NVIDIA's fast NHWC kernels)."""
     return (
-        layout.mode is Mode.SPATIAL_PERSISTENT
+        _EX_PATH["enabled"]
+        and layout.mode is Mode.SPATIAL_PERSISTENT
         and layout.channels_last
         and np.dtype(data_dtype) == np.float16
         and layout.channels % 4 == 0
