@@ -23,7 +23,8 @@ def test_cpu_bench_writes_labelled_json_and_markdown(tmp_path, capsys):
     assert len(result["rows"]) == expected_rows
     for row in result["rows"]:
         assert row["shape"] == list(shape) and row["median_ms"] > 0 and row["gbps"] > 0
-        assert row["bytes"] == _bench.TRAFFIC[row["operation"]] * int(row["bytes"] / _bench.TRAFFIC[row["operation"]])
+        itemsize = 2 if row["dtype"] == "float16" else 4
+        assert row["bytes"] == _bench.TRAFFIC[row["operation"]] * itemsize * 8 * 16 * 28 * 28
     markdown = markdown_path.read_text()
     assert markdown.count("\n| 8x16x28x28 |") == expected_rows and "CPU: NumPy reference" in markdown
     assert markdown in capsys.readouterr().out
