@@ -81,7 +81,9 @@ class _Call:
         cupy = _cupy()
         self.layout, self.data_dtype, self.param_dtype = layout, np.dtype(data_dtype), np.dtype(param_dtype)
         self.x = cupy.ascontiguousarray(x)
-        strides = tuple(s // self.x.itemsize for s in self.x.strides)
+        # C-order strides computed from the shape: a contiguous array may carry any stride on a
+        # size-1 dim (even 0), which cuDNN would refuse
+        strides = tuple(int(np.prod(layout.shape[axis + 1 :])) for axis in range(layout.ndim))
         self.data_desc = data_descriptor(layout, strides, self.data_dtype).pointer
         self.param_desc = param_descriptor(layout, strides, self.data_dtype).pointer
         self.alpha, self.beta = _scalars(self.data_dtype)
@@ -256,6 +258,10 @@ def _forward_training_on_device(checked, x, gamma, beta, running_mean, running_v
 def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axis):
     """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_inference`."""
     checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    if checked.layout.mode is Mode.SPATIAL_PERSISTENT:
+        # persistent is a training-kernel choice with the same math; inference runs SPATIAL, as
+        # PyTorch does, since cuDNN documents only PER_ACTIVATION and SPATIAL for this call
+        checked = _as_spatial(checked)
     device_id = _same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     cupy = _cupy()
     with cupy.cuda.Device(device_id):

@@ -50,10 +50,10 @@ def array_kind(**named) -> str:
     for name, array in named.items():
         if array is None:
             continue
-        if isinstance(array, np.ndarray):
-            kinds[name] = "numpy"
-        elif type(array).__module__.split(".")[0] == "cupy":
+        if type(array).__module__.split(".")[0] == "cupy":
             kinds[name] = "cupy"
+        elif isinstance(array, np.ndarray):
+            kinds[name] = "numpy"
         else:
             raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got {type(array).__name__}")
     found = set(kinds.values())
