@@ -110,7 +110,7 @@ class _Call:
         axes = self.layout.param_axes_to_cudnn
         if axes is None:
             return array
-        return _cupy().ascontiguousarray(array.transpose(np.argsort(axes)))
+        return _cupy().ascontiguousarray(array.transpose(tuple(int(a) for a in np.argsort(axes))))
 
     def new_param(self):
         return _cupy().empty(self.cudnn_param_shape, dtype=self.param_dtype)

@@ -35,3 +35,20 @@ def test_compare_reports_every_mode_and_operation_within_tolerance():
 
 def test_unknown_command_fails():
     assert _cli("frobnicate").returncode != 0
+
+
+def test_a_machine_without_cupy_or_libcudnn_still_works():
+    """Block cupy and point the loader at nothing: the reference, info and compare still work."""
+    code = (
+        "import sys, runpy; sys.modules['cupy'] = None; sys.argv = ['cudnn_bn', 'info']\n"
+        "import numpy as np, cudnn_bn\n"
+        "y, saved = cudnn_bn.forward_training(np.arange(8.0).reshape(4, 2), np.ones(2), np.zeros(2))\n"
+        "assert saved.mode is cudnn_bn.Mode.PER_ACTIVATION\n"
+        "runpy.run_module('cudnn_bn', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": ROOT, "CUDNN_BN_LIBRARY": "/nonexistent/libcudnn.so.9"})
+    assert result.returncode == 0, result.stderr
+    assert "cudnn" in result.stdout and "unavailable: CudnnLibraryNotFoundError" in result.stdout
+    assert "CuPy is not installed" in result.stdout or "not installed" in result.stdout
+    assert "numpy reference only" in result.stdout
