@@ -28,6 +28,7 @@ __all__ = ["run_bench", "GPU_SHAPES", "CPU_SHAPES"]
 
 GPU_SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14), (256, 2048, 7, 7), (4096, 1024)]
 CPU_SHAPES = [(8, 16, 28, 28), (16, 64, 7, 7), (512, 256)]
+OVERFLOW_PROBE_SHAPE = (32, 64, 56, 56)  # ordinary data: float32, uniform in [-2, 2]
 OPERATIONS = ("forward_training", "forward_inference", "backward")
 # bytes that must move, in units of one x-sized tensor: read x, write y; backward reads x and dy, writes dx
 TRAFFIC = {"forward_training": 2, "forward_inference": 2, "backward": 3}
@@ -60,18 +61,26 @@ def _host_inputs(shape, channel_axis, mode, dtype, seed=0):
 
 
 def _operations(arrays, mode, channel_axis, on_overflow="ignore"):
-    """operation -> zero-argument callable running this package on the given arrays."""
+    """operation -> zero-argument callable running this package on the given arrays.
+
+    "backward" is missing when the persistent forward overflows on this data: there are no valid
+    saved statistics to time it with.
+    """
     a = arrays
-    _, saved = _api.forward_training(a["x"], a["gamma"], a["beta"], mode=mode, channel_axis=channel_axis, on_overflow=on_overflow)
-    return {
+    operations = {
         "forward_training": lambda: _api.forward_training(
             a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode=mode, channel_axis=channel_axis, on_overflow=on_overflow
         ),
         "forward_inference": lambda: _api.forward_inference(
             a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode=mode, channel_axis=channel_axis
         ),
-        "backward": lambda: _api.backward(a["x"], a["dy"], a["gamma"], saved, on_overflow=on_overflow),
     }
+    try:
+        _, saved = _api.forward_training(a["x"], a["gamma"], a["beta"], mode=mode, channel_axis=channel_axis, on_overflow="raise")
+    except CudnnOverflowError:
+        return operations
+    operations["backward"] = lambda: _api.backward(a["x"], a["dy"], a["gamma"], saved, on_overflow=on_overflow)
+    return operations
 
 
 def _row(shape, layout_name, dtype, mode_label, operation, seconds, nbytes, copy_gbps):
@@ -189,8 +198,8 @@ def _overflow_probe() -> list[dict]:
     from ._tolerances import to_numpy
 
     results = []
-    for channel_axis, layout_name in _layouts((32, 64, 56, 56)):
-        arrays = {k: cupy.asarray(v) for k, v in _host_inputs((32, 64, 56, 56), channel_axis, Mode.SPATIAL, np.float32).items()}
+    for channel_axis, layout_name in _layouts(OVERFLOW_PROBE_SHAPE):
+        arrays = {k: cupy.asarray(v) for k, v in _host_inputs(OVERFLOW_PROBE_SHAPE, channel_axis, Mode.SPATIAL, np.float32).items()}
         args = (arrays["x"], arrays["gamma"], arrays["beta"])
         try:
             _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="raise")
@@ -223,26 +232,31 @@ def _ex_vs_plain(repeats) -> list[dict]:
             previous = _cupy_ops.set_ex_path_enabled(enabled)
             try:
                 operations = _operations(arrays, Mode.SPATIAL_PERSISTENT, -1)
-                timings[label] = {op: median_gpu_seconds(operations[op], repeats) * 1e3 for op in ("forward_training", "backward")}
+                timings[label] = {op: median_gpu_seconds(operations[op], repeats) * 1e3 for op in ("forward_training", "backward") if op in operations}
             finally:
                 _cupy_ops.set_ex_path_enabled(previous)
-        for op in ("forward_training", "backward"):
+        for op in set(timings["ex"]) & set(timings["plain"]):
             rows.append({"shape": list(shape), "operation": op, "ex_ms": timings["ex"][op], "plain_ms": timings["plain"][op],
                          "plain_over_ex": timings["plain"][op] / timings["ex"][op]})
     return rows
+
+
+def _device_copy_gbps(elements: int, repeats: int) -> float:
+    """Device-to-device copy bandwidth (read + write) of a float32 buffer, the peak we compare to."""
+    import cupy
+
+    source, target = cupy.ones(elements, cupy.float32), cupy.empty(elements, cupy.float32)
+    return 2 * source.nbytes / median_gpu_seconds(lambda: cupy.copyto(target, source), repeats) / 1e9
 
 
 def _gpu_bench(quick: bool) -> dict:
     import cupy
 
     torch = _torch_cuda()
-    shapes = GPU_SHAPES[:1] + GPU_SHAPES[-1:] if quick else GPU_SHAPES
+    shapes = list(dict.fromkeys(GPU_SHAPES[:1] + GPU_SHAPES[-1:])) if quick else GPU_SHAPES  # first and last, once
     repeats = 5 if quick else 25
-    largest = max(int(np.prod(s)) for s in shapes) * 4
-    source, target = cupy.ones(largest // 4, cupy.float32), cupy.empty(largest // 4, cupy.float32)
-    copy_gbps = 2 * source.nbytes / median_gpu_seconds(lambda: cupy.copyto(target, source), repeats) / 1e9
-    del source, target
-    rows = []
+    copy_gbps = _device_copy_gbps(max(int(np.prod(s)) for s in shapes), repeats)
+    rows, overflowed = [], []
     for shape in shapes:
         for dtype in (np.float16, np.float32):
             for channel_axis, layout_name in _layouts(shape):
@@ -253,8 +267,15 @@ def _gpu_bench(quick: bool) -> dict:
                         checks.append(("raise", f"{mode.name} (overflow checked)"))
                     peer = _torch_operations(torch, arrays, mode, channel_axis) if torch is not None else None
                     for on_overflow, label in checks:
-                        for operation, run in _operations(arrays, mode, channel_axis, on_overflow).items():
-                            row = _row(shape, layout_name, dtype, label, operation, median_gpu_seconds(run, repeats), arrays["x"].nbytes, copy_gbps)
+                        operations = _operations(arrays, mode, channel_axis, on_overflow)
+                        for operation in OPERATIONS:
+                            where = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "mode": label, "operation": operation}
+                            try:
+                                seconds = median_gpu_seconds(operations[operation], repeats)
+                            except (KeyError, CudnnOverflowError):  # KeyError: no valid saved statistics
+                                overflowed.append(where)
+                                continue
+                            row = _row(shape, layout_name, dtype, label, operation, seconds, arrays["x"].nbytes, copy_gbps)
                             if peer is not None:
                                 row["torch_ms"] = _median_torch_seconds(torch, peer[operation], repeats) * 1e3
                                 row["time_vs_torch"] = row["median_ms"] / row["torch_ms"]
@@ -265,6 +286,7 @@ def _gpu_bench(quick: bool) -> dict:
         "backend": "GPU: cuDNN through cudnn_bn",
         "copy_gbps": copy_gbps,
         "rows": rows,
+        "overflowed": overflowed,
         "host_overhead": _host_overhead(torch),
         "overflow_probe": _overflow_probe(),
         "ex_vs_plain": _ex_vs_plain(repeats),
@@ -313,12 +335,16 @@ def to_markdown(result: dict) -> str:
             f"| {'x'.join(map(str, row['shape']))} | {row['layout']} | {row['dtype']} | {row['mode']} | {row['operation']} "
             f"| {row['median_ms']:.3f} | {row['gbps']:.1f} | {row['fraction_of_copy']:.0%} | {torch_ms} | {ratio} |"
         )
+    if result.get("overflowed"):
+        lines += ["", "Not timed because SPATIAL_PERSISTENT overflowed on the benchmark data: " + "; ".join(
+            f"{'x'.join(map(str, o['shape']))} {o['layout']} {o['dtype']} {o['mode']} {o['operation']}" for o in result["overflowed"])]
     if "host_overhead" in result:
         overhead = result["host_overhead"]
         lines += ["", f"Host overhead per call on {overhead['shape']} ({overhead['calls']} calls, one synchronisation): "
                   f"cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us" + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else "")]
     if "overflow_probe" in result:
-        lines += ["", "| overflow probe 32x64x56x56 float32 | flag raised | output finite | max abs diff vs SPATIAL |", "|---|---|---|---|"]
+        probe = "x".join(map(str, OVERFLOW_PROBE_SHAPE))
+        lines += ["", f"| overflow probe {probe} float32 | flag raised | output finite | max abs diff vs SPATIAL |", "|---|---|---|---|"]
         lines += [f"| {p['layout']} | {p['overflow_flag_raised']} | {p['persistent_output_finite']} | {p['max_abs_difference_vs_spatial']:.3e} |" for p in result["overflow_probe"]]
     if result.get("ex_vs_plain"):
         lines += ["", "| Ex path, float16 NHWC | operation | Ex ms | plain ms | plain / Ex |", "|---|---|---|---|---|"]

@@ -69,6 +69,23 @@ class _Stream:
     ptr = 0
 
 
+class _Event:
+    """Host clock in place of a CUDA event (the simulated kernels run synchronously)."""
+
+    def record(self, stream=None):
+        import time
+
+        self.seconds = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+class _Pool:
+    def free_all_blocks(self):
+        pass
+
+
 def make_fake_cupy() -> types.ModuleType:
     module = types.ModuleType("cupy")
     module.ndarray = FakeArray
@@ -79,9 +96,19 @@ def make_fake_cupy() -> types.ModuleType:
     module.zeros = lambda shape, dtype=np.float32: _fake(np.zeros(shape, dtype))
     module.isfinite = np.isfinite
     module.uint8, module.float16, module.float32, module.float64 = np.uint8, np.float16, np.float32, np.float64
+    module.copyto = np.copyto
+    module.get_default_memory_pool = _Pool
+    module.__version__ = "simulated"
     cuda = types.ModuleType("cupy.cuda")
     cuda.Device = _Device
+    cuda.Event = _Event
     cuda.get_current_stream = lambda: _Stream()
+    cuda.get_elapsed_time = lambda start, stop: (stop.seconds - start.seconds) * 1e3
+    cuda.runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1,
+        driverGetVersion=lambda: 13000,
+        getDeviceProperties=lambda index: {"name": b"simulated GPU (host memory)"},
+    )
     module.cuda = cuda
     return module
 
@@ -99,7 +126,7 @@ class KernelSimulator:
         self.stream = None
         self.overflow_modes = set()  # Mode values whose calls overflow (NaN output, flag raised)
         self._flag = 0
-        self.reserve = None  # (pointer, size) handed to ForwardTrainingEx
+        self.reserves = {}  # reserve pointer -> (size, saved-mean pointer) of the ForwardTrainingEx that filled it
         self.workspace_size, self.reserve_size = 256, 512
 
     # ---- memory ----
@@ -236,13 +263,13 @@ class KernelSimulator:
         def training_ex(handle, mode, ops, alpha, beta, x_desc, x, z_desc, z, y_desc, y, p_desc, scale, bias, factor, rm, rv, eps, sm, si, activation, workspace, workspace_size, reserve, reserve_size_):
             assert ops == _raw.BatchNormOps.BN and z_desc is None and z is None and activation is None
             assert workspace and workspace_size == self.workspace_size and reserve and reserve_size_ == self.reserve_size
-            self.reserve = (reserve, reserve_size_)
+            self.reserves[reserve] = (reserve_size_, sm)
             self._check_scalars(x_desc, alpha, beta)
             self._training(mode, x_desc, x, y_desc, y, p_desc, scale, bias, factor, rm, rv, eps, sm, si)
 
         def backward_ex(handle, mode, ops, a_d, b_d, a_p, b_p, x_desc, x, y_desc, y, dy_desc, dy, dz_desc, dz, dx_desc, dx, p_desc, scale, bias, dscale, dbias, eps, sm, si, activation, workspace, workspace_size, reserve, reserve_size_):
             assert ops == _raw.BatchNormOps.BN and y_desc is None and dz_desc is None and activation is None
-            assert (reserve, reserve_size_) == self.reserve, "BackwardEx must get the reserve space of ForwardTrainingEx"
+            assert self.reserves.get(reserve) == (reserve_size_, sm), "BackwardEx must get the reserve space of the forward that saved these statistics"
             assert workspace and workspace_size == self.workspace_size
             self._check_scalars(x_desc, a_d, b_d, a_p, b_p)
             return self._backward(mode, x_desc, x, dy_desc, dy, dx_desc, dx, p_desc, scale, dscale, dbias, eps, sm, si)

@@ -272,3 +272,55 @@ def test_threads_each_get_their_own_handle(gpu):
     assert main is _handles.handle_for(0) and all(main is not h for h in seen)
     for handle in seen:
         handle.close()
+
+
+def test_compare_runs_its_cudnn_branch(gpu):
+    from cudnn_bn._compare import run_compare
+
+    backend, rows = run_compare(np.float32)
+    assert backend == "cuDNN on CuPy arrays" and len(rows) == 18
+    assert all(row["max_abs_error"] < 1e-4 and row["median_ms"] > 0 for row in rows)
+    assert "cudnnBatchNormalizationForwardInference" in gpu.calls
+
+
+def test_gpu_benchmark_runs_end_to_end(gpu, monkeypatch, tmp_path):
+    import json
+
+    from cudnn_bn import _bench
+
+    monkeypatch.setattr(_bench, "GPU_SHAPES", [(4, 8, 6, 6), (16, 8)])
+    monkeypatch.setattr(_bench, "OVERFLOW_PROBE_SHAPE", (4, 8, 6, 6))
+    monkeypatch.setattr(_bench, "_torch_cuda", lambda: None)
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)  # the probe must see the flag and the NaN output
+    assert _bench.run_bench(json_path=str(tmp_path / "b.json"), markdown_path=str(tmp_path / "b.md"), quick=True) == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["backend"].startswith("GPU") and result["environment"]["device"] == "simulated GPU (host memory)"
+    # every persistent call overflows here: its checked forward and its backward are reported, not timed
+    combinations = 2 * (2 + 1)  # dtypes x (two layouts of the 4-D shape + the 2-D shape)
+    assert len(result["rows"]) == combinations * (3 + 3 + 2 + 1)
+    assert len(result["overflowed"]) == combinations * 3
+    assert not [r for r in result["rows"] if "PERSISTENT" in r["mode"] and r["operation"] == "backward"]
+    assert {o["operation"] for o in result["overflowed"]} == {"forward_training", "backward"}
+    assert all(row["fraction_of_copy"] > 0 for row in result["rows"])
+    assert [p["overflow_flag_raised"] for p in result["overflow_probe"]] == [True, True]
+    assert not any(p["persistent_output_finite"] for p in result["overflow_probe"])
+    assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training"}
+    assert "cudnn_bn_us_per_call" in result["host_overhead"]
+    markdown = (tmp_path / "b.md").read_text()
+    assert "| overflow probe 4x8x6x6 float32 |" in markdown and "Not timed because SPATIAL_PERSISTENT overflowed" in markdown
+
+
+def test_gpu_benchmark_times_everything_when_nothing_overflows(gpu, monkeypatch, tmp_path):
+    import json
+
+    from cudnn_bn import _bench
+
+    monkeypatch.setattr(_bench, "GPU_SHAPES", [(4, 8, 6, 6)])
+    monkeypatch.setattr(_bench, "OVERFLOW_PROBE_SHAPE", (4, 8, 6, 6))
+    monkeypatch.setattr(_bench, "_torch_cuda", lambda: None)
+    _bench.run_bench(json_path=str(tmp_path / "b.json"), quick=True)
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert len(result["rows"]) == 2 * 2 * 4 * 3 and result["overflowed"] == []
+    assert [p["overflow_flag_raised"] for p in result["overflow_probe"]] == [False, False]
+    assert all(p["max_abs_difference_vs_spatial"] < 1e-5 for p in result["overflow_probe"])
+    assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training", "backward"}
