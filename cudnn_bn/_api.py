@@ -59,9 +59,9 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     forward ran is used; without it ``mode`` (which may be "auto") and ``eps`` are required.
     """
     kind = array_kind(x=x, dy=dy, gamma=gamma)
+    mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
     if saved is not None:
         array_kind(x=x, saved_mean=saved.mean, saved_inv_std=saved.inv_std)
-    mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
     if on_overflow is None and saved is not None:
         on_overflow = saved.on_overflow
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)

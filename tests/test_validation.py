@@ -214,8 +214,9 @@ def test_non_finite_saved_statistics_are_refused(bad, field):
 
 def test_saved_of_the_wrong_type_or_shape():
     arrays = _case()
-    with pytest.raises(TypeError, match="saved: expected cudnn_bn.SavedStats"):
-        reference.backward(arrays["x"], arrays["dy"], arrays["gamma"], {"mean": 0})
+    for backward in (reference.backward, cudnn_bn.backward):
+        with pytest.raises(TypeError, match="saved: expected cudnn_bn.SavedStats"):
+            backward(arrays["x"], arrays["dy"], arrays["gamma"], {"mean": 0})
     _, saved = reference.forward_training(np.ones((4, 2), np.float32) * np.arange(4)[:, None], np.ones(2, np.float32), np.zeros(2, np.float32))
     with pytest.raises(ValueError, match=r"saved.mean: expected shape \(3,\), got \(2,\)"):
         reference.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
