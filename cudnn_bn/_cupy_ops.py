@@ -249,7 +249,7 @@ def _forward_training_on_device(checked, x, gamma, beta, running_mean, running_v
         inv_std=call.param_out(save_inv_std),
         mode=layout.mode,
         eps=checked.eps,
-        channel_axis=-1 if layout.channels_last else 1,
+        channel_axis=layout.public_channel_axis,
         reserve_space=reserve,
     )
     return y, saved

@@ -36,6 +36,11 @@ class Layout:
         return self.ndim > 2 and self.channel_axis == self.ndim - 1
 
     @property
+    def public_channel_axis(self) -> int:
+        """The axis as users write it and SavedStats records it: -1 for channels-last, else 1."""
+        return -1 if self.channels_last else 1
+
+    @property
     def channels(self) -> int:
         return self.shape[self.channel_axis]
 

@@ -138,10 +138,6 @@ def check_forward_inference(x, gamma, beta, mean, var, *, mode, eps, channel_axi
     return _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta, "mean": mean, "var": var})
 
 
-def _normalized_axis(channel_axis: int, ndim: int) -> int:
-    return -1 if ndim > 2 and channel_axis % ndim == ndim - 1 else 1
-
-
 def resolve_backward_settings(x, saved, mode, eps, channel_axis):
     """Settle mode, eps and channel_axis for backward from ``saved`` and the explicit arguments.
 
@@ -163,9 +159,8 @@ def resolve_backward_settings(x, saved, mode, eps, channel_axis):
     if eps is not None and float(eps) != saved.eps:
         raise ValueError(f"eps: saved statistics were computed with eps={saved.eps}, got eps={eps}")
     if channel_axis is not None:
-        if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
-            raise TypeError(f"channel_axis: expected an int (1 or -1), got {channel_axis!r}")
-        if _normalized_axis(channel_axis, x.ndim) != _normalized_axis(saved.channel_axis, x.ndim):
+        explicit = make_layout(x.shape, channel_axis, saved.mode).public_channel_axis
+        if explicit != make_layout(x.shape, saved.channel_axis, saved.mode).public_channel_axis:
             raise ValueError(
                 f"channel_axis: saved statistics were computed with channel_axis={saved.channel_axis}, got {channel_axis}"
             )

@@ -61,10 +61,6 @@ def _batch_stats(x_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, _column_mean((x_matrix - mean) ** 2)
 
 
-def _saved_axis(layout: Layout) -> int:
-    return -1 if layout.channels_last else 1
-
-
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="spatial", momentum=0.1, eps=1e-5, channel_axis=1):
     """Batch-norm forward in training mode.
 
@@ -99,7 +95,7 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
         inv_std=inv_std.reshape(layout.param_shape).astype(checked.param_dtype),
         mode=layout.mode,
         eps=checked.eps,
-        channel_axis=_saved_axis(layout),
+        channel_axis=layout.public_channel_axis,
     )
     return _from_matrix(y_matrix, layout).astype(checked.data_dtype), saved
 
