@@ -249,3 +249,15 @@ def test_mode_accepts_enum_name_and_value():
     assert parse_mode(Mode.PER_ACTIVATION) is Mode.PER_ACTIVATION
     with pytest.raises(ValueError):
         parse_mode(True)
+
+
+def test_other_modes_do_not_pay_for_the_finite_check():
+    """Only the persistent path checks saved statistics (on a GPU the check synchronises)."""
+    import dataclasses
+
+    arrays = _case()
+    _, saved = _train(arrays, mode="spatial")
+    poisoned = saved.mean.copy()
+    poisoned[0] = np.nan
+    dx, _, _ = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], dataclasses.replace(saved, mean=poisoned))
+    assert np.isnan(dx[:, 0]).all() and np.isfinite(dx[:, 1:]).all()
