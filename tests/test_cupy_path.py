@@ -21,6 +21,9 @@ from fake_cudnn import FakeArray, simulated_gpu
 
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
+    from cudnn_bn import _cupy_ops
+
+    monkeypatch.setattr(_cupy_ops, "_WARNED", set())  # each test sees its own once-per-shape warnings
     with simulated_gpu(monkeypatch) as simulator:
         yield simulator
 
