@@ -19,7 +19,7 @@ import numpy as np
 from . import _api
 from ._backends import cudnn_status
 from ._errors import CudnnOverflowError
-from ._layout import make_layout
+from ._layout import make_layout, physical_shape
 from ._modes import Mode
 from ._timing import median_gpu_seconds, median_host_seconds
 from ._validate import param_dtype_for
@@ -38,15 +38,8 @@ def _layouts(shape):
     return [(1, "NCHW")] if len(shape) == 2 else [(1, "NCHW"), (-1, "NHWC")]
 
 
-def _physical(shape, channel_axis):
-    if channel_axis == 1 or len(shape) == 2:
-        return tuple(shape)
-    n, c, *spatial = shape
-    return (n, *spatial, c)
-
-
 def _host_inputs(shape, channel_axis, mode, dtype, seed=0):
-    physical = _physical(shape, channel_axis)
+    physical = physical_shape(shape, channel_axis)
     layout = make_layout(physical, channel_axis, mode)
     rng = np.random.default_rng(seed)
     param_dtype = param_dtype_for(dtype)
@@ -58,6 +51,13 @@ def _host_inputs(shape, channel_axis, mode, dtype, seed=0):
         "running_mean": np.zeros(layout.param_shape, param_dtype),
         "running_var": np.ones(layout.param_shape, param_dtype),
     }
+
+
+def _device_inputs(shape, channel_axis, mode, dtype) -> dict:
+    """_host_inputs copied to the current GPU."""
+    import cupy
+
+    return {name: cupy.asarray(array) for name, array in _host_inputs(shape, channel_axis, mode, dtype).items()}
 
 
 def _operations(arrays, mode, channel_axis, on_overflow="ignore"):
@@ -169,37 +169,35 @@ def _torch_operations(torch, arrays, mode, channel_axis):
 def _host_overhead(torch, calls=1000) -> dict:
     import cupy
 
-    arrays = {k: cupy.asarray(v) for k, v in _host_inputs((8, 16, 4, 4), 1, Mode.SPATIAL, np.float32).items()}
+    arrays = _device_inputs((8, 16, 4, 4), 1, Mode.SPATIAL, np.float32)
     ours = _operations(arrays, Mode.SPATIAL, 1)["forward_training"]
-    ours()
-    cupy.cuda.Device().synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        ours()
-    cupy.cuda.Device().synchronize()
-    result = {"shape": [8, 16, 4, 4], "calls": calls, "cudnn_bn_us_per_call": (time.perf_counter() - start) / calls * 1e6}
+    result = {"shape": [8, 16, 4, 4], "calls": calls,
+              "cudnn_bn_us_per_call": _microseconds_per_call(ours, cupy.cuda.Device().synchronize, calls)}
     if torch is not None:
         theirs = _torch_operations(torch, arrays, Mode.SPATIAL, 1)["forward_training"]
-        theirs()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            theirs()
-        torch.cuda.synchronize()
-        result["torch_us_per_call"] = (time.perf_counter() - start) / calls * 1e6
+        result["torch_us_per_call"] = _microseconds_per_call(theirs, torch.cuda.synchronize, calls)
     return result
+
+
+def _microseconds_per_call(run, synchronize, calls: int) -> float:
+    """Wall time per call of ``calls`` back-to-back calls with one synchronisation (host overhead)."""
+    run()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def _overflow_probe() -> list[dict]:
     """Does SPATIAL_PERSISTENT raise the overflow flag on ordinary data, and does its output then
-    equal SPATIAL's? (32x64x56x56 float32, values uniform in [-2, 2].)"""
-    import cupy
-
+    equal SPATIAL's? (OVERFLOW_PROBE_SHAPE, float32, values uniform in [-2, 2].)"""
     from ._tolerances import to_numpy
 
     results = []
     for channel_axis, layout_name in _layouts(OVERFLOW_PROBE_SHAPE):
-        arrays = {k: cupy.asarray(v) for k, v in _host_inputs(OVERFLOW_PROBE_SHAPE, channel_axis, Mode.SPATIAL, np.float32).items()}
+        arrays = _device_inputs(OVERFLOW_PROBE_SHAPE, channel_axis, Mode.SPATIAL, np.float32)
         args = (arrays["x"], arrays["gamma"], arrays["beta"])
         try:
             _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="raise")
@@ -220,13 +218,11 @@ def _overflow_probe() -> list[dict]:
 
 def _ex_vs_plain(repeats) -> list[dict]:
     """The Ex fast path (float16 NHWC, C % 4 == 0) against the plain persistent call."""
-    import cupy
-
     from . import _cupy_ops
 
     rows = []
     for shape in [s for s in GPU_SHAPES if len(s) == 4 and s[1] % 4 == 0]:
-        arrays = {k: cupy.asarray(v) for k, v in _host_inputs(shape, -1, Mode.SPATIAL_PERSISTENT, np.float16).items()}
+        arrays = _device_inputs(shape, -1, Mode.SPATIAL_PERSISTENT, np.float16)
         timings = {}
         for label, enabled in (("ex", True), ("plain", False)):
             previous = _cupy_ops.set_ex_path_enabled(enabled)
@@ -261,7 +257,7 @@ def _gpu_bench(quick: bool) -> dict:
         for dtype in (np.float16, np.float32):
             for channel_axis, layout_name in _layouts(shape):
                 for mode in Mode:
-                    arrays = {k: cupy.asarray(v) for k, v in _host_inputs(shape, channel_axis, mode, dtype).items()}
+                    arrays = _device_inputs(shape, channel_axis, mode, dtype)
                     checks = [("ignore", mode.name)]
                     if mode is Mode.SPATIAL_PERSISTENT:
                         checks.append(("raise", f"{mode.name} (overflow checked)"))

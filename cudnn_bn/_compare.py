@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _api
 from ._backends import cudnn_status
-from ._layout import make_layout
+from ._layout import make_layout, physical_shape
 from ._modes import Mode
 from ._timing import median_gpu_seconds, median_host_seconds
 from ._tolerances import to_numpy
@@ -20,8 +20,7 @@ OPERATIONS = ("forward_training", "forward_inference", "backward")
 
 
 def _inputs(mode: Mode, channel_axis: int, dtype, seed: int = 0):
-    n, c, h, w = STANDARD_SHAPE
-    shape = (n, c, h, w) if channel_axis == 1 else (n, h, w, c)
+    shape = physical_shape(STANDARD_SHAPE, channel_axis)
     layout = make_layout(shape, channel_axis, mode)
     rng = np.random.default_rng(seed)
     param_dtype = param_dtype_for(dtype)

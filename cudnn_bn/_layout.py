@@ -12,7 +12,7 @@ import math
 
 from ._modes import Mode
 
-__all__ = ["Layout", "MIN_NDIM", "MAX_NDIM", "cudnn_dims_and_strides", "make_layout"]
+__all__ = ["Layout", "MIN_NDIM", "MAX_NDIM", "cudnn_dims_and_strides", "make_layout", "physical_shape"]
 
 MIN_NDIM = 2
 MAX_NDIM = 5
@@ -83,6 +83,14 @@ class Layout:
             return None
         last = self.ndim - 2
         return (last,) + tuple(range(last))
+
+
+def physical_shape(channels_first_shape, channel_axis: int) -> tuple[int, ...]:
+    """(N, C, *spatial) written in the axis order of ``channel_axis``: itself, or (N, *spatial, C)."""
+    shape = tuple(channels_first_shape)
+    if channel_axis == 1 or len(shape) == 2:
+        return shape
+    return (shape[0],) + shape[2:] + (shape[1],)
 
 
 def make_layout(shape, channel_axis, mode: Mode) -> Layout:

@@ -122,3 +122,13 @@ def test_activation_descriptor(cudnn_library):
 def test_bad_dims_are_refused_before_the_native_call(cudnn_library, dims, strides):
     with pytest.raises(ValueError, match="dims, strides"):
         TensorDescriptor.from_dims(DataType.FLOAT, dims, strides)
+
+
+@pytest.mark.parametrize(
+    "shape,axis,expected",
+    [((8, 3, 4, 5), 1, (8, 3, 4, 5)), ((8, 3, 4, 5), -1, (8, 4, 5, 3)), ((8, 3), -1, (8, 3)), ((2, 3, 4, 5, 6), -1, (2, 4, 5, 6, 3))],
+)
+def test_physical_shape_moves_channels_last(shape, axis, expected):
+    from cudnn_bn._layout import physical_shape
+
+    assert physical_shape(shape, axis) == expected
