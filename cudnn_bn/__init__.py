@@ -6,7 +6,7 @@ arrays and cuDNN on cupy arrays. Importing this package loads neither CuPy nor l
 
 from . import reference
 from ._api import backward, forward_inference, forward_training
-from ._errors import (
+from ._cudnn.errors import (
     CudnnBadParamError,
     CudnnError,
     CudnnExecutionFailedError,
@@ -17,8 +17,8 @@ from ._errors import (
     CudnnOverflowError,
     CudnnVersionError,
 )
-from ._modes import Mode, OnOverflow
-from ._saved import SavedStats
+from ._core.modes import Mode, OnOverflow
+from ._core.saved import SavedStats
 from .layer import BatchNorm
 from .reference import fold_inference
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 import dataclasses
 
 from . import reference
-from ._policy import BACKWARD, INFERENCE, TRAINING, choose_mode
-from ._validate import array_kind, resolve_backward_settings
+from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
+from ._core.validate import array_kind, resolve_backward_settings
 
 __all__ = ["backward", "forward_inference", "forward_training"]
 
 
-def _cupy_ops():
-    from . import _cupy_ops  # imported on first cupy call only, so numpy users never load cupy
+def _cudnn_ops():
+    from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
 
-    return _cupy_ops
+    return ops
 
 
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
@@ -34,7 +34,7 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
     if kind == "numpy":
         y, saved = reference.forward_training(x, gamma, beta, running_mean, running_var, **arguments)
     else:
-        y, saved = _cupy_ops().forward_training(
+        y, saved = _cudnn_ops().forward_training(
             x, gamma, beta, running_mean, running_var, on_overflow=on_overflow, **arguments
         )
     return y, dataclasses.replace(saved, on_overflow=on_overflow)
@@ -49,7 +49,7 @@ def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, chann
     mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
     if kind == "numpy":
         return reference.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
-    return _cupy_ops().forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    return _cudnn_ops().forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
 
 
 def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None, on_overflow=None):
@@ -67,4 +67,4 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)
     if kind == "numpy":
         return reference.backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
-    return _cupy_ops().backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
+    return _cudnn_ops().backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _api
-from ._modes import parse_mode
-from ._validate import check_eps, check_momentum, param_dtype_for
+from ._core.modes import parse_mode
+from ._core.validate import check_eps, check_momentum, param_dtype_for
 
 __all__ = ["BatchNorm"]
 

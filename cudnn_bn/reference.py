@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layout import Layout
-from ._saved import SavedStats
-from ._validate import (
+from ._core.layout import Layout
+from ._core.saved import SavedStats
+from ._core.validate import (
     array_kind,
     check_backward,
     check_fold,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cudnn_bn._layout import make_layout
-from cudnn_bn._modes import Mode
-from cudnn_bn._validate import param_dtype_for
+from cudnn_bn._core.layout import make_layout
+from cudnn_bn._core.modes import Mode
+from cudnn_bn._core.validate import param_dtype_for
 
 MODES = list(Mode)
 LAYOUTS = [(2, 1), (3, 1), (3, -1), (4, 1), (4, -1), (5, 1), (5, -1)]  # (ndim, channel_axis)
@@ -42,7 +42,7 @@ def _gpu_available() -> tuple[bool, str]:
     if count < 1:
         return False, "no CUDA device found"
     try:
-        from cudnn_bn import _raw
+        from cudnn_bn._cudnn import raw as _raw
 
         _raw.library()
     except Exception as error:
@@ -68,7 +68,7 @@ def cudnn_library():
     fails the run instead of skipping the binding tests."""
     import os
 
-    from cudnn_bn import _raw
+    from cudnn_bn._cudnn import raw as _raw
 
     try:
         return _raw.library()

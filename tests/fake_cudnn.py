@@ -18,10 +18,11 @@ import types
 
 import numpy as np
 
-from cudnn_bn import _raw, reference
-from cudnn_bn._modes import Mode
-from cudnn_bn._raw import DataType, Status
-from cudnn_bn._saved import SavedStats
+from cudnn_bn import reference
+from cudnn_bn._cudnn import raw as _raw
+from cudnn_bn._core.modes import Mode
+from cudnn_bn._cudnn.raw import DataType, Status
+from cudnn_bn._core.saved import SavedStats
 
 
 class _Pointer:
@@ -297,7 +298,7 @@ def simulated_gpu(monkeypatch):
     """Install the fake cupy and the kernel simulator; tear the fake handles down afterwards."""
     import sys
 
-    from cudnn_bn import _handles
+    from cudnn_bn._cudnn import handles as _handles
 
     library = _raw.library()
     simulator = KernelSimulator(library)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cudnn_bn import _bench
-from cudnn_bn._backends import cudnn_status
+from cudnn_bn._tools import bench as _bench
+from cudnn_bn._cudnn.availability import cudnn_status
 
 
 def test_cpu_bench_writes_labelled_json_and_markdown(tmp_path, capsys):

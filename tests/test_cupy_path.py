@@ -14,14 +14,14 @@ import pytest
 
 import cudnn_bn
 from cudnn_bn import CudnnOverflowError, Mode, reference
-from cudnn_bn._tolerances import assert_close
+from cudnn_bn._core.tolerances import assert_close
 from conftest import LAYOUTS, MODES, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 
 
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
-    from cudnn_bn import _cupy_ops
+    from cudnn_bn._cudnn import ops as _cupy_ops
 
     monkeypatch.setattr(_cupy_ops, "_WARNED", set())  # each test sees its own once-per-shape warnings
     with simulated_gpu(monkeypatch) as simulator:
@@ -228,7 +228,7 @@ def test_running_statistics_keep_identity_dtype_and_order(gpu):
 
 
 def test_descriptors_are_reused_across_calls(gpu):
-    from cudnn_bn._descriptors import CACHE
+    from cudnn_bn._cudnn.descriptors import CACHE
 
     _, x, dy, gamma, beta = make_case((4, 8, 5, 5), Mode.SPATIAL, 1, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
@@ -260,7 +260,7 @@ def test_layer_on_the_device(gpu):
 def test_threads_each_get_their_own_handle(gpu):
     import threading
 
-    from cudnn_bn import _handles
+    from cudnn_bn._cudnn import handles as _handles
 
     seen = []
 
@@ -278,7 +278,7 @@ def test_threads_each_get_their_own_handle(gpu):
 
 
 def test_compare_runs_its_cudnn_branch(gpu):
-    from cudnn_bn._compare import run_compare
+    from cudnn_bn._tools.compare import run_compare
 
     backend, rows = run_compare(np.float32)
     assert backend == "cuDNN on CuPy arrays" and len(rows) == 18
@@ -289,7 +289,7 @@ def test_compare_runs_its_cudnn_branch(gpu):
 def test_gpu_benchmark_runs_end_to_end(gpu, monkeypatch, tmp_path):
     import json
 
-    from cudnn_bn import _bench
+    from cudnn_bn._tools import bench as _bench
 
     monkeypatch.setattr(_bench, "GPU_SHAPES", [(4, 8, 6, 6), (16, 8)])
     monkeypatch.setattr(_bench, "OVERFLOW_PROBE_SHAPE", (4, 8, 6, 6))
@@ -316,7 +316,7 @@ def test_gpu_benchmark_runs_end_to_end(gpu, monkeypatch, tmp_path):
 def test_gpu_benchmark_times_everything_when_nothing_overflows(gpu, monkeypatch, tmp_path):
     import json
 
-    from cudnn_bn import _bench
+    from cudnn_bn._tools import bench as _bench
 
     monkeypatch.setattr(_bench, "GPU_SHAPES", [(4, 8, 6, 6)])
     monkeypatch.setattr(_bench, "OVERFLOW_PROBE_SHAPE", (4, 8, 6, 6))

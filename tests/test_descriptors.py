@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cudnn_bn import Mode
-from cudnn_bn._descriptors import (
+from cudnn_bn._cudnn.descriptors import (
     CACHE,
     ActivationDescriptor,
     TensorDescriptor,
@@ -17,8 +17,8 @@ from cudnn_bn._descriptors import (
     data_descriptor,
     param_descriptor,
 )
-from cudnn_bn._layout import cudnn_dims_and_strides, make_layout
-from cudnn_bn._raw import ActivationMode, DataType
+from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
+from cudnn_bn._cudnn.raw import ActivationMode, DataType
 from conftest import LAYOUTS, MODES, shape_for
 
 
@@ -87,7 +87,7 @@ def test_cache_does_not_grow_over_repeated_calls(cudnn_library):
 
 
 def test_cache_is_bounded_and_keeps_evicted_descriptors_alive_while_used(cudnn_library):
-    from cudnn_bn._descriptors import DescriptorCache
+    from cudnn_bn._cudnn.descriptors import DescriptorCache
 
     cache = DescriptorCache(capacity=3)
     held = cache.get("a", lambda: TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 3, 4), (24, 12, 4, 1)))
@@ -129,6 +129,6 @@ def test_bad_dims_are_refused_before_the_native_call(cudnn_library, dims, stride
     [((8, 3, 4, 5), 1, (8, 3, 4, 5)), ((8, 3, 4, 5), -1, (8, 4, 5, 3)), ((8, 3), -1, (8, 3)), ((2, 3, 4, 5, 6), -1, (2, 4, 5, 6, 3))],
 )
 def test_physical_shape_moves_channels_last(shape, axis, expected):
-    from cudnn_bn._layout import physical_shape
+    from cudnn_bn._core.layout import physical_shape
 
     assert physical_shape(shape, axis) == expected

@@ -17,8 +17,8 @@ from cudnn_bn import (
     CudnnOverflowError,
     CudnnVersionError,
 )
-from cudnn_bn._errors import error_class_for
-from cudnn_bn._raw import Status, check_status, status_name
+from cudnn_bn._cudnn.errors import error_class_for
+from cudnn_bn._cudnn.raw import Status, check_status, status_name
 
 
 @pytest.mark.parametrize(

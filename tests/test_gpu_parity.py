@@ -13,7 +13,7 @@ import pytest
 
 import cudnn_bn
 from cudnn_bn import CudnnOverflowError, Mode, reference
-from cudnn_bn._tolerances import assert_close, to_numpy
+from cudnn_bn._core.tolerances import assert_close, to_numpy
 from conftest import LAYOUTS, MODES, make_case, shape_for
 
 pytestmark = pytest.mark.gpu
@@ -111,7 +111,7 @@ def test_special_shapes(shape, channel_axis, mode, dtype):
 
 
 def test_ex_fast_path_carries_its_reserve_space():
-    from cudnn_bn._cupy_ops import uses_ex_path
+    from cudnn_bn._cudnn.ops import uses_ex_path
 
     shape = (8, 6, 6, 16)  # channels-last, C % 4 == 0
     layout, x, dy, gamma, saved, saved64 = _check_training(shape, Mode.SPATIAL_PERSISTENT, -1, np.float16, steps=1)
@@ -126,7 +126,7 @@ def test_ex_fast_path_carries_its_reserve_space():
 @pytest.mark.parametrize("shape,channel_axis", [((16, 8, 16, 16), 1), ((16, 16, 16, 8), -1)])
 @pytest.mark.parametrize("on_overflow", ["raise", "fallback"])
 def test_persistent_overflow_never_reaches_the_caller_silently(magnitude, shape, channel_axis, on_overflow, monkeypatch):
-    from cudnn_bn import _cupy_ops
+    from cudnn_bn._cudnn import ops as _cupy_ops
 
     monkeypatch.setattr(_cupy_ops, "_WARNED", set())  # the fallback warning is once per shape
     layout, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, channel_axis, np.float16, offset=magnitude, scale=magnitude / 4)
@@ -180,7 +180,7 @@ def test_threads_with_their_own_streams_agree_with_one_thread():
 
 
 def test_no_descriptor_growth_over_many_calls():
-    from cudnn_bn._descriptors import CACHE
+    from cudnn_bn._cudnn.descriptors import CACHE
 
     _, x, dy, gamma, beta = make_case((4, 8, 5, 5), Mode.SPATIAL, 1, np.float32)
     x, dy, gamma, beta = _to_device(x, dy, gamma, beta)
@@ -242,8 +242,8 @@ def test_runs_on_the_current_stream():
     cupy = _cupy()
     _, x, _, gamma, beta = make_case((4, 8, 16, 16), Mode.SPATIAL, 1, np.float32)
     x_gpu, gamma_gpu, beta_gpu = _to_device(x, gamma, beta)
-    from cudnn_bn._handles import handle_for
-    from cudnn_bn import _raw
+    from cudnn_bn._cudnn.handles import handle_for
+    from cudnn_bn._cudnn import raw as _raw
     import ctypes
 
     with cupy.cuda.Stream() as stream:

@@ -25,7 +25,7 @@ def test_import_loads_neither_cupy_nor_libcudnn():
         import json, sys, numpy as np, cudnn_bn
         x = np.ones((4, 2), np.float32) * np.arange(4, dtype=np.float32)[:, None]
         cudnn_bn.forward_training(x, np.ones(2, np.float32), np.zeros(2, np.float32))
-        print(json.dumps({"cupy": "cupy" in sys.modules, "raw": "cudnn_bn._raw" in sys.modules, "ctypes_cdll": "cudnn_bn._loader" in sys.modules}))
+        print(json.dumps({"cupy": "cupy" in sys.modules, "raw": "cudnn_bn._cudnn.raw" in sys.modules, "ctypes_cdll": "cudnn_bn._cudnn.loader" in sys.modules}))
         """
     )
     assert out == {"cupy": False, "raw": False, "ctypes_cdll": False}
@@ -35,7 +35,8 @@ def test_bad_override_path_is_library_not_found():
     out = _run(
         """
         import json
-        from cudnn_bn import _raw, CudnnLibraryNotFoundError
+        from cudnn_bn import CudnnLibraryNotFoundError
+        from cudnn_bn._cudnn import raw as _raw
         try:
             _raw.library()
         except CudnnLibraryNotFoundError as error:
@@ -51,7 +52,7 @@ def test_override_path_is_used_and_recorded(cudnn_library):
     out = _run(
         """
         import json
-        from cudnn_bn import _raw
+        from cudnn_bn._cudnn import raw as _raw
         library = _raw.library()
         print(json.dumps({"path": library.path, "via": library.found_via, "version": library.version}))
         """,
@@ -68,7 +69,8 @@ def test_pathfinder_failure_lists_every_place_tried():
         def not_found(name):
             raise pathfinder.DynamicLibNotFoundError("searched site-packages, conda, system")
         pathfinder.load_nvidia_dynamic_lib = not_found
-        from cudnn_bn import _raw, CudnnLibraryNotFoundError
+        from cudnn_bn import CudnnLibraryNotFoundError
+        from cudnn_bn._cudnn import raw as _raw
         try:
             _raw.library()
         except CudnnLibraryNotFoundError as error:
@@ -85,7 +87,8 @@ def test_too_old_cudnn_is_a_clear_error(cudnn_library):
     out = _run(
         """
         import json
-        from cudnn_bn import _raw, CudnnVersionError
+        from cudnn_bn import CudnnVersionError
+        from cudnn_bn._cudnn import raw as _raw
         class Old(_raw.Library):
             def __init__(self, loaded):
                 super().__init__(loaded)
@@ -104,8 +107,8 @@ def test_loading_is_thread_safe_and_happens_once(cudnn_library):
     out = _run(
         """
         import json, threading
-        from cudnn_bn import _raw
-        from cudnn_bn import _loader
+        from cudnn_bn._cudnn import raw as _raw
+        from cudnn_bn._cudnn import loader as _loader
         calls = []
         original = _loader.load_cudnn
         def counting():

@@ -1,4 +1,4 @@
-"""The "auto" mode policy and the overflow defaults (one place: cudnn_bn._policy)."""
+"""The "auto" mode policy and the overflow defaults (one place: cudnn_bn._core.policy)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 import cudnn_bn
 from cudnn_bn import Mode, OnOverflow
-from cudnn_bn._policy import BACKWARD, INFERENCE, TRAINING, choose_mode
+from cudnn_bn._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from conftest import make_case
 
 

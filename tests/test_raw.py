@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from cudnn_bn import _raw
-from cudnn_bn._modes import Mode
-from cudnn_bn._raw import ENUMS, PROTOTYPES, Status
+from cudnn_bn._cudnn import raw as _raw
+from cudnn_bn._core.modes import Mode
+from cudnn_bn._cudnn.raw import ENUMS, PROTOTYPES, Status
 from header_check import conformance_problems, parse_headers
 
 REQUIRED = """cudnnGetVersion cudnnGetErrorString cudnnGetLastErrorString cudnnCreate cudnnDestroy cudnnSetStream
@@ -92,7 +92,7 @@ def test_error_string_for_every_status(cudnn_library, status):
 
 def test_a_rejected_argument_raises_with_cudnns_detail(cudnn_library):
     from cudnn_bn import CudnnBadParamError
-    from cudnn_bn._descriptors import TensorDescriptor
+    from cudnn_bn._cudnn.descriptors import TensorDescriptor
 
     with TensorDescriptor() as descriptor:
         dims, strides = (ctypes.c_int * 4)(2, -3, 4, 5), (ctypes.c_int * 4)(60, 20, 5, 1)
@@ -107,8 +107,8 @@ def test_a_rejected_argument_raises_with_cudnns_detail(cudnn_library):
 
 def test_create_without_a_gpu_is_not_initialized(cudnn_library):
     from cudnn_bn import CudnnNotInitializedError
-    from cudnn_bn._backends import cudnn_status
-    from cudnn_bn._handles import Handle
+    from cudnn_bn._cudnn.availability import cudnn_status
+    from cudnn_bn._cudnn.handles import Handle
 
     if cudnn_status()[0]:
         pytest.skip("a GPU is present here; this checks the no-GPU message")

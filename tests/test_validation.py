@@ -242,7 +242,7 @@ def test_bad_inference_statistics(name):
 
 
 def test_mode_accepts_enum_name_and_value():
-    from cudnn_bn._modes import parse_mode
+    from cudnn_bn._core.modes import parse_mode
 
     assert parse_mode("SPATIAL") is Mode.SPATIAL
     assert parse_mode(2) is Mode.SPATIAL_PERSISTENT

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ._modes import Mode
+from .modes import Mode
 
 __all__ = ["SavedStats"]
 

@@ -6,16 +6,16 @@ import platform
 
 import numpy as np
 
-from ._backends import cudnn_status
+from .._cudnn.availability import cudnn_status
 
 __all__ = ["collect_info", "format_info"]
 
 
 def _cudnn() -> dict:
-    from . import _raw
+    from .._cudnn import raw
 
     try:
-        library = _raw.library()
+        library = raw.library()
     except Exception as error:  # not found / too old: report, do not fail
         return {"cudnn": f"unavailable: {type(error).__name__}: {error}"}
     major, minor, patch = library.version // 10000, library.version // 100 % 100, library.version % 100

@@ -18,7 +18,7 @@ def cudnn_status() -> tuple[bool, str]:
     if count < 1:
         return False, "no GPU: CUDA reports 0 devices"
     try:
-        from ._handles import handle_for
+        from .handles import handle_for
 
         with cupy.cuda.Device(0):
             handle_for(0)

@@ -16,13 +16,13 @@ import time
 
 import numpy as np
 
-from . import _api
-from ._backends import cudnn_status
-from ._errors import CudnnOverflowError
-from ._layout import make_layout, physical_shape
-from ._modes import Mode
-from ._timing import median_gpu_seconds, median_host_seconds
-from ._validate import param_dtype_for
+from .. import _api
+from .._cudnn.availability import cudnn_status
+from .._cudnn.errors import CudnnOverflowError
+from .._core.layout import make_layout, physical_shape
+from .._core.modes import Mode
+from .timing import median_gpu_seconds, median_host_seconds
+from .._core.validate import param_dtype_for
 
 __all__ = ["run_bench", "GPU_SHAPES", "CPU_SHAPES"]
 
@@ -193,7 +193,7 @@ def _microseconds_per_call(run, synchronize, calls: int) -> float:
 def _overflow_probe() -> list[dict]:
     """Does SPATIAL_PERSISTENT raise the overflow flag on ordinary data, and does its output then
     equal SPATIAL's? (OVERFLOW_PROBE_SHAPE, float32, values uniform in [-2, 2].)"""
-    from ._tolerances import to_numpy
+    from .._core.tolerances import to_numpy
 
     results = []
     for channel_axis, layout_name in _layouts(OVERFLOW_PROBE_SHAPE):
@@ -218,19 +218,19 @@ def _overflow_probe() -> list[dict]:
 
 def _ex_vs_plain(repeats) -> list[dict]:
     """The Ex fast path (float16 NHWC, C % 4 == 0) against the plain persistent call."""
-    from . import _cupy_ops
+    from .._cudnn import ops as cudnn_ops
 
     rows = []
     for shape in [s for s in GPU_SHAPES if len(s) == 4 and s[1] % 4 == 0]:
         arrays = _device_inputs(shape, -1, Mode.SPATIAL_PERSISTENT, np.float16)
         timings = {}
         for label, enabled in (("ex", True), ("plain", False)):
-            previous = _cupy_ops.set_ex_path_enabled(enabled)
+            previous = cudnn_ops.set_ex_path_enabled(enabled)
             try:
                 operations = _operations(arrays, Mode.SPATIAL_PERSISTENT, -1)
                 timings[label] = {op: median_gpu_seconds(operations[op], repeats) * 1e3 for op in ("forward_training", "backward") if op in operations}
             finally:
-                _cupy_ops.set_ex_path_enabled(previous)
+                cudnn_ops.set_ex_path_enabled(previous)
         for op in set(timings["ex"]) & set(timings["plain"]):
             rows.append({"shape": list(shape), "operation": op, "ex_ms": timings["ex"][op], "plain_ms": timings["plain"][op],
                          "plain_over_ex": timings["plain"][op] / timings["ex"][op]})
@@ -292,7 +292,7 @@ def _gpu_bench(quick: bool) -> dict:
 # ---------------------------------------------------------------- output ----
 
 def _environment(on_gpu: bool) -> dict:
-    from ._info import collect_info
+    from .info import collect_info
 
     info = collect_info()
     environment = {

@@ -13,8 +13,8 @@ import enum
 import threading
 from ctypes import POINTER, c_char_p, c_double, c_int, c_size_t, c_void_p
 
-from ._errors import CudnnVersionError, error_class_for
-from ._loader import LoadedLibrary, load_cudnn
+from .errors import CudnnVersionError, error_class_for
+from .loader import LoadedLibrary, load_cudnn
 
 __all__ = [
     "ActivationMode",

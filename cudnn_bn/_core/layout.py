@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ._modes import Mode
+from .modes import Mode
 
 __all__ = ["Layout", "MIN_NDIM", "MAX_NDIM", "cudnn_dims_and_strides", "make_layout", "physical_shape"]
 

@@ -14,10 +14,10 @@ import weakref
 
 import numpy as np
 
-from . import _raw
-from ._layout import Layout, cudnn_dims_and_strides
-from ._modes import Mode
-from ._raw import DataType
+from . import raw
+from .._core.layout import Layout, cudnn_dims_and_strides
+from .._core.modes import Mode
+from .raw import DataType
 
 __all__ = [
     "ActivationDescriptor",
@@ -42,7 +42,7 @@ def cudnn_data_type(dtype) -> DataType:
 
 
 def _destroy(destroy_name: str, pointer: int) -> None:
-    library = _raw.library()
+    library = raw.library()
     getattr(library, destroy_name)(pointer)
 
 
@@ -53,7 +53,7 @@ class _Owned:
     _destroy: str
 
     def __init__(self):
-        library = _raw.library()
+        library = raw.library()
         pointer = ctypes.c_void_p()
         getattr(library, self._create)(ctypes.byref(pointer))
         self._pointer = pointer.value
@@ -95,7 +95,7 @@ class TensorDescriptor(_Owned):
             raise ValueError(f"dims, strides: expected positive values, got {tuple(dims)} and {tuple(strides)}")
         descriptor = cls()
         int_array = ctypes.c_int * len(dims)
-        _raw.library().cudnnSetTensorNdDescriptor(
+        raw.library().cudnnSetTensorNdDescriptor(
             descriptor.pointer, int(data_type), len(dims), int_array(*dims), int_array(*strides)
         )
         return descriptor
@@ -104,14 +104,14 @@ class TensorDescriptor(_Owned):
     def derived_for_batch_norm(cls, data: "TensorDescriptor", mode: Mode) -> "TensorDescriptor":
         """The parameter/statistics descriptor cuDNN derives from a data descriptor and mode."""
         descriptor = cls()
-        _raw.library().cudnnDeriveBNTensorDescriptor(descriptor.pointer, data.pointer, int(mode))
+        raw.library().cudnnDeriveBNTensorDescriptor(descriptor.pointer, data.pointer, int(mode))
         return descriptor
 
     def describe(self) -> tuple[DataType, tuple[int, ...], tuple[int, ...]]:
         """Read back (data type, dims, strides) with cudnnGetTensorNdDescriptor."""
         data_type, nb_dims = ctypes.c_int(), ctypes.c_int()
         dims, strides = (ctypes.c_int * _CUDNN_MAX_DIMS)(), (ctypes.c_int * _CUDNN_MAX_DIMS)()
-        _raw.library().cudnnGetTensorNdDescriptor(
+        raw.library().cudnnGetTensorNdDescriptor(
             self.pointer, _CUDNN_MAX_DIMS, ctypes.byref(data_type), ctypes.byref(nb_dims), dims, strides
         )
         count = nb_dims.value
@@ -125,10 +125,10 @@ class ActivationDescriptor(_Owned):
     _destroy = "cudnnDestroyActivationDescriptor"
 
     @classmethod
-    def of(cls, mode: _raw.ActivationMode, coef: float = 0.0) -> "ActivationDescriptor":
+    def of(cls, mode: raw.ActivationMode, coef: float = 0.0) -> "ActivationDescriptor":
         descriptor = cls()
-        _raw.library().cudnnSetActivationDescriptor(
-            descriptor.pointer, int(mode), int(_raw.NanPropagation.NOT_PROPAGATE_NAN), float(coef)
+        raw.library().cudnnSetActivationDescriptor(
+            descriptor.pointer, int(mode), int(raw.NanPropagation.NOT_PROPAGATE_NAN), float(coef)
         )
         return descriptor
 

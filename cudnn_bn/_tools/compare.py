@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _api
-from ._backends import cudnn_status
-from ._layout import make_layout, physical_shape
-from ._modes import Mode
-from ._timing import median_gpu_seconds, median_host_seconds
-from ._tolerances import to_numpy
-from ._validate import param_dtype_for
+from .. import _api
+from .._cudnn.availability import cudnn_status
+from .._core.layout import make_layout, physical_shape
+from .._core.modes import Mode
+from .timing import median_gpu_seconds, median_host_seconds
+from .._core.tolerances import to_numpy
+from .._core.validate import param_dtype_for
 
 __all__ = ["run_compare", "STANDARD_SHAPE"]
 

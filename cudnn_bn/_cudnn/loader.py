@@ -11,7 +11,7 @@ import ctypes
 import dataclasses
 import os
 
-from ._errors import CudnnLibraryNotFoundError
+from .errors import CudnnLibraryNotFoundError
 
 __all__ = ["ENV_VAR", "FIX_HINT", "LoadedLibrary", "load_cudnn"]
 

@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 
 def _compare(args) -> int:
-    from ._compare import format_table, run_compare
+    from .compare import format_table, run_compare
 
     dtype = np.dtype(args.dtype)
     backend, rows = run_compare(dtype, force_reference=args.reference)
@@ -20,14 +20,14 @@ def _compare(args) -> int:
 
 
 def _info(args) -> int:
-    from ._info import collect_info, format_info
+    from .info import collect_info, format_info
 
     print(format_info(collect_info()))
     return 0
 
 
 def _bench(args) -> int:
-    from ._bench import run_bench
+    from .bench import run_bench
 
     return run_bench(json_path=args.json, markdown_path=args.markdown, quick=args.quick)
 

@@ -13,8 +13,8 @@ Policy (see docs/modes.md for the evidence and its limits):
 
 from __future__ import annotations
 
-from ._layout import make_layout
-from ._modes import AUTO, Mode, OnOverflow, parse_mode, parse_on_overflow
+from .layout import make_layout
+from .modes import AUTO, Mode, OnOverflow, parse_mode, parse_on_overflow
 
 __all__ = ["TRAINING", "INFERENCE", "BACKWARD", "choose_mode"]
 

@@ -12,15 +12,15 @@ import warnings
 
 import numpy as np
 
-from . import _raw
-from ._descriptors import data_descriptor, param_descriptor
-from ._errors import CudnnOverflowError
-from ._handles import handle_for
-from ._layout import Layout
-from ._modes import Mode, OnOverflow
-from ._raw import BatchNormOps, ErrQueryMode, Status
-from ._saved import SavedStats
-from ._validate import check_backward, check_forward_inference, check_forward_training
+from . import raw
+from .descriptors import data_descriptor, param_descriptor
+from .errors import CudnnOverflowError
+from .handles import handle_for
+from .._core.layout import Layout
+from .._core.modes import Mode, OnOverflow
+from .raw import BatchNormOps, ErrQueryMode, Status
+from .._core.saved import SavedStats
+from .._core.validate import check_backward, check_forward_inference, check_forward_training
 
 __all__ = ["backward", "forward_inference", "forward_training", "set_ex_path_enabled", "uses_ex_path"]
 
@@ -145,10 +145,10 @@ def _bound_handle(device_id: int) -> int:
 def _overflowed(handle: int) -> bool:
     """Blocking cudnnQueryRuntimeError right after the call (no cudnnSetStream in between)."""
     runtime_status = ctypes.c_int(0)
-    _raw.library().cudnnQueryRuntimeError(handle, ctypes.byref(runtime_status), int(ErrQueryMode.BLOCKING), None)
+    raw.library().cudnnQueryRuntimeError(handle, ctypes.byref(runtime_status), int(ErrQueryMode.BLOCKING), None)
     if runtime_status.value == Status.RUNTIME_FP_OVERFLOW:
         return True
-    _raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status.value)
+    raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status.value)
     return False
 
 
@@ -180,7 +180,7 @@ def _overflow_error(function: str) -> CudnnOverflowError:
 
 
 def _training_ex(call: _Call, handle, y, gamma, beta, running_mean, running_var, momentum, eps, save_mean, save_inv_std):
-    library = _raw.library()
+    library = raw.library()
     mode, ops = int(Mode.SPATIAL_PERSISTENT), int(BatchNormOps.BN)
     workspace_size, reserve_size = ctypes.c_size_t(), ctypes.c_size_t()
     library.cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize(
@@ -229,7 +229,7 @@ def _forward_training_on_device(checked, x, gamma, beta, running_mean, running_v
             call, handle, y, gamma_in, beta_in, mean_in, var_in, momentum, checked.eps, save_mean, save_inv_std
         )
     else:
-        _raw.library().cudnnBatchNormalizationForwardTraining(
+        raw.library().cudnnBatchNormalizationForwardTraining(
             handle, int(layout.mode), call.alpha, call.beta, call.data_desc, call.x.data.ptr, call.data_desc,
             y.data.ptr, call.param_desc, gamma_in.data.ptr, beta_in.data.ptr, momentum, _pointer(mean_in),
             _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
@@ -268,7 +268,7 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
         call = _Call(checked.layout, checked.data_dtype, checked.param_dtype, x)
         params = [call.param_in(array) for array in (gamma, beta, mean, var)]
         y = cupy.empty(call.x.shape, dtype=checked.data_dtype)
-        _raw.library().cudnnBatchNormalizationForwardInference(
+        raw.library().cudnnBatchNormalizationForwardInference(
             _bound_handle(device_id), int(checked.layout.mode), call.alpha, call.beta, call.data_desc,
             call.x.data.ptr, call.data_desc, y.data.ptr, call.param_desc, *(p.data.ptr for p in params), checked.eps,
         )
@@ -297,7 +297,7 @@ def _backward_on_device(checked, x, dy, gamma, saved, on_overflow, device_id):
     dx = cupy.empty(call.x.shape, dtype=checked.data_dtype)
     dgamma, dbeta = call.new_param(), call.new_param()
     handle = _bound_handle(device_id)
-    library = _raw.library()
+    library = raw.library()
     reserve = None if saved is None else saved.reserve_space
     if reserve is not None and uses_ex_path(layout, checked.data_dtype):
         mode, ops = int(layout.mode), int(BatchNormOps.BN)

@@ -6,8 +6,8 @@ import ctypes
 import threading
 import weakref
 
-from . import _raw
-from ._errors import CudnnNotInitializedError
+from . import raw
+from .errors import CudnnNotInitializedError
 
 __all__ = ["NO_GPU_MESSAGE", "Handle", "handle_for"]
 
@@ -19,7 +19,7 @@ NO_GPU_MESSAGE = (
 
 def _destroy(pointer: int) -> None:
     try:
-        _raw.library().cudnnDestroy(pointer)
+        raw.library().cudnnDestroy(pointer)
     except Exception:  # at interpreter exit the driver may already be gone; nothing left to free
         pass
 
@@ -30,7 +30,7 @@ class Handle:
     def __init__(self, device_id: int):
         pointer = ctypes.c_void_p()
         try:
-            _raw.library().cudnnCreate(ctypes.byref(pointer))
+            raw.library().cudnnCreate(ctypes.byref(pointer))
         except CudnnNotInitializedError as error:
             raise CudnnNotInitializedError(error.status, error.status_name, error.function, f"{NO_GPU_MESSAGE}; {error.detail}") from None
         self.device_id = device_id
@@ -39,7 +39,7 @@ class Handle:
 
     def bind_stream(self, stream_pointer: int) -> int:
         """Point the handle at the caller's stream; returns the handle pointer."""
-        _raw.library().cudnnSetStream(self.pointer, stream_pointer)
+        raw.library().cudnnSetStream(self.pointer, stream_pointer)
         return self.pointer
 
     def close(self) -> None:

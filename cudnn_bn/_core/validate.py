@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-from ._layout import Layout, make_layout
-from ._modes import Mode, parse_mode
-from ._saved import SavedStats
+from .layout import Layout, make_layout
+from .modes import Mode, parse_mode
+from .saved import SavedStats
 
 __all__ = [
     "Checked",
