@@ -8,10 +8,12 @@ from . import reference
 from ._api import backward, forward_inference, forward_training
 from ._cudnn.errors import (
     CudnnBadParamError,
+    CudnnBuildMismatchError,
     CudnnError,
     CudnnExecutionFailedError,
     CudnnInternalError,
     CudnnLibraryNotFoundError,
+    CudnnLimitError,
     CudnnNotInitializedError,
     CudnnNotSupportedError,
     CudnnOverflowError,
@@ -27,10 +29,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNorm",
     "CudnnBadParamError",
+    "CudnnBuildMismatchError",
     "CudnnError",
     "CudnnExecutionFailedError",
     "CudnnInternalError",
     "CudnnLibraryNotFoundError",
+    "CudnnLimitError",
     "CudnnNotInitializedError",
     "CudnnNotSupportedError",
     "CudnnOverflowError",

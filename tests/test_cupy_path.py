@@ -74,16 +74,18 @@ def test_persistent_inference_runs_spatial(gpu):
     assert gpu.calls[-1] == "cudnnBatchNormalizationForwardInference"
 
 
-def test_stream_is_bound_before_each_call_and_the_query_follows_the_kernel(gpu):
+def test_stream_is_bound_once_and_the_query_follows_the_kernel(gpu):
     _, x, dy, gamma, beta = make_case((4, 3, 2, 5), Mode.SPATIAL, -1, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
     y, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
     cudnn_bn.backward(xd, dyd, gd, saved)
     kernels = [name for name in gpu.calls if name.startswith("cudnnBatchNormalization")]
     assert len(kernels) == 2
+    first = gpu.calls.index(kernels[0])
+    assert "cudnnSetStream" in gpu.calls[:first]  # the first call binds the stream ...
+    assert gpu.calls.count("cudnnSetStream") == 1  # ... and the same stream is not bound again
     for kernel in kernels:
         index = gpu.calls.index(kernel)
-        assert gpu.calls[index - 1] == "cudnnSetStream"
         assert gpu.calls[index + 1] == "cudnnQueryRuntimeError"  # no cudnnSetStream in between
 
 
@@ -227,18 +229,19 @@ def test_running_statistics_keep_identity_dtype_and_order(gpu):
     np.testing.assert_allclose(running[1], x.astype(np.float64).var(axis=0, ddof=1), rtol=2e-3)
 
 
-def test_descriptors_are_reused_across_calls(gpu):
-    from cudnn_bn._cudnn.descriptors import CACHE
+def test_plans_and_descriptors_are_reused_across_calls(gpu):
+    from cudnn_bn._cudnn.descriptors import descriptors_created
+    from cudnn_bn._cudnn.plans import PLANS
 
     _, x, dy, gamma, beta = make_case((4, 8, 5, 5), Mode.SPATIAL, 1, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
     cudnn_bn.backward(xd, dyd, gd, saved)
-    created = CACHE.created
+    created, plans = descriptors_created(), PLANS.created
     for _ in range(200):
         _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
         cudnn_bn.backward(xd, dyd, gd, saved)
-    assert CACHE.created == created
+    assert descriptors_created() == created and PLANS.created == plans
 
 
 def test_layer_on_the_device(gpu):
@@ -255,26 +258,6 @@ def test_layer_on_the_device(gpu):
     assert_close(layer.grad_beta, dy.astype(np.float64).sum(axis=(0, 1, 2)), np.float32, scale=10)
     state = layer.state_dict()
     assert type(state["running_mean"]) is np.ndarray
-
-
-def test_threads_each_get_their_own_handle(gpu):
-    import threading
-
-    from cudnn_bn._cudnn import handles as _handles
-
-    seen = []
-
-    def worker():
-        seen.append(_handles.handle_for(0))
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert len({id(h) for h in seen}) == 4
-    main = _handles.handle_for(0)
-    assert main is _handles.handle_for(0) and all(main is not h for h in seen)
-    for handle in seen:
-        handle.close()
 
 
 def test_compare_runs_its_cudnn_branch(gpu):

@@ -1,5 +1,5 @@
-"""Layout mapping, descriptor creation and derivation, ownership and the cache, against the real
-libcudnn (host-side calls only, no GPU needed)."""
+"""Layout mapping, descriptor creation and derivation, ownership and the plan cache, against the
+real libcudnn (host-side calls only, no GPU needed)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import numpy as np
 import pytest
 
 from cudnn_bn import Mode
-from cudnn_bn._cudnn.descriptors import (
-    CACHE,
-    ActivationDescriptor,
-    TensorDescriptor,
-    cudnn_data_type,
-    data_descriptor,
-    param_descriptor,
-)
+from cudnn_bn._cudnn import plans
+from cudnn_bn._cudnn.descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type, descriptors_created
 from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
 from cudnn_bn._cudnn.raw import ActivationMode, DataType
 from conftest import LAYOUTS, MODES, shape_for
@@ -49,18 +43,24 @@ def test_layout_keeps_arbitrary_strides():
     assert cudnn_dims_and_strides(layout, (216, 1, 36, 6)) == ((4, 3, 6, 6), (216, 1, 36, 6))
 
 
+# cudnnDataType_t values from cudnn_graph.h, written out: the map under test must not build its
+# own expectation
+CUDNN_DATA_FLOAT, CUDNN_DATA_DOUBLE, CUDNN_DATA_HALF, CUDNN_DATA_BFLOAT16 = 0, 1, 2, 9
+
+
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_descriptors_for_every_mode_layout_and_dtype(cudnn_library, mode, ndim, channel_axis, dtype):
+@pytest.mark.parametrize("dtype,data_type", [("float16", CUDNN_DATA_HALF), ("float32", CUDNN_DATA_FLOAT), ("float64", CUDNN_DATA_DOUBLE)])
+def test_plan_descriptors_for_every_mode_layout_and_dtype(cudnn_library, mode, ndim, channel_axis, dtype, data_type):
     shape = shape_for(ndim, channel_axis, batch=3, channels=4)
     layout = make_layout(shape, channel_axis, mode)
     strides = _c_strides(shape)
-    data = data_descriptor(layout, strides, dtype)
+    plan = plans.plan_for(plans.TRAINING, layout, np.dtype(dtype), 0)
     expected_dims, expected_strides = cudnn_dims_and_strides(layout, strides)
-    assert data.describe() == (cudnn_data_type(dtype), expected_dims, expected_strides)
-    param_type, param_dims, _ = param_descriptor(layout, strides, dtype).describe()
-    assert param_type == (DataType.DOUBLE if dtype == "float64" else DataType.FLOAT)  # FLOAT for half data
+    assert plan.data_desc.describe() == (data_type, expected_dims, expected_strides)
+    param_type, param_dims, _ = plan.param_desc.describe()
+    assert param_type == (CUDNN_DATA_DOUBLE if dtype == "float64" else CUDNN_DATA_FLOAT)  # FLOAT for half data
+    assert plan.cudnn_mode == {Mode.PER_ACTIVATION: 0, Mode.SPATIAL: 1, Mode.SPATIAL_PERSISTENT: 2}[mode]
     if mode.is_spatial:
         assert param_dims == (1, 4) + (1,) * (len(expected_dims) - 2)
     else:
@@ -69,32 +69,34 @@ def test_descriptors_for_every_mode_layout_and_dtype(cudnn_library, mode, ndim, 
         assert int(np.prod(param_dims)) == int(np.prod(layout.param_shape))
 
 
-def test_bfloat16_maps_to_cudnn_bfloat16_and_others_are_refused():
-    assert cudnn_data_type("bfloat16") is DataType.BFLOAT16
+def test_the_dtype_map_matches_cudnns_enum_values():
+    assert int(cudnn_data_type(np.float16)) == CUDNN_DATA_HALF
+    assert int(cudnn_data_type(np.float32)) == CUDNN_DATA_FLOAT
+    assert int(cudnn_data_type(np.float64)) == CUDNN_DATA_DOUBLE
+    assert int(cudnn_data_type("bfloat16")) == CUDNN_DATA_BFLOAT16
     with pytest.raises(TypeError, match="dtype: expected one of"):
         cudnn_data_type(np.int32)
 
 
-def test_cache_does_not_grow_over_repeated_calls(cudnn_library):
+def test_plans_do_not_grow_over_repeated_calls(cudnn_library):
     layout = make_layout((16, 8, 5, 5), 1, Mode.SPATIAL)
-    strides = _c_strides(layout.shape)
-    first = (data_descriptor(layout, strides, "float32"), param_descriptor(layout, strides, "float32"))
-    created, size = CACHE.created, len(CACHE)
+    first = plans.plan_for(plans.TRAINING, layout, np.dtype(np.float32), 0)
+    created, plans_created = descriptors_created(), plans.PLANS.created
     for _ in range(10_000):
-        again = (data_descriptor(layout, strides, "float32"), param_descriptor(layout, strides, "float32"))
-    assert again[0] is first[0] and again[1] is first[1]
-    assert CACHE.created == created and len(CACHE) == size
+        again = plans.plan_for(plans.TRAINING, make_layout((16, 8, 5, 5), 1, Mode.SPATIAL), np.dtype(np.float32), 0)
+    assert again is first
+    assert descriptors_created() == created and plans.PLANS.created == plans_created
 
 
-def test_cache_is_bounded_and_keeps_evicted_descriptors_alive_while_used(cudnn_library):
-    from cudnn_bn._cudnn.descriptors import DescriptorCache
-
-    cache = DescriptorCache(capacity=3)
-    held = cache.get("a", lambda: TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 3, 4), (24, 12, 4, 1)))
-    for key in "bcde":
-        cache.get(key, lambda: TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 3, 4), (24, 12, 4, 1)))
+def test_the_plan_cache_is_bounded_and_evicted_plans_keep_their_descriptors(cudnn_library):
+    cache = plans.PlanCache(capacity=3)
+    build = lambda n: lambda: plans.Plan(plans.TRAINING, make_layout((n, 2, 3), 1, Mode.SPATIAL), np.dtype(np.float32), 0)  # noqa: E731
+    held = cache.get("a", build(2))
+    for key, n in zip("bcde", range(3, 7)):
+        cache.get(key, build(n))
     assert len(cache) == 3 and cache.created == 5
-    assert not held.closed and held.describe()[1] == (1, 2, 3, 4)
+    gc.collect()
+    assert not held.data_desc.closed and held.data_desc.describe()[1] == (2, 2, 3, 1)
 
 
 def test_descriptor_ownership(cudnn_library):

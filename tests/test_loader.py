@@ -79,8 +79,38 @@ def test_pathfinder_failure_lists_every_place_tried():
         CUDNN_BN_LIBRARY="",
     )
     assert out["searched"][0] == "$CUDNN_BN_LIBRARY: not set"
-    assert "cuda.pathfinder" in out["searched"][1] and "searched site-packages, conda, system" in out["searched"][1]
+    assert out["searched"][1].startswith("the nvidia-cudnn wheels: nvidia-cudnn-cu")  # installed here
+    assert "cuda.pathfinder" in out["searched"][2] and "searched site-packages, conda, system" in out["searched"][2]
     assert "pip install 'cudnn_bn[cuda12]'" in out["message"]
+
+
+def test_a_missing_cudnn_wheel_is_named_not_the_dependency_pathfinder_tried_last():
+    out = _run(
+        """
+        import json
+        from importlib import metadata
+        from cuda import pathfinder
+        def not_found(name):
+            raise pathfinder.DynamicLibNotFoundError("Failure finding libcublasLt.so")
+        pathfinder.load_nvidia_dynamic_lib = not_found
+        real_version = metadata.version
+        def version(name):
+            if name.startswith("nvidia-cudnn"):
+                raise metadata.PackageNotFoundError(name)
+            return real_version(name)
+        metadata.version = version
+        from cudnn_bn import CudnnLibraryNotFoundError
+        from cudnn_bn._cudnn import raw as _raw
+        try:
+            _raw.library()
+        except CudnnLibraryNotFoundError as error:
+            print(json.dumps({"message": str(error)}))
+        """,
+        CUDNN_BN_LIBRARY="",
+    )
+    message = out["message"]
+    assert "neither nvidia-cudnn-cu12 nor nvidia-cudnn-cu13 is installed" in message
+    assert message.index("neither nvidia-cudnn") < message.index("libcublasLt")
 
 
 def test_too_old_cudnn_is_a_clear_error(cudnn_library):

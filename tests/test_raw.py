@@ -13,7 +13,7 @@ from cudnn_bn._core.modes import Mode
 from cudnn_bn._cudnn.raw import ENUMS, PROTOTYPES, Status
 from header_check import conformance_problems, parse_headers
 
-REQUIRED = """cudnnGetVersion cudnnGetErrorString cudnnGetLastErrorString cudnnCreate cudnnDestroy cudnnSetStream
+REQUIRED = """cudnnGetVersion cudnnGetCudartVersion cudnnGetErrorString cudnnGetLastErrorString cudnnCreate cudnnDestroy cudnnSetStream
 cudnnGetStream cudnnCreateTensorDescriptor cudnnSetTensor4dDescriptor cudnnSetTensor4dDescriptorEx
 cudnnSetTensorNdDescriptor cudnnGetTensor4dDescriptor cudnnGetTensorNdDescriptor cudnnDestroyTensorDescriptor
 cudnnDeriveBNTensorDescriptor cudnnBatchNormalizationForwardTraining cudnnBatchNormalizationForwardInference

@@ -1,32 +1,25 @@
-"""cuDNN tensor and activation descriptors owned by Python objects, and their cache.
+"""cuDNN tensor and activation descriptors owned by Python objects.
 
 A descriptor is released by ``close()`` (idempotent), by leaving a ``with`` block, or by its
-``weakref.finalize`` when the object is collected. The cache only drops its reference when it
-evicts, so a descriptor another thread is still using stays alive until that thread lets go.
+``weakref.finalize`` when the object is collected. Whoever passes a descriptor to cuDNN keeps
+the object (not its ``pointer``) referenced until the native call returns; the call plans of
+``plans.py`` own the descriptors of every batch-norm call.
 """
 
 from __future__ import annotations
 
-import collections
 import ctypes
-import threading
+import itertools
 import weakref
 
 import numpy as np
 
 from . import raw
-from .._core.layout import Layout, cudnn_dims_and_strides
 from .._core.modes import Mode
+from .limits import check_descriptor_fits
 from .raw import DataType
 
-__all__ = [
-    "ActivationDescriptor",
-    "DescriptorCache",
-    "TensorDescriptor",
-    "cudnn_data_type",
-    "data_descriptor",
-    "param_descriptor",
-]
+__all__ = ["ActivationDescriptor", "TensorDescriptor", "cudnn_data_type", "descriptors_created"]
 
 _DATA_TYPES = {"float16": DataType.HALF, "float32": DataType.FLOAT, "float64": DataType.DOUBLE, "bfloat16": DataType.BFLOAT16}
 _CUDNN_MAX_DIMS = 8  # CUDNN_DIM_MAX
@@ -39,6 +32,15 @@ def cudnn_data_type(dtype) -> DataType:
         return _DATA_TYPES[name]
     except KeyError:
         raise TypeError(f"dtype: expected one of {sorted(_DATA_TYPES)}, got {name}") from None
+
+
+_CREATED = itertools.count()  # next() is atomic under the GIL
+_created_so_far = [0]
+
+
+def descriptors_created() -> int:
+    """How many descriptors this process has created (a plan cache that works keeps this flat)."""
+    return _created_so_far[0]
 
 
 def _destroy(destroy_name: str, pointer: int) -> None:
@@ -57,6 +59,7 @@ class _Owned:
         pointer = ctypes.c_void_p()
         getattr(library, self._create)(ctypes.byref(pointer))
         self._pointer = pointer.value
+        _created_so_far[0] = next(_CREATED) + 1
         self._finalizer = weakref.finalize(self, _destroy, self._destroy, self._pointer)
 
     @property
@@ -93,6 +96,7 @@ class TensorDescriptor(_Owned):
             raise ValueError(f"dims, strides: expected 4 or 5 of each, got {tuple(dims)} and {tuple(strides)}")
         if any(int(d) < 1 for d in dims) or any(int(s) < 1 for s in strides):
             raise ValueError(f"dims, strides: expected positive values, got {tuple(dims)} and {tuple(strides)}")
+        check_descriptor_fits(dims, strides, "dims, strides")  # a C int array would truncate silently
         descriptor = cls()
         int_array = ctypes.c_int * len(dims)
         raw.library().cudnnSetTensorNdDescriptor(
@@ -131,57 +135,3 @@ class ActivationDescriptor(_Owned):
             descriptor.pointer, int(mode), int(raw.NanPropagation.NOT_PROPAGATE_NAN), float(coef)
         )
         return descriptor
-
-
-class DescriptorCache:
-    """Descriptors keyed by what defines them, so repeated shapes create nothing new.
-
-    Bounded (least recently used dropped first); thread-safe.
-    """
-
-    def __init__(self, capacity: int = 256):
-        self.capacity = capacity
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
-        self.created = 0  # descriptors ever created through this cache, for tests and diagnostics
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key, make):
-        with self._lock:
-            descriptor = self._entries.get(key)
-            if descriptor is not None:
-                self._entries.move_to_end(key)
-                return descriptor
-            descriptor = make()
-            self.created += 1
-            self._entries[key] = descriptor
-            if len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-            return descriptor
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-CACHE = DescriptorCache()
-
-
-def data_descriptor(layout: Layout, strides, dtype) -> TensorDescriptor:
-    """Descriptor of an x-shaped array with the given element strides (cached by shape, strides, dtype)."""
-    dims, dim_strides = cudnn_dims_and_strides(layout, strides)
-    data_type = cudnn_data_type(dtype)
-    return CACHE.get(("data", dims, dim_strides, data_type), lambda: TensorDescriptor.from_dims(data_type, dims, dim_strides))
-
-
-def param_descriptor(layout: Layout, strides, dtype) -> TensorDescriptor:
-    """Descriptor of gamma, beta and the statistics, derived by cuDNN from the data descriptor."""
-    dims, dim_strides = cudnn_dims_and_strides(layout, strides)
-    data_type = cudnn_data_type(dtype)
-    data = data_descriptor(layout, strides, dtype)
-    return CACHE.get(
-        ("param", dims, dim_strides, data_type, layout.mode.is_spatial),
-        lambda: TensorDescriptor.derived_for_batch_norm(data, layout.mode),
-    )

@@ -6,8 +6,10 @@ __all__ = [
     "CudnnBadParamError",
     "CudnnError",
     "CudnnExecutionFailedError",
+    "CudnnBuildMismatchError",
     "CudnnInternalError",
     "CudnnLibraryNotFoundError",
+    "CudnnLimitError",
     "CudnnNotInitializedError",
     "CudnnNotSupportedError",
     "CudnnOverflowError",
@@ -104,3 +106,27 @@ class CudnnVersionError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.version, self.path, self.minimum))
+
+
+class CudnnLimitError(ValueError):
+    """The input is past a limit of cuDNN's batch-norm calls (32-bit sizes, batch size) and no
+    equivalent call within the limits exists; the message names the limit. Raised before any
+    native call."""
+
+
+class CudnnBuildMismatchError(RuntimeError):
+    """The loaded libcudnn was built for another CUDA major version than CuPy's runtime.
+
+    Attributes: ``cudnn_cuda_major``, ``cupy_cuda_major``, ``path`` (the libcudnn loaded), ``fix``.
+    """
+
+    def __init__(self, cudnn_cuda_major: int, cupy_cuda_major: int, path: str, fix: str):
+        self.cudnn_cuda_major, self.cupy_cuda_major = int(cudnn_cuda_major), int(cupy_cuda_major)
+        self.path, self.fix = path, fix
+        super().__init__(
+            f"cuDNN at {path} was built for CUDA {self.cudnn_cuda_major}, but CuPy runs CUDA "
+            f"{self.cupy_cuda_major}; {fix}"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.cudnn_cuda_major, self.cupy_cuda_major, self.path, self.fix))

@@ -1,7 +1,15 @@
-"""cuDNN handles: one per (thread, device), so no handle is ever used by two threads at once."""
+"""cuDNN handles: a bounded pool per device, borrowed for the length of one call.
+
+A handle is never used by two threads at once (cuDNN's rule), and a pool of threads creates no
+new handle after warm-up: cudnnCreate costs, and cudnnDestroy synchronizes the device
+(cudnn_graph.h), so a thread that exits must not take a handle down with it. Each handle
+remembers the stream it is bound to (cudnnSetStream only when it changes) and whether a
+SPATIAL_PERSISTENT call on it left the runtime-error flag unread.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import weakref
@@ -9,12 +17,13 @@ import weakref
 from . import raw
 from .errors import CudnnNotInitializedError
 
-__all__ = ["NO_GPU_MESSAGE", "Handle", "handle_for"]
+__all__ = ["DEFAULT_POOL_SIZE", "NO_GPU_MESSAGE", "Handle", "HandlePool", "borrow", "close_all", "pool_for"]
 
 NO_GPU_MESSAGE = (
     "cuDNN could not start: no usable CUDA GPU or driver on this machine. "
     "The NumPy reference (numpy arrays) still works; cupy arrays need a GPU"
 )
+DEFAULT_POOL_SIZE = 16  # handles per device; more threads than this wait for one to be returned
 
 
 def _destroy(pointer: int) -> None:
@@ -25,7 +34,9 @@ def _destroy(pointer: int) -> None:
 
 
 class Handle:
-    """Owns one ``cudnnHandle_t``; destroyed when its thread's table lets go or at interpreter exit."""
+    """Owns one ``cudnnHandle_t`` on one device."""
+
+    __slots__ = ("device_id", "pointer", "bound_stream", "flag_unread", "_finalizer", "__weakref__")
 
     def __init__(self, device_id: int):
         pointer = ctypes.c_void_p()
@@ -35,26 +46,98 @@ class Handle:
             raise CudnnNotInitializedError(error.status, error.status_name, error.function, f"{NO_GPU_MESSAGE}; {error.detail}") from None
         self.device_id = device_id
         self.pointer = pointer.value
+        self.bound_stream = None  # cuDNN's default is the legacy stream, but we never rely on it
+        self.flag_unread = False  # a persistent call ran without cudnnQueryRuntimeError after it
         self._finalizer = weakref.finalize(self, _destroy, self.pointer)
 
-    def bind_stream(self, stream_pointer: int) -> int:
-        """Point the handle at the caller's stream; returns the handle pointer."""
-        raw.library().cudnnSetStream(self.pointer, stream_pointer)
-        return self.pointer
+    def bind_stream(self, stream_pointer: int) -> None:
+        """Point the handle at ``stream_pointer`` unless it already is."""
+        if stream_pointer != self.bound_stream:
+            raw.library().cudnnSetStream(self.pointer, stream_pointer)
+            self.bound_stream = stream_pointer
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def close(self) -> None:
+        """Destroy the handle now (synchronizes the device); later calls do nothing."""
         self._finalizer()
 
 
-_PER_THREAD = threading.local()
+class HandlePool:
+    """At most ``size`` handles for one device; :meth:`borrow` lends one to one caller at a time."""
+
+    def __init__(self, device_id: int, size: int = DEFAULT_POOL_SIZE):
+        self.device_id, self.size = device_id, size
+        self._idle: list[Handle] = []
+        self._count = 0  # handles created and not closed
+        self._available = threading.Condition(threading.Lock())
+
+    def acquire(self) -> Handle:
+        with self._available:
+            while not self._idle and self._count >= self.size:
+                self._available.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._count += 1
+        try:
+            return Handle(self.device_id)  # created outside the lock: it may take a while
+        except BaseException:
+            with self._available:
+                self._count -= 1
+                self._available.notify()
+            raise
+
+    def release(self, handle: Handle) -> None:
+        with self._available:
+            self._idle.append(handle)
+            self._available.notify()
+
+    @contextlib.contextmanager
+    def borrow(self):
+        handle = self.acquire()
+        try:
+            yield handle
+        finally:
+            self.release(handle)
+
+    @property
+    def created(self) -> int:
+        """Handles this pool holds (idle or lent)."""
+        return self._count
+
+    def close(self) -> None:
+        """Destroy the idle handles (lent ones are destroyed when collected)."""
+        with self._available:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+        for handle in idle:
+            handle.close()
 
 
-def handle_for(device_id: int) -> Handle:
-    """This thread's handle for ``device_id`` (the caller makes that device current first)."""
-    handles = getattr(_PER_THREAD, "handles", None)
-    if handles is None:
-        handles = _PER_THREAD.handles = {}
-    handle = handles.get(device_id)
-    if handle is None:
-        handle = handles[device_id] = Handle(device_id)
-    return handle
+_POOLS: dict[int, HandlePool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def pool_for(device_id: int) -> HandlePool:
+    """The pool of ``device_id`` (the caller makes that device current before borrowing)."""
+    pool = _POOLS.get(device_id)
+    if pool is None:
+        with _POOLS_LOCK:
+            pool = _POOLS.setdefault(device_id, HandlePool(device_id))
+    return pool
+
+
+def borrow(device_id: int):
+    """Context manager lending a handle of ``device_id`` for one call."""
+    return pool_for(device_id).borrow()
+
+
+def close_all() -> None:
+    """Destroy every idle handle and forget the pools (tests; a process that is done with cuDNN)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.close()

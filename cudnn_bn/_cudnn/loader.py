@@ -47,12 +47,31 @@ def _load_with_pathfinder(searched: list[str]) -> LoadedLibrary | None:
     try:
         found = pathfinder.load_nvidia_dynamic_lib("cudnn")
     except Exception as error:  # pathfinder raises several types; its message says where it looked
+        wheels = _installed_cudnn_wheels()
+        searched.append(
+            f"the nvidia-cudnn wheels: {', '.join(wheels)} installed" if wheels
+            else "the nvidia-cudnn wheels: neither nvidia-cudnn-cu12 nor nvidia-cudnn-cu13 is installed"
+        )
         searched.append(
             "cuda.pathfinder (site-packages nvidia/cudnn/lib of the cu12 and cu13 wheels, conda, "
             f"LD_LIBRARY_PATH and the system loader): {type(error).__name__}: {error}"
         )
         return None
     return LoadedLibrary(ctypes.CDLL(found.abs_path), found.abs_path, f"cuda.pathfinder ({found.found_via})")
+
+
+def _installed_cudnn_wheels() -> list[str]:
+    """Names of the installed cuDNN wheels. Without one, pathfinder's error names whichever library
+    it tried last (often libcublasLt, a dependency), not cuDNN."""
+    from importlib import metadata
+
+    found = []
+    for name in ("nvidia-cudnn-cu12", "nvidia-cudnn-cu13"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def load_cudnn() -> LoadedLibrary:

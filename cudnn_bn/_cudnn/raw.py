@@ -165,6 +165,8 @@ size_out = POINTER(c_size_t)  # size_t*
 PROTOTYPES = {
     # size_t cudnnGetVersion(void);
     "cudnnGetVersion": (c_size_t, ()),
+    # size_t cudnnGetCudartVersion(void);
+    "cudnnGetCudartVersion": (c_size_t, ()),
     # const char *cudnnGetErrorString(cudnnStatus_t status);
     "cudnnGetErrorString": (c_char_p, (status_t,)),
     # void cudnnGetLastErrorString(char *message, size_t max_size);

@@ -19,7 +19,26 @@ def _cudnn() -> dict:
     except Exception as error:  # not found / too old: report, do not fail
         return {"cudnn": f"unavailable: {type(error).__name__}: {error}"}
     major, minor, patch = library.version // 10000, library.version // 100 % 100, library.version % 100
-    return {"cudnn": f"{major}.{minor}.{patch} ({library.version})", "cudnn_path": library.path, "cudnn_found_via": library.found_via}
+    cudart = int(library.cudnnGetCudartVersion())
+    return {
+        "cudnn": f"{major}.{minor}.{patch} ({library.version})",
+        "cudnn_path": library.path,
+        "cudnn_found_via": library.found_via,
+        "cudnn_built_for": f"CUDA {cudart // 1000}.{cudart % 1000 // 10} (cudnnGetCudartVersion {cudart})",
+    }
+
+
+def _build_match() -> dict:
+    """Whether libcudnn and CuPy agree on the CUDA major version (both must be present)."""
+    try:
+        import cupy
+
+        from .._cudnn.ops import cuda_build_mismatch
+
+        mismatch = cuda_build_mismatch(cupy)
+    except Exception:  # no cupy, no libcudnn: the lines above already say so
+        return {}
+    return {"cuda_build_check": "libcudnn and CuPy use the same CUDA major" if mismatch is None else f"MISMATCH: {mismatch}"}
 
 
 def _cupy_and_gpu() -> dict:
@@ -29,10 +48,18 @@ def _cupy_and_gpu() -> dict:
         return {"cupy": "not installed", "gpu": "no GPU (CuPy not installed)"}
     info = {"cupy": cupy.__version__}
     try:
+        runtime = cupy.cuda.runtime.runtimeGetVersion()
+        info["cupy_cuda_runtime"] = f"{runtime // 1000}.{runtime % 1000 // 10}"
+    except Exception as error:
+        info["cupy_cuda_runtime"] = f"unknown ({type(error).__name__})"
+    try:
         driver = cupy.cuda.runtime.driverGetVersion()
         info["cuda_driver"] = f"{driver // 1000}.{driver % 1000 // 10}" if driver else "none (no CUDA driver installed)"
     except Exception as error:
         info["cuda_driver"] = f"none ({type(error).__name__})"
+    if info["cuda_driver"].startswith("none"):
+        info["gpu"] = "no GPU (no NVIDIA driver found)"
+        return info
     try:
         count = cupy.cuda.runtime.getDeviceCount()
         names = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode() for i in range(count)]
@@ -46,6 +73,7 @@ def collect_info() -> dict:
     info = {"cudnn_bn": __import__("cudnn_bn").__version__, "python": platform.python_version(), "numpy": np.__version__}
     info.update(_cudnn())
     info.update(_cupy_and_gpu())
+    info.update(_build_match())
     usable, reason = cudnn_status()
     info["backends"] = "numpy reference, cuDNN" if usable else f"numpy reference only (cuDNN: {reason})"
     return info
