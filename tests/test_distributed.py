@@ -1,0 +1,521 @@
+"""cudnn_bn.distributed: group batch norm equals single-process batch norm on the concatenated batch.
+
+Ranks run as threads with the in-process communicator (every collective under a timeout, every
+thread joined under a timeout), on numpy arrays (the reference) and on the simulated GPU
+(tests/fake_cudnn.py: the cuDNN path with host arrays posing as cupy arrays). The NCCL
+communicator runs only in the test marked gpu (skipped without a GPU); here its wrapper is
+exercised over a stand-in backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from cudnn_bn import BatchNorm, Mode, reference
+from cudnn_bn import distributed as dist
+from cudnn_bn._core.tolerances import assert_close
+from conftest import LAYOUTS, make_case, shape_for
+from fake_cudnn import FakeArray, simulated_gpu
+
+GROUP_TIMEOUT = 10.0  # seconds a collective waits; the tests finish far sooner
+SYNC_MODES = [Mode.SPATIAL, Mode.PER_ACTIVATION]
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+# ---- running ranks as threads ----
+
+def run_ranks(world_size, body, *, timeout=GROUP_TIMEOUT, group=None):
+    """Run ``body(rank, communicator)`` on one thread per rank; return each rank's result or exception."""
+    group = dist.local_group(world_size, timeout=timeout) if group is None else group
+    outcomes = [None] * world_size
+
+    def target(rank):
+        try:
+            outcomes[rank] = body(rank, group[rank])
+        except Exception as error:  # returned, so that the test can assert on every rank's error
+            outcomes[rank] = error
+
+    threads = [threading.Thread(target=target, args=(rank,), daemon=True) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(4 * timeout)
+    assert not any(thread.is_alive() for thread in threads), "a rank is still running: a collective hung"
+    return outcomes
+
+
+def results(outcomes):
+    """The per-rank results, re-raising the first rank's exception if any rank failed."""
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    return outcomes
+
+
+def shards(array, sizes):
+    """Split along the batch axis into consecutive pieces of the given sizes."""
+    return np.split(array, np.cumsum(sizes)[:-1], axis=0)
+
+
+FLOAT64_ROUNDING = 1e-12  # float64 results: the merge and the per-rank sums reorder additions
+
+
+def close(actual, expected, dtype, *, what, scale=1.0, float64_tolerance=FLOAT64_ROUNDING):
+    """float64: to float64 rounding (relative to the values' scale); narrower dtypes: the
+    package's tolerance for that dtype."""
+    if np.dtype(dtype) == np.float64:
+        tolerance = float64_tolerance
+        np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tolerance, atol=tolerance * scale, err_msg=what)
+    else:
+        assert_close(actual, expected, dtype, what=what, scale=scale)
+
+
+def host(array):
+    return np.asarray(array.get() if isinstance(array, FakeArray) else array)
+
+
+def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, seed=0, momentum=0.3, offset=0.0, scale=1.0):
+    """One training step on len(sizes) ranks; returns (per-rank outputs, the concatenated inputs)."""
+    full_shape = (sum(sizes),) + tuple(shape[1:])
+    layout, x, dy, gamma, beta = make_case(full_shape, mode, channel_axis, dtype, seed=seed, offset=offset, scale=scale)
+    x_shards, dy_shards = shards(x, sizes), shards(dy, sizes)
+
+    def body(rank, group):
+        running = [device(np.zeros(layout.param_shape, gamma.dtype)), device(np.ones(layout.param_shape, gamma.dtype))]
+        xs, dys = device(x_shards[rank].copy()), device(dy_shards[rank].copy())
+        y, saved = dist.forward_training(
+            xs, device(gamma.copy()), device(beta.copy()), *running, group=group, mode=mode, momentum=momentum, channel_axis=channel_axis
+        )
+        dx, dgamma, dbeta = dist.backward(xs, dys, device(gamma.copy()), saved, group=group)
+        if isinstance(dx, FakeArray):  # hand the results to another thread only after its stream ran
+            sys.modules["cupy"].cuda.get_current_stream().synchronize()
+        return dict(y=y, saved=saved, running=running, dx=dx, dgamma=dgamma, dbeta=dbeta)
+
+    return results(run_ranks(len(sizes), body)), (x, dy, gamma, beta)
+
+
+def check_against_reference(outputs, inputs, mode, channel_axis, dtype, momentum=0.3, float64_tolerance=FLOAT64_ROUNDING):
+    """Every rank's outputs against the reference run on the concatenated batch."""
+    close = functools.partial(globals()["close"], float64_tolerance=float64_tolerance)
+    x, dy, gamma, beta = inputs
+    wide = [np.asarray(a, np.float64) for a in (x, dy, gamma, beta)]
+    running = [np.zeros(gamma.shape), np.ones(gamma.shape)]
+    y_ref, saved_ref = reference.forward_training(*wide[:1], *wide[2:], *running, mode=mode, momentum=momentum, channel_axis=channel_axis)
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(wide[0], wide[1], wide[2], saved_ref)
+    close(np.concatenate([host(o["y"]) for o in outputs]), y_ref, dtype, what="y", scale=4)
+    close(np.concatenate([host(o["dx"]) for o in outputs]), dx_ref, dtype, what="dx", scale=10)
+    first = outputs[0]
+    close(host(first["saved"].mean), saved_ref.mean, dtype, what="saved.mean")
+    close(host(first["saved"].inv_std), saved_ref.inv_std, dtype, what="saved.inv_std", scale=4)
+    close(host(first["running"][0]), running[0], dtype, what="running_mean")
+    close(host(first["running"][1]), running[1], dtype, what="running_var (unbiased with the group's count)")
+    close(host(first["dgamma"]), dgamma_ref, dtype, what="dgamma", scale=x.shape[0])
+    close(host(first["dbeta"]), dbeta_ref, dtype, what="dbeta", scale=x.shape[0])
+    assert first["saved"].mode is mode and first["saved"].mean.dtype == gamma.dtype
+    for other in outputs[1:]:  # the group's statistics and gradients are bit-identical on every rank
+        for name in ("dgamma", "dbeta"):
+            np.testing.assert_array_equal(host(other[name]), host(first[name]), err_msg=name)
+        for index in (0, 1):
+            np.testing.assert_array_equal(host(other["running"][index]), host(first["running"][index]))
+        np.testing.assert_array_equal(host(other["saved"].mean), host(first["saved"].mean))
+        np.testing.assert_array_equal(host(other["saved"].inv_std), host(first["saved"].inv_std))
+
+
+# ---- numpy: every mode x layout x dtype, and every world size ----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+@pytest.mark.parametrize("mode", SYNC_MODES, ids=lambda m: m.name)
+def test_uneven_shards_match_the_reference_on_the_concatenated_batch(mode, ndim, channel_axis, dtype):
+    shape = shape_for(ndim, channel_axis, channels=3)
+    outputs, inputs = group_step([2, 1, 3], shape, mode, channel_axis, dtype)  # rank 1 holds one sample
+    check_against_reference(outputs, inputs, mode, channel_axis, dtype)
+    assert outputs[1]["y"].shape[0] == 1 and outputs[1]["dx"].dtype == dtype
+
+
+@pytest.mark.parametrize("world_size", range(1, 9))
+@pytest.mark.parametrize("mode,ndim,channel_axis", [(Mode.SPATIAL, 4, 1), (Mode.PER_ACTIVATION, 2, 1), (Mode.SPATIAL, 4, -1)])
+def test_one_to_eight_ranks(world_size, mode, ndim, channel_axis):
+    sizes = [3, 1, 4, 2, 1, 5, 2, 1][:world_size]
+    outputs, inputs = group_step(sizes, shape_for(ndim, channel_axis, channels=4), mode, channel_axis, np.float64, seed=world_size)
+    check_against_reference(outputs, inputs, mode, channel_axis, np.float64)
+
+
+def test_auto_and_persistent_run_spatial_for_4d_and_per_activation_for_2d():
+    for requested, shape, expected in (("auto", (4, 3, 2, 2), Mode.SPATIAL), ("spatial_persistent", (4, 3, 2, 2), Mode.SPATIAL), ("auto", (4, 3), Mode.PER_ACTIVATION)):
+        _, x, _, gamma, beta = make_case(shape, expected, 1, np.float64)
+        outcome = results(run_ranks(2, lambda rank, group: dist.forward_training(shards(x, [1, 3])[rank], gamma, beta, group=group, mode=requested)))
+        assert outcome[0][1].mode is expected and outcome[1][1].mode is expected
+
+
+# ---- numerics: a large offset ----
+
+# x = 1000 + 0.001 * noise: float64 holds x to spacing(1000) ~ 1.1e-13, so x - mean, and hence y,
+# is known only to spacing(1000) / std ~ 1.1e-10 relative, in the reference as much as here. The
+# merge's error is of that order (each rank's mean carries its rounding into the deviation terms).
+OFFSET, SPREAD = 1000.0, 1e-3
+OFFSET_RESOLUTION = np.spacing(OFFSET) / SPREAD
+
+
+def test_large_offset_keeps_float64_precision_where_sums_of_squares_do_not():
+    sizes = [5, 1, 7, 3]
+    full = (sum(sizes), 3, 4, 4)
+    outputs, inputs = group_step(sizes, full, Mode.SPATIAL, 1, np.float64, offset=OFFSET, scale=SPREAD, seed=7)
+    x = inputs[0]
+    exact_var = x.var(axis=(0, 2, 3))  # numpy's var is two-pass
+    group_var = 1.0 / host(outputs[0]["saved"].inv_std) ** 2 - 1e-5
+    np.testing.assert_allclose(group_var, exact_var, rtol=1e-8)
+    check_against_reference(outputs, inputs, Mode.SPATIAL, 1, np.float64, float64_tolerance=4 * OFFSET_RESOLUTION)
+    # what the merge avoids: summing per-rank sums of squares loses most digits here
+    pieces = shards(x, sizes)
+    total = sum(p.size / 3 for p in pieces)
+    sums = sum(p.sum(axis=(0, 2, 3)) for p in pieces)
+    squares = sum((p * p).sum(axis=(0, 2, 3)) for p in pieces)
+    naive_var = squares / total - (sums / total) ** 2
+    assert np.max(np.abs(naive_var / exact_var - 1)) > 1e-6
+
+
+def test_spatial_shards_may_differ_in_spatial_size():
+    rng = np.random.default_rng(3)
+    pieces = [rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((1, 3, 2, 2)), rng.standard_normal((3, 3, 1, 3))]
+    gamma, beta = rng.random(3) + 0.5, rng.standard_normal(3)
+    grads = [rng.standard_normal(p.shape) for p in pieces]
+
+    def body(rank, group):
+        y, saved = dist.forward_training(pieces[rank], gamma, beta, group=group, mode="spatial")
+        return (y,) + dist.backward(pieces[rank], grads[rank], gamma, saved, group=group)
+
+    outputs = results(run_ranks(3, body))
+    # the union of all values per channel, as an (M, C) matrix in SPATIAL mode
+    as_rows = lambda a: np.moveaxis(a, 1, -1).reshape(-1, 3)  # noqa: E731
+    x_rows, dy_rows = np.concatenate([as_rows(p) for p in pieces]), np.concatenate([as_rows(g) for g in grads])
+    y_ref, saved_ref = reference.forward_training(x_rows, gamma, beta, mode="spatial")
+    dx_ref, dgamma_ref, dbeta_ref = reference.backward(x_rows, dy_rows, gamma, saved_ref)
+    close(np.concatenate([as_rows(o[0]) for o in outputs]), y_ref, np.float64, what="y")
+    close(np.concatenate([as_rows(o[1]) for o in outputs]), dx_ref, np.float64, what="dx")
+    close(outputs[2][2], dgamma_ref, np.float64, what="dgamma", scale=10)
+    close(outputs[2][3], dbeta_ref, np.float64, what="dbeta", scale=10)
+
+
+# ---- one collective per call, of the documented size ----
+
+class CountingCommunicator:
+    """Passes every collective on, recording its size."""
+
+    def __init__(self, inner):
+        self.inner, self.sizes = inner, []
+
+    rank = property(lambda self: self.inner.rank)
+    world_size = property(lambda self: self.inner.world_size)
+
+    def allreduce_sum(self, buffer):
+        self.sizes.append(buffer.nbytes)
+        return self.inner.allreduce_sum(buffer)
+
+
+@pytest.mark.parametrize("mode,shape", [(Mode.SPATIAL, (6, 5, 3, 2)), (Mode.PER_ACTIVATION, (6, 4, 3))])
+def test_one_collective_in_forward_and_one_in_backward_of_the_documented_size(mode, shape):
+    layout, x, dy, gamma, beta = make_case(shape, mode, 1, np.float32)
+    counting = [CountingCommunicator(c) for c in dist.local_group(3, timeout=GROUP_TIMEOUT)]
+    sizes = [2, 1, 3]
+
+    def body(rank, group):
+        y, saved = dist.forward_training(shards(x, sizes)[rank], gamma, beta, group=group, mode=mode)
+        after_forward = list(group.sizes)
+        dist.backward(shards(x, sizes)[rank], shards(dy, sizes)[rank], gamma, saved, group=group)
+        return after_forward, list(group.sizes)
+
+    expected = dist.collective_bytes(3, gamma.size)
+    for after_forward, after_backward in results(run_ranks(3, body, group=counting)):
+        assert after_forward == [expected.forward]
+        assert after_backward == [expected.forward, expected.backward]
+    assert dist.collective_bytes(8, 256) == (8 * (13 + 512) * 8, (512 + 8 * 13) * 8)
+
+
+# ---- failures: typed errors on every rank, never a hang ----
+
+def _step_with(per_rank_inputs, *, mode="spatial", timeout=GROUP_TIMEOUT):
+    """Each rank runs forward_training on its own (x, gamma, beta, running_mean, running_var, kwargs)."""
+
+    def body(rank, group):
+        x, gamma, beta, running_mean, running_var, options = per_rank_inputs[rank]
+        return dist.forward_training(x, gamma, beta, running_mean, running_var, group=group, mode=mode, **options)
+
+    return run_ranks(len(per_rank_inputs), body, timeout=timeout)
+
+
+def _inputs(shape=(3, 4, 2, 2), dtype=np.float64, seed=0, **options):
+    _, x, _, gamma, beta = make_case(shape, "spatial", 1, dtype, seed=seed)
+    running = [np.zeros(gamma.shape, gamma.dtype), np.ones(gamma.shape, gamma.dtype)]
+    return [x, gamma, beta, *running, options]
+
+
+def test_a_rank_with_another_dtype_is_named_on_every_rank_and_nothing_changes():
+    inputs = [_inputs(), _inputs(dtype=np.float32), _inputs()]
+    outcomes = _step_with(inputs)
+    for rank, error in enumerate(outcomes):
+        assert isinstance(error, dist.GroupMismatchError) and error.rank == rank
+        assert "data dtype" in str(error) and "float32 on rank [1]" in str(error) and "float64 on ranks [0, 2]" in str(error)
+    for x, gamma, beta, running_mean, running_var, _ in inputs:
+        np.testing.assert_array_equal(running_mean, 0.0)
+        np.testing.assert_array_equal(running_var, 1.0)
+
+
+def test_ranks_that_disagree_on_the_feature_shape_eps_or_momentum_are_named():
+    _, x, _, gamma, beta = make_case((3, 4, 3), "per_activation", 1, np.float64)
+    _, xt, _, gt, bt = make_case((3, 3, 4), "per_activation", 1, np.float64)  # same size, other shape
+    outcomes = _step_with([[x, gamma, beta, None, None, {}], [xt, gt, bt, None, None, {}]], mode="per_activation")
+    assert all(isinstance(e, dist.GroupMismatchError) and "parameter shape" in str(e) and "(3, 4) on rank [1]" in str(e) for e in outcomes)
+    outcomes = _step_with([_inputs(eps=1e-5), _inputs(eps=1e-3)])
+    assert all(isinstance(e, dist.GroupMismatchError) and "eps" in str(e) for e in outcomes)
+    outcomes = _step_with([_inputs(momentum=0.1), _inputs(momentum=0.2), _inputs(momentum=0.1)])
+    assert all(isinstance(e, dist.GroupMismatchError) and "momentum" in str(e) and "0.2 on rank [1]" in str(e) for e in outcomes)
+
+
+def test_a_rank_whose_own_input_is_refused_raises_its_reason_and_the_others_name_it():
+    inputs = [_inputs(), _inputs(shape=(3, 5, 2, 2)), _inputs()]  # rank 1: x has 5 channels, gamma 4
+    inputs[1][1:5] = _inputs()[1:5]
+    outcomes = _step_with(inputs)
+    assert isinstance(outcomes[1], ValueError) and str(outcomes[1]).startswith("rank 1: gamma: expected shape (5,)")
+    for rank in (0, 2):
+        assert isinstance(outcomes[rank], dist.PeerFailedError) and "rank(s) [1]" in str(outcomes[rank])
+    for _, _, _, running_mean, running_var, _ in inputs:
+        np.testing.assert_array_equal(running_mean, 0.0)
+
+
+def test_backward_without_saved_statistics_is_refused_on_that_rank_and_named_elsewhere():
+    _, x, dy, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
+
+    def body(rank, group):
+        y, saved = dist.forward_training(x[rank::2], gamma, beta, group=group, mode="per_activation")
+        return dist.backward(x[rank::2], dy[rank::2], gamma, None if rank == 1 else saved, group=group)
+
+    outcomes = run_ranks(2, body)
+    assert isinstance(outcomes[1], ValueError) and "rank 1: saved" in str(outcomes[1])
+    assert isinstance(outcomes[0], dist.PeerFailedError) and "[1]" in str(outcomes[0])
+
+
+def test_a_rank_that_never_calls_times_out_the_others_and_the_group_stays_broken():
+    group = dist.local_group(3, timeout=0.3)
+    _, x, _, gamma, beta = make_case((6, 2), "per_activation", 1, np.float64)
+
+    def body(rank, communicator):
+        if rank == 2:
+            return "absent"
+        return dist.forward_training(x[rank::3], gamma, beta, group=communicator, mode="per_activation")
+
+    outcomes = run_ranks(3, body, group=group, timeout=0.3)
+    for rank in (0, 1):
+        error = outcomes[rank]
+        assert isinstance(error, dist.CollectiveTimeoutError) and isinstance(error, TimeoutError)
+        assert error.rank == rank and "waiting for rank(s) [2]" in str(error)
+    with pytest.raises(dist.CollectiveTimeoutError, match="stopped working earlier"):
+        group[2].allreduce_sum(np.zeros(3))  # no waiting: the group is known to be broken
+
+
+def test_parameters_of_different_sizes_are_refused_by_the_communicator():
+    outcomes = _step_with([_inputs(), _inputs(shape=(3, 6, 2, 2))])
+    assert all(isinstance(e, dist.GroupMismatchError) and "differ in length" in str(e) for e in outcomes)
+
+
+def test_a_group_holding_one_value_per_statistic_is_refused():
+    _, x, _, gamma, beta = make_case((1, 3), "per_activation", 1, np.float64)
+    with pytest.raises(ValueError, match=r"rank 0: x: training needs at least 2 values per statistic across the group .*got 1 \(values per statistic: 1 on rank \[0\]\)"):
+        dist.forward_training(x, gamma, beta, group=dist.local_group(1)[0], mode="per_activation")
+    outcome = results(run_ranks(2, lambda rank, group: dist.forward_training(x, gamma, beta, group=group, mode="per_activation")))
+    assert outcome[0][1].mean.shape == (3,)  # two single-sample ranks make a batch of two
+
+
+def test_bad_group_arguments():
+    _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
+    with pytest.raises(TypeError, match="group: expected a communicator"):
+        dist.forward_training(x, gamma, beta, group=None)
+    with pytest.raises(ValueError, match="world_size: expected a positive int, got 0"):
+        dist.local_group(0)
+    with pytest.raises(TypeError, match="world_size"):
+        dist.local_group(2.0)
+    with pytest.raises(ValueError, match="timeout"):
+        dist.local_group(2, timeout=0)
+    with pytest.raises(TypeError, match="1-D float64"):
+        dist.local_group(1)[0].allreduce_sum(np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="features: expected a positive int, got 0"):
+        dist.collective_bytes(2, 0)
+
+
+def test_errors_pickle_with_their_rank():
+    for error in (dist.CollectiveTimeoutError(3, "late"), dist.GroupMismatchError(1, "dtype"), dist.PeerFailedError(0, "x")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and copy.rank == error.rank and str(copy) == str(error)
+
+
+# ---- the layer ----
+
+def test_sync_batch_norm_trains_like_batch_norm_on_the_concatenated_batch():
+    sizes = [3, 1, 2]
+    rng = np.random.default_rng(5)
+    batches = [(2.0 + 3.0 * rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((6, 4, 3, 3))) for _ in range(2)]
+    single = BatchNorm(4, mode="spatial", momentum=None, dtype=np.float64)
+    expected = []
+    for x, dy in batches:
+        y = single(x)
+        expected.append((y, single.backward(dy), single.grad_gamma.copy(), single.grad_beta.copy()))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", momentum=None, dtype=np.float64)
+        steps = [(layer(shards(x, sizes)[rank]), layer.backward(shards(dy, sizes)[rank]), layer.grad_gamma, layer.grad_beta) for x, dy in batches]
+        return layer, steps
+
+    outcomes = results(run_ranks(3, body))
+    for step, (y, dx, grad_gamma, grad_beta) in enumerate(expected):
+        close(np.concatenate([o[1][step][0] for o in outcomes]), y, np.float64, what="y")
+        close(np.concatenate([o[1][step][1] for o in outcomes]), dx, np.float64, what="dx")
+        for layer, steps in outcomes:
+            close(steps[step][2], grad_gamma, np.float64, what="grad_gamma", scale=50)
+            close(steps[step][3], grad_beta, np.float64, what="grad_beta", scale=50)
+    for layer, _ in outcomes:
+        assert layer.num_batches_tracked == 2
+        close(layer.running_mean, single.running_mean, np.float64, what="running_mean")
+        close(layer.running_var, single.running_var, np.float64, what="running_var")
+        assert "group=LocalCommunicator" in repr(layer)
+
+
+def test_sync_batch_norm_evaluates_without_communicating():
+    group = dist.local_group(2, timeout=0.2)  # rank 1 never calls: any collective would time out
+    layer = dist.SyncBatchNorm(3, group=group[0], mode="spatial", dtype=np.float64).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 2, 2))
+    np.testing.assert_allclose(layer(x), x / np.sqrt(1 + 1e-5))
+    local = dist.SyncBatchNorm(3, group=group[0], mode="spatial", track_running_stats=False, dtype=np.float64).eval()
+    y = local(x)  # this rank's own batch statistics
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    assert local.backward(np.ones_like(x)).shape == x.shape
+    with pytest.raises(TypeError, match="group"):
+        dist.SyncBatchNorm(3, group="nccl")
+
+
+# ---- the simulated GPU: the cuDNN path of every rank, with the in-process communicator ----
+
+@pytest.fixture
+def gpu(monkeypatch, cudnn_library):
+    with simulated_gpu(monkeypatch) as simulator:
+        simulator.fused_kernels = []
+
+        def eager_fuse(kernel_name=None):
+            """Stands in for cupy.fuse: the fused function runs op by op on the host arrays."""
+            simulator.fused_kernels.append(kernel_name)
+            return lambda function: function
+
+        fake_cupy = sys.modules["cupy"]
+        if not hasattr(fake_cupy, "fuse"):  # the fake module offers no fuse of its own
+            monkeypatch.setattr(fake_cupy, "fuse", eager_fuse, raising=False)
+        dist._fused_dx.cache_clear()  # the fake module lives as long as the process: fuse afresh per test
+        yield simulator
+        dist._fused_dx.cache_clear()
+
+
+def _device(array):
+    return np.array(array, copy=True).view(FakeArray)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("ndim,channel_axis", [(2, 1), (4, 1), (4, -1), (5, -1)])
+@pytest.mark.parametrize("mode", SYNC_MODES, ids=lambda m: m.name)
+def test_simulated_gpu_matches_the_reference_on_the_concatenated_batch(gpu, mode, ndim, channel_axis, dtype):
+    outputs, inputs = group_step([2, 1, 3], shape_for(ndim, channel_axis, channels=4), mode, channel_axis, dtype, device=_device)
+    for output in outputs:
+        assert all(isinstance(output[name], FakeArray) for name in ("y", "dx", "dgamma", "dbeta"))
+        assert isinstance(output["saved"].mean, FakeArray) and output["dx"].dtype == dtype
+    check_against_reference(outputs, inputs, mode, channel_axis, dtype)
+    # normalization with the group's statistics by ForwardInference, local sums by Backward; no
+    # ForwardTraining, whose statistics would be the shard's
+    assert gpu.calls.count("cudnnBatchNormalizationForwardInference") == 3
+    assert gpu.calls.count("cudnnBatchNormalizationBackward") == 3
+    assert "cudnnBatchNormalizationForwardTraining" not in gpu.calls
+    assert gpu.fused_kernels == ["cudnn_bn_group_dx"]  # dx: one fused elementwise function
+
+
+def test_simulated_gpu_large_offset(gpu):
+    outputs, inputs = group_step([4, 1, 2], (7, 3, 3, 3), Mode.SPATIAL, 1, np.float64, device=_device, offset=OFFSET, scale=SPREAD)
+    check_against_reference(outputs, inputs, Mode.SPATIAL, 1, np.float64, float64_tolerance=4 * OFFSET_RESOLUTION)
+
+
+class StandInBackend:
+    """What NcclCommunicator uses of cupyx.distributed's NCCLBackend, for one rank: all_reduce
+    of a world of one copies its input."""
+
+    def __init__(self, rank=0, n_devices=1):
+        self.rank, self._n_devices, self.calls = rank, n_devices, []
+
+    def all_reduce(self, in_array, out_array, op="sum", stream=None):
+        self.calls.append((in_array.shape, op))
+        out_array[...] = in_array
+
+
+def test_nccl_communicator_wrapper_over_a_stand_in_backend(gpu):
+    backend = StandInBackend()
+    communicator = dist.NcclCommunicator(backend, 1)
+    layout, x, dy, gamma, beta = make_case((5, 3, 2, 2), "spatial", 1, np.float32)
+    y, saved = dist.forward_training(_device(x), _device(gamma), _device(beta), group=communicator, mode="spatial")
+    dx, dgamma, dbeta = dist.backward(_device(x), _device(dy), _device(gamma), saved, group=communicator)
+    y_ref, saved_ref = reference.forward_training(x, gamma, beta, mode="spatial")
+    grads_ref = reference.backward(x, dy, gamma, saved_ref)
+    assert_close(y, y_ref, np.float32, scale=4)
+    for actual, expected in zip((dx, dgamma, dbeta), grads_ref):
+        assert_close(actual, expected, np.float32, scale=10)
+    assert backend.calls == [((dist.collective_bytes(1, 3).forward // 8,), "sum"), ((dist.collective_bytes(1, 3).backward // 8,), "sum")]
+    with pytest.raises(TypeError, match="expected a cupy array"):
+        communicator.allreduce_sum(np.zeros(4))
+    with pytest.raises(ValueError, match="created for 2 devices, got 1"):
+        dist.NcclCommunicator(StandInBackend(n_devices=2), 1)
+    with pytest.raises(TypeError, match="backend"):
+        dist.NcclCommunicator(object(), 1)
+    with pytest.raises(TypeError, match="world_size: expected a positive int"):
+        dist.NcclCommunicator(StandInBackend(), 1.0)
+
+
+# ---- a real NCCL group of one (needs a GPU; skipped here) ----
+
+@pytest.mark.gpu
+def test_nccl_group_of_one_matches_the_reference():
+    import socket
+
+    import cupy
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    communicator = dist.nccl_group(1, 0, port=port)
+    try:
+        layout, x, dy, gamma, beta = make_case((6, 4, 3, 3), "spatial", 1, np.float32)
+        running = [cupy.zeros(4, cupy.float32), cupy.ones(4, cupy.float32)]
+        y, saved = dist.forward_training(cupy.asarray(x), cupy.asarray(gamma), cupy.asarray(beta), *running, group=communicator, mode="spatial")
+        grads = dist.backward(cupy.asarray(x), cupy.asarray(dy), cupy.asarray(gamma), saved, group=communicator)
+        wide_running = [np.zeros(4), np.ones(4)]
+        y_ref, saved_ref = reference.forward_training(x, gamma, beta, *wide_running, mode="spatial", momentum=0.1)
+        assert_close(y, y_ref, np.float32, scale=4)
+        for actual, expected in zip(grads, reference.backward(x, dy, gamma, saved_ref)):
+            assert_close(actual, expected, np.float32, scale=10)
+        for actual, expected in zip(running, wide_running):
+            assert_close(actual, expected, np.float32)
+    finally:
+        communicator.close()
+
+
+def test_a_failure_other_than_bad_input_is_raised_unchanged_and_named_to_the_others(monkeypatch):
+    _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
+    real_moments = dist._local_moments
+
+    def failing_on_rank_0(shard, layout, xp):
+        if shard.shape[0] == 1:
+            raise MemoryError("no memory for the float64 copy")
+        return real_moments(shard, layout, xp)
+
+    monkeypatch.setattr(dist, "_local_moments", failing_on_rank_0)
+    outcomes = run_ranks(2, lambda rank, group: dist.forward_training(x[: 1 + 2 * rank], gamma, beta, group=group, mode="per_activation"))
+    assert type(outcomes[0]) is MemoryError and outcomes[0].__cause__ is None
+    assert isinstance(outcomes[1], dist.PeerFailedError) and "rank(s) [0]" in str(outcomes[1])
