@@ -1,12 +1,29 @@
 """The NumPy reference for cuDNN's batch normalization, in all three modes.
 
-Everything is computed in float64 on a matrix view of the data: the values that share a statistic
-form one column of an (m, F) matrix, so every mode and layout reduces to column sums (no Python
-loops over channels or elements). SPATIAL_PERSISTENT computes exactly what SPATIAL computes; its
-differences on cuDNN (overflow, the saved-statistics rule) are enforced by the shared checks.
+x is viewed, without a copy, as an (outer, groups, inner) array: the values that share a statistic
+are one group (a channel in the spatial modes, an activation in PER_ACTIVATION) across the outer and
+inner axes. NCHW in a spatial mode is (N, C, H*W), channels-last is (N*H*W, C, 1), PER_ACTIVATION is
+(N, C*H*W, 1). Every mode and layout then reduces to sums over axes 0 and 2, with no Python loop
+over channels or elements and no transposing copy.
+
+The work runs over cache-sized blocks of that view. Each block is widened into a small float64
+buffer, and every subtraction, product and sum happens there; only the rounded result is written
+out. So the arithmetic is the same float64 arithmetic whatever x's dtype (a float32 result is the
+float64 result rounded, bit for bit), the variance is two-pass (exact for large offsets), and no
+float64 copy of x is ever made: the float64 temporaries are a few blocks, not x-sized arrays.
+Results are new C-contiguous arrays in x's axis order.
+
+One exception, for speed: ``forward_inference`` on float16/float32 data computes its elementwise
+pass in float32, with the mean split into two float32 parts so that ``x - mean`` keeps float64's
+accuracy. Its result is within a few float32 ulps of the float64 result (tested), not bit-equal.
+
+SPATIAL_PERSISTENT computes exactly what SPATIAL computes; its differences on cuDNN (overflow, the
+saved-statistics rule) are enforced by the shared checks.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -23,42 +40,163 @@ from ._core.validate import (
 
 __all__ = ["backward", "fold_inference", "forward_inference", "forward_training"]
 
+# Elements per block, at most: 1 MiB of float64. NumPy's elementwise passes stream x from memory
+# about twice as fast in blocks of this size as in L2-sized ones, and per-call overhead stays small.
+_MAX_BLOCK_ELEMENTS = 1 << 17
+# Below this (64 KiB of float64) per-block overhead would dominate.
+_MIN_BLOCK_ELEMENTS = 1 << 13
+# Every float64 temporary (two scratch blocks, block-shaped parameters and running sums, at most
+# eight in all) is at most this fraction of x, so that together they stay within one x-sized
+# float64 array once x has 8 * _MIN_BLOCK_ELEMENTS elements.
+_TEMPORARY_FRACTION_OF_X = 1 / 8
+
 
 def _require_numpy(**named) -> None:
     if array_kind(**named) != "numpy":
         raise TypeError("cudnn_bn.reference: expected numpy arrays; use cudnn_bn.forward_training etc. for cupy arrays")
 
 
-def _as_matrix(array: np.ndarray, layout: Layout) -> np.ndarray:
-    """x-shaped array -> float64 (m, F) matrix whose columns are the groups of one statistic."""
-    array = np.asarray(array, dtype=np.float64)
-    if layout.mode.is_spatial:
-        return np.moveaxis(array, layout.channel_axis, -1).reshape(-1, layout.channels)
-    return array.reshape(layout.shape[0], -1)
+def _grouped_shape(layout: Layout) -> tuple[int, int, int]:
+    """(outer, groups, inner): x's C-order reshape whose axis 1 indexes the statistics."""
+    shape = layout.shape
+    if layout.mode.is_spatial and layout.ndim > 2:
+        if layout.channels_last:
+            return (math.prod(shape[:-1]), layout.channels, 1)
+        return (shape[0], layout.channels, math.prod(shape[2:]))
+    return (shape[0], math.prod(shape[1:]), 1)
 
 
-def _from_matrix(matrix: np.ndarray, layout: Layout) -> np.ndarray:
-    """Inverse of _as_matrix."""
-    if layout.mode.is_spatial:
-        moved = [size for axis, size in enumerate(layout.shape) if axis != layout.channel_axis] + [layout.channels]
-        return np.moveaxis(matrix.reshape(moved), -1, layout.channel_axis)
-    return matrix.reshape(layout.shape)
+def _grouped(array: np.ndarray, shape) -> np.ndarray:
+    """The (outer, groups, inner) view of an x-shaped array (a copy in its own dtype only when its
+    memory order does not allow a view)."""
+    return np.ascontiguousarray(array).reshape(shape)
+
+
+class _Blocks:
+    """The blocks that cover an (outer, groups, inner) array, with per-call scratch buffers.
+
+    A block spans whole rows of the outer axis when a row is small, else part of the groups of
+    one row, else part of the inner axis of one group. Blocks are indexed by a tuple of three
+    slices; ``local(block)`` indexes the same block inside a block-shaped per-group array.
+
+    Per-group arrays (parameters, running sums) are written out at ``block_shaped`` size so that
+    every operation runs on whole arrays: NumPy broadcasts a per-group value along a short inner
+    axis about 1.6x slower, and reduces over a long outer axis (channels-last) about 3x slower.
+    Where that size would be too large next to x they stay vectors.
+
+    The arithmetic is elementwise on float64 (float16/float32 blocks are widened exactly first),
+    and every sum runs over a block-shaped accumulator or a contiguous float64 block, so the
+    float64 result does not depend on x's dtype.
+    """
+
+    def __init__(self, shape: tuple[int, int, int]):
+        outer, groups, inner = shape
+        self.shape = shape
+        size = outer * groups * inner
+        budget = int(size * _TEMPORARY_FRACTION_OF_X)
+        block_elements = min(_MAX_BLOCK_ELEMENTS, max(_MIN_BLOCK_ELEMENTS, budget))
+        inner_step = min(inner, block_elements)
+        group_step = min(groups, max(1, block_elements // inner_step)) if inner_step == inner else 1
+        outer_step = min(outer, max(1, block_elements // (group_step * inner_step))) if group_step == groups else 1
+        self.slices = [
+            (slice(a, min(a + outer_step, outer)), slice(g, min(g + group_step, groups)), slice(i, min(i + inner_step, inner)))
+            for a in range(0, outer, outer_step)
+            for g in range(0, groups, group_step)
+            for i in range(0, inner, inner_step)
+        ]
+        self.block_shaped = (outer_step, groups, inner_step)
+        self.write_out = math.prod(self.block_shaped) <= max(block_elements, budget)
+        self._scratch = np.empty((2, outer_step * group_step * inner_step))
+
+    def local(self, block) -> tuple[slice, slice, slice]:
+        outer, groups, inner = block
+        return slice(0, outer.stop - outer.start), groups, slice(0, inner.stop - inner.start)
+
+    def buffers(self, block, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """Two contiguous scratch arrays with the shape of ``block`` (float64, or float32 views)."""
+        shape = tuple(s.stop - s.start for s in block)
+        size = math.prod(shape)
+        scratch = self._scratch if dtype == np.float64 else self._scratch.view(dtype)
+        return scratch[0, :size].reshape(shape), scratch[1, :size].reshape(shape)
+
+    def param(self, values: np.ndarray) -> "_Param":
+        """A per-group vector (groups,) ready to combine with any block."""
+        return _Param(values, self)
+
+    def group_sums(self, terms) -> list[np.ndarray]:
+        """Per-group float64 sums of the block-shaped arrays that ``terms(block)`` returns."""
+        sums = None
+        for block in self.slices:
+            partials = terms(block)
+            if sums is None:
+                sums = [np.zeros(self.block_shaped if self.write_out else self.shape[1]) for _ in partials]
+            for total, partial in zip(sums, partials):
+                if self.write_out:
+                    target = total[self.local(block)]
+                    np.add(target, partial, out=target)
+                else:
+                    # contiguous float64, so the order of the sum depends on the block's shape alone
+                    total[block[1]] += np.add.reduce(np.ascontiguousarray(partial, dtype=np.float64), axis=(0, 2))
+        if self.write_out:
+            sums = [np.add.reduce(total, axis=(0, 2)) for total in sums]
+        return sums
+
+
+class _Param:
+    """A per-group vector, broadcast against blocks (written out at block shape when that pays)."""
+
+    def __init__(self, values: np.ndarray, blocks: _Blocks):
+        self._blocks = blocks
+        if blocks.write_out:
+            self._array = np.ascontiguousarray(np.broadcast_to(values[None, :, None], blocks.block_shaped))
+        else:
+            self._array = values[None, :, None]
+
+    def __getitem__(self, block) -> np.ndarray:
+        if self._blocks.write_out:
+            return self._array[self._blocks.local(block)]
+        return self._array[:, block[1], :]
+
+
+def _widened(source: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """source as float64: itself, or widened into scratch (exact; faster than a mixed-dtype ufunc)."""
+    if source.dtype == np.float64:
+        return source
+    np.copyto(scratch, source, casting="safe")
+    return scratch
+
+
+def _centered(source: np.ndarray, mean_block: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """scratch = source - mean, in float64."""
+    return np.subtract(_widened(source, scratch), mean_block, out=scratch)
+
+
+def _finish(ufunc, first, second, target: np.ndarray, scratch: np.ndarray) -> None:
+    """target = ufunc(first, second), computed in float64 and rounded once to target's dtype (a
+    separate cast is faster than a ufunc writing a narrower dtype)."""
+    if target.dtype == np.float64:
+        ufunc(first, second, out=target)
+    else:
+        np.copyto(target, ufunc(first, second, out=scratch), casting="same_kind")
+
+
+def _batch_stats(x3: np.ndarray, blocks: _Blocks, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group means and biased variances (two passes over x, so exact for large offsets)."""
+    (total,) = blocks.group_sums(lambda block: [_widened(x3[block], blocks.buffers(block)[0])])
+    mean = total / count
+    mean_param = blocks.param(mean)
+
+    def squares(block):
+        centered = _centered(x3[block], mean_param[block], blocks.buffers(block)[0])
+        return [np.multiply(centered, centered, out=centered)]
+
+    (squared,) = blocks.group_sums(squares)
+    return mean, squared / count
 
 
 def _row(param) -> np.ndarray:
-    """Parameter-shaped array -> float64 row vector of length F."""
+    """Parameter-shaped array -> float64 vector of length groups (x's own axis order)."""
     return np.asarray(param, dtype=np.float64).reshape(-1)
-
-
-def _column_mean(matrix: np.ndarray) -> np.ndarray:
-    ones = np.full(matrix.shape[0], 1.0 / matrix.shape[0])
-    return ones @ matrix
-
-
-def _batch_stats(x_matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and biased column variances (two-pass, so exact for large offsets)."""
-    mean = _column_mean(x_matrix)
-    return mean, _column_mean((x_matrix - mean) ** 2)
 
 
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="spatial", momentum=0.1, eps=1e-5, channel_axis=1):
@@ -74,17 +212,26 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
         eps: added to the variance, >= 0.
 
     Returns:
-        ``(y, saved)``: y in x's dtype and shape; :class:`~cudnn_bn.SavedStats` in the parameter dtype.
+        ``(y, saved)``: y in x's dtype and shape, C-contiguous; :class:`~cudnn_bn.SavedStats` in the
+        parameter dtype.
     """
     _require_numpy(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
     checked, momentum = check_forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
     layout = checked.layout
-    x_matrix = _as_matrix(x, layout)
-    mean, biased_var = _batch_stats(x_matrix)
+    shape = _grouped_shape(layout)
+    blocks = _Blocks(shape)
+    x3 = _grouped(x, shape)
+    mean, biased_var = _batch_stats(x3, blocks, layout.count)
     inv_std = 1.0 / np.sqrt(biased_var + checked.eps)
-    y_matrix = (x_matrix - mean) * (inv_std * _row(gamma)) + _row(beta)
+    mean_param, scale, shift = blocks.param(mean), blocks.param(inv_std * _row(gamma)), blocks.param(_row(beta))
+    y = np.empty(layout.shape, checked.data_dtype)
+    y3 = y.reshape(shape)
+    for block in blocks.slices:
+        centered = _centered(x3[block], mean_param[block], blocks.buffers(block)[0])
+        np.multiply(centered, scale[block], out=centered)
+        _finish(np.add, centered, shift[block], y3[block], centered)
     if running_mean is not None:
         unbiased_var = biased_var * (layout.count / (layout.count - 1))
         for running, batch_stat in ((running_mean, mean), (running_var, unbiased_var)):
@@ -97,21 +244,52 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
         eps=checked.eps,
         channel_axis=layout.public_channel_axis,
     )
-    return _from_matrix(y_matrix, layout).astype(checked.data_dtype), saved
+    return y, saved
 
 
 def forward_inference(x, gamma, beta, mean, var, *, mode="spatial", eps=1e-5, channel_axis=1):
     """Batch-norm forward with fixed statistics: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
 
     Shapes and dtypes as in :func:`forward_training`; ``mean`` and ``var`` have the parameter shape.
-    Returns y in x's dtype and shape.
+    Returns y in x's dtype and shape, C-contiguous. float64 data is computed in float64; float16
+    and float32 data in float32 with a two-part mean (a few float32 ulps from the float64 result).
     """
     _require_numpy(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
     layout = checked.layout
-    inv_std = 1.0 / np.sqrt(_row(var) + checked.eps)
-    y_matrix = (_as_matrix(x, layout) - _row(mean)) * (inv_std * _row(gamma)) + _row(beta)
-    return _from_matrix(y_matrix, layout).astype(checked.data_dtype)
+    shape = _grouped_shape(layout)
+    blocks = _Blocks(shape)
+    x3 = _grouped(x, shape)
+    mean64 = _row(mean)
+    scale64 = _row(gamma) / np.sqrt(_row(var) + checked.eps)
+    y = np.empty(layout.shape, checked.data_dtype)
+    y3 = y.reshape(shape)
+    if checked.data_dtype == np.float64:
+        mean_param, scale, shift = blocks.param(mean64), blocks.param(scale64), blocks.param(_row(beta))
+        for block in blocks.slices:
+            centered = np.subtract(x3[block], mean_param[block], out=blocks.buffers(block)[0])
+            np.multiply(centered, scale[block], out=centered)
+            np.add(centered, shift[block], out=y3[block])
+        return y
+    # x - mean_high is exact in float32 wherever x is near the mean (Sterbenz), and mean_low
+    # carries the rest of the float64 mean, so cancellation costs no accuracy.
+    mean_high = mean64.astype(np.float32)
+    mean_low = (mean64 - mean_high).astype(np.float32)
+    as_param = lambda values: blocks.param(values.astype(np.float32))  # noqa: E731
+    high, scale, shift = as_param(mean_high), as_param(scale64), as_param(_row(beta))
+    low = as_param(mean_low) if mean_low.any() else None
+    for block in blocks.slices:
+        # float32 data is computed in place in y; float16 in a float32 buffer (NumPy has no
+        # native float16 arithmetic), rounded into y at the end
+        work = y3[block] if y3.dtype == np.float32 else blocks.buffers(block, np.float32)[0]
+        np.subtract(x3[block], high[block], out=work)
+        if low is not None:
+            np.subtract(work, low[block], out=work)
+        np.multiply(work, scale[block], out=work)
+        np.add(work, shift[block], out=work)
+        if work.dtype != y3.dtype:
+            np.copyto(y3[block], work, casting="same_kind")
+    return y
 
 
 def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None):
@@ -120,7 +298,8 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     With ``saved`` (from :func:`forward_training`) its mean, inverse std, mode, eps and channel_axis
     are used; an explicit argument that disagrees is a ValueError. With ``saved=None`` the batch
     statistics are recomputed and ``mode`` and ``eps`` are required (not allowed for
-    SPATIAL_PERSISTENT). dx has x's dtype; dgamma and dbeta the parameter dtype and shape.
+    SPATIAL_PERSISTENT). dx has x's dtype and shape (C-contiguous); dgamma and dbeta the parameter
+    dtype and shape.
     """
     _require_numpy(x=x, dy=dy, gamma=gamma)
     mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
@@ -128,27 +307,53 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
         raise ValueError("mode: the reference needs an explicit mode, got 'auto'")
     checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
     layout = checked.layout
-    x_matrix = _as_matrix(x, layout)
+    shape = _grouped_shape(layout)
+    blocks = _Blocks(shape)
+    x3, dy3 = _grouped(x, shape), _grouped(dy, shape)
     if saved is None:
-        mean, biased_var = _batch_stats(x_matrix)
+        mean, biased_var = _batch_stats(x3, blocks, layout.count)
         inv_std = 1.0 / np.sqrt(biased_var + checked.eps)
     else:
         mean, inv_std = _row(saved.mean), _row(saved.inv_std)
-    dy_matrix = _as_matrix(dy, layout)
-    x_hat = (x_matrix - mean) * inv_std
-    dbeta = dy_matrix.sum(axis=0)
-    dgamma = (dy_matrix * x_hat).sum(axis=0)
-    dx_matrix = (_row(gamma) * inv_std) * (dy_matrix - (dbeta + x_hat * dgamma) / layout.count)
+    mean_param = blocks.param(mean)
+
+    def dbeta_and_centered_dgamma(block):
+        centered, grad = blocks.buffers(block)
+        grad = _widened(dy3[block], grad)
+        _centered(x3[block], mean_param[block], centered)
+        return [grad, np.multiply(centered, grad, out=centered)]
+
+    dbeta, centered_dgamma = blocks.group_sums(dbeta_and_centered_dgamma)
+    dgamma = centered_dgamma * inv_std
+    # dx = k * (dy - (dbeta + x_hat * dgamma) / m) with k = gamma * inv_std and x_hat = (x - mean) * inv_std,
+    # written as k * dy - ((x - mean) * c + d) so that each block costs few passes
+    k = _row(gamma) * inv_std
+    k_param = blocks.param(k)
+    c_param = blocks.param(k * inv_std * dgamma / layout.count)
+    d_param = blocks.param(k * dbeta / layout.count)
+    dx = np.empty(layout.shape, checked.data_dtype)
+    dx3 = dx.reshape(shape)
+    for block in blocks.slices:
+        centered, scaled_grad = blocks.buffers(block)
+        _centered(x3[block], mean_param[block], centered)
+        np.multiply(centered, c_param[block], out=centered)
+        np.add(centered, d_param[block], out=centered)
+        np.multiply(_widened(dy3[block], scaled_grad), k_param[block], out=scaled_grad)
+        _finish(np.subtract, scaled_grad, centered, dx3[block], centered)
     as_param = lambda row: row.reshape(layout.param_shape).astype(checked.param_dtype)  # noqa: E731
-    return _from_matrix(dx_matrix, layout).astype(checked.data_dtype), as_param(dgamma), as_param(dbeta)
+    return dx, as_param(dgamma), as_param(dbeta)
 
 
-def fold_inference(gamma, beta, mean, var, eps):
+def fold_inference(gamma, beta, mean, var, eps=1e-5):
     """Fold fixed statistics into one affine map: ``(scale, shift)`` with
     ``forward_inference(x, ...) == scale * x + shift`` once both are broadcast over x's channel layout.
 
-    Works on numpy and cupy arrays alike; results have the parameters' shape and a dtype of at
-    least float32.
+    Args:
+        gamma, beta, mean, var: float arrays of one shape (the parameter shape), numpy or cupy.
+        eps: added to ``var``, as in :func:`forward_inference` (default 1e-5 like the other calls).
+
+    Returns:
+        ``(scale, shift)`` with the parameters' shape and a dtype of at least float32.
     """
     array_kind(gamma=gamma, beta=beta, mean=mean, var=var)
     eps = check_fold(gamma, beta, mean, var, eps)
@@ -156,5 +361,3 @@ def fold_inference(gamma, beta, mean, var, eps):
     gamma, beta, mean, var = (a.astype(np.float64) for a in (gamma, beta, mean, var))
     scale = gamma / (var + eps) ** 0.5
     return scale.astype(dtype), (beta - mean * scale).astype(dtype)
-
-

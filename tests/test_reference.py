@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -209,3 +211,104 @@ def test_large_offset_is_exact_two_pass():
     y, saved = reference.forward_training(x, np.ones(2), np.zeros(2), mode="per_activation")
     np.testing.assert_allclose(1.0 / saved.inv_std**2 - 1e-5, x.var(axis=0), rtol=1e-6)
     np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- memory order and blocking ----
+
+def _results(x, dy, gamma, beta, mode, channel_axis, saved_for_backward=None):
+    """Every array the reference returns for one forward, inference and backward (the backward
+    from ``saved_for_backward`` where given, else from this forward's statistics)."""
+    y, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
+    y_infer = reference.forward_inference(x, gamma, beta, saved.mean, 1.0 / saved.inv_std**2, mode=mode, eps=0.0, channel_axis=channel_axis)
+    dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved_for_backward or saved)
+    return {"y": y, "mean": saved.mean, "inv_std": saved.inv_std, "y_infer": y_infer, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_results_are_c_contiguous_in_x_axis_order(mode, ndim, channel_axis, dtype):
+    layout, x, dy, gamma, beta = make_case(shape_for(ndim, channel_axis), mode, channel_axis, dtype=dtype, seed=5)
+    for name, array in _results(x, dy, gamma, beta, mode, channel_axis).items():
+        assert array.flags.c_contiguous, name
+        assert array.shape == (x.shape if name in ("y", "y_infer", "dx") else layout.param_shape), name
+
+
+@pytest.mark.parametrize("mode", [Mode.SPATIAL, Mode.PER_ACTIVATION], ids=lambda m: m.name)
+def test_inputs_in_any_memory_order_give_the_same_results(mode):
+    """A channels-first array stored channels-last (a transposed view) and a strided slice."""
+    _, stored, dy_stored, gamma, beta = make_case((4, 5, 6, 3), mode, -1, dtype=np.float32, seed=9)
+    x, dy = np.moveaxis(stored, -1, 1), np.moveaxis(dy_stored, -1, 1)  # logical (4, 3, 5, 6)
+    if mode is Mode.PER_ACTIVATION:
+        gamma, beta = (np.ascontiguousarray(np.moveaxis(p, -1, 0)) for p in (gamma, beta))
+    assert not x.flags.c_contiguous
+    expected = _results(np.ascontiguousarray(x), np.ascontiguousarray(dy), gamma, beta, mode, 1)
+    for name, array in _results(x, dy, gamma, beta, mode, 1).items():
+        assert array.flags.c_contiguous, name
+        np.testing.assert_array_equal(array, expected[name], err_msg=name)
+    strided = np.repeat(np.ascontiguousarray(x), 2, axis=0)[::2]
+    for name, array in _results(strided, np.ascontiguousarray(dy), gamma, beta, mode, 1).items():
+        np.testing.assert_array_equal(array, expected[name], err_msg=name)
+    assert not np.shares_memory(expected["y"], x)
+
+
+# Block sizes that cut the (outer, groups, inner) view of these shapes into whole rows, parts of
+# the groups of one row, and parts of the inner axis of one group; with and without block-shaped
+# parameters and running sums.
+_BLOCKINGS = [(1, 1 / 8), (5, 1 / 8), (7, 0.0), (40, 1 / 8), (40, 0.0), (130, 1 / 8), (130, 0.0), (1 << 13, 1 / 8)]
+
+
+@pytest.mark.parametrize("block_elements,fraction", _BLOCKINGS)
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+@pytest.mark.parametrize("shape,channel_axis", [((6, 3, 5, 6), 1), ((6, 5, 6, 3), -1), ((7, 4), 1)])
+def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, block_elements, fraction, mode, shape, channel_axis):
+    monkeypatch.setattr(reference, "_MAX_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(reference, "_MIN_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(reference, "_TEMPORARY_FRACTION_OF_X", fraction)
+    layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, dtype=np.float32, seed=13, offset=20.0)
+    narrow = _results(x, dy, gamma, beta, mode, channel_axis)
+    _, narrow_saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
+    # the float64 backward gets the same (rounded) saved statistics as the float32 one
+    rounded = dataclasses.replace(narrow_saved, mean=narrow_saved.mean.astype(np.float64), inv_std=narrow_saved.inv_std.astype(np.float64))
+    wide = _results(*(a.astype(np.float64) for a in (x, dy, gamma, beta)), mode, channel_axis, rounded)
+    # float32 results are the float64 results rounded, whatever the blocks
+    for name in ("y", "mean", "inv_std", "dgamma", "dbeta", "dx"):
+        np.testing.assert_array_equal(narrow[name], wide[name].astype(narrow[name].dtype), err_msg=name)
+    # and the float64 results, from float64 statistics, agree with the unblocked derivation
+    x64, dy64, gamma64 = x.astype(np.float64), dy.astype(np.float64), gamma.astype(np.float64)
+    exact = _results(x64, dy64, gamma64, beta.astype(np.float64), mode, channel_axis)
+    expected_dx, expected_dgamma, expected_dbeta = _compact_backward(x64, dy64, gamma64, layout)
+    np.testing.assert_allclose(_groups(exact["dx"], layout), expected_dx, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(exact["dgamma"].reshape(-1), expected_dgamma, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(exact["dbeta"].reshape(-1), expected_dbeta, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(exact["mean"], x64.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=1e-13)
+    biased_var = x64.var(axis=layout.reduce_axes).reshape(layout.param_shape)
+    np.testing.assert_allclose(exact["inv_std"], 1.0 / np.sqrt(biased_var + EPS), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,ulps", [(np.float32, 4), (np.float16, 1)])
+@pytest.mark.parametrize("offset,scale", [(0.0, 1.0), (300.0, 1e-2), (-7.0, 30.0)])
+def test_low_precision_inference_is_within_a_few_ulps_of_float64(dtype, ulps, offset, scale):
+    """Inference on float16/float32 runs in float32 with a two-part mean: near the float64 result
+    even when x sits far from zero and close to its mean (where a folded scale * x + shift loses
+    its digits)."""
+    layout, x, _, gamma, beta = make_case((8, 6, 5, 5), Mode.SPATIAL, 1, dtype=dtype, seed=21, offset=offset, scale=scale)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=layout.reduce_axes) + 1e-3 * scale  # float64 statistics that float32 cannot hold
+    var = x64.var(axis=layout.reduce_axes)
+    y = reference.forward_inference(x, gamma, beta, mean, var, eps=EPS)
+    exact = reference.forward_inference(x64, gamma.astype(np.float64), beta.astype(np.float64), mean, var, eps=EPS)
+    assert y.dtype == dtype and y.flags.c_contiguous
+    # ulps of the output dtype at the size of the terms that are added
+    magnitude = np.abs(exact - beta.reshape(layout.broadcast_shape)) + np.abs(beta.reshape(layout.broadcast_shape))
+    np.testing.assert_array_less(np.abs(y.astype(np.float64) - exact), ulps * np.spacing(magnitude.astype(dtype)).astype(np.float64) + 1e-30)
+
+
+def test_fold_inference_defaults_to_the_same_eps_as_the_other_calls():
+    _, _, _, gamma, beta = make_case((4, 3), Mode.SPATIAL)
+    mean, var = np.array([0.5, -1.0, 2.0]), np.array([1e-6, 0.0, 3.0])
+    default = reference.fold_inference(gamma, beta, mean, var)
+    explicit = reference.fold_inference(gamma, beta, mean, var, 1e-5)
+    for a, b in zip(default, explicit):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(default[0], reference.fold_inference(gamma, beta, mean, var, 1e-3)[0])
