@@ -2,61 +2,167 @@
 
 State names and meanings follow ``torch.nn.BatchNorm2d`` (weight, bias, running_mean,
 running_var holding the unbiased variance, num_batches_tracked), so ``state_dict()`` moves
-between the two.
+between the two, also with a module prefix such as nn.Sequential's ``'1.'``.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+import types
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import numpy as np
 
 from . import _api
-from ._core.modes import parse_mode
-from ._core.validate import check_eps, check_momentum, param_dtype_for
+from ._core.layout import MAX_NDIM, make_layout
+from ._core.modes import AUTO, parse_mode
+from ._core.policy import INFERENCE, TRAINING, choose_mode
+from ._core.validate import DATA_DTYPES, array_kind, check_channel_axis, check_eps, check_momentum, param_dtype_for
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "LoadResult"]
+
+_ARRAY_LIBRARIES = ("numpy", "cupy")
+_INT32_MAX = 2**31 - 1  # cuDNN describes every dim as a C int
+_COUNT_MAX = 2**63 - 1  # num_batches_tracked is stored as int64, as torch does
+
+
+class LoadResult(NamedTuple):
+    """What :meth:`BatchNorm.load_state_dict` did not match (torch's ``_IncompatibleKeys``)."""
+
+    missing_keys: list
+    unexpected_keys: list
 
 
 class BatchNorm:
     """Batch normalization over numpy (reference) or cupy (cuDNN) arrays.
 
     Args:
-        num_features: C, or for PER_ACTIVATION the feature shape ``x.shape[1:]``.
-        mode: a Mode, its name, or "auto" (the policy in docs/modes.md, decided per call).
-        eps: added to the variance.
-        momentum: running-statistics factor; None for the cumulative moving average
+        num_features: C (a positive int), or for PER_ACTIVATION the feature shape ``x.shape[1:]``
+            (a tuple of positive ints).
+        mode: a Mode, its name, or "auto" (the policy in docs/modes.md, decided per call). A
+            feature shape of more than one dim needs mode="per_activation".
+        eps: added to the variance; at least 2**-126 (about 1.2e-38), since the layer trains and
+            training refuses eps = 0 (a constant channel would get an infinite inverse std).
+        momentum: running-statistics factor in [0, 1]; None for the cumulative moving average
             (factor ``1 / num_batches_tracked`` after counting this batch, as cuDNN documents).
         affine: learn gamma and beta; when False they stay 1 and 0 and get no gradients.
         track_running_stats: keep running statistics and use them in eval mode; when False, eval
             mode normalizes with the batch's own statistics.
-        channel_axis: 1, or -1 for channels-last input.
-        dtype: the data dtype (float16, float32 or float64); parameters are float32, or float64
-            for float64 data.
-        xp: ``numpy`` or ``cupy``: where the state lives.
+        channel_axis: 1, or -1 for channels-last input (a numpy integer is accepted).
+        dtype: the data dtype (float16, float32 or float64). Inputs of another dtype are refused
+            with a TypeError, not converted: convert x yourself or build the layer for its dtype.
+            Parameters are float32, or float64 for float64 data.
+        xp: the ``numpy`` or ``cupy`` module (or its name): where the state lives and which
+            arrays forward accepts. The layer pickles; it stores the library by name.
+
+    Attributes: ``gamma`` and ``beta`` (also as torch's ``weight`` and ``bias``), ``running_mean``,
+    ``running_var``, ``num_batches_tracked``, ``grad_gamma``, ``grad_beta``, ``training``.
+    A call that raises leaves all of them as they were.
     """
 
     def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, channel_axis=1, dtype=np.float32, xp=np):
-        shape = (int(num_features),) if np.isscalar(num_features) else tuple(int(n) for n in num_features)
-        if not shape or any(n < 1 for n in shape):
-            raise ValueError(f"num_features: expected a positive int or feature shape, got {num_features!r}")
+        shape = _feature_shape(num_features)
+        parsed_mode = parse_mode(mode, allow_auto=True)
+        if len(shape) > 1 and (parsed_mode == AUTO or parsed_mode.is_spatial):
+            raise ValueError(
+                f"num_features: a feature shape {shape} is for mode='per_activation' (spatial modes keep one "
+                f"statistic per channel), got mode={mode!r}"
+            )
         momentum = None if momentum is None else check_momentum(momentum)
-        parse_mode(mode, allow_auto=True)
-        self.mode, self.eps, self.momentum = mode, check_eps(eps), momentum
-        self.affine, self.track_running_stats, self.channel_axis = affine, track_running_stats, channel_axis
-        self.xp, self.dtype = xp, np.dtype(dtype)
+        eps = check_eps(eps, training=True)
+        channel_axis = check_channel_axis(channel_axis)
+        if channel_axis not in (1, -1):
+            raise ValueError(f"channel_axis: expected 1 (channels-first) or -1 (channels-last), got {channel_axis}")
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name}: expected True or False, got {flag!r}")
+        data_dtype = _data_dtype(dtype)
+        self._xp = _array_library(xp)
+        self.mode, self.eps, self.momentum = mode, eps, momentum
+        self.affine, self.track_running_stats, self.channel_axis = bool(affine), bool(track_running_stats), channel_axis
+        self.dtype = data_dtype
         self.param_shape = shape
-        param_dtype = param_dtype_for(self.dtype)
-        self.gamma = xp.ones(shape, dtype=param_dtype)
-        self.beta = xp.zeros(shape, dtype=param_dtype)
+        param_dtype = param_dtype_for(data_dtype)
+        self._gamma = self._xp.ones(shape, dtype=param_dtype)
+        self._beta = self._xp.zeros(shape, dtype=param_dtype)
         self.grad_gamma = self.grad_beta = None
-        if track_running_stats:
-            self.running_mean = xp.zeros(shape, dtype=param_dtype)
-            self.running_var = xp.ones(shape, dtype=param_dtype)
+        if self.track_running_stats:
+            self.running_mean = self._xp.zeros(shape, dtype=param_dtype)
+            self.running_var = self._xp.ones(shape, dtype=param_dtype)
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
         self.training = True
         self._kept = None  # (x, SavedStats) of the last training-mode forward
 
+    # ---- where the state lives ----
+    @property
+    def xp(self):
+        """The array module (numpy or cupy) holding the state."""
+        return self._xp
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_xp"] = self._xp.__name__  # a module does not pickle; its name does
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["_xp"] = importlib.import_module(state["_xp"])
+        self.__dict__.update(state)
+
+    # ---- parameters, also under torch's names ----
+    @property
+    def gamma(self):
+        """Scale, ``param_shape``, float32 (float64 for float64 data), of ``xp``'s kind."""
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value) -> None:
+        self._gamma = self._own_parameter("gamma", value)
+
+    @property
+    def weight(self):
+        """torch's name for :attr:`gamma`."""
+        return self._gamma
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._gamma = self._own_parameter("weight", value)
+
+    @property
+    def beta(self):
+        """Shift, like :attr:`gamma`."""
+        return self._beta
+
+    @beta.setter
+    def beta(self, value) -> None:
+        self._beta = self._own_parameter("beta", value)
+
+    @property
+    def bias(self):
+        """torch's name for :attr:`beta`."""
+        return self._beta
+
+    @bias.setter
+    def bias(self, value) -> None:
+        self._beta = self._own_parameter("bias", value)
+
+    def _own_parameter(self, name: str, value):
+        """A parameter assigned by reference: of the layer's kind, dtype and shape."""
+        kind = array_kind(**{name: value})
+        if kind != self._xp.__name__:
+            raise TypeError(f"{name}: expected a {self._xp.__name__} array ({self._short()} keeps its state there), got a {kind} array")
+        param_dtype = param_dtype_for(self.dtype)
+        if np.dtype(value.dtype) != param_dtype:
+            raise TypeError(f"{name}: expected dtype {param_dtype} ({self._short()}'s parameter dtype), got {value.dtype}")
+        if tuple(value.shape) != self.param_shape:
+            raise ValueError(f"{name}: expected shape {self.param_shape}, got {tuple(value.shape)}")
+        return value
+
+    # ---- modes ----
     def train(self, mode: bool = True) -> "BatchNorm":
         self.training = bool(mode)
         return self
@@ -64,82 +170,263 @@ class BatchNorm:
     def eval(self) -> "BatchNorm":
         return self.train(False)
 
-    def _momentum_for_this_batch(self) -> float:
-        if self.momentum is None:
-            return 1.0 / self.num_batches_tracked
-        return float(self.momentum)
+    # ---- computation ----
+    def _short(self) -> str:
+        features = self.param_shape[0] if len(self.param_shape) == 1 else self.param_shape
+        return f"BatchNorm({features})"
+
+    def _check_input(self, x, operation: str) -> None:
+        """Refuse an x this layer cannot take, in the layer's own terms (before any state changes)."""
+        kind = array_kind(x=x)
+        if kind != self._xp.__name__:
+            raise TypeError(f"x: expected a {self._xp.__name__} array ({self._short()} keeps its state there), got a {kind} array")
+        if np.dtype(x.dtype) != self.dtype:
+            raise TypeError(
+                f"x: expected dtype {self.dtype} ({self._short()}, dtype={self.dtype}), got {np.dtype(x.dtype)}; "
+                f"convert x, or build the layer with dtype={np.dtype(x.dtype).name}"
+            )
+        mode, _ = choose_mode(self.mode, x.shape, self.channel_axis, operation)
+        layout = make_layout(x.shape, self.channel_axis, mode)
+        if layout.param_shape == self.param_shape:
+            return
+        if mode.is_spatial:
+            raise ValueError(
+                f"x: expected {self.param_shape[0]} channels at axis {self.channel_axis} ({self._short()}), "
+                f"got {layout.channels} (shape {layout.shape})"
+            )
+        raise ValueError(
+            f"x: expected feature shape {self.param_shape} after the batch axis ({self._short()}, mode "
+            f"PER_ACTIVATION), got {layout.param_shape} (shape {layout.shape})"
+        )
+
+    def _momentum_for_next_batch(self) -> float:
+        if self.momentum is not None:
+            return float(self.momentum)
+        count = _batch_count("num_batches_tracked", self.num_batches_tracked)
+        return 1.0 / (count + 1)
 
     def forward(self, x):
         """Normalize ``x``; in training mode also update the running statistics and keep what
-        backward needs."""
+        backward needs.
+
+        x: (N, C, *spatial), or channels-last with ``channel_axis=-1``; 2 to 5 dims; the layer's
+        dtype; numpy or cupy as ``xp``. Returns y of x's shape and dtype.
+        """
+        training_path = self.training or not self.track_running_stats
+        self._check_input(x, TRAINING if training_path else INFERENCE)
         common = dict(mode=self.mode, eps=self.eps, channel_axis=self.channel_axis)
-        if self.training or not self.track_running_stats:
-            if self.training and self.track_running_stats:
+        if training_path:
+            counting = self.training and self.track_running_stats
+            momentum = self._momentum_for_next_batch() if counting else 0.0
+            y, saved = _api.forward_training(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum, **common)
+            if counting:  # only a batch that ran is counted
                 self.num_batches_tracked += 1
-                momentum = self._momentum_for_this_batch()
-            else:
-                momentum = 0.0
-            y, saved = _api.forward_training(x, self.gamma, self.beta, self.running_mean, self.running_var, momentum=momentum, **common)
             self._kept = (x, saved)
             return y
+        y = _api.forward_inference(x, self._gamma, self._beta, self.running_mean, self.running_var, **common)
         self._kept = None
-        return _api.forward_inference(x, self.gamma, self.beta, self.running_mean, self.running_var, **common)
+        return y
 
     __call__ = forward
 
     def backward(self, dy):
-        """Return dx for the last forward's input; set ``grad_gamma`` and ``grad_beta`` (when affine)."""
+        """Return dx for the last forward's input; set ``grad_gamma`` and ``grad_beta`` (when affine).
+
+        dy: x's shape and dtype. dx has the same; the gradients have ``param_shape``.
+        """
         if self._kept is None:
             raise RuntimeError(
                 "BatchNorm.backward: needs the batch statistics of a forward() in training mode "
                 "(or with track_running_stats=False); call forward() first, and not in eval mode"
             )
         x, saved = self._kept
-        dx, dgamma, dbeta = _api.backward(x, dy, self.gamma, saved)
+        dx, dgamma, dbeta = _api.backward(x, dy, self._gamma, saved)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma, dbeta
         return dx
 
-    def state_dict(self) -> dict:
-        """Host (numpy) copies under torch.nn.BatchNorm2d's names."""
-        state = {}
+    # ---- state ----
+    def _state_names(self) -> list:
+        names = []
         if self.affine:
-            state["weight"], state["bias"] = _host(self.gamma), _host(self.beta)
+            names += ["weight", "bias"]
         if self.track_running_stats:
-            state["running_mean"], state["running_var"] = _host(self.running_mean), _host(self.running_var)
-            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
-        return state
+            names += ["running_mean", "running_var", "num_batches_tracked"]
+        return names
 
-    def load_state_dict(self, state: dict) -> None:
-        """Load a state from :meth:`state_dict` or from torch's BatchNorm (tensors or arrays)."""
-        expected = set(self.state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise KeyError(f"state: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}")
-        arrays = {name: _host(value) for name, value in state.items()}
-        for name in expected - {"num_batches_tracked"}:
-            if arrays[name].shape != self.param_shape:
-                raise ValueError(f"state[{name!r}]: expected shape {self.param_shape}, got {arrays[name].shape}")
-        targets = {"weight": "gamma", "bias": "beta", "running_mean": "running_mean", "running_var": "running_var"}
-        for name, attribute in targets.items():
-            if name in arrays:
-                current = getattr(self, attribute)
-                setattr(self, attribute, self.xp.asarray(arrays[name], dtype=current.dtype))
-        if "num_batches_tracked" in arrays:
-            self.num_batches_tracked = int(arrays["num_batches_tracked"])
+    def state_dict(self, *, prefix: str = "") -> dict:
+        """Host (numpy) copies under torch.nn.BatchNorm2d's names, each key led by ``prefix``.
+
+        weight, bias, running_mean, running_var: ``param_shape``, the parameter dtype;
+        num_batches_tracked: a 0-d int64 array.
+        """
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {prefix!r}")
+        values = {
+            "weight": lambda: _host(self._gamma),
+            "bias": lambda: _host(self._beta),
+            "running_mean": lambda: _host(self.running_mean),
+            "running_var": lambda: _host(self.running_var),
+            "num_batches_tracked": lambda: np.array(self.num_batches_tracked, dtype=np.int64),
+        }
+        return {prefix + name: values[name]() for name in self._state_names()}
+
+    def load_state_dict(self, state, strict: bool = True, *, prefix: str = "") -> LoadResult:
+        """Load a state from :meth:`state_dict` or from torch's BatchNorm (tensors or arrays).
+
+        Args:
+            state: a mapping of names to arrays, torch tensors or (for num_batches_tracked) ints.
+            strict: as in torch: every name this layer has must be there and no other (under
+                ``prefix``). With False, missing entries keep their values and others are ignored.
+            prefix: read the entries whose keys start with it, e.g. ``'1.'`` for the second module
+                of a torch ``nn.Sequential``; other keys belong to other modules and are ignored.
+
+        Every entry is validated and converted before any is assigned, so a refused state leaves
+        the layer as it was. Values must be real numbers (float or integer arrays; complex, bool,
+        strings and None are refused) of ``param_shape`` that fit the parameter dtype;
+        num_batches_tracked must be a non-negative integer scalar.
+
+        Returns ``LoadResult(missing_keys, unexpected_keys)`` (both empty when strict).
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected a mapping (a state_dict), got {type(state).__name__}")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix: expected a str, got {prefix!r}")
+        if prefix:
+            entries = {key[len(prefix):]: value for key, value in state.items() if isinstance(key, str) and key.startswith(prefix)}
+        else:
+            entries = dict(state)
+        expected = self._state_names()
+        missing = [prefix + name for name in expected if name not in entries]
+        unexpected = [prefix + str(key) for key in entries if key not in expected]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"state: missing keys {sorted(missing)}, unexpected keys {_listed(unexpected)}"
+                + _prefix_hint(state, expected, prefix)
+            )
+        converted = {name: self._converted(prefix + name, name, entries[name]) for name in expected if name in entries}
+        count = converted.pop("num_batches_tracked", None)
+        on_device = {name: self._xp.asarray(value) for name, value in converted.items()}
+        # everything is valid and in place on the device: only now does the layer change
+        targets = {"weight": "_gamma", "bias": "_beta", "running_mean": "running_mean", "running_var": "running_var"}
+        for name, array in on_device.items():
+            setattr(self, targets[name], array)
+        if count is not None:
+            self.num_batches_tracked = count
+        return LoadResult(missing, unexpected)
+
+    def _converted(self, key: str, name: str, value):
+        """One state entry, validated, as a host array of the parameter dtype (or an int count)."""
+        if name == "num_batches_tracked":
+            plain = isinstance(value, (int, np.integer, bool, np.bool_))
+            return _batch_count(f"state[{key!r}]", value if plain else _host_value(key, value))
+        host = _host_value(key, value)
+        if host.dtype.kind not in "fiu":
+            raise TypeError(f"state[{key!r}]: expected real numbers (a float or integer array), got dtype {host.dtype}")
+        if host.shape != self.param_shape:
+            raise ValueError(f"state[{key!r}]: expected shape {self.param_shape}, got {host.shape}")
+        param_dtype = param_dtype_for(self.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            result = host.astype(param_dtype)
+        if np.any(np.isfinite(host) & ~np.isfinite(result)):
+            raise ValueError(f"state[{key!r}]: expected values that fit {param_dtype}, got some past its range")
+        return result
 
     def __repr__(self) -> str:
         return (
             f"BatchNorm({self.param_shape if len(self.param_shape) > 1 else self.param_shape[0]}, mode={self.mode!r}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis})"
+            f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
+            f"dtype={self.dtype.name}, xp={self._xp.__name__})"
         )
+
+
+def _feature_shape(num_features) -> tuple[int, ...]:
+    items = tuple(num_features) if isinstance(num_features, (tuple, list)) else (num_features,)
+    for item in items:
+        if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, np.integer)):
+            raise TypeError(f"num_features: expected a positive int or a tuple of them (the feature shape), got {num_features!r}")
+    shape = tuple(int(n) for n in items)
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"num_features: expected a positive int or a tuple of them (the feature shape), got {num_features!r}")
+    if len(shape) > MAX_NDIM - 1:
+        raise ValueError(f"num_features: expected at most {MAX_NDIM - 1} feature dims (inputs have at most {MAX_NDIM}), got {shape}")
+    if math.prod(shape) > _INT32_MAX:
+        raise ValueError(f"num_features: expected at most {_INT32_MAX} features (cuDNN's int32 limit), got {math.prod(shape)}")
+    return shape
+
+
+def _data_dtype(dtype) -> np.dtype:
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    # checked for None first: a numpy dtype compares equal to None (np.dtype(None) is float64)
+    if resolved is None or resolved not in DATA_DTYPES:
+        raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype!r}")
+    return resolved
+
+
+def _array_library(xp) -> types.ModuleType:
+    if isinstance(xp, str) and xp in _ARRAY_LIBRARIES:
+        return importlib.import_module(xp)
+    if isinstance(xp, types.ModuleType) and xp.__name__ in _ARRAY_LIBRARIES:
+        return xp
+    raise TypeError(f"xp: expected the numpy or cupy module (or its name), got {xp!r}")
+
+
+def _batch_count(name: str, value) -> int:
+    """A non-negative integer scalar (Python, numpy, or a 0-d integer array) as an int."""
+    if isinstance(value, np.ndarray):
+        if value.shape != ():
+            raise ValueError(f"{name}: expected a non-negative integer scalar, got shape {value.shape}")
+        if value.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected a non-negative integer scalar, got dtype {value.dtype}")
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected a non-negative integer scalar, got {value!r}")
+    count = int(value)
+    if not 0 <= count <= _COUNT_MAX:
+        raise ValueError(f"{name}: expected a non-negative integer scalar that fits int64, got {count}")
+    return count
+
+
+def _host_value(key: str, value) -> np.ndarray:
+    """A state entry as a numpy copy on the host."""
+    if value is None:
+        raise TypeError(f"state[{key!r}]: expected an array, got None")
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"state[{key!r}]: expected a plain array, got a numpy masked array (its mask would be ignored)")
+    try:
+        return _host(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"state[{key!r}]: expected an array of real numbers, got {type(value).__name__} ({error})") from None
 
 
 def _host(array) -> np.ndarray:
     """A numpy copy of a numpy/cupy array or a torch tensor."""
     if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    elif hasattr(array, "get"):
+        tensor = array.detach().cpu()
+        if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            tensor = tensor.float()
+        array = tensor.numpy()
+    elif hasattr(array, "get") and not isinstance(array, (np.ndarray, Mapping)):
         array = array.get()
     return np.array(array, copy=True)
+
+
+def _listed(keys: list, limit: int = 8) -> str:
+    keys = sorted(keys)
+    return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
+
+
+def _prefix_hint(state, expected: list, prefix: str) -> str:
+    """When every expected name is in the state under one prefix, say which to pass."""
+    candidates = set()
+    for key in state:
+        if isinstance(key, str) and key.endswith(expected[0]) and key != prefix + expected[0]:
+            candidates.add(key[: len(key) - len(expected[0])])
+    found = sorted(c for c in candidates if all(c + name in state for name in expected))
+    if not found:
+        return ""
+    return f"; the state holds this layer's entries under prefix {found[0]!r}: pass prefix={found[0]!r}"

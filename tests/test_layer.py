@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
 from cudnn_bn import BatchNorm, Mode, reference
+from fake_cudnn import FakeArray, simulated_gpu
 
 
 def _batches(shape, count, seed=0):
@@ -141,3 +144,375 @@ def test_weights_move_to_and_from_torch():
     back = BatchNorm(3)
     back.load_state_dict(trained.state_dict())
     np.testing.assert_allclose(back.running_var, trained.running_var.numpy(), rtol=1e-6)
+
+
+# ---- issue 9 B and issue 11: a layer that refuses bad input without changing, and torch's habits ----
+
+
+
+@pytest.fixture
+def gpu(monkeypatch, cudnn_library):
+    with simulated_gpu(monkeypatch) as simulator:
+        yield simulator
+
+
+def _host(array):
+    """A host copy: synchronized for a simulated device array, whose kernels run when read."""
+    return array.get() if isinstance(array, FakeArray) else np.array(array, copy=True)
+
+
+def _layer_state(layer):
+    """Everything a forward could change, as host copies."""
+    arrays = {name: None if value is None else _host(value) for name, value in
+              dict(gamma=layer.gamma, beta=layer.beta, running_mean=layer.running_mean, running_var=layer.running_var).items()}
+    return arrays, layer.num_batches_tracked, layer._kept
+
+
+def _assert_same_state(layer, before):
+    arrays, count, kept = before
+    for name, value in arrays.items():
+        current = getattr(layer, name)
+        if value is None:
+            assert current is None
+        else:
+            assert current.dtype == value.dtype and np.array_equal(_host(current), value, equal_nan=True), name
+    assert layer.num_batches_tracked == count
+    assert layer._kept is kept
+
+
+def _rejected_inputs(place, other_place):
+    """(label, x, error, message) for a BatchNorm(4) in float32, channels first."""
+    good = _batches((6, 4, 3, 3), 1, seed=5)[0]
+    return [
+        ("None", None, TypeError, "x: expected"),
+        ("a list", good.tolist(), TypeError, "x: expected"),
+        ("1-D", place(good[0, 0, 0]), ValueError, "x: expected 2 to 5 dims"),
+        ("6-D", place(good.reshape(6, 4, 3, 3, 1, 1)), ValueError, "x: expected 2 to 5 dims"),
+        ("5 channels", place(np.ones((6, 5, 3, 3), np.float32)), ValueError, "x: expected 4 channels at axis 1 (BatchNorm(4)), got 5"),
+        ("channels last", place(np.ones((6, 3, 3, 4), np.float32)), ValueError, "x: expected 4 channels at axis 1 (BatchNorm(4)), got 3"),
+        ("int32", place(good.astype(np.int32)), TypeError, "x: expected dtype float32 (BatchNorm(4), dtype=float32), got int32"),
+        ("complex", place(good.astype(np.complex64)), TypeError, "x: expected dtype float32"),
+        ("float64", place(good.astype(np.float64)), TypeError, "x: expected dtype float32 (BatchNorm(4), dtype=float32), got float64"),
+        ("float16", place(good.astype(np.float16)), TypeError, "x: expected dtype float32"),
+        ("one value per statistic", place(good[:1, :, :1, :1]), ValueError, "x: training needs at least 2 values per statistic"),
+        ("an empty batch", place(good[:0]), ValueError, "x: expected every dimension to be at least 1"),
+        ("the other array library", other_place(good), TypeError, "x: expected a"),
+    ]
+
+
+def _masked(good):
+    return np.ma.masked_less(good, 0.0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_rejected_input_changes_nothing_and_counts_no_batch_on_numpy(momentum):
+    layer = BatchNorm(4, momentum=momentum, mode="spatial")
+    clean = BatchNorm(4, momentum=momentum, mode="spatial")
+    batches = _batches((6, 4, 3, 3), 3, seed=2)
+    layer(batches[0])
+    clean(batches[0])
+    cases = _rejected_inputs(lambda a: a, lambda a: np.array(a, copy=True).view(FakeArray))
+    cases.append(("masked", _masked(batches[0]), TypeError, "x: expected a plain numpy.ndarray, got a numpy masked array"))
+    for label, x, error, message in cases:
+        before = _layer_state(layer)
+        with pytest.raises(error, match=_escaped(message)):
+            layer(x)
+        _assert_same_state(layer, before)
+        if label != "one value per statistic":  # inference takes a single sample
+            layer.eval()
+            with pytest.raises((TypeError, ValueError), match="^x: "):
+                layer(x)
+            layer.train()
+        _assert_same_state(layer, before)
+    for x in batches[1:]:
+        layer(x)
+        clean(x)
+    assert layer.num_batches_tracked == clean.num_batches_tracked == 3
+    np.testing.assert_array_equal(layer.running_mean, clean.running_mean)
+    np.testing.assert_array_equal(layer.running_var, clean.running_var)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_rejected_input_changes_nothing_and_counts_no_batch_on_the_simulated_gpu(gpu, momentum):
+    import cupy  # the simulated one
+
+    layer = BatchNorm(4, momentum=momentum, mode="spatial", xp=cupy)
+    clean = BatchNorm(4, momentum=momentum, mode="spatial", xp=cupy)
+    batches = [np.array(b).view(FakeArray) for b in _batches((6, 4, 3, 3), 3, seed=2)]
+    layer(batches[0])
+    clean(batches[0])
+    for label, x, error, message in _rejected_inputs(lambda a: np.array(a, copy=True).view(FakeArray), lambda a: np.array(a, copy=True)):
+        before = _layer_state(layer)
+        with pytest.raises(error, match=_escaped(message)):
+            layer(x)
+        _assert_same_state(layer, before)
+    for x in batches[1:]:
+        layer(x)
+        clean(x)
+    assert layer.num_batches_tracked == clean.num_batches_tracked == 3
+    assert isinstance(layer.running_mean, FakeArray)
+    np.testing.assert_array_equal(_host(layer.running_mean), _host(clean.running_mean))
+    np.testing.assert_array_equal(_host(layer.running_var), _host(clean.running_var))
+
+
+def _escaped(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_a_failed_backward_keeps_the_gradients():
+    layer = BatchNorm(3, mode="spatial")
+    x = _batches((6, 3, 2, 2), 1)[0]
+    layer(x)
+    layer.backward(np.ones_like(x))
+    grads = (layer.grad_gamma.copy(), layer.grad_beta.copy())
+    with pytest.raises(ValueError, match=r"dy: expected x's shape \(6, 3, 2, 2\)"):
+        layer.backward(np.ones((6, 3, 2), np.float32))
+    with pytest.raises(TypeError, match="dy: expected"):
+        layer.backward(None)
+    np.testing.assert_array_equal(layer.grad_gamma, grads[0])
+    np.testing.assert_array_equal(layer.grad_beta, grads[1])
+
+
+def test_per_activation_layer_names_its_feature_shape():
+    layer = BatchNorm((5, 4), mode="per_activation")
+    with pytest.raises(ValueError, match=_escaped("x: expected feature shape (5, 4) after the batch axis (BatchNorm((5, 4)), mode PER_ACTIVATION), got (5, 3)")):
+        layer(np.ones((6, 5, 3), np.float32))
+    assert layer.num_batches_tracked == 0
+
+
+def test_the_layer_dtype_is_enforced():
+    layer = BatchNorm(4, dtype=np.float64, mode="spatial")
+    x = _batches((6, 4, 3, 3), 1)[0]
+    with pytest.raises(TypeError, match=_escaped("x: expected dtype float64 (BatchNorm(4), dtype=float64), got float32; convert x, or build the layer with dtype=float32")):
+        layer(x)
+    y = layer(x.astype(np.float64))
+    assert y.dtype == np.float64 and layer.gamma.dtype == np.float64 and layer.running_mean.dtype == np.float64
+    half = BatchNorm(4, dtype=np.float16, mode="spatial")
+    assert half(x.astype(np.float16)).dtype == np.float16 and half.gamma.dtype == np.float32
+
+
+def test_weight_and_bias_are_gamma_and_beta():
+    layer = BatchNorm(3, mode="spatial")
+    assert layer.weight is layer.gamma and layer.bias is layer.beta
+    layer.weight = np.full(3, 2.0, np.float32)
+    layer.bias = np.full(3, 0.5, np.float32)
+    np.testing.assert_array_equal(layer.gamma, 2.0)
+    np.testing.assert_array_equal(layer.beta, 0.5)
+    y = layer(_batches((8, 3, 2, 2), 1)[0])
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.5, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=(0, 2, 3)), 2.0, rtol=1e-3)
+    for value, error, message in [
+        (np.ones(4, np.float32), ValueError, "weight: expected shape (3,), got (4,)"),
+        (np.ones(3, np.float64), TypeError, "weight: expected dtype float32 (BatchNorm(3)'s parameter dtype), got float64"),
+        ([1.0, 1.0, 1.0], TypeError, "weight: expected a numpy.ndarray"),
+        (None, TypeError, "weight: expected"),
+    ]:
+        with pytest.raises(error, match=_escaped(message)):
+            layer.weight = value
+    with pytest.raises(ValueError, match=_escaped("gamma: expected shape (3,), got (2,)")):
+        layer.gamma = np.ones(2, np.float32)
+    np.testing.assert_array_equal(layer.weight, 2.0)
+
+
+# ---- load_state_dict: validated and converted first, then assigned ----
+
+def _trained_state():
+    layer = BatchNorm(3, mode="spatial")
+    for x in _batches((8, 3, 2, 2), 2):
+        layer(x)
+    return layer.state_dict()
+
+
+BAD_STATES = [
+    ("strings", dict(running_var=np.array(["a", "b", "c"])), TypeError, "state['running_var']: expected real numbers (a float or integer array), got dtype <U1"),
+    ("numeric strings", dict(weight=np.array(["1", "2", "3"])), TypeError, "state['weight']: expected real numbers"),
+    ("complex", dict(running_mean=np.ones(3, np.complex64)), TypeError, "state['running_mean']: expected real numbers (a float or integer array), got dtype complex64"),
+    ("bool", dict(bias=np.ones(3, bool)), TypeError, "state['bias']: expected real numbers"),
+    ("None", dict(running_var=None), TypeError, "state['running_var']: expected an array, got None"),
+    ("objects", dict(weight=np.array([1.0, None, 2.0], dtype=object)), TypeError, "state['weight']: expected real numbers"),
+    ("a masked array", dict(weight=np.ma.ones(3)), TypeError, "state['weight']: expected a plain array, got a numpy masked array"),
+    ("shape", dict(running_var=np.ones(4)), ValueError, "state['running_var']: expected shape (3,), got (4,)"),
+    ("past float32", dict(running_var=np.array([1.0, 1e300, 1.0])), ValueError, "state['running_var']: expected values that fit float32"),
+    ("count of two", dict(num_batches_tracked=np.array([1, 2])), ValueError, "state['num_batches_tracked']: expected a non-negative integer scalar, got shape (2,)"),
+    ("count negative", dict(num_batches_tracked=-1), ValueError, "state['num_batches_tracked']: expected a non-negative integer scalar that fits int64, got -1"),
+    ("count negative array", dict(num_batches_tracked=np.array(-1)), ValueError, "got -1"),
+    ("count past int64", dict(num_batches_tracked=2**63), ValueError, "fits int64"),
+    ("count float", dict(num_batches_tracked=np.array(1.5)), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar, got dtype float64"),
+    ("count python float", dict(num_batches_tracked=2.0), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar"),
+    ("count bool", dict(num_batches_tracked=True), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar, got True"),
+    ("count string", dict(num_batches_tracked="3"), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar"),
+    ("count None", dict(num_batches_tracked=None), TypeError, "state['num_batches_tracked']: expected an array, got None"),
+]
+
+
+@pytest.mark.parametrize("label,change,error,message", BAD_STATES, ids=[c[0] for c in BAD_STATES])
+def test_load_state_dict_is_atomic(label, change, error, message):
+    state = {**_trained_state(), **change}
+    layer = BatchNorm(3, mode="spatial")
+    layer(_batches((8, 3, 2, 2), 1, seed=7)[0])
+    layer.backward(np.ones((8, 3, 2, 2), np.float32))
+    before = _layer_state(layer)
+    with pytest.raises(error, match=_escaped(message)):
+        layer.load_state_dict(state)
+    _assert_same_state(layer, before)
+
+
+def test_load_state_dict_converts_to_the_parameter_dtype():
+    state = _trained_state()
+    layer = BatchNorm(3)
+    layer.load_state_dict({**state, "weight": state["weight"].astype(np.float64), "bias": [0, 1, 2], "num_batches_tracked": np.int32(7)})
+    assert layer.gamma.dtype == np.float32 and layer.num_batches_tracked == 7 and type(layer.num_batches_tracked) is int
+    np.testing.assert_array_equal(layer.beta, [0.0, 1.0, 2.0])
+
+
+def test_negative_count_cannot_reach_the_cumulative_average():
+    layer = BatchNorm(3, momentum=None, mode="spatial")
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": -1})
+    layer.num_batches_tracked = -1  # set by hand
+    with pytest.raises(ValueError, match="num_batches_tracked: expected a non-negative integer scalar that fits int64, got -1"):
+        layer(_batches((8, 3, 2, 2), 1)[0])
+    assert layer.num_batches_tracked == -1
+
+
+def _sequential_state():
+    """The keys torch's nn.Sequential(Conv2d, BatchNorm2d(3), ReLU, BatchNorm2d(3)) would produce."""
+    state = {"0.weight": np.ones((3, 3, 1, 1), np.float32), "0.bias": np.zeros(3, np.float32)}
+    for index, seed in (("1", 1), ("3", 2)):
+        layer = BatchNorm(3, mode="spatial")
+        layer.gamma[...] = seed
+        layer(_batches((8, 3, 2, 2), seed, seed=seed)[-1])
+        state.update(layer.state_dict(prefix=f"{index}."))
+    return state
+
+
+def test_load_state_dict_with_a_prefix_takes_that_module_only():
+    state = _sequential_state()
+    assert "1.running_mean" in state and "3.num_batches_tracked" in state
+    layer = BatchNorm(3)
+    result = layer.load_state_dict(state, prefix="3.")
+    assert result == ((), ()) or (result.missing_keys, result.unexpected_keys) == ([], [])
+    np.testing.assert_array_equal(layer.gamma, 2.0)
+    np.testing.assert_array_equal(layer.running_mean, state["3.running_mean"])
+    assert layer.num_batches_tracked == int(state["3.num_batches_tracked"])
+    assert set(layer.state_dict(prefix="3.")) == {k for k in state if k.startswith("3.")}
+
+
+def test_load_state_dict_without_the_prefix_says_which_prefix_to_pass():
+    state = _sequential_state()
+    layer = BatchNorm(3)
+    before = _layer_state(layer)
+    with pytest.raises(KeyError, match=_escaped("the state holds this layer's entries under prefix '1.': pass prefix='1.'")):
+        layer.load_state_dict(state)
+    with pytest.raises(KeyError, match=_escaped("missing keys ['2.bias', '2.num_batches_tracked'")):
+        layer.load_state_dict(state, prefix="2.")
+    _assert_same_state(layer, before)
+
+
+def test_load_state_dict_not_strict_reports_what_it_skipped():
+    layer = BatchNorm(3)
+    state = {"1.weight": np.full(3, 4.0, np.float32), "1.extra": np.ones(3), "0.weight": np.ones(3)}
+    result = layer.load_state_dict(state, strict=False, prefix="1.")
+    assert result.missing_keys == ["1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    assert result.unexpected_keys == ["1.extra"]
+    np.testing.assert_array_equal(layer.weight, 4.0)
+    with pytest.raises(TypeError, match="state: expected a mapping"):
+        layer.load_state_dict([("weight", np.ones(3))])
+    with pytest.raises(TypeError, match="prefix: expected a str"):
+        layer.load_state_dict(layer.state_dict(), prefix=1)
+
+
+# ---- pickling and construction ----
+
+def test_the_layer_pickles_with_its_state():
+    layer = BatchNorm(3, momentum=None, mode="spatial")
+    x = _batches((8, 3, 2, 2), 1)[0]
+    layer(x)
+    restored = pickle.loads(pickle.dumps(layer))
+    assert restored.xp is np and restored.num_batches_tracked == 1
+    for name, value in layer.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[name], value)
+    np.testing.assert_array_equal(restored.backward(np.ones_like(x)), layer.backward(np.ones_like(x)))
+    assert "module" not in repr(layer.__getstate__())
+
+
+def test_the_layer_accepts_the_array_library_by_name():
+    assert BatchNorm(3, xp="numpy").xp is np
+
+
+BAD_CONSTRUCTION = [
+    (dict(num_features=3.7), TypeError, "num_features: expected a positive int or a tuple of them (the feature shape), got 3.7"),
+    (dict(num_features="3"), TypeError, "num_features: expected a positive int or a tuple of them (the feature shape), got '3'"),
+    (dict(num_features=True), TypeError, "num_features: expected a positive int"),
+    (dict(num_features=None), TypeError, "num_features: expected a positive int"),
+    (dict(num_features=(3, 2.0), mode="per_activation"), TypeError, "num_features: expected a positive int"),
+    (dict(num_features=0), ValueError, "num_features: expected a positive int or a tuple of them (the feature shape), got 0"),
+    (dict(num_features=()), ValueError, "num_features: expected a positive int"),
+    (dict(num_features=(2, 0), mode="per_activation"), ValueError, "num_features: expected a positive int"),
+    (dict(num_features=(1, 2, 3, 4, 5), mode="per_activation"), ValueError, "num_features: expected at most 4 feature dims"),
+    (dict(num_features=2**31), ValueError, "num_features: expected at most 2147483647 features"),
+    (dict(num_features=10**400), ValueError, "num_features: expected at most 2147483647 features"),
+    (dict(num_features=(4, 3)), ValueError, "num_features: a feature shape (4, 3) is for mode='per_activation'"),
+    (dict(num_features=(4, 3), mode="spatial"), ValueError, "num_features: a feature shape (4, 3) is for mode='per_activation'"),
+    (dict(dtype=np.int32), TypeError, "dtype: expected float16, float32 or float64, got <class 'numpy.int32'>"),
+    (dict(dtype="complex64"), TypeError, "dtype: expected float16, float32 or float64, got 'complex64'"),
+    (dict(dtype=None), TypeError, "dtype: expected float16, float32 or float64, got None"),
+    (dict(dtype="nonsense"), TypeError, "dtype: expected float16, float32 or float64, got 'nonsense'"),
+    (dict(channel_axis=7), ValueError, "channel_axis: expected 1 (channels-first) or -1 (channels-last), got 7"),
+    (dict(channel_axis=2), ValueError, "channel_axis: expected 1 (channels-first) or -1 (channels-last), got 2"),
+    (dict(channel_axis=1.0), TypeError, "channel_axis: expected an int (1 or -1), got 1.0"),
+    (dict(channel_axis=None), TypeError, "channel_axis: expected an int"),
+    (dict(xp=None), TypeError, "xp: expected the numpy or cupy module (or its name), got None"),
+    (dict(xp=pickle), TypeError, "xp: expected the numpy or cupy module (or its name), got <module 'pickle'"),
+    (dict(xp="torch"), TypeError, "xp: expected the numpy or cupy module (or its name), got 'torch'"),
+    (dict(affine="yes"), TypeError, "affine: expected True or False, got 'yes'"),
+    (dict(track_running_stats=None), TypeError, "track_running_stats: expected True or False, got None"),
+    (dict(eps=0.0), ValueError, "eps: expected a finite value >= 1.18e-38 (2**-126) in training and backward, got 0.0"),
+    (dict(eps=10**400), ValueError, "eps: expected a float >= 1.18e-38, got an integer of 401 digits"),
+    (dict(eps="1e-5"), TypeError, "eps: expected a float"),
+    (dict(momentum=10**400), ValueError, "momentum: expected a float in [0, 1], got an integer of 401 digits"),
+    (dict(momentum="0.1"), TypeError, "momentum: expected a float in [0, 1], got '0.1'"),
+    (dict(mode="auto-ish"), ValueError, "mode: expected one of"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,message", BAD_CONSTRUCTION, ids=[str(c[0]) for c in BAD_CONSTRUCTION])
+def test_constructor_arguments_are_validated(kwargs, error, message):
+    kwargs = {"num_features": 3, **kwargs}
+    with pytest.raises(error, match=_escaped(message)):
+        BatchNorm(kwargs.pop("num_features"), **kwargs)
+
+
+def test_constructor_accepts_numpy_integers_and_bools():
+    layer = BatchNorm(np.int64(3), channel_axis=np.int64(-1), affine=np.bool_(False), dtype="float64")
+    assert layer.param_shape == (3,) and layer.channel_axis == -1 and type(layer.channel_axis) is int
+    assert layer.affine is False and layer.dtype == np.float64
+    assert BatchNorm([5, 4], mode="per_activation").param_shape == (5, 4)
+
+
+def test_layer_on_the_simulated_gpu_validates_its_own_arguments(gpu):
+    import cupy  # the simulated one
+
+    layer = BatchNorm(4, mode="spatial", xp="cupy")
+    assert layer.xp is cupy and isinstance(layer.gamma, FakeArray)
+    with pytest.raises(TypeError, match=_escaped("x: expected a cupy array (BatchNorm(4) keeps its state there), got a numpy array")):
+        layer(np.ones((6, 4, 3, 3), np.float32))
+    with pytest.raises(TypeError, match=_escaped("weight: expected a cupy array (BatchNorm(4) keeps its state there), got a numpy array")):
+        layer.weight = np.ones(4, np.float32)
+    state = {**layer.state_dict(), "running_mean": np.arange(4.0)}
+    layer.load_state_dict(state)
+    assert isinstance(layer.running_mean, FakeArray)
+    np.testing.assert_array_equal(_host(layer.running_mean), np.arange(4.0))
+    before = _layer_state(layer)
+    with pytest.raises(TypeError, match="state\\['running_var'\\]: expected real numbers"):
+        layer.load_state_dict({**state, "running_var": np.array(["a", "b", "c", "d"])})
+    _assert_same_state(layer, before)
+
+
+def test_repr_names_dtype_and_array_library():
+    assert repr(BatchNorm(3)) == (
+        "BatchNorm(3, mode='auto', eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, "
+        "channel_axis=1, dtype=float32, xp=numpy)"
+    )

@@ -3,12 +3,17 @@ caller's arrays untouched. Run through the public functions, which share the che
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import pickle
+
 import numpy as np
 import pytest
 
 import cudnn_bn
-from cudnn_bn import Mode, reference
+from cudnn_bn import Mode, SavedStats, reference
 from conftest import make_case
+from fake_cudnn import FakeArray, simulated_gpu
 
 
 def _case(shape=(4, 3, 2, 2), mode=Mode.SPATIAL, channel_axis=1, dtype=np.float32):
@@ -69,7 +74,7 @@ def _literal(text):
         (dict(momentum=-0.1), ValueError, "momentum"),
         (dict(momentum=float("nan")), ValueError, "momentum"),
         (dict(momentum="0.1"), TypeError, "momentum"),
-        (dict(eps=-1e-5), ValueError, "eps: expected a finite value >= 0, got -1e-05"),
+        (dict(eps=-1e-5), ValueError, "eps: expected a finite value >= 1.18e-38 (2**-126) in training and backward, got -1e-05"),
         (dict(eps=float("inf")), ValueError, "eps"),
         (dict(channel_axis=2), ValueError, "channel_axis: expected 1 (channels-first) or -1"),
         (dict(channel_axis=4), ValueError, "out of range"),
@@ -138,7 +143,7 @@ def test_running_statistics_in_their_own_dtype_are_updated_in_place():
 def test_same_array_for_both_running_statistics_is_refused():
     arrays = _case()
     arrays["running_var"] = arrays["running_mean"]
-    with pytest.raises(ValueError, match="two different arrays"):
+    with pytest.raises(ValueError, match="running_mean: expected memory of its own .* overlaps running_var's"):
         _train(arrays, mode="spatial")
 
 
@@ -149,9 +154,11 @@ def test_mixed_array_kinds_and_non_arrays_are_type_errors():
         dtype, shape = np.float32, (3,)
 
     with pytest.raises(TypeError, match="gamma: expected a numpy.ndarray or cupy.ndarray, got list"):
-        cudnn_bn.forward_training(arrays["x"], [1.0, 1.0, 1.0], arrays["beta"])
+        reference.forward_training(arrays["x"], [1.0, 1.0, 1.0], arrays["beta"])
     with pytest.raises(TypeError, match="beta: expected a numpy.ndarray or cupy.ndarray, got NotAnArray"):
-        cudnn_bn.forward_training(arrays["x"], arrays["gamma"], NotAnArray())
+        reference.forward_training(arrays["x"], arrays["gamma"], NotAnArray())
+    with pytest.raises(TypeError, match="^gamma: expected a numpy.ndarray.* got list"):
+        cudnn_bn.forward_training(arrays["x"], [1.0, 1.0, 1.0], arrays["beta"])
 
 
 def test_mixed_kinds_named_in_the_error():
@@ -261,3 +268,367 @@ def test_other_modes_do_not_pay_for_the_finite_check():
     poisoned[0] = np.nan
     dx, _, _ = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], dataclasses.replace(saved, mean=poisoned))
     assert np.isnan(dx[:, 0]).all() and np.isfinite(dx[:, 1:]).all()
+
+
+# ---- issue 9 B: every bad input is a typed error, raised before anything changes ----
+
+SMALLEST_TRAINING_EPS = 2.0**-126  # float32's smallest normal number
+
+
+@pytest.fixture
+def gpu(monkeypatch, cudnn_library):
+    with simulated_gpu(monkeypatch) as simulator:
+        yield simulator
+
+
+def _host(array):
+    """A host copy: synchronized for a simulated device array, whose kernels run when read."""
+    return array.get() if isinstance(array, FakeArray) else np.asarray(array)
+
+
+def _on_device(arrays):
+    return {name: None if a is None else np.array(a, copy=True).view(FakeArray) for name, a in arrays.items()}
+
+
+@pytest.fixture(params=["numpy", "simulated_gpu"])
+def backend(request):
+    """Run a test on numpy and on the simulated GPU; returns a function placing arrays there."""
+    if request.param == "numpy":
+        return lambda arrays: arrays
+    request.getfixturevalue("gpu")
+    return _on_device
+
+
+CALLS = {
+    "forward_training": lambda a: cudnn_bn.forward_training(a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode="spatial"),
+    "forward_inference": lambda a: cudnn_bn.forward_inference(a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode="spatial"),
+    "backward": lambda a: cudnn_bn.backward(a["x"], a["dy"], a["gamma"], mode="spatial", eps=1e-5),
+}
+NAMES_IN_CALL = {
+    "forward_training": ["x", "gamma", "beta"],
+    "forward_inference": [("x", "x"), ("gamma", "gamma"), ("beta", "beta"), ("running_mean", "mean"), ("running_var", "var")],
+    "backward": ["x", "dy", "gamma"],
+}
+
+
+@pytest.mark.parametrize(
+    "call,key,name",
+    [(call, *(item if isinstance(item, tuple) else (item, item))) for call, items in NAMES_IN_CALL.items() for item in items],
+)
+def test_none_for_a_required_array_is_a_type_error(backend, call, key, name):
+    arrays = backend(_case())
+    snapshot = _snapshot(arrays)
+    arrays[key] = None
+    with pytest.raises(TypeError, match=f"^{name}: expected a numpy.ndarray or cupy.ndarray, got None"):
+        CALLS[call](arrays)
+    _assert_untouched(arrays, {k: v for k, v in snapshot.items() if k != key})
+
+
+def test_none_in_fold_inference_is_a_type_error():
+    ones = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="^var: expected a numpy.ndarray or cupy.ndarray, got None"):
+        cudnn_bn.fold_inference(ones, ones, ones, None, 1e-5)
+
+
+@pytest.mark.parametrize("field", ["mean", "inv_std"])
+def test_saved_stats_without_arrays_is_a_type_error(backend, field):
+    arrays = backend(_case())
+    _, saved = _train(arrays, mode="spatial")
+    empty = dataclasses.replace(saved, **{field: None})
+    with pytest.raises(TypeError, match=f"saved.{field}: expected a numpy.ndarray or cupy.ndarray, got None"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], empty)
+    with pytest.raises(TypeError, match="saved.mean: expected"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], SavedStats(None, None, Mode.SPATIAL, 1e-5, 1))
+
+
+def test_saved_stats_mode_given_by_name_is_the_mode_on_both_paths(backend):
+    arrays = backend(_case())
+    _, saved = _train(arrays, mode="spatial")
+    by_name = SavedStats(saved.mean, saved.inv_std, "spatial", saved.eps, saved.channel_axis)
+    assert by_name.mode is Mode.SPATIAL
+    expected = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
+    for got, wanted in zip(cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], by_name), expected):
+        np.testing.assert_array_equal(_host(got), _host(wanted))
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(mode="bogus"), ValueError, "SavedStats.mode: expected one of"),
+        (dict(mode="auto"), ValueError, "SavedStats.mode: expected one of"),
+        (dict(eps="1e-5"), TypeError, "SavedStats.eps: expected a float"),
+        (dict(eps=0.0), ValueError, "SavedStats.eps: expected a finite value >= 1.18e-38"),
+        (dict(eps=10**400), ValueError, "SavedStats.eps: expected a float >= 1.18e-38, got an integer of 401 digits"),
+        (dict(channel_axis=1.0), TypeError, "SavedStats.channel_axis: expected an int"),
+        (dict(on_overflow="maybe"), ValueError, "SavedStats.on_overflow: expected one of"),
+    ],
+)
+def test_saved_stats_scalar_fields_are_validated_at_construction(change, error, message):
+    arrays = _case()
+    _, saved = _train(arrays, mode="spatial")
+    with pytest.raises(error, match=_literal(message)):
+        dataclasses.replace(saved, **change)
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda s: dict(mean=s.mean.astype(np.float16)), TypeError, "saved.mean: expected float32 (the parameter dtype for float32 data"),
+        (lambda s: dict(inv_std=s.inv_std.astype(np.int32)), TypeError, "saved.inv_std: expected float32"),
+        (lambda s: dict(reserve_space=object()), TypeError, "saved.reserve_space: expected a numpy.ndarray or cupy.ndarray, got object"),
+        (lambda s: dict(reserve_space=np.zeros(8, np.float32)), TypeError, "saved.reserve_space: expected None or the non-empty 1-D contiguous uint8 buffer"),
+        (lambda s: dict(reserve_space=np.zeros((2, 4), np.uint8)), TypeError, "saved.reserve_space: expected None or the non-empty"),
+        (lambda s: dict(reserve_space=np.zeros(0, np.uint8)), TypeError, "saved.reserve_space: expected None or the non-empty"),
+    ],
+)
+def test_saved_stats_arrays_are_validated_where_backward_checks_them(backend, change, error, message):
+    arrays = backend(_case())
+    _, saved = _train(arrays, mode="spatial")
+    changed = {name: backend({name: value})[name] if isinstance(value, np.ndarray) else value for name, value in change(saved).items()}
+    bad = dataclasses.replace(saved, **changed)
+    with pytest.raises(error, match=_literal(message)):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], bad)
+
+
+def test_a_host_reserve_space_with_device_statistics_is_refused(gpu):
+    arrays = _on_device(_case())
+    _, saved = _train(arrays, mode="spatial")
+    bad = dataclasses.replace(saved, reserve_space=np.zeros(8, np.uint8))
+    with pytest.raises(TypeError, match="arrays of mixed kinds.*saved.reserve_space=numpy"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(eps=10**400), "eps: expected a float >= 1.18e-38, got an integer of 401 digits"),
+        (dict(momentum=10**400), "momentum: expected a float in [0, 1], got an integer of 401 digits"),
+        (dict(momentum=-(10**400)), "momentum: expected a float in [0, 1], got an integer of 401 digits"),
+    ],
+)
+def test_integers_past_float_range_are_value_errors(kwargs, message):
+    arrays = _case()
+    snapshot = _snapshot(arrays)
+    with pytest.raises(ValueError, match=_literal(message)):
+        _train(arrays, **{"mode": "spatial", **kwargs})
+    with pytest.raises(ValueError, match="eps: expected a float >= 0, got an integer of 401 digits"):
+        cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"], eps=10**400)
+    _assert_untouched(arrays, snapshot)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", b"1e-5", None, [1e-5], np.array([1e-5]), True])
+def test_backward_refuses_an_eps_that_is_not_a_number(eps):
+    arrays = _case()
+    _, saved = _train(arrays, mode="spatial")
+    with pytest.raises(TypeError, match="eps: expected a float"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, eps=eps if eps is not None else "x")
+    if eps is not None:
+        with pytest.raises(TypeError, match="eps: expected a float"):
+            cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], mode="spatial", eps=eps)
+        with pytest.raises(TypeError, match="eps: expected a float"):
+            _train(arrays, mode="spatial", eps=eps)
+
+
+def test_backward_accepts_numpy_scalars_like_the_forwards():
+    arrays = _case()
+    _, saved = _train(arrays, mode="spatial", eps=np.float32(1e-3), momentum=np.float64(0.5))
+    cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, eps=np.float64(saved.eps))
+    cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], mode="spatial", eps=np.float64(1e-3))
+
+
+@pytest.mark.parametrize("axis", [np.int64(1), np.int32(-1), np.int8(1)])
+def test_channel_axis_accepts_numpy_integers(backend, axis):
+    shape = (4, 3, 2, 2) if int(axis) == 1 else (4, 2, 2, 3)
+    layout, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, int(axis), dtype=np.float32)
+    arrays = backend(dict(x=x, dy=dy, gamma=gamma, beta=beta))
+    y, saved = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial", channel_axis=axis)
+    y_int, _ = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial", channel_axis=int(axis))
+    np.testing.assert_array_equal(_host(y), _host(y_int))
+    assert saved.channel_axis == int(axis) and type(saved.channel_axis) is int
+    cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["gamma"], arrays["gamma"], mode="spatial", channel_axis=axis)
+    cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, channel_axis=axis)
+    cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], mode="spatial", eps=1e-5, channel_axis=axis)
+    reference.forward_training(x, gamma, beta, mode="spatial", channel_axis=axis)
+
+
+@pytest.mark.parametrize("axis", [np.bool_(True), True, 1.0, "1", np.float64(1.0)])
+def test_channel_axis_refuses_bools_and_non_integers(axis):
+    arrays = _case()
+    with pytest.raises(TypeError, match="channel_axis: expected an int"):
+        _train(arrays, mode="spatial", channel_axis=axis)
+    with pytest.raises(TypeError, match="channel_axis: expected an int"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], mode="spatial", eps=1e-5, channel_axis=axis)
+
+
+MASKED_MESSAGE = "expected a plain numpy.ndarray, got a numpy masked array (its mask would be ignored)"
+
+
+@pytest.mark.parametrize("name", ["x", "gamma", "beta", "running_mean", "running_var"])
+def test_masked_arrays_are_refused(name):
+    arrays = _case()
+    arrays[name] = np.ma.masked_less(arrays[name], 0.5)
+    snapshot = _snapshot(arrays)
+    with pytest.raises(TypeError, match=_literal(f"{name}: {MASKED_MESSAGE}")):
+        reference.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"])
+    with pytest.raises(TypeError, match=f"^{name}: expected"):  # the public call names it too
+        _train(arrays, mode="spatial")
+    _assert_untouched(arrays, snapshot)
+    assert isinstance(arrays[name], np.ma.MaskedArray)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+def test_masked_arrays_are_refused_by_inference_backward_and_fold():
+    arrays = _case()
+    masked = np.ma.masked_less(arrays["dy"], 0.0)
+    with pytest.raises(TypeError, match=_literal(f"dy: {MASKED_MESSAGE}")):
+        reference.backward(arrays["x"], masked, arrays["gamma"], mode="spatial", eps=1e-5)
+    mean = np.ma.array(arrays["running_mean"], mask=[0, 1, 0])
+    with pytest.raises(TypeError, match=_literal(f"mean: {MASKED_MESSAGE}")):
+        reference.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], mean, arrays["running_var"])
+    with pytest.raises(TypeError, match=_literal(f"mean: {MASKED_MESSAGE}")):
+        cudnn_bn.fold_inference(arrays["gamma"], arrays["beta"], mean, arrays["running_var"], 1e-5)
+    with pytest.raises(TypeError, match=_literal(f"x: expected a plain numpy.ndarray, got a numpy.matrix")):
+        reference.forward_training(np.asmatrix(arrays["x"][:, :, 0, 0]), arrays["gamma"], arrays["beta"])
+
+
+# ---- eps: > 0 in training and backward, >= 0 in inference ----
+
+def _constant_channel_case():
+    arrays = _case()
+    arrays["x"][:, 1] = 3.0
+    return arrays
+
+
+@pytest.mark.parametrize("eps", [0.0, 0, -0.0, 1e-300, np.float64(0.0)])
+def test_training_and_backward_refuse_eps_that_makes_a_constant_channel_infinite(backend, eps):
+    arrays = backend(_constant_channel_case())
+    snapshot = _snapshot(arrays)
+    with pytest.raises(ValueError, match="eps: expected a finite value >= 1.18e-38 .*constant channel has variance 0"):
+        _train(arrays, mode="spatial", eps=eps)
+    with pytest.raises(ValueError, match="eps: expected a finite value >= 1.18e-38"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], mode="spatial", eps=eps)
+    _assert_untouched(arrays, snapshot)
+
+
+def test_the_smallest_training_eps_keeps_a_constant_channel_finite(backend):
+    arrays = backend(_constant_channel_case())
+    y, saved = _train(arrays, mode="spatial", eps=SMALLEST_TRAINING_EPS)
+    assert np.isfinite(_host(y)).all() and np.isfinite(_host(saved.inv_std)).all()
+    grads = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
+    assert all(np.isfinite(_host(g)).all() for g in grads)
+
+
+def test_inference_allows_eps_zero(backend):
+    arrays = backend(_case())
+    y = cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"], mode="spatial", eps=0.0)
+    expected = reference.forward_inference(*(_host(arrays[n]) for n in ("x", "gamma", "beta", "running_mean", "running_var")), mode="spatial", eps=0.0)
+    np.testing.assert_allclose(_host(y), expected, rtol=1e-6)
+    scale, _ = cudnn_bn.fold_inference(*(_host(arrays[n]) for n in ("gamma", "beta", "running_mean", "running_var")), 0)
+    np.testing.assert_allclose(scale, _host(arrays["gamma"]), rtol=1e-6)
+
+
+# ---- written arrays that share memory with another argument ----
+
+def _overlaps(arrays, place):
+    """Running statistics that alias another argument; ``place`` puts a new buffer where the
+    arrays live (views of it stay views)."""
+    buffer = place(np.zeros(8, np.float32))
+    x2d = place(np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32))
+    twice = place(np.zeros(3, np.float32))
+    return {
+        "shifted views of one buffer": dict(running_mean=buffer[0:3], running_var=buffer[1:4]),
+        "one buffer twice": dict(running_mean=twice[:], running_var=twice[:]),
+        "the same array twice": dict(running_mean=twice, running_var=twice),
+        "running_mean is gamma": dict(running_mean=arrays["gamma"]),
+        "running_var is beta": dict(running_var=arrays["beta"]),
+        "running_var a view of gamma reversed": dict(running_var=arrays["gamma"][::-1]),
+        "running_mean a view of x": dict(x=x2d, dy=place(np.ones((5, 3), np.float32)), running_mean=x2d[2]),
+        "running_var a column of x": dict(x=x2d, dy=place(np.ones((5, 3), np.float32)), running_var=x2d[1:4, 1]),
+        "interleaved strides": dict(running_mean=buffer[0:6:2], running_var=buffer[1:7:2]),
+    }
+
+
+def _place(backend):
+    return lambda array: backend({"a": array})["a"]
+
+
+@pytest.mark.parametrize("label", list(_overlaps(_case(), lambda a: a)))
+def test_written_arrays_that_share_memory_are_refused(backend, label):
+    arrays = backend(_case())
+    arrays.update(_overlaps(arrays, _place(backend))[label])
+    snapshot = _snapshot(arrays)
+    with pytest.raises(ValueError, match="running_(mean|var): expected memory of its own \\(it is written in place\\), got an array whose memory overlaps"):
+        _train(arrays, mode="spatial")
+    _assert_untouched(arrays, snapshot)
+
+
+def test_disjoint_views_of_one_buffer_are_accepted():
+    arrays = _case()
+    buffer = np.zeros(6, np.float32)
+    arrays.update(running_mean=buffer[0:3], running_var=buffer[3:6])
+    arrays["running_var"][...] = 1.0
+    _train(arrays, mode="spatial", momentum=1.0)
+    np.testing.assert_allclose(buffer[0:3], arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-5)
+
+
+# ---- the SPATIAL re-run that the overflow advice suggests ----
+
+def test_spatial_backward_accepts_persistent_statistics(backend):
+    arrays = backend(_case())
+    _, saved = _train(arrays, mode="spatial_persistent")
+    assert saved.mode is Mode.SPATIAL_PERSISTENT
+    persistent = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
+    spatial = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, mode="spatial")
+    for a, b in zip(persistent, spatial):
+        np.testing.assert_allclose(_host(a), _host(b), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mode: saved statistics were computed in SPATIAL_PERSISTENT, got mode=PER_ACTIVATION"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, mode="per_activation")
+    _, spatial_saved = _train(arrays, mode="spatial")
+    with pytest.raises(ValueError, match="mode: saved statistics were computed in SPATIAL, got mode=SPATIAL_PERSISTENT"):
+        cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], spatial_saved, mode="spatial_persistent")
+
+
+# ---- SavedStats equality and hashing ----
+
+def test_saved_stats_equality_is_identity_of_arrays_and_equal_settings():
+    arrays = _case()
+    _, saved = _train(arrays, mode="spatial")
+    same = copy.copy(saved)
+    assert saved == saved and saved == same and hash(saved) == hash(same)
+    assert {saved: 1}[same] == 1
+    assert saved != dataclasses.replace(saved, mean=saved.mean.copy())  # equal values, another array
+    assert saved != dataclasses.replace(saved, eps=1e-3)
+    assert saved != dataclasses.replace(saved, on_overflow="ignore")
+    assert (saved == 3) is False and (saved != "saved") is True
+    restored = pickle.loads(pickle.dumps(saved))
+    assert restored != saved and restored.mode is Mode.SPATIAL
+    np.testing.assert_array_equal(restored.mean, saved.mean)
+
+
+def test_mode_prints_its_name():
+    assert str(Mode.SPATIAL_PERSISTENT) == "SPATIAL_PERSISTENT"
+    assert f"{Mode.PER_ACTIVATION}" == "PER_ACTIVATION" and f"{Mode.SPATIAL:>9}" == "  SPATIAL"
+    assert int(Mode.SPATIAL) == 1 and Mode.SPATIAL == 1
+    arrays = _case()
+    _, saved = _train(arrays, mode="spatial_persistent")
+    assert str(saved.mode) == "SPATIAL_PERSISTENT"
+
+
+def test_overlap_bounds_use_the_device_pointer_of_cupy_arrays():
+    """Real cupy arrays are not numpy arrays: their range comes from ``.data.ptr`` and byte strides."""
+    from cudnn_bn._core.validate import check_no_overlap
+
+    class DeviceArray:  # what the check reads of a cupy.ndarray
+        def __init__(self, ptr, shape, strides, itemsize=4):
+            self.data = type("MemoryPointer", (), {"ptr": ptr})()
+            self.shape, self.strides, self.itemsize = shape, strides, itemsize
+            self.size = int(np.prod(shape))
+
+    base = 0x7F0000000000
+    check_no_overlap({"running_mean": DeviceArray(base, (3,), (4,))}, {"gamma": DeviceArray(base + 12, (3,), (4,))})
+    with pytest.raises(ValueError, match="running_mean: expected memory of its own"):
+        check_no_overlap({"running_mean": DeviceArray(base, (3,), (4,))}, {"gamma": DeviceArray(base + 8, (3,), (4,))})
+    with pytest.raises(ValueError, match="running_var: expected memory of its own .* overlaps x's"):  # a reversed view
+        check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))}, {"x": DeviceArray(base - 396, (10, 10), (40, 4))})
+    check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))}, {"x": DeviceArray(base - 400, (10, 10), (40, 4))})  # adjacent
+    check_no_overlap({"running_var": DeviceArray(base, (0,), (4,))}, {"x": DeviceArray(base, (3,), (4,))})  # empty

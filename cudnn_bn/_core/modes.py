@@ -21,6 +21,13 @@ class Mode(enum.IntEnum):
     SPATIAL = 1
     SPATIAL_PERSISTENT = 2
 
+    def __str__(self) -> str:
+        # IntEnum prints its value ("2"); the name is what users compare against the docs
+        return self.name
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
     @property
     def is_spatial(self) -> bool:
         """True for the two modes whose statistics are per channel."""

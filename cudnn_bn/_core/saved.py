@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .modes import Mode
+from .modes import Mode, parse_mode, parse_on_overflow
 
 __all__ = ["SavedStats"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SavedStats:
     """Batch statistics saved by ``forward_training`` for ``backward``.
 
@@ -19,10 +19,23 @@ class SavedStats:
         inv_std: ``1 / sqrt(biased batch variance + eps)``, parameter shape and dtype
             (cuDNN's ``resultSaveInvVariance``).
         mode: the :class:`Mode` that actually ran (after ``"auto"`` and any overflow fallback).
-        eps: the epsilon used; backward must use the same one.
+            A name or value given here is converted to the Mode at construction.
+        eps: the epsilon used (a float >= 2**-126, as forward_training requires); backward must
+            use the same one.
         channel_axis: 1, or -1 for channels-last.
-        reserve_space: device buffer of the cuDNN Ex path, needed by its backward; None elsewhere.
-        on_overflow: the overflow policy forward ran under; backward inherits it by default.
+        reserve_space: the uint8 device buffer of the cuDNN Ex path, needed by its backward; None
+            elsewhere.
+        on_overflow: the overflow policy forward ran under (an :class:`OnOverflow` or None);
+            backward inherits it by default.
+
+    The scalar fields are validated at construction (a typed error names the field); the arrays
+    are checked by ``backward`` against x, since their expected shape and dtype depend on it.
+
+    Equality and hashing are by identity of the arrays: two SavedStats are equal when they hold
+    the same ``mean``, ``inv_std`` and ``reserve_space`` objects and equal mode, eps,
+    channel_axis and on_overflow. This is cheap (no device synchronisation), never raises, and
+    makes SavedStats usable as a dict key; a copy with equal values but new arrays (e.g. after
+    pickling) compares unequal. Compare values with ``numpy.array_equal`` when that is meant.
     """
 
     mean: Any
@@ -32,3 +45,38 @@ class SavedStats:
     channel_axis: int
     reserve_space: Any = None
     on_overflow: Any = None
+
+    def __post_init__(self) -> None:
+        # imported here: validate imports this module
+        from .validate import check_channel_axis, check_eps
+
+        try:
+            settings = dict(
+                mode=parse_mode(self.mode),
+                eps=check_eps(self.eps, training=True),
+                channel_axis=check_channel_axis(self.channel_axis),
+                on_overflow=None if self.on_overflow is None else parse_on_overflow(self.on_overflow),
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"SavedStats.{error}") from None
+        for name, value in settings.items():
+            object.__setattr__(self, name, value)
+
+    def _identity(self) -> tuple:
+        return (
+            id(self.mean),
+            id(self.inv_std),
+            id(self.reserve_space),
+            self.mode,
+            self.eps,
+            self.channel_axis,
+            self.on_overflow,
+        )
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SavedStats):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())

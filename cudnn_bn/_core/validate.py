@@ -12,21 +12,38 @@ import math
 import numpy as np
 
 from .layout import Layout, make_layout
-from .modes import Mode, parse_mode
+from .modes import AUTO, Mode, parse_mode
 from .saved import SavedStats
 
 __all__ = [
     "Checked",
     "DATA_DTYPES",
+    "MIN_TRAINING_EPS",
+    "OPTIONAL_ARRAYS",
     "array_kind",
     "check_backward",
+    "check_channel_axis",
+    "check_eps",
+    "check_fold",
     "check_forward_inference",
     "check_forward_training",
-    "check_fold",
+    "check_momentum",
+    "check_no_overlap",
+    "check_saved",
     "param_dtype_for",
+    "resolve_backward_settings",
 ]
 
 DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+# The arguments a call may leave as None; every other array argument is required.
+OPTIONAL_ARRAYS = ("running_mean", "running_var")
+
+# Training and backward refuse an eps below this. cuDNN itself accepts any eps >= 0
+# (CUDNN_BN_MIN_EPSILON is 0.0), but a constant channel has variance 0, so its inverse std
+# 1 / sqrt(0 + eps) is infinite for eps = 0 and overflows float32 parameters for an eps that is
+# nearly 0. float32's smallest normal number (2**-126, about 1.2e-38) keeps it finite (below 1e19).
+MIN_TRAINING_EPS = float(np.finfo(np.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,14 +61,32 @@ def param_dtype_for(data_dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(data_dtype) == np.float64 else np.dtype(np.float32)
 
 
-def array_kind(**named) -> str:
-    """Return "numpy" or "cupy" for the given arrays (None entries skipped); TypeError if mixed."""
+def _is_cupy(array) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
+    """Return "numpy" or "cupy" for the given arrays; TypeError for a non-array or mixed kinds.
+
+    None is accepted only for the names in ``optional`` (the running statistics). A numpy masked
+    array or matrix is refused: the computation would silently ignore the mask, or reshape a
+    matrix into something else.
+    """
     kinds = {}
     for name, array in named.items():
         if array is None:
-            continue
-        if type(array).__module__.split(".")[0] == "cupy":
+            if name in optional:
+                continue
+            raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got None")
+        if _is_cupy(array):
             kinds[name] = "cupy"
+        elif isinstance(array, np.ma.MaskedArray):
+            raise TypeError(
+                f"{name}: expected a plain numpy.ndarray, got a numpy masked array (its mask would be "
+                f"ignored); pass {name}.filled(value) or drop the masked entries first"
+            )
+        elif isinstance(array, np.matrix):
+            raise TypeError(f"{name}: expected a plain numpy.ndarray, got a numpy.matrix; pass np.asarray({name})")
         elif isinstance(array, np.ndarray):
             kinds[name] = "numpy"
         else:
@@ -61,6 +96,49 @@ def array_kind(**named) -> str:
         detail = ", ".join(f"{name}={kind}" for name, kind in kinds.items())
         raise TypeError(f"arrays of mixed kinds: expected all numpy or all cupy, got {detail}")
     return found.pop() if found else "numpy"
+
+
+def _byte_range(array) -> tuple[int, int] | None:
+    """[first, last + 1) byte addresses an array can touch; None for an empty array.
+
+    Conservative: the bounds of the strided extent, so two arrays that interleave without
+    sharing an element still count as overlapping.
+    """
+    if array.size == 0:
+        return None
+    if isinstance(array, np.ndarray):
+        start = array.__array_interface__["data"][0]
+    else:  # cupy: the device address of the first element
+        start = array.data.ptr
+    low = high = start
+    for size, stride in zip(array.shape, array.strides):
+        step = (size - 1) * stride
+        if step < 0:
+            low += step
+        else:
+            high += step
+    return low, high + array.itemsize
+
+
+def check_no_overlap(written: dict, read: dict) -> None:
+    """Refuse any array in ``written`` (updated in place) whose memory may overlap another argument.
+
+    Both dicts map argument names to arrays (None entries skipped). Works for numpy and cupy
+    arrays alike; may-share counts as sharing.
+    """
+    ranges = {name: _byte_range(array) for name, array in {**read, **written}.items() if array is not None}
+    for name in written:
+        mine = ranges.get(name)
+        if mine is None:
+            continue
+        for other, theirs in ranges.items():
+            if other == name or theirs is None:
+                continue
+            if mine[0] < theirs[1] and theirs[0] < mine[1]:
+                raise ValueError(
+                    f"{name}: expected memory of its own (it is written in place), got an array whose memory "
+                    f"overlaps {other}'s; pass a separate array, e.g. {name}.copy()"
+                )
 
 
 def _check_data(name: str, array) -> np.dtype:
@@ -84,22 +162,47 @@ def _check_running(name: str, array, layout: Layout) -> None:
         raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
 
 
-def check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
-        raise TypeError(f"eps: expected a float, got {eps!r}")
-    eps = float(eps)
+def _real_number(name: str, value, expected: str) -> float:
+    """A Python or numpy real scalar as a float (bool, strings and arrays are TypeErrors)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past float range, e.g. 10**400
+        raise ValueError(f"{name}: expected {expected}, got an integer of {len(str(abs(int(value))))} digits") from None
+
+
+def check_eps(eps, *, training: bool = False) -> float:
+    """eps as a float: finite and >= 0 for inference, >= MIN_TRAINING_EPS for training and backward."""
+    if training:
+        eps = _real_number("eps", eps, f"a float >= {MIN_TRAINING_EPS:.3g}")
+        if not math.isfinite(eps) or eps < MIN_TRAINING_EPS:
+            raise ValueError(
+                f"eps: expected a finite value >= {MIN_TRAINING_EPS:.3g} (2**-126) in training and backward, "
+                f"got {eps}: a constant channel has variance 0, so its inverse std 1/sqrt(var + eps) would be "
+                f"infinite or past float32's range (cuDNN allows eps = 0; this package refuses it so that no "
+                f"inf or NaN appears silently)"
+            )
+        return eps
+    eps = _real_number("eps", eps, "a float >= 0")
     if not math.isfinite(eps) or eps < 0.0:
         raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
     return eps
 
 
 def check_momentum(momentum) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)):
-        raise TypeError(f"momentum: expected a float in [0, 1], got {momentum!r}")
-    momentum = float(momentum)
+    """momentum (cuDNN's exponentialAverageFactor) as a float in [0, 1]."""
+    momentum = _real_number("momentum", momentum, "a float in [0, 1]")
     if not math.isfinite(momentum) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum: expected a finite value in [0, 1], got {momentum}")
     return momentum
+
+
+def check_channel_axis(channel_axis) -> int:
+    """channel_axis as a Python int (numpy integers accepted); the range is checked by make_layout."""
+    if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)):
+        raise TypeError(f"channel_axis: expected an int (1 or -1), got {channel_axis!r}")
+    return int(channel_axis)
 
 
 def _check_trainable(layout: Layout) -> None:
@@ -110,53 +213,78 @@ def _check_trainable(layout: Layout) -> None:
         )
 
 
-def _checked(x, mode, channel_axis, eps, params: dict) -> Checked:
+def _checked(x, mode, channel_axis, eps, params: dict, *, training: bool) -> Checked:
     data_dtype = _check_data("x", x)
-    layout = make_layout(x.shape, channel_axis, parse_mode(mode))
+    layout = make_layout(x.shape, check_channel_axis(channel_axis), parse_mode(mode))
     for name, array in params.items():
         _check_float(name, array, layout.param_shape)
-    return Checked(layout, data_dtype, param_dtype_for(data_dtype), check_eps(eps))
+    return Checked(layout, data_dtype, param_dtype_for(data_dtype), check_eps(eps, training=training))
 
 
 def check_forward_training(x, gamma, beta, running_mean, running_var, *, mode, momentum, eps, channel_axis) -> tuple[Checked, float]:
-    """Validate a forward-training call; return the description and the momentum as a float."""
-    checked = _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta})
+    """Validate a forward-training call; return the description and the momentum as a float.
+
+    The running statistics are written in place, so each must have memory of its own: one that
+    overlaps x, gamma, beta or the other statistic is refused.
+    """
+    array_kind(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    checked = _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta}, training=True)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean, running_var: expected both or neither, got only one")
     if running_mean is not None:
         _check_running("running_mean", running_mean, checked.layout)
         _check_running("running_var", running_var, checked.layout)
-        if running_mean is running_var:
-            raise ValueError("running_mean, running_var: expected two different arrays, got the same one twice")
+        check_no_overlap(
+            {"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta}
+        )
     momentum = check_momentum(momentum)
     _check_trainable(checked.layout)
     return checked, momentum
 
 
 def check_forward_inference(x, gamma, beta, mean, var, *, mode, eps, channel_axis) -> Checked:
-    """Validate a forward-inference call."""
-    return _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta, "mean": mean, "var": var})
+    """Validate a forward-inference call (eps = 0 is allowed here: the statistics are given)."""
+    array_kind(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
+    return _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta, "mean": mean, "var": var}, training=False)
+
+
+def check_saved(x, saved) -> None:
+    """``saved`` is a SavedStats whose arrays are arrays of x's kind (shapes and dtypes are
+    checked by check_backward, once the layout is known)."""
+    if not isinstance(saved, SavedStats):
+        raise TypeError(f"saved: expected cudnn_bn.SavedStats or None, got {type(saved).__name__}")
+    array_kind(x=x, **{"saved.mean": saved.mean, "saved.inv_std": saved.inv_std})
+    if saved.reserve_space is not None:
+        array_kind(x=x, **{"saved.reserve_space": saved.reserve_space})
 
 
 def resolve_backward_settings(x, saved, mode, eps, channel_axis):
     """Settle mode, eps and channel_axis for backward from ``saved`` and the explicit arguments.
 
-    ``mode`` may be a Mode, a name, "auto" or None; "auto" and None defer to ``saved``.
-    Returns ``(mode_or_auto, eps, channel_axis)`` where mode_or_auto is "auto" only when there
-    is no ``saved`` and the caller left the choice to the policy.
+    ``mode`` may be a Mode, a name, "auto" or None; "auto" and None defer to ``saved``. An
+    explicit mode must match ``saved.mode``, with one exception: SPATIAL may run the backward of
+    SPATIAL_PERSISTENT statistics (the same math on the same statistics; it is what a persistent
+    backward that overflowed is re-run with). Returns ``(mode_or_auto, eps, channel_axis)``
+    where mode_or_auto is "auto" only when there is no ``saved`` and the caller left the choice
+    to the policy; eps is a float and channel_axis an int.
     """
+    array_kind(x=x)
     explicit_mode = None if mode is None else parse_mode(mode, allow_auto=True)
+    eps = None if eps is None else check_eps(eps, training=True)
+    channel_axis = None if channel_axis is None else check_channel_axis(channel_axis)
     if saved is None:
         if explicit_mode is None:
             raise ValueError("mode: required when saved is None (backward recomputes the batch statistics)")
         if eps is None:
             raise ValueError("eps: required when saved is None (it must equal the forward call's eps)")
         return explicit_mode, eps, 1 if channel_axis is None else channel_axis
-    if not isinstance(saved, SavedStats):
-        raise TypeError(f"saved: expected cudnn_bn.SavedStats or None, got {type(saved).__name__}")
-    if explicit_mode not in (None, "auto") and explicit_mode is not saved.mode:
-        raise ValueError(f"mode: saved statistics were computed in {saved.mode.name}, got mode={explicit_mode.name}")
-    if eps is not None and float(eps) != saved.eps:
+    check_saved(x, saved)
+    run_mode = saved.mode
+    if explicit_mode not in (None, AUTO) and explicit_mode is not saved.mode:
+        if not (explicit_mode is Mode.SPATIAL and saved.mode is Mode.SPATIAL_PERSISTENT):
+            raise ValueError(f"mode: saved statistics were computed in {saved.mode.name}, got mode={explicit_mode.name}")
+        run_mode = Mode.SPATIAL
+    if eps is not None and eps != saved.eps:
         raise ValueError(f"eps: saved statistics were computed with eps={saved.eps}, got eps={eps}")
     if channel_axis is not None:
         explicit = make_layout(x.shape, channel_axis, saved.mode).public_channel_axis
@@ -164,12 +292,39 @@ def resolve_backward_settings(x, saved, mode, eps, channel_axis):
             raise ValueError(
                 f"channel_axis: saved statistics were computed with channel_axis={saved.channel_axis}, got {channel_axis}"
             )
-    return saved.mode, saved.eps, saved.channel_axis
+    return run_mode, saved.eps, saved.channel_axis
+
+
+def _check_saved_arrays(saved: SavedStats, checked: Checked) -> None:
+    param_dtype = checked.param_dtype
+    for name in ("mean", "inv_std"):
+        array = getattr(saved, name)
+        dtype = np.dtype(array.dtype)
+        if dtype.kind != "f" or dtype.itemsize < param_dtype.itemsize:
+            raise TypeError(
+                f"saved.{name}: expected {param_dtype} (the parameter dtype for {checked.data_dtype} data; "
+                f"a narrower float loses the statistics' precision), got {dtype}"
+            )
+        if tuple(array.shape) != checked.layout.param_shape:
+            raise ValueError(f"saved.{name}: expected shape {checked.layout.param_shape}, got {tuple(array.shape)}")
+        # only the persistent path is checked: on a GPU the check costs a synchronisation, and
+        # that path already synchronises for its overflow query
+        if checked.layout.mode is Mode.SPATIAL_PERSISTENT and not bool(_array_module(array).isfinite(array).all()):
+            raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
+    reserve = saved.reserve_space
+    if reserve is not None:
+        dtype = np.dtype(reserve.dtype)
+        if dtype != np.uint8 or reserve.ndim != 1 or reserve.size == 0 or not reserve.flags.c_contiguous:
+            raise TypeError(
+                "saved.reserve_space: expected None or the non-empty 1-D contiguous uint8 buffer that "
+                f"forward_training returned, got a {reserve.ndim}-D {dtype} array of {reserve.size} elements"
+            )
 
 
 def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis) -> Checked:
     """Validate a backward call whose mode, eps and axis were settled by resolve_backward_settings."""
-    checked = _checked(x, mode, channel_axis, eps, {"gamma": gamma})
+    array_kind(x=x, dy=dy, gamma=gamma)
+    checked = _checked(x, mode, channel_axis, eps, {"gamma": gamma}, training=True)
     dy_dtype = np.dtype(dy.dtype)
     if dy_dtype != checked.data_dtype:
         raise TypeError(f"dy: expected x's dtype {checked.data_dtype}, got {dy_dtype}")
@@ -183,18 +338,14 @@ def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis) -> Che
                 "forward_training (cuDNN does not recompute them on that path), got None"
             )
         return checked
-    for name in ("mean", "inv_std"):
-        array = getattr(saved, name)
-        _check_float(f"saved.{name}", array, checked.layout.param_shape)
-        # only the persistent path is checked: on a GPU the check costs a synchronisation, and
-        # that path already synchronises for its overflow query
-        if checked.layout.mode is Mode.SPATIAL_PERSISTENT and not bool(_array_module(array).isfinite(array).all()):
-            raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
+    check_saved(x, saved)
+    _check_saved_arrays(saved, checked)
     return checked
 
 
 def check_fold(gamma, beta, mean, var, eps) -> float:
-    """Validate fold_inference's arguments: four float arrays of one shape and an eps."""
+    """Validate fold_inference's arguments: four float arrays of one shape and an eps >= 0."""
+    array_kind(gamma=gamma, beta=beta, mean=mean, var=var)
     shape = tuple(gamma.shape)
     for name, array in {"gamma": gamma, "beta": beta, "mean": mean, "var": var}.items():
         _check_float(name, array, shape)
