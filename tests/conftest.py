@@ -1,6 +1,16 @@
-"""Shared test helpers: inputs for any mode x layout x dtype, and the GPU marker's skip."""
+"""Shared test helpers: inputs for any mode x layout x dtype, and the `gpu` marker's rules.
+
+A test marked `gpu` needs cuDNN on a CUDA GPU. Where none is usable it is skipped with the reason,
+or, when the environment variable CUDNN_BN_REQUIRE_GPU=1 is set (as `.ci/gpu-validate` does), it
+fails with that reason: a GPU validation run on a machine whose GPU is not usable must not pass.
+After every `gpu` test the devices are synchronized, so that an asynchronous CUDA fault is charged
+to the test that caused it rather than to a later one.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +22,8 @@ from cudnn_bn._core.validate import param_dtype_for
 MODES = list(Mode)
 LAYOUTS = [(2, 1), (3, 1), (3, -1), (4, 1), (4, -1), (5, 1), (5, -1)]  # (ndim, channel_axis)
 DTYPES = [np.float16, np.float32, np.float64]
+
+REQUIRE_GPU_VARIABLE = "CUDNN_BN_REQUIRE_GPU"
 
 
 def shape_for(ndim: int, channel_axis: int, batch: int = 3, channels: int = 2, spatial=(3, 2, 2)) -> tuple[int, ...]:
@@ -32,42 +44,78 @@ def make_case(shape, mode, channel_axis=1, dtype=np.float64, seed=0, xp=np, offs
     return layout, xp.asarray(x), xp.asarray(dy), xp.asarray(gamma), xp.asarray(beta)
 
 
-def _gpu_available() -> tuple[bool, str]:
-    try:
-        import cupy
+def gpu_required() -> bool:
+    """True when CUDNN_BN_REQUIRE_GPU asks for `gpu` tests to fail rather than skip without a GPU."""
+    return os.environ.get(REQUIRE_GPU_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
 
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # no cupy, no driver, or no device: all mean "no GPU here"
-        return False, f"no usable CUDA GPU ({type(error).__name__}: {error})"
-    if count < 1:
-        return False, "no CUDA device found"
-    try:
-        from cudnn_bn._cudnn import raw as _raw
 
-        _raw.library()
+@functools.lru_cache(maxsize=1)
+def gpu_status() -> tuple[bool, str]:
+    """(usable, reason) from the package's own check, asked once per session."""
+    from cudnn_bn._cudnn.availability import cudnn_status
+
+    try:
+        return cudnn_status()
+    except Exception as error:  # the check itself failed: that is a reason too, not a crash
+        return False, f"cudnn_status() raised {type(error).__name__}: {error}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpu") is None:
+        return
+    usable, reason = gpu_status()
+    if not usable:
+        if gpu_required():
+            pytest.fail(f"{REQUIRE_GPU_VARIABLE}=1 but no usable GPU: {reason}", pytrace=False)
+        pytest.skip(f"no usable GPU: {reason}")
+    _check_context_after_earlier_fault()
+
+
+# (nodeid, error) of the gpu test after which a synchronize failed; later tests check the context first
+_FAULT: dict = {}
+
+
+def _synchronize_all_devices() -> None:
+    import cupy
+
+    for device_id in range(cupy.cuda.runtime.getDeviceCount()):
+        with cupy.cuda.Device(device_id):
+            cupy.cuda.Device(device_id).synchronize()
+
+
+def _check_context_after_earlier_fault() -> None:
+    """After a fault, a sticky CUDA error makes every later result meaningless: say where it began."""
+    if not _FAULT:
+        return
+    try:
+        _synchronize_all_devices()
     except Exception as error:
-        return False, f"libcudnn not loadable ({error})"
-    return True, ""
+        pytest.fail(
+            f"the CUDA context has been unusable since {_FAULT['nodeid']} ({_FAULT['error']}); now: "
+            f"{type(error).__name__}: {error}",
+            pytrace=False,
+        )
+    _FAULT.clear()  # the earlier error was not sticky
 
 
-def pytest_collection_modifyitems(config, items):
-    if not any("gpu" in item.keywords for item in items):
+@pytest.fixture(autouse=True)
+def _synchronize_after_gpu_test(request):
+    """Wait for every kernel a `gpu` test queued, so an asynchronous fault fails that test."""
+    yield
+    if request.node.get_closest_marker("gpu") is None or not gpu_status()[0]:
         return
-    available, reason = _gpu_available()
-    if available:
-        return
-    skip = pytest.mark.skip(reason=reason)
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    try:
+        _synchronize_all_devices()
+    except Exception as error:
+        _FAULT.update(nodeid=request.node.nodeid, error=f"{type(error).__name__}: {error}")
+        pytest.fail(f"device synchronize after the test failed: {type(error).__name__}: {error}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
 def cudnn_library():
     """The real libcudnn from the nvidia-cudnn wheel. CI installs it, so there a missing library
     fails the run instead of skipping the binding tests."""
-    import os
-
     from cudnn_bn._cudnn import raw as _raw
 
     try:
@@ -81,8 +129,6 @@ def cudnn_library():
 @pytest.fixture(scope="session")
 def cudnn_headers(cudnn_library):
     """Text of cudnn_graph.h and cudnn_ops.h as installed beside the library."""
-    import os
-
     from cuda import pathfinder
 
     from header_check import HEADERS
