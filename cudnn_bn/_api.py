@@ -1,5 +1,10 @@
 """The public functions: resolve the mode, then send numpy arrays to the reference and cupy
-arrays to cuDNN. Both sides validate with the same checks."""
+arrays to cuDNN. Both sides validate with the same checks.
+
+CUDA arrays of other libraries (objects exposing ``__cuda_array_interface__``, or ``__dlpack__``
+on a CUDA device) are wrapped as cupy arrays without a copy (cudnn_bn/_cudnn/interop.py, imported
+only when such an argument arrives) and then take the cuDNN path; results are cupy arrays.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,58 @@ import dataclasses
 
 from . import reference
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
+from ._core.saved import SavedStats
 from ._core.validate import array_kind, resolve_backward_settings
 
-__all__ = ["backward", "forward_inference", "forward_training"]
+__all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
+
+_RUNNING = ("running_mean", "running_var")  # optional, and updated in place
 
 
 def _cudnn_ops():
     from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
 
     return ops
+
+
+def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:
+    """Return ``(kind, arrays)``: "numpy" or "cupy", and the arguments in the order given, with
+    CUDA arrays of other libraries replaced by zero-copy cupy views.
+
+    ``written`` names the arguments the call updates in place, ``optional`` those that may be
+    None. Anything else that is not an accepted array is a TypeError naming the argument and what
+    is accepted; mixed kinds are a TypeError.
+    """
+    given = {name: value for name, value in named.items() if not (value is None and name in optional)}
+    try:
+        kind = array_kind(**given)
+    except TypeError:  # a foreign array, something unsupported, or mixed kinds: sorted out below
+        from ._cudnn import interop
+
+        given = {name: interop.as_supported_array(name, value, written=name in written) for name, value in given.items()}
+        kind = array_kind(**given)
+    return kind, tuple(given.get(name) for name in named)
+
+
+def _accept_saved(saved):
+    """``saved`` with foreign CUDA arrays in its mean and inv_std wrapped like the other arguments."""
+    if not isinstance(saved, SavedStats):
+        return saved  # None, or a wrong type that resolve_backward_settings reports
+    _, (mean, inv_std) = accept_arrays((), (), saved_mean=saved.mean, saved_inv_std=saved.inv_std)
+    if mean is saved.mean and inv_std is saved.inv_std:
+        return saved
+    return dataclasses.replace(saved, mean=mean, inv_std=inv_std)
+
+
+def cudnn_available() -> tuple[bool, str]:
+    """``(usable, reason)``: whether cupy arrays can run through cuDNN on this machine.
+
+    ``reason`` says what was found ("1 GPU(s)") or what is missing (CuPy, a GPU or driver, a
+    usable libcudnn). numpy arrays always run on the reference, whatever this returns.
+    """
+    from ._cudnn.availability import cudnn_status
+
+    return cudnn_status()
 
 
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
@@ -26,9 +74,15 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
         on_overflow: "raise", "fallback" or "ignore" for SPATIAL_PERSISTENT on cuDNN; None means
             "raise" when persistent was asked for by name and "fallback" when "auto" chose it.
 
+    Arrays may also be CUDA arrays of other libraries (see docs/migrating-from-cupy.md): they run
+    on cuDNN, running statistics are updated in place in the caller's objects, and ``y`` and the
+    saved statistics are cupy arrays.
+
     Returns ``(y, saved)``; ``saved.mode`` is the mode that actually ran.
     """
-    kind = array_kind(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    kind, (x, gamma, beta, running_mean, running_var) = accept_arrays(
+        _RUNNING, _RUNNING, x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
+    )
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
     arguments = dict(mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis)
     if kind == "numpy":
@@ -41,11 +95,12 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
 
 
 def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, channel_axis=1):
-    """Batch-norm forward with fixed statistics on numpy or cupy arrays.
+    """Batch-norm forward with fixed statistics on numpy or cupy arrays (or other CUDA arrays,
+    as in :func:`forward_training`).
 
     Same arguments and result as :func:`cudnn_bn.reference.forward_inference`; ``mode`` may be "auto".
     """
-    kind = array_kind(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
+    kind, (x, gamma, beta, mean, var) = accept_arrays((), (), x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
     if kind == "numpy":
         return reference.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
@@ -53,12 +108,14 @@ def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, chann
 
 
 def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None, on_overflow=None):
-    """Gradients ``(dx, dgamma, dbeta)`` on numpy or cupy arrays.
+    """Gradients ``(dx, dgamma, dbeta)`` on numpy or cupy arrays (or other CUDA arrays, as in
+    :func:`forward_training`).
 
     Same arguments and results as :func:`cudnn_bn.reference.backward`. With ``saved`` the mode that
     forward ran is used; without it ``mode`` (which may be "auto") and ``eps`` are required.
     """
-    kind = array_kind(x=x, dy=dy, gamma=gamma)
+    kind, (x, dy, gamma) = accept_arrays((), (), x=x, dy=dy, gamma=gamma)
+    saved = _accept_saved(saved)
     mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
     if saved is not None:
         array_kind(x=x, saved_mean=saved.mean, saved_inv_std=saved.inv_std)
