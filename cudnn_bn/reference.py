@@ -82,7 +82,7 @@ class _Blocks:
     Per-group arrays (parameters, running sums) are written out at ``block_shaped`` size so that
     every operation runs on whole arrays: NumPy broadcasts a per-group value along a short inner
     axis about 1.6x slower, and reduces over a long outer axis (channels-last) about 3x slower.
-    Where that size would be too large next to x they stay vectors.
+    Where x is a single block, or that size would be too large next to x, they stay vectors.
 
     The arithmetic is elementwise on float64 (float16/float32 blocks are widened exactly first),
     and every sum runs over a block-shaped accumulator or a contiguous float64 block, so the
@@ -105,7 +105,8 @@ class _Blocks:
             for i in range(0, inner, inner_step)
         ]
         self.block_shaped = (outer_step, groups, inner_step)
-        self.write_out = math.prod(self.block_shaped) <= max(block_elements, budget)
+        # written out only where they are reused by several blocks
+        self.write_out = len(self.slices) > 1 and math.prod(self.block_shaped) <= max(block_elements, budget)
         self._scratch = np.empty((2, outer_step * group_step * inner_step))
 
     def local(self, block) -> tuple[slice, slice, slice]:

@@ -1,10 +1,16 @@
-"""The command line: info and compare exit 0 without a GPU and print what they found."""
+"""The command line: info and compare exit 0 without a GPU and print what they found; a failed
+row is reported and the rest still runs; --require-cudnn refuses to fall back to the reference."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+
+from cudnn_bn._tools import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,3 +58,59 @@ def test_a_machine_without_cupy_or_libcudnn_still_works():
     assert "cudnn" in result.stdout and "unavailable: CudnnLibraryNotFoundError" in result.stdout
     assert "CuPy is not installed" in result.stdout or "not installed" in result.stdout
     assert "numpy reference only" in result.stdout
+
+
+def test_require_cudnn_fails_and_says_why_where_cudnn_is_unusable():
+    from cudnn_bn._cudnn.availability import cudnn_status
+
+    usable, reason = cudnn_status()
+    if usable:
+        pytest.skip("cuDNN is usable here")
+    for command in ("bench", "compare"):
+        result = _cli(command, "--require-cudnn")
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert f"{command} --require-cudnn: cuDNN is unusable here" in result.stderr and reason in result.stderr
+        assert "| " not in result.stdout  # nothing ran on the reference instead
+
+
+def test_compare_refuses_require_cudnn_with_reference(capsys):
+    assert cli.main(["compare", "--reference", "--require-cudnn"]) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_compare_records_a_failed_row_and_goes_on(monkeypatch, capsys):
+    from cudnn_bn._tools import compare
+
+    backward = compare._api.backward
+
+    def fails_on_persistent(x, dy, gamma, saved, **kwargs):
+        if saved.mode.name == "SPATIAL_PERSISTENT":
+            raise RuntimeError("simulated failure\nmore detail")
+        return backward(x, dy, gamma, saved, **kwargs)
+
+    monkeypatch.setattr(compare._api, "backward", fails_on_persistent)
+    assert cli.main(["compare", "--reference"]) == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.out.splitlines() if "failed:" in line]
+    assert len(failed) == 2 and all("SPATIAL_PERSISTENT | backward | failed: RuntimeError: simulated failure | - |" in line for line in failed)
+    assert len([line for line in captured.out.splitlines() if line.startswith(("| NCHW", "| NHWC"))]) == 2 * 3 * 3
+    assert "2 row(s) failed" in captured.err
+
+
+def test_compare_on_the_simulated_gpu_records_a_refused_row(monkeypatch, cudnn_library):
+    from fake_cudnn import simulated_gpu
+
+    from cudnn_bn._cudnn import raw
+    from cudnn_bn._tools.compare import run_compare
+
+    def refused(*args):
+        raw.check_status("cudnnBatchNormalizationForwardInference", raw.Status.NOT_SUPPORTED, "refused by the test")
+
+    with simulated_gpu(monkeypatch):
+        monkeypatch.setattr(raw.library(), "cudnnBatchNormalizationForwardInference", refused)
+        backend, rows = run_compare(np.float32)
+    assert backend == "cuDNN on CuPy arrays" and len(rows) == 2 * 3 * 3
+    failed = [row for row in rows if "error" in row]
+    assert {row["operation"] for row in failed} == {"forward_inference"} and len(failed) == 6
+    assert all(row["error"].startswith("CudnnNotSupportedError: cudnnBatchNormalizationForwardInference") for row in failed)
+    assert all(row["max_abs_error"] < 1e-4 for row in rows if "error" not in row)

@@ -3,16 +3,29 @@
 On a GPU: cuDNN through this package, CUDA-event medians after warm-up, effective bandwidth and
 its fraction of a device-to-device copy measured in the same run, PyTorch's batch_norm on the
 same shapes where it is importable, host overhead per call, the persistent mode's overflow flag
-on ordinary data, and the Ex fast path against the plain call. On a CPU: the NumPy reference on
-smaller shapes, labelled as such.
+on ordinary data, and the Ex fast path against the plain call.
+
+On a CPU: the NumPy reference (which is also the CPU backend) against PyTorch on the CPU in the
+same process, one thread each, where torch is importable. Each row gives min/median/max of
+interleaved repeats after warm-up, the ratio of medians to PyTorch, and the peak float64
+temporaries of one call in units of an x-sized float64 array (traced by tracemalloc). The
+machine's copy bandwidth, measured on a buffer larger than the last-level cache, is reported for
+scale only: the reference is not a bandwidth-bound kernel, so no traffic model is applied to it.
+
+A row that fails records the exception's type and first line, and the run goes on. With a JSON
+path, the results so far are rewritten after every row (a temporary file, then a rename), so a
+crash leaves every row measured before it.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
-import time
+import statistics
+import sys
+import tracemalloc
 
 import numpy as np
 
@@ -21,21 +34,66 @@ from .._cudnn.availability import cudnn_status
 from .._cudnn.errors import CudnnOverflowError
 from .._core.layout import make_layout, physical_shape
 from .._core.modes import Mode
-from .timing import median_gpu_seconds, median_host_seconds
+from .._core.saved import SavedStats
 from .._core.validate import param_dtype_for
+from .timing import describe_failure, host_samples, median_gpu_seconds, spread_ms
 
-__all__ = ["run_bench", "GPU_SHAPES", "CPU_SHAPES"]
+__all__ = ["run_bench", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "OPERATIONS", "to_markdown"]
 
 GPU_SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14), (256, 2048, 7, 7), (4096, 1024)]
-CPU_SHAPES = [(8, 16, 28, 28), (16, 64, 7, 7), (512, 256)]
+CPU_SHAPES = [(64, 64, 32, 32), (32, 256, 14, 14)]  # the shapes the reference is held to against torch CPU
+CPU_QUICK_SHAPES = [(8, 16, 28, 28)]
+BENCH_DTYPES = (np.float16, np.float32)
 OVERFLOW_PROBE_SHAPE = (32, 64, 56, 56)  # ordinary data: float32, uniform in [-2, 2]
 OPERATIONS = ("forward_training", "forward_inference", "backward")
-# bytes that must move, in units of one x-sized tensor: read x, write y; backward reads x and dy, writes dx
+# bytes a GPU kernel must move, in units of one x-sized tensor: read x, write y; backward reads x and dy, writes dx
 TRAFFIC = {"forward_training": 2, "forward_inference": 2, "backward": 3}
 
 
 def _layouts(shape):
     return [(1, "NCHW")] if len(shape) == 2 else [(1, "NCHW"), (-1, "NHWC")]
+
+
+class _Recorder:
+    """The result being built, rewritten to ``json_path`` after every change when one is given."""
+
+    def __init__(self, json_path=None, result=None):
+        self.path = json_path
+        self.result = {} if result is None else result
+        self.result.setdefault("rows", [])
+        self.result.setdefault("failed", [])
+
+    def save(self) -> None:
+        if not self.path:
+            return
+        temporary = f"{self.path}.tmp"
+        with open(temporary, "w") as handle:
+            json.dump(self.result, handle, indent=1)
+        os.replace(temporary, self.path)  # atomic: a reader or a crash sees the old or the new file
+
+    def set(self, key, value) -> None:
+        self.result[key] = value
+        self.save()
+
+    def row(self, row: dict) -> None:
+        self.result["rows"].append(row)
+        self.save()
+
+    def failed(self, where: dict, error: BaseException) -> None:
+        self.result["failed"].append({**where, "error": describe_failure(error)})
+        self.save()
+
+    def section(self, key, compute) -> None:
+        """result[key] = compute(), or {"error": ...} if it raises."""
+        try:
+            value = compute()
+        except Exception as error:
+            value = {"error": describe_failure(error)}
+        self.set(key, value)
+
+
+def _where(shape, layout_name, dtype, mode_label, operation) -> dict:
+    return {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "mode": mode_label, "operation": operation}
 
 
 def _host_inputs(shape, channel_axis, mode, dtype, seed=0):
@@ -83,42 +141,225 @@ def _operations(arrays, mode, channel_axis, on_overflow="ignore"):
     return operations
 
 
-def _row(shape, layout_name, dtype, mode_label, operation, seconds, nbytes, copy_gbps):
+def _torch_operations(torch, arrays, mode, channel_axis):
+    """PyTorch's batch_norm on the same data and device: the spatial modes on an NCHW view of
+    channels-last memory (torch's channels_last format), PER_ACTIVATION on the features as they
+    lie in memory."""
+    functional = torch.nn.functional
+    x = torch.from_dlpack(arrays["x"])
+    dy = torch.from_dlpack(arrays["dy"])
+    if mode is Mode.PER_ACTIVATION:
+        x, dy = x.reshape(x.shape[0], -1), dy.reshape(dy.shape[0], -1)
+    elif x.dim() > 2 and channel_axis == -1:
+        order = (0, x.dim() - 1) + tuple(range(1, x.dim() - 1))
+        x, dy = x.permute(order), dy.permute(order)
+    features = x.shape[1]
+    param_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    param = lambda value: torch.full((features,), value, device=x.device, dtype=param_dtype)  # noqa: E731
+    weight, bias = param(1.0).requires_grad_(), param(0.0).requires_grad_()
+    running_mean, running_var = param(0.0), param(1.0)
+    x_grad = x.detach().requires_grad_()
+    y = functional.batch_norm(x_grad, None, None, weight, bias, training=True, eps=1e-5)
+    return {
+        "forward_training": lambda: functional.batch_norm(x, running_mean, running_var, weight.detach(), bias.detach(), training=True, momentum=0.1, eps=1e-5),
+        "forward_inference": lambda: functional.batch_norm(x, running_mean, running_var, weight.detach(), bias.detach(), training=False, eps=1e-5),
+        "backward": lambda: torch.autograd.grad(y, (x_grad, weight, bias), dy, retain_graph=True),
+    }
+
+
+# ---------------------------------------------------------------- CPU (reference) ----
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpus_available() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _last_level_cache_bytes() -> int | None:
+    """The largest CPU cache that sysfs lists (Linux), or None."""
+    sizes = []
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in (entry for entry in os.listdir(root) if entry.startswith("index")):
+            with open(os.path.join(root, index, "size")) as handle:
+                text = handle.read().strip()
+            multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * multiplier)
+    except (OSError, ValueError):
+        return None
+    return max(sizes) if sizes else None
+
+
+def _host_copy(quick: bool) -> dict:
+    """Memory copy bandwidth (read + write) on a float32 buffer 4x the last-level cache (at least
+    64 MiB), so that it measures memory, not cache."""
+    cache = _last_level_cache_bytes()
+    nbytes = max(4 * (cache or 0), 64 << 20)
+    source = np.ones(nbytes // 4, np.float32)
+    target = np.zeros_like(source)  # both written once, so no page is first touched while timing
+    samples = host_samples({"copy": lambda: np.copyto(target, source)}, warmup=1, min_repeats=3 if quick else 10, min_seconds=0.0 if quick else 0.5)["copy"]
+    seconds = statistics.median(samples)
+    return {"copy_gbps": 2 * nbytes / seconds / 1e9, "copy_buffer_bytes": nbytes, "last_level_cache_bytes": cache}
+
+
+def _torch_cpu():
+    """torch on one thread, or None where it is not importable."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    return torch
+
+
+def _result_bytes(result) -> int:
+    if isinstance(result, np.ndarray):
+        return result.nbytes
+    if isinstance(result, SavedStats):
+        return _result_bytes((result.mean, result.inv_std))
+    if isinstance(result, tuple):
+        return sum(_result_bytes(item) for item in result)
+    return 0
+
+
+def peak_float64_temporaries(run, x) -> float:
+    """Peak memory NumPy allocates during ``run()``, less what it returns, in units of an
+    x-sized float64 array (tracemalloc sees NumPy's data buffers)."""
+    tracing = tracemalloc.is_tracing()
+    if not tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        result = run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        if not tracing:
+            tracemalloc.stop()
+    return (peak - before - _result_bytes(result)) / (x.size * 8)
+
+
+# Rounds over the whole table: each adds a few interleaved repeats to every row after its own
+# warm-up, so that a burst of background load spreads over all rows instead of owning a few, and
+# the median of a row is taken over samples from every round.
+CPU_ROUNDS = 5
+CPU_REPEATS_PER_ROUND = dict(warmup=2, min_repeats=3, min_seconds=0.0)
+CPU_QUICK_ROUNDS = 1
+CPU_QUICK_REPEATS_PER_ROUND = dict(warmup=1, min_repeats=3, min_seconds=0.0)
+
+
+def _cpu_bench(quick: bool, recorder: _Recorder | None = None, with_torch: bool | None = None) -> dict:
+    """The reference on CPU_SHAPES (CPU_QUICK_SHAPES when quick), against torch CPU when
+    ``with_torch`` is True, or None and torch is importable."""
+    recorder = recorder or _Recorder()
+    torch = _torch_cpu() if with_torch is not False else None
+    if with_torch and torch is None:
+        raise RuntimeError("bench --torch: PyTorch is not importable here")
+    peer = f"PyTorch {torch.__version__} on the CPU" if torch is not None else "no PyTorch comparison"
+    recorder.set("backend", f"CPU: NumPy reference ({peer})")
+    rounds, repeats = (CPU_QUICK_ROUNDS, CPU_QUICK_REPEATS_PER_ROUND) if quick else (CPU_ROUNDS, CPU_REPEATS_PER_ROUND)
+    recorder.set("timing", {"rounds": rounds, **repeats, "interleaved": torch is not None})
+    recorder.set("threads", {"reference": 1, "torch": torch.get_num_threads() if torch is not None else None, "cpus_available": _cpus_available()})
+    recorder.section("copy", lambda: _host_copy(quick))
+    recorder.set("copy_gbps", recorder.result["copy"].get("copy_gbps"))
+    cases = [
+        (shape, dtype, channel_axis, layout_name, mode)
+        for shape in (CPU_QUICK_SHAPES if quick else CPU_SHAPES)
+        for dtype in BENCH_DTYPES
+        for channel_axis, layout_name in _layouts(shape)
+        for mode in Mode
+    ]
+    rows, failed = {}, set()
+    for _ in range(rounds):
+        for shape, dtype, channel_axis, layout_name, mode in cases:
+            where = {operation: _where(shape, layout_name, dtype, mode.name, operation) for operation in OPERATIONS}
+            if all(_key(w) in failed for w in where.values()):
+                continue
+            try:
+                arrays = _host_inputs(shape, channel_axis, mode, dtype)
+                ours = _operations(arrays, mode, channel_axis)
+                theirs = _torch_operations(torch, arrays, mode, channel_axis) if torch is not None else {}
+            except Exception as error:
+                for operation in OPERATIONS:
+                    _cpu_failed(recorder, rows, failed, where[operation], error)
+                continue
+            for operation in OPERATIONS:
+                if _key(where[operation]) not in failed:
+                    _cpu_round(recorder, rows, failed, where[operation], arrays["x"], ours[operation], theirs.get(operation), repeats)
+            del arrays, ours, theirs
+    return recorder.result
+
+
+def _key(where: dict) -> tuple:
+    return tuple(tuple(v) if isinstance(v, list) else v for v in where.values())
+
+
+def _cpu_failed(recorder: _Recorder, rows: dict, failed: set, where: dict, error: BaseException) -> None:
+    failed.add(_key(where))
+    row = rows.pop(_key(where), None)
+    if row is not None:
+        recorder.result["rows"].remove(row)
+    recorder.failed(where, error)
+
+
+def _cpu_round(recorder: _Recorder, rows: dict, failed: set, where: dict, x, ours, theirs, repeats: dict) -> None:
+    """Add one round of samples to a row (made, with its memory measurement, on the first)."""
+    row = rows.get(_key(where))
+    functions = {"reference": ours}
+    if theirs is not None and not (row and "torch_error" in row):
+        try:
+            theirs()
+            functions["torch"] = theirs
+        except Exception as error:  # e.g. a dtype torch does not support on the CPU
+            if row is None:
+                row = {}
+            row["torch_error"] = describe_failure(error)
+    try:
+        samples = host_samples(functions, **repeats)
+        if _key(where) not in rows:
+            temporaries = peak_float64_temporaries(ours, x)
+    except Exception as error:
+        _cpu_failed(recorder, rows, failed, where, error)
+        return
+    if _key(where) not in rows:
+        row = {**where, **(row or {}), "peak_float64_temporaries_x": temporaries, "samples_ms": {}}
+        rows[_key(where)] = row
+        recorder.result["rows"].append(row)
+    for name, seconds in samples.items():
+        row["samples_ms"].setdefault(name, []).extend(s * 1e3 for s in seconds)
+    reference_spread = spread_ms([s / 1e3 for s in row["samples_ms"]["reference"]])
+    row.update(repeats=len(row["samples_ms"]["reference"]), **reference_spread)
+    if "torch" in row["samples_ms"]:
+        torch_spread = spread_ms([s / 1e3 for s in row["samples_ms"]["torch"]])
+        row.update(torch_ms=torch_spread["median_ms"], torch_min_ms=torch_spread["min_ms"], torch_max_ms=torch_spread["max_ms"])
+        row["time_vs_torch"] = row["median_ms"] / row["torch_ms"]
+    recorder.save()
+
+
+# ---------------------------------------------------------------- GPU (cuDNN) ----
+
+def _gpu_row(shape, layout_name, dtype, mode_label, operation, seconds, nbytes, copy_gbps):
     gbps = TRAFFIC[operation] * nbytes / seconds / 1e9
     return {
-        "shape": list(shape),
-        "layout": layout_name,
-        "dtype": np.dtype(dtype).name,
-        "mode": mode_label,
-        "operation": operation,
+        **_where(shape, layout_name, dtype, mode_label, operation),
         "median_ms": seconds * 1e3,
         "bytes": TRAFFIC[operation] * nbytes,
         "gbps": gbps,
         "fraction_of_copy": gbps / copy_gbps if copy_gbps else None,
     }
 
-
-# ---------------------------------------------------------------- CPU (reference) ----
-
-def _cpu_bench(quick: bool) -> dict:
-    shapes = CPU_SHAPES[:1] if quick else CPU_SHAPES
-    repeats = 3 if quick else 7
-    big = np.ones(int(np.prod(shapes[0])), np.float32)
-    out = np.empty_like(big)
-    copy_gbps = 2 * big.nbytes / median_host_seconds(lambda: np.copyto(out, big), repeats) / 1e9
-    rows = []
-    for shape in shapes:
-        for dtype in (np.float16, np.float32):
-            for channel_axis, layout_name in _layouts(shape):
-                for mode in Mode:
-                    arrays = _host_inputs(shape, channel_axis, mode, dtype)
-                    for operation, run in _operations(arrays, mode, channel_axis).items():
-                        seconds = median_host_seconds(run, repeats)
-                        rows.append(_row(shape, layout_name, dtype, mode.name, operation, seconds, arrays["x"].nbytes, copy_gbps))
-    return {"backend": "CPU: NumPy reference (no GPU; smaller shapes)", "copy_gbps": copy_gbps, "rows": rows}
-
-
-# ---------------------------------------------------------------- GPU (cuDNN) ----
 
 def _torch_cuda():
     try:
@@ -142,30 +383,6 @@ def _median_torch_seconds(torch, function, repeats, warmup=3):
     return float(np.median(samples))
 
 
-def _torch_operations(torch, arrays, mode, channel_axis):
-    """PyTorch's batch_norm on the same data: NCHW view of channels-last memory where needed,
-    flattened features for PER_ACTIVATION."""
-    functional = torch.nn.functional
-    x = torch.from_dlpack(arrays["x"])
-    dy = torch.from_dlpack(arrays["dy"])
-    if x.dim() > 2 and channel_axis == -1:
-        order = (0, x.dim() - 1) + tuple(range(1, x.dim() - 1))
-        x, dy = x.permute(order), dy.permute(order)
-    if mode is Mode.PER_ACTIVATION:
-        x, dy = x.reshape(x.shape[0], -1), dy.reshape(dy.shape[0], -1)
-    features = x.shape[1]
-    param = lambda value: torch.full((features,), value, device=x.device, dtype=torch.float32)  # noqa: E731
-    weight, bias = param(1.0).requires_grad_(), param(0.0).requires_grad_()
-    running_mean, running_var = param(0.0), param(1.0)
-    x_grad = x.detach().requires_grad_()
-    y = functional.batch_norm(x_grad, None, None, weight, bias, training=True, eps=1e-5)
-    return {
-        "forward_training": lambda: functional.batch_norm(x, running_mean, running_var, weight.detach(), bias.detach(), training=True, momentum=0.1, eps=1e-5),
-        "forward_inference": lambda: functional.batch_norm(x, running_mean, running_var, weight.detach(), bias.detach(), training=False, eps=1e-5),
-        "backward": lambda: torch.autograd.grad(y, (x_grad, weight, bias), dy, retain_graph=True),
-    }
-
-
 def _host_overhead(torch, calls=1000) -> dict:
     import cupy
 
@@ -181,6 +398,8 @@ def _host_overhead(torch, calls=1000) -> dict:
 
 def _microseconds_per_call(run, synchronize, calls: int) -> float:
     """Wall time per call of ``calls`` back-to-back calls with one synchronisation (host overhead)."""
+    import time
+
     run()
     synchronize()
     start = time.perf_counter()
@@ -245,119 +464,249 @@ def _device_copy_gbps(elements: int, repeats: int) -> float:
     return 2 * source.nbytes / median_gpu_seconds(lambda: cupy.copyto(target, source), repeats) / 1e9
 
 
-def _gpu_bench(quick: bool) -> dict:
+def _gpu_bench(quick: bool, recorder: _Recorder | None = None) -> dict:
     import cupy
 
+    recorder = recorder or _Recorder()
+    recorder.set("backend", "GPU: cuDNN through cudnn_bn")
+    recorder.set("overflowed", [])
     torch = _torch_cuda()
     shapes = list(dict.fromkeys(GPU_SHAPES[:1] + GPU_SHAPES[-1:])) if quick else GPU_SHAPES  # first and last, once
     repeats = 5 if quick else 25
-    copy_gbps = _device_copy_gbps(max(int(np.prod(s)) for s in shapes), repeats)
-    rows, overflowed = [], []
+    recorder.section("copy_gbps", lambda: _device_copy_gbps(max(int(np.prod(s)) for s in shapes), repeats))
+    copy_gbps = recorder.result["copy_gbps"] if isinstance(recorder.result["copy_gbps"], float) else None
     for shape in shapes:
-        for dtype in (np.float16, np.float32):
+        for dtype in BENCH_DTYPES:
             for channel_axis, layout_name in _layouts(shape):
                 for mode in Mode:
-                    arrays = _device_inputs(shape, channel_axis, mode, dtype)
                     checks = [("ignore", mode.name)]
                     if mode is Mode.SPATIAL_PERSISTENT:
                         checks.append(("raise", f"{mode.name} (overflow checked)"))
-                    peer = _torch_operations(torch, arrays, mode, channel_axis) if torch is not None else None
+                    try:
+                        arrays = _device_inputs(shape, channel_axis, mode, dtype)
+                        peer = _torch_operations(torch, arrays, mode, channel_axis) if torch is not None else None
+                    except Exception as error:
+                        for _, label in checks:
+                            for operation in OPERATIONS:
+                                recorder.failed(_where(shape, layout_name, dtype, label, operation), error)
+                        continue
                     for on_overflow, label in checks:
-                        operations = _operations(arrays, mode, channel_axis, on_overflow)
-                        for operation in OPERATIONS:
-                            where = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "mode": label, "operation": operation}
-                            try:
-                                seconds = median_gpu_seconds(operations[operation], repeats)
-                            except (KeyError, CudnnOverflowError):  # KeyError: no valid saved statistics
-                                overflowed.append(where)
-                                continue
-                            row = _row(shape, layout_name, dtype, label, operation, seconds, arrays["x"].nbytes, copy_gbps)
-                            if peer is not None:
-                                row["torch_ms"] = _median_torch_seconds(torch, peer[operation], repeats) * 1e3
-                                row["time_vs_torch"] = row["median_ms"] / row["torch_ms"]
-                            rows.append(row)
+                        _gpu_rows(recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow, label, repeats, copy_gbps)
                     del arrays, peer
                     cupy.get_default_memory_pool().free_all_blocks()
-    return {
-        "backend": "GPU: cuDNN through cudnn_bn",
-        "copy_gbps": copy_gbps,
-        "rows": rows,
-        "overflowed": overflowed,
-        "host_overhead": _host_overhead(torch),
-        "overflow_probe": _overflow_probe(),
-        "ex_vs_plain": _ex_vs_plain(repeats),
-    }
+    recorder.section("host_overhead", lambda: _host_overhead(torch))
+    recorder.section("overflow_probe", _overflow_probe)
+    recorder.section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
+    return recorder.result
+
+
+def _gpu_rows(recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow, label, repeats, copy_gbps) -> None:
+    """Time the three operations of one combination; overflowed and failed ones are recorded."""
+    try:
+        operations = _operations(arrays, mode, channel_axis, on_overflow)
+    except Exception as error:
+        for operation in OPERATIONS:
+            recorder.failed(_where(shape, layout_name, dtype, label, operation), error)
+        return
+    for operation in OPERATIONS:
+        where = _where(shape, layout_name, dtype, label, operation)
+        try:
+            seconds = median_gpu_seconds(operations[operation], repeats)
+        except (KeyError, CudnnOverflowError):  # KeyError: no valid saved statistics
+            recorder.result["overflowed"].append(where)
+            recorder.save()
+            continue
+        except Exception as error:
+            recorder.failed(where, error)
+            continue
+        row = _gpu_row(shape, layout_name, dtype, label, operation, seconds, arrays["x"].nbytes, copy_gbps)
+        if peer is not None:
+            try:
+                row["torch_ms"] = _median_torch_seconds(torch, peer[operation], repeats) * 1e3
+                row["time_vs_torch"] = row["median_ms"] / row["torch_ms"]
+            except Exception as error:
+                row["torch_error"] = describe_failure(error)
+        recorder.row(row)
 
 
 # ---------------------------------------------------------------- output ----
+
+def _torch_version() -> str | None:
+    """torch's installed version, read from its metadata (importing torch takes seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
 
 def _environment(on_gpu: bool) -> dict:
     from .info import collect_info
 
     info = collect_info()
-    environment = {
+    cpu = _cpu_model()
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "cudnn": info.get("cudnn"),
         "cupy": info.get("cupy"),
         "cuda_driver": info.get("cuda_driver"),
-        "device": info.get("gpu") if on_gpu else f"CPU: {platform.processor() or platform.machine()}",
+        "device": info.get("gpu") if on_gpu else f"CPU: {cpu}",
+        "cpu": cpu,
+        "cpus_available": _cpus_available(),
+        "torch": _torch_version(),
     }
-    try:
-        import torch
-
-        environment["torch"] = torch.__version__
-    except ImportError:
-        environment["torch"] = None
-    return environment
 
 
-def to_markdown(result: dict) -> str:
-    env = result["environment"]
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _gpu_table(result: dict) -> list[str]:
     lines = [
-        f"# cudnn_bn benchmark: {result['backend']}",
-        "",
-        f"Date {env['date']}; device {env['device']}; driver {env['cuda_driver']}; cuDNN {env['cudnn']}; "
-        f"CuPy {env['cupy']}; PyTorch {env['torch']}. Copy bandwidth in this run: {result['copy_gbps']:.1f} GB/s.",
-        "",
         "| shape (N, C, ...) | layout | dtype | mode | operation | median ms | GB/s | of copy | torch ms | time / torch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         torch_ms = f"{row['torch_ms']:.3f}" if "torch_ms" in row else "-"
         ratio = f"{row['time_vs_torch']:.2f}" if "time_vs_torch" in row else "-"
+        fraction = f"{row['fraction_of_copy']:.0%}" if row.get("fraction_of_copy") is not None else "-"
         lines.append(
-            f"| {'x'.join(map(str, row['shape']))} | {row['layout']} | {row['dtype']} | {row['mode']} | {row['operation']} "
-            f"| {row['median_ms']:.3f} | {row['gbps']:.1f} | {row['fraction_of_copy']:.0%} | {torch_ms} | {ratio} |"
+            f"| {_shape_text(row['shape'])} | {row['layout']} | {row['dtype']} | {row['mode']} | {row['operation']} "
+            f"| {row['median_ms']:.3f} | {row['gbps']:.1f} | {fraction} | {torch_ms} | {ratio} |"
         )
+    return lines
+
+
+def _cpu_table(result: dict) -> list[str]:
+    lines = [
+        "| shape (N, C, ...) | layout | dtype | mode | operation | min ms | median ms | max ms | torch median ms | time / torch | float64 temporaries (x) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        torch_ms = f"{row['torch_ms']:.3f}" if "torch_ms" in row else ("failed" if "torch_error" in row else "-")
+        ratio = f"{row['time_vs_torch']:.2f}" if "time_vs_torch" in row else "-"
+        lines.append(
+            f"| {_shape_text(row['shape'])} | {row['layout']} | {row['dtype']} | {row['mode']} | {row['operation']} "
+            f"| {row['min_ms']:.3f} | {row['median_ms']:.3f} | {row['max_ms']:.3f} | {torch_ms} | {ratio} | {row['peak_float64_temporaries_x']:.2f} |"
+        )
+    return lines
+
+
+def _same_code_spread(rows) -> float | None:
+    """Largest relative difference of median time between SPATIAL and SPATIAL_PERSISTENT rows,
+    which run the same reference code: a check that the rows time the code, not the allocator."""
+    spatial = {(tuple(r["shape"]), r["layout"], r["dtype"], r["operation"]): r["median_ms"] for r in rows if r["mode"] == "SPATIAL"}
+    differences = [
+        abs(r["median_ms"] / spatial[key] - 1.0)
+        for r in rows
+        if r["mode"] == "SPATIAL_PERSISTENT" and (key := (tuple(r["shape"]), r["layout"], r["dtype"], r["operation"])) in spatial
+    ]
+    return max(differences) if differences else None
+
+
+def _cpu_header(result: dict, env: dict) -> list[str]:
+    threads = result.get("threads", {})
+    copy = result.get("copy", {})
+    timing = result.get("timing", {})
+    lines = [
+        f"Date {env['date']}; {env['device']}, {env.get('cpus_available')} CPUs available; Python {env['python']}, "
+        f"NumPy {env['numpy']}, PyTorch {env['torch']}.",
+        f"Threads: the reference 1 (NumPy ufuncs), PyTorch {threads.get('torch') or '-'}.",
+    ]
+    if "copy_gbps" in copy:
+        cache = copy.get("last_level_cache_bytes")
+        cache_text = f", last-level cache {cache >> 20} MiB" if cache else ""
+        lines.append(
+            f"Memory copy bandwidth {copy['copy_gbps']:.1f} GB/s (read + write, {copy['copy_buffer_bytes'] >> 20} MiB buffer{cache_text}), "
+            "for scale only: no traffic model is applied to the reference."
+        )
+    elif "error" in copy:
+        lines.append(f"Copy bandwidth not measured: {copy['error']}")
+    lines.append(
+        f"Each row: {timing.get('rounds')} rounds over the whole table, each with {timing.get('warmup')} warm-up calls and "
+        f"{timing.get('min_repeats')} timed repeats" + (" interleaved with PyTorch's" if timing.get("interleaved") else "")
+        + "; min / median / max over all its repeats; time / torch is the ratio of medians; float64 temporaries is the peak that NumPy allocates during one call, "
+        "less its results, in units of an x-sized float64 array."
+    )
+    spread = _same_code_spread(result["rows"])
+    if spread is not None:
+        lines.append(f"SPATIAL and SPATIAL_PERSISTENT run the same reference code; their medians differ by at most {spread:.0%} here.")
+    return lines
+
+
+def to_markdown(result: dict) -> str:
+    env = result["environment"]
+    on_cpu = result["backend"].startswith("CPU")
+    if on_cpu:
+        header = _cpu_header(result, env)
+    else:
+        copy = result.get("copy_gbps")
+        copy_text = f"{copy:.1f} GB/s" if isinstance(copy, float) else f"not measured ({copy})"
+        header = [
+            f"Date {env['date']}; device {env['device']}; driver {env['cuda_driver']}; cuDNN {env['cudnn']}; "
+            f"CuPy {env['cupy']}; PyTorch {env['torch']}. Copy bandwidth in this run: {copy_text}."
+        ]
+    lines = [f"# cudnn_bn benchmark: {result['backend']}", "", *header, ""]
+    lines += _cpu_table(result) if on_cpu else _gpu_table(result)
+    if result.get("failed"):
+        lines += ["", "Failed (the run went on):", ""]
+        lines += [f"- {_shape_text(f['shape'])} {f['layout']} {f['dtype']} {f['mode']} {f['operation']}: {f['error']}" for f in result["failed"]]
+    torch_errors = [row for row in result["rows"] if "torch_error" in row]
+    if torch_errors:
+        lines += ["", "PyTorch failed on: " + "; ".join(
+            f"{_shape_text(r['shape'])} {r['layout']} {r['dtype']} {r['mode']} {r['operation']} ({r['torch_error']})" for r in torch_errors)]
     if result.get("overflowed"):
         lines += ["", "Not timed because SPATIAL_PERSISTENT overflowed on the benchmark data: " + "; ".join(
-            f"{'x'.join(map(str, o['shape']))} {o['layout']} {o['dtype']} {o['mode']} {o['operation']}" for o in result["overflowed"])]
-    if "host_overhead" in result:
-        overhead = result["host_overhead"]
-        lines += ["", f"Host overhead per call on {overhead['shape']} ({overhead['calls']} calls, one synchronisation): "
-                  f"cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us" + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else "")]
-    if "overflow_probe" in result:
-        probe = "x".join(map(str, OVERFLOW_PROBE_SHAPE))
-        lines += ["", f"| overflow probe {probe} float32 | flag raised | output finite | max abs diff vs SPATIAL |", "|---|---|---|---|"]
-        lines += [f"| {p['layout']} | {p['overflow_flag_raised']} | {p['persistent_output_finite']} | {p['max_abs_difference_vs_spatial']:.3e} |" for p in result["overflow_probe"]]
-    if result.get("ex_vs_plain"):
-        lines += ["", "| Ex path, float16 NHWC | operation | Ex ms | plain ms | plain / Ex |", "|---|---|---|---|---|"]
-        lines += [f"| {'x'.join(map(str, r['shape']))} | {r['operation']} | {r['ex_ms']:.3f} | {r['plain_ms']:.3f} | {r['plain_over_ex']:.2f} |" for r in result["ex_vs_plain"]]
+            f"{_shape_text(o['shape'])} {o['layout']} {o['dtype']} {o['mode']} {o['operation']}" for o in result["overflowed"])]
+    lines += _gpu_sections(result)
     return "\n".join(lines) + "\n"
 
 
-def run_bench(json_path=None, markdown_path=None, quick: bool = False) -> int:
+def _gpu_sections(result: dict) -> list[str]:
+    lines = []
+    for key in ("host_overhead", "overflow_probe", "ex_vs_plain"):
+        value = result.get(key)
+        if isinstance(value, dict) and "error" in value:
+            lines += ["", f"{key} failed: {value['error']}"]
+    overhead = result.get("host_overhead")
+    if isinstance(overhead, dict) and "error" not in overhead:
+        lines += ["", f"Host overhead per call on {overhead['shape']} ({overhead['calls']} calls, one synchronisation): "
+                  f"cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us" + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else "")]
+    probe = result.get("overflow_probe")
+    if isinstance(probe, list):
+        lines += ["", f"| overflow probe {_shape_text(OVERFLOW_PROBE_SHAPE)} float32 | flag raised | output finite | max abs diff vs SPATIAL |", "|---|---|---|---|"]
+        lines += [f"| {p['layout']} | {p['overflow_flag_raised']} | {p['persistent_output_finite']} | {p['max_abs_difference_vs_spatial']:.3e} |" for p in probe]
+    ex_rows = result.get("ex_vs_plain")
+    if isinstance(ex_rows, list) and ex_rows:
+        lines += ["", "| Ex path, float16 NHWC | operation | Ex ms | plain ms | plain / Ex |", "|---|---|---|---|---|"]
+        lines += [f"| {_shape_text(r['shape'])} | {r['operation']} | {r['ex_ms']:.3f} | {r['plain_ms']:.3f} | {r['plain_over_ex']:.2f} |" for r in ex_rows]
+    return lines
+
+
+def run_bench(json_path=None, markdown_path=None, quick: bool = False, with_torch: bool | None = None) -> int:
+    """Run the benchmark on the backend that is present (cuDNN, else the NumPy reference);
+    returns the exit status: 1 when any row failed (they are listed in the output), else 0.
+
+    ``with_torch`` (CPU only): None compares with torch CPU where it is importable, False never
+    imports it, True requires it.
+    """
     usable, _ = cudnn_status()
-    result = _gpu_bench(quick) if usable else _cpu_bench(quick)
-    result["environment"] = _environment(usable)
-    markdown = to_markdown(result)
-    if json_path:
-        with open(json_path, "w") as handle:
-            json.dump(result, handle, indent=1)
+    recorder = _Recorder(json_path, {"backend": "GPU" if usable else "CPU", "environment": _environment(usable)})
+    recorder.save()
+    if usable:
+        _gpu_bench(quick, recorder)
+    else:
+        _cpu_bench(quick, recorder, with_torch=with_torch)
+    markdown = to_markdown(recorder.result)
     if markdown_path:
         with open(markdown_path, "w") as handle:
             handle.write(markdown)
     print(markdown)
+    failed = recorder.result["failed"]
+    if failed:
+        print(f"bench: {len(failed)} row(s) failed; see 'Failed' above", file=sys.stderr)
+        return 1
     return 0

@@ -1,4 +1,8 @@
-"""Command line: `python -m cudnn_bn {compare,info,bench}`."""
+"""Command line: `python -m cudnn_bn {compare,info,bench}`.
+
+Exit status: 0 when everything ran; 1 when some rows of compare or bench failed (each is listed,
+and the others still ran); 2 when --require-cudnn finds cuDNN unusable, or arguments conflict.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,31 @@ import numpy as np
 __all__ = ["main"]
 
 
+def _cudnn_required(command: str) -> bool:
+    """False, after saying why on stderr, when cuDNN is unusable here."""
+    from .._cudnn.availability import cudnn_status
+
+    usable, reason = cudnn_status()
+    if not usable:
+        print(f"{command} --require-cudnn: cuDNN is unusable here, so nothing was run: {reason}", file=sys.stderr)
+    return usable
+
+
 def _compare(args) -> int:
     from .compare import format_table, run_compare
 
+    if args.require_cudnn and args.reference:
+        print("compare: --require-cudnn and --reference contradict each other", file=sys.stderr)
+        return 2
+    if args.require_cudnn and not _cudnn_required("compare"):
+        return 2
     dtype = np.dtype(args.dtype)
     backend, rows = run_compare(dtype, force_reference=args.reference)
     print(format_table(backend, rows, dtype))
-    return 0
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        print(f"compare: {len(failed)} row(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _info(args) -> int:
@@ -29,7 +51,9 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from .bench import run_bench
 
-    return run_bench(json_path=args.json, markdown_path=args.markdown, quick=args.quick)
+    if args.require_cudnn and not _cudnn_required("bench"):
+        return 2
+    return run_bench(json_path=args.json, markdown_path=args.markdown, quick=args.quick, with_torch=args.torch)
 
 
 def main(argv=None) -> int:
@@ -38,13 +62,17 @@ def main(argv=None) -> int:
     compare = commands.add_parser("compare", help="run every mode on a standard tensor and report error and time")
     compare.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
     compare.add_argument("--reference", action="store_true", help="use the NumPy reference even where a GPU is present")
+    compare.add_argument("--require-cudnn", action="store_true", help="fail (exit 2, saying why) where cuDNN is unusable instead of using the reference")
     compare.set_defaults(run=_compare)
     info = commands.add_parser("info", help="cuDNN, CuPy, driver and GPU versions and usable backends")
     info.set_defaults(run=_info)
     bench = commands.add_parser("bench", help="benchmark every mode x operation x dtype x layout")
-    bench.add_argument("--json", help="write the results as JSON to this file")
+    bench.add_argument("--json", help="write the results as JSON to this file, rewritten after every row")
     bench.add_argument("--markdown", help="write the results as a markdown table to this file")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    bench.add_argument("--require-cudnn", action="store_true", help="fail (exit 2, saying why) where cuDNN is unusable instead of benchmarking the reference")
+    bench.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
+                       help="CPU: compare with PyTorch on the CPU (default: where importable; --no-torch never imports it)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -9,7 +9,7 @@ from .. import _api
 from .._cudnn.availability import cudnn_status
 from .._core.layout import make_layout, physical_shape
 from .._core.modes import Mode
-from .timing import median_gpu_seconds, median_host_seconds
+from .timing import describe_failure, median_gpu_seconds, median_host_seconds
 from .._core.tolerances import to_numpy
 from .._core.validate import param_dtype_for
 
@@ -56,46 +56,61 @@ def _max_error(results, expected) -> float:
 
 
 def run_compare(dtype=np.float32, force_reference: bool = False) -> tuple[str, list[dict]]:
-    """Run the comparison; returns (backend description, rows)."""
+    """Run the comparison; returns (backend description, rows).
+
+    A row whose operation raised carries ``error`` (the exception's type and first line) instead
+    of ``max_abs_error`` and ``median_ms``; the other rows still run.
+    """
     usable, reason = (False, "reference forced") if force_reference else cudnn_status()
     backend = "cuDNN on CuPy arrays" if usable else f"NumPy reference (cuDNN path unavailable: {reason})"
     rows = []
     for channel_axis in (1, -1):
         for mode in Mode:
-            host = _inputs(mode, channel_axis, dtype)
-            wide = {name: array.astype(np.float64) for name, array in host.items()}
-            if usable:
-                import cupy
-
-                arrays = {name: cupy.asarray(array) for name, array in host.items()}
-                timer = median_gpu_seconds
-            else:
-                arrays, timer = host, median_host_seconds
-            train, infer, grad = _runners(arrays, mode, channel_axis)
-            train64, infer64, grad64 = _runners(wide, mode, channel_axis)
-            y, saved = train(arrays)
-            y64, saved64 = train64(wide)
-            results = {
-                "forward_training": (
-                    _max_error([y, saved.mean, saved.inv_std], [y64, saved64.mean, saved64.inv_std]),
-                    timer(lambda: train(arrays)),
-                ),
-                "forward_inference": (_max_error([infer(arrays)], [infer64(wide)]), timer(lambda: infer(arrays))),
-                "backward": (_max_error(grad(arrays, saved), grad64(wide, saved64)), timer(lambda: grad(arrays, saved))),
-            }
-            for operation in OPERATIONS:
-                error, seconds = results[operation]
-                rows.append(
-                    dict(
-                        layout="NCHW" if channel_axis == 1 else "NHWC",
-                        mode=mode.name,
-                        ran=saved.mode.name if operation != "forward_inference" else mode.name,
-                        operation=operation,
-                        max_abs_error=error,
-                        median_ms=seconds * 1e3,
-                    )
-                )
+            layout_name = "NCHW" if channel_axis == 1 else "NHWC"
+            for operation, measure in _measurements(mode, channel_axis, dtype, usable).items():
+                row = dict(layout=layout_name, mode=mode.name, ran=mode.name, operation=operation)
+                try:
+                    row.update(measure())
+                except Exception as error:
+                    row["error"] = describe_failure(error)
+                rows.append(row)
     return backend, rows
+
+
+def _measurements(mode, channel_axis, dtype, on_gpu: bool) -> dict:
+    """operation -> callable returning {max_abs_error, median_ms, ran} for that operation on the
+    standard tensor (each one sets up what it needs, so that one failure stays in its row)."""
+
+    def setup():
+        host = _inputs(mode, channel_axis, dtype)
+        wide = {name: array.astype(np.float64) for name, array in host.items()}
+        if on_gpu:
+            import cupy
+
+            arrays, timer = {name: cupy.asarray(array) for name, array in host.items()}, median_gpu_seconds
+        else:
+            arrays, timer = host, median_host_seconds
+        return arrays, wide, timer, _runners(arrays, mode, channel_axis), _runners(wide, mode, channel_axis)
+
+    def forward_training():
+        arrays, wide, timer, (train, _, _), (train64, _, _) = setup()
+        y, saved = train(arrays)
+        y64, saved64 = train64(wide)
+        error = _max_error([y, saved.mean, saved.inv_std], [y64, saved64.mean, saved64.inv_std])
+        return dict(max_abs_error=error, median_ms=timer(lambda: train(arrays)) * 1e3, ran=saved.mode.name)
+
+    def forward_inference():
+        arrays, wide, timer, (_, infer, _), (_, infer64, _) = setup()
+        error = _max_error([infer(arrays)], [infer64(wide)])
+        return dict(max_abs_error=error, median_ms=timer(lambda: infer(arrays)) * 1e3)
+
+    def backward():
+        arrays, wide, timer, (train, _, grad), (train64, _, grad64) = setup()
+        saved, saved64 = train(arrays)[1], train64(wide)[1]
+        error = _max_error(grad(arrays, saved), grad64(wide, saved64))
+        return dict(max_abs_error=error, median_ms=timer(lambda: grad(arrays, saved)) * 1e3, ran=saved.mode.name)
+
+    return {"forward_training": forward_training, "forward_inference": forward_inference, "backward": backward}
 
 
 def format_table(backend: str, rows: list[dict], dtype) -> str:
@@ -103,7 +118,8 @@ def format_table(backend: str, rows: list[dict], dtype) -> str:
     lines = ["| layout | mode | operation | max abs error | median ms |", "|---|---|---|---|---|"]
     for row in rows:
         mode = row["mode"] if row["ran"] == row["mode"] else f"{row['mode']} (ran {row['ran']})"
-        lines.append(f"| {row['layout']} | {mode} | {row['operation']} | {row['max_abs_error']:.3e} | {row['median_ms']:.3f} |")
+        if "error" in row:
+            lines.append(f"| {row['layout']} | {mode} | {row['operation']} | failed: {row['error']} | - |")
+        else:
+            lines.append(f"| {row['layout']} | {mode} | {row['operation']} | {row['max_abs_error']:.3e} | {row['median_ms']:.3f} |")
     return header + "\n".join(lines)
-
-

@@ -1,23 +1,59 @@
-"""Timing helpers shared by `compare` and `bench`: medians of repeated runs."""
+"""Measurement helpers shared by `compare` and `bench`: repeated runs after warm-up, summarised by
+their median (and spread), and the one-line description of a measurement that failed."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
-__all__ = ["median_host_seconds", "median_gpu_seconds"]
+__all__ = ["describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "spread_ms"]
+
+
+def describe_failure(error: BaseException) -> str:
+    """The exception's type and the first line of its message, for a failed row."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def median_host_seconds(function, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``function()`` on the host (CPU backends)."""
+    return statistics.median(host_samples({"f": function}, warmup=warmup, min_repeats=repeats, min_seconds=0.0, max_repeats=repeats)["f"])
+
+
+def host_samples(functions: dict, *, warmup: int = 3, min_repeats: int = 15, min_seconds: float = 0.5, max_repeats: int = 500) -> dict:
+    """Wall times in seconds of each of ``functions`` (name -> zero-argument callable).
+
+    Each runs ``warmup`` times first (caches, and the allocator's steady state: glibc adapts its
+    mmap threshold to the sizes it has seen freed). Then rounds call every function once, in turn,
+    so that background load falls on all of them alike, until there are at least ``min_repeats``
+    rounds and ``min_seconds`` in all, or ``max_repeats`` rounds. The garbage collector is paused
+    while timing, as timeit does.
+    """
     for _ in range(warmup):
-        function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for function in functions.values():
+            function()
+    samples = {name: [] for name in functions}
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        started = time.perf_counter()
+        rounds = 0
+        while rounds < max_repeats and (rounds < min_repeats or time.perf_counter() - started < min_seconds):
+            for name, function in functions.items():
+                start = time.perf_counter()
+                function()
+                samples[name].append(time.perf_counter() - start)
+            rounds += 1
+    finally:
+        if collecting:
+            gc.enable()
+    return samples
+
+
+def spread_ms(samples) -> dict:
+    """min, median and max of samples in seconds, as milliseconds."""
+    return {"min_ms": min(samples) * 1e3, "median_ms": statistics.median(samples) * 1e3, "max_ms": max(samples) * 1e3}
 
 
 def median_gpu_seconds(function, repeats: int = 20, warmup: int = 3) -> float:
