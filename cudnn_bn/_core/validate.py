@@ -305,12 +305,12 @@ def _check_saved_arrays(saved: SavedStats, checked: Checked) -> None:
                 f"saved.{name}: expected {param_dtype} (the parameter dtype for {checked.data_dtype} data; "
                 f"a narrower float loses the statistics' precision), got {dtype}"
             )
-        if tuple(array.shape) != checked.layout.param_shape:
-            raise ValueError(f"saved.{name}: expected shape {checked.layout.param_shape}, got {tuple(array.shape)}")
-        # only the persistent path is checked: on a GPU the check costs a synchronisation, and
-        # that path already synchronises for its overflow query
-        if checked.layout.mode is Mode.SPATIAL_PERSISTENT and not bool(_array_module(array).isfinite(array).all()):
-            raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
+        layout = checked.layout
+        if tuple(array.shape) != layout.param_shape:
+            raise ValueError(
+                f"saved.{name}: expected shape {layout.param_shape} (x of shape {layout.shape}, channel_axis="
+                f"{layout.public_channel_axis}, {layout.mode.name}), got {tuple(array.shape)}"
+            )
     reserve = saved.reserve_space
     if reserve is not None:
         dtype = np.dtype(reserve.dtype)
@@ -324,31 +324,45 @@ def _check_saved_arrays(saved: SavedStats, checked: Checked) -> None:
 def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis) -> Checked:
     """Validate a backward call whose mode, eps and axis were settled by resolve_backward_settings."""
     array_kind(x=x, dy=dy, gamma=gamma)
-    checked = _checked(x, mode, channel_axis, eps, {"gamma": gamma}, training=True)
+    checked = _checked(x, mode, channel_axis, eps, {}, training=True)
+    if saved is not None:
+        # before gamma: statistics that do not fit x are the more likely mistake (another axis
+        # or mode), and their message says which layout x was read with
+        check_saved(x, saved)
+        _check_saved_arrays(saved, checked)
+    _check_float("gamma", gamma, checked.layout.param_shape)
     dy_dtype = np.dtype(dy.dtype)
     if dy_dtype != checked.data_dtype:
         raise TypeError(f"dy: expected x's dtype {checked.data_dtype}, got {dy_dtype}")
     if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
     _check_trainable(checked.layout)
-    if saved is None:
-        if checked.layout.mode is Mode.SPATIAL_PERSISTENT:
-            raise ValueError(
-                "saved: SPATIAL_PERSISTENT backward requires the saved mean and inverse std from "
-                "forward_training (cuDNN does not recompute them on that path), got None"
-            )
+    if checked.layout.mode is not Mode.SPATIAL_PERSISTENT:
         return checked
-    check_saved(x, saved)
-    _check_saved_arrays(saved, checked)
+    if saved is None:
+        raise ValueError(
+            "saved: SPATIAL_PERSISTENT backward requires the saved mean and inverse std from "
+            "forward_training (cuDNN does not recompute them on that path), got None"
+        )
+    # last, and on the persistent path only: on a GPU this check costs a synchronisation, which
+    # that path pays anyway for its overflow query
+    for name in ("mean", "inv_std"):
+        array = getattr(saved, name)
+        if not bool(_array_module(array).isfinite(array).all()):
+            raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
     return checked
 
 
 def check_fold(gamma, beta, mean, var, eps) -> float:
     """Validate fold_inference's arguments: four float arrays of one shape and an eps >= 0."""
-    array_kind(gamma=gamma, beta=beta, mean=mean, var=var)
-    shape = tuple(gamma.shape)
-    for name, array in {"gamma": gamma, "beta": beta, "mean": mean, "var": var}.items():
-        _check_float(name, array, shape)
+    named = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    array_kind(**named)
+    shapes = {name: tuple(array.shape) for name, array in named.items()}
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"gamma, beta, mean, var: expected one shape (the parameter shape), got {detail}")
+    for name, array in named.items():
+        _check_float(name, array, shapes[name])
     return check_eps(eps)
 
 
