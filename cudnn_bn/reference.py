@@ -13,9 +13,10 @@ float64 result rounded, bit for bit), the variance is two-pass (exact for large 
 float64 copy of x is ever made: the float64 temporaries are a few blocks, not x-sized arrays.
 Results are new C-contiguous arrays in x's axis order.
 
-One exception, for speed: ``forward_inference`` on float16/float32 data computes its elementwise
-pass in float32, with the mean split into two float32 parts so that ``x - mean`` keeps float64's
-accuracy. Its result is within a few float32 ulps of the float64 result (tested), not bit-equal.
+One exception, for speed: ``forward_inference`` on float32 data computes its elementwise pass in
+float32, in place in y, with the mean split into two float32 parts so that ``x - mean`` keeps
+float64's accuracy. Its result is within a few float32 ulps of the float64 result (tested), not
+bit-equal.
 
 SPATIAL_PERSISTENT computes exactly what SPATIAL computes; its differences on cuDNN (overflow, the
 saved-statistics rule) are enforced by the shared checks.
@@ -107,18 +108,20 @@ class _Blocks:
         self.block_shaped = (outer_step, groups, inner_step)
         # written out only where they are reused by several blocks
         self.write_out = len(self.slices) > 1 and math.prod(self.block_shaped) <= max(block_elements, budget)
-        self._scratch = np.empty((2, outer_step * group_step * inner_step))
+        self._block_elements = outer_step * group_step * inner_step
+        self._scratch = None  # allocated on first use
 
     def local(self, block) -> tuple[slice, slice, slice]:
         outer, groups, inner = block
         return slice(0, outer.stop - outer.start), groups, slice(0, inner.stop - inner.start)
 
-    def buffers(self, block, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-        """Two contiguous scratch arrays with the shape of ``block`` (float64, or float32 views)."""
+    def buffers(self, block) -> tuple[np.ndarray, np.ndarray]:
+        """Two contiguous float64 scratch arrays with the shape of ``block``."""
         shape = tuple(s.stop - s.start for s in block)
         size = math.prod(shape)
-        scratch = self._scratch if dtype == np.float64 else self._scratch.view(dtype)
-        return scratch[0, :size].reshape(shape), scratch[1, :size].reshape(shape)
+        if self._scratch is None:
+            self._scratch = np.empty((2, self._block_elements))
+        return self._scratch[0, :size].reshape(shape), self._scratch[1, :size].reshape(shape)
 
     def param(self, values: np.ndarray) -> "_Param":
         """A per-group vector (groups,) ready to combine with any block."""
@@ -252,8 +255,9 @@ def forward_inference(x, gamma, beta, mean, var, *, mode="spatial", eps=1e-5, ch
     """Batch-norm forward with fixed statistics: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
 
     Shapes and dtypes as in :func:`forward_training`; ``mean`` and ``var`` have the parameter shape.
-    Returns y in x's dtype and shape, C-contiguous. float64 data is computed in float64; float16
-    and float32 data in float32 with a two-part mean (a few float32 ulps from the float64 result).
+    Returns y in x's dtype and shape, C-contiguous. float16 and float64 data are computed in
+    float64 and rounded once; float32 data in float32 with a two-part mean (within a few float32
+    ulps of the float64 result).
     """
     _require_numpy(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
@@ -265,31 +269,29 @@ def forward_inference(x, gamma, beta, mean, var, *, mode="spatial", eps=1e-5, ch
     scale64 = _row(gamma) / np.sqrt(_row(var) + checked.eps)
     y = np.empty(layout.shape, checked.data_dtype)
     y3 = y.reshape(shape)
-    if checked.data_dtype == np.float64:
+    if checked.data_dtype != np.float32:
+        # float64, and float16 (whose conversions to and from float32 cost NumPy more than the
+        # float64 arithmetic): computed in float64 and rounded once
         mean_param, scale, shift = blocks.param(mean64), blocks.param(scale64), blocks.param(_row(beta))
         for block in blocks.slices:
-            centered = np.subtract(x3[block], mean_param[block], out=blocks.buffers(block)[0])
+            centered = _centered(x3[block], mean_param[block], blocks.buffers(block)[0])
             np.multiply(centered, scale[block], out=centered)
-            np.add(centered, shift[block], out=y3[block])
+            _finish(np.add, centered, shift[block], y3[block], centered)
         return y
-    # x - mean_high is exact in float32 wherever x is near the mean (Sterbenz), and mean_low
-    # carries the rest of the float64 mean, so cancellation costs no accuracy.
+    # float32 data is computed in place in y, in float32. x - mean_high is exact wherever x is
+    # near the mean (Sterbenz), and mean_low carries the rest of the float64 mean, so
+    # cancellation costs no accuracy.
     mean_high = mean64.astype(np.float32)
     mean_low = (mean64 - mean_high).astype(np.float32)
     as_param = lambda values: blocks.param(values.astype(np.float32))  # noqa: E731
     high, scale, shift = as_param(mean_high), as_param(scale64), as_param(_row(beta))
     low = as_param(mean_low) if mean_low.any() else None
     for block in blocks.slices:
-        # float32 data is computed in place in y; float16 in a float32 buffer (NumPy has no
-        # native float16 arithmetic), rounded into y at the end
-        work = y3[block] if y3.dtype == np.float32 else blocks.buffers(block, np.float32)[0]
-        np.subtract(x3[block], high[block], out=work)
+        work = np.subtract(x3[block], high[block], out=y3[block])
         if low is not None:
             np.subtract(work, low[block], out=work)
         np.multiply(work, scale[block], out=work)
         np.add(work, shift[block], out=work)
-        if work.dtype != y3.dtype:
-            np.copyto(y3[block], work, casting="same_kind")
     return y
 
 

@@ -254,7 +254,7 @@ def peak_float64_temporaries(run, x) -> float:
 # Rounds over the whole table: each adds a few interleaved repeats to every row after its own
 # warm-up, so that a burst of background load spreads over all rows instead of owning a few, and
 # the median of a row is taken over samples from every round.
-CPU_ROUNDS = 5
+CPU_ROUNDS = 7
 CPU_REPEATS_PER_ROUND = dict(warmup=2, min_repeats=3, min_seconds=0.0)
 CPU_QUICK_ROUNDS = 1
 CPU_QUICK_REPEATS_PER_ROUND = dict(warmup=1, min_repeats=3, min_seconds=0.0)
