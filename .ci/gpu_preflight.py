@@ -68,7 +68,7 @@ def _cupy_facts(report: Report):
     except Exception as error:
         report.line("cupy", f"not importable: {type(error).__name__}: {error}")
         return None
-    report.line("cupy", f"{cupy.__version__} ({os.path.dirname(cupy.__file__)})")
+    report.line("cupy", f"{getattr(cupy, '__version__', '?')} ({os.path.dirname(getattr(cupy, '__file__', '') or '?')})")
     runtime = cupy.cuda.runtime
     for key, read in (("cuda_runtime", runtime.runtimeGetVersion), ("cuda_driver", runtime.driverGetVersion)):
         try:
@@ -175,15 +175,24 @@ def _first_call(report: Report, cupy) -> bool:
     return True
 
 
+def _facts(report: Report, section, *args):
+    """A section of facts; its failure is recorded, never fatal: only cudnn_status() stops the run."""
+    try:
+        return section(report, *args)
+    except Exception as error:
+        report.line(f"{section.__name__.strip('_')}_error", f"{type(error).__name__}: {_first_lines(error)}")
+        return None
+
+
 def main(argv: list[str]) -> int:
     out = argv[1] if len(argv) > 1 else "gpu-out"
     os.makedirs(out, exist_ok=True)
     report = Report(os.path.join(out, "preflight.txt"))
     start = time.perf_counter()
     try:
-        _python_facts(report)
-        cupy = _cupy_facts(report)
-        _cudnn_library_facts(report)
+        _facts(report, _python_facts)
+        _facts(report, _cupy_facts)
+        _facts(report, _cudnn_library_facts)
         report.line("cudnn_status", "checking (creates a cuDNN handle) ...")
         from cudnn_bn._cudnn.availability import cudnn_status
 
@@ -192,10 +201,12 @@ def main(argv: list[str]) -> int:
         if not usable:
             report.line("verdict", f"STOP: cuDNN is not usable on this machine ({reason}); no GPU test can run")
             return EXIT_UNUSABLE
+        import cupy  # importable: cudnn_status() found it
+
         problems = []
-        if not _float16_kernel(report, cupy):
+        if not _facts(report, _float16_kernel, cupy):
             problems.append("float16 CuPy kernels do not compile or run")
-        if not _first_call(report, cupy):
+        if not _facts(report, _first_call, cupy):
             problems.append("the first cuDNN call failed or disagreed with the reference")
         if problems:
             report.line("verdict", "DEGRADED: " + "; ".join(problems) + " (the validation goes on and fails)")

@@ -579,8 +579,10 @@ def _holds(within: list[dict], past: list[dict], operations: list[str]) -> str:
         return len(records) == len(operations) and all(
             r["status"] == "CUDNN_STATUS_SUCCESS" and not r.get("cuda_error") and r["check"].startswith("matches") for r in records)
 
+    if not within:
+        return "unclear: no result within the limit (the group crashed or timed out first)"
     if not clean(within):
-        return "unclear: the call within the limit did not succeed cleanly"
+        return "unclear: the call within the limit failed"
     if clean(past):
         return "no: cuDNN ran past the limit and the results match"
     if any(r["status"] != "CUDNN_STATUS_SUCCESS" for r in past):

@@ -51,7 +51,7 @@ def gpu_required() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def gpu_status() -> tuple[bool, str]:
-    """(usable, reason) from the package's own check, asked once per session."""
+    """(usable, reason) from the package's own check, asked once per pytest run."""
     from cudnn_bn._cudnn.availability import cudnn_status
 
     try:

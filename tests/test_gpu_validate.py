@@ -158,7 +158,8 @@ def _limit_record(edge, operation, status="CUDNN_STATUS_SUCCESS", check="matches
     ([_limit_record("within", "forward_inference")], [_limit_record("past", "forward_inference")], "no: cuDNN ran past the limit"),
     ([_limit_record("within", "forward_inference")], [_limit_record("past", "forward_inference", check="WRONG (y nan)")], "yes, and worse"),
     ([_limit_record("within", "forward_inference")], [], "unclear: the call past the limit did not report"),
-    ([_limit_record("within", "forward_inference", "CUDNN_STATUS_NOT_SUPPORTED", "-")], [], "unclear: the call within"),
+    ([_limit_record("within", "forward_inference", "CUDNN_STATUS_NOT_SUPPORTED", "-")], [], "unclear: the call within the limit failed"),
+    ([], [], "unclear: no result within the limit"),
 ])
 def test_probe_verdicts(within, past, expected):
     probes = _load("gpu_probes")
