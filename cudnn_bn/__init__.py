@@ -4,8 +4,8 @@
 arrays and cuDNN on cupy arrays. Importing this package loads neither CuPy nor libcudnn.
 """
 
-from . import reference
-from ._api import backward, forward_inference, forward_training
+from . import compat, distributed, reference
+from ._api import backward, cudnn_available, forward_inference, forward_training
 from ._cudnn.errors import (
     CudnnBadParamError,
     CudnnBuildMismatchError,
@@ -43,6 +43,9 @@ __all__ = [
     "OnOverflow",
     "SavedStats",
     "backward",
+    "compat",
+    "cudnn_available",
+    "distributed",
     "fold_inference",
     "forward_inference",
     "forward_training",

@@ -87,11 +87,9 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
     arguments = dict(mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis)
     if kind == "numpy":
         y, saved = reference.forward_training(x, gamma, beta, running_mean, running_var, **arguments)
-    else:
-        y, saved = _cudnn_ops().forward_training(
-            x, gamma, beta, running_mean, running_var, on_overflow=on_overflow, **arguments
-        )
-    return y, dataclasses.replace(saved, on_overflow=on_overflow)
+        return y, dataclasses.replace(saved, on_overflow=on_overflow)
+    # the cuDNN path records on_overflow in saved itself
+    return _cudnn_ops().forward_training(x, gamma, beta, running_mean, running_var, on_overflow=on_overflow, **arguments)
 
 
 def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, channel_axis=1):
@@ -116,9 +114,7 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     """
     kind, (x, dy, gamma) = accept_arrays((), (), x=x, dy=dy, gamma=gamma)
     saved = _accept_saved(saved)
-    mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
-    if saved is not None:
-        array_kind(x=x, saved_mean=saved.mean, saved_inv_std=saved.inv_std)
+    mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)  # checks saved's kind too
     if on_overflow is None and saved is not None:
         on_overflow = saved.on_overflow
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)

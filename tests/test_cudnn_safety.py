@@ -271,7 +271,12 @@ def test_a_thread_pool_creates_no_handle_after_warm_up_and_destroys_none(gpu):
     handles.close_all()
     _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, gd, bd = _device(x, gamma, beta)
-    call = lambda _: cudnn_bn.forward_training(xd, gd, bd, mode="spatial")  # noqa: E731
+    cupy = sys.modules["cupy"]
+
+    def call(_):
+        cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
+        cupy.cuda.get_current_stream().synchronize()  # xd is the main thread's: done with it before it goes
+
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(call, range(40)))
         created = gpu.calls.count("cudnnCreate")
@@ -307,21 +312,20 @@ def test_the_pool_lends_each_handle_to_one_borrower_at_a_time(gpu):
 
 # ---- issue 13: the handle is bound to CuPy's current stream, not to stream 0 ----
 def test_the_handle_is_bound_to_cupys_current_stream(gpu, monkeypatch):
-    import types
-
     cupy = sys.modules["cupy"]
-    streams = []
-    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: types.SimpleNamespace(ptr=streams[-1]))
     bound = []
     library = cudnn_bn._cudnn.raw.library()
     original = library.cudnnSetStream
     monkeypatch.setattr(library, "cudnnSetStream", lambda handle, stream: (bound.append(stream), original(handle, stream))[1])
     _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, gd, bd = _device(x, gamma, beta)
-    for stream in (0x7A000, 0x7A000, 0x7B000):
-        streams.append(stream)
-        cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
-    assert bound == [0x7A000, 0x7B000]
+    first, second = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
+    assert 0 not in (first.ptr, second.ptr) and first.ptr != second.ptr
+    for stream in (first, first, second):
+        with stream:
+            y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
+            y.get()
+    assert bound == [first.ptr, second.ptr]  # bound on change only, and never to stream 0
 
 
 # ---- issue 13: the Ex path with running statistics, and its C % 4 condition ----

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from .modes import Mode
 
 __all__ = ["Layout", "MIN_NDIM", "MAX_NDIM", "cudnn_dims_and_strides", "make_layout", "physical_shape"]
@@ -99,8 +101,9 @@ def make_layout(shape, channel_axis, mode: Mode) -> Layout:
     ndim = len(shape)
     if not MIN_NDIM <= ndim <= MAX_NDIM:
         raise ValueError(f"x: expected {MIN_NDIM} to {MAX_NDIM} dims, got {ndim} (shape {shape})")
-    if isinstance(channel_axis, bool) or not isinstance(channel_axis, int):
+    if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)):
         raise TypeError(f"channel_axis: expected an int (1 or -1), got {channel_axis!r}")
+    channel_axis = int(channel_axis)
     if not -ndim <= channel_axis < ndim:
         raise ValueError(f"channel_axis: expected 1 or -1 for a {ndim}-D input, got {channel_axis} (out of range)")
     normalized = channel_axis % ndim

@@ -23,6 +23,24 @@ TRAINING, INFERENCE, BACKWARD = "forward_training", "forward_inference", "backwa
 
 def choose_mode(requested, shape, channel_axis, operation: str, on_overflow=None) -> tuple[Mode, OnOverflow]:
     """Return the concrete mode to run and the overflow policy for it."""
+    # the choice depends on the rank of x, not its sizes: remembered per (arguments, ndim)
+    try:
+        # types too: True == 1 == Mode.SPATIAL as keys, but only some of them are valid arguments
+        key = (type(requested), requested, type(on_overflow), on_overflow, operation, len(shape), type(channel_axis), channel_axis)
+        chosen = _CHOSEN.get(key)
+    except TypeError:  # an unhashable argument: the checks below say what is wrong with it
+        key = chosen = None
+    if chosen is None:
+        chosen = _choose(requested, shape, channel_axis, operation, on_overflow)
+        if key is not None and len(_CHOSEN) < 4096:
+            _CHOSEN[key] = chosen
+    return chosen
+
+
+_CHOSEN: dict = {}
+
+
+def _choose(requested, shape, channel_axis, operation, on_overflow):
     mode = parse_mode(requested, allow_auto=True)
     chosen_by_policy = mode == AUTO
     if chosen_by_policy:

@@ -30,6 +30,7 @@ __all__ = [
     "check_momentum",
     "check_no_overlap",
     "check_saved",
+    "check_saved_finite",
     "param_dtype_for",
     "resolve_backward_settings",
 ]
@@ -65,6 +66,9 @@ def _is_cupy(array) -> bool:
     return type(array).__module__.split(".")[0] == "cupy"
 
 
+_KIND_OF_TYPE: dict = {np.ndarray: "numpy"}
+
+
 def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
     """Return "numpy" or "cupy" for the given arrays; TypeError for a non-array or mixed kinds.
 
@@ -78,7 +82,10 @@ def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
             if name in optional:
                 continue
             raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got None")
-        if _is_cupy(array):
+        kind = _KIND_OF_TYPE.get(type(array))
+        if kind is not None:
+            kinds[name] = kind
+        elif _is_cupy(array):
             kinds[name] = "cupy"
         elif isinstance(array, np.ma.MaskedArray):
             raise TypeError(
@@ -91,6 +98,8 @@ def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
             kinds[name] = "numpy"
         else:
             raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got {type(array).__name__}")
+        if kind is None and len(_KIND_OF_TYPE) < 64:  # an accepted type: the checks above hold for all its objects
+            _KIND_OF_TYPE[type(array)] = kinds[name]
     found = set(kinds.values())
     if len(found) > 1:
         detail = ", ".join(f"{name}={kind}" for name, kind in kinds.items())
@@ -106,10 +115,13 @@ def _byte_range(array) -> tuple[int, int] | None:
     """
     if array.size == 0:
         return None
-    if isinstance(array, np.ndarray):
+    if type(array) is np.ndarray:
         start = array.__array_interface__["data"][0]
-    else:  # cupy: the device address of the first element
+    else:  # cupy (or an array posing as one): the device address of the first element
         start = array.data.ptr
+    flags = getattr(array, "flags", None)
+    if flags is not None and flags.c_contiguous:  # the common case, without the loop
+        return start, start + array.nbytes
     low = high = start
     for size, stride in zip(array.shape, array.strides):
         step = (size - 1) * stride
@@ -321,8 +333,12 @@ def _check_saved_arrays(saved: SavedStats, checked: Checked) -> None:
             )
 
 
-def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis) -> Checked:
-    """Validate a backward call whose mode, eps and axis were settled by resolve_backward_settings."""
+def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, check_finite: bool = True) -> Checked:
+    """Validate a backward call whose mode, eps and axis were settled by resolve_backward_settings.
+
+    ``check_finite=False`` leaves out the check that persistent saved statistics are finite: the
+    cuDNN path runs it per call (it depends on values) and skips it where no synchronisation was
+    promised (on_overflow="ignore")."""
     array_kind(x=x, dy=dy, gamma=gamma)
     checked = _checked(x, mode, channel_axis, eps, {}, training=True)
     if saved is not None:
@@ -344,13 +360,20 @@ def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis) -> Che
             "saved: SPATIAL_PERSISTENT backward requires the saved mean and inverse std from "
             "forward_training (cuDNN does not recompute them on that path), got None"
         )
-    # last, and on the persistent path only: on a GPU this check costs a synchronisation, which
-    # that path pays anyway for its overflow query
+    if check_finite:
+        check_saved_finite(saved)
+    return checked
+
+
+def check_saved_finite(saved) -> None:
+    """SPATIAL_PERSISTENT's backward must get finite saved statistics (NaN is not allowed there).
+
+    Last, and on the persistent path only: on a GPU this check costs a synchronisation, which
+    that path pays anyway for its overflow query."""
     for name in ("mean", "inv_std"):
         array = getattr(saved, name)
         if not bool(_array_module(array).isfinite(array).all()):
             raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
-    return checked
 
 
 def check_fold(gamma, beta, mean, var, eps) -> float:

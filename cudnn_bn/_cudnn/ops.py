@@ -8,6 +8,7 @@ the length of its native calls, and binds it to CuPy's current stream.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import threading
@@ -16,11 +17,18 @@ import warnings
 from .._core.layout import Layout
 from .._core.modes import Mode, OnOverflow
 from .._core.saved import SavedStats
-from .._core.validate import check_backward, check_forward_inference, check_forward_training
+from .._core.validate import (
+    check_backward,
+    check_forward_inference,
+    check_forward_training,
+    check_momentum,
+    check_no_overlap,
+    check_saved_finite,
+)
 from . import raw
 from .errors import CudnnBuildMismatchError, CudnnOverflowError
 from .handles import borrow
-from .plans import BACKWARD, INFERENCE, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
+from .plans import BACKWARD, INFERENCE, PLANS, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
 from .raw import BatchNormOps, ErrQueryMode, Status
 
 __all__ = ["backward", "forward_inference", "forward_training", "set_ex_path_enabled", "uses_ex_path"]
@@ -79,8 +87,45 @@ def _check_build_once(cupy) -> None:
         _BUILD_CHECKED.append(True)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _on_device(cupy, device_id: int):
+    """The device context, entered only when another device is current (it costs a microsecond)."""
+    if cupy.cuda.runtime.getDevice() == device_id:
+        return _SAME_DEVICE
     return cupy.cuda.Device(device_id)
+
+
+# ---- the checks that depend on a call's signature, done once per signature ----
+# A signature is everything the full checks read except values: the types, shapes, dtypes and
+# devices of the arrays, and mode, channel_axis and eps with their types (True == 1 as a key).
+# What depends on values (momentum, memory overlap, finite saved statistics) is checked per call.
+_MAX_SIGNATURES = 4096
+
+
+def _signature(array):
+    return None if array is None else (type(array), array.shape, array.dtype, array.device.id)
+
+
+def _written_signature(array):
+    """An array updated in place: writability too (an array posing as cupy may be read-only)."""
+    return None if array is None else (_signature(array), getattr(array.flags, "writeable", True))
+
+
+def _remember(key, entry) -> None:
+    if key is not None:
+        signatures = PLANS.signatures
+        if len(signatures) >= _MAX_SIGNATURES:
+            signatures.clear()
+        signatures[key] = entry
+
+
+def _lookup(key):
+    try:
+        return key, PLANS.signatures.get(key)
+    except TypeError:  # an unhashable argument: the full checks say what is wrong with it
+        return None, None
 
 
 # ---- the overflow flag of SPATIAL_PERSISTENT ----
@@ -144,14 +189,25 @@ def _as_spatial(checked):
 # ---- forward training ----
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode: Mode, momentum, eps, channel_axis, on_overflow: OnOverflow):
     """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_training`."""
-    checked, momentum = check_forward_training(
-        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
-    )
-    device_id = _same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    key, entry = _lookup((
+        TRAINING, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
+        _signature(beta), _written_signature(running_mean), _written_signature(running_var),
+    ))
     cupy = _cupy()
-    _check_build_once(cupy)
-    plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)  # limits are checked here
-    with _on_device(cupy, device_id):
+    if entry is None:
+        checked, momentum = check_forward_training(
+            x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
+        )
+        device_id = _same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+        _check_build_once(cupy)
+        plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)  # limits are checked here
+        _remember(key, (checked, plan))
+    else:
+        checked, plan = entry
+        momentum = check_momentum(momentum)
+        if running_mean is not None:
+            check_no_overlap({"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta})
+    with _on_device(cupy, plan.device_id):
         return _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running_var, momentum, on_overflow)
 
 
@@ -204,16 +260,23 @@ def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running
         return _forward_training(cupy, spatial_plan, fallback, x, gamma, beta, running_mean, running_var, momentum, OnOverflow.IGNORE)
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
-    saved = SavedStats(
-        mean=plan.param_out(cupy, save_mean),
-        inv_std=plan.param_out(cupy, save_inv_std),
-        mode=layout.mode,
-        eps=checked.eps,
-        channel_axis=layout.public_channel_axis,
-        reserve_space=reserve,
-        on_overflow=on_overflow,
+    saved = SavedStats._checked(
+        plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
+        layout.public_channel_axis, reserve, on_overflow,
     )
     return y, saved
+
+
+def _check_reserve(reserve, size: int, device_id: int) -> None:
+    """BackwardEx reads the forward's reserve space: anything smaller, or elsewhere, is refused
+    before the native call."""
+    if getattr(reserve, "dtype", None) != "uint8" or reserve.ndim != 1 or not reserve.flags.c_contiguous:
+        raise TypeError(f"saved.reserve_space: expected the 1-D uint8 device buffer from forward_training, got {type(reserve).__name__}")
+    if reserve.size < size or reserve.device.id != device_id:
+        raise ValueError(
+            f"saved.reserve_space: expected at least {size} bytes on device {device_id} (the forward's reserve space), "
+            f"got {reserve.size} bytes on device {reserve.device.id}"
+        )
 
 
 # ---- the Ex workspace, kept per (device, stream): work on one stream runs in order ----
@@ -238,15 +301,24 @@ def _workspace(cupy, device_id: int, stream: int, size: int):
 # ---- forward inference ----
 def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axis):
     """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_inference`."""
-    checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
-    if checked.layout.mode is Mode.SPATIAL_PERSISTENT:
-        # persistent is a training-kernel choice with the same math; inference runs SPATIAL, as
-        # PyTorch does, since cuDNN documents only PER_ACTIVATION and SPATIAL for this call
-        checked = _as_spatial(checked)
-    device_id = _same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
+    key, entry = _lookup((
+        INFERENCE, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
+        _signature(beta), _signature(mean), _signature(var),
+    ))
     cupy = _cupy()
-    _check_build_once(cupy)
-    plan = plan_for(INFERENCE, checked.layout, checked.data_dtype, device_id)
+    if entry is None:
+        checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+        if checked.layout.mode is Mode.SPATIAL_PERSISTENT:
+            # persistent is a training-kernel choice with the same math; inference runs SPATIAL, as
+            # PyTorch does, since cuDNN documents only PER_ACTIVATION and SPATIAL for this call
+            checked = _as_spatial(checked)
+        device_id = _same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
+        _check_build_once(cupy)
+        plan = plan_for(INFERENCE, checked.layout, checked.data_dtype, device_id)
+        _remember(key, (checked, plan))
+    else:
+        checked, plan = entry
+    device_id = plan.device_id
     with _on_device(cupy, device_id):
         x_in = cupy.ascontiguousarray(x)
         params = [plan.param_in(cupy, array) for array in (gamma, beta, mean, var)]
@@ -268,15 +340,30 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
 def backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
     """cuDNN backward on cupy arrays; same contract as :func:`cudnn_bn.reference.backward`
     (``mode``, ``eps`` and ``channel_axis`` already settled against ``saved``)."""
-    checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
-    named = {"x": x, "dy": dy, "gamma": gamma}
-    if saved is not None:
-        named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std)
-    device_id = _same_device(**named)
+    saved_signature = None if saved is None else (
+        _signature(saved.mean), _signature(saved.inv_std), saved.mode, saved.eps, saved.channel_axis,
+        _signature(saved.reserve_space),
+    )
+    key, entry = _lookup((
+        BACKWARD, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(dy),
+        _signature(gamma), saved_signature,
+    ))
     cupy = _cupy()
-    _check_build_once(cupy)
-    plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
-    with _on_device(cupy, device_id):
+    if entry is None:
+        checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
+        named = {"x": x, "dy": dy, "gamma": gamma}
+        if saved is not None:
+            named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std, saved_reserve_space=saved.reserve_space)
+        device_id = _same_device(**named)
+        _check_build_once(cupy)
+    else:
+        checked, plan = entry
+    if checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE:
+        check_saved_finite(saved)  # synchronizes; "ignore" promised no synchronisation
+    if entry is None:
+        plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
+        _remember(key, (checked, plan))
+    with _on_device(cupy, plan.device_id):
         return _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow)
 
 
@@ -298,7 +385,8 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
         if persistent:
             _before_persistent(handle, checked_overflow)
         if reserve is not None and plan.uses_ex:
-            _, workspace_size, _ = plan.ex_workspace_sizes(handle.pointer)
+            _, workspace_size, reserve_size = plan.ex_workspace_sizes(handle.pointer)
+            _check_reserve(reserve, reserve_size, plan.device_id)
             workspace = _workspace(cupy, plan.device_id, stream, workspace_size)
             library.cudnnBatchNormalizationBackwardEx(
                 handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta, plan.alpha, plan.beta,
@@ -320,12 +408,13 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
         if on_overflow is OnOverflow.RAISE:
             raise _overflow_error(
                 "cudnnBatchNormalizationBackward",
-                "pass on_overflow='fallback' to re-run this backward in SPATIAL with the same saved statistics",
+                "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
+                "this backward in SPATIAL",
             )
         _warn_fallback("backward", layout.shape, plan.data_dtype)
         fallback = _as_spatial(checked)
         spatial_plan = plan_for(BACKWARD, fallback.layout, plan.data_dtype, plan.device_id)
-        plain_saved = None if saved is None else SavedStats(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
+        plain_saved = None if saved is None else SavedStats._checked(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
         return _backward(cupy, spatial_plan, fallback, x, dy, gamma, plain_saved, OnOverflow.IGNORE)
     return dx, plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
 

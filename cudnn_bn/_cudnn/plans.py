@@ -150,6 +150,8 @@ class PlanCache:
         self._plans: dict = {}
         self._lock = threading.RLock()  # a chunked inference plan builds its pieces' plans inside
         self.created = 0  # plans ever built, for tests and diagnostics
+        # call signature -> (the validated description, its plan): filled by ops.py, emptied with the plans
+        self.signatures: dict = {}
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -170,6 +172,7 @@ class PlanCache:
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
+            self.signatures.clear()
 
 
 PLANS = PlanCache()
