@@ -411,3 +411,22 @@ def test_pointer_arguments_are_plain_ints(gpu):
     plan = plans.plan_for(plans.TRAINING, layout, np.dtype(np.float32), 0)
     assert isinstance(plan.alpha, int) and ctypes.c_float.from_address(plan.alpha).value == 1.0
     assert ctypes.c_float.from_address(plan.beta).value == 0.0
+
+
+# ---- A5: on_overflow="ignore" keeps its promise of no synchronisation ----
+def test_ignore_never_synchronizes_in_backward(gpu):
+    cupy = sys.modules["cupy"]
+    _, x, dy, gamma, beta = make_case((4, 8, 3, 3), Mode.SPATIAL, -1, np.float32)
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1, on_overflow="ignore")
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("a finite check (a device-to-host read) ran")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cupy, "isfinite", no_host_read)
+        for _ in range(2):  # the first call builds the plan, the second takes the cached path
+            cudnn_bn.backward(xd, dyd, gd, saved)
+        assert "cudnnQueryRuntimeError" not in gpu.calls
+        with pytest.raises(AssertionError, match="finite check"):  # a checked backward does read
+            cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="raise")

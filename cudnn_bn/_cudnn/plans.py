@@ -92,6 +92,8 @@ class Plan:
     def param_in(self, cupy, array):
         """A parameter in the parameter dtype and cuDNN's axis order, contiguous (itself when it
         already is)."""
+        if array.dtype == self.param_dtype and self.param_to_cudnn is None and array.flags.c_contiguous:
+            return array  # the common case: no CuPy call at all
         array = array.astype(self.param_dtype, copy=False)
         if self.param_to_cudnn is not None:
             array = array.transpose(self.param_to_cudnn)
