@@ -390,7 +390,7 @@ def check_fold(gamma, beta, mean, var, eps) -> float:
 
 
 def _array_module(array):
-    if isinstance(array, np.ndarray):
+    if not _is_cupy(array):
         return np
     import cupy  # only reached for cupy arrays, so cupy is importable
 
