@@ -22,17 +22,13 @@ import pytest
 
 import cudnn_bn
 from cudnn_bn import BatchNorm, CudnnOverflowError, Mode, SavedStats, reference
-from cudnn_bn._core.tolerances import assert_close, to_numpy, tolerance
+from cudnn_bn._core.tolerances import STATISTICS_RTOL, assert_close, statistics_rtol, to_numpy, tolerance
 from cudnn_bn._core.validate import param_dtype_for
 from conftest import LAYOUTS, MODES, make_case, shape_for
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [np.float16, np.float32, np.float64]
-# Saved and running statistics are float32 (float64 for float64 data) whatever the data dtype, so
-# they are held to about 1e-3 relative even for float16 data: a slip between the biased and the
-# unbiased variance (a factor N / (N - 1)) is 0.35% at a count of 288 and must not pass.
-STATISTICS_RTOL = 1e-3
 
 
 def _cupy():
@@ -76,7 +72,7 @@ def _record(request, **outcome) -> None:
 def assert_statistics(actual, expected, data_dtype, what: str, spread: float = 0.0) -> None:
     """Saved or running statistics: relative STATISTICS_RTOL (or the data dtype's, when tighter).
     ``spread`` (the data's standard deviation) gives means near zero an absolute allowance."""
-    rtol = min(tolerance(data_dtype)[0], STATISTICS_RTOL)
+    rtol = statistics_rtol(data_dtype)
     np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), rtol=rtol, atol=rtol * spread, err_msg=what)
 
 
