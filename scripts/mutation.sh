@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Mutation testing of one core module against the tests that exercise it (docs/testing.md).
+#
+#   scripts/mutation.sh MODULE [--worktree] [--timeout SECONDS]
+#
+# MODULE is one of: ops plans limits validate layout handles policy descriptors layer reference.
+# The run happens in a private copy of the committed tree (.mutation/MODULE/), so edits made to the
+# working tree during a run change nothing, and the score belongs to the commit it prints. With
+# --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
+# for trying a new test before committing it. One mutant at a time (--max-children 1); the whole
+# run is bounded by --timeout (default 1800 s); run it again to go on where it stopped only by
+# keeping .mutation/MODULE (set KEEP=1). Needs mutmut (pip install -e ".[dev]").
+#
+# Output: the score line, the commit, and every surviving mutant's diff in
+# .mutation/MODULE/survivors.txt.
+set -euo pipefail
+
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+[ $# -ge 1 ] || usage
+module=$1; shift
+from_worktree=0
+limit=1800
+while [ $# -gt 0 ]; do
+    case $1 in
+        --worktree) from_worktree=1 ;;
+        --timeout) limit=$2; shift ;;
+        *) usage ;;
+    esac
+    shift
+done
+
+# module -> (source file, the test files that exercise it). A module's own mutant-killing tests live
+# in tests/test_MODULE_mutants.py and are added when present.
+case $module in
+    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_cupy_path test_cudnn_safety test_compat test_interop test_api" ;;
+    plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_cudnn_safety test_cupy_path test_descriptors" ;;
+    limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_cudnn_safety test_cupy_path" ;;
+    validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_api test_layer test_compat test_cupy_path test_adversarial" ;;
+    layout)      source=cudnn_bn/_core/layout.py;       tests="test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
+    handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_cudnn_safety test_cupy_path test_raw" ;;
+    policy)      source=cudnn_bn/_core/policy.py;       tests="test_policy test_cupy_path test_layer" ;;
+    descriptors) source=cudnn_bn/_cudnn/descriptors.py; tests="test_descriptors test_cudnn_safety test_cupy_path test_raw" ;;
+    layer)       source=cudnn_bn/layer.py;              tests="test_layer test_api test_cudnn_safety" ;;
+    reference)   source=cudnn_bn/reference.py;          tests="test_reference test_properties test_reference_memory test_api test_validation" ;;
+    *) usage ;;
+esac
+
+root=$(git rev-parse --show-toplevel)
+work=$root/.mutation/$module
+mutmut=${MUTMUT:-mutmut}
+python=${PYTHON:-python}
+
+if [ "${KEEP:-0}" != 1 ] || [ ! -d "$work" ]; then
+    rm -rf "$work"
+    mkdir -p "$work"
+    if [ $from_worktree = 1 ]; then
+        (cd "$root" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$work"
+        commit="$(git -C "$root" rev-parse --short HEAD) + working tree"
+    else
+        git -C "$root" archive HEAD | tar -xf - -C "$work"
+        commit=$(git -C "$root" rev-parse --short HEAD)
+    fi
+    echo "$commit" > "$work/.commit"
+fi
+commit=$(cat "$work/.commit")
+
+# Narrow [tool.mutmut] of the copy's pyproject.toml to this module and its tests; everything else in
+# the section (deselections, pytest options) stays as configured.
+selected=""
+for name in $tests "test_${module}_mutants"; do
+    [ -f "$work/tests/$name.py" ] && selected="$selected tests/$name.py"
+done
+(cd "$work" && SOURCE=$source SELECTED=$selected "$python" - <<'EOF'
+import json, os, re, tomllib
+
+with open("pyproject.toml", "rb") as f:
+    settings = tomllib.load(f)["tool"]["mutmut"]
+settings["only_mutate"] = [os.environ["SOURCE"]]
+settings["use_git_change_detection"] = False  # the copy sits inside the repository, ignored by it
+selection = [arg for arg in settings["pytest_add_cli_args_test_selection"] if arg != "tests/"]
+settings["pytest_add_cli_args_test_selection"] = os.environ["SELECTED"].split() + selection
+text = open("pyproject.toml").read()
+head, _, rest = text.partition("[tool.mutmut]")
+tail = rest[re.search(r"^\[", rest, re.M).start():] if re.search(r"^\[", rest, re.M) else ""
+section = "[tool.mutmut]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
+open("pyproject.toml", "w").write(head + section + "\n" + tail)
+EOF
+)
+
+echo "mutation testing $source at $commit against:$selected"
+cd "$work"
+status=0
+timeout --signal=INT --kill-after=60 "$limit" "$mutmut" run --max-children 1 > run.log 2>&1 || status=$?
+if [ $status = 124 ] || [ $status = 130 ]; then
+    echo "stopped at the ${limit}s limit: the score below counts only the mutants tested so far"
+elif [ $status != 0 ]; then
+    tail -30 run.log
+    echo "mutmut run failed (exit $status); see $work/run.log"
+    exit $status
+fi
+
+"$mutmut" export-cicd-stats > /dev/null
+"$mutmut" results --all true > results.txt 2>/dev/null || "$mutmut" results > results.txt
+: > survivors.txt
+for name in $(grep -E ': (survived|no tests|timeout|suspicious)$' results.txt | sed 's/^ *//; s/:.*//'); do
+    "$mutmut" show "$name" >> survivors.txt 2>&1 || true
+    echo >> survivors.txt
+done
+"$python" - "$source" "$commit" <<'EOF'
+import json, sys
+
+stats = json.load(open("mutants/mutmut-cicd-stats.json"))
+# A timeout or a crash stops the tests as a failing assertion does: both count as killed.
+killed = stats["killed"] + stats["timeout"] + stats["segfault"]
+tested = killed + stats["survived"] + stats["no_tests"] + stats["suspicious"]
+print(f"{sys.argv[1]} at {sys.argv[2]}: {killed}/{tested} killed ({100 * killed / max(tested, 1):.1f}%), "
+      f"{stats['survived']} survived, {stats['no_tests']} without tests, {stats['suspicious']} suspicious, "
+      f"{stats['total'] - tested} not run")
+EOF
+echo "survivors: $work/survivors.txt"
