@@ -927,14 +927,16 @@ class Launch:
     A kernel function (``KernelSimulator.kernels[function]``) receives it when its stream runs it:
     ``launch.view(role)`` is the tensor ``role`` as a numpy array (None when NULL was passed), with
     roles x, y, dy, dx, scale, bias, dscale, dbias, mean, var (inference), running_mean,
-    running_var, save_mean, save_inv_std; ``mode`` (a Mode), ``eps`` and ``factor`` are the scalars.
+    running_var, save_mean, save_inv_std; ``mode`` (a Mode), ``eps`` and ``factor`` are the scalars;
+    ``overflows``: whether its mode was in ``overflow_modes`` at the call.
     """
 
-    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "holds", "_run")
+    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run")
 
-    def __init__(self, function, handle, mode, tensors, outputs, eps, factor, holds, run):
+    def __init__(self, function, handle, mode, tensors, outputs, eps, factor, overflows, holds, run):
         self.function, self.handle, self.mode, self.tensors = function, handle, mode, tensors
-        self.outputs, self.eps, self.factor, self.holds, self._run = outputs, eps, factor, holds, run
+        self.outputs, self.eps, self.factor, self.overflows = outputs, eps, factor, overflows
+        self.holds, self._run = holds, run
 
     def has(self, role: str) -> bool:
         return self.tensors.get(role) is not None
@@ -1371,7 +1373,9 @@ class KernelSimulator:
                 allocation = located[role] = self._locate(state, role, pointer, size=size)
                 holds[allocation.serial] = allocation
             owners = [(allocation, allocation.memory_owner()) for allocation in holds.values()]
-            launch = Launch(function, state, mode, refs, outputs, eps, factor, owners, self._run)
+            # whether it overflows is settled by overflow_modes at the call, though it shows when it runs
+            overflows = mode is Mode.SPATIAL_PERSISTENT and mode in self.overflow_modes
+            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run)
             self.cuda.enqueue((state.device_id, state.stream), launch)
         return located
 
@@ -1381,7 +1385,7 @@ class KernelSimulator:
             self._poison(launch)  # it read memory the pool may already have given away
             return
         self.kernels[launch.function](launch)
-        if launch.mode is Mode.SPATIAL_PERSISTENT and launch.mode in self.overflow_modes:
+        if launch.overflows:
             self._poison(launch)  # an overflowing persistent kernel writes NaN and raises the flag
             launch.handle.flag = int(Status.RUNTIME_FP_OVERFLOW)
 
