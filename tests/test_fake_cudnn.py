@@ -602,6 +602,16 @@ def test_a_blocking_query_waits_for_the_handles_stream(gpu, cupy, library, descr
     refused(BAD_PARAM, library.cudnnQueryRuntimeError, case.handle, ctypes.byref(ctypes.c_int()), 5, None)
 
 
+def test_overflow_is_settled_at_the_call_and_shows_when_the_kernel_runs(gpu, cupy, library, descriptors):
+    case = Case(cupy, library, descriptors, mode=PERSISTENT)
+    gpu.overflow_modes.add(PERSISTENT)
+    case.call(TRAINING)
+    gpu.overflow_modes.clear()  # too late for the queued kernel
+    case.call(TRAINING)  # this one does not overflow
+    assert query(library, case.handle) == OVERFLOW and query(library, case.handle) == 0
+    assert np.isfinite(case.y.get()).all()  # the second kernel overwrote the first one's NaN
+
+
 def test_only_persistent_kernels_overflow(gpu, cupy, case, library):
     gpu.overflow_modes.add(SPATIAL)
     case.call(TRAINING)
