@@ -272,22 +272,47 @@ def test_a_thread_pool_creates_no_handle_after_warm_up_and_destroys_none(gpu):
     _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, gd, bd = _device(x, gamma, beta)
     cupy = sys.modules["cupy"]
+    together = threading.Barrier(4)
 
-    def call(_):
+    def call(warm_up):
+        if warm_up:
+            together.wait(5)  # four calls at once, each holding a handle for a while: four handles
         cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
         cupy.cuda.get_current_stream().synchronize()  # xd is the main thread's: done with it before it goes
 
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(call, range(40)))
+        gpu.delay = (1.0, 0.05)
+        list(pool.map(call, [True] * 4))
+        gpu.delay = None
         created = gpu.calls.count("cudnnCreate")
-        list(pool.map(call, range(200)))
-    assert 1 <= created <= 4
+        list(pool.map(call, [False] * 200))
+    assert created == 4
     assert gpu.calls.count("cudnnCreate") == created
     for _ in range(8):  # short-lived threads borrow pooled handles too
-        thread = threading.Thread(target=call, args=(0,))
+        thread = threading.Thread(target=call, args=(False,))
         thread.start()
         thread.join()
     assert gpu.calls.count("cudnnCreate") == created and "cudnnDestroy" not in gpu.calls
+
+
+def test_a_flag_left_on_one_stream_is_cleared_before_the_handle_moves_to_another(gpu):
+    from cudnn_bn._cudnn import handles
+
+    cupy = sys.modules["cupy"]
+    handles.close_all()
+    handles.pool_for(0).size = 1  # both calls borrow the same handle
+    _, x, _, gamma, beta = make_case((4, 8, 3, 3), Mode.SPATIAL, 1, np.float32)
+    other = cupy.cuda.Stream(non_blocking=True)
+    with other:  # an unchecked persistent call that overflows, queued on another stream
+        xa, ga, ba = _device(x, gamma, beta)
+        gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+        cudnn_bn.forward_training(xa, ga, ba, mode="spatial_persistent", on_overflow="ignore")
+        gpu.overflow_modes.clear()
+    xb, gb, bb = _device(x, gamma, beta)
+    for _ in range(2):  # checked calls on this stream: neither may report the other stream's flag
+        cudnn_bn.forward_training(xb, gb, bb, mode="spatial_persistent", on_overflow="raise")
+        other.synchronize()
+    handles.close_all()
 
 
 def test_the_pool_lends_each_handle_to_one_borrower_at_a_time(gpu):

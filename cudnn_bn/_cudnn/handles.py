@@ -50,10 +50,22 @@ class Handle:
         self._finalizer = weakref.finalize(self, _destroy, self.pointer)
 
     def bind_stream(self, stream_pointer: int) -> None:
-        """Point the handle at ``stream_pointer`` unless it already is."""
+        """Point the handle at ``stream_pointer`` unless it already is.
+
+        A flag left unread by an unchecked persistent call is cleared first: the blocking query
+        waits on the bound stream only, so after a rebind it could no longer reach that call's
+        kernel, whose flag would then be blamed on a later checked call on the new stream."""
         if stream_pointer != self.bound_stream:
+            if self.flag_unread:
+                self.clear_flag()
             raw.library().cudnnSetStream(self.pointer, stream_pointer)
             self.bound_stream = stream_pointer
+
+    def clear_flag(self) -> None:
+        """Wait for the bound stream's work and discard the runtime-error flag it may have left."""
+        runtime_status = ctypes.c_int(0)
+        raw.library().cudnnQueryRuntimeError(self.pointer, ctypes.byref(runtime_status), int(raw.ErrQueryMode.BLOCKING), None)
+        self.flag_unread = False
 
     @property
     def closed(self) -> bool:

@@ -143,9 +143,7 @@ def _query_flag(handle) -> bool:
 def _before_persistent(handle, checked: bool) -> None:
     """A checked call must not read a flag an earlier unchecked call left on this handle."""
     if checked and handle.flag_unread:
-        runtime_status = ctypes.c_int(0)
-        raw.library().cudnnQueryRuntimeError(handle.pointer, ctypes.byref(runtime_status), int(ErrQueryMode.BLOCKING), None)
-        handle.flag_unread = False
+        handle.clear_flag()
 
 
 def _after_persistent(handle, checked: bool) -> bool:
