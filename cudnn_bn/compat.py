@@ -42,7 +42,7 @@ from . import _api
 from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, check_eps
+from ._core.validate import array_kind, check_eps, check_no_overlap
 
 __all__ = [
     "CUDNN_BATCHNORM_PER_ACTIVATION",
@@ -200,6 +200,7 @@ def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, 
     """(reserve_space, y, save_mean, save_inv_std) of one training forward; every check runs
     before anything is computed or written."""
     _distinct_outputs(mean, inv_std)
+    check_eps(eps, training=True)  # named "eps" here, before the saved statistics are built from it
     mode, momentum = _mode(cudnn_mode), _momentum(decay)
     if momentum == 0.0:
         running_mean = running_var = None  # decay=1 keeps them as they are: dummies are never touched
@@ -218,6 +219,10 @@ def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, 
         outputs = [geometry.param(name, array, written=True) for name, array in (("mean", mean), ("inv_std", inv_std))]
         for name, array in (("mean", mean), ("inv_std", inv_std)):
             _check_writable(name, array)
+        check_no_overlap(
+            {"mean": mean, "inv_std": inv_std},
+            {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var},
+        )
     y, saved = _api.forward_training(
         geometry.data(x), *params, *running, mode=mode, momentum=momentum, eps=eps,
         channel_axis=geometry.channel_axis, on_overflow=_on_overflow(debug, on_overflow),

@@ -529,3 +529,23 @@ def test_compat_is_reachable_from_the_package():
     from cudnn_bn import compat as imported
 
     assert imported is compat and cudnn_bn.compat is compat
+
+
+def test_eps_below_the_training_minimum_is_named_eps():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="^eps: expected"):
+        compat.batch_normalization_forward_training(
+            x, gamma, beta, None, None, None, None, 0.0, 0.9, True, compat.CUDNN_BATCHNORM_SPATIAL, False
+        )
+
+
+def test_given_mean_and_inv_std_may_not_overlap_an_input():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2)).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    before = gamma.copy()
+    with pytest.raises(ValueError, match="mean: expected memory of its own"):
+        compat.batch_normalization_forward_training(
+            x, gamma, beta, None, None, gamma, np.empty(3, np.float32), 1e-5, 0.9, True, compat.CUDNN_BATCHNORM_SPATIAL, False
+        )
+    np.testing.assert_array_equal(gamma, before)
