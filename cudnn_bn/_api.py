@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from . import reference
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from ._core.saved import SavedStats
@@ -38,6 +40,8 @@ def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:
     try:
         kind = array_kind(**given)
     except TypeError:  # a foreign array, something unsupported, or mixed kinds: sorted out below
+        if any(isinstance(value, (np.ma.MaskedArray, np.matrix)) for value in given.values()):
+            raise  # numpy's own kinds that are refused: array_kind's message says why
         from ._cudnn import interop
 
         given = {name: interop.as_supported_array(name, value, written=name in written) for name, value in given.items()}

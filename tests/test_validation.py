@@ -632,3 +632,11 @@ def test_overlap_bounds_use_the_device_pointer_of_cupy_arrays():
         check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))}, {"x": DeviceArray(base - 396, (10, 10), (40, 4))})
     check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))}, {"x": DeviceArray(base - 400, (10, 10), (40, 4))})  # adjacent
     check_no_overlap({"running_var": DeviceArray(base, (0,), (4,))}, {"x": DeviceArray(base, (3,), (4,))})  # empty
+
+
+def test_a_masked_array_through_the_public_call_says_why_it_is_refused():
+    import cudnn_bn
+
+    x = np.ma.masked_array(np.ones((4, 3)), mask=False)
+    with pytest.raises(TypeError, match="masked array \\(its mask would be ignored\\)"):
+        cudnn_bn.forward_training(x, np.ones(3), np.zeros(3))
