@@ -22,10 +22,15 @@ __all__ = ["backward", "cudnn_available", "forward_inference", "forward_training
 _RUNNING = ("running_mean", "running_var")  # optional, and updated in place
 
 
-def _cudnn_ops():
-    from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
+_OPS = []
 
-    return ops
+
+def _cudnn_ops():
+    if not _OPS:
+        from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
+
+        _OPS.append(ops)
+    return _OPS[0]
 
 
 def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:

@@ -220,6 +220,7 @@ def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     library, reserve, overflowed = raw.library(), None, False
+    x_desc, p_desc = plan.data_desc.pointer, plan.param_desc.pointer
     stream = cupy.cuda.get_current_stream().ptr
     with borrow(plan.device_id) as handle:
         handle.bind_stream(stream)
@@ -231,15 +232,15 @@ def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running
             reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
             library.cudnnBatchNormalizationForwardTrainingEx(
                 handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta,
-                plan.data_desc.pointer, x_in.data.ptr, None, None, plan.data_desc.pointer, y.data.ptr,
-                plan.param_desc.pointer, gamma_in.data.ptr, beta_in.data.ptr, momentum, _pointer(mean_in),
+                x_desc, x_in.data.ptr, None, None, x_desc, y.data.ptr,
+                p_desc, gamma_in.data.ptr, beta_in.data.ptr, momentum, _pointer(mean_in),
                 _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, None,
                 workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
             )
         else:
             library.cudnnBatchNormalizationForwardTraining(
-                handle.pointer, plan.cudnn_mode, plan.alpha, plan.beta, plan.data_desc.pointer, x_in.data.ptr,
-                plan.data_desc.pointer, y.data.ptr, plan.param_desc.pointer, gamma_in.data.ptr, beta_in.data.ptr,
+                handle.pointer, plan.cudnn_mode, plan.alpha, plan.beta, x_desc, x_in.data.ptr,
+                x_desc, y.data.ptr, p_desc, gamma_in.data.ptr, beta_in.data.ptr,
                 momentum, _pointer(mean_in), _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
         if persistent:
@@ -377,6 +378,7 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
     persistent = layout.mode is Mode.SPATIAL_PERSISTENT
     checked_overflow = persistent and on_overflow is not OnOverflow.IGNORE
     library, overflowed = raw.library(), False
+    x_desc, p_desc = plan.data_desc.pointer, plan.param_desc.pointer
     stream = cupy.cuda.get_current_stream().ptr
     with borrow(plan.device_id) as handle:
         handle.bind_stream(stream)
@@ -388,16 +390,16 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
             workspace = _workspace(cupy, plan.device_id, stream, workspace_size)
             library.cudnnBatchNormalizationBackwardEx(
                 handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta, plan.alpha, plan.beta,
-                plan.data_desc.pointer, x_in.data.ptr, None, None, plan.data_desc.pointer, dy_in.data.ptr, None, None,
-                plan.data_desc.pointer, dx.data.ptr, plan.param_desc.pointer, gamma_in.data.ptr, None,
+                x_desc, x_in.data.ptr, None, None, x_desc, dy_in.data.ptr, None, None,
+                x_desc, dx.data.ptr, p_desc, gamma_in.data.ptr, None,
                 dgamma.data.ptr, dbeta.data.ptr, checked.eps, _pointer(saved_mean), _pointer(saved_inv_std), None,
                 workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
             )
         else:
             library.cudnnBatchNormalizationBackward(
-                handle.pointer, plan.cudnn_mode, plan.alpha, plan.beta, plan.alpha, plan.beta, plan.data_desc.pointer,
-                x_in.data.ptr, plan.data_desc.pointer, dy_in.data.ptr, plan.data_desc.pointer, dx.data.ptr,
-                plan.param_desc.pointer, gamma_in.data.ptr, dgamma.data.ptr, dbeta.data.ptr, checked.eps,
+                handle.pointer, plan.cudnn_mode, plan.alpha, plan.beta, plan.alpha, plan.beta, x_desc,
+                x_in.data.ptr, x_desc, dy_in.data.ptr, x_desc, dx.data.ptr,
+                p_desc, gamma_in.data.ptr, dgamma.data.ptr, dbeta.data.ptr, checked.eps,
                 _pointer(saved_mean), _pointer(saved_inv_std),
             )
         if persistent:
