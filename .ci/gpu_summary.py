@@ -1,12 +1,18 @@
 """Summary of a `.ci/gpu-validate` run: Markdown ready to paste into docs/gpu-validation.md.
 
-    python .ci/gpu_summary.py OUT_FOLDER [--steps STEPS_TSV]
+    python .ci/gpu_summary.py OUT_FOLDER [--steps STEPS_TSV] [--readme README.md]
 
 Reads what the run left in the output folder (preflight.txt, junit.xml, probes.json, bench.json,
 gpu-validate.log) and the step table (tab-separated: name, kind, result, exit status, seconds),
 writes OUT_FOLDER/summary.md and prints it. Every input may be missing or partial (a crash, a
 timeout): the summary then says so instead of failing. Needs only the standard library, so it
 runs on any machine.
+
+With ``--readme``, a run that got past the preflight (so ran on a usable GPU) also rewrites the
+README's one-line validation status, between ``<!-- gpu-status -->`` and ``<!-- /gpu-status -->``,
+after summary.md is written. A run the preflight stopped, a run whose summary could not be written,
+and a README without exactly one pair of markers leave the README as it was; the README is
+replaced atomically, so it is never half-written.
 """
 
 from __future__ import annotations
@@ -17,12 +23,16 @@ import json
 import os
 import re
 import sys
+import tempfile
+import time
 import xml.etree.ElementTree as ElementTree
 
 LOG_NAME, PREFLIGHT_NAME, JUNIT_NAME = "gpu-validate.log", "preflight.txt", "junit.xml"
 PROBES_NAME, BENCH_NAME, SUMMARY_NAME = "probes.json", "bench.json", "summary.md"
 VERBOSE_OUTCOME = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))?")
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed")
+STATUS_START, STATUS_END = "<!-- gpu-status -->", "<!-- /gpu-status -->"
+GPU_VALIDATION_DOC = "docs/gpu-validation.md"
 
 
 def first_line(text) -> str:
@@ -138,19 +148,27 @@ def read_json(path: str):
 
 # ---------------------------------------------------------------- sections ----
 
-def section_header(preflight: dict, steps: list[dict], log: str) -> list[str]:
-    required = [step for step in steps if step["kind"] == "required"]
-    failed = [step["name"] for step in required if step["result"] != "passed"]
-    stopped = preflight.get("verdict", "").startswith("STOP")
+def failed_steps(steps: list[dict]) -> list[str]:
+    return [step["name"] for step in steps if step["kind"] == "required" and step["result"] != "passed"]
+
+
+def run_verdict(preflight: dict, steps: list[dict]) -> str:
+    """The run's verdict, the one place it is decided (summary header and README status line)."""
     if not steps:
-        verdict = "UNKNOWN (no step table)"
-    elif stopped:
-        verdict = "NOT RUN: the preflight stopped the validation"
-    elif failed:
-        verdict = "FAIL (" + ", ".join(failed) + ")"
-    else:
-        verdict = "PASS (every step passed)"
-    devices = [value for key, value in preflight.items() if key.startswith("device ")]
+        return "UNKNOWN (no step table)"
+    if preflight.get("verdict", "").startswith("STOP"):
+        return "NOT RUN: the preflight stopped the validation"
+    failed = failed_steps(steps)
+    return "FAIL (" + ", ".join(failed) + ")" if failed else "PASS (every step passed)"
+
+
+def _devices(preflight: dict) -> list[str]:
+    return [value for key, value in preflight.items() if key.startswith("device ")]
+
+
+def section_header(preflight: dict, steps: list[dict], log: str) -> list[str]:
+    verdict = run_verdict(preflight, steps)
+    devices = _devices(preflight)
     lines = [
         f"### GPU validation run: {verdict}",
         "",
@@ -163,8 +181,8 @@ def section_header(preflight: dict, steps: list[dict], log: str) -> list[str]:
         f"float16 kernel: {preflight.get('float16_kernel', '?')}; first call: {preflight.get('first_call', '?')}",
     ]
     source = re.search(r"source fingerprint: (\w+)", log)
-    commit = re.search(r"^([0-9a-f]{40})$", log, re.MULTILINE)
-    lines.append(f"- source: commit {commit.group(1) if commit else 'unknown'}, fingerprint {source.group(1) if source else 'unknown'}")
+    commit = source_commit(log)
+    lines.append(f"- source: commit {commit or 'unknown'}, fingerprint {source.group(1) if source else 'unknown'}")
     if steps:
         lines += ["", *table(["step", "kind", "result", "exit", "seconds"],
                              [[s["name"], s["kind"], s["result"], s["exit"], s["seconds"]] for s in steps])]
@@ -260,30 +278,117 @@ def section_bench(bench) -> list[str]:
     return lines
 
 
+def source_commit(log: str) -> str | None:
+    """The commit the run's `source` step printed (git rev-parse HEAD), if any."""
+    found = re.search(r"^([0-9a-f]{40})$", log, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+# ---------------------------------------------------------------- README status line ----
+
+def reached_the_gpu(preflight: dict, steps: list[dict]) -> bool:
+    """Whether the run got past the preflight: only such a run may change the README's status."""
+    ran = {step["name"] for step in steps if step["result"] != "not-run"}
+    return "gpu-suite" in ran and not preflight.get("verdict", "").startswith("STOP")
+
+
+def status_line(preflight: dict, steps: list[dict], junit: dict | None, log: str, date: str) -> str:
+    """The README's one-line validation status after a run that reached the GPU."""
+    verdict = run_verdict(preflight, steps)
+    word = "passed" if verdict.startswith("PASS") else "FAILED (" + ", ".join(failed_steps(steps)) + ")"
+    gpu = "; ".join(_devices(preflight)) or "an unnamed GPU"
+    commit = source_commit(log)
+    facts = [f"cuDNN {preflight.get('cudnn_library', '?')}", f"CuPy {preflight.get('cupy', '?')}"]
+    if commit:
+        facts.append(f"commit {commit[:12]}")
+    if junit is not None and junit.get("cases"):
+        counts = collections.Counter(case["outcome"] for case in junit["cases"])
+        tests = ", ".join(f"{counts[outcome]} {outcome}" for outcome in OUTCOMES if counts[outcome])
+    else:
+        tests = "no test results recorded"
+    return (f"**GPU validation: {word}** on {gpu}, {date} ({'; '.join(facts)}): GPU tests {tests}. "
+            f"Details: [{GPU_VALIDATION_DOC}]({GPU_VALIDATION_DOC}).")
+
+
+def replace_status(text: str, line: str) -> str:
+    """``text`` with what lies between the status markers replaced by ``line``; ValueError unless
+    the markers occur exactly once each, in order."""
+    starts, ends = text.count(STATUS_START), text.count(STATUS_END)
+    start, end = text.find(STATUS_START), text.find(STATUS_END)
+    if starts != 1 or ends != 1 or end < start:
+        raise ValueError(f"expected one {STATUS_START} followed by one {STATUS_END}, found {starts} and {ends}")
+    if "\n" in line:
+        raise ValueError("the status is one line")
+    return text[: start + len(STATUS_START)] + "\n" + line + "\n" + text[end:]
+
+
+def update_readme(path: str, line: str) -> str:
+    """Rewrite the status line of the README at ``path``; returns what happened, in words. The
+    file is replaced in one step (a temporary file renamed over it), or left as it was."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        updated = replace_status(text, line)
+    except (OSError, ValueError) as error:
+        return f"README status not updated ({path}: {error})"
+    if updated == text:
+        return f"README status unchanged ({path})"
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = None
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=".README.", dir=folder)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(updated)
+        os.chmod(temporary, os.stat(path).st_mode & 0o777)
+        os.replace(temporary, path)
+    except OSError as error:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+        return f"README status not updated ({path}: {error})"
+    return f"README status updated ({path}): {line}"
+
+
 def summarize(out: str, steps_path: str | None) -> str:
+    return _summary(out, steps_path)["text"]
+
+
+def _summary(out: str, steps_path: str | None) -> dict:
     log = _read(os.path.join(out, LOG_NAME)) or ""
     preflight = read_preflight(os.path.join(out, PREFLIGHT_NAME))
     steps = read_steps(steps_path)
     lines = section_header(preflight, steps, log)
     ran = {step["name"] for step in steps if step["result"] != "not-run"}
-    if "gpu-suite" in ran or os.path.exists(os.path.join(out, JUNIT_NAME)):
-        lines += section_suite(read_junit(os.path.join(out, JUNIT_NAME)), log)
+    junit = read_junit(os.path.join(out, JUNIT_NAME))
+    if "gpu-suite" in ran or junit is not None:
+        lines += section_suite(junit, log)
     if "probes" in ran or os.path.exists(os.path.join(out, PROBES_NAME)):
         lines += section_probes(read_json(os.path.join(out, PROBES_NAME)))
     if "bench" in ran or os.path.exists(os.path.join(out, BENCH_NAME)):
         lines += section_bench(read_json(os.path.join(out, BENCH_NAME)))
-    return "\n".join(lines) + "\n"
+    status = None
+    if reached_the_gpu(preflight, steps):
+        status = status_line(preflight, steps, junit, log, time.strftime("%Y-%m-%d", time.gmtime()))
+        lines += ["", "#### README status line", "",
+                  "Written into README.md between its gpu-status markers by the run; paste it there by hand "
+                  "where the run's checkout was not kept:", "", status]
+    return {"text": "\n".join(lines) + "\n", "status": status}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the output folder of .ci/gpu-validate")
     parser.add_argument("--steps", help="the step table (tab-separated: name, kind, result, exit, seconds)")
+    parser.add_argument("--readme", help="rewrite this README's validation status line (only after a run that reached the GPU)")
     args = parser.parse_args(argv)
-    text = summarize(args.out, args.steps)
-    with open(os.path.join(args.out, SUMMARY_NAME), "w") as handle:
-        handle.write(text)
-    print(text)
+    summary = _summary(args.out, args.steps)
+    with open(os.path.join(args.out, SUMMARY_NAME), "w") as handle:  # fails before the README is touched
+        handle.write(summary["text"])
+    print(summary["text"])
+    if args.readme:
+        if summary["status"] is None:
+            print(f"README status not updated ({args.readme}): the run did not get past the preflight")
+        else:
+            print(update_readme(args.readme, summary["status"]))
     return 0
 
 
