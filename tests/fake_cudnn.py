@@ -80,6 +80,7 @@ TRAINING_MAX_BATCH = 880801  # PyTorch's guard for cuDNN training (pytorch#19911
 INFERENCE_MAX_BATCH = 65535  # PyTorch's guard for cuDNN inference (pytorch#2917)
 PER_ACTIVATION, SPATIAL, SPATIAL_PERSISTENT = 0, 1, 2  # cudnnBatchNormMode_t
 OPS_BN, OPS_BN_ACTIVATION, OPS_BN_ADD_ACTIVATION = 0, 1, 2  # cudnnBatchNormOps_t
+ACTIVATION_RELU = 1  # cudnnActivationMode_t: the one activation cuDNN's fused batch-norm kernels apply
 ERRQUERY_RAWCODE, ERRQUERY_NONBLOCKING, ERRQUERY_BLOCKING = 0, 1, 2  # cudnnErrQueryMode_t
 DATA_FLOAT, DATA_DOUBLE, DATA_HALF = 0, 1, 2  # cudnnDataType_t
 _NUMPY_TYPES = {DATA_FLOAT: np.dtype(np.float32), DATA_DOUBLE: np.dtype(np.float64), DATA_HALF: np.dtype(np.float16)}
@@ -716,7 +717,7 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
     module.empty_like, module.zeros_like, module.ones_like = like(empty), like(module.zeros), like(module.ones)
     module.asnumpy = lambda a, stream=None: a.get(stream) if isinstance(a, FakeArray) else np.asarray(a)
     for name in ("isfinite", "isnan", "isinf", "abs", "sqrt", "all", "any", "sum", "max", "min", "mean",
-                 "maximum", "minimum", "copyto", "array_equal", "allclose"):
+                 "maximum", "minimum", "copyto", "array_equal", "allclose", "add", "fmax"):
         setattr(module, name, getattr(np, name))
     for name in ("uint8", "int32", "int64", "float16", "float32", "float64", "bool_", "dtype"):
         setattr(module, name, getattr(np, name))
@@ -927,16 +928,17 @@ class Launch:
     A kernel function (``KernelSimulator.kernels[function]``) receives it when its stream runs it:
     ``launch.view(role)`` is the tensor ``role`` as a numpy array (None when NULL was passed), with
     roles x, y, dy, dx, scale, bias, dscale, dbias, mean, var (inference), running_mean,
-    running_var, save_mean, save_inv_std; ``mode`` (a Mode), ``eps`` and ``factor`` are the scalars;
+    running_var, save_mean, save_inv_std, z and dz (the Ex calls' residual and its gradient);
+    ``ops`` the Ex calls' bnOps (OPS_BN elsewhere); ``mode`` (a Mode), ``eps`` and ``factor`` are the scalars;
     ``overflows``: whether its mode was in ``overflow_modes`` at the call.
     """
 
-    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run")
+    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run", "ops")
 
-    def __init__(self, function, handle, mode, tensors, outputs, eps, factor, overflows, holds, run):
+    def __init__(self, function, handle, mode, tensors, outputs, eps, factor, overflows, holds, run, ops=OPS_BN):
         self.function, self.handle, self.mode, self.tensors = function, handle, mode, tensors
         self.outputs, self.eps, self.factor, self.overflows = outputs, eps, factor, overflows
-        self.holds, self._run = holds, run
+        self.holds, self._run, self.ops = holds, run, ops
 
     def has(self, role: str) -> bool:
         return self.tensors.get(role) is not None
@@ -964,7 +966,12 @@ def training_kernel(launch: Launch) -> None:
     biased_var = np.square(centered).mean(axis=axes, keepdims=True)
     inv_std = 1.0 / np.sqrt(biased_var + launch.eps)
     gamma, beta = launch.view("scale").astype(np.float64), launch.view("bias").astype(np.float64)
-    launch.view("y")[...] = centered * inv_std * gamma + beta
+    y = centered * inv_std * gamma + beta
+    if launch.ops != OPS_BN:  # BN_ACTIVATION, BN_ADD_ACTIVATION: ReLU(y (+ z)), NaN to 0, rounded once
+        if launch.ops == OPS_BN_ADD_ACTIVATION:
+            y = y + launch.view("z").astype(np.float64)
+        y = np.where(y > 0, y, 0.0)
+    launch.view("y")[...] = y
     if launch.has("running_mean"):
         with np.errstate(divide="ignore", invalid="ignore"):
             unbiased_var = biased_var * (np.float64(count) / (count - 1))
@@ -989,6 +996,10 @@ def backward_kernel(launch: Launch) -> None:
     """cudnnBatchNormalizationBackward(Ex): dx, dscale, dbias (statistics saved or recomputed with eps)."""
     x, dy = launch.view("x").astype(np.float64), launch.view("dy").astype(np.float64)
     axes, count = _statistics(launch, x)
+    if launch.ops != OPS_BN:  # the ReLU's gradient first: dy where the forward's y > 0
+        dy = np.where(launch.view("y") > 0, dy, 0.0)
+        if launch.ops == OPS_BN_ADD_ACTIVATION:
+            launch.view("dz")[...] = dy
     if launch.has("save_mean"):
         mean, inv_std = launch.view("save_mean").astype(np.float64), launch.view("save_inv_std").astype(np.float64)
     else:
@@ -1079,6 +1090,7 @@ class KernelSimulator:
         self.overflow_modes: set = set()
         self.reserves: dict[int, tuple[int, int]] = {}
         self._reserve_serials: dict[int, int] = {}
+        self.reserve_ops: dict[int, int] = {}  # reserve pointer -> bnOps of the ForwardTrainingEx that filled it
         self.workspace_size, self.reserve_size = 256, 512
         self.stream = None
         self.delay = None
@@ -1313,11 +1325,11 @@ class KernelSimulator:
                                                f"past cuDNN's 32-bit sizes, but its descriptor says {described.dims}: "
                                                "a C int truncated it")
 
-    def _ex_conditions(self, mode: Mode, ops, tensors: dict) -> None:
+    def _ex_conditions(self, mode: Mode, ops, tensors: dict, activation=None) -> None:
         if ops not in (OPS_BN, OPS_BN_ACTIVATION, OPS_BN_ADD_ACTIVATION):
             raise _Refused(_BAD_PARAM, f"bnOps {ops} is not a cudnnBatchNormOps_t")
         if ops != OPS_BN:
-            raise _Refused(_NOT_SUPPORTED, f"bnOps {ops}: the simulated GPU runs CUDNN_BATCHNORM_OPS_BN (0) only")
+            self._fused_activation(ops, activation)
         if not self.ex_fast_path_only:
             return
         unmet = [] if mode is Mode.SPATIAL_PERSISTENT else [f"mode SPATIAL_PERSISTENT (got {mode.name})"]
@@ -1332,6 +1344,26 @@ class KernelSimulator:
         if unmet:
             raise _Refused(_NOT_SUPPORTED, "the Ex calls run only on NVIDIA's NHWC fast path here (cuDNN would fall back "
                                            f"to its generic kernel, which cudnn_bn never asks for); unmet: {'; '.join(unmet)}")
+
+    def _fused_activation(self, ops, activation) -> None:
+        """A fused bnOps needs an activation descriptor, and cuDNN's fused kernels apply ReLU only."""
+        if not activation:  # no fused kernel applies without one (cuDNN's status here is not documented)
+            raise _Refused(_NOT_SUPPORTED, f"bnOps {ops} (CUDNN_BATCHNORM_OPS_BN_{'ADD_' if ops == OPS_BN_ADD_ACTIVATION else ''}"
+                                           "ACTIVATION) applies an activation, but activationDesc is NULL")
+        try:
+            mode = _activation_mode(activation)
+        except CudnnError as error:
+            raise _Refused(_BAD_PARAM, f"activationDesc {_hex(activation)} is not a readable activation descriptor ({error})") from None
+        if mode != ACTIVATION_RELU:
+            raise _Refused(_NOT_SUPPORTED, f"bnOps {ops} with activation mode {mode}: the fused batch-norm kernels "
+                                           f"apply CUDNN_ACTIVATION_RELU ({ACTIVATION_RELU}) only")
+
+    def reserve_bytes(self, ops, x: _Described) -> int:
+        """What the reserve-space query returns: ``reserve_size``, plus for a fused bnOps one bit per
+        element of x (the ReLU's mask, which BackwardEx reads), rounded up to 4 bytes."""
+        if ops == OPS_BN:
+            return self.reserve_size
+        return self.reserve_size + 4 * math.ceil(math.prod(x.dims) / 32)
 
     def _buffer_size(self, role: str, pointer, size: int, needed: int) -> None:
         if not pointer:
@@ -1357,7 +1389,7 @@ class KernelSimulator:
                                        f"the handle's device is {state.device_id}")
         return allocation
 
-    def _launch(self, state, function, mode, tensors, outputs, buffers=(), eps=None, factor=None) -> dict:
+    def _launch(self, state, function, mode, tensors, outputs, buffers=(), eps=None, factor=None, ops=OPS_BN) -> dict:
         """Check every pointer against the registry, then queue the kernel on the handle's stream.
         Returns role -> allocation of the raw buffers (workspace, reserve space)."""
         self._check_sources(tensors)
@@ -1375,7 +1407,7 @@ class KernelSimulator:
             owners = [(allocation, allocation.memory_owner()) for allocation in holds.values()]
             # whether it overflows is settled by overflow_modes at the call, though it shows when it runs
             overflows = mode is Mode.SPATIAL_PERSISTENT and mode in self.overflow_modes
-            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run)
+            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops)
             self.cuda.enqueue((state.device_id, state.stream), launch)
         return located
 
@@ -1398,7 +1430,7 @@ class KernelSimulator:
 
     # ---- the batch-norm entry points ----
     def _training_call(self, name, state, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias, factor,
-                       running_mean, running_var, eps, save_mean, save_inv_var, ex=None):
+                       running_mean, running_var, eps, save_mean, save_inv_var, ex=None, ops=OPS_BN, z=None, z_desc=None):
         mode = self._mode(mode)
         _required(alpha=alpha, beta=beta, x=x, y=y, bnScale=scale, bnBias=bias)
         _both_or_neither("resultRunningMean", running_mean, "resultRunningVariance", running_var)
@@ -1408,13 +1440,20 @@ class KernelSimulator:
         p_t = self._param("bnScaleBiasMeanVarDesc", p_desc, x_t, mode)
         self._scalars(x_t, alpha=alpha, beta=beta)
         _epsilon(eps)
-        buffers = ex(mode, {"xDesc": x_t, "yDesc": y_t}) if ex is not None else ()
+        data = {"xDesc": x_t, "yDesc": y_t}
+        z_t = None
+        if ops == OPS_BN_ADD_ACTIVATION:  # the residual z: required, and described like x
+            _required(z=z)
+            z_t = data["zDesc"] = self._data("zDesc", z_desc, like=x_t)
+        buffers = ex(mode, data) if ex is not None else ()
         self._limits(x_t, "training")
         tensors = {"x": (x, x_t), "y": (y, y_t), "scale": (scale, p_t), "bias": (bias, p_t),
                    "running_mean": (running_mean, p_t), "running_var": (running_var, p_t),
                    "save_mean": (save_mean, p_t), "save_inv_std": (save_inv_var, p_t)}
+        if z_t is not None:
+            tensors["z"] = (z, z_t)
         outputs = ("y", "save_mean", "save_inv_std", "running_mean", "running_var")
-        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, factor=factor)
+        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, factor=factor, ops=ops)
 
     def _forward_training(self, handle, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias, factor,
                           running_mean, running_var, eps, save_mean, save_inv_var):
@@ -1429,20 +1468,22 @@ class KernelSimulator:
         name = "cudnnBatchNormalizationForwardTrainingEx"
 
         def ex(mode, tensors):
-            self._ex_conditions(mode, ops, tensors)
+            self._ex_conditions(mode, ops, tensors, activation)
             if self.ex_fast_path_only:
                 self._buffer_size("workspace", workspace, workspace_size, self.workspace_size)
-                self._buffer_size("reserveSpace", reserve, reserve_size, self.reserve_size)
+                self._buffer_size("reserveSpace", reserve, reserve_size, self.reserve_bytes(ops, tensors["xDesc"]))
             return [(role, pointer, size) for role, pointer, size in
                     (("workspace", workspace, workspace_size), ("reserveSpace", reserve, reserve_size)) if pointer]
 
         with self._using(name, handle, kernel=True) as state:
             located = self._training_call(name, state, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias,
-                                          factor, running_mean, running_var, eps, save_mean, save_inv_var, ex=ex)
+                                          factor, running_mean, running_var, eps, save_mean, save_inv_var, ex=ex,
+                                          ops=ops, z=z, z_desc=z_desc)
             if reserve:
                 with self._lock:
                     self.reserves[reserve] = (reserve_size, save_mean)
                     self._reserve_serials[reserve] = located["reserveSpace"].serial
+                    self.reserve_ops[reserve] = ops
 
     def _forward_inference(self, handle, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias, mean, var, eps):
         name = "cudnnBatchNormalizationForwardInference"
@@ -1463,7 +1504,8 @@ class KernelSimulator:
             self._launch(state, name, mode, tensors, ("y",), eps=eps)
 
     def _backward_call(self, name, state, mode, alpha_data, beta_data, alpha_param, beta_param, x_desc, x, dy_desc,
-                       dy, dx_desc, dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var, ex=None):
+                       dy, dx_desc, dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var, ex=None,
+                       fused=None):
         mode = self._mode(mode)
         _required(alphaDataDiff=alpha_data, betaDataDiff=beta_data, alphaParamDiff=alpha_param,
                   betaParamDiff=beta_param, x=x, dy=dy, dx=dx, bnScale=scale, dBnScaleResult=dscale,
@@ -1478,11 +1520,23 @@ class KernelSimulator:
         _epsilon(eps)
         if mode is Mode.SPATIAL_PERSISTENT and not saved_mean:
             raise _Refused(_BAD_PARAM, "SPATIAL_PERSISTENT backward needs the saved mean and inverse variance")
-        buffers = ex(mode, {"xDesc": x_t, "dyDesc": dy_t, "dxDesc": dx_t}) if ex is not None else ()
+        data = {"xDesc": x_t, "dyDesc": dy_t, "dxDesc": dx_t}
+        extra, outputs, ops = {}, ("dx", "dscale", "dbias"), OPS_BN
+        if fused is not None and fused["ops"] != OPS_BN:  # the activation's backward reads y, bias; ADD writes dz
+            ops = fused["ops"]
+            _required(yData=fused["y"], bnBias=fused["bias"])
+            data["yDesc"] = self._data("yDesc", fused["y_desc"], like=x_t)
+            extra["y"], extra["bias"] = (fused["y"], data["yDesc"]), (fused["bias"], p_t)
+            if ops == OPS_BN_ADD_ACTIVATION:
+                _required(dzData=fused["dz"])
+                data["dzDesc"] = self._data("dzDesc", fused["dz_desc"], like=x_t)
+                extra["dz"] = (fused["dz"], data["dzDesc"])
+                outputs += ("dz",)
+        buffers = ex(mode, data) if ex is not None else ()
         self._limits(x_t, "backward")
         tensors = {"x": (x, x_t), "dy": (dy, dy_t), "dx": (dx, dx_t), "scale": (scale, p_t), "dscale": (dscale, p_t),
-                   "dbias": (dbias, p_t), "save_mean": (saved_mean, p_t), "save_inv_std": (saved_inv_var, p_t)}
-        return self._launch(state, name, mode, tensors, ("dx", "dscale", "dbias"), buffers, eps=eps)
+                   "dbias": (dbias, p_t), "save_mean": (saved_mean, p_t), "save_inv_std": (saved_inv_var, p_t), **extra}
+        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, ops=ops)
 
     def _backward(self, handle, mode, alpha_data, beta_data, alpha_param, beta_param, x_desc, x, dy_desc, dy, dx_desc,
                   dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var):
@@ -1497,12 +1551,12 @@ class KernelSimulator:
         name = "cudnnBatchNormalizationBackwardEx"
 
         def ex(mode, tensors):
-            self._ex_conditions(mode, ops, tensors)
+            self._ex_conditions(mode, ops, tensors, activation)
             if y_desc:  # y is read only with an activation; when given it must still describe x's shape
                 self._data("yDesc", y_desc, like=tensors["xDesc"])
             if self.ex_fast_path_only:
                 self._buffer_size("workSpace", workspace, workspace_size, self.workspace_size)
-                self._buffer_size("reserveSpace", reserve, reserve_size, self.reserve_size)
+                self._buffer_size("reserveSpace", reserve, reserve_size, self.reserve_bytes(ops, tensors["xDesc"]))
             return [(role, pointer, size) for role, pointer, size in
                     (("workSpace", workspace, workspace_size), ("reserveSpace", reserve, reserve_size)) if pointer]
 
@@ -1515,8 +1569,16 @@ class KernelSimulator:
                 if filled is None or filled[1] != saved_mean or allocation is None or allocation.serial != serial:
                     raise _Refused(_BAD_PARAM, "BackwardEx must get the reserve space filled by the ForwardTrainingEx "
                                                "that produced these saved statistics")
+                filled_ops = self.reserve_ops.get(reserve, OPS_BN)
+                if filled_ops != ops:
+                    raise _Refused(_BAD_PARAM, f"BackwardEx with bnOps {ops} got the reserve space of a ForwardTrainingEx "
+                                               f"with bnOps {filled_ops}")
+            elif ops != OPS_BN:
+                raise _Refused(_BAD_PARAM, f"bnOps {ops}: BackwardEx needs the forward's reserve space (the activation's mask)")
+            fused = {"ops": ops, "y": y, "y_desc": y_desc, "bias": bias, "dz": dz, "dz_desc": dz_desc}
             self._backward_call(name, state, mode, alpha_data, beta_data, alpha_param, beta_param, x_desc, x, dy_desc,
-                                dy, dx_desc, dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var, ex=ex)
+                                dy, dx_desc, dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var, ex=ex,
+                                fused=fused)
 
     # ---- the Ex size queries ----
     @staticmethod
@@ -1531,7 +1593,10 @@ class KernelSimulator:
             x_t = self._data("xDesc", x_desc)
             y_t = self._data("yDesc", y_desc, like=x_t)
             self._param("bnScaleBiasMeanVarDesc", p_desc, x_t, mode)
-            self._ex_conditions(mode, ops, {"xDesc": x_t, "yDesc": y_t})
+            data = {"xDesc": x_t, "yDesc": y_t}
+            if ops == OPS_BN_ADD_ACTIVATION:
+                data["zDesc"] = self._data("zDesc", z_desc, like=x_t)
+            self._ex_conditions(mode, ops, data, activation)
             self._write_size(size_out, self.workspace_size)
 
     def _backward_ex_workspace(self, handle, mode, ops, x_desc, y_desc, dy_desc, dz_desc, dx_desc, p_desc, activation,
@@ -1545,15 +1610,36 @@ class KernelSimulator:
             dy_t = self._data("dyDesc", dy_desc, like=x_t)
             dx_t = self._data("dxDesc", dx_desc, like=x_t)
             self._param("dBnScaleBiasDesc", p_desc, x_t, mode)
-            self._ex_conditions(mode, ops, {"xDesc": x_t, "dyDesc": dy_t, "dxDesc": dx_t})
+            data = {"xDesc": x_t, "dyDesc": dy_t, "dxDesc": dx_t}
+            if ops == OPS_BN_ADD_ACTIVATION:
+                data["dzDesc"] = self._data("dzDesc", dz_desc, like=x_t)
+            self._ex_conditions(mode, ops, data, activation)
             self._write_size(size_out, self.workspace_size)
 
     def _reserve_space_size(self, handle, mode, ops, activation, x_desc, size_out):
         with self._using("cudnnGetBatchNormalizationTrainingExReserveSpaceSize", handle):
             mode = self._mode(mode)
             x_t = self._data("xDesc", x_desc)
-            self._ex_conditions(mode, ops, {"xDesc": x_t})
-            self._write_size(size_out, self.reserve_size)
+            self._ex_conditions(mode, ops, {"xDesc": x_t}, activation)
+            self._write_size(size_out, self.reserve_bytes(ops, x_t))
+
+
+def _activation_mode(descriptor: int) -> int:
+    """The cudnnActivationMode_t of an activation descriptor, read by the real libcudnn
+    (cudnnGetActivationDescriptor: a host call cudnn_bn never makes, so not in its prototype table)."""
+    function = _GET_ACTIVATION.get("function")
+    if function is None:
+        function = ctypes.CDLL(_raw.library().path).cudnnGetActivationDescriptor
+        function.restype = ctypes.c_int
+        function.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
+                             ctypes.POINTER(ctypes.c_double))
+        _GET_ACTIVATION["function"] = function
+    mode, nan, coef = ctypes.c_int(), ctypes.c_int(), ctypes.c_double()
+    _raw.check_status("cudnnGetActivationDescriptor", function(descriptor, ctypes.byref(mode), ctypes.byref(nan), ctypes.byref(coef)))
+    return mode.value
+
+
+_GET_ACTIVATION: dict = {}
 
 
 def _as_c(ctype, value):

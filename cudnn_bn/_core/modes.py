@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Mode", "OnOverflow", "parse_mode", "parse_on_overflow", "AUTO"]
+__all__ = ["Activation", "Mode", "OnOverflow", "parse_activation", "parse_mode", "parse_on_overflow", "AUTO"]
 
 AUTO = "auto"
 
@@ -68,3 +68,34 @@ def parse_on_overflow(on_overflow) -> OnOverflow:
     except ValueError:
         valid = [choice.value for choice in OnOverflow]
         raise ValueError(f"on_overflow: expected one of {valid}, got {on_overflow!r}") from None
+
+
+class Activation(enum.IntEnum):
+    """The activation a fused batch-norm call applies after the normalization (and the residual
+    add), valued as ``cudnnActivationMode_t`` with the ``CUDNN_ACTIVATION_`` prefix stripped.
+
+    The one place for activations: the fused reference, the cupy paths and the layer read it.
+    RELU is the one cuDNN's fused batch-norm kernels run; the other modes of cuDNN's activation
+    descriptor (CLIPPED_RELU, ELU, ...) join here with their reference math when they are added.
+    """
+
+    RELU = 1
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+_ACTIVATION_NAMES = {activation.name.lower(): activation for activation in Activation}
+
+
+def parse_activation(activation) -> Activation:
+    """Return an :class:`Activation` from an Activation or its name ("relu")."""
+    if isinstance(activation, Activation):
+        return activation
+    if isinstance(activation, str) and activation.strip().lower() in _ACTIVATION_NAMES:
+        return _ACTIVATION_NAMES[activation.strip().lower()]
+    valid = sorted(_ACTIVATION_NAMES)
+    raise ValueError(f"activation: expected one of {valid} or a cudnn_bn.Activation, got {activation!r}")

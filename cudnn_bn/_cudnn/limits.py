@@ -15,10 +15,13 @@ import math
 import numpy as np
 
 from .._core.layout import Layout
-from .._core.modes import Mode
+from .._core.modes import Activation, Mode
 from .errors import CudnnLimitError
 
-__all__ = ["LIMITS", "Limits", "check_descriptor_fits", "ex_path_unmet", "inference_chunk", "training_route"]
+__all__ = [
+    "FUSED_EX_ACTIVATIONS", "LIMITS", "Limits", "check_descriptor_fits", "ex_path_unmet", "fused_ex_path_unmet",
+    "inference_chunk", "training_route",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,4 +99,25 @@ def ex_path_unmet(layout: Layout, data_dtype) -> list[str]:
         unmet.append(f"float16 data (got {np.dtype(data_dtype)})")
     if layout.channels % 4:
         unmet.append(f"C % 4 == 0 (got C={layout.channels})")
+    return unmet
+
+
+# The activations cuDNN's fused batch-norm kernels apply (bnOps BN_ACTIVATION, BN_ADD_ACTIVATION).
+FUSED_EX_ACTIVATIONS = frozenset({Activation.RELU})
+
+
+def fused_ex_path_unmet(layout: Layout, data_dtype, activation) -> list[str]:
+    """The conditions of the fused Ex calls (bnOps BN_ACTIVATION or BN_ADD_ACTIVATION) that are not
+    met (empty: they apply).
+
+    cuDNN's API reference for cudnnBatchNormalizationForwardTrainingEx / BackwardEx lists the fast
+    path's conditions for every bnOps: SPATIAL_PERSISTENT, x, y, z, dy, dz, dx fully packed NHWC
+    half tensors, C a multiple of 4 (required for BN_ADD_ACTIVATION; cudnn_bn asks it of every
+    bnOps, as for the plain Ex path), non-NULL workspace and reserve space of at least the queried
+    sizes; and the fused activation is ReLU. The layout conditions are those of ex_path_unmet (x
+    is made C-contiguous, and y, z, dy, dx are checked to match it).
+    """
+    unmet = ex_path_unmet(layout, data_dtype)
+    if activation not in FUSED_EX_ACTIVATIONS:
+        unmet.append(f"activation in {sorted(a.name for a in FUSED_EX_ACTIVATIONS)} (got {activation})")
     return unmet

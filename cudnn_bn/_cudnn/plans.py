@@ -20,7 +20,7 @@ from .._core.layout import Layout, cudnn_dims_and_strides
 from .._core.modes import Mode
 from .._core.validate import param_dtype_for
 from . import raw
-from .descriptors import TensorDescriptor, cudnn_data_type
+from .descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type
 from .limits import ROUTE_AS_SPATIAL_COLUMNS, check_descriptor_fits, ex_path_unmet, inference_chunk, training_route
 from .raw import BatchNormOps
 
@@ -57,7 +57,7 @@ class Plan:
     __slots__ = (
         "layout", "operation", "device_id", "data_dtype", "param_dtype", "cudnn_mode", "data_desc",
         "param_desc", "alpha", "beta", "cudnn_param_shape", "param_to_cudnn", "param_from_cudnn",
-        "uses_ex", "ex_sizes", "pieces", "route",
+        "uses_ex", "ex_sizes", "pieces", "route", "fused_sizes", "activations",
     )
 
     def __init__(self, operation: str, layout: Layout, data_dtype, device_id: int):
@@ -87,6 +87,8 @@ class Plan:
             _EX_PATH["enabled"] and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
         )
         self.ex_sizes = None
+        self.fused_sizes = {}  # (bnOps, activation) -> Ex sizes, queried on first use
+        self.activations = {}  # activation -> the ActivationDescriptor this plan owns
 
     # ---- parameters: x's axis order and the caller's dtype <-> cuDNN's order and dtype ----
     def param_in(self, cupy, array):
@@ -140,6 +142,42 @@ class Plan:
                 handle_pointer, self.cudnn_mode, ops, None, x, ctypes.byref(reserve)
             )
             sizes = self.ex_sizes = (forward.value, backward.value, reserve.value)
+        return sizes
+
+    # ---- the fused Ex calls (bnOps BN_ACTIVATION, BN_ADD_ACTIVATION) ----
+    def activation_descriptor(self, activation) -> ActivationDescriptor:
+        """The activation descriptor of ``activation`` (a cudnn_bn.Activation), made once and owned
+        by this plan, so it lives as long as any call that holds the plan."""
+        descriptor = self.activations.get(activation)
+        if descriptor is None:
+            descriptor = self.activations.setdefault(activation, ActivationDescriptor.of(raw.ActivationMode(int(activation))))
+        return descriptor
+
+    def fused_ex_sizes(self, handle_pointer: int, ops: BatchNormOps, activation) -> tuple[int, int, int]:
+        """(forward workspace, backward workspace, reserve) bytes of the Ex calls with ``ops`` and
+        ``activation`` (None for BN), queried once per plan: the reserve space holds what the
+        fused backward needs (the activation's mask), so its size depends on the ops."""
+        ops = BatchNormOps(ops)
+        if ops is BatchNormOps.BN:
+            return self.ex_workspace_sizes(handle_pointer)
+        key = (ops, activation)
+        sizes = self.fused_sizes.get(key)
+        if sizes is None:
+            library = raw.library()
+            forward, backward, reserve = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
+            x, p = self.data_desc.pointer, self.param_desc.pointer
+            z = x if ops is BatchNormOps.BN_ADD_ACTIVATION else None  # zDesc, and dzDesc in backward
+            act = self.activation_descriptor(activation).pointer
+            library.cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize(
+                handle_pointer, self.cudnn_mode, int(ops), x, z, x, p, act, ctypes.byref(forward)
+            )
+            library.cudnnGetBatchNormalizationBackwardExWorkspaceSize(
+                handle_pointer, self.cudnn_mode, int(ops), x, x, x, z, x, p, act, ctypes.byref(backward)
+            )
+            library.cudnnGetBatchNormalizationTrainingExReserveSpaceSize(
+                handle_pointer, self.cudnn_mode, int(ops), act, x, ctypes.byref(reserve)
+            )
+            sizes = self.fused_sizes.setdefault(key, (forward.value, backward.value, reserve.value))
         return sizes
 
 

@@ -1,0 +1,264 @@
+"""Fused batch norm + activation (+ residual add) on CuPy arrays through cuDNN.
+
+Two paths, chosen per call signature:
+
+- the fused Ex path: cudnnBatchNormalizationForwardTrainingEx / BackwardEx with bnOps
+  BN_ACTIVATION (no residual) or BN_ADD_ACTIVATION (residual as z), where cuDNN's fused kernels
+  apply (limits.fused_ex_path_unmet: SPATIAL_PERSISTENT, packed NHWC float16, C % 4 == 0, ReLU).
+  The reserve space (which holds what the backward needs to undo the activation) goes from the
+  forward to the backward in ``saved.stats.reserve_space``.
+- the composed path elsewhere: the plain cuDNN call of cudnn_bn/_cudnn/ops.py, then one
+  elementwise kernel (add + activation in forward; the activation's mask in backward, before the
+  plain backward). Inference is always composed: cudnnBatchNormalizationForwardInference has no
+  fused ops.
+
+The elementwise step is a CuPy ElementwiseKernel (one pass, in place on the fresh y); a cupy
+module without ElementwiseKernel (the simulated GPU of the tests) runs the same math with CuPy
+ufuncs instead.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .._core.modes import Activation, Mode, OnOverflow
+from .._core.saved import SavedStats
+from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
+from ..fused import (
+    PATH_COMPOSED,
+    PATH_FUSED_EX,
+    FusedSaved,
+    check_forward_output,
+    check_residual,
+)
+from . import ops, raw
+from .handles import borrow
+from .limits import fused_ex_path_unmet
+from .plans import BACKWARD, TRAINING, plan_for
+from .raw import BatchNormOps
+
+__all__ = ["backward", "forward_inference", "forward_training", "uses_fused_ex_path"]
+
+
+def uses_fused_ex_path(plan, activation: Activation) -> bool:
+    """Whether a training or backward call with this plan runs the fused Ex calls."""
+    return plan.uses_ex and not fused_ex_path_unmet(plan.layout, plan.data_dtype, activation)
+
+
+def _bn_ops(has_residual: bool) -> BatchNormOps:
+    return BatchNormOps.BN_ADD_ACTIVATION if has_residual else BatchNormOps.BN_ACTIVATION
+
+
+# ---- the elementwise step of the composed path ----
+# (activation, with residual) -> the CUDA body; NaN gives 0, as the Ex path's activation
+# descriptor (CUDNN_NOT_PROPAGATE_NAN) does.
+_FORWARD_BODIES = {
+    (Activation.RELU, False): ("", "T y", "y = y > (T)0 ? y : (T)0"),
+    (Activation.RELU, True): ("T z", "T y", "T s = y + z; y = s > (T)0 ? s : (T)0"),
+}
+_BACKWARD_BODIES = {Activation.RELU: ("T y, T dy", "T g", "g = y > (T)0 ? dy : (T)0")}
+_KERNELS: dict = {}
+_KERNELS_LOCK = threading.Lock()
+
+
+def _kernel(cupy, name: str, body: tuple[str, str, str]):
+    kernel = _KERNELS.get(name)
+    if kernel is None:
+        with _KERNELS_LOCK:
+            kernel = _KERNELS.get(name) or cupy.ElementwiseKernel(*body, name)
+            _KERNELS[name] = kernel
+    return kernel
+
+
+def add_activation(cupy, y, residual, activation: Activation):
+    """y = act(y + residual), in place on ``y`` (a fresh C-contiguous array); returns y."""
+    if not hasattr(cupy, "ElementwiseKernel"):
+        if residual is not None:
+            cupy.add(y, residual, out=y)
+        cupy.fmax(y, 0, out=y)  # ReLU; fmax gives 0 for NaN, like the kernel
+        return y
+    with_residual = residual is not None
+    kernel = _kernel(cupy, f"cudnn_bn_{activation.name.lower()}{'_add' if with_residual else ''}",
+                     _FORWARD_BODIES[(activation, with_residual)])
+    if with_residual:
+        kernel(residual, y)
+    else:
+        kernel(y)
+    return y
+
+
+def activation_grad(cupy, y, dy, activation: Activation):
+    """A new C-contiguous array: dy where the activation passed its input (ReLU: y > 0), else 0."""
+    if not hasattr(cupy, "ElementwiseKernel"):
+        grad = cupy.zeros(dy.shape, dtype=dy.dtype)
+        cupy.copyto(grad, dy, where=y > 0)
+        return grad
+    kernel = _kernel(cupy, f"cudnn_bn_{activation.name.lower()}_grad", _BACKWARD_BODIES[activation])
+    return cupy.ascontiguousarray(kernel(y, dy))
+
+
+# ---- forward training ----
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation, mode: Mode,
+                     momentum, eps, channel_axis, on_overflow: OnOverflow):
+    """Fused forward training on cupy arrays; same contract as cudnn_bn.fused.reference_forward_training."""
+    cupy = ops._cupy()
+    checked, momentum = check_forward_training(
+        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
+    )
+    check_residual(x, residual)
+    device_id = ops._same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
+    ops._check_build_once(cupy)
+    plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)
+    if uses_fused_ex_path(plan, activation):
+        with ops._on_device(cupy, device_id):
+            result = _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual,
+                                          activation, momentum, on_overflow)
+        if result is not None:
+            return result
+        # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
+        mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
+    y, stats = ops.forward_training(
+        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=checked.eps,
+        channel_axis=channel_axis, on_overflow=on_overflow,
+    )
+    with ops._on_device(cupy, device_id):
+        add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+    return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
+
+
+def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual, activation, momentum,
+                         on_overflow):
+    """The fused Ex call; None when it overflowed and on_overflow is "fallback" (statistics restored)."""
+    layout, bn_ops = plan.layout, _bn_ops(residual is not None)
+    x_in = cupy.ascontiguousarray(x)
+    z_in = None if residual is None else cupy.ascontiguousarray(residual)
+    gamma_in, beta_in = plan.param_in(cupy, gamma), plan.param_in(cupy, beta)
+    mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
+    checked_overflow = on_overflow is not OnOverflow.IGNORE
+    backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
+    y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
+    save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
+    activation_desc = plan.activation_descriptor(activation)
+    z_desc = None if z_in is None else plan.data_desc.pointer
+    stream = cupy.cuda.get_current_stream().ptr
+    with borrow(plan.device_id) as handle:
+        handle.bind_stream(stream)
+        ops._before_persistent(handle, checked_overflow)
+        workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
+        workspace = ops._workspace(cupy, plan.device_id, stream, workspace_size)
+        reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
+        raw.library().cudnnBatchNormalizationForwardTrainingEx(
+            handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta,
+            plan.data_desc.pointer, x_in.data.ptr, z_desc, ops._pointer(z_in), plan.data_desc.pointer, y.data.ptr,
+            plan.param_desc.pointer, gamma_in.data.ptr, beta_in.data.ptr, momentum, ops._pointer(mean_in),
+            ops._pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, activation_desc.pointer,
+            workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
+        )
+        overflowed = ops._after_persistent(handle, checked_overflow)
+    if overflowed:
+        if backup is not None:
+            mean_in[...], var_in[...] = backup
+        if on_overflow is OnOverflow.RAISE:
+            raise ops._overflow_error(
+                "cudnnBatchNormalizationForwardTrainingEx",
+                "running statistics were restored. Use mode='spatial' or on_overflow='fallback'",
+            )
+        ops._warn_fallback("fused forward_training", layout.shape, plan.data_dtype)
+        return None
+    plan.running_back(cupy, mean_in, running_mean)
+    plan.running_back(cupy, var_in, running_var)
+    stats = SavedStats._checked(
+        plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
+        layout.public_channel_axis, reserve, on_overflow,
+    )
+    # BackwardEx reads beta to undo the activation: a copy, so that an update of beta in place
+    # between forward and backward does not change the gradient
+    return y, FusedSaved(stats, activation, residual is not None, PATH_FUSED_EX, bias=beta_in.copy())
+
+
+# ---- forward inference: always composed ----
+def forward_inference(x, gamma, beta, mean, var, *, residual, activation: Activation, mode: Mode, eps, channel_axis):
+    """Fused forward inference on cupy arrays: the plain cuDNN call, then one elementwise kernel."""
+    cupy = ops._cupy()
+    check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    check_residual(x, residual)
+    device_id = ops._same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
+    y = ops.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    with ops._on_device(cupy, device_id):
+        return add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+
+
+# ---- backward ----
+def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
+    """Fused backward on cupy arrays; same contract as cudnn_bn.fused.reference_backward."""
+    cupy = ops._cupy()
+    stats = saved.stats
+    checked = check_backward(x, dy, gamma, stats, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
+    check_forward_output(x, y)
+    named = {"x": x, "y": y, "dy": dy, "gamma": gamma, "saved_mean": stats.mean, "saved_inv_std": stats.inv_std}
+    if saved.path == PATH_FUSED_EX:
+        named.update(saved_reserve_space=stats.reserve_space, saved_bias=saved.bias)
+    device_id = ops._same_device(**named)
+    ops._check_build_once(cupy)
+    persistent = checked.layout.mode is Mode.SPATIAL_PERSISTENT
+    if persistent and on_overflow is not OnOverflow.IGNORE:
+        check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
+    plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
+    fused_ex = (
+        saved.path == PATH_FUSED_EX and stats.reserve_space is not None and saved.bias is not None
+        and uses_fused_ex_path(plan, saved.activation)
+    )
+    if fused_ex:
+        with ops._on_device(cupy, device_id):
+            result = _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow)
+        if result is not None:
+            return result
+        mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
+    with ops._on_device(cupy, device_id):
+        grad = activation_grad(cupy, y, dy, saved.activation)
+    # the plain backward gets the statistics alone: the Ex reserve space belongs to the fused ops
+    plain = SavedStats._checked(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
+    dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
+    return dx, (grad if saved.has_residual else None), dgamma, dbeta
+
+
+def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
+    """The fused BackwardEx call; None when it overflowed and on_overflow is "fallback"."""
+    stats, bn_ops = saved.stats, _bn_ops(saved.has_residual)
+    x_in, y_in, dy_in = cupy.ascontiguousarray(x), cupy.ascontiguousarray(y), cupy.ascontiguousarray(dy)
+    gamma_in = plan.param_in(cupy, gamma)
+    bias = saved.bias  # already in cuDNN's order and the parameter dtype
+    saved_mean, saved_inv_std = plan.param_in(cupy, stats.mean), plan.param_in(cupy, stats.inv_std)
+    dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
+    dz = cupy.empty(x_in.shape, dtype=plan.data_dtype) if saved.has_residual else None
+    dz_desc = None if dz is None else plan.data_desc.pointer
+    dgamma, dbeta = plan.new_param(cupy), plan.new_param(cupy)
+    reserve = stats.reserve_space
+    activation_desc = plan.activation_descriptor(saved.activation)
+    checked_overflow = on_overflow is not OnOverflow.IGNORE
+    stream = cupy.cuda.get_current_stream().ptr
+    data = plan.data_desc.pointer
+    with borrow(plan.device_id) as handle:
+        handle.bind_stream(stream)
+        ops._before_persistent(handle, checked_overflow)
+        _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
+        ops._check_reserve(reserve, reserve_size, plan.device_id)
+        workspace = ops._workspace(cupy, plan.device_id, stream, workspace_size)
+        raw.library().cudnnBatchNormalizationBackwardEx(
+            handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta, plan.alpha, plan.beta,
+            data, x_in.data.ptr, data, y_in.data.ptr, data, dy_in.data.ptr, dz_desc, ops._pointer(dz),
+            data, dx.data.ptr, plan.param_desc.pointer, gamma_in.data.ptr, bias.data.ptr,
+            dgamma.data.ptr, dbeta.data.ptr, checked.eps, saved_mean.data.ptr, saved_inv_std.data.ptr,
+            activation_desc.pointer, workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
+        )
+        overflowed = ops._after_persistent(handle, checked_overflow)
+    if overflowed:
+        if on_overflow is OnOverflow.RAISE:
+            raise ops._overflow_error(
+                "cudnnBatchNormalizationBackwardEx",
+                "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
+                "this backward in SPATIAL",
+            )
+        ops._warn_fallback("fused backward", plan.layout.shape, plan.data_dtype)
+        return None
+    return dx, dz, plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
