@@ -1,0 +1,422 @@
+"""cudnn_bn.fused: the float64 reference against finite differences and against the plain reference
+followed by ReLU; numpy and the simulated GPU through the fused Ex and the composed path; the
+checks; a GPU parity test (marked gpu)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
+from cudnn_bn import Mode, reference
+from cudnn_bn._core.modes import Activation, parse_activation
+from cudnn_bn._core.tolerances import assert_close, statistics_rtol, tolerance
+from cudnn_bn.fused import (
+    PATH_COMPOSED,
+    PATH_FUSED_EX,
+    PATH_REFERENCE,
+    FusedSaved,
+    backward,
+    forward_inference,
+    forward_training,
+    reference_backward,
+    reference_forward_training,
+)
+from fake_cudnn import simulated_gpu
+
+
+def _inputs(shape, mode, channel_axis, dtype, seed=0):
+    layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, dtype, seed=seed)
+    residual = np.random.default_rng(seed + 1).standard_normal(shape).astype(dtype)
+    return layout, x, dy, gamma, beta, residual
+
+
+def _pre_activation(x, gamma, beta, residual, mode, channel_axis):
+    """BN(x) + residual in float64 (the plain reference on x widened exactly)."""
+    pre, _ = reference.forward_training(x.astype(np.float64), gamma, beta, mode=mode, channel_axis=channel_axis)
+    return pre if residual is None else pre + residual
+
+
+# ---- the reference against finite differences, in float64 ----
+def _loss(x, gamma, beta, residual, weights, mode, channel_axis):
+    y, _ = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
+    return float(np.sum(weights * y))
+
+
+def _central_differences(function, array, step=1e-6):
+    grad = np.empty(array.shape)
+    for index in np.ndindex(array.shape):
+        saved = array[index]
+        array[index] = saved + step
+        above = function()
+        array[index] = saved - step
+        below = function()
+        array[index] = saved
+        grad[index] = (above - below) / (2 * step)
+    return grad
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("mode,ndim,channel_axis", [
+    (Mode.SPATIAL, 4, 1), (Mode.SPATIAL, 4, -1), (Mode.PER_ACTIVATION, 3, 1), (Mode.SPATIAL_PERSISTENT, 3, -1),
+])
+def test_reference_gradients_match_finite_differences(mode, ndim, channel_axis, with_residual):
+    shape = shape_for(ndim, channel_axis, batch=3, channels=2, spatial=(2, 2, 2))
+    _, x, _, gamma, beta, residual = _inputs(shape, mode, channel_axis, np.float64, seed=3)
+    residual = residual if with_residual else None
+    pre = _pre_activation(x, gamma, beta, residual, mode, channel_axis)
+    # away from ReLU's kink, so that a step of 1e-6 cannot cross it
+    assert np.abs(pre).min() > 1e-3
+    weights = np.random.default_rng(7).standard_normal(shape)
+    y, saved = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
+    dx, dresidual, dgamma, dbeta = reference_backward(x, y, weights, gamma, saved)
+    loss = lambda: _loss(x, gamma, beta, residual, weights, mode, channel_axis)  # noqa: E731
+    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dgamma, _central_differences(loss, gamma), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dbeta, _central_differences(loss, beta), rtol=1e-6, atol=1e-7)
+    if with_residual:
+        np.testing.assert_allclose(dresidual, _central_differences(loss, residual), rtol=1e-6, atol=1e-7)
+    else:
+        assert dresidual is None
+    assert np.count_nonzero(y == 0) > 0 and np.count_nonzero(y > 0) > 0  # both sides of the kink were exercised
+
+
+def test_gradient_at_exactly_zero_pre_activation_is_zero_and_the_rest_match_finite_differences():
+    """Residual = -BN(x) at some entries makes their pre-activation exactly 0: there ReLU's
+    gradient is 0 (the one-sided difference from below), and every other gradient matches central
+    differences of a loss that does not weigh the kinks."""
+    mode, channel_axis = Mode.SPATIAL, 1
+    shape = (3, 2, 2, 2)
+    _, x, _, gamma, beta, residual = _inputs(shape, mode, channel_axis, np.float64, seed=5)
+    bn = _pre_activation(x, gamma, beta, None, mode, channel_axis)
+    kinks = np.zeros(shape, bool)
+    kinks[0, 0, 0, :] = kinks[2, 1, 1, 1] = True
+    residual[kinks] = -bn[kinks]
+    y, saved = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
+    pre = bn + residual
+    assert (pre[kinks] == 0).all() and (y[kinks] == 0).all()
+    assert np.abs(pre[~kinks]).min() > 1e-3
+
+    # at the kinks: weight 1, gradient 0
+    ones = np.ones(shape)
+    dx, dresidual, dgamma, dbeta = reference_backward(x, y, ones, gamma, saved)
+    assert (dresidual[kinks] == 0).all()
+    step = 1e-6
+    for index in zip(*np.nonzero(kinks)):
+        below = residual.copy()
+        below[index] -= step
+        f_below = _loss(x, gamma, beta, below, ones, mode, channel_axis)
+        assert (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step == pytest.approx(0.0, abs=1e-6)
+
+    # elsewhere: central differences of a loss with zero weight at the kinks
+    weights = np.random.default_rng(11).standard_normal(shape)
+    weights[kinks] = 0.0
+    dx, dresidual, dgamma, dbeta = reference_backward(x, y, weights, gamma, saved)
+    loss = lambda: _loss(x, gamma, beta, residual, weights, mode, channel_axis)  # noqa: E731
+    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dgamma, _central_differences(loss, gamma), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dbeta, _central_differences(loss, beta), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dresidual, _central_differences(loss, residual), rtol=1e-6, atol=1e-7)
+
+
+def test_a_channel_whose_pre_activation_is_exactly_zero_gets_no_gradient():
+    """A constant channel with beta 0 normalizes to exactly 0: ReLU passes nothing back to it."""
+    x = np.random.default_rng(2).standard_normal((4, 3, 2, 2))
+    x[:, 1] = 0.75
+    gamma, beta = np.ones(3), np.array([0.1, 0.0, -0.2])
+    y, saved = reference_forward_training(x, gamma, beta, mode="spatial")
+    assert (y[:, 1] == 0).all()
+    dx, dresidual, dgamma, dbeta = reference_backward(x, y, np.ones_like(x), gamma, saved)
+    assert dresidual is None
+    assert dgamma[1] == 0 and dbeta[1] == 0 and (dx[:, 1] == 0).all()
+    assert dbeta[0] != 0 and dbeta[2] != 0
+
+
+# ---- the reference against the plain reference followed by ReLU ----
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_is_the_plain_reference_then_add_and_relu(mode, ndim, channel_axis, dtype):
+    shape = shape_for(ndim, channel_axis)
+    layout, x, dy, gamma, beta, residual = _inputs(shape, mode, channel_axis, dtype)
+    param_dtype = gamma.dtype
+    running = [np.zeros(layout.param_shape, param_dtype), np.ones(layout.param_shape, param_dtype)]
+    plain_running = [a.copy() for a in running]
+    y, saved = reference_forward_training(x, gamma, beta, *running, residual=residual, mode=mode, channel_axis=channel_axis)
+    plain_y, plain_saved = reference.forward_training(x, gamma, beta, *plain_running, mode=mode, channel_axis=channel_axis)
+    expected = np.maximum(plain_y.astype(np.float64) + residual, 0)
+    assert y.dtype == dtype and y.shape == shape and y.flags.c_contiguous
+    assert_close(y, expected, dtype, what="y")
+    np.testing.assert_array_equal(saved.mean, plain_saved.mean)
+    np.testing.assert_array_equal(saved.inv_std, plain_saved.inv_std)
+    for fused_stat, plain_stat in zip(running, plain_running):
+        np.testing.assert_array_equal(fused_stat, plain_stat)
+    assert saved.path == PATH_REFERENCE and saved.has_residual and saved.mode is Mode(mode)
+
+    dx, dresidual, dgamma, dbeta = reference_backward(x, y, dy, gamma, saved)
+    grad = np.where(y > 0, dy, 0).astype(dtype)
+    plain_dx, plain_dgamma, plain_dbeta = reference.backward(x, grad, gamma, plain_saved)
+    np.testing.assert_array_equal(dresidual, grad)
+    assert dx.dtype == dtype and dx.flags.c_contiguous and dresidual.flags.c_contiguous
+    assert dgamma.dtype == param_dtype and dgamma.shape == layout.param_shape
+    assert_close(dx, plain_dx, dtype, what="dx")
+    count = layout.count
+    assert_close(dgamma, plain_dgamma, dtype, what="dgamma", scale=count)
+    assert_close(dbeta, plain_dbeta, dtype, what="dbeta", scale=count)
+
+    y_eval = forward_inference(x, gamma, beta, *running, residual=residual, mode=mode, channel_axis=channel_axis)
+    plain_eval = reference.forward_inference(x, gamma, beta, *running, mode=mode, channel_axis=channel_axis)
+    assert y_eval.dtype == dtype and y_eval.flags.c_contiguous
+    assert_close(y_eval, np.maximum(plain_eval.astype(np.float64) + residual, 0), dtype, what="inference")
+
+
+def test_results_are_rounded_once():
+    """float16: y is the float64 result rounded once, so it can differ from rounding BN first."""
+    mode, channel_axis = Mode.SPATIAL, 1
+    _, x, _, gamma, beta, residual = _inputs((8, 4, 3, 3), mode, channel_axis, np.float16, seed=9)
+    y, _ = reference_forward_training(x, gamma, beta, residual=residual, mode=mode)
+    exact = np.maximum(_pre_activation(x, gamma, beta, residual, mode, channel_axis), 0)
+    np.testing.assert_array_equal(y, exact.astype(np.float16))
+
+
+# ---- the public calls on numpy ----
+def test_public_call_on_numpy_resolves_auto_and_records_the_overflow_policy():
+    shape = (4, 3, 3, 8)
+    _, x, dy, gamma, beta, residual = _inputs(shape, "spatial", -1, np.float32)
+    y, saved = forward_training(x, gamma, beta, residual=residual, channel_axis=-1)
+    assert saved.mode is Mode.SPATIAL_PERSISTENT and saved.on_overflow is not None  # "auto" on channels-last training
+    assert saved.path == PATH_REFERENCE and saved.activation is Activation.RELU
+    result = backward(x, y, dy, gamma, saved)
+    assert len(result) == 4 and result[1] is not None
+    y2, saved2 = forward_training(x, gamma, beta, channel_axis=-1)
+    result2 = backward(x, y2, dy, gamma, saved2)
+    assert len(result2) == 4 and result2[1] is None
+
+
+def test_activation_names():
+    assert parse_activation("ReLU") is Activation.RELU and parse_activation(Activation.RELU) is Activation.RELU
+    with pytest.raises(ValueError, match="activation: expected one of \\['relu'\\]"):
+        parse_activation("gelu")
+    from cudnn_bn._cudnn import raw
+
+    assert int(Activation.RELU) == int(raw.ActivationMode.RELU)  # valued as cudnnActivationMode_t
+
+
+# ---- the checks ----
+@pytest.fixture
+def small():
+    _, x, dy, gamma, beta, residual = _inputs((4, 3, 2, 2), "spatial", 1, np.float32)
+    return x, dy, gamma, beta, residual
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda x, r: r[:2], ValueError, r"residual: expected x's shape \(4, 3, 2, 2\), got \(2, 3, 2, 2\)"),
+    (lambda x, r: r.astype(np.float64), TypeError, "residual: expected x's dtype float32, got float64"),
+    (lambda x, r: x, ValueError, "residual: expected memory of its own.*overlaps x"),
+    (lambda x, r: x[:, :, :, ::-1], ValueError, "residual: expected memory of its own"),
+    (lambda x, r: [1.0], TypeError, "residual"),
+])
+def test_bad_residual_is_refused_before_anything_changes(small, bad, error, match):
+    x, dy, gamma, beta, residual = small
+    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    copies = [a.copy() for a in (x, gamma, beta, running_mean, running_var)]
+    with pytest.raises(error, match=match):
+        forward_training(x, gamma, beta, running_mean, running_var, residual=bad(x, residual), mode="spatial")
+    for before, after in zip(copies, (x, gamma, beta, running_mean, running_var)):
+        np.testing.assert_array_equal(before, after)
+    with pytest.raises(error, match=match):
+        forward_inference(x, gamma, beta, running_mean, running_var, residual=bad(x, residual), mode="spatial")
+
+
+def test_backward_checks_y_and_saved(small):
+    x, dy, gamma, beta, residual = small
+    y, saved = forward_training(x, gamma, beta, residual=residual, mode="spatial")
+    with pytest.raises(ValueError, match=r"y: expected the forward's output, of x's shape"):
+        backward(x, y[:2], dy, gamma, saved)
+    with pytest.raises(TypeError, match="y: expected the forward's output, of x's dtype float32, got float64"):
+        backward(x, y.astype(np.float64), dy, gamma, saved)
+    with pytest.raises(TypeError, match="saved: expected the cudnn_bn.fused.FusedSaved"):
+        backward(x, y, dy, gamma, saved.stats)
+    with pytest.raises(ValueError, match="eps: saved statistics were computed with eps"):
+        backward(x, y, dy, gamma, saved, eps=1e-3)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        forward_training(x, gamma, beta, activation="tanh")
+    with pytest.raises(ValueError, match="FusedSaved.path"):
+        FusedSaved(saved.stats, "relu", False, "somewhere")
+
+
+# ---- the simulated GPU: the fused Ex path and the composed path ----
+@pytest.fixture
+def gpu(monkeypatch, cudnn_library):
+    with simulated_gpu(monkeypatch) as simulator:
+        yield simulator
+
+
+EX_CASE = dict(shape=(6, 3, 2, 8), mode="spatial_persistent", channel_axis=-1, dtype=np.float16)
+CASES = [
+    pytest.param(EX_CASE, PATH_FUSED_EX, id="ex-nhwc-half-persistent"),
+    pytest.param(dict(shape=(6, 3, 2, 6), mode="spatial_persistent", channel_axis=-1, dtype=np.float16), PATH_COMPOSED,
+                 id="composed-C%4"),
+    pytest.param(dict(shape=(4, 8, 3, 3), mode="spatial", channel_axis=1, dtype=np.float32), PATH_COMPOSED,
+                 id="composed-nchw-float"),
+    pytest.param(dict(shape=(5, 4, 3), mode="per_activation", channel_axis=1, dtype=np.float64), PATH_COMPOSED,
+                 id="composed-per-activation"),
+]
+
+
+def _device(cupy, *arrays):
+    return [None if a is None else cupy.asarray(a) for a in arrays]
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("case,path", CASES)
+def test_simulated_gpu_matches_the_reference(gpu, case, path, with_residual):
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = case["shape"], case["mode"], case["channel_axis"], case["dtype"]
+    layout, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    residual = residual if with_residual else None
+    param = gamma.dtype
+    host_running = [np.zeros(layout.param_shape, param), np.ones(layout.param_shape, param)]
+    y_ref, saved_ref = forward_training(x, gamma, beta, *host_running, residual=residual, mode=mode, channel_axis=axis)
+    grads_ref = backward(x, y_ref, dy, gamma, saved_ref)
+
+    d_x, d_dy, d_gamma, d_beta, d_residual = _device(cupy, x, dy, gamma, beta, residual)
+    running = [cupy.zeros(layout.param_shape, param), cupy.ones(layout.param_shape, param)]
+    y, saved = forward_training(d_x, d_gamma, d_beta, *running, residual=d_residual, mode=mode, channel_axis=axis)
+    grads = backward(d_x, y, d_dy, d_gamma, saved)
+
+    assert saved.path == path and saved.has_residual == with_residual and saved.mode is Mode[mode.upper()]
+    assert (saved.reserve_space is not None) == (path == PATH_FUSED_EX)
+    assert_close(y.get(), y_ref, dtype, what="y")
+    rtol = statistics_rtol(dtype)
+    np.testing.assert_allclose(saved.mean.get(), saved_ref.mean, rtol=rtol, atol=rtol)
+    for device, host in zip(running, host_running):
+        np.testing.assert_allclose(device.get(), host, rtol=rtol, atol=rtol)
+    assert len(grads) == 4 and (grads[1] is None) == (not with_residual)
+    for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, grads_ref):
+        if want is None:
+            continue
+        assert got.shape == want.shape and got.dtype == want.dtype and got.flags.c_contiguous
+        assert_close(got.get(), want, dtype, what=name, scale=layout.count if name in ("dgamma", "dbeta") else 1.0)
+
+    ex_calls = [call for call in gpu.calls if call.endswith("Ex")]
+    if path == PATH_FUSED_EX:
+        assert ex_calls == ["cudnnBatchNormalizationForwardTrainingEx", "cudnnBatchNormalizationBackwardEx"]
+    else:
+        assert ex_calls == [] and "cudnnBatchNormalizationForwardTraining" in gpu.calls
+
+    y_eval = forward_inference(d_x, d_gamma, d_beta, *running, residual=d_residual, mode=mode, channel_axis=axis)
+    host_eval = forward_inference(x, gamma, beta, *[r.get() for r in running], residual=residual, mode=mode, channel_axis=axis)
+    assert_close(y_eval.get(), host_eval, dtype, what="inference")
+
+
+def test_fused_ex_reserve_space_has_the_size_of_its_bn_ops(gpu):
+    """The fused ops reserve more than BN alone (the ReLU's mask); the plan queries per bnOps."""
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = EX_CASE.values()
+    _, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    d_x, d_gamma, d_beta, d_residual = _device(cupy, x, gamma, beta, residual)
+    _, saved = forward_training(d_x, d_gamma, d_beta, residual=d_residual, mode=mode, channel_axis=axis)
+    expected = gpu.reserve_size + 4 * -(-x.size // 32)
+    assert saved.reserve_space.size == expected > gpu.reserve_size
+    assert gpu.refusals == []
+
+
+def test_fused_ex_backward_refuses_a_foreign_reserve_space(gpu):
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = EX_CASE.values()
+    _, x, dy, gamma, beta, _ = _inputs(shape, mode, axis, dtype)
+    d_x, d_dy, d_gamma, d_beta = _device(cupy, x, dy, gamma, beta)
+    y, saved = forward_training(d_x, d_gamma, d_beta, mode=mode, channel_axis=axis)
+    small = FusedSaved(
+        type(saved.stats)._checked(saved.mean, saved.inv_std, saved.mode, saved.eps, saved.channel_axis,
+                                   cupy.empty(8, np.uint8), saved.on_overflow),
+        saved.activation, False, PATH_FUSED_EX, bias=saved.bias,
+    )
+    with pytest.raises(ValueError, match="saved.reserve_space: expected at least"):
+        backward(d_x, y, d_dy, d_gamma, small)
+
+
+def test_disabled_ex_path_composes(gpu):
+    from cudnn_bn._cudnn.plans import set_ex_path_enabled
+
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = EX_CASE.values()
+    _, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    previous = set_ex_path_enabled(False)
+    try:
+        d_x, d_dy, d_gamma, d_beta, d_residual = _device(cupy, x, dy, gamma, beta, residual)
+        y, saved = forward_training(d_x, d_gamma, d_beta, residual=d_residual, mode=mode, channel_axis=axis)
+        grads = backward(d_x, y, d_dy, d_gamma, saved)
+    finally:
+        set_ex_path_enabled(previous)
+    assert saved.path == PATH_COMPOSED and not any(call.endswith("Ex") for call in gpu.calls)
+    y_ref, saved_ref = forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=axis)
+    assert_close(y.get(), y_ref, dtype, what="y")
+    assert_close(grads[1].get(), backward(x, y_ref, dy, gamma, saved_ref)[1], dtype, what="dresidual")
+
+
+def test_simulated_gpu_checks_residual_device_and_y(gpu):
+    cupy = sys.modules["cupy"]
+    _, x, dy, gamma, beta, residual = _inputs((4, 8, 2, 2), "spatial", 1, np.float32)
+    d_x, d_dy, d_gamma, d_beta, d_residual = _device(cupy, x, dy, gamma, beta, residual)
+    with pytest.raises(TypeError, match="arrays of mixed kinds"):
+        forward_training(d_x, d_gamma, d_beta, residual=residual, mode="spatial")
+    with pytest.raises(ValueError, match="residual: expected memory of its own"):
+        forward_training(d_x, d_gamma, d_beta, residual=d_x, mode="spatial")
+    y, saved = forward_training(d_x, d_gamma, d_beta, residual=d_residual, mode="spatial")
+    with pytest.raises(TypeError, match="y: expected the forward's output"):
+        backward(d_x, y.astype(np.float64), d_dy, d_gamma, saved)
+    with pytest.raises(TypeError, match="mixed kinds"):
+        backward(d_x, y.get(), d_dy, d_gamma, saved)
+
+
+def test_persistent_overflow_in_the_fused_ex_call_raises_or_falls_back(gpu):
+    from cudnn_bn import CudnnOverflowError
+
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = EX_CASE.values()
+    layout, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    d_x, d_gamma, d_beta, d_residual = _device(cupy, x, gamma, beta, residual)
+    running = [cupy.zeros(layout.param_shape, np.float32), cupy.ones(layout.param_shape, np.float32)]
+    gpu.overflow_modes = {Mode.SPATIAL_PERSISTENT}
+    with pytest.raises(CudnnOverflowError):
+        forward_training(d_x, d_gamma, d_beta, *running, residual=d_residual, mode=mode, channel_axis=axis)
+    np.testing.assert_array_equal(running[0].get(), 0)  # restored
+    with pytest.warns(RuntimeWarning, match="re-ran with SPATIAL"):
+        y, saved = forward_training(d_x, d_gamma, d_beta, *running, residual=d_residual, mode=mode, channel_axis=axis,
+                                    on_overflow="fallback")
+    assert saved.path == PATH_COMPOSED and saved.mode is Mode.SPATIAL
+    y_ref, _ = forward_training(x, gamma, beta, residual=residual, mode="spatial", channel_axis=axis)
+    assert_close(y.get(), y_ref, dtype, what="y after fallback")
+
+
+# ---- a GPU machine ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("case,path", CASES)
+def test_gpu_parity_with_the_reference(case, path, with_residual):
+    import cupy
+
+    shape, mode, axis, dtype = case["shape"], case["mode"], case["channel_axis"], case["dtype"]
+    layout, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    residual = residual if with_residual else None
+    if residual is not None:  # some pre-activations exactly 0: the gradient there must be 0 on cuDNN too
+        pre = _pre_activation(x, gamma, beta, None, mode, axis).astype(dtype)
+        flat = residual.reshape(-1)
+        flat[::7] = -pre.reshape(-1)[::7]
+    y_ref, saved_ref = forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=axis)
+    grads_ref = backward(x, y_ref, dy, gamma, saved_ref)
+    d = [None if a is None else cupy.asarray(a) for a in (x, dy, gamma, beta, residual)]
+    y, saved = forward_training(d[0], d[2], d[3], residual=d[4], mode=mode, channel_axis=axis)
+    grads = backward(d[0], y, d[1], d[2], saved)
+    assert saved.path == path
+    assert_close(y, y_ref, dtype, what="y")
+    for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, grads_ref):
+        if want is not None:
+            assert_close(got, want, dtype, what=name, scale=layout.count if name in ("dgamma", "dbeta") else 1.0)
+    # where y is 0 the gradient of the residual is 0 (cuDNN's ReLU convention, as the reference's)
+    if with_residual:
+        assert not cupy.asnumpy(grads[1])[cupy.asnumpy(y) == 0].any()
