@@ -644,3 +644,95 @@ def test_every_entry_is_recorded_and_every_refusal_named(gpu, case):
     assert gpu.calls[-1] == TRAINING
     function, status, reason = gpu.refusals[-1]
     assert (function, status) == (TRAINING, BAD_PARAM) and "bnScale" in reason
+
+
+# ---- the fused Ex ops: bnOps BN_ACTIVATION (1) and BN_ADD_ACTIVATION (2) with a ReLU descriptor ----
+FUSED_RESERVE = 512 + 4 * -(-(6 * 12 * 3 * 2) // 32)  # the BN reserve plus one bit per element of x
+
+
+@pytest.fixture
+def relu(library):
+    from cudnn_bn._cudnn import raw
+    from cudnn_bn._cudnn.descriptors import ActivationDescriptor
+
+    with ActivationDescriptor.of(raw.ActivationMode.RELU) as descriptor:
+        yield descriptor.pointer
+
+
+@pytest.fixture
+def fused_case(cupy, ex_case):
+    rng = np.random.default_rng(4)
+    ex_case.host_z = rng.standard_normal(ex_case.host_x.shape).astype(np.float16)
+    ex_case.z, ex_case.dz = cupy.asarray(ex_case.host_z), cupy.empty(ex_case.host_x.shape, np.float16)
+    ex_case.reserve = cupy.empty(FUSED_RESERVE, np.uint8)
+    return ex_case
+
+
+def _fused_arguments(case, ops, relu, **overrides):
+    values = dict(bnOps=ops, activationDesc=relu, reserve=case.reserve.data.ptr, reserveSize=FUSED_RESERVE)
+    if ops == 2:
+        values.update(zDesc=case.x_desc, z=case.z.data.ptr)
+    return {**values, **overrides}
+
+
+def _fused_backward_arguments(case, ops, relu, **overrides):
+    values = dict(bnOps=ops, activationDesc=relu, reserve=case.reserve.data.ptr, reserveSize=FUSED_RESERVE)
+    if ops == 2:
+        values.update(dzDesc=case.x_desc, dz=case.dz.data.ptr)
+    return {**values, **overrides}
+
+
+@pytest.mark.parametrize("ops", [1, 2])
+def test_the_fused_ex_ops_compute_relu_of_batch_norm_plus_z_and_its_gradients(gpu, library, fused_case, relu, ops):
+    case = fused_case
+    size = ctypes.c_size_t()
+    library.cudnnGetBatchNormalizationTrainingExReserveSpaceSize(case.handle, PERSISTENT, ops, relu, case.x_desc,
+                                                                 ctypes.byref(size))
+    assert size.value == FUSED_RESERVE
+    case.call(TRAINING_EX, **_fused_arguments(case, ops, relu))
+    x = case.host_x.astype(np.float64)  # memory order N, H, W, C
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    pre = (x - mean) / np.sqrt(var + 1e-5) * case.host_gamma.reshape(-1) + case.host_beta.reshape(-1)
+    if ops == 2:
+        pre = pre + case.host_z
+    y = case.y.get()
+    np.testing.assert_array_equal(y, np.maximum(pre, 0).astype(np.float16))
+    case.call(BACKWARD_EX, **_fused_backward_arguments(case, ops, relu))
+    grad = np.where(y > 0, case.host_dy.astype(np.float64), 0.0)
+    if ops == 2:
+        np.testing.assert_array_equal(case.dz.get(), grad.astype(np.float16))
+    assert (case.dbeta.get().reshape(-1) == pytest.approx(grad.sum(axis=(0, 1, 2)), rel=1e-6, abs=1e-6))
+
+
+@pytest.mark.parametrize("override,status,match", [
+    (dict(activationDesc=None), NOT_SUPPORTED, "activationDesc is NULL"),
+    (dict(z=None), BAD_PARAM, "NULL z"),
+    (dict(zDesc=None), BAD_PARAM, "zDesc: NULL"),
+    (dict(reserveSize=512), BAD_PARAM, f"size query returned {FUSED_RESERVE}"),
+])
+def test_the_fused_ex_forward_refuses(gpu, fused_case, relu, override, status, match):
+    refused(status, fused_case.call, TRAINING_EX, **_fused_arguments(fused_case, 2, relu, **override), match=match)
+
+
+def test_the_fused_ex_ops_apply_relu_only(gpu, library, fused_case):
+    from cudnn_bn._cudnn import raw
+    from cudnn_bn._cudnn.descriptors import ActivationDescriptor
+
+    with ActivationDescriptor.of(raw.ActivationMode.SIGMOID) as sigmoid:
+        refused(NOT_SUPPORTED, fused_case.call, TRAINING_EX, **_fused_arguments(fused_case, 1, sigmoid.pointer),
+                match="CUDNN_ACTIVATION_RELU")
+        size = ctypes.c_size_t()
+        refused(NOT_SUPPORTED, library.cudnnGetBatchNormalizationTrainingExReserveSpaceSize, fused_case.handle,
+                PERSISTENT, 1, sigmoid.pointer, fused_case.x_desc, ctypes.byref(size))
+
+
+@pytest.mark.parametrize("override,status,match", [
+    (dict(y=None), BAD_PARAM, "NULL yData"),
+    (dict(bias=None), BAD_PARAM, "NULL bnBias"),
+    (dict(dz=None), BAD_PARAM, "NULL dzData"),
+    (dict(bnOps=1, dzDesc=None, dz=None), BAD_PARAM, "bnOps 1 got the reserve space of a ForwardTrainingEx with bnOps 2"),
+])
+def test_the_fused_ex_backward_refuses(gpu, fused_case, relu, override, status, match):
+    fused_case.call(TRAINING_EX, **_fused_arguments(fused_case, 2, relu))
+    refused(status, fused_case.call, BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu, **override), match=match)
+    fused_case.call(BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu))  # the right call still runs
