@@ -76,7 +76,7 @@ def test_cpu_rows_compare_with_a_peer_and_record_its_failures(small_cpu_bench, m
         if row["dtype"] == "float16":
             assert row["torch_error"] == "TypeError: no float16 here" and "torch_ms" not in row
         else:
-            assert len(row["samples_ms"]["torch"]) == len(row["samples_ms"]["reference"]) == row["repeats"]
+            assert len(row["samples_ms"]["torch"]["cpu"]) == len(row["samples_ms"]["reference"]["wall"]) == row["repeats"]
             assert row["time_vs_torch"] == pytest.approx(row["median_ms"] / row["torch_ms"])
     assert np.dtype(np.float32) in calls
     result["environment"] = _bench._environment(False)
@@ -87,7 +87,7 @@ def test_rows_accumulate_samples_over_rounds(small_cpu_bench, monkeypatch):
     monkeypatch.setattr(_bench, "CPU_QUICK_ROUNDS", 3)
     result = _bench._cpu_bench(quick=True, with_torch=False)
     assert len(result["rows"]) == _QUICK_ROWS
-    assert all(row["repeats"] == 9 and len(row["samples_ms"]["reference"]) == 9 for row in result["rows"])
+    assert all(row["repeats"] == 9 and len(row["samples_ms"]["reference"]["cpu"]) == 9 for row in result["rows"])
 
 
 def test_json_is_rewritten_after_every_row(tmp_path, small_cpu_bench, monkeypatch):
@@ -164,9 +164,18 @@ def test_peak_temporaries_count_what_a_call_allocates_beyond_its_result():
 def test_host_samples_interleave_and_respect_their_bounds():
     order = []
     samples = _timing.host_samples({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=2, min_repeats=4, min_seconds=0.0)
-    assert order == ["a", "b"] * 6 and [len(s) for s in samples.values()] == [4, 4]
+    assert order == ["a", "b"] * 6
+    assert {name: {clock: len(values) for clock, values in clocks.items()} for name, clocks in samples.items()} == {
+        "a": {"wall": 4, "cpu": 4}, "b": {"wall": 4, "cpu": 4}}
     capped = _timing.host_samples({"a": lambda: None}, warmup=0, min_repeats=1, min_seconds=60.0, max_repeats=7)
-    assert len(capped["a"]) == 7
+    assert len(capped["a"]["wall"]) == 7
+
+
+def test_cpu_time_leaves_out_what_the_thread_spends_waiting():
+    import time
+
+    samples = _timing.host_samples({"sleep": lambda: time.sleep(0.02)}, warmup=0, min_repeats=2, min_seconds=0.0)["sleep"]
+    assert min(samples["wall"]) >= 0.02 and max(samples["cpu"]) < 0.01
     spread = _timing.spread_ms([0.003, 0.001, 0.002])
     assert spread == pytest.approx({"min_ms": 1.0, "median_ms": 2.0, "max_ms": 3.0})
 

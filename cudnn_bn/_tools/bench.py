@@ -96,14 +96,21 @@ def _where(shape, layout_name, dtype, mode_label, operation) -> dict:
     return {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "mode": mode_label, "operation": operation}
 
 
-def _host_inputs(shape, channel_axis, mode, dtype, seed=0):
+def _host_data(shape, channel_axis, dtype, seed=0) -> dict:
+    """x (uniform in [-2, 2]) and dy (standard normal) of the (N, C, ...) shape, stored in the
+    axis order of ``channel_axis``."""
     physical = physical_shape(shape, channel_axis)
-    layout = make_layout(physical, channel_axis, mode)
     rng = np.random.default_rng(seed)
+    return {"x": rng.uniform(-2.0, 2.0, physical).astype(dtype), "dy": rng.standard_normal(physical).astype(dtype)}
+
+
+def _host_inputs(shape, channel_axis, mode, dtype, data=None) -> dict:
+    """_host_data (or ``data``) with gamma = 1, beta = 0 and running statistics for ``mode``."""
+    data = data or _host_data(shape, channel_axis, dtype)
+    layout = make_layout(data["x"].shape, channel_axis, mode)
     param_dtype = param_dtype_for(dtype)
     return {
-        "x": rng.uniform(-2.0, 2.0, physical).astype(dtype),
-        "dy": rng.standard_normal(physical).astype(dtype),
+        **data,
         "gamma": np.ones(layout.param_shape, param_dtype),
         "beta": np.zeros(layout.param_shape, param_dtype),
         "running_mean": np.zeros(layout.param_shape, param_dtype),
@@ -209,8 +216,8 @@ def _host_copy(quick: bool) -> dict:
     nbytes = max(4 * (cache or 0), 64 << 20)
     source = np.ones(nbytes // 4, np.float32)
     target = np.zeros_like(source)  # both written once, so no page is first touched while timing
-    samples = host_samples({"copy": lambda: np.copyto(target, source)}, warmup=1, min_repeats=3 if quick else 10, min_seconds=0.0 if quick else 0.5)["copy"]
-    seconds = statistics.median(samples)
+    samples = host_samples({"copy": lambda: np.copyto(target, source)}, warmup=1, min_repeats=3 if quick else 10, min_seconds=0.0 if quick else 0.5)
+    seconds = statistics.median(samples["copy"][CPU_CLOCK])
     return {"copy_gbps": 2 * nbytes / seconds / 1e9, "copy_buffer_bytes": nbytes, "last_level_cache_bytes": cache}
 
 
@@ -251,6 +258,9 @@ def peak_float64_temporaries(run, x) -> float:
     return (peak - before - _result_bytes(result)) / (x.size * 8)
 
 
+# The clock of the CPU table (see timing.CLOCKS): the reference and torch both run on the calling
+# thread, so its CPU time is their time, undisturbed by other processes on a shared machine.
+CPU_CLOCK = "cpu"
 # Rounds over the whole table: each adds a few interleaved repeats to every row after its own
 # warm-up, so that a burst of background load spreads over all rows instead of owning a few, and
 # the median of a row is taken over samples from every round.
@@ -270,7 +280,7 @@ def _cpu_bench(quick: bool, recorder: _Recorder | None = None, with_torch: bool 
     peer = f"PyTorch {torch.__version__} on the CPU" if torch is not None else "no PyTorch comparison"
     recorder.set("backend", f"CPU: NumPy reference ({peer})")
     rounds, repeats = (CPU_QUICK_ROUNDS, CPU_QUICK_REPEATS_PER_ROUND) if quick else (CPU_ROUNDS, CPU_REPEATS_PER_ROUND)
-    recorder.set("timing", {"rounds": rounds, **repeats, "interleaved": torch is not None})
+    recorder.set("timing", {"rounds": rounds, **repeats, "interleaved": torch is not None, "clock": CPU_CLOCK})
     recorder.set("threads", {"reference": 1, "torch": torch.get_num_threads() if torch is not None else None, "cpus_available": _cpus_available()})
     recorder.section("copy", lambda: _host_copy(quick))
     recorder.set("copy_gbps", recorder.result["copy"].get("copy_gbps"))
@@ -281,14 +291,16 @@ def _cpu_bench(quick: bool, recorder: _Recorder | None = None, with_torch: bool 
         for channel_axis, layout_name in _layouts(shape)
         for mode in Mode
     ]
-    rows, failed = {}, set()
+    rows, failed, data = {}, set(), {}
     for _ in range(rounds):
         for shape, dtype, channel_axis, layout_name, mode in cases:
             where = {operation: _where(shape, layout_name, dtype, mode.name, operation) for operation in OPERATIONS}
             if all(_key(w) in failed for w in where.values()):
                 continue
             try:
-                arrays = _host_inputs(shape, channel_axis, mode, dtype)
+                if (shape, dtype, channel_axis) not in data:  # made once: the modes and rounds share x and dy
+                    data[shape, dtype, channel_axis] = _host_data(shape, channel_axis, dtype)
+                arrays = _host_inputs(shape, channel_axis, mode, dtype, data[shape, dtype, channel_axis])
                 ours = _operations(arrays, mode, channel_axis)
                 theirs = _torch_operations(torch, arrays, mode, channel_axis) if torch is not None else {}
             except Exception as error:
@@ -337,13 +349,16 @@ def _cpu_round(recorder: _Recorder, rows: dict, failed: set, where: dict, x, our
         row = {**where, **(row or {}), "peak_float64_temporaries_x": temporaries, "samples_ms": {}}
         rows[_key(where)] = row
         recorder.result["rows"].append(row)
-    for name, seconds in samples.items():
-        row["samples_ms"].setdefault(name, []).extend(s * 1e3 for s in seconds)
-    reference_spread = spread_ms([s / 1e3 for s in row["samples_ms"]["reference"]])
-    row.update(repeats=len(row["samples_ms"]["reference"]), **reference_spread)
+    for name, clocks in samples.items():
+        for clock, seconds in clocks.items():
+            row["samples_ms"].setdefault(name, {}).setdefault(clock, []).extend(value * 1e3 for value in seconds)
+    spread = lambda name, clock: spread_ms([value / 1e3 for value in row["samples_ms"][name][clock]])  # noqa: E731
+    row.update(repeats=len(row["samples_ms"]["reference"][CPU_CLOCK]), **spread("reference", CPU_CLOCK))
+    row["wall_median_ms"] = spread("reference", "wall")["median_ms"]
     if "torch" in row["samples_ms"]:
-        torch_spread = spread_ms([s / 1e3 for s in row["samples_ms"]["torch"]])
+        torch_spread = spread("torch", CPU_CLOCK)
         row.update(torch_ms=torch_spread["median_ms"], torch_min_ms=torch_spread["min_ms"], torch_max_ms=torch_spread["max_ms"])
+        row["torch_wall_median_ms"] = spread("torch", "wall")["median_ms"]
         row["time_vs_torch"] = row["median_ms"] / row["torch_ms"]
     recorder.save()
 
@@ -607,6 +622,12 @@ def _same_code_spread(rows) -> float | None:
     return max(differences) if differences else None
 
 
+def _wall_over_cpu(rows) -> float | None:
+    """Median over rows of wall-clock median / CPU-time median: how busy the machine was."""
+    ratios = [row["wall_median_ms"] / row["median_ms"] for row in rows if row.get("wall_median_ms") and row.get("median_ms")]
+    return statistics.median(ratios) if ratios else None
+
+
 def _cpu_header(result: dict, env: dict) -> list[str]:
     threads = result.get("threads", {})
     copy = result.get("copy", {})
@@ -631,6 +652,12 @@ def _cpu_header(result: dict, env: dict) -> list[str]:
         + "; min / median / max over all its repeats; time / torch is the ratio of medians; float64 temporaries is the peak that NumPy allocates during one call, "
         "less its results, in units of an x-sized float64 array."
     )
+    if timing.get("clock") == "cpu":
+        contention = _wall_over_cpu(result["rows"])
+        lines.append(
+            "Times are CPU time of the calling thread, where both the reference and PyTorch (one thread) run; wall-clock medians are in the JSON"
+            + (f", {contention:.2f}x the CPU time here (1.00 on an idle machine)." if contention else ".")
+        )
     spread = _same_code_spread(result["rows"])
     if spread is not None:
         lines.append(f"SPATIAL and SPATIAL_PERSISTENT run the same reference code; their medians differ by at most {spread:.0%} here.")

@@ -7,7 +7,7 @@ import gc
 import statistics
 import time
 
-__all__ = ["describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "spread_ms"]
+__all__ = ["CLOCKS", "describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "spread_ms"]
 
 
 def describe_failure(error: BaseException) -> str:
@@ -16,34 +16,48 @@ def describe_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+CLOCKS = {
+    # wall time: what a user waits, and what other processes on a busy machine inflate
+    "wall": time.perf_counter,
+    # CPU time of the calling thread (user + system, page faults included): for single-threaded
+    # work the same as wall time on an idle machine, and much less disturbed on a busy one
+    "cpu": time.thread_time,
+}
+
+
 def median_host_seconds(function, repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``function()`` on the host (CPU backends)."""
-    return statistics.median(host_samples({"f": function}, warmup=warmup, min_repeats=repeats, min_seconds=0.0, max_repeats=repeats)["f"])
+    samples = host_samples({"f": function}, warmup=warmup, min_repeats=repeats, min_seconds=0.0, max_repeats=repeats)
+    return statistics.median(samples["f"]["wall"])
 
 
 def host_samples(functions: dict, *, warmup: int = 3, min_repeats: int = 15, min_seconds: float = 0.5, max_repeats: int = 500) -> dict:
-    """Wall times in seconds of each of ``functions`` (name -> zero-argument callable).
+    """Times in seconds of each of ``functions`` (name -> zero-argument callable), on every clock
+    of CLOCKS: ``{name: {"wall": [...], "cpu": [...]}}``.
 
     Each runs ``warmup`` times first (caches, and the allocator's steady state: glibc adapts its
     mmap threshold to the sizes it has seen freed). Then rounds call every function once, in turn,
     so that background load falls on all of them alike, until there are at least ``min_repeats``
-    rounds and ``min_seconds`` in all, or ``max_repeats`` rounds. The garbage collector is paused
-    while timing, as timeit does.
+    rounds and ``min_seconds`` of wall time in all, or ``max_repeats`` rounds. The garbage
+    collector is paused while timing, as timeit does.
     """
     for _ in range(warmup):
         for function in functions.values():
             function()
-    samples = {name: [] for name in functions}
+    samples = {name: {clock: [] for clock in CLOCKS} for name in functions}
+    wall, cpu = CLOCKS["wall"], CLOCKS["cpu"]
     collecting = gc.isenabled()
     gc.disable()
     try:
-        started = time.perf_counter()
+        started = wall()
         rounds = 0
-        while rounds < max_repeats and (rounds < min_repeats or time.perf_counter() - started < min_seconds):
+        while rounds < max_repeats and (rounds < min_repeats or wall() - started < min_seconds):
             for name, function in functions.items():
-                start = time.perf_counter()
+                start_wall, start_cpu = wall(), cpu()
                 function()
-                samples[name].append(time.perf_counter() - start)
+                stop_cpu, stop_wall = cpu(), wall()
+                samples[name]["wall"].append(stop_wall - start_wall)
+                samples[name]["cpu"].append(stop_cpu - start_cpu)
             rounds += 1
     finally:
         if collecting:
