@@ -15,9 +15,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _api
+from . import _api, fused
 from ._core.layout import MAX_NDIM, make_layout
-from ._core.modes import AUTO, parse_mode
+from ._core.modes import AUTO, parse_activation, parse_mode
 from ._core.policy import INFERENCE, TRAINING, choose_mode
 from ._core.validate import DATA_DTYPES, array_kind, check_channel_axis, check_eps, check_momentum, param_dtype_for
 
@@ -56,14 +56,19 @@ class BatchNorm:
             Parameters are float32, or float64 for float64 data.
         xp: the ``numpy`` or ``cupy`` module (or its name): where the state lives and which
             arrays forward accepts. The layer pickles; it stores the library by name.
+        activation: None, or "relu" (a :class:`~cudnn_bn.Activation`): forward then returns
+            ``act(BN(x) + residual)`` through :mod:`cudnn_bn.fused` (cuDNN's fused Ex call where it
+            applies), and backward runs through the activation.
 
     Attributes: ``gamma`` and ``beta`` (also as torch's ``weight`` and ``bias``), ``running_mean``,
-    ``running_var``, ``num_batches_tracked``, ``grad_gamma``, ``grad_beta``, ``training``.
-    A call that raises leaves all of them as they were.
+    ``running_var``, ``num_batches_tracked``, ``grad_gamma``, ``grad_beta``, ``grad_residual``
+    (with an activation: the gradient of the last forward's residual, or None), ``activation``,
+    ``training``. A call that raises leaves all of them as they were.
     """
 
-    def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, channel_axis=1, dtype=np.float32, xp=np):
+    def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, channel_axis=1, dtype=np.float32, xp=np, activation=None):
         shape = _feature_shape(num_features)
+        activation = None if activation is None else parse_activation(activation)
         parsed_mode = parse_mode(mode, allow_auto=True)
         if len(shape) > 1 and (parsed_mode == AUTO or parsed_mode.is_spatial):
             raise ValueError(
@@ -83,11 +88,12 @@ class BatchNorm:
         self.mode, self.eps, self.momentum = mode, eps, momentum
         self.affine, self.track_running_stats, self.channel_axis = bool(affine), bool(track_running_stats), channel_axis
         self.dtype = data_dtype
+        self.activation = activation
         self.param_shape = shape
         param_dtype = param_dtype_for(data_dtype)
         self._gamma = self._xp.ones(shape, dtype=param_dtype)
         self._beta = self._xp.zeros(shape, dtype=param_dtype)
-        self.grad_gamma = self.grad_beta = None
+        self.grad_gamma = self.grad_beta = self.grad_residual = None
         if self.track_running_stats:
             self.running_mean = self._xp.zeros(shape, dtype=param_dtype)
             self.running_var = self._xp.ones(shape, dtype=param_dtype)
@@ -95,7 +101,7 @@ class BatchNorm:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
         self.training = True
-        self._kept = None  # (x, SavedStats) of the last training-mode forward
+        self._kept = None  # (x, SavedStats or FusedSaved, y with an activation else None) of the last training forward
 
     # ---- where the state lives ----
     @property
@@ -111,6 +117,11 @@ class BatchNorm:
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         state["_xp"] = importlib.import_module(state["_xp"])
+        # a layer pickled before activations existed
+        state.setdefault("activation", None)
+        state.setdefault("grad_residual", None)
+        if state.get("_kept") is not None and len(state["_kept"]) == 2:
+            state["_kept"] = (*state["_kept"], None)
         self.__dict__.update(state)
 
     # ---- parameters, also under torch's names ----
@@ -205,25 +216,35 @@ class BatchNorm:
         count = _batch_count("num_batches_tracked", self.num_batches_tracked)
         return 1.0 / (count + 1)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         """Normalize ``x``; in training mode also update the running statistics and keep what
         backward needs.
 
         x: (N, C, *spatial), or channels-last with ``channel_axis=-1``; 2 to 5 dims; the layer's
-        dtype; numpy or cupy as ``xp``. Returns y of x's shape and dtype.
+        dtype; numpy or cupy as ``xp``. residual: with an activation, None or an array of x's
+        shape and dtype added before it (a ResNet block's shortcut). Returns y of x's shape and
+        dtype: ``BN(x)``, or ``act(BN(x) + residual)`` with an activation. Backward reads this y
+        (the activation's mask): do not modify it in place before backward.
         """
         training_path = self.training or not self.track_running_stats
         self._check_input(x, TRAINING if training_path else INFERENCE)
+        if residual is not None and self.activation is None:
+            raise ValueError(f"residual: {self._short()} has no activation, so there is no fused add; "
+                             "build the layer with activation='relu', or add the residual yourself")
         common = dict(mode=self.mode, eps=self.eps, channel_axis=self.channel_axis)
+        if self.activation is not None:
+            common.update(residual=residual, activation=self.activation)
         if training_path:
             counting = self.training and self.track_running_stats
             momentum = self._momentum_for_next_batch() if counting else 0.0
-            y, saved = _api.forward_training(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum, **common)
+            train = _api.forward_training if self.activation is None else fused.forward_training
+            y, saved = train(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum, **common)
             if counting:  # only a batch that ran is counted
                 self.num_batches_tracked += 1
-            self._kept = (x, saved)
+            self._kept = (x, saved, None if self.activation is None else y)
             return y
-        y = _api.forward_inference(x, self._gamma, self._beta, self.running_mean, self.running_var, **common)
+        infer = _api.forward_inference if self.activation is None else fused.forward_inference
+        y = infer(x, self._gamma, self._beta, self.running_mean, self.running_var, **common)
         self._kept = None
         return y
 
@@ -239,10 +260,14 @@ class BatchNorm:
                 "BatchNorm.backward: needs the batch statistics of a forward() in training mode "
                 "(or with track_running_stats=False); call forward() first, and not in eval mode"
             )
-        x, saved = self._kept
-        dx, dgamma, dbeta = _api.backward(x, dy, self._gamma, saved)
+        x, saved, y = self._kept
+        if isinstance(saved, fused.FusedSaved):
+            dx, dresidual, dgamma, dbeta = fused.backward(x, y, dy, self._gamma, saved)
+        else:
+            (dx, dgamma, dbeta), dresidual = _api.backward(x, dy, self._gamma, saved), None
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma, dbeta
+        self.grad_residual = dresidual
         return dx
 
     # ---- state ----
