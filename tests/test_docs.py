@@ -1,0 +1,81 @@
+"""The Python blocks of docs/ run: those that need no GPU on numpy, the ones marked ``# GPU only``
+on the simulated GPU, every ``# prints`` comment checked (conventions: tests/test_readme.py); and
+the command lines the docs show exist.
+
+docs/usage.md, api.md, modes.md and troubleshooting.md follow the marker convention throughout.
+The other guides predate it; their blocks that run without a GPU are picked out below by a line
+each contains, and run the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from test_readme import GPU_MARK, ROOT, check_markers, cpu_blocks, python_blocks, run_blocks, run_gpu_blocks
+
+DOCS = os.path.join(ROOT, "docs")
+MARKED_DOCS = ["usage.md", "api.md", "modes.md", "troubleshooting.md"]
+# guide -> a line of each of its blocks that runs without a GPU (in order; one namespace per guide)
+RUNNABLE_ELSEWHERE = {
+    "migrating-from-cupy.md": ["from cudnn_bn import compat as cudnn", "libcudnn = cudnn"],
+    "distributed.md": ["group = dist.local_group(2, timeout=30)"],
+}
+
+
+@pytest.mark.parametrize("name", MARKED_DOCS)
+def test_doc_blocks_that_need_no_gpu_run(name, monkeypatch, tmp_path):
+    path = os.path.join(DOCS, name)
+    check_markers(path)
+    monkeypatch.chdir(tmp_path)
+    run_blocks(cpu_blocks(path))
+
+
+@pytest.mark.parametrize("name", [name for name in MARKED_DOCS
+                                  if any(block.marker == GPU_MARK for block in python_blocks(os.path.join(DOCS, name)))])
+def test_doc_gpu_blocks_run_on_the_simulated_gpu(name, monkeypatch, tmp_path):
+    assert run_gpu_blocks(os.path.join(DOCS, name), monkeypatch, tmp_path) >= 1
+
+
+def test_the_main_docs_have_runnable_examples():
+    for name in ("usage.md", "api.md", "modes.md"):
+        assert cpu_blocks(os.path.join(DOCS, name)), f"docs/{name}: no block that runs without a GPU"
+
+
+@pytest.mark.parametrize("name", sorted(RUNNABLE_ELSEWHERE))
+def test_runnable_blocks_of_the_other_guides_run(name, monkeypatch, tmp_path):
+    blocks = python_blocks(os.path.join(DOCS, name))
+    chosen = []
+    for line in RUNNABLE_ELSEWHERE[name]:
+        matching = [block for block in blocks if any(text.startswith(line) for text in block.source.splitlines())]
+        assert len(matching) == 1, f"docs/{name}: expected one python block with the line {line!r}, found {len(matching)}"
+        chosen.append(matching[0])
+    monkeypatch.chdir(tmp_path)
+    namespace = run_blocks(chosen)
+    if name == "distributed.md":  # the threads ran both ranks: each got its gradients
+        assert all(result is not None and len(result) == 3 for result in namespace["out"])
+
+
+def _help(command: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "cudnn_bn", command, "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_documented_command_line_options_exist():
+    documented: dict[str, set] = {"compare": set(), "bench": set(), "info": set()}
+    for path in [os.path.join(ROOT, "README.md")] + [os.path.join(DOCS, name) for name in MARKED_DOCS]:
+        for line in open(path, encoding="utf-8"):
+            for command in documented:
+                for match in re.finditer(rf"(?:cudnn-bn|python -m cudnn_bn) {command}\b([^`\n]*)", line):
+                    documented[command] |= set(re.findall(r"--[\w-]+", match.group(1)))
+    assert documented["compare"] >= {"--require-cudnn", "--dtype"} and "--json" in documented["bench"]
+    for command, options in documented.items():
+        help_text = _help(command)
+        missing = sorted(option for option in options if option not in help_text)
+        assert not missing, f"documented options of `cudnn-bn {command}` that it does not have: {missing}"
