@@ -452,3 +452,66 @@ def test_gpu_parity_with_the_reference(case, path, with_residual):
             assert_close(got, want, dtype, what=name, scale=layout.count if name in ("dgamma", "dbeta") else 1.0)
     if index is not None:  # cuDNN's ReLU gradient at a pre-activation of exactly 0 is the reference's: 0
         _check_exact_zero_channel(index, y, grads)
+
+
+# ---- the CUDA bodies the composed path runs on a GPU, read as elementwise math ----
+class _InterpretedKernel:
+    """Stands in for cupy.ElementwiseKernel on the simulated GPU: runs the body's statements
+    (``T name = expr;`` / ``name = expr;`` with ``c ? a : b`` and ``(T)0``) with NumPy, so the
+    kernels' math is checked here, though not their compilation."""
+
+    made: list = []
+
+    def __init__(self, in_params, out_params, body, name):
+        self.inputs = [p.split()[-1] for p in in_params.split(",") if p.strip()]
+        self.outputs = [p.split()[-1] for p in out_params.split(",") if p.strip()]
+        self.body, self.name = body, name
+        _InterpretedKernel.made.append(name)
+
+    @staticmethod
+    def _expression(text):
+        import re
+
+        text = text.replace("(T)0", "0").strip()
+        ternary = re.fullmatch(r"(.+?)\?(.+):(.+)", text)
+        if ternary:
+            return "np.where({}, {}, {})".format(*(part.strip() for part in ternary.groups()))
+        return text
+
+    def __call__(self, *arrays):
+        cupy = sys.modules["cupy"]
+        names = dict(zip(self.inputs, (a.get() for a in arrays[: len(self.inputs)])))
+        outputs = list(arrays[len(self.inputs):]) or [cupy.empty(arrays[0].shape, arrays[0].dtype)]
+        dtype = outputs[0].dtype
+        for statement in filter(str.strip, self.body.split(";")):
+            target, expression = statement.split("=", 1)
+            value = eval(self._expression(expression), {"np": np}, dict(names))  # noqa: S307
+            names[target.split()[-1]] = np.asarray(value).astype(dtype)
+        for name, out in zip(self.outputs, outputs):
+            out[...] = names[name]
+        return outputs[0]
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_the_gpu_kernels_of_the_composed_path_compute_the_reference(gpu, monkeypatch, with_residual):
+    cupy = sys.modules["cupy"]
+    monkeypatch.setattr(cupy, "ElementwiseKernel", _InterpretedKernel, raising=False)
+    from cudnn_bn._cudnn import fused_ops
+
+    monkeypatch.setattr(fused_ops, "_KERNELS", {})
+    _InterpretedKernel.made = []
+    shape, mode, axis = (4, 8, 3, 3), "spatial", 1
+    _, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, np.float32)
+    residual = residual if with_residual else None
+    index = _exact_zero_channel(x, beta, residual, axis)
+    d_x, d_dy, d_gamma, d_beta, d_residual = _device(cupy, x, dy, gamma, beta, residual)
+    y, saved = forward_training(d_x, d_gamma, d_beta, residual=d_residual, mode=mode, channel_axis=axis)
+    grads = backward(d_x, y, d_dy, d_gamma, saved)
+    assert saved.path == PATH_COMPOSED
+    assert _InterpretedKernel.made == ["cudnn_bn_relu" + ("_add" if with_residual else ""), "cudnn_bn_relu_grad"]
+    y_ref, saved_ref = forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=axis)
+    assert_close(y.get(), y_ref, np.float32, what="y")
+    for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, backward(x, y_ref, dy, gamma, saved_ref)):
+        if want is not None:
+            assert_close(got.get(), want, np.float32, what=name, scale=36.0)
+    _check_exact_zero_channel(index, y, grads)

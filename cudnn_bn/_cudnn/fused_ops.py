@@ -50,13 +50,15 @@ def _bn_ops(has_residual: bool) -> BatchNormOps:
 
 
 # ---- the elementwise step of the composed path ----
-# (activation, with residual) -> the CUDA body; NaN gives 0, as the Ex path's activation
-# descriptor (CUDNN_NOT_PROPAGATE_NAN) does.
+# (activation, with residual) -> (in_params, out_params, body) of a CuPy ElementwiseKernel, run in
+# place on the fresh y (passed as input p and output y). The form of the ReLU lines is the one
+# Chainer's CuPy kernels used for float16/32/64; NaN gives 0, as the Ex path's activation
+# descriptor (CUDNN_NOT_PROPAGATE_NAN) asks.
 _FORWARD_BODIES = {
-    (Activation.RELU, False): ("", "T y", "y = y > (T)0 ? y : (T)0"),
-    (Activation.RELU, True): ("T z", "T y", "T s = y + z; y = s > (T)0 ? s : (T)0"),
+    (Activation.RELU, False): ("T p", "T y", "y = p > 0 ? p : (T)0"),
+    (Activation.RELU, True): ("T p, T z", "T y", "T s = p + z; y = s > 0 ? s : (T)0"),
 }
-_BACKWARD_BODIES = {Activation.RELU: ("T y, T dy", "T g", "g = y > (T)0 ? dy : (T)0")}
+_BACKWARD_BODIES = {Activation.RELU: ("T y, T dy", "T g", "g = y > 0 ? dy : (T)0")}
 _KERNELS: dict = {}
 _KERNELS_LOCK = threading.Lock()
 
@@ -71,19 +73,22 @@ def _kernel(cupy, name: str, body: tuple[str, str, str]):
 
 
 def add_activation(cupy, y, residual, activation: Activation):
-    """y = act(y + residual), in place on ``y`` (a fresh C-contiguous array); returns y."""
+    """y = act(y + residual), in place on ``y`` (a fresh C-contiguous array); returns y.
+
+    On a GPU one ElementwiseKernel pass; a cupy module without ElementwiseKernel (the simulated
+    GPU) runs the same math with ufuncs (add, then fmax, which also gives 0 for NaN)."""
     if not hasattr(cupy, "ElementwiseKernel"):
         if residual is not None:
             cupy.add(y, residual, out=y)
-        cupy.fmax(y, 0, out=y)  # ReLU; fmax gives 0 for NaN, like the kernel
+        cupy.fmax(y, 0, out=y)
         return y
     with_residual = residual is not None
     kernel = _kernel(cupy, f"cudnn_bn_{activation.name.lower()}{'_add' if with_residual else ''}",
                      _FORWARD_BODIES[(activation, with_residual)])
     if with_residual:
-        kernel(residual, y)
+        kernel(y, residual, y)
     else:
-        kernel(y)
+        kernel(y, y)
     return y
 
 
