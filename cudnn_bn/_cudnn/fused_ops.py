@@ -24,13 +24,7 @@ import threading
 from .._core.modes import Activation, Mode, OnOverflow
 from .._core.saved import SavedStats
 from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
-from ..fused import (
-    PATH_COMPOSED,
-    PATH_FUSED_EX,
-    FusedSaved,
-    check_forward_output,
-    check_residual,
-)
+from .._core.fused_saved import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, check_forward_output, check_residual
 from . import ops, raw
 from .handles import borrow
 from .limits import fused_ex_path_unmet
