@@ -515,3 +515,23 @@ def test_the_gpu_kernels_of_the_composed_path_compute_the_reference(gpu, monkeyp
         if want is not None:
             assert_close(got.get(), want, np.float32, what=name, scale=36.0)
     _check_exact_zero_channel(index, y, grads)
+
+
+def test_persistent_overflow_in_the_fused_ex_backward_raises_or_falls_back(gpu):
+    from cudnn_bn import CudnnOverflowError
+
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = EX_CASE.values()
+    _, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    d_x, d_dy, d_gamma, d_beta, d_residual = _device(cupy, x, dy, gamma, beta, residual)
+    y, saved = forward_training(d_x, d_gamma, d_beta, residual=d_residual, mode=mode, channel_axis=axis)
+    assert saved.path == PATH_FUSED_EX
+    gpu.overflow_modes = {Mode.SPATIAL_PERSISTENT}
+    with pytest.raises(CudnnOverflowError):
+        backward(d_x, y, d_dy, d_gamma, saved)
+    with pytest.warns(RuntimeWarning, match="re-ran with SPATIAL"):
+        grads = backward(d_x, y, d_dy, d_gamma, saved, on_overflow="fallback")
+    assert gpu.calls[-1] == "cudnnBatchNormalizationBackward"  # the plain SPATIAL backward after the mask
+    y_ref, saved_ref = forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=axis)
+    for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, backward(x, y_ref, dy, gamma, saved_ref)):
+        assert_close(got.get(), want, dtype, what=name, scale=36.0)
