@@ -97,7 +97,7 @@ def reference_forward_training(x, gamma, beta, running_mean=None, running_var=No
     checked, momentum = check_forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
-    check_residual(x, residual)
+    check_residual(x, residual, running_mean, running_var)
     # the plain reference on x widened exactly: its float64 result before any rounding
     pre, stats64 = reference.forward_training(
         x.astype(np.float64), gamma, beta, running_mean, running_var, mode=checked.layout.mode, momentum=momentum,

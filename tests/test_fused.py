@@ -535,3 +535,13 @@ def test_persistent_overflow_in_the_fused_ex_backward_raises_or_falls_back(gpu):
     y_ref, saved_ref = forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=axis)
     for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, backward(x, y_ref, dy, gamma, saved_ref)):
         assert_close(got.get(), want, dtype, what=name, scale=36.0)
+
+
+def test_a_residual_that_overlaps_a_running_statistic_is_refused():
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    memory = np.zeros((5, 3), np.float32)
+    running_mean, residual = memory[3], memory[:4]
+    with pytest.raises(ValueError, match="running_mean: expected memory of its own.*overlaps residual"):
+        forward_training(x, gamma, beta, running_mean, np.ones(3, np.float32), residual=residual, mode="spatial")
+    assert (memory == 0).all()

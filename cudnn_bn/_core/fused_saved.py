@@ -73,8 +73,9 @@ class FusedSaved:
 
 
 # ---- checks shared by the reference and the cuDNN path ----
-def check_residual(x, residual) -> None:
-    """``residual`` (None, or an array of x's shape and dtype with memory of its own)."""
+def check_residual(x, residual, running_mean=None, running_var=None) -> None:
+    """``residual`` (None, or an array of x's shape and dtype with memory of its own: it must not
+    overlap x, nor the running statistics the call writes)."""
     if residual is None:
         return
     if tuple(residual.shape) != tuple(x.shape):
@@ -82,6 +83,9 @@ def check_residual(x, residual) -> None:
     if np.dtype(residual.dtype) != np.dtype(x.dtype):
         raise TypeError(f"residual: expected x's dtype {np.dtype(x.dtype)}, got {np.dtype(residual.dtype)}")
     _check_separate("residual", residual, x=x)
+    written = {name: array for name, array in (("running_mean", running_mean), ("running_var", running_var)) if array is not None}
+    if written:
+        check_no_overlap(written, {"residual": residual})
 
 
 def _check_separate(name: str, array, **others) -> None:

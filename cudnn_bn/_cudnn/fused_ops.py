@@ -104,7 +104,7 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, res
     checked, momentum = check_forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
-    check_residual(x, residual)
+    check_residual(x, residual, running_mean, running_var)
     device_id = ops._same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
     ops._check_build_once(cupy)
     plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)
