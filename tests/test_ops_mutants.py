@@ -1,0 +1,156 @@
+"""The cuDNN path (cudnn_bn/_cudnn/ops.py) on the simulated GPU, where the end-to-end tests pass
+through without pinning: the CUDA build check, the fallback warning's key and where it points, the
+overflow error's status, the reserve-space checks before BackwardEx and the Ex workspace cache
+(docs/testing.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+import cudnn_bn
+from cudnn_bn import CudnnOverflowError, Mode
+from cudnn_bn._cudnn import ops, raw
+from cudnn_bn._cudnn.errors import CudnnBuildMismatchError
+from conftest import make_case
+from fake_cudnn import FakeArray, simulated_gpu
+
+
+@pytest.fixture
+def gpu(monkeypatch, cudnn_library):
+    monkeypatch.setattr(ops, "_WARNED", set())
+    monkeypatch.setattr(ops, "_WORKSPACES", {})
+    with simulated_gpu(monkeypatch) as simulator:
+        yield simulator
+
+
+def _device(*arrays):
+    return [np.array(a, copy=True).view(FakeArray) for a in arrays]
+
+
+# ---- the CUDA build check ----
+def _fake_cupy(runtime_version=None):
+    runtime = types.SimpleNamespace()
+    if runtime_version is not None:
+        runtime.runtimeGetVersion = lambda: runtime_version
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+
+
+@pytest.fixture
+def cudart_12_0(monkeypatch):
+    library = types.SimpleNamespace(cudnnGetCudartVersion=lambda: 12000, path="/lib/libcudnn.so.9")
+    monkeypatch.setattr(raw, "library", lambda: library)
+
+
+def test_cuda_12_0_matches_cuda_12(cudart_12_0):
+    assert ops.cuda_build_mismatch(_fake_cupy(12000)) is None
+    assert ops.cuda_build_mismatch(_fake_cupy(12090)) is None
+
+
+def test_a_cupy_without_the_runtime_query_is_not_a_mismatch(cudart_12_0):
+    assert ops.cuda_build_mismatch(_fake_cupy()) is None
+
+
+def test_the_mismatch_names_the_loaded_library(cudart_12_0):
+    error = ops.cuda_build_mismatch(_fake_cupy(13000))
+    assert isinstance(error, CudnnBuildMismatchError)
+    assert (error.cudnn_cuda_major, error.cupy_cuda_major, error.path) == (12, 13, "/lib/libcudnn.so.9")
+
+
+# ---- overflow: the error's status and the fallback warning ----
+def test_the_overflow_error_carries_cudnns_status():
+    error = ops._overflow_error("cudnnBatchNormalizationForwardTraining", "advice")
+    assert (error.status, error.status_name) == (1007, "CUDNN_STATUS_RUNTIME_FP_OVERFLOW")  # cudnn_graph.h
+    assert str(error) == "cudnnBatchNormalizationForwardTraining: CUDNN_STATUS_RUNTIME_FP_OVERFLOW (SPATIAL_PERSISTENT overflowed; advice)"
+
+
+def _fallbacks(x, gamma, beta):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cudnn_bn.forward_training(*_device(x, gamma, beta), mode="spatial_persistent", on_overflow="fallback")
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_fallback_warning_is_once_per_shape_and_dtype(gpu):
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    (first,) = _fallbacks(x, gamma, beta)
+    assert str(first.message) == (
+        "cudnn_bn: SPATIAL_PERSISTENT forward_training overflowed for shape (4, 3, 2, 2) float32; "
+        "re-ran with SPATIAL (this warning is shown once per shape)"
+    )
+    assert _fallbacks(x, gamma, beta) == []
+    assert len(_fallbacks(x.astype(np.float16), gamma, beta)) == 1  # another dtype warns again
+    _, x5, _, gamma5, beta5 = make_case((5, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    assert len(_fallbacks(x5, gamma5, beta5)) == 1  # and another shape
+
+
+@pytest.mark.xfail(strict=True, reason="stacklevel=4 points at cudnn_bn/_api.py since the public layer added a frame")
+def test_the_fallback_warning_points_at_the_caller(gpu):
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    (warning,) = _fallbacks(x, gamma, beta)
+    assert warning.filename == __file__
+
+
+# ---- the reserve space BackwardEx reads ----
+@pytest.fixture
+def ex_call(gpu):
+    _, x, dy, gamma, beta = make_case((2, 2, 2, 4), Mode.SPATIAL_PERSISTENT, -1, np.float16)
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    assert saved.reserve_space is not None
+    return xd, dyd, gd, saved
+
+
+def _backward_with_reserve(ex_call, reserve):
+    xd, dyd, gd, saved = ex_call
+    cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, reserve_space=reserve))
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda: np.zeros((2, 8), np.uint8).view(FakeArray),  # 2-D
+    lambda: np.zeros(16, np.uint8).view(FakeArray)[::2],  # 1-D but strided
+    lambda: np.zeros(8, np.float32).view(FakeArray),  # not uint8
+    lambda: 7,  # not an array at all
+], ids=["2d", "strided", "float32", "int"])
+def test_the_last_reserve_check_before_backward_ex_refuses_the_wrong_kind(gpu, make_bad):
+    # SavedStats refuses these first; this check stands between them and the native call regardless
+    bad = make_bad()
+    with pytest.raises(TypeError, match=rf"^saved\.reserve_space: expected the 1-D uint8 device buffer from forward_training, got {type(bad).__name__}$"):
+        ops._check_reserve(bad, 4, 0)
+
+
+def test_a_reserve_space_too_small_is_a_value_error_with_the_sizes(ex_call):
+    size = ex_call[3].reserve_space.size
+    small = np.zeros(size - 1, np.uint8).view(FakeArray)
+    with pytest.raises(ValueError, match=rf"^saved\.reserve_space: expected at least {size} bytes on device 0 \(the forward's reserve space\), got {size - 1} bytes on device 0$"):
+        _backward_with_reserve(ex_call, small)
+
+
+# ---- the Ex workspace, one per (device, stream) ----
+def test_the_workspace_is_kept_per_device_and_stream_and_grows_only_when_asked(gpu):
+    cupy = sys.modules["cupy"]
+    empty = ops._workspace(cupy, 0, 0, 0)
+    assert empty.dtype == np.uint8 and empty.size == 1  # never a zero-byte buffer
+    first = ops._workspace(cupy, 0, 11, 64)
+    assert first.dtype == np.uint8 and first.size == 64
+    assert ops._workspace(cupy, 0, 11, 64) is first and ops._workspace(cupy, 0, 11, 8) is first
+    other_stream = ops._workspace(cupy, 0, 12, 64)
+    assert other_stream is not first and ops._workspace(cupy, 0, 11, 64) is first
+    grown = ops._workspace(cupy, 0, 11, 65)
+    assert grown.size == 65 and ops._workspace(cupy, 0, 11, 1) is grown
+    assert ops._WORKSPACES[(0, 11)] is grown and ops._WORKSPACES[(0, 12)] is other_stream
+
+
+def test_the_workspaces_are_bounded_oldest_first(gpu):
+    cupy = sys.modules["cupy"]
+    for stream in range(ops._MAX_WORKSPACE_STREAMS + 3):
+        ops._workspace(cupy, 0, stream, 4)
+    assert len(ops._WORKSPACES) == ops._MAX_WORKSPACE_STREAMS
+    assert (0, 0) not in ops._WORKSPACES and (0, ops._MAX_WORKSPACE_STREAMS + 2) in ops._WORKSPACES
