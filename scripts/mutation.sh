@@ -2,28 +2,32 @@
 # Mutation testing of one core module against the tests that exercise it (docs/testing.md).
 #
 #   scripts/mutation.sh MODULE [--worktree] [--timeout SECONDS]
+#   scripts/mutation.sh MODULE --survivors [--timeout SECONDS]
 #
 # MODULE is one of: ops plans limits validate layout handles policy descriptors layer reference.
 # The run happens in a private copy of the committed tree (.mutation/MODULE/), so edits made to the
 # working tree during a run change nothing, and the score belongs to the commit it prints. With
 # --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
 # for trying a new test before committing it. One mutant at a time (--max-children 1); the whole
-# run is bounded by --timeout (default 1800 s); run it again to go on where it stopped only by
-# keeping .mutation/MODULE (set KEEP=1). Needs mutmut (pip install -e ".[dev]").
+# run is bounded by --timeout (default 1800 s). With --survivors the last run's copy is kept, its
+# tests are replaced by the last commit's, and only the mutants that survived (or had no test) are
+# run again: the quick check of a new test. Needs mutmut (pip install -e ".[dev]").
 #
 # Output: the score line, the commit, and every surviving mutant's diff in
 # .mutation/MODULE/survivors.txt.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 [ $# -ge 1 ] || usage
 module=$1; shift
 from_worktree=0
+survivors_only=0
 limit=1800
 while [ $# -gt 0 ]; do
     case $1 in
         --worktree) from_worktree=1 ;;
+        --survivors) survivors_only=1 ;;
         --timeout) limit=$2; shift ;;
         *) usage ;;
     esac
@@ -51,7 +55,13 @@ work=$root/.mutation/$module
 mutmut=${MUTMUT:-mutmut}
 python=${PYTHON:-python}
 
-if [ "${KEEP:-0}" != 1 ] || [ ! -d "$work" ]; then
+if [ $survivors_only = 1 ]; then
+    [ -f "$work/results.txt" ] || { echo "--survivors needs an earlier run of $module"; exit 2; }
+    git -C "$root" archive HEAD tests | tar -xf - -C "$work"
+    rerun=$(grep -E ': (survived|no tests)$' "$work/results.txt" | sed 's/^ *//; s/:.*//' || true)
+    [ -n "$rerun" ] || { echo "no survivors to run again"; exit 0; }
+    echo "$(head -1 "$work/.commit" | sed 's/, tests at .*//'), tests at $(git -C "$root" rev-parse --short HEAD)" > "$work/.commit"
+else
     rm -rf "$work"
     mkdir -p "$work"
     if [ $from_worktree = 1 ]; then
@@ -91,7 +101,8 @@ EOF
 echo "mutation testing $source at $commit against:$selected"
 cd "$work"
 status=0
-timeout --signal=INT --kill-after=60 "$limit" "$mutmut" run --max-children 1 > run.log 2>&1 || status=$?
+# shellcheck disable=SC2086  # the mutant names are words
+timeout --signal=INT --kill-after=60 "$limit" "$mutmut" run --max-children 1 ${rerun:-} > run.log 2>&1 || status=$?
 if [ $status = 124 ] || [ $status = 130 ]; then
     echo "stopped at the ${limit}s limit: the score below counts only the mutants tested so far"
 elif [ $status != 0 ]; then
