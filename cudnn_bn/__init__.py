@@ -4,7 +4,7 @@
 arrays and cuDNN on cupy arrays. Importing this package loads neither CuPy nor libcudnn.
 """
 
-from . import compat, distributed, reference
+from . import compat, distributed, fused, reference
 from ._api import backward, cudnn_available, forward_inference, forward_training
 from ._cudnn.errors import (
     CudnnBadParamError,
@@ -19,7 +19,7 @@ from ._cudnn.errors import (
     CudnnOverflowError,
     CudnnVersionError,
 )
-from ._core.modes import Mode, OnOverflow
+from ._core.modes import Activation, Mode, OnOverflow
 from ._core.saved import SavedStats
 from .layer import BatchNorm
 from .reference import fold_inference
@@ -27,6 +27,7 @@ from .reference import fold_inference
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activation",
     "BatchNorm",
     "CudnnBadParamError",
     "CudnnBuildMismatchError",
@@ -49,5 +50,6 @@ __all__ = [
     "fold_inference",
     "forward_inference",
     "forward_training",
+    "fused",
     "reference",
 ]
