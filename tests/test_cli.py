@@ -114,3 +114,9 @@ def test_compare_on_the_simulated_gpu_records_a_refused_row(monkeypatch, cudnn_l
     assert {row["operation"] for row in failed} == {"forward_inference"} and len(failed) == 6
     assert all(row["error"].startswith("CudnnNotSupportedError: cudnnBatchNormalizationForwardInference") for row in failed)
     assert all(row["max_abs_error"] < 1e-4 for row in rows if "error" not in row)
+
+
+def test_bench_torch_fails_clearly_where_torch_is_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    assert cli.main(["bench", "--torch"]) == 2
+    assert "bench --torch: PyTorch is not importable here" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Command line: `python -m cudnn_bn {compare,info,bench}`.
 
 Exit status: 0 when everything ran; 1 when some rows of compare or bench failed (each is listed,
-and the others still ran); 2 when --require-cudnn finds cuDNN unusable, or arguments conflict.
+and the others still ran); 2 when --require-cudnn finds cuDNN unusable, --torch finds no PyTorch,
+or arguments conflict.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def _bench(args) -> int:
 
     if args.require_cudnn and not _cudnn_required("bench"):
         return 2
+    if args.torch:
+        try:
+            import torch  # noqa: F401  (asked for: its columns are wanted)
+        except ImportError as error:
+            print(f"bench --torch: PyTorch is not importable here ({error})", file=sys.stderr)
+            return 2
     return run_bench(json_path=args.json, markdown_path=args.markdown, quick=args.quick, with_torch=args.torch)
 
 
