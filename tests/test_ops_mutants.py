@@ -154,3 +154,78 @@ def test_the_workspaces_are_bounded_oldest_first(gpu):
         ops._workspace(cupy, 0, stream, 4)
     assert len(ops._WORKSPACES) == ops._MAX_WORKSPACE_STREAMS
     assert (0, 0) not in ops._WORKSPACES and (0, ops._MAX_WORKSPACE_STREAMS + 2) in ops._WORKSPACES
+
+
+# ---- the overflow query ----
+def test_a_checked_call_reads_the_flag_once_and_leaves_nothing_to_clear(gpu):
+    _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    for _ in range(2):
+        cudnn_bn.forward_training(*_device(x, gamma, beta), mode="spatial_persistent", on_overflow="raise")
+    assert gpu.calls.count("cudnnQueryRuntimeError") == 2  # one per call: the first left no unread flag
+
+
+def test_a_kernel_status_other_than_overflow_is_raised_naming_the_query(gpu, monkeypatch):
+    def query(handle, status, mode, tag):
+        status._obj.value = 4000  # CUDNN_STATUS_INTERNAL_ERROR
+        return 0
+
+    monkeypatch.setattr(raw.library(), "cudnnQueryRuntimeError", query)
+    _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    with pytest.raises(cudnn_bn.CudnnError) as raised:
+        cudnn_bn.forward_training(*_device(x, gamma, beta), mode="spatial_persistent", on_overflow="raise")
+    assert (raised.value.status, raised.value.function) == (4000, "cudnnQueryRuntimeError (kernel status)")
+
+
+# ---- inference: the per-signature cache and the device ----
+def _inference_args(shape=(4, 3, 2, 2)):
+    layout, x, _, gamma, beta = make_case(shape, Mode.SPATIAL, 1, np.float32)
+    mean, var = np.zeros(layout.param_shape, np.float32), np.ones(layout.param_shape, np.float32)
+    return x, gamma, beta, mean, var
+
+
+@pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "mean", "var"])
+def test_inference_checks_again_when_any_argument_changes_shape(gpu, position):
+    args = _inference_args()
+    cudnn_bn.forward_inference(*_device(*args), mode="spatial")
+    changed = list(args)
+    # x loses a channel; a parameter gains one
+    changed[position] = args[0][:, :2] if position == 0 else np.concatenate([args[position], args[position][:1]])
+    with pytest.raises(ValueError):
+        cudnn_bn.forward_inference(*_device(*changed), mode="spatial")
+
+
+@pytest.mark.parametrize("keyword,first,second", [("eps", 1, True), ("channel_axis", 1, True)])
+def test_inference_checks_again_when_an_equal_value_comes_as_a_bool(gpu, keyword, first, second):
+    args = _device(*_inference_args())
+    cudnn_bn.forward_inference(*args, mode="spatial", **{keyword: first})
+    with pytest.raises(TypeError, match=keyword):
+        cudnn_bn.forward_inference(*args, mode="spatial", **{keyword: second})
+
+
+@pytest.fixture
+def two_gpus(monkeypatch, cudnn_library):
+    monkeypatch.setattr(ops, "_WARNED", set())
+    monkeypatch.setattr(ops, "_WORKSPACES", {})
+    with simulated_gpu(monkeypatch, devices=2) as simulator:
+        yield simulator
+
+
+@pytest.mark.parametrize("position", range(1, 5), ids=["gamma", "beta", "mean", "var"])
+def test_inference_refuses_an_argument_on_another_device_naming_it(two_gpus, position):
+    cupy = sys.modules["cupy"]
+    args = _inference_args()
+    arrays = _device(*args)
+    with cupy.cuda.Device(1):
+        arrays[position] = _device(args[position])[0]
+    name = ["x", "gamma", "beta", "mean", "var"][position]
+    with pytest.raises(ValueError, match=rf"arrays on different devices: .*{name} on device 1"):
+        cudnn_bn.forward_inference(*arrays, mode="spatial")
+
+
+def test_inference_runs_on_the_device_of_its_arrays(two_gpus):
+    cupy = sys.modules["cupy"]
+    args = _inference_args()
+    with cupy.cuda.Device(1):
+        arrays = _device(*args)
+    y = cudnn_bn.forward_inference(*arrays, mode="spatial")
+    assert y.device.id == 1
