@@ -15,7 +15,7 @@ import numpy as np
 from . import reference
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, resolve_backward_settings
+from ._core.validate import array_kind, known_kind, resolve_backward_settings
 
 __all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
 
@@ -41,6 +41,9 @@ def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:
     None. Anything else that is not an accepted array is a TypeError naming the argument and what
     is accepted; mixed kinds are a TypeError.
     """
+    kind = known_kind(named, optional)
+    if kind is not None:  # all of one kind already seen to pass every check: nothing to convert
+        return kind, tuple(named.values())
     given = {name: value for name, value in named.items() if not (value is None and name in optional)}
     try:
         kind = array_kind(**given)

@@ -31,6 +31,7 @@ __all__ = [
     "check_no_overlap",
     "check_saved",
     "check_saved_finite",
+    "known_kind",
     "param_dtype_for",
     "resolve_backward_settings",
 ]
@@ -67,6 +68,19 @@ def _is_cupy(array) -> bool:
 
 
 _KIND_OF_TYPE: dict = {np.ndarray: "numpy"}
+
+
+def known_kind(named: dict, optional) -> str | None:
+    """What array_kind would return, when it can tell from the types alone (every argument present
+    or optional, all of one type that already passed its checks); None when the full check must run."""
+    kinds = set()
+    for name, value in named.items():
+        if value is None:
+            if name not in optional:
+                return None
+        else:
+            kinds.add(_KIND_OF_TYPE.get(type(value)))
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
 
 
 def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
@@ -138,19 +152,23 @@ def check_no_overlap(written: dict, read: dict) -> None:
     Both dicts map argument names to arrays (None entries skipped). Works for numpy and cupy
     arrays alike; may-share counts as sharing.
     """
-    ranges = {name: _byte_range(array) for name, array in {**read, **written}.items() if array is not None}
-    for name in written:
-        mine = ranges.get(name)
-        if mine is None:
-            continue
-        for other, theirs in ranges.items():
-            if other == name or theirs is None:
-                continue
-            if mine[0] < theirs[1] and theirs[0] < mine[1]:
+    mine = _ranges(written)
+    for name, low, high in mine:
+        for other, other_low, other_high in mine + _ranges(read):
+            if other != name and low < other_high and other_low < high:
                 raise ValueError(
                     f"{name}: expected memory of its own (it is written in place), got an array whose memory "
                     f"overlaps {other}'s; pass a separate array, e.g. {name}.copy()"
                 )
+
+
+def _ranges(named: dict) -> list:
+    ranges = []
+    for name, array in named.items():
+        bounds = None if array is None else _byte_range(array)
+        if bounds is not None:
+            ranges.append((name, bounds[0], bounds[1]))
+    return ranges
 
 
 def _check_data(name: str, array) -> np.dtype:

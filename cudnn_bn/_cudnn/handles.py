@@ -83,12 +83,21 @@ class HandlePool:
         self.device_id, self.size = device_id, size
         self._idle: list[Handle] = []
         self._count = 0  # handles created and not closed
+        self._waiting = 0  # borrowers waiting for a handle to come back
         self._available = threading.Condition(threading.Lock())
 
     def acquire(self) -> Handle:
+        try:
+            return self._idle.pop()  # the common case, without the lock: list.pop is atomic
+        except IndexError:
+            pass
         with self._available:
-            while not self._idle and self._count >= self.size:
-                self._available.wait()
+            self._waiting += 1
+            try:
+                while not self._idle and self._count >= self.size:
+                    self._available.wait()
+            finally:
+                self._waiting -= 1
             if self._idle:
                 return self._idle.pop()
             self._count += 1
@@ -101,9 +110,12 @@ class HandlePool:
             raise
 
     def release(self, handle: Handle) -> None:
-        with self._available:
-            self._idle.append(handle)
-            self._available.notify()
+        # append first, then look for waiters: a borrower that starts waiting later sees the handle
+        # (it checks the idle list under the lock after counting itself as waiting)
+        self._idle.append(handle)
+        if self._waiting:
+            with self._available:
+                self._available.notify()
 
     def borrow(self) -> "_Loan":
         """``with pool.borrow() as handle:`` lends a handle for the block."""

@@ -322,15 +322,17 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
         x_in = cupy.ascontiguousarray(x)
         params = [plan.param_in(cupy, array) for array in (gamma, beta, mean, var)]
         y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
-        pieces = plan.pieces or ((0, x_in.shape[0], plan),)
+        param_pointers = [p.data.ptr for p in params]
+        # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
+        pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
         library = raw.library()
         with borrow(device_id) as handle:
             handle.bind_stream(cupy.cuda.get_current_stream().ptr)
-            for start, stop, piece in pieces:
+            for piece, x_piece, y_piece in pieces:
+                x_desc = piece.data_desc.pointer
                 library.cudnnBatchNormalizationForwardInference(
-                    handle.pointer, piece.cudnn_mode, piece.alpha, piece.beta, piece.data_desc.pointer,
-                    x_in[start:stop].data.ptr, piece.data_desc.pointer, y[start:stop].data.ptr,
-                    piece.param_desc.pointer, *(p.data.ptr for p in params), checked.eps,
+                    handle.pointer, piece.cudnn_mode, piece.alpha, piece.beta, x_desc, x_piece.data.ptr, x_desc,
+                    y_piece.data.ptr, piece.param_desc.pointer, *param_pointers, checked.eps,
                 )
         return y
 
