@@ -67,11 +67,10 @@ class SavedStats:
         """For the computing paths, whose settings were validated by the call that made them:
         the same object without re-validating (a few microseconds per call)."""
         saved = object.__new__(cls)
-        for name, value in (
-            ("mean", mean), ("inv_std", inv_std), ("mode", mode), ("eps", eps), ("channel_axis", channel_axis),
-            ("reserve_space", reserve_space), ("on_overflow", on_overflow),
-        ):
-            object.__setattr__(saved, name, value)
+        saved.__dict__.update(  # past the frozen __setattr__, as dataclasses' own __init__ goes
+            mean=mean, inv_std=inv_std, mode=mode, eps=eps, channel_axis=channel_axis,
+            reserve_space=reserve_space, on_overflow=on_overflow,
+        )
         return saved
 
     def _identity(self) -> tuple:

@@ -30,6 +30,7 @@ __all__ = [
     "check_momentum",
     "check_no_overlap",
     "check_saved",
+    "byte_range",
     "check_saved_finite",
     "known_kind",
     "param_dtype_for",
@@ -121,7 +122,7 @@ def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
     return found.pop() if found else "numpy"
 
 
-def _byte_range(array) -> tuple[int, int] | None:
+def byte_range(array) -> tuple[int, int] | None:
     """[first, last + 1) byte addresses an array can touch; None for an empty array.
 
     Conservative: the bounds of the strided extent, so two arrays that interleave without
@@ -165,7 +166,7 @@ def check_no_overlap(written: dict, read: dict) -> None:
 def _ranges(named: dict) -> list:
     ranges = []
     for name, array in named.items():
-        bounds = None if array is None else _byte_range(array)
+        bounds = None if array is None else byte_range(array)
         if bounds is not None:
             ranges.append((name, bounds[0], bounds[1]))
     return ranges
