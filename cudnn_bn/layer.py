@@ -362,7 +362,9 @@ class BatchNorm:
             f"BatchNorm({self.param_shape if len(self.param_shape) > 1 else self.param_shape[0]}, mode={self.mode!r}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
-            f"dtype={self.dtype.name}, xp={self._xp.__name__})"
+            f"dtype={self.dtype.name}, xp={self._xp.__name__}"
+            + ("" if self.activation is None else f", activation={str(self.activation)!r}")
+            + ")"
         )
 
 

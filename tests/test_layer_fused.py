@@ -92,3 +92,10 @@ def test_layer_with_relu_on_the_simulated_gpu(monkeypatch, cudnn_library, channe
         assert_close(dx.get(), dx_host, np.float16, what="dx")
         assert_close(layer.grad_residual.get(), host.grad_residual, np.float16, what="dresidual")
         assert_close(layer.grad_beta.get(), host.grad_beta, np.float16, what="dbeta", scale=x.size / channels)
+
+
+def test_repr_shows_the_activation_only_when_there_is_one():
+    import cudnn_bn
+
+    assert repr(cudnn_bn.BatchNorm(16, activation="relu")).endswith(", activation='relu')")
+    assert "activation" not in repr(cudnn_bn.BatchNorm(16))
