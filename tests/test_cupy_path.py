@@ -292,6 +292,7 @@ def test_gpu_benchmark_runs_end_to_end(gpu, monkeypatch, tmp_path):
     assert not any(p["persistent_output_finite"] for p in result["overflow_probe"])
     assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training"}
     assert "cudnn_bn_us_per_call" in result["host_overhead"]
+    assert len(result["fused_vs_unfused"]) == 1  # overflowing persistent calls fall back, and still time
     markdown = (tmp_path / "b.md").read_text()
     assert "| overflow probe 4x8x6x6 float32 |" in markdown and "Not timed because SPATIAL_PERSISTENT overflowed" in markdown
 
@@ -310,3 +311,5 @@ def test_gpu_benchmark_times_everything_when_nothing_overflows(gpu, monkeypatch,
     assert [p["overflow_flag_raised"] for p in result["overflow_probe"]] == [False, False]
     assert all(p["max_abs_difference_vs_spatial"] < 1e-5 for p in result["overflow_probe"])
     assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training", "backward"}
+    assert [r["path"] for r in result["fused_vs_unfused"]] == ["fused_ex"]  # C = 8: cuDNN's fused kernel
+    assert result["fused_vs_unfused"][0]["fused_ms"] > 0 and result["fused_vs_unfused"][0]["unfused_ms"] > 0

@@ -471,6 +471,39 @@ def _ex_vs_plain(repeats) -> list[dict]:
     return rows
 
 
+def _fused_vs_unfused(repeats) -> list[dict]:
+    """relu(BN(x) + residual) and its four gradients in one fused call each, against the unfused
+    sequence (batch norm, add, ReLU; the ReLU mask, then the batch-norm backward), forward +
+    backward per step, on float16 channels-last data (cuDNN's fused Ex path where it applies)."""
+    import cupy
+
+    from .. import fused
+
+    rows = []
+    for shape in [s for s in GPU_SHAPES if len(s) == 4 and s[1] % 4 == 0]:
+        arrays = _device_inputs(shape, -1, Mode.SPATIAL_PERSISTENT, np.float16)
+        x, gamma, beta, dy = arrays["x"], arrays["gamma"], arrays["beta"], arrays["dy"]
+        residual = cupy.ascontiguousarray(dy[::-1])
+        settings = dict(mode="spatial_persistent", channel_axis=-1, on_overflow="fallback")
+
+        def fused_step():
+            y, saved = fused.forward_training(x, gamma, beta, residual=residual, **settings)
+            fused.backward(x, y, dy, gamma, saved)
+
+        def unfused_step():
+            u, saved = _api.forward_training(x, gamma, beta, **settings)
+            y = cupy.maximum(u + residual, 0)
+            _api.backward(x, dy * (y > 0), gamma, saved)  # the ReLU mask: one more pass
+
+        _, saved = fused.forward_training(x, gamma, beta, residual=residual, **settings)
+        fused_ms = median_gpu_seconds(fused_step, repeats) * 1e3
+        unfused_ms = median_gpu_seconds(unfused_step, repeats) * 1e3
+        rows.append({"shape": list(shape), "path": saved.path, "fused_ms": fused_ms, "unfused_ms": unfused_ms,
+                     "unfused_over_fused": unfused_ms / fused_ms})
+        del arrays, residual
+    return rows
+
+
 def _device_copy_gbps(elements: int, repeats: int) -> float:
     """Device-to-device copy bandwidth (read + write) of a float32 buffer, the peak we compare to."""
     import cupy
@@ -512,6 +545,7 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None) -> dict:
     recorder.section("host_overhead", lambda: _host_overhead(torch))
     recorder.section("overflow_probe", _overflow_probe)
     recorder.section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
+    recorder.section("fused_vs_unfused", lambda: _fused_vs_unfused(repeats))
     return recorder.result
 
 
@@ -694,7 +728,7 @@ def to_markdown(result: dict) -> str:
 
 def _gpu_sections(result: dict) -> list[str]:
     lines = []
-    for key in ("host_overhead", "overflow_probe", "ex_vs_plain"):
+    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused"):
         value = result.get(key)
         if isinstance(value, dict) and "error" in value:
             lines += ["", f"{key} failed: {value['error']}"]
@@ -710,6 +744,10 @@ def _gpu_sections(result: dict) -> list[str]:
     if isinstance(ex_rows, list) and ex_rows:
         lines += ["", "| Ex path, float16 NHWC | operation | Ex ms | plain ms | plain / Ex |", "|---|---|---|---|---|"]
         lines += [f"| {_shape_text(r['shape'])} | {r['operation']} | {r['ex_ms']:.3f} | {r['plain_ms']:.3f} | {r['plain_over_ex']:.2f} |" for r in ex_rows]
+    fused_rows = result.get("fused_vs_unfused")
+    if isinstance(fused_rows, list) and fused_rows:
+        lines += ["", "| relu(BN(x) + z), float16 NHWC, fwd + bwd | fused path | fused ms | unfused ms | unfused / fused |", "|---|---|---|---|---|"]
+        lines += [f"| {_shape_text(r['shape'])} | {r['path']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | {r['unfused_over_fused']:.2f} |" for r in fused_rows]
     return lines
 
 
