@@ -67,6 +67,15 @@ def _accept_saved(saved):
     return dataclasses.replace(saved, mean=mean, inv_std=inv_std)
 
 
+def _settled_by_saved(kind, saved, mode, eps, channel_axis) -> bool:
+    """The common backward: nothing but ``saved`` settles the call, and its arrays are of x's kind
+    (known from their types). Then resolve_backward_settings has nothing to add."""
+    return (
+        type(saved) is SavedStats and mode is None and eps is None and channel_axis is None
+        and known_kind({"mean": saved.mean, "inv_std": saved.inv_std, "reserve_space": saved.reserve_space}, ("reserve_space",)) == kind
+    )
+
+
 def cudnn_available() -> tuple[bool, str]:
     """``(usable, reason)``: whether cupy arrays can run through cuDNN on this machine.
 
@@ -125,8 +134,11 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     forward ran is used; without it ``mode`` (which may be "auto") and ``eps`` are required.
     """
     kind, (x, dy, gamma) = accept_arrays((), (), x=x, dy=dy, gamma=gamma)
-    saved = _accept_saved(saved)
-    mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)  # checks saved's kind too
+    if _settled_by_saved(kind, saved, mode, eps, channel_axis):
+        mode, eps, channel_axis = saved.mode, saved.eps, saved.channel_axis  # SavedStats checked its own
+    else:
+        saved = _accept_saved(saved)
+        mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)  # checks saved's kind too
     if on_overflow is None and saved is not None:
         on_overflow = saved.on_overflow
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)
