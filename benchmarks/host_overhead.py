@@ -191,6 +191,7 @@ def _inputs(shape, channel_axis, dtype):
 
 def measure(calls: int) -> dict:
     import cudnn_bn
+    from cudnn_bn._tools.bench import _cpu_model as cpu_model  # the one place that reads the CPU's name
 
     rows = []
     with no_op_gpu():
@@ -224,7 +225,7 @@ def measure(calls: int) -> dict:
         "calls": calls,
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "rows": rows,
     }
 
@@ -241,17 +242,6 @@ def _torch_cpu_row(calls: int) -> dict | None:
     mean, var = torch.zeros(16), torch.ones(16)
     low, median, high = _median_seconds_per_call(lambda: F.batch_norm(x, mean, var, weight, bias, training=True), calls)
     return {"case": "torch CPU F.batch_norm, compute included", "operation": "forward_training", "min_us": low * 1e6, "median_us": median * 1e6, "max_us": high * 1e6}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def to_markdown(result: dict) -> str:
