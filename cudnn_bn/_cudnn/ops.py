@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import os
+import sys
 import threading
 import warnings
 
@@ -182,8 +184,20 @@ def _warn_fallback(operation: str, shape, dtype) -> None:
         f"cudnn_bn: SPATIAL_PERSISTENT {operation} overflowed for shape {tuple(shape)} {dtype}; "
         "re-ran with SPATIAL (this warning is shown once per shape)",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=_outside_the_package(),
     )
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _outside_the_package() -> int:
+    """warnings.warn's stacklevel for the first caller outside cudnn_bn (the calls that warn are
+    reached through different depths: the public functions, the fused calls, compat)."""
+    frame, level = sys._getframe(2), 2  # 1 is the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _overflow_error(function: str, advice: str) -> CudnnOverflowError:
