@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import cudnn_bn
-from cudnn_bn import CudnnOverflowError, Mode
+from cudnn_bn import CudnnOverflowError, Mode, reference
+from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import ops, raw
 from cudnn_bn._cudnn.errors import CudnnBuildMismatchError
 from conftest import make_case
@@ -217,9 +218,11 @@ def test_inference_refuses_an_argument_on_another_device_naming_it(two_gpus, pos
     arrays = _device(*args)
     with cupy.cuda.Device(1):
         arrays[position] = _device(args[position])[0]
-    name = ["x", "gamma", "beta", "mean", "var"][position]
-    with pytest.raises(ValueError, match=rf"arrays on different devices: .*{name} on device 1"):
+    names = ["x", "gamma", "beta", "mean", "var"]
+    devices = ", ".join(f"{name} on device {int(index == position)}" for index, name in enumerate(names))
+    with pytest.raises(ValueError) as raised:
         cudnn_bn.forward_inference(*arrays, mode="spatial")
+    assert str(raised.value) == f"arrays on different devices: expected one device, got {devices}"
 
 
 def test_inference_runs_on_the_device_of_its_arrays(two_gpus):
@@ -229,3 +232,100 @@ def test_inference_runs_on_the_device_of_its_arrays(two_gpus):
         arrays = _device(*args)
     y = cudnn_bn.forward_inference(*arrays, mode="spatial")
     assert y.device.id == 1
+
+
+def test_each_call_signature_is_remembered_with_its_plan_and_the_memory_is_bounded(gpu, monkeypatch):
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.clear()
+    args = _inference_args()
+    cudnn_bn.forward_inference(*_device(*args), mode="spatial")
+    ((checked, plan),) = plans.PLANS.signatures.values()
+    assert plan is plans.plan_for(plans.INFERENCE, checked.layout, checked.data_dtype, 0)
+    monkeypatch.setattr(ops, "_MAX_SIGNATURES", 2)
+    for batch in (5, 6, 7):
+        cudnn_bn.forward_inference(*_device(*_inference_args((batch, 3, 2, 2))), mode="spatial")
+        assert 1 <= len(plans.PLANS.signatures) <= 2
+
+
+# ---- the Ex path's workspace, reserve and messages ----
+def _ex_case():
+    _, x, dy, gamma, beta = make_case((2, 2, 2, 4), Mode.SPATIAL_PERSISTENT, -1, np.float16)
+    return _device(x, dy, gamma, beta)
+
+
+def test_the_ex_calls_keep_their_workspace_under_this_device_and_stream(gpu):
+    cupy = sys.modules["cupy"]
+    xd, dyd, gd, bd = _ex_case()
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    stream = cupy.cuda.get_current_stream().ptr
+    assert set(ops._WORKSPACES) == {(0, stream)}
+    ops._WORKSPACES.clear()  # backward allocates its own
+    cudnn_bn.backward(xd, dyd, gd, saved)
+    assert "cudnnBatchNormalizationBackwardEx" in gpu.calls and set(ops._WORKSPACES) == {(0, stream)}
+
+
+def test_saved_statistics_without_a_reserve_take_the_plain_backward_on_an_ex_layout(gpu):
+    from cudnn_bn._cudnn import plans
+
+    xd, dyd, gd, bd = _ex_case()
+    previous = plans.set_ex_path_enabled(False)
+    try:
+        _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    finally:
+        plans.set_ex_path_enabled(previous)
+    assert saved.reserve_space is None
+    cudnn_bn.backward(xd, dyd, gd, saved)
+    assert "cudnnBatchNormalizationBackwardEx" not in gpu.calls and "cudnnBatchNormalizationBackward" in gpu.calls
+
+
+def test_the_overflow_errors_say_what_was_done_and_what_to_do(gpu):
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent")
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    with pytest.raises(CudnnOverflowError) as forward:
+        cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
+    assert str(forward.value) == (
+        "cudnnBatchNormalizationForwardTraining: CUDNN_STATUS_RUNTIME_FP_OVERFLOW (SPATIAL_PERSISTENT overflowed; "
+        "running statistics were restored. Use mode='spatial' or on_overflow='fallback')"
+    )
+    with pytest.raises(CudnnOverflowError) as backward:
+        cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="raise")
+    assert str(backward.value) == (
+        "cudnnBatchNormalizationBackward: CUDNN_STATUS_RUNTIME_FP_OVERFLOW (SPATIAL_PERSISTENT overflowed; "
+        "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
+        "this backward in SPATIAL)"
+    )
+
+
+def test_a_stale_flag_does_not_fail_the_next_checked_backward(gpu):
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent")
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="ignore")  # leaves the flag set
+    gpu.overflow_modes.discard(Mode.SPATIAL_PERSISTENT)
+    dx, _, _ = cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="raise")
+    assert np.all(np.isfinite(dx))
+
+
+# ---- backward's fallback keeps the statistics it was given ----
+def test_backward_fallback_uses_the_saved_statistics_it_was_given(gpu):
+    # statistics of another batch: a fallback that recomputed them from x would give other gradients
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    _, other, _, _, _ = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32, seed=5, offset=0.5, scale=2.0)
+    xd, dyd, gd, bd, od = _device(x, dy, gamma, beta, other)
+    _, saved = cudnn_bn.forward_training(od, gd, bd, mode="spatial_persistent")
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grads = cudnn_bn.backward(xd, dyd, gd, saved, mode="spatial_persistent", on_overflow="fallback")
+    wide = [np.asarray(a, np.float64) for a in (x, dy, gamma)]
+    given = reference.SavedStats(np.asarray(saved.mean, np.float64), np.asarray(saved.inv_std, np.float64), "spatial", 1e-5, 1)
+    for actual, expected in zip(grads, reference.backward(*wide, given)):
+        assert_close(actual, expected, np.float32, scale=10)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
+        "cudnn_bn: SPATIAL_PERSISTENT backward overflowed for shape (4, 3, 2, 2) float32; "
+        "re-ran with SPATIAL (this warning is shown once per shape)"
+    ]
