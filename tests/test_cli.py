@@ -120,3 +120,16 @@ def test_bench_torch_fails_clearly_where_torch_is_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     assert cli.main(["bench", "--torch"]) == 2
     assert "bench --torch: PyTorch is not importable here" in capsys.readouterr().err
+
+
+def test_the_console_script_names_itself_in_its_help():
+    import shutil
+
+    script = shutil.which("cudnn-bn")
+    if script is None:
+        import pytest
+
+        pytest.skip("the cudnn-bn console script is not installed in this environment")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: cudnn-bn ")
+    assert _cli("--help").stdout.startswith("usage: python -m cudnn_bn ")

@@ -8,6 +8,7 @@ or arguments conflict.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -63,8 +64,14 @@ def _bench(args) -> int:
     return run_bench(json_path=args.json, markdown_path=args.markdown, quick=args.quick, with_torch=args.torch)
 
 
+def _program_name() -> str:
+    """How the user started us: the ``cudnn-bn`` console script, or ``python -m cudnn_bn``."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "cudnn-bn" if script.startswith("cudnn-bn") else "python -m cudnn_bn"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cudnn_bn", description="cuDNN batch normalization for CuPy, checked against NumPy")
+    parser = argparse.ArgumentParser(prog=_program_name(), description="cuDNN batch normalization for CuPy, checked against NumPy")
     commands = parser.add_subparsers(dest="command", required=True)
     compare = commands.add_parser("compare", help="run every mode on a standard tensor and report error and time")
     compare.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
