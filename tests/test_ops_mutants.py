@@ -329,3 +329,139 @@ def test_backward_fallback_uses_the_saved_statistics_it_was_given(gpu):
         "cudnn_bn: SPATIAL_PERSISTENT backward overflowed for shape (4, 3, 2, 2) float32; "
         "re-ran with SPATIAL (this warning is shown once per shape)"
     ]
+
+
+# ---- training and backward: the per-signature cache, the written arrays and the device ----
+def _training_args(shape=(4, 3, 2, 2)):
+    layout, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, 1, np.float32)
+    return x, gamma, beta, np.zeros(layout.param_shape, np.float32), np.ones(layout.param_shape, np.float32)
+
+
+@pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "running_mean", "running_var"])
+def test_training_checks_again_when_any_argument_changes_shape(gpu, position):
+    args = _training_args()
+    cudnn_bn.forward_training(*_device(*args), mode="spatial")
+    changed = list(args)
+    changed[position] = args[0][:, :2] if position == 0 else np.concatenate([args[position], args[position][:1]])
+    with pytest.raises(ValueError):
+        cudnn_bn.forward_training(*_device(*changed), mode="spatial")
+
+
+@pytest.mark.parametrize("position", [3, 4], ids=["running_mean", "running_var"])
+def test_training_checks_again_when_a_running_statistic_becomes_read_only(gpu, position):
+    cudnn_bn.forward_training(*_device(*_training_args()), mode="spatial")
+    arrays = _device(*_training_args())
+    arrays[position].flags.writeable = False
+    with pytest.raises((TypeError, ValueError), match=["running_mean", "running_var"][position - 3]):
+        cudnn_bn.forward_training(*arrays, mode="spatial")
+
+
+@pytest.mark.parametrize("written,other", [(3, 0), (4, 1), (3, 2)])
+def test_a_cached_training_call_still_refuses_a_running_statistic_overlapping_an_input(gpu, written, other):
+    names = ["x", "gamma", "beta", "running_mean", "running_var"]
+    cudnn_bn.forward_training(*_device(*_training_args()), mode="spatial")  # the signature is now cached
+    arrays = _device(*_training_args())
+    arrays[written] = arrays[other].reshape(-1)[:3]  # a view into the other argument's memory
+    with pytest.raises(ValueError, match=rf"^{names[written]}: expected memory of its own .* overlaps {names[other]}'s"):
+        cudnn_bn.forward_training(*arrays, mode="spatial")
+
+
+@pytest.mark.parametrize("keyword,first,second", [("eps", 1, True), ("channel_axis", 1, True)])
+def test_training_and_backward_check_again_when_an_equal_value_comes_as_a_bool(gpu, keyword, first, second):
+    x, gamma, beta, _, _ = _device(*_training_args())
+    cudnn_bn.forward_training(x, gamma, beta, mode="spatial", **{keyword: first})
+    with pytest.raises(TypeError, match=keyword):
+        cudnn_bn.forward_training(x, gamma, beta, mode="spatial", **{keyword: second})
+    dy = _device(np.ones(x.shape, np.float32))[0]
+    cudnn_bn.backward(x, dy, gamma, mode="spatial", **{"eps": 1e-5, "channel_axis": 1, keyword: first})
+    with pytest.raises(TypeError, match=keyword):
+        cudnn_bn.backward(x, dy, gamma, mode="spatial", **{"eps": 1e-5, "channel_axis": 1, keyword: second})
+
+
+def _backward_args():
+    layout, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    return x, dy, gamma, beta
+
+
+@pytest.mark.parametrize("position", range(3), ids=["x", "dy", "gamma"])
+def test_backward_checks_again_when_any_argument_changes_shape(gpu, position):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    cudnn_bn.backward(x, dy, gamma, saved)
+    args = [x, dy, gamma]
+    args[position] = args[position][:, :2] if position < 2 else _device(np.ones(4, np.float32))[0]
+    with pytest.raises(ValueError):
+        cudnn_bn.backward(*args, saved)
+
+
+@pytest.mark.parametrize("field", ["mean", "inv_std"])
+def test_backward_checks_again_when_the_saved_statistics_change_shape(gpu, field):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    cudnn_bn.backward(x, dy, gamma, saved)
+    wrong = dataclasses.replace(saved, **{field: _device(np.ones(4, np.float32))[0]})
+    with pytest.raises(ValueError, match="saved"):
+        cudnn_bn.backward(x, dy, gamma, wrong)
+
+
+def test_backward_checks_again_when_the_saved_statistics_gain_a_reserve(gpu):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    cudnn_bn.backward(x, dy, gamma, saved)
+    with pytest.raises((TypeError, ValueError), match="reserve_space"):
+        cudnn_bn.backward(x, dy, gamma, dataclasses.replace(saved, reserve_space=_device(np.ones((2, 2), np.uint8))[0]))
+
+
+@pytest.mark.parametrize("operation", ["training", "backward"])
+def test_training_and_backward_remember_their_signature_with_their_plan(gpu, operation):
+    from cudnn_bn._cudnn import plans
+
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    plans.PLANS.signatures.clear()
+    if operation == "training":
+        cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    else:
+        cudnn_bn.backward(x, dy, gamma, saved)
+    ((checked, plan),) = plans.PLANS.signatures.values()
+    kind = plans.TRAINING if operation == "training" else plans.BACKWARD
+    assert plan is plans.plan_for(kind, checked.layout, checked.data_dtype, 0)
+
+
+@pytest.mark.parametrize("position", range(1, 5), ids=["gamma", "beta", "running_mean", "running_var"])
+def test_training_refuses_an_argument_on_another_device_naming_it(two_gpus, position):
+    cupy = sys.modules["cupy"]
+    args = _training_args()
+    arrays = _device(*args)
+    with cupy.cuda.Device(1):
+        arrays[position] = _device(args[position])[0]
+    names = ["x", "gamma", "beta", "running_mean", "running_var"]
+    with pytest.raises(ValueError, match=rf"^arrays on different devices: expected one device, got .*{names[position]} on device 1"):
+        cudnn_bn.forward_training(*arrays, mode="spatial")
+
+
+@pytest.mark.parametrize("name", ["dy", "gamma", "saved_mean", "saved_inv_std"])
+def test_backward_refuses_an_argument_on_another_device_naming_it(two_gpus, name):
+    cupy = sys.modules["cupy"]
+    x, dy, gamma, beta = _backward_args()
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial")
+    with cupy.cuda.Device(1):
+        if name == "dy":
+            dyd = _device(dy)[0]
+        elif name == "gamma":
+            gd = _device(gamma)[0]
+        else:
+            field = name.removeprefix("saved_")
+            saved = dataclasses.replace(saved, **{field: _device(getattr(saved, field))[0]})
+    with pytest.raises(ValueError, match=rf"^arrays on different devices: expected one device, got .*{name} on device 1"):
+        cudnn_bn.backward(xd, dyd, gd, saved)
+
+
+def test_training_and_backward_run_on_the_device_of_their_arrays(two_gpus):
+    cupy = sys.modules["cupy"]
+    with cupy.cuda.Device(1):
+        x, dy, gamma, beta = _device(*_backward_args())
+    y, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    dx, _, _ = cudnn_bn.backward(x, dy, gamma, saved)
+    assert y.device.id == 1 and dx.device.id == 1
