@@ -113,11 +113,18 @@ fi
 
 "$mutmut" export-cicd-stats > /dev/null
 "$mutmut" results --all true > results.txt 2>/dev/null || "$mutmut" results > results.txt
-: > survivors.txt
-for name in $(grep -E ': (survived|no tests|timeout|suspicious)$' results.txt | sed 's/^ *//; s/:.*//'); do
-    "$mutmut" show "$name" >> survivors.txt 2>&1 || true
-    echo >> survivors.txt
-done
+show_diffs='
+import sys
+
+from mutmut.__main__ import find_mutant, get_diff_for_mutant, status_by_exit_code
+
+for name in sys.argv[1:]:
+    mutant = find_mutant(name)
+    print(f"# {name}: {status_by_exit_code[mutant.exit_code_by_key[name]]}")
+    print(get_diff_for_mutant(name, path=mutant.path))
+'
+# shellcheck disable=SC2046  # the mutant names are words
+"$python" -c "$show_diffs" $(grep -E ': (survived|no tests|timeout|suspicious)$' results.txt | sed 's/^ *//; s/:.*//') > survivors.txt
 "$python" - "$source" "$commit" <<'EOF'
 import json, sys
 
