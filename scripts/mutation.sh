@@ -9,9 +9,9 @@
 # working tree during a run change nothing, and the score belongs to the commit it prints. With
 # --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
 # for trying a new test before committing it. One mutant at a time (--max-children 1); the whole
-# run is bounded by --timeout (default 1800 s). With --survivors the last run's copy is kept, its
-# tests are replaced by the last commit's, and only the mutants that survived (or had no test) are
-# run again: the quick check of a new test. Needs mutmut (pip install -e ".[dev]").
+# run is bounded by --timeout (default 1800 s). With --survivors the last run's copy is kept, the
+# last commit's tests/test_MODULE_mutants.py joins it, and only the mutants that survived (or had no
+# test) are run again: the quick check of a new test. Needs mutmut (pip install -e ".[dev]").
 #
 # Output: the score line, the commit, and every surviving mutant's diff in
 # .mutation/MODULE/survivors.txt.
@@ -57,10 +57,13 @@ python=${PYTHON:-python}
 
 if [ $survivors_only = 1 ]; then
     [ -f "$work/results.txt" ] || { echo "--survivors needs an earlier run of $module"; exit 2; }
-    git -C "$root" archive HEAD tests | tar -xf - -C "$work"
+    git -C "$root" archive HEAD "tests/test_${module}_mutants.py" | tar -xf - -C "$work"
     rerun=$(grep -E ': (survived|no tests)$' "$work/results.txt" | sed 's/^ *//; s/:.*//' || true)
     [ -n "$rerun" ] || { echo "no survivors to run again"; exit 0; }
-    echo "$(head -1 "$work/.commit" | sed 's/, tests at .*//'), tests at $(git -C "$root" rev-parse --short HEAD)" > "$work/.commit"
+    # a changed test selection makes mutmut forget every result: the earlier verdicts stand for the
+    # mutants not run again
+    cp "$work/results.txt" "$work/results.before.txt"
+    echo "$(head -1 "$work/.commit" | sed 's/, test_.* at .*//'), test_${module}_mutants.py at $(git -C "$root" rev-parse --short HEAD)" > "$work/.commit"
 else
     rm -rf "$work"
     mkdir -p "$work"
@@ -111,7 +114,6 @@ elif [ $status != 0 ]; then
     exit $status
 fi
 
-"$mutmut" export-cicd-stats > /dev/null
 "$mutmut" results --all true > results.txt 2>/dev/null || "$mutmut" results > results.txt
 show_diffs='
 import sys
@@ -126,14 +128,23 @@ for name in sys.argv[1:]:
 # shellcheck disable=SC2046  # the mutant names are words
 "$python" -c "$show_diffs" $(grep -E ': (survived|no tests|timeout|suspicious)$' results.txt | sed 's/^ *//; s/:.*//') > survivors.txt
 "$python" - "$source" "$commit" <<'EOF'
-import json, sys
+import os, re, sys
 
-stats = json.load(open("mutants/mutmut-cicd-stats.json"))
-# A timeout or a crash stops the tests as a failing assertion does: both count as killed.
-killed = stats["killed"] + stats["timeout"] + stats["segfault"]
-tested = killed + stats["survived"] + stats["no_tests"] + stats["suspicious"]
+def verdicts(path):
+    if not os.path.exists(path):
+        return {}
+    return dict(re.findall(r"^\s*(\S+): (.+)$", open(path).read(), re.M))
+
+now, before = verdicts("results.txt"), verdicts("results.before.txt")
+final = {name: before.get(name, status) if status == "not checked" else status for name, status in now.items()}
+counts = {}
+for status in final.values():
+    counts[status] = counts.get(status, 0) + 1
+# a timeout or a crash stops the tests as a failing assertion does: both count as killed
+killed = sum(counts.get(status, 0) for status in ("killed", "timeout", "segfault"))
+tested = killed + sum(counts.get(status, 0) for status in ("survived", "no tests", "suspicious"))
 print(f"{sys.argv[1]} at {sys.argv[2]}: {killed}/{tested} killed ({100 * killed / max(tested, 1):.1f}%), "
-      f"{stats['survived']} survived, {stats['no_tests']} without tests, {stats['suspicious']} suspicious, "
-      f"{stats['total'] - tested} not run")
+      f"{counts.get('survived', 0)} survived, {counts.get('no tests', 0)} without tests, "
+      f"{counts.get('suspicious', 0)} suspicious, {len(final) - tested} not run")
 EOF
 echo "survivors: $work/survivors.txt"

@@ -111,3 +111,23 @@ def test_the_ex_path_switch_and_its_query(cudnn_library):
     finally:
         plans.set_ex_path_enabled(previous)
     assert plans.uses_ex_path(ex_layout, np.float16)
+
+
+def test_two_threads_asking_for_one_new_plan_build_it_once():
+    import threading
+    import time
+
+    cache, building, built = plans.PlanCache(), threading.Event(), []
+
+    def build():
+        building.set()
+        time.sleep(0.2)  # the other thread meanwhile misses the lock-free lookup and waits for the lock
+        built.append(object())
+        return built[-1]
+
+    first = threading.Thread(target=lambda: cache.get("key", build))
+    first.start()
+    building.wait(5)
+    second_got = cache.get("key", build)
+    first.join(5)
+    assert len(built) == 1 and cache.created == 1 and second_got is built[0]
