@@ -62,7 +62,17 @@ if [ $survivors_only = 1 ]; then
     [ -n "$rerun" ] || { echo "no survivors to run again"; exit 0; }
     # a changed test selection makes mutmut forget every result: the earlier verdicts stand for the
     # mutants not run again
-    cp "$work/results.txt" "$work/results.before.txt"
+    (cd "$work" && "$python" - <<'EOF'
+import os, re
+
+def verdicts(path):
+    return dict(re.findall(r"^\s*(\S+): (.+)$", open(path).read(), re.M)) if os.path.exists(path) else {}
+
+now, before = verdicts("results.txt"), verdicts("results.before.txt")
+merged = {name: before.get(name, status) if status == "not checked" else status for name, status in now.items()}
+open("results.before.txt", "w").write("".join(f"    {name}: {status}\n" for name, status in merged.items()))
+EOF
+    )
     echo "$(head -1 "$work/.commit" | sed 's/, test_.* at .*//'), test_${module}_mutants.py at $(git -C "$root" rev-parse --short HEAD)" > "$work/.commit"
 else
     rm -rf "$work"
