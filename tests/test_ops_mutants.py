@@ -465,3 +465,51 @@ def test_training_and_backward_run_on_the_device_of_their_arrays(two_gpus):
     y, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
     dx, _, _ = cudnn_bn.backward(x, dy, gamma, saved)
     assert y.device.id == 1 and dx.device.id == 1
+
+
+# ---- the handle of the arrays' device, also when another device ran first ----
+def test_inference_then_training_fallbacks_on_two_devices_each_use_their_own_handle(two_gpus):
+    cupy = sys.modules["cupy"]
+    x, dy, gamma, beta = _backward_args()
+    mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for device in (0, 1):
+        with cupy.cuda.Device(device):
+            xd, dyd, gd, bd, md, vd = _device(x, dy, gamma, beta, mean, var)
+        assert cudnn_bn.forward_inference(xd, gd, bd, md, vd, mode="spatial").device.id == device
+        _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent")
+        two_gpus.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="fallback")
+            dx, _, _ = cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="fallback")
+        two_gpus.overflow_modes.discard(Mode.SPATIAL_PERSISTENT)
+        assert y.device.id == device and dx.device.id == device
+
+
+def test_backward_refuses_a_reserve_space_on_another_device_naming_it(two_gpus):
+    cupy = sys.modules["cupy"]
+    xd, dyd, gd, bd = _ex_case()
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    with cupy.cuda.Device(1):
+        elsewhere = _device(np.asarray(saved.reserve_space))[0]
+    with pytest.raises(ValueError, match=r"^arrays on different devices: expected one device, got .*saved_reserve_space on device 1"):
+        cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, reserve_space=elsewhere))
+
+
+def test_an_empty_reserve_request_still_gets_a_one_byte_buffer(gpu):
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.clear()  # plans keep the sizes they queried
+    gpu.reserve_size = 0
+    xd, _, gd, bd = _ex_case()
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    assert saved.reserve_space.size == 1
+
+
+def test_growing_one_streams_workspace_evicts_nothing_when_the_table_is_full(gpu):
+    cupy = sys.modules["cupy"]
+    for stream in range(ops._MAX_WORKSPACE_STREAMS):
+        ops._workspace(cupy, 0, stream, 4)
+    ops._workspace(cupy, 0, 5, 64)  # a stream already in the table asks for more
+    assert len(ops._WORKSPACES) == ops._MAX_WORKSPACE_STREAMS and (0, 0) in ops._WORKSPACES
+    assert ops._WORKSPACES[(0, 5)].size == 64
