@@ -91,7 +91,6 @@ def test_the_fallback_warning_is_once_per_shape_and_dtype(gpu):
     assert len(_fallbacks(x5, gamma5, beta5)) == 1  # and another shape
 
 
-@pytest.mark.xfail(strict=True, reason="stacklevel=4 points at cudnn_bn/_api.py since the public layer added a frame")
 def test_the_fallback_warning_points_at_the_caller(gpu):
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
     _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
