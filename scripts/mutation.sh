@@ -11,13 +11,14 @@
 # for trying a new test before committing it. One mutant at a time (--max-children 1); the whole
 # run is bounded by --timeout (default 1800 s). With --survivors the last run's copy is kept, the
 # last commit's tests/test_MODULE_mutants.py joins it, and only the mutants that survived (or had no
-# test) are run again: the quick check of a new test. Needs mutmut (pip install -e ".[dev]").
+# test) are run again: the quick check of a new test. Needs mutmut (pip install -e ".[dev]"); where
+# it lives elsewhere, MUTMUT names its command and PYTHON a Python importing the project and mutmut.
 #
 # Output: the score line, the commit, and every surviving mutant's diff in
 # .mutation/MODULE/survivors.txt.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 [ $# -ge 1 ] || usage
 module=$1; shift
