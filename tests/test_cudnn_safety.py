@@ -455,3 +455,48 @@ def test_ignore_never_synchronizes_in_backward(gpu):
         assert "cudnnQueryRuntimeError" not in gpu.calls
         with pytest.raises(AssertionError, match="finite check"):  # a checked backward does read
             cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="raise")
+
+
+# ---- a review's findings: per-thread default streams, the reserve under the signature cache ----
+def test_per_thread_default_streams_are_told_apart_by_thread(gpu, monkeypatch):
+    import types
+
+    from cudnn_bn._cudnn import handles
+
+    library = cudnn_bn._cudnn.raw.library()
+    bound = []
+    monkeypatch.setattr(library, "cudnnSetStream", lambda handle, stream: bound.append((threading.get_ident(), stream)))
+    per_thread = types.SimpleNamespace(ptr=handles.PER_THREAD_STREAM)  # cudaStreamPerThread in every thread
+    pool = handles.HandlePool(0, size=1)
+    identities = []
+
+    def bind():
+        with pool.borrow() as handle:
+            handle.bind_stream(per_thread)
+            identities.append(handle.bound_identity)
+
+    bind()
+    bind()  # same thread, same stream: no rebind
+    worker = threading.Thread(target=bind)
+    worker.start()
+    worker.join()
+    assert len(bound) == 2 and bound[0][0] != bound[1][0]  # the other thread's queue is another stream
+    assert identities[0] == identities[1] != identities[2]
+    cupy = sys.modules["cupy"]
+    assert ops._workspace(cupy, 0, identities[0], 64) is not ops._workspace(cupy, 0, identities[2], 64)
+    pool.close()
+
+
+def test_a_strided_reserve_space_is_refused_on_a_warm_signature(gpu):
+    import dataclasses
+
+    cupy = sys.modules["cupy"]
+    _, x, dy, gamma, beta = make_case((4, 2, 3, 4), Mode.SPATIAL, -1, np.float16)
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    cudnn_bn.backward(xd, dyd, gd, saved)  # the signature is now cached
+    size = saved.reserve_space.size
+    strided = cupy.zeros(2 * size, dtype=cupy.uint8)[::2]
+    assert strided.shape == saved.reserve_space.shape and not strided.flags.c_contiguous
+    with pytest.raises(TypeError, match="saved.reserve_space"):
+        cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, reserve_space=strided))

@@ -161,14 +161,36 @@ def test_mixed_array_kinds_and_non_arrays_are_type_errors():
         cudnn_bn.forward_training(arrays["x"], [1.0, 1.0, 1.0], arrays["beta"])
 
 
-def test_mixed_kinds_named_in_the_error():
-    cupy = pytest.importorskip("cupy")
+def test_mixed_kinds_named_in_the_error(monkeypatch, cudnn_library):
+    from fake_cudnn import FakeArray, simulated_gpu
+
     arrays = _case()
-    # A cupy array cannot be created without a GPU; a subclass of its type name stands in for the kind check.
-    fake_cupy = type("ndarray", (), {"__module__": "cupy._core.core", "dtype": np.float32, "shape": (3,)})()
-    with pytest.raises(TypeError, match="arrays of mixed kinds.*gamma=cupy"):
-        cudnn_bn.forward_training(arrays["x"], fake_cupy, arrays["beta"])
-    assert cupy is not None
+    with simulated_gpu(monkeypatch):  # a cupy.ndarray needs a GPU; the simulated one stands in
+        gamma = np.array(arrays["gamma"]).view(FakeArray)
+        with pytest.raises(TypeError, match="arrays of mixed kinds.*gamma=cupy"):
+            cudnn_bn.forward_training(arrays["x"], gamma, arrays["beta"])
+
+
+def test_an_object_of_cupys_that_is_not_an_array_is_refused_by_name():
+    impostor = type("Device", (), {"__module__": "cupy.cuda.device", "dtype": np.float32, "shape": (3,)})()
+    arrays = _case()
+    with pytest.raises(TypeError, match="^gamma: expected"):
+        cudnn_bn.forward_training(arrays["x"], impostor, arrays["beta"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda: np.broadcast_to(np.zeros(1, np.float32), (3,)),          # stride 0
+    lambda: np.lib.stride_tricks.as_strided(np.zeros(4, np.float32), (3,), (2,)),  # elements half overlapping
+])
+def test_a_running_statistic_whose_elements_share_memory_is_refused(make):
+    arrays = _case()
+    running_mean = make()
+    if not running_mean.flags.writeable:
+        running_mean = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (3,), (0,), writeable=True)
+    before = arrays["x"].copy()
+    with pytest.raises(ValueError, match="running_mean: expected an array whose elements have memory of their own"):
+        cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], running_mean, np.ones(3, np.float32))
+    np.testing.assert_array_equal(arrays["x"], before)
 
 
 BAD_BACKWARD = [

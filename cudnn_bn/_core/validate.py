@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_saved",
     "byte_range",
     "check_saved_finite",
+    "elements_may_share_memory",
     "known_kind",
     "param_dtype_for",
     "resolve_backward_settings",
@@ -65,7 +67,11 @@ def param_dtype_for(data_dtype) -> np.dtype:
 
 
 def _is_cupy(array) -> bool:
-    return type(array).__module__.split(".")[0] == "cupy"
+    """A cupy.ndarray (not any other object of CuPy's, such as a Device or a Stream)."""
+    if type(array).__module__.split(".")[0] != "cupy":
+        return False
+    cupy = sys.modules.get("cupy")  # loaded, since one of its objects exists
+    return cupy is not None and isinstance(array, cupy.ndarray)
 
 
 _KIND_OF_TYPE: dict = {np.ndarray: "numpy"}
@@ -102,6 +108,8 @@ def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
             kinds[name] = kind
         elif _is_cupy(array):
             kinds[name] = "cupy"
+        elif type(array).__module__.split(".")[0] == "cupy":
+            raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got CuPy's {type(array).__name__}")
         elif isinstance(array, np.ma.MaskedArray):
             raise TypeError(
                 f"{name}: expected a plain numpy.ndarray, got a numpy masked array (its mask would be "
@@ -191,6 +199,22 @@ def _check_running(name: str, array, layout: Layout) -> None:
     _check_float(name, array, layout.param_shape)
     if not getattr(array.flags, "writeable", True):
         raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
+    if elements_may_share_memory(array):
+        raise ValueError(
+            f"{name}: expected an array whose elements have memory of their own (it is updated in place), "
+            f"got strides {tuple(array.strides)} for shape {tuple(array.shape)} (a broadcast view?); pass {name}.copy()"
+        )
+
+
+def elements_may_share_memory(array) -> bool:
+    """True when two elements of ``array`` may sit at one address (a stride 0, as broadcasting
+    gives, or strides that interleave): writing such an array in place loses values."""
+    extent = array.itemsize
+    for stride, size in sorted((abs(int(s)), int(n)) for n, s in zip(array.shape, array.strides) if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
 
 
 def _real_number(name: str, value, expected: str) -> float:

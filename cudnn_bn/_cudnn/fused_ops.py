@@ -139,12 +139,12 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     activation_desc = plan.activation_descriptor(activation)
     z_desc = None if z_in is None else plan.data_desc.pointer
-    stream = cupy.cuda.get_current_stream().ptr
+    stream = cupy.cuda.get_current_stream()
     with borrow(plan.device_id) as handle:
         handle.bind_stream(stream)
         ops._before_persistent(handle, checked_overflow)
         workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
-        workspace = ops._workspace(cupy, plan.device_id, stream, workspace_size)
+        workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
         raw.library().cudnnBatchNormalizationForwardTrainingEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta,
@@ -235,14 +235,14 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     reserve = stats.reserve_space
     activation_desc = plan.activation_descriptor(saved.activation)
     checked_overflow = on_overflow is not OnOverflow.IGNORE
-    stream = cupy.cuda.get_current_stream().ptr
+    stream = cupy.cuda.get_current_stream()
     data = plan.data_desc.pointer
     with borrow(plan.device_id) as handle:
         handle.bind_stream(stream)
         ops._before_persistent(handle, checked_overflow)
         _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
         ops._check_reserve(reserve, reserve_size, plan.device_id)
-        workspace = ops._workspace(cupy, plan.device_id, stream, workspace_size)
+        workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         raw.library().cudnnBatchNormalizationBackwardEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta, plan.alpha, plan.beta,
             data, x_in.data.ptr, data, y_in.data.ptr, data, dy_in.data.ptr, dz_desc, ops._pointer(dz),

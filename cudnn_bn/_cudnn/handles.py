@@ -22,6 +22,7 @@ NO_GPU_MESSAGE = (
     "cuDNN could not start: no usable CUDA GPU or driver on this machine. "
     "The NumPy reference (numpy arrays) still works; cupy arrays need a GPU"
 )
+PER_THREAD_STREAM = 2  # cudaStreamPerThread: CuPy's current stream under per-thread default streams
 DEFAULT_POOL_SIZE = 16  # handles per device; more threads than this wait for one to be returned
 
 
@@ -35,7 +36,7 @@ def _destroy(pointer: int) -> None:
 class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
-    __slots__ = ("device_id", "pointer", "bound_stream", "flag_unread", "_finalizer", "__weakref__")
+    __slots__ = ("device_id", "pointer", "bound_stream", "bound_identity", "flag_unread", "_stream_object", "_finalizer", "__weakref__")
 
     def __init__(self, device_id: int):
         pointer = ctypes.c_void_p()
@@ -46,20 +47,27 @@ class Handle:
         self.device_id = device_id
         self.pointer = pointer.value
         self.bound_stream = None  # cuDNN's default is the legacy stream, but we never rely on it
+        self.bound_identity = None  # the stream pointer, with the thread under per-thread streams
+        self._stream_object = None
         self.flag_unread = False  # a persistent call ran without cudnnQueryRuntimeError after it
         self._finalizer = weakref.finalize(self, _destroy, self.pointer)
 
-    def bind_stream(self, stream_pointer: int) -> None:
-        """Point the handle at ``stream_pointer`` unless it already is.
+    def bind_stream(self, stream) -> None:
+        """Point the handle at CuPy stream ``stream`` unless it already is; keeps the stream object
+        while bound, so the pointer cuDNN holds never outlives its stream.
 
+        Under per-thread default streams every thread's current stream has the same pointer
+        (cudaStreamPerThread) but runs its own queue: there the thread is part of the identity.
         A flag left unread by an unchecked persistent call is cleared first: the blocking query
         waits on the bound stream only, so after a rebind it could no longer reach that call's
         kernel, whose flag would then be blamed on a later checked call on the new stream."""
-        if stream_pointer != self.bound_stream:
+        pointer = stream.ptr
+        identity = (pointer, threading.get_ident()) if pointer == PER_THREAD_STREAM else pointer
+        if identity != self.bound_identity:
             if self.flag_unread:
                 self.clear_flag()
-            raw.library().cudnnSetStream(self.pointer, stream_pointer)
-            self.bound_stream = stream_pointer
+            raw.library().cudnnSetStream(self.pointer, pointer)
+            self.bound_stream, self.bound_identity, self._stream_object = pointer, identity, stream
 
     def clear_flag(self) -> None:
         """Wait for the bound stream's work and discard the runtime-error flag it may have left."""

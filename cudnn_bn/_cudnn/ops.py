@@ -112,14 +112,20 @@ def _signature(array):
 
 
 def _written_signature(array):
-    """An array updated in place: writability too (an array posing as cupy may be read-only)."""
-    return None if array is None else (_signature(array), getattr(array.flags, "writeable", True))
+    """An array updated in place: its strides too (elements sharing memory are refused) and its
+    writability (an array posing as cupy may be read-only)."""
+    return None if array is None else (_signature(array), array.strides, getattr(array.flags, "writeable", True))
+
+
+def _reserve_signature(reserve):
+    return None if reserve is None else (_signature(reserve), reserve.flags.c_contiguous)
 
 
 def _remember(key, entry) -> None:
     if key is not None:
         signatures = PLANS.signatures
-        if len(signatures) >= _MAX_SIGNATURES:
+        # each entry holds its plan: bounded like the plans, so evicted plans do not live on here
+        if len(signatures) >= min(_MAX_SIGNATURES, 2 * PLANS.capacity):
             signatures.clear()
         signatures[key] = entry
 
@@ -249,14 +255,14 @@ def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     library, reserve, overflowed = raw.library(), None, False
     x_desc, p_desc = plan.data_desc.pointer, plan.param_desc.pointer
-    stream = cupy.cuda.get_current_stream().ptr
+    stream = cupy.cuda.get_current_stream()
     with borrow(plan.device_id) as handle:
         handle.bind_stream(stream)
         if persistent:
             _before_persistent(handle, checked_overflow)
         if plan.uses_ex:
             workspace_size, _, reserve_size = plan.ex_workspace_sizes(handle.pointer)
-            workspace = _workspace(cupy, plan.device_id, stream, workspace_size)
+            workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
             reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
             library.cudnnBatchNormalizationForwardTrainingEx(
                 handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta,
@@ -312,8 +318,10 @@ _WORKSPACES_LOCK = threading.Lock()
 _MAX_WORKSPACE_STREAMS = 16
 
 
-def _workspace(cupy, device_id: int, stream: int, size: int):
-    key = (device_id, stream)
+def _workspace(cupy, device_id: int, stream_identity, size: int):
+    """Scratch of at least ``size`` bytes for work queued on one stream (its identity, as the
+    handle has it: per thread under per-thread default streams)."""
+    key = (device_id, stream_identity)
     buffer = _WORKSPACES.get(key)
     if buffer is None or buffer.size < size:
         buffer = cupy.empty(max(size, 1), dtype=cupy.uint8)
@@ -355,7 +363,7 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
         pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
         library = raw.library()
         with borrow(device_id) as handle:
-            handle.bind_stream(cupy.cuda.get_current_stream().ptr)
+            handle.bind_stream(cupy.cuda.get_current_stream())
             for piece, x_piece, y_piece in pieces:
                 x_desc = piece.data_desc.pointer
                 library.cudnnBatchNormalizationForwardInference(
@@ -371,7 +379,7 @@ def backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, on_overflow:
     (``mode``, ``eps`` and ``channel_axis`` already settled against ``saved``)."""
     saved_signature = None if saved is None else (
         _signature(saved.mean), _signature(saved.inv_std), saved.mode, saved.eps, saved.channel_axis,
-        _signature(saved.reserve_space),
+        _reserve_signature(saved.reserve_space),
     )
     key, entry = _lookup((
         BACKWARD, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(dy),
@@ -409,7 +417,7 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
     checked_overflow = persistent and on_overflow is not OnOverflow.IGNORE
     library, overflowed = raw.library(), False
     x_desc, p_desc = plan.data_desc.pointer, plan.param_desc.pointer
-    stream = cupy.cuda.get_current_stream().ptr
+    stream = cupy.cuda.get_current_stream()
     with borrow(plan.device_id) as handle:
         handle.bind_stream(stream)
         if persistent:
@@ -417,7 +425,7 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
         if reserve is not None and plan.uses_ex:
             _, workspace_size, reserve_size = plan.ex_workspace_sizes(handle.pointer)
             _check_reserve(reserve, reserve_size, plan.device_id)
-            workspace = _workspace(cupy, plan.device_id, stream, workspace_size)
+            workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
             library.cudnnBatchNormalizationBackwardEx(
                 handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta, plan.alpha, plan.beta,
                 x_desc, x_in.data.ptr, None, None, x_desc, dy_in.data.ptr, None, None,
