@@ -70,3 +70,27 @@ def test_two_waiters_are_each_served_when_the_only_handle_comes_back(two_gpus):
         waiter.join(5)
     assert not any(waiter.is_alive() for waiter in waiters) and served == [first, first]
     pool.close()
+
+
+def test_a_failed_create_gives_its_place_in_the_pool_back(two_gpus, monkeypatch):
+    from cudnn_bn._cudnn import raw
+
+    pool = handles.HandlePool(0, size=2)
+
+    def refuse(pointer):
+        raise RuntimeError("cudnnCreate refused")
+
+    monkeypatch.setattr(raw.library(), "cudnnCreate", refuse)
+    with pytest.raises(RuntimeError, match="cudnnCreate refused"):
+        pool.acquire()
+    assert pool.created == 0
+
+
+def test_closing_a_pool_forgets_its_idle_handles(two_gpus):
+    pool = handles.HandlePool(0, size=2)
+    lent = [pool.acquire(), pool.acquire()]
+    assert pool.created == 2 and all(handle.device_id == 0 for handle in lent)
+    for handle in lent:
+        pool.release(handle)
+    pool.close()
+    assert pool.created == 0 and all(handle.closed for handle in lent)
