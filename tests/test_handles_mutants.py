@@ -94,3 +94,29 @@ def test_closing_a_pool_forgets_its_idle_handles(two_gpus):
         pool.release(handle)
     pool.close()
     assert pool.created == 0 and all(handle.closed for handle in lent)
+
+
+def test_closing_a_handle_destroys_it_in_cudnn(two_gpus):
+    from cudnn_bn._cudnn import raw
+    from cudnn_bn._cudnn.errors import CudnnBadParamError
+
+    handle = handles.Handle(0)
+    pointer = handle.pointer
+    handle.close()
+    with pytest.raises(CudnnBadParamError):  # a second destroy: the first one happened
+        raw.library().cudnnDestroy(pointer)
+
+
+def test_no_gpu_at_create_says_so_and_keeps_cudnns_status(two_gpus, monkeypatch):
+    from cudnn_bn._cudnn import raw
+    from cudnn_bn._cudnn.errors import CudnnNotInitializedError
+
+    def no_gpu(pointer):
+        raise CudnnNotInitializedError(1001, "CUDNN_STATUS_NOT_INITIALIZED", "cudnnCreate", "no driver")
+
+    monkeypatch.setattr(raw.library(), "cudnnCreate", no_gpu)
+    with pytest.raises(CudnnNotInitializedError) as raised:
+        handles.Handle(0)
+    error = raised.value
+    assert (error.status, error.status_name, error.function) == (1001, "CUDNN_STATUS_NOT_INITIALIZED", "cudnnCreate")
+    assert error.detail == f"{handles.NO_GPU_MESSAGE}; no driver"
