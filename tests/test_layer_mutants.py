@@ -76,11 +76,19 @@ def test_a_layer_pickled_before_activations_existed_loads_and_runs_backward():
 def test_a_residual_without_an_activation_is_refused_naming_both():
     layer = BatchNorm(3)
     x = _data((4, 3), 8)
-    with pytest.raises(ValueError, match=r"residual: BatchNorm\(3\) has no activation.*activation='relu', or add the residual yourself"):
+    with pytest.raises(ValueError, match=r"residual: BatchNorm\(3\) has no activation.*activation='relu', or add the residual yourself$"):
         layer(x, x)
 
 
 # ---- eps, channel_axis and counting ----
+
+@pytest.mark.parametrize("dtype, param_dtype", [(np.float16, np.float32), (np.float32, np.float32), (np.float64, np.float64)])
+def test_a_new_layer_keeps_every_parameter_in_the_parameter_dtype(dtype, param_dtype):
+    layer = BatchNorm(3, dtype=dtype)
+    for array in (layer.gamma, layer.beta, layer.running_mean, layer.running_var):
+        assert array.dtype == param_dtype
+    assert layer.state_dict()["bias"].dtype == param_dtype
+
 
 def test_eps_and_channel_axis_reach_training_and_inference():
     x = _data((4, 2, 3), 9)
