@@ -69,11 +69,17 @@ class Handle:
             raw.library().cudnnSetStream(self.pointer, pointer)
             self.bound_stream, self.bound_identity, self._stream_object = pointer, identity, stream
 
-    def clear_flag(self) -> None:
-        """Wait for the bound stream's work and discard the runtime-error flag it may have left."""
+    def query_flag(self) -> int:
+        """Blocking cudnnQueryRuntimeError: waits for the bound stream's work and returns the
+        runtime status it left (reading it clears cuDNN's flag)."""
         runtime_status = ctypes.c_int(0)
         raw.library().cudnnQueryRuntimeError(self.pointer, ctypes.byref(runtime_status), int(raw.ErrQueryMode.BLOCKING), None)
         self.flag_unread = False
+        return runtime_status.value
+
+    def clear_flag(self) -> None:
+        """Wait for the bound stream's work and discard the runtime-error flag it may have left."""
+        self.query_flag()
 
     @property
     def closed(self) -> bool:

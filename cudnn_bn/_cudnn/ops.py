@@ -9,7 +9,6 @@ the length of its native calls, and binds it to CuPy's current stream.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import sys
@@ -32,7 +31,7 @@ from . import raw
 from .errors import CudnnBuildMismatchError, CudnnOverflowError
 from .handles import borrow
 from .plans import BACKWARD, INFERENCE, PLANS, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
-from .raw import BatchNormOps, ErrQueryMode, Status
+from .raw import BatchNormOps, Status
 
 __all__ = ["backward", "forward_inference", "forward_training", "set_ex_path_enabled", "uses_ex_path"]
 
@@ -153,12 +152,10 @@ def _lookup(key):
 # ---- the overflow flag of SPATIAL_PERSISTENT ----
 def _query_flag(handle) -> bool:
     """Blocking cudnnQueryRuntimeError on ``handle`` (waits for its stream); True on overflow."""
-    runtime_status = ctypes.c_int(0)
-    raw.library().cudnnQueryRuntimeError(handle.pointer, ctypes.byref(runtime_status), int(ErrQueryMode.BLOCKING), None)
-    handle.flag_unread = False
-    if runtime_status.value == Status.RUNTIME_FP_OVERFLOW:
+    runtime_status = handle.query_flag()
+    if runtime_status == Status.RUNTIME_FP_OVERFLOW:
         return True
-    raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status.value)
+    raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status)
     return False
 
 
