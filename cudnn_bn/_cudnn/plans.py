@@ -57,7 +57,7 @@ class Plan:
     __slots__ = (
         "layout", "operation", "device_id", "data_dtype", "param_dtype", "cudnn_mode", "data_desc",
         "param_desc", "alpha", "beta", "cudnn_param_shape", "param_to_cudnn", "param_from_cudnn",
-        "uses_ex", "ex_sizes", "pieces", "route", "fused_sizes", "activations",
+        "uses_ex", "pieces", "route", "fused_sizes", "activations",
     )
 
     def __init__(self, operation: str, layout: Layout, data_dtype, device_id: int):
@@ -86,7 +86,6 @@ class Plan:
         self.uses_ex = (
             _EX_PATH["enabled"] and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
         )
-        self.ex_sizes = None
         self.fused_sizes = {}  # (bnOps, activation) -> Ex sizes, queried on first use
         self.activations = {}  # activation -> the ActivationDescriptor this plan owns
 
@@ -125,24 +124,8 @@ class Plan:
 
     # ---- the Ex path ----
     def ex_workspace_sizes(self, handle_pointer: int) -> tuple[int, int, int]:
-        """(forward workspace, backward workspace, reserve) bytes, queried once per plan."""
-        sizes = self.ex_sizes
-        if sizes is None:
-            library, ops = raw.library(), int(BatchNormOps.BN)
-            forward, backward, reserve = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
-            x, p = self.data_desc.pointer, self.param_desc.pointer
-            library.cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize(
-                handle_pointer, self.cudnn_mode, ops, x, None, x, p, None, ctypes.byref(forward)
-            )
-            # yDesc is the data descriptor here, as PyTorch and CuPy 13 pass it
-            library.cudnnGetBatchNormalizationBackwardExWorkspaceSize(
-                handle_pointer, self.cudnn_mode, ops, x, x, x, None, x, p, None, ctypes.byref(backward)
-            )
-            library.cudnnGetBatchNormalizationTrainingExReserveSpaceSize(
-                handle_pointer, self.cudnn_mode, ops, None, x, ctypes.byref(reserve)
-            )
-            sizes = self.ex_sizes = (forward.value, backward.value, reserve.value)
-        return sizes
+        """(forward workspace, backward workspace, reserve) bytes of the plain Ex calls (bnOps BN)."""
+        return self.fused_ex_sizes(handle_pointer, BatchNormOps.BN, None)
 
     # ---- the fused Ex calls (bnOps BN_ACTIVATION, BN_ADD_ACTIVATION) ----
     def activation_descriptor(self, activation) -> ActivationDescriptor:
@@ -155,19 +138,18 @@ class Plan:
 
     def fused_ex_sizes(self, handle_pointer: int, ops: BatchNormOps, activation) -> tuple[int, int, int]:
         """(forward workspace, backward workspace, reserve) bytes of the Ex calls with ``ops`` and
-        ``activation`` (None for BN), queried once per plan: the reserve space holds what the
+        ``activation`` (None for BN), queried once per plan and (ops, activation): the reserve space holds what the
         fused backward needs (the activation's mask), so its size depends on the ops."""
-        ops = BatchNormOps(ops)
-        if ops is BatchNormOps.BN:
-            return self.ex_workspace_sizes(handle_pointer)
         key = (ops, activation)
         sizes = self.fused_sizes.get(key)
         if sizes is None:
+            ops = BatchNormOps(ops)
             library = raw.library()
             forward, backward, reserve = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
             x, p = self.data_desc.pointer, self.param_desc.pointer
             z = x if ops is BatchNormOps.BN_ADD_ACTIVATION else None  # zDesc, and dzDesc in backward
-            act = self.activation_descriptor(activation).pointer
+            act = None if activation is None else self.activation_descriptor(activation).pointer
+            # yDesc is the data descriptor in the backward query, as PyTorch and CuPy 13 pass it
             library.cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize(
                 handle_pointer, self.cudnn_mode, int(ops), x, z, x, p, act, ctypes.byref(forward)
             )
