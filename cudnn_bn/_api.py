@@ -15,7 +15,7 @@ import numpy as np
 from . import reference
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, known_kind, resolve_backward_settings
+from ._core.validate import array_kind, resolve_backward_settings, uniform_kind
 
 __all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
 
@@ -41,7 +41,8 @@ def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:
     None. Anything else that is not an accepted array is a TypeError naming the argument and what
     is accepted; mixed kinds are a TypeError.
     """
-    kind = known_kind(named, optional)
+    required = tuple(value for name, value in named.items() if name not in optional)
+    kind = uniform_kind(required, tuple(named[name] for name in optional if name in named))
     if kind is not None:  # all of one kind already seen to pass every check: nothing to convert
         return kind, tuple(named.values())
     given = {name: value for name, value in named.items() if not (value is None and name in optional)}
@@ -61,6 +62,8 @@ def _accept_saved(saved):
     """``saved`` with foreign CUDA arrays in its mean and inv_std wrapped like the other arguments."""
     if not isinstance(saved, SavedStats):
         return saved  # None, or a wrong type that resolve_backward_settings reports
+    if uniform_kind((saved.mean, saved.inv_std)) is not None:
+        return saved
     _, (mean, inv_std) = accept_arrays((), (), saved_mean=saved.mean, saved_inv_std=saved.inv_std)
     if mean is saved.mean and inv_std is saved.inv_std:
         return saved
@@ -72,7 +75,7 @@ def _settled_by_saved(kind, saved, mode, eps, channel_axis) -> bool:
     (known from their types). Then resolve_backward_settings has nothing to add."""
     return (
         type(saved) is SavedStats and mode is None and eps is None and channel_axis is None
-        and known_kind({"mean": saved.mean, "inv_std": saved.inv_std, "reserve_space": saved.reserve_space}, ("reserve_space",)) == kind
+        and uniform_kind((saved.mean, saved.inv_std), (saved.reserve_space,)) == kind
     )
 
 
@@ -101,16 +104,21 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
 
     Returns ``(y, saved)``; ``saved.mode`` is the mode that actually ran.
     """
-    kind, (x, gamma, beta, running_mean, running_var) = accept_arrays(
-        _RUNNING, _RUNNING, x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
-    )
+    kind = uniform_kind((x, gamma, beta), (running_mean, running_var))
+    if kind is None:
+        kind, (x, gamma, beta, running_mean, running_var) = accept_arrays(
+            _RUNNING, _RUNNING, x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
+        )
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
-    arguments = dict(mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis)
     if kind == "numpy":
-        y, saved = reference.forward_training(x, gamma, beta, running_mean, running_var, **arguments)
+        y, saved = reference.forward_training(
+            x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
+        )
         return y, dataclasses.replace(saved, on_overflow=on_overflow)
     # the cuDNN path records on_overflow in saved itself
-    return _cudnn_ops().forward_training(x, gamma, beta, running_mean, running_var, on_overflow=on_overflow, **arguments)
+    return _cudnn_ops().forward_training(
+        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow
+    )
 
 
 def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, channel_axis=1):
@@ -119,7 +127,9 @@ def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, chann
 
     Same arguments and result as :func:`cudnn_bn.reference.forward_inference`; ``mode`` may be "auto".
     """
-    kind, (x, gamma, beta, mean, var) = accept_arrays((), (), x=x, gamma=gamma, beta=beta, mean=mean, var=var)
+    kind = uniform_kind((x, gamma, beta, mean, var))
+    if kind is None:
+        kind, (x, gamma, beta, mean, var) = accept_arrays((), (), x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
     if kind == "numpy":
         return reference.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
@@ -133,7 +143,9 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     Same arguments and results as :func:`cudnn_bn.reference.backward`. With ``saved`` the mode that
     forward ran is used; without it ``mode`` (which may be "auto") and ``eps`` are required.
     """
-    kind, (x, dy, gamma) = accept_arrays((), (), x=x, dy=dy, gamma=gamma)
+    kind = uniform_kind((x, dy, gamma))
+    if kind is None:
+        kind, (x, dy, gamma) = accept_arrays((), (), x=x, dy=dy, gamma=gamma)
     if _settled_by_saved(kind, saved, mode, eps, channel_axis):
         mode, eps, channel_axis = saved.mode, saved.eps, saved.channel_axis  # SavedStats checked its own
     else:

@@ -239,8 +239,8 @@ def test_each_call_signature_is_remembered_with_its_plan_and_the_memory_is_bound
     plans.PLANS.clear()
     args = _inference_args()
     cudnn_bn.forward_inference(*_device(*args), mode="spatial")
-    ((checked, plan),) = plans.PLANS.signatures.values()
-    assert plan is plans.plan_for(plans.INFERENCE, checked.layout, checked.data_dtype, 0)
+    (settled,) = plans.PLANS.signatures.values()
+    assert settled.plan is plans.plan_for(plans.INFERENCE, settled.checked.layout, settled.checked.data_dtype, 0)
     monkeypatch.setattr(ops, "_MAX_SIGNATURES", 2)
     for batch in (5, 6, 7):
         cudnn_bn.forward_inference(*_device(*_inference_args((batch, 3, 2, 2))), mode="spatial")
@@ -422,9 +422,9 @@ def test_training_and_backward_remember_their_signature_with_their_plan(gpu, ope
         cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
     else:
         cudnn_bn.backward(x, dy, gamma, saved)
-    ((checked, plan),) = plans.PLANS.signatures.values()
+    (settled,) = plans.PLANS.signatures.values()
     kind = plans.TRAINING if operation == "training" else plans.BACKWARD
-    assert plan is plans.plan_for(kind, checked.layout, checked.data_dtype, 0)
+    assert settled.plan is plans.plan_for(kind, settled.checked.layout, settled.checked.data_dtype, 0)
 
 
 @pytest.mark.parametrize("position", range(1, 5), ids=["gamma", "beta", "running_mean", "running_var"])

@@ -34,9 +34,9 @@ __all__ = [
     "byte_range",
     "check_saved_finite",
     "elements_may_share_memory",
-    "known_kind",
     "param_dtype_for",
     "resolve_backward_settings",
+    "uniform_kind",
 ]
 
 DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -77,17 +77,18 @@ def _is_cupy(array) -> bool:
 _KIND_OF_TYPE: dict = {np.ndarray: "numpy"}
 
 
-def known_kind(named: dict, optional) -> str | None:
-    """What array_kind would return, when it can tell from the types alone (every argument present
-    or optional, all of one type that already passed its checks); None when the full check must run."""
-    kinds = set()
-    for name, value in named.items():
-        if value is None:
-            if name not in optional:
-                return None
-        else:
-            kinds.add(_KIND_OF_TYPE.get(type(value)))
-    return kinds.pop() if len(kinds) == 1 and None not in kinds else None
+def uniform_kind(required, optional=()) -> str | None:
+    """What array_kind would return, when the types alone tell: the ``required`` arrays and the
+    ``optional`` ones that are not None all of one type that already passed array_kind's checks;
+    None when the full check must run."""
+    array_type = type(required[0])
+    for array in required:
+        if type(array) is not array_type:
+            return None
+    for array in optional:
+        if array is not None and type(array) is not array_type:
+            return None
+    return _KIND_OF_TYPE.get(array_type)
 
 
 def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:

@@ -26,7 +26,6 @@ from .._core.saved import SavedStats
 from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
 from .._core.fused_saved import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, check_forward_output, check_residual
 from . import ops, raw
-from .handles import borrow
 from .limits import fused_ex_path_unmet
 from .plans import BACKWARD, TRAINING, plan_for
 from .raw import BatchNormOps
@@ -138,23 +137,19 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     activation_desc = plan.activation_descriptor(activation)
-    z_desc = None if z_in is None else plan.data_desc.pointer
-    stream = cupy.cuda.get_current_stream()
-    with borrow(plan.device_id) as handle:
-        handle.bind_stream(stream)
-        ops._before_persistent(handle, checked_overflow)
+    z_desc = None if z_in is None else plan.data_desc_pointer
+    with ops._Launch(cupy, plan, checked_overflow) as handle:
         workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
         workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
         raw.library().cudnnBatchNormalizationForwardTrainingEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta,
-            plan.data_desc.pointer, x_in.data.ptr, z_desc, ops._pointer(z_in), plan.data_desc.pointer, y.data.ptr,
-            plan.param_desc.pointer, gamma_in.data.ptr, beta_in.data.ptr, momentum, ops._pointer(mean_in),
+            plan.data_desc_pointer, x_in.data.ptr, z_desc, ops._pointer(z_in), plan.data_desc_pointer, y.data.ptr,
+            plan.param_desc_pointer, gamma_in.data.ptr, beta_in.data.ptr, momentum, ops._pointer(mean_in),
             ops._pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, activation_desc.pointer,
             workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = ops._after_persistent(handle, checked_overflow)
-    if overflowed:
+    if handle.overflowed:
         if backup is not None:
             mean_in[...], var_in[...] = backup
         if on_overflow is OnOverflow.RAISE:
@@ -230,28 +225,24 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     saved_mean, saved_inv_std = plan.param_in(cupy, stats.mean), plan.param_in(cupy, stats.inv_std)
     dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     dz = cupy.empty(x_in.shape, dtype=plan.data_dtype) if saved.has_residual else None
-    dz_desc = None if dz is None else plan.data_desc.pointer
+    dz_desc = None if dz is None else plan.data_desc_pointer
     dgamma, dbeta = plan.new_param(cupy), plan.new_param(cupy)
     reserve = stats.reserve_space
     activation_desc = plan.activation_descriptor(saved.activation)
     checked_overflow = on_overflow is not OnOverflow.IGNORE
-    stream = cupy.cuda.get_current_stream()
-    data = plan.data_desc.pointer
-    with borrow(plan.device_id) as handle:
-        handle.bind_stream(stream)
-        ops._before_persistent(handle, checked_overflow)
+    data = plan.data_desc_pointer
+    with ops._Launch(cupy, plan, checked_overflow) as handle:
         _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
         ops._check_reserve(reserve, reserve_size, plan.device_id)
         workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         raw.library().cudnnBatchNormalizationBackwardEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta, plan.alpha, plan.beta,
             data, x_in.data.ptr, data, y_in.data.ptr, data, dy_in.data.ptr, dz_desc, ops._pointer(dz),
-            data, dx.data.ptr, plan.param_desc.pointer, gamma_in.data.ptr, bias.data.ptr,
+            data, dx.data.ptr, plan.param_desc_pointer, gamma_in.data.ptr, bias.data.ptr,
             dgamma.data.ptr, dbeta.data.ptr, checked.eps, saved_mean.data.ptr, saved_inv_std.data.ptr,
             activation_desc.pointer, workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = ops._after_persistent(handle, checked_overflow)
-    if overflowed:
+    if handle.overflowed:
         if on_overflow is OnOverflow.RAISE:
             raise ops._overflow_error(
                 "cudnnBatchNormalizationBackwardEx",

@@ -29,16 +29,19 @@ from .._core.validate import (
 )
 from . import raw
 from .errors import CudnnBuildMismatchError, CudnnOverflowError
-from .handles import borrow
+from .handles import borrow, pool_for
 from .plans import BACKWARD, INFERENCE, PLANS, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
 from .raw import BatchNormOps, Status
+
+_BN = int(BatchNormOps.BN)  # bnOps of the plain Ex calls
 
 __all__ = ["backward", "forward_inference", "forward_training", "set_ex_path_enabled", "uses_ex_path"]
 
 
 def _cupy():
-    import cupy
-
+    cupy = sys.modules.get("cupy")  # the import statement's own lookup costs more, on every call
+    if cupy is None:
+        import cupy
     return cupy
 
 
@@ -100,46 +103,72 @@ def _on_device(cupy, device_id: int):
 
 
 # ---- the checks that depend on a call's signature, done once per signature ----
-# A signature is everything the full checks read except values: the types, shapes, dtypes and
-# devices of the arrays, and mode, channel_axis and eps with their types (True == 1 as a key).
-# What depends on values (momentum, memory overlap, finite saved statistics) is checked per call.
+# A signature is everything the full checks read except values: the types, shapes, strides,
+# dtypes and devices of the arrays, and mode, channel_axis and eps with their types (True == 1 as
+# a key). Strides are part of it, so whether an array reaches cuDNN as it is (contiguous, in
+# cuDNN's dtype and axis order) is settled once too. What depends on values (momentum, memory
+# overlap, finite saved statistics) is checked per call.
 _MAX_SIGNATURES = 4096
 
 
 def _signature(array):
-    return None if array is None else (type(array), array.shape, array.dtype, array.device.id)
+    return None if array is None else (type(array), array.shape, array.strides, array.dtype, array.device.id)
 
 
 def _written_signature(array):
-    """An array updated in place: its strides too (elements sharing memory are refused) and its
-    writability (an array posing as cupy may be read-only)."""
-    return None if array is None else (_signature(array), array.strides, getattr(array.flags, "writeable", True))
+    """An array updated in place: its writability too (an array posing as cupy may be read-only)."""
+    return None if array is None else (_signature(array), getattr(array.flags, "writeable", True))
 
 
-def _reserve_signature(reserve):
-    return None if reserve is None else (_signature(reserve), reserve.flags.c_contiguous)
+def _saved_signature(saved):
+    if saved is None:
+        return None
+    return (
+        _signature(saved.mean), _signature(saved.inv_std), saved.mode, saved.eps, saved.channel_axis,
+        _signature(saved.reserve_space),
+    )
 
 
-def _remember(key, entry) -> None:
+class _Settled:
+    """What one call signature settled: the validated description, its plan, and which arguments
+    reach cuDNN as they are. ``extents``: for forward training with running statistics, each of
+    x, gamma, beta, running_mean, running_var as (first, last + 1) byte offsets from its address,
+    so that the per-call overlap check is arithmetic on five addresses."""
+
+    __slots__ = ("checked", "plan", "x_as_is", "params_as_is", "extents")
+
+    def __init__(self, checked, plan, x, params, extents=None):
+        self.checked, self.plan, self.extents = checked, plan, extents
+        self.x_as_is = all(array.flags.c_contiguous for array in x)
+        self.params_as_is = all(plan.param_as_is(array) for array in params if array is not None)
+
+    def with_plan(self, checked, plan) -> "_Settled":
+        """The same arguments under another description and plan of the same shape and dtypes."""
+        settled = object.__new__(_Settled)
+        settled.checked, settled.plan, settled.extents = checked, plan, self.extents
+        settled.x_as_is, settled.params_as_is = self.x_as_is, self.params_as_is
+        return settled
+
+
+def _extents(*arrays):
+    """(first, last + 1) byte offsets of each array from its address; None if any is empty."""
+    extents = []
+    for array in arrays:
+        bounds = _byte_range(array)
+        if bounds is None:
+            return None
+        extents.append((bounds[0] - array.data.ptr, bounds[1] - array.data.ptr))
+    return tuple(extents)
+
+
+def _remember(key, settled: _Settled) -> _Settled:
     if key is not None:
         signatures = PLANS.signatures
         # each entry holds its plan: bounded like the plans, so evicted plans do not live on here
         if len(signatures) >= min(_MAX_SIGNATURES, 2 * PLANS.capacity):
             signatures.clear()
-        signatures[key] = entry
-
-
-def _check_running_apart(x, gamma, beta, running_mean, running_var) -> None:
-    """check_no_overlap for the running statistics, with the common answer (no overlap) found
-    from five address ranges; the general check runs, and names the culprit, only on a hit."""
-    mean_low, mean_high = _byte_range(running_mean)
-    var_low, var_high = _byte_range(running_var)
-    clash = mean_low < var_high and var_low < mean_high
-    for array in (x, gamma, beta):
-        low, high = _byte_range(array)
-        clash = clash or (low < mean_high and mean_low < high) or (low < var_high and var_low < high)
-    if clash:
-        check_no_overlap({"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta})
+        signatures[key] = settled
+    return settled
 
 
 def _lookup(key):
@@ -147,6 +176,33 @@ def _lookup(key):
         return key, PLANS.signatures.get(key)
     except TypeError:  # an unhashable argument: the full checks say what is wrong with it
         return None, None
+
+
+def _check_running_apart(settled, x, gamma, beta, running_mean, running_var) -> None:
+    """check_no_overlap for the running statistics, from five addresses and the settled extents;
+    the general check runs, and names the culprit, only when two ranges meet."""
+    extents = settled.extents
+    if extents is not None:  # None: an empty argument, which the general check handles
+        (x_low, x_high), (gamma_low, gamma_high), (beta_low, beta_high), (mean_low, mean_high), (var_low, var_high) = extents
+        start = running_mean.data.ptr
+        mean_low, mean_high = start + mean_low, start + mean_high
+        start = running_var.data.ptr
+        var_low, var_high = start + var_low, start + var_high
+        if mean_low < var_high and var_low < mean_high:
+            extents = None
+        for start, low, high in ((x.data.ptr, x_low, x_high), (gamma.data.ptr, gamma_low, gamma_high), (beta.data.ptr, beta_low, beta_high)):
+            low, high = start + low, start + high
+            if (low < mean_high and mean_low < high) or (low < var_high and var_low < high):
+                extents = None
+    if extents is None:
+        check_no_overlap({"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta})
+
+
+def _momentum(momentum) -> float:
+    """check_momentum, with the common case (a float in [0, 1]) answered inline."""
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
+    return check_momentum(momentum)
 
 
 # ---- the overflow flag of SPATIAL_PERSISTENT ----
@@ -171,6 +227,40 @@ def _after_persistent(handle, checked: bool) -> bool:
         return _query_flag(handle)
     handle.flag_unread = True
     return False
+
+
+# ---- one launch: the handle, the stream, the flag ----
+class _Launch:
+    """``with _Launch(cupy, plan, checked_overflow) as launch:`` lends a handle of the plan's
+    device for the block, bound to CuPy's current stream (``launch.pointer``,
+    ``launch.bound_identity``). On a SPATIAL_PERSISTENT plan a checked call first clears a flag an
+    unchecked one left, and the flag is handled right after the block, before the handle goes
+    back (``launch.overflowed``). A class, not a generator: this runs on every call."""
+
+    __slots__ = ("_pool", "_stream", "_persistent", "_checked", "handle", "pointer", "bound_identity", "overflowed")
+
+    def __init__(self, cupy, plan, checked_overflow: bool):
+        self._pool, self._stream = pool_for(plan.device_id), cupy.cuda.get_current_stream()
+        self._persistent, self._checked, self.overflowed = plan.persistent, checked_overflow, False
+
+    def __enter__(self) -> "_Launch":
+        handle = self.handle = self._pool.acquire()
+        try:
+            handle.bind_stream(self._stream)
+            if self._persistent:
+                _before_persistent(handle, self._checked)
+        except BaseException:
+            self._pool.release(handle)
+            raise
+        self.pointer, self.bound_identity = handle.pointer, handle.bound_identity
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        try:
+            if error_type is None and self._persistent:
+                self.overflowed = _after_persistent(self.handle, self._checked)
+        finally:
+            self._pool.release(self.handle)
 
 
 _WARNED: set = set()
@@ -209,60 +299,67 @@ def _overflow_error(function: str, advice: str) -> CudnnOverflowError:
     )
 
 
-def _as_spatial(checked):
-    """The same call in SPATIAL mode: what an overflowing SPATIAL_PERSISTENT call falls back to."""
+def _spatial(checked):
+    """The same description in SPATIAL mode."""
     layout = checked.layout
     return dataclasses.replace(checked, layout=Layout(layout.shape, layout.channel_axis, Mode.SPATIAL))
+
+
+def _as_spatial(settled: _Settled, operation: str) -> _Settled:
+    """The same call in SPATIAL mode: what an overflowing SPATIAL_PERSISTENT call falls back to."""
+    checked = _spatial(settled.checked)
+    return settled.with_plan(checked, plan_for(operation, checked.layout, checked.data_dtype, settled.plan.device_id))
 
 
 # ---- forward training ----
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode: Mode, momentum, eps, channel_axis, on_overflow: OnOverflow):
     """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_training`."""
-    key, entry = _lookup((
-        TRAINING, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
-        _signature(beta), _written_signature(running_mean), _written_signature(running_var),
+    key, settled = _lookup((
+        TRAINING, mode, type(channel_axis), channel_axis, type(eps), eps,
+        type(x), x.shape, x.strides, x.dtype, x.device.id,  # _signature(x), flat: this runs on every call
+        type(gamma), gamma.shape, gamma.strides, gamma.dtype, gamma.device.id,
+        type(beta), beta.shape, beta.strides, beta.dtype, beta.device.id,
+        _written_signature(running_mean), _written_signature(running_var),
     ))
     cupy = _cupy()
-    if entry is None:
+    if settled is None:
         checked, momentum = check_forward_training(
             x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
         )
         device_id = _same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
         _check_build_once(cupy)
         plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)  # limits are checked here
-        _remember(key, (checked, plan))
+        extents = None if running_mean is None else _extents(x, gamma, beta, running_mean, running_var)
+        settled = _remember(key, _Settled(checked, plan, (x,), (gamma, beta, running_mean, running_var), extents))
     else:
-        checked, plan = entry
-        momentum = check_momentum(momentum)
+        momentum = _momentum(momentum)
         if running_mean is not None:
-            _check_running_apart(x, gamma, beta, running_mean, running_var)
-    with _on_device(cupy, plan.device_id):
-        return _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running_var, momentum, on_overflow)
+            _check_running_apart(settled, x, gamma, beta, running_mean, running_var)
+    with _on_device(cupy, settled.plan.device_id):
+        return _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, on_overflow)
 
 
-def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running_var, momentum, on_overflow):
-    layout = plan.layout
-    x_in = cupy.ascontiguousarray(x)
-    gamma_in, beta_in = plan.param_in(cupy, gamma), plan.param_in(cupy, beta)
-    mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
-    persistent = layout.mode is Mode.SPATIAL_PERSISTENT
-    checked_overflow = persistent and on_overflow is not OnOverflow.IGNORE
+def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, on_overflow):
+    plan, checked = settled.plan, settled.checked
+    x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
+    if settled.params_as_is:
+        gamma_in, beta_in, mean_in, var_in = gamma, beta, running_mean, running_var
+    else:
+        gamma_in, beta_in = plan.param_in(cupy, gamma), plan.param_in(cupy, beta)
+        mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
+    checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
     backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
-    library, reserve, overflowed = raw.library(), None, False
-    x_desc, p_desc = plan.data_desc.pointer, plan.param_desc.pointer
-    stream = cupy.cuda.get_current_stream()
-    with borrow(plan.device_id) as handle:
-        handle.bind_stream(stream)
-        if persistent:
-            _before_persistent(handle, checked_overflow)
+    library, reserve = raw.library(), None
+    x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
+    with _Launch(cupy, plan, checked_overflow) as handle:
         if plan.uses_ex:
             workspace_size, _, reserve_size = plan.ex_workspace_sizes(handle.pointer)
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
             reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
             library.cudnnBatchNormalizationForwardTrainingEx(
-                handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta,
+                handle.pointer, plan.cudnn_mode, _BN, plan.alpha, plan.beta,
                 x_desc, x_in.data.ptr, None, None, x_desc, y.data.ptr,
                 p_desc, gamma_in.data.ptr, beta_in.data.ptr, momentum, _pointer(mean_in),
                 _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, None,
@@ -274,9 +371,7 @@ def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running
                 x_desc, y.data.ptr, p_desc, gamma_in.data.ptr, beta_in.data.ptr,
                 momentum, _pointer(mean_in), _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
-        if persistent:
-            overflowed = _after_persistent(handle, checked_overflow)
-    if overflowed:
+    if handle.overflowed:
         if backup is not None:
             mean_in[...], var_in[...] = backup
         if on_overflow is OnOverflow.RAISE:
@@ -284,16 +379,16 @@ def _forward_training(cupy, plan, checked, x, gamma, beta, running_mean, running
                 "cudnnBatchNormalizationForwardTraining",
                 "running statistics were restored. Use mode='spatial' or on_overflow='fallback'",
             )
-        _warn_fallback("forward_training", layout.shape, plan.data_dtype)
-        fallback = _as_spatial(checked)
-        spatial_plan = plan_for(TRAINING, fallback.layout, plan.data_dtype, plan.device_id)
-        return _forward_training(cupy, spatial_plan, fallback, x, gamma, beta, running_mean, running_var, momentum, OnOverflow.IGNORE)
-    plan.running_back(cupy, mean_in, running_mean)
-    plan.running_back(cupy, var_in, running_var)
-    saved = SavedStats._checked(
-        plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
-        layout.public_channel_axis, reserve, on_overflow,
-    )
+        _warn_fallback("forward_training", plan.layout.shape, plan.data_dtype)
+        fallback = _as_spatial(settled, TRAINING)
+        return _forward_training(cupy, fallback, x, gamma, beta, running_mean, running_var, momentum, OnOverflow.IGNORE)
+    if not settled.params_as_is:
+        plan.running_back(cupy, mean_in, running_mean)
+        plan.running_back(cupy, var_in, running_var)
+    if plan.param_from_cudnn is not None:
+        save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
+    layout = plan.layout
+    saved = SavedStats._checked(save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow)
     return y, saved
 
 
@@ -333,39 +428,36 @@ def _workspace(cupy, device_id: int, stream_identity, size: int):
 # ---- forward inference ----
 def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axis):
     """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_inference`."""
-    key, entry = _lookup((
+    key, settled = _lookup((
         INFERENCE, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
         _signature(beta), _signature(mean), _signature(var),
     ))
     cupy = _cupy()
-    if entry is None:
+    if settled is None:
         checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
         if checked.layout.mode is Mode.SPATIAL_PERSISTENT:
             # persistent is a training-kernel choice with the same math; inference runs SPATIAL, as
             # PyTorch does, since cuDNN documents only PER_ACTIVATION and SPATIAL for this call
-            checked = _as_spatial(checked)
+            checked = _spatial(checked)
         device_id = _same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
         _check_build_once(cupy)
         plan = plan_for(INFERENCE, checked.layout, checked.data_dtype, device_id)
-        _remember(key, (checked, plan))
-    else:
-        checked, plan = entry
-    device_id = plan.device_id
-    with _on_device(cupy, device_id):
-        x_in = cupy.ascontiguousarray(x)
-        params = [plan.param_in(cupy, array) for array in (gamma, beta, mean, var)]
+        settled = _remember(key, _Settled(checked, plan, (x,), (gamma, beta, mean, var)))
+    plan = settled.plan
+    with _on_device(cupy, plan.device_id):
+        x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
+        params = (gamma, beta, mean, var) if settled.params_as_is else [plan.param_in(cupy, a) for a in (gamma, beta, mean, var)]
         y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
-        param_pointers = [p.data.ptr for p in params]
+        gamma_ptr, beta_ptr, mean_ptr, var_ptr = [p.data.ptr for p in params]
         # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
         pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
-        library = raw.library()
-        with borrow(device_id) as handle:
-            handle.bind_stream(cupy.cuda.get_current_stream())
+        library, eps = raw.library(), settled.checked.eps
+        with _Launch(cupy, plan, False) as handle:
             for piece, x_piece, y_piece in pieces:
-                x_desc = piece.data_desc.pointer
+                x_desc = piece.data_desc_pointer
                 library.cudnnBatchNormalizationForwardInference(
                     handle.pointer, piece.cudnn_mode, piece.alpha, piece.beta, x_desc, x_piece.data.ptr, x_desc,
-                    y_piece.data.ptr, piece.param_desc.pointer, *param_pointers, checked.eps,
+                    y_piece.data.ptr, piece.param_desc_pointer, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
                 )
         return y
 
@@ -374,57 +466,63 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
 def backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
     """cuDNN backward on cupy arrays; same contract as :func:`cudnn_bn.reference.backward`
     (``mode``, ``eps`` and ``channel_axis`` already settled against ``saved``)."""
-    saved_signature = None if saved is None else (
-        _signature(saved.mean), _signature(saved.inv_std), saved.mode, saved.eps, saved.channel_axis,
-        _reserve_signature(saved.reserve_space),
-    )
-    key, entry = _lookup((
+    key, settled = _lookup((
         BACKWARD, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(dy),
-        _signature(gamma), saved_signature,
+        _signature(gamma), _saved_signature(saved),
     ))
     cupy = _cupy()
-    if entry is None:
-        checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
-        named = {"x": x, "dy": dy, "gamma": gamma}
-        if saved is not None:
-            named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std, saved_reserve_space=saved.reserve_space)
-        device_id = _same_device(**named)
-        _check_build_once(cupy)
-    else:
-        checked, plan = entry
-    if checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE:
+    if settled is None:
+        settled = _remember(key, _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
+    elif settled.plan.persistent and on_overflow is not OnOverflow.IGNORE:
         check_saved_finite(saved)  # synchronizes; "ignore" promised no synchronisation
-    if entry is None:
-        plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
-        _remember(key, (checked, plan))
-    with _on_device(cupy, plan.device_id):
-        return _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow)
+    with _on_device(cupy, settled.plan.device_id):
+        return _backward(cupy, settled, x, dy, gamma, saved, on_overflow)
 
 
-def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
-    layout = plan.layout
-    x_in, dy_in = cupy.ascontiguousarray(x), cupy.ascontiguousarray(dy)
-    gamma_in = plan.param_in(cupy, gamma)
-    saved_mean = None if saved is None else plan.param_in(cupy, saved.mean)
-    saved_inv_std = None if saved is None else plan.param_in(cupy, saved.inv_std)
+def _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow) -> _Settled:
+    """The full checks of a backward signature (and of this call's values), then its plan."""
+    checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
+    named = {"x": x, "dy": dy, "gamma": gamma}
+    if saved is not None:
+        named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std, saved_reserve_space=saved.reserve_space)
+    device_id = _same_device(**named)
+    _check_build_once(cupy)
+    if checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE:
+        check_saved_finite(saved)  # before the plan's native calls; "ignore" promised no synchronisation
+    plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
+    reserve = None if saved is None else saved.reserve_space
+    if reserve is not None and plan.uses_ex:  # BackwardEx reads the forward's reserve space
+        with _on_device(cupy, device_id), borrow(device_id) as handle:
+            _check_reserve(reserve, plan.ex_workspace_sizes(handle.pointer)[2], device_id)
+    saved_arrays = () if saved is None else (saved.mean, saved.inv_std)
+    return _Settled(checked, plan, (x, dy), (gamma,) + saved_arrays)
+
+
+def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
+    plan, checked = settled.plan, settled.checked
+    if settled.x_as_is:
+        x_in, dy_in = x, dy
+    else:
+        x_in, dy_in = cupy.ascontiguousarray(x), cupy.ascontiguousarray(dy)
+    saved_mean = saved_inv_std = reserve = None
+    if saved is not None:
+        saved_mean, saved_inv_std, reserve = saved.mean, saved.inv_std, saved.reserve_space
+    gamma_in = gamma
+    if not settled.params_as_is:
+        gamma_in = plan.param_in(cupy, gamma)
+        if saved is not None:
+            saved_mean, saved_inv_std = plan.param_in(cupy, saved_mean), plan.param_in(cupy, saved_inv_std)
     dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     dgamma, dbeta = plan.new_param(cupy), plan.new_param(cupy)
-    reserve = None if saved is None else saved.reserve_space
-    persistent = layout.mode is Mode.SPATIAL_PERSISTENT
-    checked_overflow = persistent and on_overflow is not OnOverflow.IGNORE
-    library, overflowed = raw.library(), False
-    x_desc, p_desc = plan.data_desc.pointer, plan.param_desc.pointer
-    stream = cupy.cuda.get_current_stream()
-    with borrow(plan.device_id) as handle:
-        handle.bind_stream(stream)
-        if persistent:
-            _before_persistent(handle, checked_overflow)
-        if reserve is not None and plan.uses_ex:
-            _, workspace_size, reserve_size = plan.ex_workspace_sizes(handle.pointer)
-            _check_reserve(reserve, reserve_size, plan.device_id)
+    checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
+    library = raw.library()
+    x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
+    with _Launch(cupy, plan, checked_overflow) as handle:
+        if reserve is not None and plan.uses_ex:  # its size was checked when the signature was settled
+            workspace_size = plan.ex_workspace_sizes(handle.pointer)[1]
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
             library.cudnnBatchNormalizationBackwardEx(
-                handle.pointer, plan.cudnn_mode, int(BatchNormOps.BN), plan.alpha, plan.beta, plan.alpha, plan.beta,
+                handle.pointer, plan.cudnn_mode, _BN, plan.alpha, plan.beta, plan.alpha, plan.beta,
                 x_desc, x_in.data.ptr, None, None, x_desc, dy_in.data.ptr, None, None,
                 x_desc, dx.data.ptr, p_desc, gamma_in.data.ptr, None,
                 dgamma.data.ptr, dbeta.data.ptr, checked.eps, _pointer(saved_mean), _pointer(saved_inv_std), None,
@@ -437,20 +535,16 @@ def _backward(cupy, plan, checked, x, dy, gamma, saved, on_overflow):
                 p_desc, gamma_in.data.ptr, dgamma.data.ptr, dbeta.data.ptr, checked.eps,
                 _pointer(saved_mean), _pointer(saved_inv_std),
             )
-        if persistent:
-            overflowed = _after_persistent(handle, checked_overflow)
-    if overflowed:
+    if handle.overflowed:
         if on_overflow is OnOverflow.RAISE:
             raise _overflow_error(
                 "cudnnBatchNormalizationBackward",
                 "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
                 "this backward in SPATIAL",
             )
-        _warn_fallback("backward", layout.shape, plan.data_dtype)
-        fallback = _as_spatial(checked)
-        spatial_plan = plan_for(BACKWARD, fallback.layout, plan.data_dtype, plan.device_id)
+        _warn_fallback("backward", plan.layout.shape, plan.data_dtype)
         plain_saved = None if saved is None else SavedStats._checked(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
-        return _backward(cupy, spatial_plan, fallback, x, dy, gamma, plain_saved, OnOverflow.IGNORE)
-    return dx, plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
-
-
+        return _backward(cupy, _as_spatial(settled, BACKWARD), x, dy, gamma, plain_saved, OnOverflow.IGNORE)
+    if plan.param_from_cudnn is not None:
+        dgamma, dbeta = plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
+    return dx, dgamma, dbeta

@@ -57,7 +57,8 @@ class Plan:
     __slots__ = (
         "layout", "operation", "device_id", "data_dtype", "param_dtype", "cudnn_mode", "data_desc",
         "param_desc", "alpha", "beta", "cudnn_param_shape", "param_to_cudnn", "param_from_cudnn",
-        "uses_ex", "pieces", "route", "fused_sizes", "activations",
+        "uses_ex", "pieces", "route", "fused_sizes", "activations", "persistent", "data_desc_pointer",
+        "param_desc_pointer",
     )
 
     def __init__(self, operation: str, layout: Layout, data_dtype, device_id: int):
@@ -78,6 +79,9 @@ class Plan:
         self.cudnn_mode = int(cudnn_mode)
         self.data_desc = TensorDescriptor.from_dims(cudnn_data_type(self.data_dtype), dims, strides)
         self.param_desc = TensorDescriptor.derived_for_batch_norm(self.data_desc, cudnn_mode)
+        # the raw pointers, read once: valid as long as this plan (which owns the descriptors) lives
+        self.data_desc_pointer, self.param_desc_pointer = self.data_desc.pointer, self.param_desc.pointer
+        self.persistent = layout.mode is Mode.SPATIAL_PERSISTENT
         self.alpha, self.beta = _SCALARS[self.data_dtype == np.float64]
         axes = layout.param_axes_to_cudnn
         self.param_to_cudnn = axes
@@ -90,10 +94,15 @@ class Plan:
         self.activations = {}  # activation -> the ActivationDescriptor this plan owns
 
     # ---- parameters: x's axis order and the caller's dtype <-> cuDNN's order and dtype ----
+    def param_as_is(self, array) -> bool:
+        """Whether a parameter-shaped array already is what cuDNN reads (and may write in place):
+        the parameter dtype, cuDNN's axis order, contiguous."""
+        return array.dtype == self.param_dtype and self.param_to_cudnn is None and array.flags.c_contiguous
+
     def param_in(self, cupy, array):
         """A parameter in the parameter dtype and cuDNN's axis order, contiguous (itself when it
         already is)."""
-        if array.dtype == self.param_dtype and self.param_to_cudnn is None and array.flags.c_contiguous:
+        if self.param_as_is(array):
             return array  # the common case: no CuPy call at all
         array = array.astype(self.param_dtype, copy=False)
         if self.param_to_cudnn is not None:
@@ -110,8 +119,6 @@ class Plan:
         """The running statistic itself when cuDNN can update it in place, else a converted copy."""
         if array is None:
             return None
-        if array.dtype == self.param_dtype and self.param_to_cudnn is None and array.flags.c_contiguous:
-            return array
         return self.param_in(cupy, array)
 
     def running_back(self, cupy, working, caller) -> None:
