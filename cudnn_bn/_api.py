@@ -13,9 +13,9 @@ import dataclasses
 import numpy as np
 
 from . import reference
-from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
+from ._core.policy import INFERENCE, TRAINING, backward_settings, choose_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, resolve_backward_settings, uniform_kind
+from ._core.validate import array_kind, uniform_kind
 
 __all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
 
@@ -70,15 +70,6 @@ def _accept_saved(saved):
     return dataclasses.replace(saved, mean=mean, inv_std=inv_std)
 
 
-def _settled_by_saved(kind, saved, mode, eps, channel_axis) -> bool:
-    """The common backward: nothing but ``saved`` settles the call, and its arrays are of x's kind
-    (known from their types). Then resolve_backward_settings has nothing to add."""
-    return (
-        type(saved) is SavedStats and mode is None and eps is None and channel_axis is None
-        and uniform_kind((saved.mean, saved.inv_std), (saved.reserve_space,)) == kind
-    )
-
-
 def cudnn_available() -> tuple[bool, str]:
     """``(usable, reason)``: whether cupy arrays can run through cuDNN on this machine.
 
@@ -109,16 +100,13 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
         kind, (x, gamma, beta, running_mean, running_var) = accept_arrays(
             _RUNNING, _RUNNING, x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
         )
+    if kind == "cupy":  # the cuDNN path resolves the mode by the same policy, once per call signature
+        return _cudnn_ops().forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
-    if kind == "numpy":
-        y, saved = reference.forward_training(
-            x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
-        )
-        return y, dataclasses.replace(saved, on_overflow=on_overflow)
-    # the cuDNN path records on_overflow in saved itself
-    return _cudnn_ops().forward_training(
-        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow
+    y, saved = reference.forward_training(
+        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
+    return y, dataclasses.replace(saved, on_overflow=on_overflow)
 
 
 def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, channel_axis=1):
@@ -130,10 +118,10 @@ def forward_inference(x, gamma, beta, mean, var, *, mode="auto", eps=1e-5, chann
     kind = uniform_kind((x, gamma, beta, mean, var))
     if kind is None:
         kind, (x, gamma, beta, mean, var) = accept_arrays((), (), x=x, gamma=gamma, beta=beta, mean=mean, var=var)
+    if kind == "cupy":
+        return _cudnn_ops().forward_inference(x, gamma, beta, mean, var, mode, eps, channel_axis)
     mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
-    if kind == "numpy":
-        return reference.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
-    return _cudnn_ops().forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    return reference.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
 
 
 def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None, on_overflow=None):
@@ -146,14 +134,8 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     kind = uniform_kind((x, dy, gamma))
     if kind is None:
         kind, (x, dy, gamma) = accept_arrays((), (), x=x, dy=dy, gamma=gamma)
-    if _settled_by_saved(kind, saved, mode, eps, channel_axis):
-        mode, eps, channel_axis = saved.mode, saved.eps, saved.channel_axis  # SavedStats checked its own
-    else:
-        saved = _accept_saved(saved)
-        mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)  # checks saved's kind too
-    if on_overflow is None and saved is not None:
-        on_overflow = saved.on_overflow
-    mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)
-    if kind == "numpy":
-        return reference.backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
-    return _cudnn_ops().backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
+    saved = _accept_saved(saved)
+    if kind == "cupy":
+        return _cudnn_ops().backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
+    mode, _, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)  # checks saved's kind too
+    return reference.backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)

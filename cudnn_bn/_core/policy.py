@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from .layout import make_layout
 from .modes import AUTO, Mode, OnOverflow, parse_mode, parse_on_overflow
+from .validate import resolve_backward_settings
 
-__all__ = ["TRAINING", "INFERENCE", "BACKWARD", "choose_mode"]
+__all__ = ["TRAINING", "INFERENCE", "BACKWARD", "backward_settings", "choose_mode"]
 
 TRAINING, INFERENCE, BACKWARD = "forward_training", "forward_inference", "backward"
 
@@ -54,3 +55,14 @@ def _choose(requested, shape, channel_axis, operation, on_overflow):
     if on_overflow is None:
         return mode, OnOverflow.FALLBACK if chosen_by_policy else OnOverflow.RAISE
     return mode, parse_on_overflow(on_overflow)
+
+
+def backward_settings(x, saved, mode, eps, channel_axis, on_overflow):
+    """``(mode, on_overflow, eps, channel_axis)`` a backward call runs with: what ``saved``
+    recorded, checked against the explicit arguments (resolve_backward_settings), and the policy's
+    mode when there is no ``saved`` and ``mode`` is "auto"."""
+    mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
+    if on_overflow is None and saved is not None:
+        on_overflow = saved.on_overflow
+    mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)
+    return mode, on_overflow, eps, channel_axis

@@ -17,6 +17,7 @@ import warnings
 
 from .._core.layout import Layout
 from .._core.modes import Mode, OnOverflow
+from .._core.policy import backward_settings, choose_mode
 from .._core.saved import SavedStats
 from .._core.validate import (
     byte_range as _byte_range,
@@ -123,29 +124,34 @@ def _written_signature(array):
 def _saved_signature(saved):
     if saved is None:
         return None
+    if type(saved) is not SavedStats:
+        raise TypeError("saved: not a SavedStats")  # no signature: the full checks name the problem
     return (
-        _signature(saved.mean), _signature(saved.inv_std), saved.mode, saved.eps, saved.channel_axis,
+        _signature(saved.mean), _signature(saved.inv_std), saved.mode, saved.eps, saved.channel_axis, saved.on_overflow,
         _signature(saved.reserve_space),
     )
 
 
 class _Settled:
-    """What one call signature settled: the validated description, its plan, and which arguments
-    reach cuDNN as they are. ``extents``: for forward training with running statistics, each of
+    """What one call signature settled: the validated description, its plan, the overflow policy
+    (``on_overflow``; ``checked_overflow``: a persistent call that reads the flag), and which
+    arguments reach cuDNN as they are. ``extents``: for forward training with running statistics, each of
     x, gamma, beta, running_mean, running_var as (first, last + 1) byte offsets from its address,
     so that the per-call overlap check is arithmetic on five addresses."""
 
-    __slots__ = ("checked", "plan", "x_as_is", "params_as_is", "extents")
+    __slots__ = ("checked", "plan", "on_overflow", "checked_overflow", "x_as_is", "params_as_is", "extents")
 
-    def __init__(self, checked, plan, x, params, extents=None):
-        self.checked, self.plan, self.extents = checked, plan, extents
+    def __init__(self, checked, plan, on_overflow, x, params, extents=None):
+        self.checked, self.plan, self.on_overflow, self.extents = checked, plan, on_overflow, extents
+        self.checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
         self.x_as_is = all(array.flags.c_contiguous for array in x)
         self.params_as_is = all(plan.param_as_is(array) for array in params if array is not None)
 
     def with_plan(self, checked, plan) -> "_Settled":
         """The same arguments under another description and plan of the same shape and dtypes."""
         settled = object.__new__(_Settled)
-        settled.checked, settled.plan, settled.extents = checked, plan, self.extents
+        settled.checked, settled.plan, settled.on_overflow, settled.extents = checked, plan, self.on_overflow, self.extents
+        settled.checked_overflow = plan.persistent and self.on_overflow is not OnOverflow.IGNORE
         settled.x_as_is, settled.params_as_is = self.x_as_is, self.params_as_is
         return settled
 
@@ -196,13 +202,6 @@ def _check_running_apart(settled, x, gamma, beta, running_mean, running_var) -> 
                 extents = None
     if extents is None:
         check_no_overlap({"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta})
-
-
-def _momentum(momentum) -> float:
-    """check_momentum, with the common case (a float in [0, 1]) answered inline."""
-    if type(momentum) is float and 0.0 <= momentum <= 1.0:
-        return momentum
-    return check_momentum(momentum)
 
 
 # ---- the overflow flag of SPATIAL_PERSISTENT ----
@@ -312,10 +311,12 @@ def _as_spatial(settled: _Settled, operation: str) -> _Settled:
 
 
 # ---- forward training ----
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode: Mode, momentum, eps, channel_axis, on_overflow: OnOverflow):
-    """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_training`."""
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
+    """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.forward_training`
+    (``mode`` and ``on_overflow`` as the public call takes them: the policy resolves them once
+    per call signature)."""
     key, settled = _lookup((
-        TRAINING, mode, type(channel_axis), channel_axis, type(eps), eps,
+        TRAINING, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis, type(eps), eps,
         type(x), x.shape, x.strides, x.dtype, x.device.id,  # _signature(x), flat: this runs on every call
         type(gamma), gamma.shape, gamma.strides, gamma.dtype, gamma.device.id,
         type(beta), beta.shape, beta.strides, beta.dtype, beta.device.id,
@@ -323,6 +324,7 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
     ))
     cupy = _cupy()
     if settled is None:
+        mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
         checked, momentum = check_forward_training(
             x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
         )
@@ -330,13 +332,16 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
         _check_build_once(cupy)
         plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)  # limits are checked here
         extents = None if running_mean is None else _extents(x, gamma, beta, running_mean, running_var)
-        settled = _remember(key, _Settled(checked, plan, (x,), (gamma, beta, running_mean, running_var), extents))
+        settled = _remember(key, _Settled(checked, plan, on_overflow, (x,), (gamma, beta, running_mean, running_var), extents))
     else:
-        momentum = _momentum(momentum)
+        if type(momentum) is not float or not 0.0 <= momentum <= 1.0:  # the common case inline: it runs on every call
+            momentum = check_momentum(momentum)
         if running_mean is not None:
             _check_running_apart(settled, x, gamma, beta, running_mean, running_var)
-    with _on_device(cupy, settled.plan.device_id):
-        return _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, on_overflow)
+    if cupy.cuda.runtime.getDevice() == settled.plan.device_id:
+        return _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, settled.on_overflow)
+    with cupy.cuda.Device(settled.plan.device_id):
+        return _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, settled.on_overflow)
 
 
 def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, on_overflow):
@@ -426,14 +431,15 @@ def _workspace(cupy, device_id: int, stream_identity, size: int):
 
 
 # ---- forward inference ----
-def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axis):
-    """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.reference.forward_inference`."""
+def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_axis=1):
+    """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.forward_inference`."""
     key, settled = _lookup((
-        INFERENCE, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
+        INFERENCE, type(mode), mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
         _signature(beta), _signature(mean), _signature(var),
     ))
     cupy = _cupy()
     if settled is None:
+        mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
         checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
         if checked.layout.mode is Mode.SPATIAL_PERSISTENT:
             # persistent is a training-kernel choice with the same math; inference runs SPATIAL, as
@@ -442,7 +448,7 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
         device_id = _same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
         _check_build_once(cupy)
         plan = plan_for(INFERENCE, checked.layout, checked.data_dtype, device_id)
-        settled = _remember(key, _Settled(checked, plan, (x,), (gamma, beta, mean, var)))
+        settled = _remember(key, _Settled(checked, plan, None, (x,), (gamma, beta, mean, var)))
     plan = settled.plan
     with _on_device(cupy, plan.device_id):
         x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
@@ -463,24 +469,31 @@ def forward_inference(x, gamma, beta, mean, var, *, mode: Mode, eps, channel_axi
 
 
 # ---- backward ----
-def backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
-    """cuDNN backward on cupy arrays; same contract as :func:`cudnn_bn.reference.backward`
-    (``mode``, ``eps`` and ``channel_axis`` already settled against ``saved``)."""
-    key, settled = _lookup((
-        BACKWARD, mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(dy),
-        _signature(gamma), _saved_signature(saved),
-    ))
+def backward(x, dy, gamma, saved=None, mode=None, eps=None, channel_axis=None, on_overflow=None):
+    """cuDNN backward on cupy arrays; same contract as :func:`cudnn_bn.backward` (the settings
+    are resolved against ``saved`` once per call signature)."""
+    try:
+        key = (
+            BACKWARD, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow,
+            _signature(x), _signature(dy), _signature(gamma), _saved_signature(saved),
+        )
+    except (TypeError, AttributeError):  # saved is not a SavedStats, or holds a non-array: the full checks say so
+        key = None
+    key, settled = _lookup(key)
     cupy = _cupy()
     if settled is None:
         settled = _remember(key, _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
-    elif settled.plan.persistent and on_overflow is not OnOverflow.IGNORE:
+    elif settled.checked_overflow:
         check_saved_finite(saved)  # synchronizes; "ignore" promised no synchronisation
-    with _on_device(cupy, settled.plan.device_id):
-        return _backward(cupy, settled, x, dy, gamma, saved, on_overflow)
+    if cupy.cuda.runtime.getDevice() == settled.plan.device_id:
+        return _backward(cupy, settled, x, dy, gamma, saved, settled.on_overflow)
+    with cupy.cuda.Device(settled.plan.device_id):
+        return _backward(cupy, settled, x, dy, gamma, saved, settled.on_overflow)
 
 
 def _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow) -> _Settled:
     """The full checks of a backward signature (and of this call's values), then its plan."""
+    mode, on_overflow, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)
     checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
     named = {"x": x, "dy": dy, "gamma": gamma}
     if saved is not None:
@@ -495,7 +508,7 @@ def _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_over
         with _on_device(cupy, device_id), borrow(device_id) as handle:
             _check_reserve(reserve, plan.ex_workspace_sizes(handle.pointer)[2], device_id)
     saved_arrays = () if saved is None else (saved.mean, saved.inv_std)
-    return _Settled(checked, plan, (x, dy), (gamma,) + saved_arrays)
+    return _Settled(checked, plan, on_overflow, (x, dy), (gamma,) + saved_arrays)
 
 
 def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):

@@ -26,7 +26,7 @@ from .raw import BatchNormOps
 
 __all__ = ["BACKWARD", "INFERENCE", "PLANS", "TRAINING", "ChunkedPlan", "Plan", "PlanCache", "plan_for", "set_ex_path_enabled", "uses_ex_path"]
 
-TRAINING, INFERENCE, BACKWARD = "forward_training", "forward_inference", "backward"
+from .._core.policy import BACKWARD, INFERENCE, TRAINING  # the operation names, one definition
 
 # alpha = 1, beta = 0 typed to the data: C float for half/float data, C double for double data.
 # Module-level objects, so the addresses stay valid for the life of the process.
