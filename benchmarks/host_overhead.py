@@ -121,7 +121,7 @@ def _stand_in_cupy() -> types.ModuleType:
     module.uint8 = np.uint8
     module.empty = _empty
     module.ascontiguousarray = lambda a: a if a.flags.c_contiguous else np.ascontiguousarray(a).view(HostArray)
-    module.isfinite = np.isfinite
+    module.isfinite, module.vdot = np.isfinite, np.vdot
     cuda = types.ModuleType("cupy.cuda")
     cuda.Device = lambda id=0: _DEVICE
     cuda.get_current_stream = lambda: _STREAM

@@ -716,7 +716,7 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
     )
     module.empty_like, module.zeros_like, module.ones_like = like(empty), like(module.zeros), like(module.ones)
     module.asnumpy = lambda a, stream=None: a.get(stream) if isinstance(a, FakeArray) else np.asarray(a)
-    for name in ("isfinite", "isnan", "isinf", "abs", "sqrt", "all", "any", "sum", "max", "min", "mean",
+    for name in ("isfinite", "isnan", "isinf", "abs", "sqrt", "all", "any", "sum", "max", "min", "mean", "vdot",
                  "maximum", "minimum", "copyto", "array_equal", "allclose", "add", "fmax"):
         setattr(module, name, getattr(np, name))
     for name in ("uint8", "int32", "int64", "float16", "float32", "float64", "bool_", "dtype"):

@@ -662,3 +662,16 @@ def test_a_masked_array_through_the_public_call_says_why_it_is_refused():
     x = np.ma.masked_array(np.ones((4, 3)), mask=False)
     with pytest.raises(TypeError, match="masked array \\(its mask would be ignored\\)"):
         cudnn_bn.forward_training(x, np.ones(3), np.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_finite_check_accepts_the_largest_finite_statistics(dtype):
+    # its one reduction must not overflow into a false "not finite" (a plain sum or product would)
+    from cudnn_bn._core.validate import check_saved_finite
+
+    largest = np.finfo(dtype).max
+    saved = cudnn_bn.SavedStats(np.full(4, largest, dtype), np.full(4, largest, dtype), "spatial_persistent", 1e-5, 1)
+    check_saved_finite(saved)  # raises ValueError if it mistook them
+    poisoned = cudnn_bn.SavedStats(np.full(4, largest, dtype), np.array([largest, np.inf, 1, 1], dtype), "spatial_persistent", 1e-5, 1)
+    with pytest.raises(ValueError, match="saved.inv_std: expected finite values"):
+        check_saved_finite(poisoned)

@@ -415,11 +415,13 @@ def check_saved_finite(saved) -> None:
     Last, and on the persistent path only: on a GPU this check costs a synchronisation, which
     that path pays anyway for its overflow query."""
     xp = _array_module(saved.mean)
-    finite = [xp.isfinite(saved.mean).all(), xp.isfinite(saved.inv_std).all()]
-    if bool(finite[0] & finite[1]):  # one device-to-host read for both
+    # one reduction and one device-to-host read for both: a NaN or Inf entry in either makes the
+    # sum of products NaN or Inf, so a finite sum clears them all. A non-finite one may also be an
+    # overflow of finite entries: the exact checks below tell which.
+    if math.isfinite(float(xp.vdot(saved.mean, saved.inv_std))):
         return
-    for name, ok in zip(("mean", "inv_std"), finite):
-        if not bool(ok):
+    for name in ("mean", "inv_std"):
+        if not bool(xp.isfinite(getattr(saved, name)).all()):
             raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
 
 

@@ -24,6 +24,7 @@ NO_GPU_MESSAGE = (
 )
 PER_THREAD_STREAM = 2  # cudaStreamPerThread: CuPy's current stream under per-thread default streams
 DEFAULT_POOL_SIZE = 16  # handles per device; more threads than this wait for one to be returned
+_BLOCKING = int(raw.ErrQueryMode.BLOCKING)
 
 
 def _destroy(pointer: int) -> None:
@@ -36,7 +37,10 @@ def _destroy(pointer: int) -> None:
 class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
-    __slots__ = ("device_id", "pointer", "bound_stream", "bound_identity", "flag_unread", "_stream_object", "_finalizer", "__weakref__")
+    __slots__ = (
+        "device_id", "pointer", "bound_stream", "bound_identity", "flag_unread", "_stream_object", "_runtime_status",
+        "_runtime_status_ref", "_finalizer", "__weakref__",
+    )
 
     def __init__(self, device_id: int):
         pointer = ctypes.c_void_p()
@@ -50,6 +54,9 @@ class Handle:
         self.bound_identity = None  # the stream pointer, with the thread under per-thread streams
         self._stream_object = None
         self.flag_unread = False  # a persistent call ran without cudnnQueryRuntimeError after it
+        # where cudnnQueryRuntimeError writes: one per handle, as a handle serves one thread at a time
+        self._runtime_status = ctypes.c_int(0)
+        self._runtime_status_ref = ctypes.byref(self._runtime_status)
         self._finalizer = weakref.finalize(self, _destroy, self.pointer)
 
     def bind_stream(self, stream) -> None:
@@ -72,10 +79,10 @@ class Handle:
     def query_flag(self) -> int:
         """Blocking cudnnQueryRuntimeError: waits for the bound stream's work and returns the
         runtime status it left (reading it clears cuDNN's flag)."""
-        runtime_status = ctypes.c_int(0)
-        raw.library().cudnnQueryRuntimeError(self.pointer, ctypes.byref(runtime_status), int(raw.ErrQueryMode.BLOCKING), None)
+        self._runtime_status.value = 0
+        raw.library().cudnnQueryRuntimeError(self.pointer, self._runtime_status_ref, _BLOCKING, None)
         self.flag_unread = False
-        return runtime_status.value
+        return self._runtime_status.value
 
     def clear_flag(self) -> None:
         """Wait for the bound stream's work and discard the runtime-error flag it may have left."""

@@ -116,9 +116,15 @@ def _signature(array):
     return None if array is None else (type(array), array.shape, array.strides, array.dtype, array.device.id)
 
 
-def _written_signature(array):
-    """An array updated in place: its writability too (an array posing as cupy may be read-only)."""
-    return None if array is None else (_signature(array), getattr(array.flags, "writeable", True))
+def _running_signature(mean, var):
+    """The running statistics, updated in place: their writability too (an array posing as cupy
+    may be read-only). One flat tuple for the common pair."""
+    if mean is None or var is None:
+        return tuple(None if a is None else (_signature(a), getattr(a.flags, "writeable", True)) for a in (mean, var))
+    return (
+        type(mean), mean.shape, mean.strides, mean.dtype, mean.device.id, getattr(mean.flags, "writeable", True),
+        type(var), var.shape, var.strides, var.dtype, var.device.id, getattr(var.flags, "writeable", True),
+    )
 
 
 def _saved_signature(saved):
@@ -185,23 +191,30 @@ def _lookup(key):
 
 
 def _check_running_apart(settled, x, gamma, beta, running_mean, running_var) -> None:
-    """check_no_overlap for the running statistics, from five addresses and the settled extents;
-    the general check runs, and names the culprit, only when two ranges meet."""
+    """check_no_overlap for the running statistics, from five addresses and the settled extents
+    (straight-line: it runs on every call); the general check runs, and names the culprit, only
+    when two ranges meet."""
     extents = settled.extents
     if extents is not None:  # None: an empty argument, which the general check handles
         (x_low, x_high), (gamma_low, gamma_high), (beta_low, beta_high), (mean_low, mean_high), (var_low, var_high) = extents
+        start = x.data.ptr
+        x_low, x_high = start + x_low, start + x_high
+        start = gamma.data.ptr
+        gamma_low, gamma_high = start + gamma_low, start + gamma_high
+        start = beta.data.ptr
+        beta_low, beta_high = start + beta_low, start + beta_high
         start = running_mean.data.ptr
         mean_low, mean_high = start + mean_low, start + mean_high
         start = running_var.data.ptr
         var_low, var_high = start + var_low, start + var_high
-        if mean_low < var_high and var_low < mean_high:
-            extents = None
-        for start, low, high in ((x.data.ptr, x_low, x_high), (gamma.data.ptr, gamma_low, gamma_high), (beta.data.ptr, beta_low, beta_high)):
-            low, high = start + low, start + high
-            if (low < mean_high and mean_low < high) or (low < var_high and var_low < high):
-                extents = None
-    if extents is None:
-        check_no_overlap({"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta})
+        if not (
+            (mean_low < var_high and var_low < mean_high)
+            or (x_low < mean_high and mean_low < x_high) or (x_low < var_high and var_low < x_high)
+            or (gamma_low < mean_high and mean_low < gamma_high) or (gamma_low < var_high and var_low < gamma_high)
+            or (beta_low < mean_high and mean_low < beta_high) or (beta_low < var_high and var_low < beta_high)
+        ):
+            return
+    check_no_overlap({"running_mean": running_mean, "running_var": running_var}, {"x": x, "gamma": gamma, "beta": beta})
 
 
 # ---- the overflow flag of SPATIAL_PERSISTENT ----
@@ -231,32 +244,31 @@ def _after_persistent(handle, checked: bool) -> bool:
 # ---- one launch: the handle, the stream, the flag ----
 class _Launch:
     """``with _Launch(cupy, plan, checked_overflow) as launch:`` lends a handle of the plan's
-    device for the block, bound to CuPy's current stream (``launch.pointer``,
-    ``launch.bound_identity``). On a SPATIAL_PERSISTENT plan a checked call first clears a flag an
-    unchecked one left, and the flag is handled right after the block, before the handle goes
-    back (``launch.overflowed``). A class, not a generator: this runs on every call."""
+    device for the block (``launch.handle``), bound to CuPy's current stream. On a
+    SPATIAL_PERSISTENT plan a checked call first clears a flag an unchecked one left, and the flag
+    is handled right after the block, before the handle goes back (``launch.overflowed``). A
+    class, not a generator: this runs on every call."""
 
-    __slots__ = ("_pool", "_stream", "_persistent", "_checked", "handle", "pointer", "bound_identity", "overflowed")
+    __slots__ = ("_cupy", "_plan", "_checked", "_pool", "handle", "overflowed")
 
     def __init__(self, cupy, plan, checked_overflow: bool):
-        self._pool, self._stream = pool_for(plan.device_id), cupy.cuda.get_current_stream()
-        self._persistent, self._checked, self.overflowed = plan.persistent, checked_overflow, False
+        self._cupy, self._plan, self._checked, self.overflowed = cupy, plan, checked_overflow, False
 
     def __enter__(self) -> "_Launch":
-        handle = self.handle = self._pool.acquire()
+        pool = self._pool = pool_for(self._plan.device_id)
+        handle = self.handle = pool.acquire()
         try:
-            handle.bind_stream(self._stream)
-            if self._persistent:
+            handle.bind_stream(self._cupy.cuda.get_current_stream())
+            if self._plan.persistent:
                 _before_persistent(handle, self._checked)
         except BaseException:
-            self._pool.release(handle)
+            pool.release(handle)
             raise
-        self.pointer, self.bound_identity = handle.pointer, handle.bound_identity
         return self
 
     def __exit__(self, error_type, *_) -> None:
         try:
-            if error_type is None and self._persistent:
+            if error_type is None and self._plan.persistent:
                 self.overflowed = _after_persistent(self.handle, self._checked)
         finally:
             self._pool.release(self.handle)
@@ -320,7 +332,7 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="
         type(x), x.shape, x.strides, x.dtype, x.device.id,  # _signature(x), flat: this runs on every call
         type(gamma), gamma.shape, gamma.strides, gamma.dtype, gamma.device.id,
         type(beta), beta.shape, beta.strides, beta.dtype, beta.device.id,
-        _written_signature(running_mean), _written_signature(running_var),
+        _running_signature(running_mean, running_var),
     ))
     cupy = _cupy()
     if settled is None:
@@ -358,7 +370,8 @@ def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, 
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     library, reserve = raw.library(), None
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    with _Launch(cupy, plan, checked_overflow) as handle:
+    with _Launch(cupy, plan, checked_overflow) as launch:
+        handle = launch.handle
         if plan.uses_ex:
             workspace_size, _, reserve_size = plan.ex_workspace_sizes(handle.pointer)
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -376,7 +389,7 @@ def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, 
                 x_desc, y.data.ptr, p_desc, gamma_in.data.ptr, beta_in.data.ptr,
                 momentum, _pointer(mean_in), _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
-    if handle.overflowed:
+    if launch.overflowed:
         if backup is not None:
             mean_in[...], var_in[...] = backup
         if on_overflow is OnOverflow.RAISE:
@@ -458,7 +471,8 @@ def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_
         # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
         pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
         library, eps = raw.library(), settled.checked.eps
-        with _Launch(cupy, plan, False) as handle:
+        with _Launch(cupy, plan, False) as launch:
+            handle = launch.handle
             for piece, x_piece, y_piece in pieces:
                 x_desc = piece.data_desc_pointer
                 library.cudnnBatchNormalizationForwardInference(
@@ -530,7 +544,8 @@ def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
     checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    with _Launch(cupy, plan, checked_overflow) as handle:
+    with _Launch(cupy, plan, checked_overflow) as launch:
+        handle = launch.handle
         if reserve is not None and plan.uses_ex:  # its size was checked when the signature was settled
             workspace_size = plan.ex_workspace_sizes(handle.pointer)[1]
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -548,7 +563,7 @@ def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
                 p_desc, gamma_in.data.ptr, dgamma.data.ptr, dbeta.data.ptr, checked.eps,
                 _pointer(saved_mean), _pointer(saved_inv_std),
             )
-    if handle.overflowed:
+    if launch.overflowed:
         if on_overflow is OnOverflow.RAISE:
             raise _overflow_error(
                 "cudnnBatchNormalizationBackward",
