@@ -89,25 +89,27 @@ class _Device:
 _DEVICE = _Device(0)
 
 
-class HostArray(np.ndarray):
-    @property
-    def data(self):
-        # remembered per array, as CuPy keeps its MemoryPointer: numpy's own way of telling the
-        # address costs microseconds, which would be the stand-in's cost, not cudnn_bn's
-        pointer = self.__dict__.get("_pointer")
-        if pointer is None:
-            pointer = self.__dict__["_pointer"] = _Pointer(self.__array_interface__["data"][0])
+class _KeptPointer:
+    """``array.data``: computed on first read and then kept in the array's own ``__dict__``, which
+    a non-data descriptor lets later reads find directly. CuPy's ``ndarray.data`` is a C-level
+    attribute; a Python property here would charge the stand-in's cost to cudnn_bn."""
+
+    def __get__(self, array, owner=None):
+        if array is None:
+            return self
+        pointer = array.__dict__["data"] = _Pointer(array.__array_interface__["data"][0])
         return pointer
 
-    @property
-    def device(self):
-        return _DEVICE
+
+class HostArray(np.ndarray):
+    data = _KeptPointer()
+    device = _DEVICE  # CuPy's ndarray.device is a C-level property; a class attribute costs about the same
 
 
 def _empty(shape, dtype=np.float32):
     array = np.empty(shape, dtype).view(HostArray)
     # a fresh array is writable and contiguous: its address is known at once, as CuPy's is
-    array.__dict__["_pointer"] = _Pointer(ctypes.addressof(ctypes.c_char.from_buffer(array)) if array.nbytes else 0)
+    array.__dict__["data"] = _Pointer(ctypes.addressof(ctypes.c_char.from_buffer(array)) if array.nbytes else 0)
     return array
 
 
