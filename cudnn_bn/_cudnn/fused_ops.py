@@ -138,8 +138,8 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     activation_desc = plan.activation_descriptor(activation)
     z_desc = None if z_in is None else plan.data_desc_pointer
-    with ops._Launch(cupy, plan, checked_overflow) as launch:
-        handle = launch.handle
+    handle = ops._lend(cupy, plan, checked_overflow)
+    try:
         workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
         workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
@@ -150,7 +150,10 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
             ops._pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, activation_desc.pointer,
             workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
         )
-    if launch.overflowed:
+        overflowed = plan.persistent and ops._after_persistent(handle, checked_overflow)
+    finally:
+        handle.pool.release(handle)
+    if overflowed:
         if backup is not None:
             mean_in[...], var_in[...] = backup
         if on_overflow is OnOverflow.RAISE:
@@ -232,8 +235,8 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     activation_desc = plan.activation_descriptor(saved.activation)
     checked_overflow = on_overflow is not OnOverflow.IGNORE
     data = plan.data_desc_pointer
-    with ops._Launch(cupy, plan, checked_overflow) as launch:
-        handle = launch.handle
+    handle = ops._lend(cupy, plan, checked_overflow)
+    try:
         _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
         ops._check_reserve(reserve, reserve_size, plan.device_id)
         workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -244,7 +247,10 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
             dgamma.data.ptr, dbeta.data.ptr, checked.eps, saved_mean.data.ptr, saved_inv_std.data.ptr,
             activation_desc.pointer, workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
         )
-    if launch.overflowed:
+        overflowed = plan.persistent and ops._after_persistent(handle, checked_overflow)
+    finally:
+        handle.pool.release(handle)
+    if overflowed:
         if on_overflow is OnOverflow.RAISE:
             raise ops._overflow_error(
                 "cudnnBatchNormalizationBackwardEx",

@@ -38,8 +38,8 @@ class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
     __slots__ = (
-        "device_id", "pointer", "bound_stream", "bound_identity", "flag_unread", "_stream_object", "_runtime_status",
-        "_runtime_status_ref", "_finalizer", "__weakref__",
+        "device_id", "pointer", "pool", "bound_stream", "bound_identity", "flag_unread", "_stream_object",
+        "_runtime_status", "_runtime_status_ref", "_finalizer", "__weakref__",
     )
 
     def __init__(self, device_id: int):
@@ -50,6 +50,7 @@ class Handle:
             raise CudnnNotInitializedError(error.status, error.status_name, error.function, f"{NO_GPU_MESSAGE}; {error.detail}") from None
         self.device_id = device_id
         self.pointer = pointer.value
+        self.pool = None  # the HandlePool that lends it, which sets this
         self.bound_stream = None  # cuDNN's default is the legacy stream, but we never rely on it
         self.bound_identity = None  # the stream pointer, with the thread under per-thread streams
         self._stream_object = None
@@ -123,7 +124,9 @@ class HandlePool:
                 return self._idle.pop()
             self._count += 1
         try:
-            return Handle(self.device_id)  # created outside the lock: it may take a while
+            handle = Handle(self.device_id)  # created outside the lock: it may take a while
+            handle.pool = self
+            return handle
         except BaseException:
             with self._available:
                 self._count -= 1

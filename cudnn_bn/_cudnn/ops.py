@@ -242,36 +242,27 @@ def _after_persistent(handle, checked: bool) -> bool:
 
 
 # ---- one launch: the handle, the stream, the flag ----
-class _Launch:
-    """``with _Launch(cupy, plan, checked_overflow) as launch:`` lends a handle of the plan's
-    device for the block (``launch.handle``), bound to CuPy's current stream. On a
-    SPATIAL_PERSISTENT plan a checked call first clears a flag an unchecked one left, and the flag
-    is handled right after the block, before the handle goes back (``launch.overflowed``). A
-    class, not a generator: this runs on every call."""
-
-    __slots__ = ("_cupy", "_plan", "_checked", "_pool", "handle", "overflowed")
-
-    def __init__(self, cupy, plan, checked_overflow: bool):
-        self._cupy, self._plan, self._checked, self.overflowed = cupy, plan, checked_overflow, False
-
-    def __enter__(self) -> "_Launch":
-        pool = self._pool = pool_for(self._plan.device_id)
-        handle = self.handle = pool.acquire()
-        try:
-            handle.bind_stream(self._cupy.cuda.get_current_stream())
-            if self._plan.persistent:
-                _before_persistent(handle, self._checked)
-        except BaseException:
-            pool.release(handle)
-            raise
-        return self
-
-    def __exit__(self, error_type, *_) -> None:
-        try:
-            if error_type is None and self._plan.persistent:
-                self.overflowed = _after_persistent(self.handle, self._checked)
-        finally:
-            self._pool.release(self.handle)
+# Every native batch-norm call runs as
+#     handle = _lend(cupy, plan, checked_overflow)
+#     try:
+#         <the call>
+#         overflowed = plan.persistent and _after_persistent(handle, checked_overflow)
+#     finally:
+#         handle.pool.release(handle)
+# (a context manager would say it in two lines, at twice the cost of the handle loan itself)
+def _lend(cupy, plan, checked_overflow: bool):
+    """A handle of the plan's device for one launch, bound to CuPy's current stream; on a
+    SPATIAL_PERSISTENT plan a checked call first clears a flag an unchecked one left."""
+    pool = pool_for(plan.device_id)
+    handle = pool.acquire()
+    try:
+        handle.bind_stream(cupy.cuda.get_current_stream())
+        if plan.persistent:
+            _before_persistent(handle, checked_overflow)
+    except BaseException:
+        pool.release(handle)
+        raise
+    return handle
 
 
 _WARNED: set = set()
@@ -370,8 +361,8 @@ def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, 
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     library, reserve = raw.library(), None
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    with _Launch(cupy, plan, checked_overflow) as launch:
-        handle = launch.handle
+    handle = _lend(cupy, plan, checked_overflow)
+    try:
         if plan.uses_ex:
             workspace_size, _, reserve_size = plan.ex_workspace_sizes(handle.pointer)
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -389,7 +380,10 @@ def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, 
                 x_desc, y.data.ptr, p_desc, gamma_in.data.ptr, beta_in.data.ptr,
                 momentum, _pointer(mean_in), _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
-    if launch.overflowed:
+        overflowed = plan.persistent and _after_persistent(handle, checked_overflow)
+    finally:
+        handle.pool.release(handle)
+    if overflowed:
         if backup is not None:
             mean_in[...], var_in[...] = backup
         if on_overflow is OnOverflow.RAISE:
@@ -471,14 +465,16 @@ def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_
         # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
         pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
         library, eps = raw.library(), settled.checked.eps
-        with _Launch(cupy, plan, False) as launch:
-            handle = launch.handle
+        handle = _lend(cupy, plan, False)
+        try:
             for piece, x_piece, y_piece in pieces:
                 x_desc = piece.data_desc_pointer
                 library.cudnnBatchNormalizationForwardInference(
                     handle.pointer, piece.cudnn_mode, piece.alpha, piece.beta, x_desc, x_piece.data.ptr, x_desc,
                     y_piece.data.ptr, piece.param_desc_pointer, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
                 )
+        finally:
+            handle.pool.release(handle)
         return y
 
 
@@ -544,8 +540,8 @@ def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
     checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    with _Launch(cupy, plan, checked_overflow) as launch:
-        handle = launch.handle
+    handle = _lend(cupy, plan, checked_overflow)
+    try:
         if reserve is not None and plan.uses_ex:  # its size was checked when the signature was settled
             workspace_size = plan.ex_workspace_sizes(handle.pointer)[1]
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -563,7 +559,10 @@ def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
                 p_desc, gamma_in.data.ptr, dgamma.data.ptr, dbeta.data.ptr, checked.eps,
                 _pointer(saved_mean), _pointer(saved_inv_std),
             )
-    if launch.overflowed:
+        overflowed = plan.persistent and _after_persistent(handle, checked_overflow)
+    finally:
+        handle.pool.release(handle)
+    if overflowed:
         if on_overflow is OnOverflow.RAISE:
             raise _overflow_error(
                 "cudnnBatchNormalizationBackward",
