@@ -126,15 +126,15 @@ class _Blocks:
             self._scratch = np.empty((2, self._block_elements))
         return self._scratch[0, :size].reshape(shape), self._scratch[1, :size].reshape(shape)
 
-    def bits(self, block) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Three uint32 scratch arrays with the shape of ``block`` for float16 data (the bit-level
+    def bits(self, block) -> tuple[np.ndarray, np.ndarray] | None:
+        """Two uint32 scratch arrays with the shape of ``block`` for float16 data (the bit-level
         conversions), else None."""
         if not self._half:
             return None
         shape = tuple(s.stop - s.start for s in block)
         size = math.prod(shape)
         if self._bits is None:
-            self._bits = np.empty((3, self._block_elements), np.uint32)
+            self._bits = np.empty((2, self._block_elements), np.uint32)
         return tuple(row[:size].reshape(shape) for row in self._bits)
 
     def param(self, values: np.ndarray) -> "_Param":
@@ -227,10 +227,12 @@ def _round_to_float16(values: np.ndarray, target: np.ndarray, bits) -> None:
     (midpoints, |value| < 2**-14, |value| >= 65520, NaN: rare in practice) take NumPy's cast of
     the float64 value.
     """
-    magnitude, rounded, scratch = bits
+    magnitude, rounded = bits
+    half = target.view(np.uint16)
     np.copyto(magnitude.view(np.float32), values, casting="same_kind")
-    np.right_shift(magnitude, 16, out=scratch)
-    np.bitwise_and(scratch, 0x8000, out=scratch)  # the sign, at float16's place
+    np.right_shift(magnitude, 16, out=rounded)
+    np.bitwise_and(rounded, 0x8000, out=rounded)
+    np.copyto(half, rounded, casting="unsafe")  # the sign, at float16's place
     np.bitwise_and(magnitude, 0x7FFFFFFF, out=magnitude)
     np.right_shift(magnitude, _HALF_DROPPED_BITS, out=rounded)
     np.bitwise_and(rounded, 1, out=rounded)
@@ -238,12 +240,11 @@ def _round_to_float16(values: np.ndarray, target: np.ndarray, bits) -> None:
     # round, and rebias the exponent (wrapping arithmetic: the sum stays positive in the normal range)
     np.add(rounded, np.uint32((0xFFF - (112 << 23)) % (1 << 32)), out=rounded)
     np.right_shift(rounded, _HALF_DROPPED_BITS, out=rounded)
-    np.bitwise_or(rounded, scratch, out=rounded)
-    np.copyto(target.view(np.uint16), rounded, casting="unsafe")
-    np.bitwise_and(magnitude, 0x1FFF, out=scratch)
-    exceptions = scratch == _FLOAT16_MIDPOINT_LOW_BITS
-    np.subtract(magnitude, np.uint32(_FLOAT32_OF_SMALLEST_NORMAL_FLOAT16), out=scratch)
-    exceptions |= scratch >= np.uint32(_FLOAT32_OF_FLOAT16_OVERFLOW - _FLOAT32_OF_SMALLEST_NORMAL_FLOAT16)
+    np.bitwise_or(half, rounded, out=half, casting="unsafe")
+    np.bitwise_and(magnitude, 0x1FFF, out=rounded)
+    exceptions = rounded == _FLOAT16_MIDPOINT_LOW_BITS
+    np.subtract(magnitude, np.uint32(_FLOAT32_OF_SMALLEST_NORMAL_FLOAT16), out=rounded)
+    exceptions |= rounded >= np.uint32(_FLOAT32_OF_FLOAT16_OVERFLOW - _FLOAT32_OF_SMALLEST_NORMAL_FLOAT16)
     if exceptions.any():
         # through flat indices: np.nonzero on a 3-d mask costs more than the whole conversion
         where = np.unravel_index(np.flatnonzero(exceptions), exceptions.shape)

@@ -38,7 +38,7 @@ def _hard_float64_values() -> np.ndarray:
 
 
 def _round(values, target):
-    bits = tuple(np.empty(values.shape, np.uint32) for _ in range(3))
+    bits = tuple(np.empty(values.shape, np.uint32) for _ in range(2))
     reference._round_to_float16(values, target, bits)
     return target
 
