@@ -153,14 +153,6 @@ class _Settled:
         self.x_as_is = all(array.flags.c_contiguous for array in x)
         self.params_as_is = all(plan.param_as_is(array) for array in params if array is not None)
 
-    def with_plan(self, checked, plan) -> "_Settled":
-        """The same arguments under another description and plan of the same shape and dtypes."""
-        settled = object.__new__(_Settled)
-        settled.checked, settled.plan, settled.on_overflow, settled.extents = checked, plan, self.on_overflow, self.extents
-        settled.checked_overflow = plan.persistent and self.on_overflow is not OnOverflow.IGNORE
-        settled.x_as_is, settled.params_as_is = self.x_as_is, self.params_as_is
-        return settled
-
 
 def _extents(*arrays):
     """(first, last + 1) byte offsets of each array from its address; None if any is empty."""
@@ -307,12 +299,6 @@ def _spatial(checked):
     return dataclasses.replace(checked, layout=Layout(layout.shape, layout.channel_axis, Mode.SPATIAL))
 
 
-def _as_spatial(settled: _Settled, operation: str) -> _Settled:
-    """The same call in SPATIAL mode: what an overflowing SPATIAL_PERSISTENT call falls back to."""
-    checked = _spatial(settled.checked)
-    return settled.with_plan(checked, plan_for(operation, checked.layout, checked.data_dtype, settled.plan.device_id))
-
-
 # ---- forward training ----
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
     """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.forward_training`
@@ -341,23 +327,19 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="
             momentum = check_momentum(momentum)
         if running_mean is not None:
             _check_running_apart(settled, x, gamma, beta, running_mean, running_var)
-    if cupy.cuda.runtime.getDevice() == settled.plan.device_id:
-        return _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, settled.on_overflow)
-    with cupy.cuda.Device(settled.plan.device_id):
-        return _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, settled.on_overflow)
-
-
-def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, momentum, on_overflow):
     plan, checked = settled.plan, settled.checked
+    if cupy.cuda.runtime.getDevice() != plan.device_id:  # the rare case: again, with the arrays' device current
+        with cupy.cuda.Device(plan.device_id):
+            return forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
+    on_overflow, checked_overflow = settled.on_overflow, settled.checked_overflow
     x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
     if settled.params_as_is:
         gamma_in, beta_in, mean_in, var_in = gamma, beta, running_mean, running_var
     else:
         gamma_in, beta_in = plan.param_in(cupy, gamma), plan.param_in(cupy, beta)
         mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
-    checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
     backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
-    y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
+    y = cupy.empty(x_in.shape, plan.data_dtype)
     save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
     library, reserve = raw.library(), None
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
@@ -366,7 +348,7 @@ def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, 
         if plan.uses_ex:
             workspace_size, _, reserve_size = plan.ex_workspace_sizes(handle.pointer)
             workspace = _workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
-            reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
+            reserve = cupy.empty(max(reserve_size, 1), cupy.uint8)
             library.cudnnBatchNormalizationForwardTrainingEx(
                 handle.pointer, plan.cudnn_mode, _BN, plan.alpha, plan.beta,
                 x_desc, x_in.data.ptr, None, None, x_desc, y.data.ptr,
@@ -392,8 +374,7 @@ def _forward_training(cupy, settled, x, gamma, beta, running_mean, running_var, 
                 "running statistics were restored. Use mode='spatial' or on_overflow='fallback'",
             )
         _warn_fallback("forward_training", plan.layout.shape, plan.data_dtype)
-        fallback = _as_spatial(settled, TRAINING)
-        return _forward_training(cupy, fallback, x, gamma, beta, running_mean, running_var, momentum, OnOverflow.IGNORE)
+        return forward_training(x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, checked.eps, channel_axis, OnOverflow.IGNORE)
     if not settled.params_as_is:
         plan.running_back(cupy, mean_in, running_mean)
         plan.running_back(cupy, var_in, running_var)
@@ -460,7 +441,7 @@ def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_
     with _on_device(cupy, plan.device_id):
         x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
         params = (gamma, beta, mean, var) if settled.params_as_is else [plan.param_in(cupy, a) for a in (gamma, beta, mean, var)]
-        y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
+        y = cupy.empty(x_in.shape, plan.data_dtype)
         gamma_ptr, beta_ptr, mean_ptr, var_ptr = [p.data.ptr for p in params]
         # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
         pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
@@ -495,34 +476,11 @@ def backward(x, dy, gamma, saved=None, mode=None, eps=None, channel_axis=None, o
         settled = _remember(key, _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
     elif settled.checked_overflow:
         check_saved_finite(saved)  # synchronizes; "ignore" promised no synchronisation
-    if cupy.cuda.runtime.getDevice() == settled.plan.device_id:
-        return _backward(cupy, settled, x, dy, gamma, saved, settled.on_overflow)
-    with cupy.cuda.Device(settled.plan.device_id):
-        return _backward(cupy, settled, x, dy, gamma, saved, settled.on_overflow)
-
-
-def _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow) -> _Settled:
-    """The full checks of a backward signature (and of this call's values), then its plan."""
-    mode, on_overflow, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)
-    checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
-    named = {"x": x, "dy": dy, "gamma": gamma}
-    if saved is not None:
-        named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std, saved_reserve_space=saved.reserve_space)
-    device_id = _same_device(**named)
-    _check_build_once(cupy)
-    if checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE:
-        check_saved_finite(saved)  # before the plan's native calls; "ignore" promised no synchronisation
-    plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
-    reserve = None if saved is None else saved.reserve_space
-    if reserve is not None and plan.uses_ex:  # BackwardEx reads the forward's reserve space
-        with _on_device(cupy, device_id), borrow(device_id) as handle:
-            _check_reserve(reserve, plan.ex_workspace_sizes(handle.pointer)[2], device_id)
-    saved_arrays = () if saved is None else (saved.mean, saved.inv_std)
-    return _Settled(checked, plan, on_overflow, (x, dy), (gamma,) + saved_arrays)
-
-
-def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
     plan, checked = settled.plan, settled.checked
+    if cupy.cuda.runtime.getDevice() != plan.device_id:  # the rare case: again, with the arrays' device current
+        with cupy.cuda.Device(plan.device_id):
+            return backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
+    on_overflow, checked_overflow = settled.on_overflow, settled.checked_overflow
     if settled.x_as_is:
         x_in, dy_in = x, dy
     else:
@@ -535,9 +493,8 @@ def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
         gamma_in = plan.param_in(cupy, gamma)
         if saved is not None:
             saved_mean, saved_inv_std = plan.param_in(cupy, saved_mean), plan.param_in(cupy, saved_inv_std)
-    dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
+    dx = cupy.empty(x_in.shape, plan.data_dtype)
     dgamma, dbeta = plan.new_param(cupy), plan.new_param(cupy)
-    checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
     handle = _lend(cupy, plan, checked_overflow)
@@ -571,7 +528,27 @@ def _backward(cupy, settled, x, dy, gamma, saved, on_overflow):
             )
         _warn_fallback("backward", plan.layout.shape, plan.data_dtype)
         plain_saved = None if saved is None else SavedStats._checked(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
-        return _backward(cupy, _as_spatial(settled, BACKWARD), x, dy, gamma, plain_saved, OnOverflow.IGNORE)
+        return backward(x, dy, gamma, plain_saved, Mode.SPATIAL, checked.eps, channel_axis, OnOverflow.IGNORE)
     if plan.param_from_cudnn is not None:
         dgamma, dbeta = plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
     return dx, dgamma, dbeta
+
+
+def _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow) -> _Settled:
+    """The full checks of a backward signature (and of this call's values), then its plan."""
+    mode, on_overflow, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)
+    checked = check_backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
+    named = {"x": x, "dy": dy, "gamma": gamma}
+    if saved is not None:
+        named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std, saved_reserve_space=saved.reserve_space)
+    device_id = _same_device(**named)
+    _check_build_once(cupy)
+    if checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE:
+        check_saved_finite(saved)  # before the plan's native calls; "ignore" promised no synchronisation
+    plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
+    reserve = None if saved is None else saved.reserve_space
+    if reserve is not None and plan.uses_ex:  # BackwardEx reads the forward's reserve space
+        with _on_device(cupy, device_id), borrow(device_id) as handle:
+            _check_reserve(reserve, plan.ex_workspace_sizes(handle.pointer)[2], device_id)
+    saved_arrays = () if saved is None else (saved.mean, saved.inv_std)
+    return _Settled(checked, plan, on_overflow, (x, dy), (gamma,) + saved_arrays)

@@ -127,7 +127,7 @@ class Plan:
             caller[...] = self.param_out(cupy, working).astype(caller.dtype, copy=False)
 
     def new_param(self, cupy):
-        return cupy.empty(self.cudnn_param_shape, dtype=self.param_dtype)
+        return cupy.empty(self.cudnn_param_shape, self.param_dtype)
 
     # ---- the Ex path ----
     def ex_workspace_sizes(self, handle_pointer: int) -> tuple[int, int, int]:
