@@ -360,7 +360,8 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="
             library.cudnnBatchNormalizationForwardTraining(
                 handle.pointer, plan.cudnn_mode, plan.alpha, plan.beta, x_desc, x_in.data.ptr,
                 x_desc, y.data.ptr, p_desc, gamma_in.data.ptr, beta_in.data.ptr,
-                momentum, _pointer(mean_in), _pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
+                momentum, None if mean_in is None else mean_in.data.ptr, None if var_in is None else var_in.data.ptr, checked.eps, save_mean.data.ptr,
+                save_inv_std.data.ptr,
             )
         overflowed = plan.persistent and _after_persistent(handle, checked_overflow)
     finally:

@@ -343,7 +343,9 @@ def check_status(function: str, status: int, detail: str = "") -> None:
 
 def _checked(name: str, function):
     def call(*args):
-        check_status(name, function(*args))
+        status = function(*args)
+        if status:  # CUDNN_STATUS_SUCCESS is 0; check_status names the failure
+            check_status(name, status)
 
     call.__name__ = call.__qualname__ = name
     return call
