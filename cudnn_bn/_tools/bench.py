@@ -261,11 +261,12 @@ def peak_float64_temporaries(run, x) -> float:
 # The clock of the CPU table (see timing.CLOCKS): the reference and torch both run on the calling
 # thread, so its CPU time is their time, undisturbed by other processes on a shared machine.
 CPU_CLOCK = "cpu"
-# Rounds over the whole table: each adds a few interleaved repeats to every row after its own
-# warm-up, so that a burst of background load spreads over all rows instead of owning a few, and
-# the median of a row is taken over samples from every round.
+# Rounds over the whole table: each adds interleaved repeats to every row after its own warm-up,
+# so that a burst of background load spreads over all rows instead of owning a few, and the median
+# of a row is taken over samples from every round. A round gives each row at least 0.1 s: a
+# millisecond row then gets dozens of samples per round, not three, and its median holds still.
 CPU_ROUNDS = 7
-CPU_REPEATS_PER_ROUND = dict(warmup=2, min_repeats=3, min_seconds=0.0)
+CPU_REPEATS_PER_ROUND = dict(warmup=2, min_repeats=3, min_seconds=0.1)
 CPU_QUICK_ROUNDS = 1
 CPU_QUICK_REPEATS_PER_ROUND = dict(warmup=1, min_repeats=3, min_seconds=0.0)
 
@@ -682,7 +683,8 @@ def _cpu_header(result: dict, env: dict) -> list[str]:
         lines.append(f"Copy bandwidth not measured: {copy['error']}")
     lines.append(
         f"Each row: {timing.get('rounds')} rounds over the whole table, each with {timing.get('warmup')} warm-up calls and "
-        f"{timing.get('min_repeats')} timed repeats" + (" interleaved with PyTorch's" if timing.get("interleaved") else "")
+        f"{timing.get('min_repeats')} or more timed repeats" + (f" (as many as fill {timing['min_seconds']:g} s)" if timing.get("min_seconds") else "")
+        + (" interleaved with PyTorch's" if timing.get("interleaved") else "")
         + "; min / median / max over all its repeats; time / torch is the ratio of medians; float64 temporaries is the peak that NumPy allocates during one call, "
         "less its results, in units of an x-sized float64 array."
     )
