@@ -38,7 +38,8 @@ TORCH_MARK = "# needs torch"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 PRINTS = re.compile(r"#\s*prints (.+?)\s*$")
 # what a block that runs on a CPU must not touch
-NEEDS_A_GPU = re.compile(r"\bimport cupy\b|\bcupy\.|\bcp\.|device=\"cuda\"|\.cuda\(")
+# (matched on code re-spaced by tokenize, so "=" may have spaces around it)
+NEEDS_A_GPU = re.compile(r"\bimport cupy\b|\bcupy\.|\bcp\.|\bxp\s*=\s*cupy\b|device\s*=\s*\"cuda\"|\.cuda\(")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,10 @@ def test_the_marker_check_catches_an_unmarked_gpu_block_and_a_needless_mark(tmp_
     unmarked.write_text("```python\nimport cupy as cp\nx = cp.ones(3)\n```\n")
     with pytest.raises(AssertionError, match="uses a GPU"):
         check_markers(str(unmarked))
+    for line in ('x = torch.ones(3, device="cuda")', "layer = BatchNorm(4, xp=cupy)"):  # the other ways a block needs one
+        unmarked.write_text(f"```python\n{line}\n```\n")
+        with pytest.raises(AssertionError, match="uses a GPU"):
+            check_markers(str(unmarked))
     needless = tmp_path / "needless.md"
     needless.write_text(f"```python\n{GPU_MARK}\nimport numpy as np\n```\n")
     with pytest.raises(AssertionError, match="uses no GPU"):
