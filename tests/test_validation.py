@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cudnn_bn
-from cudnn_bn import Mode, SavedStats, reference
+from cudnn_bn import Mode, OnOverflow, SavedStats, reference
 from conftest import make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
@@ -634,6 +634,14 @@ def test_mode_prints_its_name():
     arrays = _case()
     _, saved = _train(arrays, mode="spatial_persistent")
     assert str(saved.mode) == "SPATIAL_PERSISTENT"
+
+
+def test_the_overflow_policy_prints_what_users_type():
+    assert str(OnOverflow.FALLBACK) == "fallback" and f"{OnOverflow.RAISE:>6}" == " raise"
+    assert OnOverflow.IGNORE == "ignore" and repr(OnOverflow.IGNORE) == "<OnOverflow.IGNORE: 'ignore'>"
+    arrays = _case()
+    _, saved = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial_persistent", on_overflow="ignore")
+    assert str(saved.on_overflow) == "ignore"
 
 
 def test_overlap_bounds_use_the_device_pointer_of_cupy_arrays():

@@ -41,6 +41,13 @@ class OnOverflow(str, enum.Enum):
     FALLBACK = "fallback"
     IGNORE = "ignore"
 
+    def __str__(self) -> str:
+        # what users type ("fallback"), as Mode prints its name; the class repr stays for repr()
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
 
 _MODE_NAMES = {mode.name.lower(): mode for mode in Mode}
 
