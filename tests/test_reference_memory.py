@@ -3,38 +3,14 @@ which sees NumPy's data buffers), in every call, mode and layout."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 
-from cudnn_bn import Mode, SavedStats, reference
+from cudnn_bn import Mode, reference
+from cudnn_bn._tools.bench import peak_float64_temporaries  # the bench's own measurement
 from conftest import make_case
 
 EPS = 1e-5
-
-
-def _result_bytes(result) -> int:
-    if isinstance(result, np.ndarray):
-        return result.nbytes
-    if isinstance(result, SavedStats):
-        return result.mean.nbytes + result.inv_std.nbytes
-    if isinstance(result, tuple):
-        return sum(_result_bytes(item) for item in result)
-    return 0
-
-
-def _peak_temporaries_in_units_of_x(run, x) -> float:
-    """Peak traced bytes during ``run()`` beyond what it returns, over the bytes of x in float64."""
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        before, _ = tracemalloc.get_traced_memory()
-        result = run()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return (peak - before - _result_bytes(result)) / (x.size * 8)
 
 
 # 2**17 elements: large enough that the blocks are a small part of x
@@ -54,18 +30,13 @@ def test_every_call_holds_less_than_one_float64_copy_of_x(shape, channel_axis, m
         "backward, statistics recomputed": lambda: reference.backward(x, dy, gamma, mode=mode, eps=EPS, channel_axis=channel_axis),
     }
     for name, run in calls.items():
-        units = _peak_temporaries_in_units_of_x(run, x)
+        units = peak_float64_temporaries(run, x)
         assert 0.0 <= units <= 1.0, f"{name}: {units:.2f} x-sized float64 temporaries"
 
 
 def test_a_non_contiguous_input_adds_one_copy_in_its_own_dtype():
     _, stored, _, gamma, beta = make_case((32, 16, 16, 16), Mode.SPATIAL, -1, dtype=np.float32)
     x = np.moveaxis(stored, -1, 1)  # channels-first axes, channels-last memory
-    units = _peak_temporaries_in_units_of_x(lambda: reference.forward_training(x, gamma, beta), x)
+    units = peak_float64_temporaries(lambda: reference.forward_training(x, gamma, beta), x)
     assert 0.5 <= units <= 1.5  # the float32 copy is half an x-sized float64 array
 
-
-def test_the_measurement_sees_an_x_sized_float64_temporary():
-    _, x, _, _, _ = make_case((64, 64), Mode.SPATIAL, dtype=np.float32)
-    units = _peak_temporaries_in_units_of_x(lambda: float(x.astype(np.float64).sum()), x)
-    assert 0.99 <= units <= 1.1
