@@ -27,3 +27,16 @@ def test_the_host_overhead_benchmark_measures_every_call_and_restores_the_librar
     assert "cupy" not in sys.modules or sys.modules["cupy"].__name__ == "cupy" and not hasattr(sys.modules["cupy"], "HostArray")
     markdown = host_overhead.to_markdown(result)
     assert "| NCHW float32, SPATIAL | forward_training |" in markdown
+
+
+def test_the_numpy_pass_benchmark_adds_its_passes_into_the_floor(capsys):
+    import numpy_passes
+
+    costs = numpy_passes.pass_costs((2, 8, 4, 4))
+    assert set(costs) == {"widen float32 to float64", "subtract (float64)", "multiply (float64)", "add (float64)",
+                          "narrow float64 to float32", "per-channel sum (float64)"}
+    assert all(value > 0 for value in costs.values())
+    floor = numpy_passes.exact_forward_floor(dict.fromkeys(costs, 1.0))
+    assert floor == {"statistics": 5.0, "output": 5.0, "total": 10.0}  # one widened copy for both statistics
+    assert numpy_passes.main(["--shape", "2", "8", "4", "4"]) == 0
+    assert "least exact training forward" in capsys.readouterr().out
