@@ -1,5 +1,6 @@
-"""The public functions: resolve the mode, then send numpy arrays to the reference and cupy
-arrays to cuDNN. Both sides validate with the same checks.
+"""The public functions: tell the arrays' kind, then send numpy arrays to the reference and cupy
+arrays to cuDNN. Both sides resolve the mode by the same policy (cudnn_bn._core.policy; the cuDNN
+side once per call signature) and validate with the same checks.
 
 CUDA arrays of other libraries (objects exposing ``__cuda_array_interface__``, or ``__dlpack__``
 on a CUDA device) are wrapped as cupy arrays without a copy (cudnn_bn/_cudnn/interop.py, imported

@@ -512,3 +512,43 @@ def test_growing_one_streams_workspace_evicts_nothing_when_the_table_is_full(gpu
     ops._workspace(cupy, 0, 5, 64)  # a stream already in the table asks for more
     assert len(ops._WORKSPACES) == ops._MAX_WORKSPACE_STREAMS and (0, 0) in ops._WORKSPACES
     assert ops._WORKSPACES[(0, 5)].size == 64
+
+
+def test_a_persistent_backward_from_another_device_checks_its_statistics_once_on_theirs(two_gpus, monkeypatch):
+    cupy = sys.modules["cupy"]
+    _, x, _, gamma, beta = make_case((4, 2, 2, 8), Mode.SPATIAL, -1, np.float16)
+    with cupy.cuda.Device(1):
+        xd, gd, bd = _device(x, gamma, beta)
+        _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    checks, vdot = [], cupy.vdot
+    monkeypatch.setattr(cupy, "vdot", lambda a, b: checks.append((a.device.id, cupy.cuda.runtime.getDevice())) or vdot(a, b))
+    for _ in range(2):  # the call that settles the signature, then the cached one, both from device 0
+        checks.clear()
+        dx, _, _ = cudnn_bn.backward(xd, xd, gd, saved)
+        assert checks == [(1, 1)] and dx.device.id == 1
+
+
+class _MisbehavingArray:
+    """Looks like an array until its shape is read."""
+
+    dtype = np.dtype(np.uint8)
+
+    @property
+    def shape(self):
+        raise RuntimeError("no shape here")
+
+
+class _UnhashableMode(str):
+    def __hash__(self):
+        raise ValueError("no hash here")
+
+
+def test_arguments_that_break_the_signature_get_the_typed_errors_of_the_full_checks(gpu):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    with pytest.raises(TypeError, match="saved.reserve_space"):
+        cudnn_bn.backward(x, dy, gamma, dataclasses.replace(saved, reserve_space=_MisbehavingArray()))
+    with pytest.raises(ValueError, match="^mode: expected one of"):
+        cudnn_bn.backward(x, dy, gamma, mode=_UnhashableMode("sideways"), eps=1e-5)
+    with pytest.raises(ValueError, match="^mode: expected one of"):
+        cudnn_bn.forward_training(x, gamma, beta, mode=_UnhashableMode("sideways"))

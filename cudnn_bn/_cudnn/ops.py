@@ -1,9 +1,11 @@
 """Batch normalization on CuPy arrays through cuDNN: the three modes, the overflow check,
 the Ex fast path. Arguments are validated by the same checks as the NumPy reference before any
-native call; ``mode`` arrives here already concrete (the "auto" policy lives in the API layer).
+native call; ``mode`` and ``on_overflow`` arrive as the public call takes them and are resolved
+by the policy (cudnn_bn._core.policy), once per call signature.
 
-Each call looks up its plan (plans.py), borrows a handle from its device's pool (handles.py) for
-the length of its native calls, and binds it to CuPy's current stream.
+Each call runs with its arrays' device current, looks up what its signature settled (the checks,
+the mode, the plan of plans.py), checks what depends on values, lends a handle from its device's
+pool (handles.py) for the length of its native calls, and binds it to CuPy's current stream.
 """
 
 from __future__ import annotations
@@ -104,11 +106,12 @@ def _on_device(cupy, device_id: int):
 
 
 # ---- the checks that depend on a call's signature, done once per signature ----
-# A signature is everything the full checks read except values: the types, shapes, strides,
-# dtypes and devices of the arrays, and mode, channel_axis and eps with their types (True == 1 as
-# a key). Strides are part of it, so whether an array reaches cuDNN as it is (contiguous, in
-# cuDNN's dtype and axis order) is settled once too. What depends on values (momentum, memory
-# overlap, finite saved statistics) is checked per call.
+# A signature is everything the full checks and the policy read except values: the types, shapes,
+# strides, dtypes and devices of the arrays (the written ones' writability too, the saved
+# statistics' settings), and mode, eps, channel_axis and on_overflow as given, with their types
+# (True == 1 as a key). Strides are part of it, so whether an array reaches cuDNN as it is
+# (contiguous, in cuDNN's dtype and axis order) is settled once too. What depends on values
+# (momentum, memory overlap, finite saved statistics) is checked per call.
 _MAX_SIGNATURES = 4096
 
 
@@ -178,7 +181,7 @@ def _remember(key, settled: _Settled) -> _Settled:
 def _lookup(key):
     try:
         return key, PLANS.signatures.get(key)
-    except TypeError:  # an unhashable argument: the full checks say what is wrong with it
+    except Exception:  # an unhashable or misbehaving argument: the full checks name it
         return None, None
 
 
@@ -282,7 +285,7 @@ def _outside_the_package() -> int:
     """warnings.warn's stacklevel for the first caller outside cudnn_bn (the calls that warn are
     reached through different depths: the public functions, the fused calls, compat)."""
     frame, level = sys._getframe(2), 2  # 1 is the function that warns
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR + os.sep):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -304,6 +307,10 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="
     """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.forward_training`
     (``mode`` and ``on_overflow`` as the public call takes them: the policy resolves them once
     per call signature)."""
+    cupy = _cupy()
+    if cupy.cuda.runtime.getDevice() != x.device.id:  # the rare case: again, with x's device current
+        with cupy.cuda.Device(x.device.id):
+            return forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
     key, settled = _lookup((
         TRAINING, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis, type(eps), eps,
         type(x), x.shape, x.strides, x.dtype, x.device.id,  # _signature(x), flat: this runs on every call
@@ -311,7 +318,6 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="
         type(beta), beta.shape, beta.strides, beta.dtype, beta.device.id,
         _running_signature(running_mean, running_var),
     ))
-    cupy = _cupy()
     if settled is None:
         mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
         checked, momentum = check_forward_training(
@@ -328,9 +334,6 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="
         if running_mean is not None:
             _check_running_apart(settled, x, gamma, beta, running_mean, running_var)
     plan, checked = settled.plan, settled.checked
-    if cupy.cuda.runtime.getDevice() != plan.device_id:  # the rare case: again, with the arrays' device current
-        with cupy.cuda.Device(plan.device_id):
-            return forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
     on_overflow, checked_overflow = settled.on_overflow, settled.checked_overflow
     x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
     if settled.params_as_is:
@@ -422,11 +425,14 @@ def _workspace(cupy, device_id: int, stream_identity, size: int):
 # ---- forward inference ----
 def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_axis=1):
     """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.forward_inference`."""
+    cupy = _cupy()
+    if cupy.cuda.runtime.getDevice() != x.device.id:  # the rare case: again, with x's device current
+        with cupy.cuda.Device(x.device.id):
+            return forward_inference(x, gamma, beta, mean, var, mode, eps, channel_axis)
     key, settled = _lookup((
         INFERENCE, type(mode), mode, type(channel_axis), channel_axis, type(eps), eps, _signature(x), _signature(gamma),
         _signature(beta), _signature(mean), _signature(var),
     ))
-    cupy = _cupy()
     if settled is None:
         mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
         checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
@@ -439,48 +445,47 @@ def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_
         plan = plan_for(INFERENCE, checked.layout, checked.data_dtype, device_id)
         settled = _remember(key, _Settled(checked, plan, None, (x,), (gamma, beta, mean, var)))
     plan = settled.plan
-    with _on_device(cupy, plan.device_id):
-        x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
-        params = (gamma, beta, mean, var) if settled.params_as_is else [plan.param_in(cupy, a) for a in (gamma, beta, mean, var)]
-        y = cupy.empty(x_in.shape, plan.data_dtype)
-        gamma_ptr, beta_ptr, mean_ptr, var_ptr = [p.data.ptr for p in params]
-        # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
-        pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
-        library, eps = raw.library(), settled.checked.eps
-        handle = _lend(cupy, plan, False)
-        try:
-            for piece, x_piece, y_piece in pieces:
-                x_desc = piece.data_desc_pointer
-                library.cudnnBatchNormalizationForwardInference(
-                    handle.pointer, piece.cudnn_mode, piece.alpha, piece.beta, x_desc, x_piece.data.ptr, x_desc,
-                    y_piece.data.ptr, piece.param_desc_pointer, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
-                )
-        finally:
-            handle.pool.release(handle)
-        return y
+    x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
+    params = (gamma, beta, mean, var) if settled.params_as_is else [plan.param_in(cupy, a) for a in (gamma, beta, mean, var)]
+    y = cupy.empty(x_in.shape, plan.data_dtype)
+    gamma_ptr, beta_ptr, mean_ptr, var_ptr = [p.data.ptr for p in params]
+    # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
+    pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
+    library, eps = raw.library(), settled.checked.eps
+    handle = _lend(cupy, plan, False)
+    try:
+        for piece, x_piece, y_piece in pieces:
+            x_desc = piece.data_desc_pointer
+            library.cudnnBatchNormalizationForwardInference(
+                handle.pointer, piece.cudnn_mode, piece.alpha, piece.beta, x_desc, x_piece.data.ptr, x_desc,
+                y_piece.data.ptr, piece.param_desc_pointer, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
+            )
+    finally:
+        handle.pool.release(handle)
+    return y
 
 
 # ---- backward ----
 def backward(x, dy, gamma, saved=None, mode=None, eps=None, channel_axis=None, on_overflow=None):
     """cuDNN backward on cupy arrays; same contract as :func:`cudnn_bn.backward` (the settings
     are resolved against ``saved`` once per call signature)."""
+    cupy = _cupy()
+    if cupy.cuda.runtime.getDevice() != x.device.id:  # the rare case: again, with x's device current
+        with cupy.cuda.Device(x.device.id):
+            return backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
     try:
         key = (
             BACKWARD, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow,
             _signature(x), _signature(dy), _signature(gamma), _saved_signature(saved),
         )
-    except (TypeError, AttributeError):  # saved is not a SavedStats, or holds a non-array: the full checks say so
+    except Exception:  # saved is not a SavedStats, or holds something other than arrays: the full checks name it
         key = None
     key, settled = _lookup(key)
-    cupy = _cupy()
     if settled is None:
         settled = _remember(key, _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
     elif settled.checked_overflow:
         check_saved_finite(saved)  # synchronizes; "ignore" promised no synchronisation
     plan, checked = settled.plan, settled.checked
-    if cupy.cuda.runtime.getDevice() != plan.device_id:  # the rare case: again, with the arrays' device current
-        with cupy.cuda.Device(plan.device_id):
-            return backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
     on_overflow, checked_overflow = settled.on_overflow, settled.checked_overflow
     if settled.x_as_is:
         x_in, dy_in = x, dy
@@ -549,7 +554,7 @@ def _settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_over
     plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
     reserve = None if saved is None else saved.reserve_space
     if reserve is not None and plan.uses_ex:  # BackwardEx reads the forward's reserve space
-        with _on_device(cupy, device_id), borrow(device_id) as handle:
+        with borrow(device_id) as handle:
             _check_reserve(reserve, plan.ex_workspace_sizes(handle.pointer)[2], device_id)
     saved_arrays = () if saved is None else (saved.mean, saved.inv_std)
     return _Settled(checked, plan, on_overflow, (x, dy), (gamma,) + saved_arrays)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._core.layout import Layout, cudnn_dims_and_strides
 from .._core.modes import Mode
+from .._core.policy import BACKWARD, INFERENCE, TRAINING  # the operation names, defined once
 from .._core.validate import param_dtype_for
 from . import raw
 from .descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type
@@ -26,7 +27,6 @@ from .raw import BatchNormOps
 
 __all__ = ["BACKWARD", "INFERENCE", "PLANS", "TRAINING", "ChunkedPlan", "Plan", "PlanCache", "plan_for", "set_ex_path_enabled", "uses_ex_path"]
 
-from .._core.policy import BACKWARD, INFERENCE, TRAINING  # the operation names, one definition
 
 # alpha = 1, beta = 0 typed to the data: C float for half/float data, C double for double data.
 # Module-level objects, so the addresses stay valid for the life of the process.
@@ -179,7 +179,8 @@ class PlanCache:
         self._plans: dict = {}
         self._lock = threading.RLock()  # a chunked inference plan builds its pieces' plans inside
         self.created = 0  # plans ever built, for tests and diagnostics
-        # call signature -> (the validated description, its plan): filled by ops.py, emptied with the plans
+        # call signature -> what it settled (ops._Settled, which holds its plan): filled by ops.py,
+        # emptied with the plans
         self.signatures: dict = {}
 
     def __len__(self) -> int:
