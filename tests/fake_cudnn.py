@@ -596,16 +596,25 @@ class FakeArray(np.ndarray):
         device.id = self._device_id()
         return device
 
+    def _own_device_stream(self) -> "Stream":
+        """The current stream of this array's device (CuPy's get and set enter the array's device)."""
+        _CUDA.push_device(self._device_id())
+        try:
+            return _CUDA.current_stream()
+        finally:
+            _CUDA.pop_device()
+
     def get(self, stream=None, order="C", out=None):
-        """A host (numpy) copy, after the work queued on ``stream`` (default: the current one)."""
-        _CUDA.flush((stream if stream is not None else _CUDA.current_stream()).key)
+        """A host (numpy) copy, after the work queued on ``stream`` (default: the current stream of
+        the array's device)."""
+        _CUDA.flush((stream if stream is not None else self._own_device_stream()).key)
         if out is not None:
             np.copyto(out, self.view(np.ndarray))
             return out
         return np.array(self.view(np.ndarray), copy=True, order=order)
 
     def set(self, array, stream=None) -> None:
-        _CUDA.flush((stream if stream is not None else _CUDA.current_stream()).key)
+        _CUDA.flush((stream if stream is not None else self._own_device_stream()).key)
         np.copyto(self.view(np.ndarray), array)
 
     def copy(self, order="C"):

@@ -16,8 +16,10 @@ import threading
 import numpy as np
 import pytest
 
-from cudnn_bn import reference
+import cudnn_bn
+from cudnn_bn import Mode, reference
 from cudnn_bn._cudnn.errors import CudnnError
+from conftest import make_case
 from fake_cudnn import CUDNN_BN_MIN_EPSILON, FakeArray, OutOfMemoryError, simulated_gpu, virtual_array
 
 BAD_PARAM, NOT_SUPPORTED, IN_PROGRESS, OVERFLOW = 2000, 3000, 1006, 1007
@@ -736,3 +738,16 @@ def test_the_fused_ex_backward_refuses(gpu, fused_case, relu, override, status, 
     fused_case.call(TRAINING_EX, **_fused_arguments(fused_case, 2, relu))
     refused(status, fused_case.call, BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu, **override), match=match)
     fused_case.call(BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu))  # the right call still runs
+
+
+def test_get_waits_for_the_arrays_own_device_as_cupy_does(cudnn_library):
+    # CuPy's get() enters the array's device: the work to wait for is on that device's stream,
+    # whatever device is current when the result is read
+    _, x, _, gamma, beta = make_case((4, 2, 2, 8), Mode.SPATIAL, -1, np.float32)
+    with simulated_gpu(devices=2):
+        cupy = sys.modules["cupy"]
+        with cupy.cuda.Device(1):
+            xd, gd, bd = (np.array(a, copy=True).view(FakeArray) for a in (x, gamma, beta))
+            y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial", channel_axis=-1)
+        expected, _ = reference.forward_training(x, gamma, beta, mode="spatial", channel_axis=-1)
+        np.testing.assert_allclose(y.get(), expected, rtol=1e-5, atol=1e-6)  # read with device 0 current
