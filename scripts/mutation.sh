@@ -47,7 +47,7 @@ case $module in
     policy)      source=cudnn_bn/_core/policy.py;       tests="test_policy test_cupy_path test_layer" ;;
     descriptors) source=cudnn_bn/_cudnn/descriptors.py; tests="test_descriptors test_cudnn_safety test_cupy_path test_raw" ;;
     layer)       source=cudnn_bn/layer.py;              tests="test_layer test_layer_fused test_api test_cudnn_safety" ;;
-    reference)   source=cudnn_bn/reference.py;          tests="test_reference test_fused test_properties test_reference_memory test_api test_validation" ;;
+    reference)   source=cudnn_bn/reference.py;          tests="test_reference test_reference_float16 test_fused test_properties test_reference_memory test_api test_validation" ;;
     *) usage ;;
 esac
 
