@@ -303,10 +303,10 @@ def _spatial(checked):
 
 
 # ---- forward training ----
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
+def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow):
     """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.forward_training`
-    (``mode`` and ``on_overflow`` as the public call takes them: the policy resolves them once
-    per call signature)."""
+    (every argument given; ``mode`` and ``on_overflow`` as the public call takes them: the policy
+    resolves them once per call signature)."""
     cupy = _cupy()
     if cupy.cuda.runtime.getDevice() != x.device.id:  # the rare case: again, with x's device current
         with cupy.cuda.Device(x.device.id):
@@ -423,7 +423,7 @@ def _workspace(cupy, device_id: int, stream_identity, size: int):
 
 
 # ---- forward inference ----
-def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_axis=1):
+def forward_inference(x, gamma, beta, mean, var, mode, eps, channel_axis):
     """cuDNN forward inference on cupy arrays; same contract as :func:`cudnn_bn.forward_inference`."""
     cupy = _cupy()
     if cupy.cuda.runtime.getDevice() != x.device.id:  # the rare case: again, with x's device current
@@ -466,7 +466,7 @@ def forward_inference(x, gamma, beta, mean, var, mode="auto", eps=1e-5, channel_
 
 
 # ---- backward ----
-def backward(x, dy, gamma, saved=None, mode=None, eps=None, channel_axis=None, on_overflow=None):
+def backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow):
     """cuDNN backward on cupy arrays; same contract as :func:`cudnn_bn.backward` (the settings
     are resolved against ``saved`` once per call signature)."""
     cupy = _cupy()
