@@ -135,7 +135,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     checked_overflow = on_overflow is not OnOverflow.IGNORE
     backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
-    save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
+    save_mean, save_inv_std = plan.new_params(cupy)
     activation_desc = plan.activation_descriptor(activation)
     z_desc = None if z_in is None else plan.data_desc_pointer
     handle = ops._lend(cupy, plan, checked_overflow)
@@ -230,7 +230,7 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     dz = cupy.empty(x_in.shape, dtype=plan.data_dtype) if saved.has_residual else None
     dz_desc = None if dz is None else plan.data_desc_pointer
-    dgamma, dbeta = plan.new_param(cupy), plan.new_param(cupy)
+    dgamma, dbeta = plan.new_params(cupy)
     reserve = stats.reserve_space
     activation_desc = plan.activation_descriptor(saved.activation)
     checked_overflow = on_overflow is not OnOverflow.IGNORE

@@ -307,13 +307,13 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
     """cuDNN forward training on cupy arrays; same contract as :func:`cudnn_bn.forward_training`
     (every argument given; ``mode`` and ``on_overflow`` as the public call takes them: the policy
     resolves them once per call signature)."""
-    cupy = _cupy()
-    if cupy.cuda.runtime.getDevice() != x.device.id:  # the rare case: again, with x's device current
-        with cupy.cuda.Device(x.device.id):
+    cupy, device_id = _cupy(), x.device.id
+    if cupy.cuda.runtime.getDevice() != device_id:  # the rare case: again, with x's device current
+        with cupy.cuda.Device(device_id):
             return forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
     key, settled = _lookup((
         TRAINING, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis, type(eps), eps,
-        type(x), x.shape, x.strides, x.dtype, x.device.id,  # _signature(x), flat: this runs on every call
+        type(x), x.shape, x.strides, x.dtype, device_id,  # _signature(x), flat: this runs on every call
         type(gamma), gamma.shape, gamma.strides, gamma.dtype, gamma.device.id,
         type(beta), beta.shape, beta.strides, beta.dtype, beta.device.id,
         _running_signature(running_mean, running_var),
@@ -343,7 +343,7 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
         mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
     backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
     y = cupy.empty(x_in.shape, plan.data_dtype)
-    save_mean, save_inv_std = plan.new_param(cupy), plan.new_param(cupy)
+    save_mean, save_inv_std = plan.new_params(cupy)
     library, reserve = raw.library(), None
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
     handle = _lend(cupy, plan, checked_overflow)
@@ -500,7 +500,7 @@ def backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow):
         if saved is not None:
             saved_mean, saved_inv_std = plan.param_in(cupy, saved_mean), plan.param_in(cupy, saved_inv_std)
     dx = cupy.empty(x_in.shape, plan.data_dtype)
-    dgamma, dbeta = plan.new_param(cupy), plan.new_param(cupy)
+    dgamma, dbeta = plan.new_params(cupy)
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
     handle = _lend(cupy, plan, checked_overflow)

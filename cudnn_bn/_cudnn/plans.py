@@ -126,8 +126,10 @@ class Plan:
         if working is not None and working is not caller:
             caller[...] = self.param_out(cupy, working).astype(caller.dtype, copy=False)
 
-    def new_param(self, cupy):
-        return cupy.empty(self.cudnn_param_shape, self.param_dtype)
+    def new_params(self, cupy):
+        """Two new parameter-shaped arrays in cuDNN's order and dtype (a call's two results)."""
+        shape, dtype = self.cudnn_param_shape, self.param_dtype
+        return cupy.empty(shape, dtype), cupy.empty(shape, dtype)
 
     # ---- the Ex path ----
     def ex_workspace_sizes(self, handle_pointer: int) -> tuple[int, int, int]:
