@@ -552,3 +552,137 @@ def test_arguments_that_break_the_signature_get_the_typed_errors_of_the_full_che
         cudnn_bn.backward(x, dy, gamma, mode=_UnhashableMode("sideways"), eps=1e-5)
     with pytest.raises(ValueError, match="^mode: expected one of"):
         cudnn_bn.forward_training(x, gamma, beta, mode=_UnhashableMode("sideways"))
+
+
+# ---- the cached path: what each call still checks once its signature is settled ----
+def _settled_training(momentum=0.3):
+    """Device arrays of a training call whose signature is now settled (one call made)."""
+    arrays = _device(*_training_args())
+    cudnn_bn.forward_training(*arrays, mode="spatial", momentum=momentum)
+    return arrays
+
+
+def _host(array):
+    """A synchronized float64 host copy (the simulated GPU runs queued work first)."""
+    return np.asarray(array.get() if hasattr(array, "get") else array, np.float64)
+
+
+def _reference_running(x, gamma, beta, mean, var, momentum):
+    mean, var = _host(mean).copy(), _host(var).copy()
+    reference.forward_training(_host(x), _host(gamma), _host(beta), mean, var, mode="spatial", momentum=float(momentum))
+    return mean, var
+
+
+@pytest.mark.parametrize("momentum", [float("nan"), float("inf"), -0.1, 1.5, True, "0.1"], ids=["nan", "inf", "negative", "above_one", "bool", "str"])
+def test_a_cached_training_call_refuses_a_bad_momentum_before_writing(gpu, momentum):
+    x, gamma, beta, mean, var = _settled_training()
+    before = (mean.get(), var.get())
+    with pytest.raises((TypeError, ValueError), match="^momentum: expected"):
+        cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial", momentum=momentum)
+    assert np.array_equal(mean.get(), before[0]) and np.array_equal(var.get(), before[1])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.1, np.float32(0.5), np.float64(0.25), 1], ids=["zero", "one", "float", "float32", "float64", "int"])
+def test_a_cached_training_call_updates_with_any_valid_momentum_and_checks_only_non_floats(gpu, monkeypatch, momentum):
+    x, gamma, beta, mean, var = _settled_training()
+    expected = _reference_running(x, gamma, beta, mean, var, momentum)
+    full_checks = []
+    check_momentum = ops.check_momentum
+    monkeypatch.setattr(ops, "check_momentum", lambda value: full_checks.append(value) or check_momentum(value))
+    cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial", momentum=momentum)
+    assert_close(mean, expected[0], np.float32)
+    assert_close(var, expected[1], np.float32)
+    # a float in [0, 1] is the common case, checked inline; anything else takes the full check
+    assert len(full_checks) == (0 if type(momentum) is float else 1)
+
+
+def _carve(buffer, order, shapes):
+    """Views of one flat device buffer laid end to end in ``order``: {name: view}."""
+    views, offset = {}, 0
+    for name in order:
+        size = int(np.prod(shapes[name]))
+        views[name] = buffer[offset:offset + size].reshape(shapes[name])
+        offset += size
+    return views
+
+
+# every ordered pair of (running statistic, other argument) ends up exactly adjacent in one of these
+_ADJACENT_LAYOUTS = [
+    ("x", "running_mean", "gamma", "running_var", "beta"),
+    ("beta", "running_var", "gamma", "running_mean", "x"),
+    ("x", "running_var", "running_mean", "beta", "gamma"),
+    ("beta", "running_mean", "running_var", "x", "gamma"),
+]
+
+
+@pytest.mark.parametrize("order", _ADJACENT_LAYOUTS, ids=["-".join(n.removeprefix("running_") for n in o) for o in _ADJACENT_LAYOUTS])
+def test_a_cached_training_call_accepts_adjacent_arrays_without_the_exact_overlap_check(gpu, monkeypatch, order):
+    names = ["x", "gamma", "beta", "running_mean", "running_var"]
+    args = _training_args()
+    x, gamma, beta, mean, var = _settled_training()
+    exact_checks = []
+    check_no_overlap = ops.check_no_overlap
+    monkeypatch.setattr(ops, "check_no_overlap", lambda *a: exact_checks.append(a) or check_no_overlap(*a))
+    cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial", momentum=0.3)  # disjoint arrays
+    assert exact_checks == []
+    shapes = {name: np.shape(array) for name, array in zip(names, args)}
+    buffer = _device(np.zeros(sum(int(np.prod(s)) for s in shapes.values()), np.float32))[0]
+    views = _carve(buffer, order, shapes)
+    for name, array in zip(names, args):
+        views[name][...] = array
+    expected = _reference_running(*args, 0.3)
+    cudnn_bn.forward_training(*(views[name] for name in names), mode="spatial", momentum=0.3)
+    assert exact_checks == []  # touching is not overlapping: the cached path decides alone
+    assert_close(views["running_mean"], expected[0], np.float32)
+    assert_close(views["running_var"], expected[1], np.float32)
+
+
+@pytest.mark.parametrize("written,other", [(3, 1), (4, 0), (4, 2), (3, 4), (4, 3)])
+def test_a_cached_training_call_refuses_every_other_overlapping_pair(gpu, written, other):
+    names = ["x", "gamma", "beta", "running_mean", "running_var"]
+    arrays = _settled_training()
+    # one buffer holding the other argument, then the written one sharing the other's last element
+    size = arrays[other].size
+    buffer = _device(np.zeros(size + 2, np.float32))[0]
+    arrays[other], arrays[written] = buffer[:size].reshape(arrays[other].shape), buffer[size - 1:]
+    first, second = _culprits(names[written], names[other])
+    with pytest.raises(ValueError, match=rf"^{first}: expected memory of its own .* overlaps {second}'s"):
+        cudnn_bn.forward_training(*arrays, mode="spatial")
+
+
+def _culprits(written: str, other: str) -> tuple[str, str]:
+    """The names the overlap error gives: running_mean is checked first, so it is the one named
+    when the two running statistics overlap."""
+    return ("running_mean", "running_var") if {written, other} == {"running_mean", "running_var"} else (written, other)
+
+
+def _reversed(array, axis=0):
+    """A device view of ``array`` running backwards along ``axis`` (its lowest address is not its first element)."""
+    device = _device(np.flip(array, axis))[0]
+    return np.flip(device, axis)
+
+
+@pytest.mark.parametrize("reversed_name,written", [("x", 3), ("gamma", 4), ("beta", 3), ("running_mean", 4), ("running_var", 3)])
+def test_a_cached_training_call_sees_an_overlap_below_a_reversed_arrays_first_element(gpu, reversed_name, written):
+    # a reversed view's first element is its highest address: the overlap sits below it
+    names = ["x", "gamma", "beta", "running_mean", "running_var"]
+    position = names.index(reversed_name)
+    args = list(_training_args())
+    settle = _device(*args)
+    settle[position] = _reversed(args[position])
+    cudnn_bn.forward_training(*settle, mode="spatial")  # this signature (with its strides) is now cached
+    arrays = _device(*args)
+    arrays[position] = _reversed(args[position])
+    lowest = arrays[position].base if arrays[position].base is not None else arrays[position]
+    arrays[written] = lowest.reshape(-1)[:3]
+    first, second = _culprits(names[written], reversed_name)
+    with pytest.raises(ValueError, match=rf"^{first}: expected memory of its own .* overlaps {second}'s"):
+        cudnn_bn.forward_training(*arrays, mode="spatial")
+
+
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_one_running_statistic_alone_is_refused_naming_both(gpu, given):
+    x, gamma, beta, mean, var = _settled_training()
+    statistic = {"running_mean": mean, "running_var": var}[given]
+    with pytest.raises(ValueError, match=r"^running_mean, running_var: expected both or neither, got only one$"):
+        cudnn_bn.forward_training(x, gamma, beta, mode="spatial", **{given: statistic})
