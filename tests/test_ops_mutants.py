@@ -686,3 +686,110 @@ def test_one_running_statistic_alone_is_refused_naming_both(gpu, given):
     statistic = {"running_mean": mean, "running_var": var}[given]
     with pytest.raises(ValueError, match=r"^running_mean, running_var: expected both or neither, got only one$"):
         cudnn_bn.forward_training(x, gamma, beta, mode="spatial", **{given: statistic})
+
+
+# ---- the signature keys the types of what it is given ----
+@pytest.mark.parametrize("operation", ["training", "inference", "backward"])
+def test_a_mode_equal_to_a_valid_one_but_a_bool_is_refused_after_the_valid_one_ran(gpu, operation):
+    x, dy, gamma, beta = _device(*_backward_args())
+    mean, var = _device(np.zeros(3, np.float32), np.ones(3, np.float32))
+    calls = {
+        "training": lambda mode: cudnn_bn.forward_training(x, gamma, beta, mode=mode),
+        "inference": lambda mode: cudnn_bn.forward_inference(x, gamma, beta, mean, var, mode=mode),
+        "backward": lambda mode: cudnn_bn.backward(x, dy, gamma, mode=mode, eps=1e-5),
+    }
+    calls[operation](1)  # Mode.SPATIAL's value: accepted
+    with pytest.raises((TypeError, ValueError), match="^mode: expected"):
+        calls[operation](True)  # == 1, but a bool is not a mode
+
+
+class _Renamed(str):
+    """A string equal to a valid name that reads as another one when lowered."""
+
+    def lower(self):
+        return "sideways"
+
+
+@pytest.mark.parametrize("operation", ["training", "backward"])
+def test_an_on_overflow_of_another_type_is_checked_again_though_equal(gpu, operation):
+    x, dy, gamma, beta = _device(*_backward_args())
+    calls = {
+        "training": lambda value: cudnn_bn.forward_training(x, gamma, beta, mode="spatial", on_overflow=value),
+        "backward": lambda value: cudnn_bn.backward(x, dy, gamma, mode="spatial", eps=1e-5, on_overflow=value),
+    }
+    calls[operation]("raise")
+    with pytest.raises(ValueError, match="^on_overflow: expected one of"):
+        calls[operation](_Renamed("raise"))
+
+
+class _Posing(FakeArray):
+    """Device memory like the simulator's arrays, but of a type the package does not take for cupy's."""
+
+
+def _posing(array):
+    return np.array(array, copy=True).view(FakeArray).view(_Posing)
+
+
+@pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "running_mean", "running_var"])
+def test_training_checks_again_when_an_argument_changes_type(gpu, position):
+    args = _training_args()
+    ops.forward_training(*_device(*args), "spatial", 0.1, 1e-5, 1, None)
+    arrays = _device(*args)
+    arrays[position] = _posing(args[position])
+    with pytest.raises(TypeError, match="^arrays of mixed kinds"):
+        ops.forward_training(*arrays, "spatial", 0.1, 1e-5, 1, None)
+
+
+@pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "mean", "var"])
+def test_inference_checks_again_when_an_argument_changes_type(gpu, position):
+    args = _inference_args()
+    ops.forward_inference(*_device(*args), "spatial", 1e-5, 1)
+    arrays = _device(*args)
+    arrays[position] = _posing(args[position])
+    with pytest.raises(TypeError, match="^arrays of mixed kinds"):
+        ops.forward_inference(*arrays, "spatial", 1e-5, 1)
+
+
+@pytest.mark.parametrize("name", ["x", "dy", "gamma", "saved_mean"])
+def test_backward_checks_again_when_an_argument_changes_type(gpu, name):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    ops.backward(x, dy, gamma, saved, None, None, None, None)
+    arrays = {"x": x, "dy": dy, "gamma": gamma}
+    if name == "saved_mean":
+        saved = dataclasses.replace(saved, mean=_posing(saved.mean.get()))
+    else:
+        arrays[name] = _posing(arrays[name].get())
+    with pytest.raises(TypeError, match="^arrays of mixed kinds"):
+        ops.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, None, None, None, None)
+
+
+# ---- the memory of settled signatures ----
+def test_a_settled_signature_skips_the_full_checks_on_its_next_call(gpu, monkeypatch):
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.clear()  # signatures settled by earlier tests go with the plans
+    full_checks = []
+    for name in ("check_forward_inference", "check_forward_training", "check_backward"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _original=original, _name=name, **k: full_checks.append(_name) or _original(*a, **k))
+    x, dy, gamma, beta = _device(*_backward_args())
+    mean, var = _device(np.zeros(3, np.float32), np.ones(3, np.float32))
+    for _ in range(3):
+        cudnn_bn.forward_inference(x, gamma, beta, mean, var, mode="spatial")
+        _, saved = cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial")
+        cudnn_bn.backward(x, dy, gamma, saved)
+    assert sorted(full_checks) == ["check_backward", "check_forward_inference", "check_forward_training"]
+
+
+def test_settled_signatures_are_kept_up_to_twice_the_plan_capacity(gpu, monkeypatch):
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.clear()
+    monkeypatch.setattr(plans.PLANS, "capacity", 3)
+    counts = []
+    for batch in range(2, 10):
+        cudnn_bn.forward_inference(*_device(*_inference_args((batch, 3, 2, 2))), mode="spatial")
+        counts.append(len(plans.PLANS.signatures))
+    # six kept (twice the three plans), then emptied for the seventh
+    assert counts == [1, 2, 3, 4, 5, 6, 1, 2]
