@@ -6,6 +6,7 @@ overflow error's status, the reserve-space checks before BackwardEx and the Ex w
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import warnings
@@ -91,11 +92,72 @@ def test_the_fallback_warning_is_once_per_shape_and_dtype(gpu):
     assert len(_fallbacks(x5, gamma5, beta5)) == 1  # and another shape
 
 
-def test_the_fallback_warning_points_at_the_caller(gpu):
+def _fallback_warnings(gpu, entry: str):
+    """The RuntimeWarnings of one persistent call through ``entry`` that overflows and falls back."""
+    from cudnn_bn import compat, fused
+
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+    running = _device(np.zeros(3, np.float32), np.ones(3, np.float32))
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent")
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
-    _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
-    (warning,) = _fallbacks(x, gamma, beta)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if entry == "forward_training":
+            cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="fallback")
+        elif entry == "backward":
+            cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="fallback")
+        elif entry == "fused":
+            fused.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="fallback")
+        else:
+            compat.batch_normalization_forward_training(
+                xd, gd, bd, *running, None, None, 2e-5, 0.9, True, compat.CUDNN_BATCHNORM_SPATIAL_PERSISTENT, False,
+                on_overflow="fallback",
+            )
+    return [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+_ENTRIES = ["forward_training", "backward", "fused", "compat"]
+
+
+@pytest.mark.parametrize("entry", _ENTRIES)
+def test_the_fallback_warning_points_at_the_caller(gpu, entry):
+    # exact frames: deselected in mutation runs, whose trampolines add frames (pyproject.toml)
+    (warning,) = _fallback_warnings(gpu, entry)
     assert warning.filename == __file__
+    assert _package_frames()["warner"](ops._outside_the_package) == 2  # warnings.warn's level of the warner's caller
+
+
+@pytest.mark.parametrize("entry", _ENTRIES)
+def test_the_fallback_warning_never_points_into_the_package(gpu, entry):
+    # weaker than the exact caller (the test above), and true also where test tools add frames of their own
+    (warning,) = _fallback_warnings(gpu, entry)
+    assert not os.path.abspath(warning.filename).startswith(ops._PACKAGE_DIR + os.sep)
+
+
+_PROBE = """
+def warner(probe):
+    return probe()
+
+
+def middle(probe):
+    return warner(probe)
+"""
+
+
+def _package_frames() -> dict:
+    """Two functions whose frames count as the package's: ``warner`` (the function that warns) and
+    ``middle``, which calls it."""
+    namespace: dict = {}
+    exec(compile(_PROBE, os.path.join(ops._PACKAGE_DIR, "_frames_probe.py"), "exec"), namespace)
+    return namespace
+
+
+def test_the_warning_level_counts_each_package_frame_between_the_warner_and_the_caller_once(gpu):
+    probe = _package_frames()
+    direct = probe["warner"](ops._outside_the_package)
+    through_one_more = probe["middle"](ops._outside_the_package)
+    assert through_one_more == direct + 1
 
 
 # ---- the reserve space BackwardEx reads ----
