@@ -131,3 +131,19 @@ def test_two_threads_asking_for_one_new_plan_build_it_once():
     second_got = cache.get("key", build)
     first.join(5)
     assert len(built) == 1 and cache.created == 1 and second_got is built[0]
+
+
+def test_the_ex_sizes_are_kept_apart_per_bn_ops(gpu):
+    # the reserve space holds the fused activation's mask: BN and BN_ACTIVATION need different
+    # sizes from the same plan, in whichever order they are asked for
+    from cudnn_bn._core.modes import Activation
+    from cudnn_bn._cudnn import handles
+    from cudnn_bn._cudnn.raw import BatchNormOps
+
+    layout = make_layout((2, 2, 2, 8), -1, Mode.SPATIAL_PERSISTENT)
+    plan = plans.plan_for(plans.TRAINING, layout, np.dtype(np.float16), 0)
+    with handles.borrow(0) as handle:
+        plain = plan.fused_ex_sizes(handle.pointer, BatchNormOps.BN, None)
+        fused = plan.fused_ex_sizes(handle.pointer, BatchNormOps.BN_ACTIVATION, Activation.RELU)
+        assert plan.ex_workspace_sizes(handle.pointer) == plain
+    assert plain[2] == gpu.reserve_size and fused[2] == gpu.reserve_size + 4 * -(-2 * 2 * 2 * 8 // 32)
