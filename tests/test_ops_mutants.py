@@ -855,3 +855,103 @@ def test_settled_signatures_are_kept_up_to_twice_the_plan_capacity(gpu, monkeypa
         counts.append(len(plans.PLANS.signatures))
     # six kept (twice the three plans), then emptied for the seventh
     assert counts == [1, 2, 3, 4, 5, 6, 1, 2]
+
+
+# ---- calls from another device keep every argument ----
+def test_training_from_another_device_updates_the_running_statistics(two_gpus):
+    cupy = sys.modules["cupy"]
+    args = _training_args()
+    with cupy.cuda.Device(1):
+        x, gamma, beta, mean, var = _device(*args)
+    expected = _reference_running(*args, 0.1)
+    cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial", momentum=0.1)
+    assert_close(mean, expected[0], np.float32)
+    assert_close(var, expected[1], np.float32)
+
+
+@pytest.mark.parametrize("mode", ["per_activation", "spatial"])
+def test_backward_from_another_device_keeps_its_mode_eps_and_channel_axis(two_gpus, mode):
+    cupy = sys.modules["cupy"]
+    _, x, dy, gamma, _ = make_case((4, 2, 2, 3), Mode[mode.upper()], -1, np.float32)
+    with cupy.cuda.Device(1):
+        xd, dyd, gd = _device(x, dy, gamma)
+    grads = cudnn_bn.backward(xd, dyd, gd, mode=mode, eps=0.5, channel_axis=-1)
+    expected = reference.backward(*(np.asarray(a, np.float64) for a in (x, dy, gamma)), mode=mode, eps=0.5, channel_axis=-1)
+    for actual, wanted in zip(grads, expected):
+        assert_close(actual, wanted, np.float32, scale=10)
+
+
+# ---- arrays that do not reach cuDNN as they are ----
+def test_inference_of_a_non_contiguous_x_matches_the_reference_also_once_settled(gpu):
+    x, gamma, beta, mean, var = _inference_args()
+    wide = np.concatenate([x, x + 1.0], axis=3)[..., ::2]  # every other element of a wider array
+    expected = reference.forward_inference(*(np.asarray(a, np.float64) for a in (wide, gamma, beta, mean, var)), mode="spatial")
+    for _ in range(2):
+        arrays = _device(np.concatenate([x, x + 1.0], axis=3), gamma, beta, mean, var)
+        arrays[0] = arrays[0][..., ::2]
+        assert_close(cudnn_bn.forward_inference(*arrays, mode="spatial"), expected, np.float32)
+
+
+def test_backward_of_non_contiguous_x_and_dy_matches_the_reference(gpu):
+    x, dy, gamma, _ = _backward_args()
+    expected = reference.backward(*(np.asarray(a, np.float64) for a in (x, dy, gamma)), mode="spatial", eps=1e-5)
+    strided = [_device(np.repeat(a, 2, axis=0))[0][::2] for a in (x, dy)]  # every other row: the values of a
+    grads = cudnn_bn.backward(*strided, _device(gamma)[0], mode="spatial", eps=1e-5)
+    for actual, wanted in zip(grads, expected):
+        assert_close(actual, wanted, np.float32, scale=10)
+
+
+def test_backward_reads_non_contiguous_saved_statistics_as_their_values(gpu):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    expected = cudnn_bn.backward(x, dy, gamma, saved)
+    spread = {name: _device(np.repeat(getattr(saved, name).get(), 2))[0][::2] for name in ("mean", "inv_std")}
+    for actual, wanted in zip(cudnn_bn.backward(x, dy, gamma, dataclasses.replace(saved, **spread)), expected):
+        assert_close(actual, wanted.get(), np.float32)
+
+
+@pytest.mark.parametrize("shape,channel_axis,mode", [((6, 3), 1, "per_activation"), ((4, 2, 2, 3), -1, "spatial")])
+def test_inference_auto_runs_the_policys_mode(gpu, shape, channel_axis, mode):
+    layout, x, _, gamma, beta = make_case(shape, Mode[mode.upper()], channel_axis, np.float32)
+    mean, var = np.full(layout.param_shape, 0.25, np.float32), np.full(layout.param_shape, 2.0, np.float32)
+    expected = reference.forward_inference(*(np.asarray(a, np.float64) for a in (x, gamma, beta, mean, var)), mode=mode, channel_axis=channel_axis)
+    y = cudnn_bn.forward_inference(*_device(x, gamma, beta, mean, var), mode="auto", channel_axis=channel_axis)
+    assert_close(y, expected, np.float32)
+
+
+# ---- BackwardEx's workspace ----
+def test_backward_ex_gets_the_workspace_it_asked_for_not_the_reserve_size(gpu):
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.clear()  # plans keep the sizes they queried
+    gpu.workspace_size, gpu.reserve_size = 1024, 16
+    xd, dyd, gd, bd = _ex_case()
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    ops._WORKSPACES.clear()  # backward allocates its own
+    dx, _, _ = cudnn_bn.backward(xd, dyd, gd, saved)
+    assert "cudnnBatchNormalizationBackwardEx" in gpu.calls and np.all(np.isfinite(dx.get()))
+    assert [buffer.size for buffer in ops._WORKSPACES.values()] == [1024]
+
+
+# ---- saved statistics the signature cannot describe ----
+class _SavedSubclass(cudnn_bn.SavedStats):
+    """Saved statistics of a subclass: accepted, but not keyed (the full checks run every time)."""
+
+
+def test_saved_statistics_of_a_subclass_are_checked_on_every_call(gpu):
+    x, dy, gamma, beta = _device(*_backward_args())
+    _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    fields = {field.name: getattr(saved, field.name) for field in dataclasses.fields(saved)}
+    cudnn_bn.backward(x, dy, gamma, _SavedSubclass(**fields))
+    wrong = dict(fields, mean=_device(np.zeros(4, np.float32))[0])
+    with pytest.raises(ValueError, match="saved"):
+        cudnn_bn.backward(x, dy, gamma, _SavedSubclass(**wrong))
+
+
+# ---- the cupy module ----
+def test_the_cupy_path_imports_cupy_when_it_is_not_loaded_yet(monkeypatch, tmp_path):
+    (tmp_path / "cupy.py").write_text("STAND_IN = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    cupy = ops._cupy()
+    assert getattr(cupy, "STAND_IN", False) and sys.modules["cupy"] is cupy
