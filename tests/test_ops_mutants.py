@@ -952,6 +952,7 @@ def test_saved_statistics_of_a_subclass_are_checked_on_every_call(gpu):
 def test_the_cupy_path_imports_cupy_when_it_is_not_loaded_yet(monkeypatch, tmp_path):
     (tmp_path / "cupy.py").write_text("STAND_IN = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # undone afterwards: the stand-in does not outlive the test
+    del sys.modules["cupy"]
     cupy = ops._cupy()
     assert getattr(cupy, "STAND_IN", False) and sys.modules["cupy"] is cupy
