@@ -956,3 +956,34 @@ def test_the_cupy_path_imports_cupy_when_it_is_not_loaded_yet(monkeypatch, tmp_p
     del sys.modules["cupy"]
     cupy = ops._cupy()
     assert getattr(cupy, "STAND_IN", False) and sys.modules["cupy"] is cupy
+
+
+class _CupyFlags:
+    """Flags as CuPy's arrays have them: no ``writeable`` (device memory is always writable)."""
+
+    def __init__(self, flags):
+        self.c_contiguous, self.f_contiguous, self.owndata = flags.c_contiguous, flags.f_contiguous, flags.owndata
+
+
+class _LikeCupy(FakeArray):
+    """The simulator's array with CuPy's flags."""
+
+    @property
+    def flags(self):
+        return _CupyFlags(np.ndarray.flags.__get__(self))
+
+
+_LikeCupy.__module__ = FakeArray.__module__
+
+
+def test_running_statistics_without_a_writeable_flag_are_updated_like_cupys(gpu):
+    args = _training_args()
+    expected = _reference_running(*args, 0.1)
+    arrays = _device(*args)
+    arrays[3], arrays[4] = arrays[3].view(_LikeCupy), arrays[4].view(_LikeCupy)
+    assert not hasattr(arrays[3].flags, "writeable")
+    cudnn_bn.forward_training(*arrays, mode="spatial", momentum=0.1)  # settles the signature
+    expected = _reference_running(*args[:3], *expected, 0.1)
+    cudnn_bn.forward_training(*arrays, mode="spatial", momentum=0.1)  # the cached path
+    assert_close(arrays[3], expected[0], np.float32)
+    assert_close(arrays[4], expected[1], np.float32)
