@@ -5,7 +5,9 @@ elementwise step over x runs in float64: widen x, subtract the mean, multiply, a
 times those passes one thread, per element, on blocks of x that stay in cache (as the reference
 works), and adds them up to the least a training forward on channels-last data can cost that way:
 the statistics (a per-channel sum and a centred sum of squares) and the output pass. Beside it,
-torch's F.batch_norm on the same data (channels-last, one thread), when torch is importable.
+torch's F.batch_norm on the same data (channels-last, one thread), when torch is importable. And
+for float16 data, what only moving it into float64 and back costs, beside torch's whole float16
+inference call.
 
     python benchmarks/numpy_passes.py [--shape 64 64 32 32]
 
@@ -71,6 +73,36 @@ def pass_costs(shape) -> dict:
     }
 
 
+def half_costs(shape) -> dict:
+    """ns per element of moving float16 data into and out of float64: NumPy's casts and the
+    reference's bit-pattern conversions (cudnn_bn.reference), on the same flat blocks."""
+    from cudnn_bn import reference
+
+    channels = shape[1]
+    total = int(np.prod(shape))
+    size = min(_BLOCK_ROWS * channels, total)
+    x = np.random.default_rng(0).standard_normal(total).astype(np.float16)
+    y = np.empty_like(x)
+    wide = np.empty(size)
+    bits = np.empty((2, size), np.uint32)
+    starts = range(0, total - size + 1, size)
+
+    def per_element(step):
+        def run():
+            for start in starts:
+                step(slice(start, start + size))
+
+        return _median_seconds(run) / (len(starts) * size) * 1e9
+
+    np.copyto(wide, x[:size])
+    return {
+        "float16 to float64, NumPy's cast": per_element(lambda part: np.copyto(wide, x[part])),
+        "float16 to float64, the reference's": per_element(lambda part: reference._widen_float16(x[part], wide, bits[0])),
+        "float64 to float16, NumPy's cast": per_element(lambda part: np.copyto(y[part], wide, casting="same_kind")),
+        "float64 to float16, the reference's": per_element(lambda part: reference._round_to_float16(wide, y[part], bits)),
+    }
+
+
 def exact_forward_floor(costs: dict) -> dict:
     """ns per element of the least exact training forward: the statistics from one widened copy
     of each block (its sum, then its centred squares, blocks merged by Chan's formula) and the
@@ -82,16 +114,19 @@ def exact_forward_floor(costs: dict) -> dict:
     return {"statistics": statistics_passes, "output": output_pass, "total": statistics_passes + output_pass}
 
 
-def torch_channels_last_ms(shape) -> float | None:
+def torch_channels_last_ms(shape, dtype="float32", training=True) -> float | None:
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
         return None
     torch.set_num_threads(1)
-    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(*shape).to(getattr(torch, dtype)).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.ones(shape[1]), torch.zeros(shape[1])
-    return _median_seconds(lambda: F.batch_norm(x, None, None, weight, bias, training=True)) * 1e3
+    mean, var = torch.zeros(shape[1]), torch.ones(shape[1])
+    if training:
+        return _median_seconds(lambda: F.batch_norm(x, None, None, weight, bias, training=True)) * 1e3
+    return _median_seconds(lambda: F.batch_norm(x, mean, var, weight, bias, training=False)) * 1e3
 
 
 def main(argv=None) -> int:
@@ -111,6 +146,16 @@ def main(argv=None) -> int:
     if torch_ms is not None:
         print(f"torch F.batch_norm, channels last, training: {torch_ms:.2f} ms; the floor is "
               f"{floor['total'] * elements / 1e6 / torch_ms:.2f}x that")
+    half = half_costs(shape)
+    print("float16, ns per element:")
+    for name, value in half.items():
+        print(f"  {name:36s} {value:6.3f}")
+    moves = half["float16 to float64, the reference's"] + half["float64 to float16, the reference's"]
+    print(f"float16 in and out alone (the reference's conversions): {moves:.2f} ns per element, {moves * elements / 1e6:.2f} ms")
+    torch_half_ms = torch_channels_last_ms(shape, "float16", training=False)
+    if torch_half_ms is not None:
+        print(f"torch F.batch_norm, float16, channels last, inference: {torch_half_ms:.2f} ms; "
+              f"the conversions alone are {moves * elements / 1e6 / torch_half_ms:.2f}x that")
     return 0
 
 

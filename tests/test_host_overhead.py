@@ -38,5 +38,8 @@ def test_the_numpy_pass_benchmark_adds_its_passes_into_the_floor(capsys):
     assert all(value > 0 for value in costs.values())
     floor = numpy_passes.exact_forward_floor(dict.fromkeys(costs, 1.0))
     assert floor == {"statistics": 5.0, "output": 5.0, "total": 10.0}  # one widened copy for both statistics
+    half = numpy_passes.half_costs((2, 8, 4, 4))
+    assert len(half) == 4 and all(value > 0 for value in half.values())
     assert numpy_passes.main(["--shape", "2", "8", "4", "4"]) == 0
-    assert "least exact training forward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "least exact training forward" in printed and "float16 in and out alone" in printed
