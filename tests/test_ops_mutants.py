@@ -23,10 +23,19 @@ from conftest import make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
 
+def _forget_signatures():
+    """Each test settles its own signatures (mutation runs pick, for each mutant, the tests that
+    reached the mutated code: a signature settled by an earlier test would hide the settling)."""
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.signatures.clear()
+
+
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
     monkeypatch.setattr(ops, "_WARNED", set())
     monkeypatch.setattr(ops, "_WORKSPACES", {})
+    _forget_signatures()
     with simulated_gpu(monkeypatch) as simulator:
         yield simulator
 
@@ -265,6 +274,7 @@ def test_inference_checks_again_when_an_equal_value_comes_as_a_bool(gpu, keyword
 def two_gpus(monkeypatch, cudnn_library):
     monkeypatch.setattr(ops, "_WARNED", set())
     monkeypatch.setattr(ops, "_WORKSPACES", {})
+    _forget_signatures()
     with simulated_gpu(monkeypatch, devices=2) as simulator:
         yield simulator
 
@@ -984,3 +994,44 @@ def test_running_statistics_without_a_writeable_flag_are_updated_like_cupys(gpu)
     cudnn_bn.forward_training(*arrays, mode="spatial", momentum=0.1)  # the cached path
     assert_close(arrays[3], expected[0], np.float32)
     assert_close(arrays[4], expected[1], np.float32)
+
+
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_one_running_statistic_with_cupys_flags_alone_is_refused_naming_both(gpu, given):
+    x, gamma, beta, mean, var = _device(*_training_args())
+    statistic = {"running_mean": mean, "running_var": var}[given].view(_LikeCupy)
+    with pytest.raises(ValueError, match=r"^running_mean, running_var: expected both or neither, got only one$"):
+        cudnn_bn.forward_training(x, gamma, beta, mode="spatial", **{given: statistic})
+
+
+# ---- the device and the handle ----
+def test_the_fused_call_from_another_device_runs_on_its_arrays_device(two_gpus):
+    from cudnn_bn import fused
+
+    cupy = sys.modules["cupy"]
+    _, x, _, gamma, beta = make_case((2, 2, 2, 8), Mode.SPATIAL, -1, np.float16)
+    expected, _ = fused.reference_forward_training(*(np.asarray(a, np.float64) for a in (x, gamma, beta)), mode="spatial", channel_axis=-1)
+    with cupy.cuda.Device(1):
+        xd, gd, bd = _device(x, gamma, beta)
+    y, _ = fused.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    assert y.device.id == 1
+    assert_close(y, expected, np.float16)
+
+
+def test_a_handle_whose_stream_cannot_be_bound_goes_back_to_its_pool(gpu, monkeypatch):
+    from cudnn_bn._cudnn import handles
+
+    args = _device(*_inference_args())
+    cudnn_bn.forward_inference(*args, mode="spatial")
+    pool = handles.pool_for(0)
+    created = pool.created
+
+    def refuse(self, stream):
+        raise RuntimeError("no stream here")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(handles.Handle, "bind_stream", refuse)
+        with pytest.raises(RuntimeError, match="no stream here"):
+            cudnn_bn.forward_inference(*args, mode="spatial")
+    cudnn_bn.forward_inference(*args, mode="spatial")  # the same handle again, not a new one
+    assert pool.created == created
