@@ -1035,3 +1035,19 @@ def test_a_handle_whose_stream_cannot_be_bound_goes_back_to_its_pool(gpu, monkey
             cudnn_bn.forward_inference(*args, mode="spatial")
     cudnn_bn.forward_inference(*args, mode="spatial")  # the same handle again, not a new one
     assert pool.created == created
+
+
+def test_backward_ex_on_two_devices_queries_its_sizes_with_each_devices_handle(two_gpus):
+    from cudnn_bn._cudnn import handles
+
+    cupy = sys.modules["cupy"]
+    _, x, dy, gamma, beta = make_case((2, 2, 2, 4), Mode.SPATIAL_PERSISTENT, -1, np.float16)
+    for device in (1, 0):
+        with cupy.cuda.Device(device):
+            xd, dyd, gd, bd = _device(x, dy, gamma, beta)
+            _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+        dx, _, _ = cudnn_bn.backward(xd, dyd, gd, saved)
+        assert dx.device.id == device
+    # one pool per device: a pool under any other key would lend a handle made on whichever device
+    # was current when it was made to the calls of every device
+    assert set(handles._POOLS) <= {0, 1}
