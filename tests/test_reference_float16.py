@@ -98,3 +98,13 @@ def test_float16_results_with_blocks_and_outliers_are_the_float64_results_rounde
     np.testing.assert_array_equal(y, y64.astype(np.float16))
     np.testing.assert_array_equal(dx, dx64.astype(np.float16))
     np.testing.assert_array_equal(y_infer, infer64.astype(np.float16))
+
+
+@pytest.mark.parametrize("special", [np.inf, -np.inf, np.nan])
+def test_widening_float16_with_one_kind_of_special_value_is_exact(special):
+    # the bit path maps +inf to 65536 and -inf to -65536 (and NaN near them): a block holding one
+    # of them alone, among ordinary values of both signs, must still take NumPy's cast
+    source = np.array([1.5, -2.25, 65504.0, -65504.0, special, 0.0], np.float16)
+    target = np.empty(source.shape)
+    reference._widen_float16(source, target, np.empty(source.shape, np.uint32))
+    np.testing.assert_array_equal(target, source.astype(np.float64))  # NaN where NaN
