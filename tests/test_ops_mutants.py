@@ -938,6 +938,7 @@ def test_backward_ex_gets_the_workspace_it_asked_for_not_the_reserve_size(gpu):
     dx, _, _ = cudnn_bn.backward(xd, dyd, gd, saved)
     assert "cudnnBatchNormalizationBackwardEx" in gpu.calls and np.all(np.isfinite(dx.get()))
     assert [buffer.size for buffer in ops._WORKSPACES.values()] == [1024]
+    plans.PLANS.clear()  # their sizes are this test's
 
 
 # ---- saved statistics the signature cannot describe ----
@@ -1038,8 +1039,9 @@ def test_a_handle_whose_stream_cannot_be_bound_goes_back_to_its_pool(gpu, monkey
 
 
 def test_backward_ex_on_two_devices_queries_its_sizes_with_each_devices_handle(two_gpus):
-    from cudnn_bn._cudnn import handles
+    from cudnn_bn._cudnn import handles, plans
 
+    plans.PLANS.clear()  # plans keep the sizes they queried
     cupy = sys.modules["cupy"]
     _, x, dy, gamma, beta = make_case((2, 2, 2, 4), Mode.SPATIAL_PERSISTENT, -1, np.float16)
     for device in (1, 0):
