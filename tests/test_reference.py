@@ -261,11 +261,12 @@ _BLOCKINGS = [(1, 1 / 8), (5, 1 / 8), (7, 0.0), (40, 1 / 8), (40, 0.0), (130, 1 
 @pytest.mark.parametrize("block_elements,fraction", _BLOCKINGS)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("shape,channel_axis", [((6, 3, 5, 6), 1), ((6, 5, 6, 3), -1), ((7, 4), 1)])
-def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, block_elements, fraction, mode, shape, channel_axis):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # float16 also takes the bit-pattern conversions, in every block shape
+def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, block_elements, fraction, mode, shape, channel_axis, dtype):
     monkeypatch.setattr(reference, "_MAX_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(reference, "_MIN_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(reference, "_TEMPORARY_FRACTION_OF_X", fraction)
-    layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, dtype=np.float32, seed=13, offset=20.0)
+    layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, dtype=dtype, seed=13, offset=20.0)
     narrow = _results(x, dy, gamma, beta, mode, channel_axis)
     _, narrow_saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
     # the float64 backward gets the same (rounded) saved statistics as the float32 one
