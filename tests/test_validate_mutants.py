@@ -97,3 +97,34 @@ def test_a_saved_reserve_space_of_the_wrong_shape_is_named():
     bad = dataclasses.replace(saved, reserve_space=np.zeros((2, 2), np.uint8))
     with pytest.raises((TypeError, ValueError), match=r"^saved\.reserve_space: expected None or the non-empty 1-D contiguous uint8 buffer that "):
         cudnn_bn.backward(x, np.ones_like(x), np.ones(3), bad)
+
+
+class _OtherArray(np.ndarray):
+    """A NumPy subclass: accepted by array_kind, but another type than np.ndarray."""
+
+
+def test_uniform_kind_tells_the_kind_only_when_every_given_array_has_one_known_type():
+    plain, other = np.ones(3), np.ones(3).view(_OtherArray)
+    assert validate.uniform_kind((plain, plain), (None, plain)) == "numpy"
+    assert validate.uniform_kind((plain,), (None, None)) == "numpy"  # absent optional arrays are skipped
+    assert validate.uniform_kind((plain, other)) is None  # mixed types: the full check decides
+    assert validate.uniform_kind((plain, plain), (other,)) is None
+    assert validate.uniform_kind((plain, plain), (plain, other)) is None
+    assert validate.uniform_kind((None, None)) is None  # a required None is never a kind
+    assert validate.uniform_kind(([1.0], [1.0])) is None  # a type the checks have not seen
+
+
+def test_the_finite_check_reads_the_statistics_with_their_own_array_module(cudnn_library, monkeypatch):
+    import sys
+
+    from cudnn_bn import SavedStats
+    from fake_cudnn import FakeArray, simulated_gpu
+
+    with simulated_gpu(monkeypatch):
+        cupy = sys.modules["cupy"]
+        calls = []
+        vdot = cupy.vdot
+        monkeypatch.setattr(cupy, "vdot", lambda a, b: calls.append(type(a)) or vdot(a, b))
+        mean, inv_std = (np.array(values, np.float32).view(FakeArray) for values in ([0.5, -1.0], [2.0, 3.0]))
+        validate.check_saved_finite(SavedStats(mean, inv_std, Mode.SPATIAL_PERSISTENT, 1e-5, 1))
+        assert calls == [FakeArray]
