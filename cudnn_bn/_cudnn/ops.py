@@ -37,6 +37,7 @@ from .plans import BACKWARD, INFERENCE, PLANS, TRAINING, plan_for, set_ex_path_e
 from .raw import BatchNormOps, Status
 
 _BN = int(BatchNormOps.BN)  # bnOps of the plain Ex calls
+_saved_stats = SavedStats._checked  # bound once: every forward makes one
 
 __all__ = ["backward", "forward_inference", "forward_training", "set_ex_path_enabled", "uses_ex_path"]
 
@@ -158,14 +159,15 @@ class _Settled:
 
 
 def _extents(*arrays):
-    """(first, last + 1) byte offsets of each array from its address; None if any is empty."""
+    """(first, last + 1) byte offsets of each array from its address, one flat tuple; None if any
+    is empty."""
     extents = []
     for array in arrays:
         bounds = _byte_range(array)
         if bounds is None:
             return None
-        extents.append((bounds[0] - array.data.ptr, bounds[1] - array.data.ptr))
-    return tuple(extents)
+        extents += (bounds[0] - array.data.ptr, bounds[1] - array.data.ptr)
+    return tuple(extents)  # flat: (first, last + 1) of the first array, then of the second, ...
 
 
 def _remember(key, settled: _Settled) -> _Settled:
@@ -176,6 +178,9 @@ def _remember(key, settled: _Settled) -> _Settled:
             signatures.clear()
         signatures[key] = settled
     return settled
+
+
+_SETTLED = PLANS.signatures  # the same dict for the life of the process (PLANS.clear empties it in place)
 
 
 def _lookup(key):
@@ -191,7 +196,7 @@ def _check_running_apart(settled, x, gamma, beta, running_mean, running_var) -> 
     when two ranges meet."""
     extents = settled.extents
     if extents is not None:  # None: an empty argument, which the general check handles
-        (x_low, x_high), (gamma_low, gamma_high), (beta_low, beta_high), (mean_low, mean_high), (var_low, var_high) = extents
+        x_low, x_high, gamma_low, gamma_high, beta_low, beta_high, mean_low, mean_high, var_low, var_high = extents
         start = x.data.ptr
         x_low, x_high = start + x_low, start + x_high
         start = gamma.data.ptr
@@ -311,13 +316,17 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
     if cupy.cuda.runtime.getDevice() != device_id:  # the rare case: again, with x's device current
         with cupy.cuda.Device(device_id):
             return forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
-    key, settled = _lookup((
+    key = (
         TRAINING, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis, type(eps), eps,
         type(x), x.shape, x.strides, x.dtype, device_id,  # _signature(x), flat: this runs on every call
         type(gamma), gamma.shape, gamma.strides, gamma.dtype, gamma.device.id,
         type(beta), beta.shape, beta.strides, beta.dtype, beta.device.id,
         _running_signature(running_mean, running_var),
-    ))
+    )
+    try:  # _lookup written out: this runs on every call
+        settled = _SETTLED.get(key)
+    except Exception:
+        key = settled = None
     if settled is None:
         mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
         checked, momentum = check_forward_training(
@@ -385,8 +394,7 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
     if plan.param_from_cudnn is not None:
         save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
     layout = plan.layout
-    saved = SavedStats._checked(save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow)
-    return y, saved
+    return y, _saved_stats(save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow)
 
 
 def _check_reserve(reserve, size: int, device_id: int) -> None:
