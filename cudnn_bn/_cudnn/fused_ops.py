@@ -154,14 +154,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     finally:
         handle.pool.release(handle)
     if overflowed:
-        if backup is not None:
-            mean_in[...], var_in[...] = backup
-        if on_overflow is OnOverflow.RAISE:
-            raise ops._overflow_error(
-                "cudnnBatchNormalizationForwardTrainingEx",
-                "running statistics were restored. Use mode='spatial' or on_overflow='fallback'",
-            )
-        ops._warn_fallback("fused forward_training", layout.shape, plan.data_dtype)
+        ops._overflowed("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup, (mean_in, var_in))
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
@@ -251,12 +244,6 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     finally:
         handle.pool.release(handle)
     if overflowed:
-        if on_overflow is OnOverflow.RAISE:
-            raise ops._overflow_error(
-                "cudnnBatchNormalizationBackwardEx",
-                "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
-                "this backward in SPATIAL",
-            )
-        ops._warn_fallback("fused backward", plan.layout.shape, plan.data_dtype)
+        ops._overflowed("cudnnBatchNormalizationBackwardEx", BACKWARD, "fused backward", plan, on_overflow)
         return None
     return dx, dz, plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)

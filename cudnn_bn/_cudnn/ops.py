@@ -170,9 +170,12 @@ def _extents(*arrays):
     return tuple(extents)  # flat: (first, last + 1) of the first array, then of the second, ...
 
 
+_SETTLED = PLANS.signatures  # the same dict for the life of the process (PLANS.clear empties it in place)
+
+
 def _remember(key, settled: _Settled) -> _Settled:
     if key is not None:
-        signatures = PLANS.signatures
+        signatures = _SETTLED
         # each entry holds its plan: bounded like the plans, so evicted plans do not live on here
         if len(signatures) >= min(_MAX_SIGNATURES, 2 * PLANS.capacity):
             signatures.clear()
@@ -180,12 +183,9 @@ def _remember(key, settled: _Settled) -> _Settled:
     return settled
 
 
-_SETTLED = PLANS.signatures  # the same dict for the life of the process (PLANS.clear empties it in place)
-
-
 def _lookup(key):
     try:
-        return key, PLANS.signatures.get(key)
+        return key, _SETTLED.get(key)
     except Exception:  # an unhashable or misbehaving argument: the full checks name it
         return None, None
 
@@ -301,6 +301,24 @@ def _overflow_error(function: str, advice: str) -> CudnnOverflowError:
     )
 
 
+_OVERFLOW_ADVICE = {
+    TRAINING: "running statistics were restored. Use mode='spatial' or on_overflow='fallback'",
+    BACKWARD: "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
+    "this backward in SPATIAL",
+}
+
+
+def _overflowed(function: str, operation: str, label: str, plan, on_overflow, backup=None, running=None) -> None:
+    """What follows an overflowed SPATIAL_PERSISTENT call (plain or fused): the running statistics
+    ``running`` (cuDNN's in-place pair) restored from ``backup``, then CudnnOverflowError under
+    on_overflow="raise", else the once-per-shape fallback warning; the caller then re-runs in SPATIAL."""
+    if backup is not None:
+        running[0][...], running[1][...] = backup
+    if on_overflow is OnOverflow.RAISE:
+        raise _overflow_error(function, _OVERFLOW_ADVICE[operation])
+    _warn_fallback(label, plan.layout.shape, plan.data_dtype)
+
+
 def _spatial(checked):
     """The same description in SPATIAL mode."""
     layout = checked.layout
@@ -372,21 +390,14 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
             library.cudnnBatchNormalizationForwardTraining(
                 handle.pointer, plan.cudnn_mode, plan.alpha, plan.beta, x_desc, x_in.data.ptr,
                 x_desc, y.data.ptr, p_desc, gamma_in.data.ptr, beta_in.data.ptr,
-                momentum, None if mean_in is None else mean_in.data.ptr, None if var_in is None else var_in.data.ptr, checked.eps, save_mean.data.ptr,
-                save_inv_std.data.ptr,
+                momentum, None if mean_in is None else mean_in.data.ptr, None if var_in is None else var_in.data.ptr,  # _pointer, inline
+                checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
         overflowed = plan.persistent and _after_persistent(handle, checked_overflow)
     finally:
         handle.pool.release(handle)
     if overflowed:
-        if backup is not None:
-            mean_in[...], var_in[...] = backup
-        if on_overflow is OnOverflow.RAISE:
-            raise _overflow_error(
-                "cudnnBatchNormalizationForwardTraining",
-                "running statistics were restored. Use mode='spatial' or on_overflow='fallback'",
-            )
-        _warn_fallback("forward_training", plan.layout.shape, plan.data_dtype)
+        _overflowed("cudnnBatchNormalizationForwardTraining", TRAINING, "forward_training", plan, on_overflow, backup, (mean_in, var_in))
         return forward_training(x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, checked.eps, channel_axis, OnOverflow.IGNORE)
     if not settled.params_as_is:
         plan.running_back(cupy, mean_in, running_mean)
@@ -534,13 +545,7 @@ def backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow):
     finally:
         handle.pool.release(handle)
     if overflowed:
-        if on_overflow is OnOverflow.RAISE:
-            raise _overflow_error(
-                "cudnnBatchNormalizationBackward",
-                "pass on_overflow='fallback', or mode='spatial' (it accepts these saved statistics), to re-run "
-                "this backward in SPATIAL",
-            )
-        _warn_fallback("backward", plan.layout.shape, plan.data_dtype)
+        _overflowed("cudnnBatchNormalizationBackward", BACKWARD, "backward", plan, on_overflow)
         plain_saved = None if saved is None else SavedStats._checked(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
         return backward(x, dy, gamma, plain_saved, Mode.SPATIAL, checked.eps, channel_axis, OnOverflow.IGNORE)
     if plan.param_from_cudnn is not None:
