@@ -474,16 +474,6 @@ def child_overflow_flag(group: dict, seeds: int = 6) -> None:
 
 # ---------------------------------------------------------------- child: query timing ----
 
-def _microseconds_per_call(function, synchronize, calls: int) -> float:
-    function()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        function()
-    synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
-
-
 QUERY_TIMING_SHAPES = [(8, 16, 4, 4), (32, 64, 56, 56)]  # kernel time next to nothing, and a benchmark shape
 
 
@@ -494,9 +484,10 @@ def child_query_timing(group: dict) -> None:
     import cudnn_bn
 
     from cudnn_bn import CudnnOverflowError
+    from cudnn_bn._tools.timing import microseconds_per_call
 
     bn = RawBatchNorm(cupy)
-    idle = _microseconds_per_call(bn.overflow_flag, lambda: None, 2000)
+    idle = microseconds_per_call(bn.overflow_flag, lambda: None, 2000)
     bn.close()
     emit(dict(kind="query_timing", measure="cudnnQueryRuntimeError (blocking) on an idle handle, us per call", value=f"{idle:.2f}"))
     synchronize = cupy.cuda.get_current_stream().synchronize
@@ -519,7 +510,7 @@ def child_query_timing(group: dict) -> None:
                 except CudnnOverflowError:  # a flag on this ordinary data is itself worth recording
                     flagged.append(1)
 
-            value = f"{_microseconds_per_call(call, synchronize, 300):.1f}"
+            value = f"{microseconds_per_call(call, synchronize, 300):.1f}"
             emit(dict(kind="query_timing", measure=f"{label}: {name}", value=value + (f" ({len(flagged)} calls flagged)" if flagged else "")))
 
 

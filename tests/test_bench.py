@@ -269,3 +269,9 @@ def test_gpu_bench_records_a_failed_section_and_goes_on(gpu, monkeypatch, tmp_pa
     assert result["overflow_probe"] == {"error": "RuntimeError: probe crashed"}
     assert isinstance(result["ex_vs_plain"], list)  # the section after it still ran
     assert "overflow_probe failed: RuntimeError: probe crashed" in (tmp_path / "b.md").read_text()
+
+
+def test_microseconds_per_call_warms_up_once_and_synchronizes_around_the_timed_calls():
+    calls, synchronized = [], []
+    value = _timing.microseconds_per_call(lambda: calls.append(len(synchronized)), lambda: synchronized.append(len(calls)), 5)
+    assert calls == [0, 1, 1, 1, 1, 1] and synchronized == [1, 6] and value > 0

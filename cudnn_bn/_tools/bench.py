@@ -36,7 +36,7 @@ from .._core.layout import make_layout, physical_shape
 from .._core.modes import Mode
 from .._core.saved import SavedStats
 from .._core.validate import param_dtype_for
-from .timing import describe_failure, host_samples, median_gpu_seconds, spread_ms
+from .timing import describe_failure, host_samples, median_gpu_seconds, microseconds_per_call, spread_ms
 
 __all__ = ["run_bench", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "OPERATIONS", "to_markdown"]
 
@@ -405,24 +405,11 @@ def _host_overhead(torch, calls=1000) -> dict:
     arrays = _device_inputs((8, 16, 4, 4), 1, Mode.SPATIAL, np.float32)
     ours = _operations(arrays, Mode.SPATIAL, 1)["forward_training"]
     result = {"shape": [8, 16, 4, 4], "calls": calls,
-              "cudnn_bn_us_per_call": _microseconds_per_call(ours, cupy.cuda.Device().synchronize, calls)}
+              "cudnn_bn_us_per_call": microseconds_per_call(ours, cupy.cuda.Device().synchronize, calls)}
     if torch is not None:
         theirs = _torch_operations(torch, arrays, Mode.SPATIAL, 1)["forward_training"]
-        result["torch_us_per_call"] = _microseconds_per_call(theirs, torch.cuda.synchronize, calls)
+        result["torch_us_per_call"] = microseconds_per_call(theirs, torch.cuda.synchronize, calls)
     return result
-
-
-def _microseconds_per_call(run, synchronize, calls: int) -> float:
-    """Wall time per call of ``calls`` back-to-back calls with one synchronisation (host overhead)."""
-    import time
-
-    run()
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        run()
-    synchronize()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def _overflow_probe() -> list[dict]:

@@ -7,7 +7,7 @@ import gc
 import statistics
 import time
 
-__all__ = ["CLOCKS", "describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "spread_ms"]
+__all__ = ["CLOCKS", "describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "microseconds_per_call", "spread_ms"]
 
 
 def describe_failure(error: BaseException) -> str:
@@ -86,3 +86,15 @@ def median_gpu_seconds(function, repeats: int = 20, warmup: int = 3) -> float:
         stop.synchronize()
         samples.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
     return statistics.median(samples)
+
+
+def microseconds_per_call(function, synchronize, calls: int) -> float:
+    """Wall time per call of ``calls`` back-to-back calls of ``function()`` with one ``synchronize()``
+    at the end, after one warm-up call: the host's cost per call when the device keeps up."""
+    function()
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        function()
+    synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
