@@ -70,10 +70,8 @@ def cupy(gpu):
     return sys.modules["cupy"]
 
 
-@pytest.fixture
-def descriptors(library):
-    """make(data_type, dims, strides) -> a real tensor descriptor, destroyed after the test."""
-    made = []
+def _descriptor_maker(library, made: list):
+    """make(data_type, dims, strides) -> a real tensor descriptor, its pointer also put in ``made``."""
 
     def make(data_type, dims, strides):
         pointer = ctypes.c_void_p()
@@ -83,7 +81,14 @@ def descriptors(library):
         library.cudnnSetTensorNdDescriptor(pointer.value, data_type, len(dims), array(*dims), array(*strides))
         return pointer.value
 
-    yield make
+    return make
+
+
+@pytest.fixture
+def descriptors(library):
+    """make(data_type, dims, strides) -> a real tensor descriptor, destroyed after the test."""
+    made = []
+    yield _descriptor_maker(library, made)
     for pointer in made:
         try:
             library.cudnnDestroyTensorDescriptor(pointer)
@@ -340,16 +345,7 @@ def descriptors_2(monkeypatch, cudnn_library):
     with simulated_gpu(monkeypatch, devices=2):
         library = raw.library()
         made = []
-
-        def make(data_type, dims, strides):
-            pointer = ctypes.c_void_p()
-            library.cudnnCreateTensorDescriptor(ctypes.byref(pointer))
-            made.append(pointer.value)
-            array = ctypes.c_int * len(dims)
-            library.cudnnSetTensorNdDescriptor(pointer.value, data_type, len(dims), array(*dims), array(*strides))
-            return pointer.value
-
-        yield sys.modules["cupy"], library, make
+        yield sys.modules["cupy"], library, _descriptor_maker(library, made)
         for pointer in made:
             library.cudnnDestroyTensorDescriptor(pointer)
 

@@ -251,15 +251,19 @@ def _inference_args(shape=(4, 3, 2, 2)):
     return x, gamma, beta, mean, var
 
 
-@pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "mean", "var"])
-def test_inference_checks_again_when_any_argument_changes_shape(gpu, position):
-    args = _inference_args()
-    cudnn_bn.forward_inference(*_device(*args), mode="spatial")
+def _refused_after_a_shape_change(call, args, position) -> None:
+    """``call`` settles its signature on ``args``, then refuses them with the one at ``position``
+    reshaped (x loses a channel; a parameter gains one): the changed signature is checked again."""
+    call(*_device(*args), mode="spatial")
     changed = list(args)
-    # x loses a channel; a parameter gains one
     changed[position] = args[0][:, :2] if position == 0 else np.concatenate([args[position], args[position][:1]])
     with pytest.raises(ValueError):
-        cudnn_bn.forward_inference(*_device(*changed), mode="spatial")
+        call(*_device(*changed), mode="spatial")
+
+
+@pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "mean", "var"])
+def test_inference_checks_again_when_any_argument_changes_shape(gpu, position):
+    _refused_after_a_shape_change(cudnn_bn.forward_inference, _inference_args(), position)
 
 
 @pytest.mark.parametrize("keyword,first,second", [("eps", 1, True), ("channel_axis", 1, True)])
@@ -407,12 +411,7 @@ def _training_args(shape=(4, 3, 2, 2)):
 
 @pytest.mark.parametrize("position", range(5), ids=["x", "gamma", "beta", "running_mean", "running_var"])
 def test_training_checks_again_when_any_argument_changes_shape(gpu, position):
-    args = _training_args()
-    cudnn_bn.forward_training(*_device(*args), mode="spatial")
-    changed = list(args)
-    changed[position] = args[0][:, :2] if position == 0 else np.concatenate([args[position], args[position][:1]])
-    with pytest.raises(ValueError):
-        cudnn_bn.forward_training(*_device(*changed), mode="spatial")
+    _refused_after_a_shape_change(cudnn_bn.forward_training, _training_args(), position)
 
 
 @pytest.mark.parametrize("position", [3, 4], ids=["running_mean", "running_var"])
