@@ -65,6 +65,7 @@ __all__ = [
     "INFERENCE_MAX_BATCH",
     "INT32_MAX",
     "KernelSimulator",
+    "PER_ACTIVATION_TRAINING_MAX_BATCH",
     "Launch",
     "SimulatedCuda",
     "TRAINING_MAX_BATCH",
@@ -76,8 +77,10 @@ __all__ = [
 # ---- cuDNN's numbers, written out here rather than imported from the package under test ----
 INT32_MAX = 2**31 - 1  # dims, strides and element counts are C ints; PyTorch keeps cuDNN off numel >= 2**31
 CUDNN_BN_MIN_EPSILON = 0.0  # cudnn_ops.h, cuDNN 9
-TRAINING_MAX_BATCH = 880801  # PyTorch's guard for cuDNN training (pytorch#19911)
-INFERENCE_MAX_BATCH = 65535  # PyTorch's guard for cuDNN inference (pytorch#2917)
+# the batch sizes past which cuDNN is reported to refuse (NOT_SUPPORTED), by mode and call:
+PER_ACTIVATION_TRAINING_MAX_BATCH = 131070  # PER_ACTIVATION training and backward (pytorch#2917)
+TRAINING_MAX_BATCH = 880801  # SPATIAL(_PERSISTENT) training and backward: PyTorch's guard (PR #32763)
+INFERENCE_MAX_BATCH = 65535  # inference in any mode (pytorch#19911)
 PER_ACTIVATION, SPATIAL, SPATIAL_PERSISTENT = 0, 1, 2  # cudnnBatchNormMode_t
 OPS_BN, OPS_BN_ACTIVATION, OPS_BN_ADD_ACTIVATION = 0, 1, 2  # cudnnBatchNormOps_t
 ACTIVATION_RELU = 1  # cudnnActivationMode_t: the one activation cuDNN's fused batch-norm kernels apply
@@ -1070,10 +1073,16 @@ class KernelSimulator:
       or busy handle; a destroyed descriptor; memory outside one live allocation of the handle's
       device; a kernel call on a handle bound to another stream than the current one;
       SPATIAL_PERSISTENT backward without saved statistics; BackwardEx without the reserve space of
-      the ForwardTrainingEx that saved its statistics; a BackwardEx workspace query with NULL yDesc.
+      the ForwardTrainingEx that saved its statistics; a BackwardEx workspace query with NULL yDesc;
+      a ForwardTrainingEx workspace query whose zDesc does not describe x, or is NULL with
+      BN_ADD_ACTIVATION. cuDNN's header describes zDesc as the z descriptor "for add operations",
+      and MXNet, Caffe2 and OneFlow pass NULL there with bnOps BN, so NULL is accepted otherwise;
+      cudnn_bn passes x's descriptor for every bnOps, as PyTorch, TensorFlow and CuPy 13 do.
     - NOT_SUPPORTED: any dim, stride, element count or extent past int32 (including an array whose
       pointer was taken with a dim past int32 and a descriptor that a C int truncated); training or
-      backward with N > 880801, inference with N > 65535; ForwardInference in SPATIAL_PERSISTENT.
+      backward with N > 131070 in PER_ACTIVATION and N > 880801 in SPATIAL and SPATIAL_PERSISTENT,
+      inference with N > 65535 in any mode (N of the descriptor; see the constants above);
+      ForwardInference in SPATIAL_PERSISTENT.
     - The Ex calls and their size queries, while ``ex_fast_path_only`` (default): bnOps other than
       BN, and anything off NVIDIA's NHWC fast path (SPATIAL_PERSISTENT, fully packed NHWC half x,
       y, dy, dx, C % 4 == 0) is NOT_SUPPORTED; a NULL workspace or reserve space, or one smaller
@@ -1309,16 +1318,20 @@ class KernelSimulator:
                                        "the simulated GPU runs alpha=1, beta=0 only, and a scalar of the wrong width "
                                        "reads as another value")
 
-    def _limits(self, data: _Described, operation: str) -> None:
+    def _limits(self, data: _Described, operation: str, mode: Mode) -> None:
         count = math.prod(data.dims)
         reach = sum((d - 1) * abs(s) for d, s in zip(data.dims, data.strides))
         if max(count, reach, *data.dims, *(abs(s) for s in data.strides)) > INT32_MAX:
             raise _Refused(_NOT_SUPPORTED, f"x ({data}, {count} elements) is past cuDNN's 32-bit indexing (at most {INT32_MAX})")
         batch = data.dims[0]
-        if operation == "inference" and batch > INFERENCE_MAX_BATCH:
-            raise _Refused(_NOT_SUPPORTED, f"inference with N={batch}: cuDNN fails past N={INFERENCE_MAX_BATCH} (pytorch#2917)")
-        if operation != "inference" and batch > TRAINING_MAX_BATCH:
-            raise _Refused(_NOT_SUPPORTED, f"training with N={batch}: cuDNN fails past N={TRAINING_MAX_BATCH} (pytorch#19911)")
+        if operation == "inference":
+            limit, source = INFERENCE_MAX_BATCH, "pytorch#19911"
+        elif mode is Mode.PER_ACTIVATION:
+            limit, source = PER_ACTIVATION_TRAINING_MAX_BATCH, "pytorch#2917"
+        else:
+            limit, source = TRAINING_MAX_BATCH, "PyTorch's guard, PR #32763"
+        if batch > limit:
+            raise _Refused(_NOT_SUPPORTED, f"{operation} in {mode.name} with N={batch}: cuDNN fails past N={limit} ({source})")
 
     def _check_sources(self, tensors: dict) -> None:
         """An array whose pointer was taken, sized past int32: its descriptor cannot be right."""
@@ -1455,7 +1468,7 @@ class KernelSimulator:
             _required(z=z)
             z_t = data["zDesc"] = self._data("zDesc", z_desc, like=x_t)
         buffers = ex(mode, data) if ex is not None else ()
-        self._limits(x_t, "training")
+        self._limits(x_t, "training", mode)
         tensors = {"x": (x, x_t), "y": (y, y_t), "scale": (scale, p_t), "bias": (bias, p_t),
                    "running_mean": (running_mean, p_t), "running_var": (running_var, p_t),
                    "save_mean": (save_mean, p_t), "save_inv_std": (save_inv_var, p_t)}
@@ -1507,7 +1520,7 @@ class KernelSimulator:
             _epsilon(eps)
             if mode is Mode.SPATIAL_PERSISTENT:
                 raise _Refused(_NOT_SUPPORTED, "ForwardInference takes PER_ACTIVATION or SPATIAL, not SPATIAL_PERSISTENT")
-            self._limits(x_t, "inference")
+            self._limits(x_t, "inference", mode)
             tensors = {"x": (x, x_t), "y": (y, y_t), "scale": (scale, p_t), "bias": (bias, p_t),
                        "mean": (mean, p_t), "var": (var, p_t)}
             self._launch(state, name, mode, tensors, ("y",), eps=eps)
@@ -1542,7 +1555,7 @@ class KernelSimulator:
                 extra["dz"] = (fused["dz"], data["dzDesc"])
                 outputs += ("dz",)
         buffers = ex(mode, data) if ex is not None else ()
-        self._limits(x_t, "backward")
+        self._limits(x_t, "backward", mode)
         tensors = {"x": (x, x_t), "dy": (dy, dy_t), "dx": (dx, dx_t), "scale": (scale, p_t), "dscale": (dscale, p_t),
                    "dbias": (dbias, p_t), "save_mean": (saved_mean, p_t), "save_inv_std": (saved_inv_var, p_t), **extra}
         return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, ops=ops)
@@ -1603,7 +1616,7 @@ class KernelSimulator:
             y_t = self._data("yDesc", y_desc, like=x_t)
             self._param("bnScaleBiasMeanVarDesc", p_desc, x_t, mode)
             data = {"xDesc": x_t, "yDesc": y_t}
-            if ops == OPS_BN_ADD_ACTIVATION:
+            if ops == OPS_BN_ADD_ACTIVATION or z_desc:  # z is read with ADD only; a zDesc given must describe x
                 data["zDesc"] = self._data("zDesc", z_desc, like=x_t)
             self._ex_conditions(mode, ops, data, activation)
             self._write_size(size_out, self.workspace_size)

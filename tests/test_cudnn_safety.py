@@ -189,7 +189,7 @@ def test_inference_past_the_element_limit_runs_in_pieces(gpu, monkeypatch):
 
 @pytest.mark.parametrize("mode", [Mode.PER_ACTIVATION, Mode.SPATIAL, Mode.SPATIAL_PERSISTENT])
 def test_2d_training_past_the_batch_limit_is_routed_as_spatial_columns(gpu, monkeypatch, mode):
-    monkeypatch.setattr(limits, "LIMITS", limits.Limits(training_max_batch=8))
+    monkeypatch.setattr(limits, "LIMITS", limits.Limits(training_max_batch=8, per_activation_training_max_batch=8))
     _, x, dy, gamma, beta = make_case((13, 5), mode, 1, np.float32)
     running = _device(np.full(5, 0.25, np.float32), np.full(5, 2.0, np.float32))
     wanted_running = [np.full(5, 0.25), np.full(5, 2.0)]

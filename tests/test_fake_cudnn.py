@@ -436,19 +436,27 @@ def test_a_dim_truncated_by_a_c_int_is_not_supported(gpu, cupy, library, descrip
     refused(NOT_SUPPORTED, case.call, TRAINING, x=huge.data.ptr, y=huge.data.ptr, **args, match="truncated")
 
 
-@pytest.mark.parametrize("function,batch,status", [
-    (TRAINING, 880801, None), (TRAINING, 880802, NOT_SUPPORTED),
-    (BACKWARD, 880802, NOT_SUPPORTED),
-    (INFERENCE, 65535, None), (INFERENCE, 65536, NOT_SUPPORTED),
+@pytest.mark.parametrize("function,mode,batch,status,source", [
+    (TRAINING, PER_ACTIVATION, 131070, None, None), (TRAINING, PER_ACTIVATION, 131071, NOT_SUPPORTED, "pytorch#2917"),
+    (BACKWARD, PER_ACTIVATION, 131070, None, None), (BACKWARD, PER_ACTIVATION, 131071, NOT_SUPPORTED, "pytorch#2917"),
+    (TRAINING, SPATIAL, 880801, None, None), (TRAINING, SPATIAL, 880802, NOT_SUPPORTED, "PR #32763"),
+    (BACKWARD, SPATIAL, 880802, NOT_SUPPORTED, "PR #32763"), (TRAINING, PERSISTENT, 880802, NOT_SUPPORTED, "PR #32763"),
+    (INFERENCE, SPATIAL, 65535, None, None), (INFERENCE, SPATIAL, 65536, NOT_SUPPORTED, "pytorch#19911"),
+    (INFERENCE, PER_ACTIVATION, 65536, NOT_SUPPORTED, "pytorch#19911"),
 ])
-def test_the_batch_size_limits_pytorch_guards(gpu, cupy, library, descriptors, function, batch, status):
-    case = Case(cupy, library, descriptors, dims=(batch, 1, 1, 1))
+def test_the_batch_size_limits_are_refused_per_mode_with_the_reason(gpu, cupy, library, descriptors, function, mode, batch,
+                                                                    status, source):
+    case = Case(cupy, library, descriptors, dims=(batch, 1, 1, 1), mode=mode)
     if status is None:
+        if function == BACKWARD:
+            case.call(TRAINING)  # the saved statistics it reads
         case.call(function)
-        cupy.cuda.get_current_stream().synchronize()
-        assert np.isfinite(case.y.get()).all()
+        assert np.isfinite((case.dx if function == BACKWARD else case.y).get()).all()
+        assert not gpu.refusals
     else:
-        refused(status, case.call, function, match=f"N={batch}")
+        refused(status, case.call, function, match=f"{Mode(mode).name} with N={batch}: cuDNN fails past")
+        function_refused, status_refused, reason = gpu.refusals[-1]
+        assert (function_refused, status_refused) == (function, status) and source in reason
 
 
 def test_inference_in_spatial_persistent_is_not_supported(gpu, cupy, library, descriptors):
@@ -573,6 +581,21 @@ def test_the_backward_ex_workspace_query_needs_y_desc(gpu, library, ex_case):
     refused(BAD_PARAM, library.cudnnGetBatchNormalizationBackwardExWorkspaceSize, *query_args(None), match="yDesc is NULL")
     library.cudnnGetBatchNormalizationBackwardExWorkspaceSize(*query_args(ex_case.x_desc))
     assert size.value == gpu.workspace_size == 256
+
+
+def test_the_forward_ex_workspace_query_takes_x_or_nothing_as_z_desc(gpu, library, descriptors, ex_case, relu):
+    size = ctypes.c_size_t()
+    query = library.cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize
+    args = lambda ops, z_desc, activation=None: (ex_case.handle, PERSISTENT, ops, ex_case.x_desc, z_desc,  # noqa: E731
+                                                 ex_case.x_desc, ex_case.p_desc, activation, ctypes.byref(size))
+    other = descriptors(HALF, (6, 12, 3, 4), _packed((6, 12, 3, 4), (0, 2, 3, 1)))
+    for ops, activation in ((0, None), (1, relu), (2, relu)):
+        query(*args(ops, ex_case.x_desc, activation))  # x's descriptor, as PyTorch and CuPy 13 pass it
+        assert size.value == gpu.workspace_size
+        refused(BAD_PARAM, query, *args(ops, other, activation), match="zDesc .* does not match xDesc")
+    query(*args(0, None))  # bnOps BN and BN_ACTIVATION read no z: NULL is what MXNet and Caffe2 pass
+    query(*args(1, None, relu))
+    refused(BAD_PARAM, query, *args(2, None, relu), match="zDesc: NULL")
 
 
 # ---- the overflow flag ----

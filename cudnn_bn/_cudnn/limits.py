@@ -1,10 +1,18 @@
 """What cuDNN's batch-norm calls accept, in one place: the 32-bit limits, the batch-size limits
 and the conditions of the Ex fast path.
 
-The batch-size limits are the ones PyTorch still guards (pytorch#19911: training with N past
-880801 and pytorch#2917: inference with N past 65535 fail with CUDNN_STATUS_NOT_SUPPORTED). Whether
-cuDNN 9 still has them is measured on a GPU machine by ``.ci/gpu-validate``; until then they are
-respected. ``LIMITS`` is read at plan time, so a test can lower it to exercise the routing.
+The batch-size limits, each a call that fails with CUDNN_STATUS_NOT_SUPPORTED past it:
+
+- training and backward in PER_ACTIVATION past N = 131070 (pytorch#2917, "The magic number is
+  131070", on 2-D input; PyTorch guarded it from PR #2919 on);
+- training and backward in SPATIAL and SPATIAL_PERSISTENT past N = 880801: PyTorch's own guard,
+  measured on cuDNN 7.6.5 in its PR #32763 (for pytorch#29744);
+- inference past N = 65535 (pytorch#19911, in eval mode; guarded by the same PR).
+
+Today's PyTorch sends only input of 3 or more dims to cuDNN, so the PER_ACTIVATION figure is no
+longer exercised there. Whether cuDNN 9 still has these limits is measured on a GPU machine by the
+limit probes of ``.ci/gpu-validate smoke``; until then they are respected. ``LIMITS`` is read at
+plan time, so a test can lower it to exercise the routing.
 """
 
 from __future__ import annotations
@@ -29,14 +37,21 @@ class Limits:
     """The numbers; see the module docstring for where each comes from."""
 
     int32_max: int = 2**31 - 1  # dims, strides and element counts reach cuDNN as C int
-    training_max_batch: int = 880801  # ForwardTraining / Backward, N of the descriptor
+    training_max_batch: int = 880801  # SPATIAL and SPATIAL_PERSISTENT ForwardTraining / Backward, N of the descriptor
+    per_activation_training_max_batch: int = 131070  # PER_ACTIVATION ForwardTraining / Backward, N of the descriptor
     inference_max_batch: int = 65535  # ForwardInference, N of the descriptor
+
+    def training_batch_limit(self, mode: Mode) -> int:
+        """The largest N that training and backward in ``mode`` may pass to cuDNN."""
+        return self.per_activation_training_max_batch if mode is Mode.PER_ACTIVATION else self.training_max_batch
 
 
 LIMITS = Limits()
 
-# The 2-D route: an (N, C) input is the same computation as a 1 x C x N x 1 channels-last tensor
-# in SPATIAL mode (statistics per column over the N rows); it moves N out of cuDNN's batch dim.
+# The columns route: statistics per column of an (N, F) matrix, which is what 2-D input is in every
+# mode and what PER_ACTIVATION input of any rank is (F = every axis but N, in memory order). It is
+# the same computation as a 1 x F x N x 1 channels-last tensor in SPATIAL mode, which moves N out of
+# cuDNN's batch dim.
 ROUTE_AS_SPATIAL_COLUMNS = "spatial_columns"
 
 
@@ -62,13 +77,15 @@ def training_route(layout: Layout) -> str | None:
             f"(at most {LIMITS.int32_max} elements), got {count} elements (shape {layout.shape}); "
             "split the batch or run the NumPy reference"
         )
-    if batch <= LIMITS.training_max_batch:
+    limit = LIMITS.training_batch_limit(layout.mode)
+    if batch <= limit:
         return None
-    if layout.ndim == 2:
+    if layout.ndim == 2 or layout.mode is Mode.PER_ACTIVATION:
         return ROUTE_AS_SPATIAL_COLUMNS
     raise CudnnLimitError(
-        f"x: cuDNN's training kernels support a batch of at most {LIMITS.training_max_batch} "
-        f"(pytorch#19911), got N={batch} (shape {layout.shape}); only 2-D input can be routed around it"
+        f"x: cuDNN's {layout.mode.name} training kernels support a batch of at most {limit} "
+        f"(PyTorch's guard, PR #32763), got N={batch} (shape {layout.shape}); only 2-D and PER_ACTIVATION "
+        "input can be routed around it: split the batch, or run the NumPy reference"
     )
 
 

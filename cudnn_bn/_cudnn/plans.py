@@ -12,6 +12,7 @@ what depends on values, and calls C.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 
 import numpy as np
@@ -68,9 +69,10 @@ class Plan:
         self.pieces = None  # a single call; ChunkedPlan has the pieces
         self.route = training_route(layout) if operation != INFERENCE else None
         cudnn_mode = layout.mode
-        if self.route == ROUTE_AS_SPATIAL_COLUMNS:
-            batch, channels = layout.shape
-            dims, strides = (1, channels, batch, 1), (batch * channels, 1, channels, channels)
+        routed = self.route == ROUTE_AS_SPATIAL_COLUMNS
+        if routed:  # columns: every axis but N, in x's memory order, as its parameters lie
+            batch, columns = layout.shape[0], math.prod(layout.shape[1:])
+            dims, strides = (1, columns, batch, 1), (batch * columns, 1, columns, columns)
             if cudnn_mode is Mode.PER_ACTIVATION:  # per column over the rows is SPATIAL here
                 cudnn_mode = Mode.SPATIAL
         else:
@@ -83,7 +85,7 @@ class Plan:
         self.data_desc_pointer, self.param_desc_pointer = self.data_desc.pointer, self.param_desc.pointer
         self.persistent = layout.mode is Mode.SPATIAL_PERSISTENT
         self.alpha, self.beta = _SCALARS[self.data_dtype == np.float64]
-        axes = layout.param_axes_to_cudnn
+        axes = None if routed else layout.param_axes_to_cudnn
         self.param_to_cudnn = axes
         self.param_from_cudnn = None if axes is None else tuple(int(a) for a in np.argsort(axes))
         self.cudnn_param_shape = layout.param_shape if axes is None else tuple(layout.param_shape[a] for a in axes)
@@ -156,14 +158,15 @@ class Plan:
             library = raw.library()
             forward, backward, reserve = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
             x, p = self.data_desc.pointer, self.param_desc.pointer
-            z = x if ops is BatchNormOps.BN_ADD_ACTIVATION else None  # zDesc, and dzDesc in backward
+            dz = x if ops is BatchNormOps.BN_ADD_ACTIVATION else None  # dzDesc: read only by BN_ADD_ACTIVATION
             act = None if activation is None else self.activation_descriptor(activation).pointer
-            # yDesc is the data descriptor in the backward query, as PyTorch and CuPy 13 pass it
+            # zDesc in the forward query and yDesc in the backward one are the data descriptor for
+            # every bnOps, as PyTorch and CuPy 13 pass them
             library.cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize(
-                handle_pointer, self.cudnn_mode, int(ops), x, z, x, p, act, ctypes.byref(forward)
+                handle_pointer, self.cudnn_mode, int(ops), x, x, x, p, act, ctypes.byref(forward)
             )
             library.cudnnGetBatchNormalizationBackwardExWorkspaceSize(
-                handle_pointer, self.cudnn_mode, int(ops), x, x, x, z, x, p, act, ctypes.byref(backward)
+                handle_pointer, self.cudnn_mode, int(ops), x, x, x, dz, x, p, act, ctypes.byref(backward)
             )
             library.cudnnGetBatchNormalizationTrainingExReserveSpaceSize(
                 handle_pointer, self.cudnn_mode, int(ops), act, x, ctypes.byref(reserve)
