@@ -339,6 +339,32 @@ def test_fused_ex_backward_refuses_a_foreign_reserve_space(gpu):
         backward(d_x, y, d_dy, d_gamma, small)
 
 
+def test_the_forward_ex_workspace_query_gets_x_as_z_desc_for_every_bn_ops(gpu, monkeypatch):
+    """PyTorch and CuPy 13 pass x's descriptor as zDesc to the forward Ex workspace query; so does
+    cudnn_bn, plain BN (cudnn_bn.forward_training), BN_ACTIVATION and BN_ADD_ACTIVATION alike."""
+    import cudnn_bn
+    from cudnn_bn._cudnn import plans, raw
+
+    plans.PLANS.clear()  # the sizes are queried once per plan: an earlier test's plan would hide the query
+    library, name = raw.library(), "cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize"
+    query, seen = getattr(library, name), []
+
+    def recording(handle, mode, ops, x_desc, z_desc, *rest):
+        seen.append((ops, x_desc, z_desc))
+        return query(handle, mode, ops, x_desc, z_desc, *rest)
+
+    monkeypatch.setattr(library, name, recording)
+    cupy = sys.modules["cupy"]
+    shape, mode, axis, dtype = EX_CASE.values()
+    _, x, _, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    d_x, d_gamma, d_beta, d_residual = _device(cupy, x, gamma, beta, residual)
+    cudnn_bn.forward_training(d_x, d_gamma, d_beta, mode=mode, channel_axis=axis)
+    forward_training(d_x, d_gamma, d_beta, mode=mode, channel_axis=axis)
+    forward_training(d_x, d_gamma, d_beta, residual=d_residual, mode=mode, channel_axis=axis)
+    assert sorted(ops for ops, _, _ in seen) == [0, 1, 2]
+    assert all(z_desc == x_desc and x_desc for _, x_desc, z_desc in seen)
+
+
 def test_disabled_ex_path_composes(gpu):
     from cudnn_bn._cudnn.plans import set_ex_path_enabled
 
@@ -405,6 +431,8 @@ def _exact_zero_channel(x, beta, residual, channel_axis):
 
 
 def _check_exact_zero_channel(index, y, grads):
+    """Where the reference computes (numpy, the simulated GPU): channel 0 normalizes to exactly 0
+    and ReLU's gradient there is 0, so all of the channel's results are exactly 0."""
     y = to_numpy(y)
     assert (y[index] == 0).all()
     dx, dresidual, dgamma, dbeta = (None if g is None else to_numpy(g) for g in grads)
@@ -429,11 +457,35 @@ def test_exactly_zero_pre_activation_on_the_simulated_gpu(gpu, case, path, with_
         _check_exact_zero_channel(index, y, backward(arrays[0], y, arrays[1], arrays[2], saved))
 
 
+def _gradients_at_the_constant_channel(grads, blocked, passing):
+    """Which reference gradients cuDNN's fused backward gave for the constant channel 0, and those
+    gradients whole.
+
+    cuDNN's mean of a constant need not be exact, so channel 0's pre-activation is 0 only up to
+    that rounding (y there is 0 within the tolerance, which the caller checks), and ReLU's gradient
+    there may read as 0 (``blocked``, the reference's convention at exactly 0) or 1 (``passing``).
+    The channel's elements are one value normalized by one mean and inverse std, so the choice is
+    the same for the whole channel, and every gradient must match one of the two alternatives.
+    dbeta[0] tells them apart: 0 when blocked, the channel's sum of dy when passing."""
+    dbeta = to_numpy(grads[3]).reshape(-1)[0]
+    distances = {name: abs(dbeta - float(np.asarray(alternative[3], np.float64).reshape(-1)[0]))
+                 for name, alternative in (("blocked", blocked), ("passing", passing))}
+    chosen = min(distances, key=distances.get)
+    return chosen, (blocked if chosen == "blocked" else passing)
+
+
+def _relu_open_at(y, index):
+    """y with channel 0 made positive: the reference backward then lets that channel's dy through."""
+    opened = np.array(y, copy=True)
+    opened[index] = 1
+    return opened
+
+
 # ---- a GPU machine ----
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("case,path", CASES)
-def test_gpu_parity_with_the_reference(case, path, with_residual):
+def test_gpu_parity_with_the_reference(case, path, with_residual, request):
     import cupy
 
     shape, mode, axis, dtype = case["shape"], case["mode"], case["channel_axis"], case["dtype"]
@@ -446,12 +498,39 @@ def test_gpu_parity_with_the_reference(case, path, with_residual):
     y, saved = forward_training(d[0], d[2], d[3], residual=d[4], mode=mode, channel_axis=axis)
     grads = backward(d[0], y, d[1], d[2], saved)
     assert saved.path == path
-    assert_close(y, y_ref, dtype, what="y")
-    for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, grads_ref):
+    assert_close(y, y_ref, dtype, what="y")  # channel 0 included: 0 within the tolerance
+    if index is not None:
+        passing = backward(x, _relu_open_at(y_ref, index), dy, gamma, saved_ref)
+        relu, grads_ref = _gradients_at_the_constant_channel(grads, grads_ref, passing)
+        request.node.user_properties.append(("relu_gradient_at_the_constant_channel", relu))
+    _assert_gradients_close(grads, grads_ref, dtype, layout.count)
+
+
+def _assert_gradients_close(grads, expected, dtype, count):
+    for name, got, want in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, expected):
         if want is not None:
-            assert_close(got, want, dtype, what=name, scale=layout.count if name in ("dgamma", "dbeta") else 1.0)
-    if index is not None:  # cuDNN's ReLU gradient at a pre-activation of exactly 0 is the reference's: 0
-        _check_exact_zero_channel(index, y, grads)
+            assert_close(got, want, dtype, what=name, scale=count if name in ("dgamma", "dbeta") else 1.0)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_the_constant_channel_check_takes_either_reading_of_relu_at_zero_and_no_mixture(with_residual):
+    shape, mode, axis, dtype = (6, 4, 3, 3), "spatial", 1, np.float32
+    layout, x, dy, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    residual = residual if with_residual else None
+    index = _exact_zero_channel(x, beta, residual, axis)
+    y, saved = forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=axis)
+    blocked = backward(x, y, dy, gamma, saved)
+    passing = backward(x, _relu_open_at(y, index), dy, gamma, saved)
+    assert abs(float(passing[3][0])) > 0.1 and float(blocked[3][0]) == 0  # dbeta[0] tells them apart
+    assert np.abs(passing[0][index]).max() > 1  # dx through a channel of variance 0: scaled by 1/sqrt(eps)
+    for reading, grads in (("blocked", blocked), ("passing", passing)):
+        chosen, expected = _gradients_at_the_constant_channel(grads, blocked, passing)
+        assert chosen == reading
+        _assert_gradients_close(grads, expected, dtype, layout.count)
+    mixed = (passing[0], blocked[1], blocked[2], blocked[3])  # dx let through, dbeta blocked: no reading of ReLU
+    _, expected = _gradients_at_the_constant_channel(mixed, blocked, passing)
+    with pytest.raises(AssertionError, match="dx"):
+        _assert_gradients_close(mixed, expected, dtype, layout.count)
 
 
 # ---- the CUDA bodies the composed path runs on a GPU, read as elementwise math ----

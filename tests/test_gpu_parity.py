@@ -328,6 +328,9 @@ def test_threads_with_their_own_streams_match_the_reference():
         y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), mode="spatial")
         expected.append([y64, *reference.backward(*_wide(x, dy, gamma), saved64)])
     device_cases = [_to_device(x, dy, gamma, beta) for _, x, dy, gamma, beta in cases]
+    # the uploads were queued on this thread's current stream (the legacy default stream), which
+    # the workers' non-blocking streams do not wait for: finish them before any worker reads
+    cupy.cuda.get_current_stream().synchronize()
     results, errors = [None] * len(cases), []
 
     def worker(index):
@@ -470,21 +473,25 @@ def test_thread_stress_on_random_shapes_matches_the_reference(request):
 # ---------------------------------------------------------------- limits ----
 
 def test_batches_past_cudnn_batch_limits_are_routed_or_refused():
-    """Past cuDNN's batch limits the package routes an equivalent call that fits (2-D training,
-    inference in chunks) or raises CudnnLimitError before any native call."""
+    """Past cuDNN's batch limits the package routes an equivalent call that fits (2-D training and
+    PER_ACTIVATION training as columns, inference in chunks) or raises CudnnLimitError before any
+    native call."""
     from cudnn_bn._cudnn.limits import LIMITS
 
     rng = np.random.default_rng(4)
-    n = LIMITS.training_max_batch + 7
-    x = rng.standard_normal((n, 3)).astype(np.float32)
-    dy = rng.standard_normal((n, 3)).astype(np.float32)
+    routed = [((LIMITS.training_max_batch + 7, 3), 1, "spatial"),
+              ((LIMITS.per_activation_training_max_batch + 7, 3), 1, "per_activation"),
+              ((LIMITS.per_activation_training_max_batch + 7, 2, 1, 2), -1, "per_activation")]
+    for shape, channel_axis, mode in routed:
+        layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, np.float32, seed=4)
+        running_host = [np.zeros(layout.param_shape, np.float32), np.ones(layout.param_shape, np.float32)]
+        running, running64 = _to_device(*running_host), _wide(*running_host)
+        y, saved = cudnn_bn.forward_training(*_to_device(x, gamma, beta), *running, mode=mode, channel_axis=channel_axis)
+        y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode=mode, channel_axis=channel_axis)
+        assert_training_matches(y, saved, running, y64, saved64, running64, np.float32, spread=1.0)
+        assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved),
+                               reference.backward(*_wide(x, dy, gamma), saved64), np.float32, str(shape))
     gamma, beta = (0.5 + rng.random(3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
-    running_host = [np.zeros(3, np.float32), np.ones(3, np.float32)]
-    running, running64 = _to_device(*running_host), _wide(*running_host)
-    y, saved = cudnn_bn.forward_training(*_to_device(x, gamma, beta), *running, mode="per_activation")
-    y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode="per_activation")
-    assert_training_matches(y, saved, running, y64, saved64, running64, np.float32, spread=1.0)
-    assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved), reference.backward(*_wide(x, dy, gamma), saved64), np.float32)
 
     inference_shape = (LIMITS.inference_max_batch + 5, 2, 3, 3)
     x = rng.standard_normal(inference_shape).astype(np.float32)
