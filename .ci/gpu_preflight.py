@@ -1,7 +1,9 @@
 """Preflight of `.ci/gpu-validate`: is this machine able to give a GPU verdict at all?
 
 Writes ``preflight.txt`` (``key: value`` lines, flushed one by one so that a crash still leaves
-what was found up to that point) into the output folder given as the only argument, and exits:
+what was found up to that point) into the output folder given as the only argument. On the
+simulated GPU (CUDNN_BN_SIMULATED_GPU=1) it checks the simulator the same way and says so on its
+first line; the float16 kernel then needs a GPU (the simulator compiles nothing). It exits:
 
 - 0: cuDNN is usable, a float16 CuPy kernel compiles and one call agrees with the reference;
 - 1: cuDNN is not usable here (``cudnn_status()`` says why): the validation stops at once;
@@ -19,8 +21,12 @@ import sys
 import time
 import traceback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_evidence as evidence  # noqa: E402  (the folder of this script, added just above)
+
 EXIT_OK, EXIT_UNUSABLE, EXIT_DEGRADED = 0, 1, 3
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = evidence.ROOT
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the repository is used from its root without an install step
 ENVIRONMENT_PREFIXES = ("CUDA", "CUDNN", "CUPY", "LD_LIBRARY_PATH", "NVIDIA", "PYTHONPATH")
@@ -130,6 +136,9 @@ def _float16_kernel(report: Report, cupy) -> bool:
     """Compile and run one float16 elementwise kernel (NVRTC includes cuda_fp16.h for it)."""
     import numpy
 
+    if evidence.simulated():
+        report.line("float16_kernel", "needs a GPU (NVRTC compiles it; the simulated GPU compiles nothing)")
+        return True
     report.line("float16_kernel", "compiling ...")
     start = time.perf_counter()
     try:
@@ -187,32 +196,11 @@ def _facts(report: Report, section, *args):
 def main(argv: list[str]) -> int:
     out = argv[1] if len(argv) > 1 else "gpu-out"
     os.makedirs(out, exist_ok=True)
-    report = Report(os.path.join(out, "preflight.txt"))
+    report = Report(os.path.join(out, evidence.PREFLIGHT))
     start = time.perf_counter()
     try:
-        _facts(report, _python_facts)
-        _facts(report, _cupy_facts)
-        _facts(report, _cudnn_library_facts)
-        report.line("cudnn_status", "checking (creates a cuDNN handle) ...")
-        from cudnn_bn._cudnn.availability import cudnn_status
-
-        usable, reason = cudnn_status()
-        report.line("cudnn_status", f"{'usable' if usable else 'NOT usable'}: {reason}")
-        if not usable:
-            report.line("verdict", f"STOP: cuDNN is not usable on this machine ({reason}); no GPU test can run")
-            return EXIT_UNUSABLE
-        import cupy  # importable: cudnn_status() found it
-
-        problems = []
-        if not _facts(report, _float16_kernel, cupy):
-            problems.append("float16 CuPy kernels do not compile or run")
-        if not _facts(report, _first_call, cupy):
-            problems.append("the first cuDNN call failed or disagreed with the reference")
-        if problems:
-            report.line("verdict", "DEGRADED: " + "; ".join(problems) + " (the validation goes on and fails)")
-            return EXIT_DEGRADED
-        report.line("verdict", "ok")
-        return EXIT_OK
+        with evidence.gpu_of_this_run():
+            return _check(report)
     except Exception as error:
         report.line("preflight_error", _first_lines(traceback.format_exc(), 20))
         report.line("verdict", f"STOP: the preflight itself failed ({type(error).__name__}: {error})")
@@ -220,6 +208,35 @@ def main(argv: list[str]) -> int:
     finally:
         report.line("preflight_seconds", f"{time.perf_counter() - start:.2f}")
         report.close()
+
+
+def _check(report: Report) -> int:
+    if evidence.simulated():
+        report.line("simulated", "yes: the simulated GPU of tests/fake_cudnn.py (host memory, the reference's numbers); "
+                                 "nothing here is a GPU result")
+    _facts(report, _python_facts)
+    _facts(report, _cupy_facts)
+    _facts(report, _cudnn_library_facts)
+    report.line("cudnn_status", "checking (creates a cuDNN handle) ...")
+    from cudnn_bn._cudnn.availability import cudnn_status
+
+    usable, reason = cudnn_status()
+    report.line("cudnn_status", f"{'usable' if usable else 'NOT usable'}: {reason}")
+    if not usable:
+        report.line("verdict", f"STOP: cuDNN is not usable on this machine ({reason}); no GPU test can run")
+        return EXIT_UNUSABLE
+    import cupy  # importable: cudnn_status() found it
+
+    problems = []
+    if not _facts(report, _float16_kernel, cupy):
+        problems.append("float16 CuPy kernels do not compile or run")
+    if not _facts(report, _first_call, cupy):
+        problems.append("the first cuDNN call failed or disagreed with the reference")
+    if problems:
+        report.line("verdict", "DEGRADED: " + "; ".join(problems) + " (the validation goes on and fails)")
+        return EXIT_DEGRADED
+    report.line("verdict", "ok (simulated GPU)" if evidence.simulated() else "ok")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

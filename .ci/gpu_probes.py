@@ -1,21 +1,24 @@
 """GPU probes of `.ci/gpu-validate`: facts about cuDNN 9 that decide this package's limits and policy.
 
-    python .ci/gpu_probes.py --out probes.json      # every group; needs a GPU
-    python .ci/gpu_probes.py --list                 # the plan, no GPU needed
+    python .ci/gpu_probes.py --records checks.jsonl --set limits        # the smoke tier's limit probes
+    python .ci/gpu_probes.py --records checks.jsonl --set query-timing  # the bench tier's
+    python .ci/gpu_probes.py --records checks.jsonl --set int32         # by hand: 4 GiB tensors, minutes
+    python .ci/gpu_probes.py --list [--set SET]                         # the plan, no GPU needed
 
-1. Limits: which of the limits in cudnn_bn/_cudnn/limits.py still hold. cuDNN is called directly
-   (the raw layer, not the package, which routes around the limits) at each edge: training with
-   N at the limit and one past it (PyTorch's guard, pytorch#19911), inference likewise
-   (pytorch#2917), and element counts just under and just over 2**31. Each call's status is
-   recorded and every result that came back is checked against a float64 computation.
-2. The overflow flag of SPATIAL_PERSISTENT on ordinary data (uniform in [-2, 2]; the benchmark
-   shapes, NCHW and NHWC, float16 and float32): how often it is raised, and whether the output
-   then equals SPATIAL's.
-3. The cost of the blocking cudnnQueryRuntimeError, on its own and per call.
+1. limits: which of the batch limits in cudnn_bn/_cudnn/limits.py cuDNN 9 still has. cuDNN is
+   called directly (the raw layer, bypassing the package, which routes around the limits) at each
+   edge: PER_ACTIVATION training and backward at N = 131070, 131071 and 262136 (pytorch#2917; PR
+   #32763 measured 131070 and 262136 on cuDNN 7.6.5), SPATIAL training and backward at 880801 and
+   880802 (PyTorch's guard, PR #32763), SPATIAL inference at 65535 and 65536 (pytorch#19911). Each
+   call's status is recorded and every result that came back is checked against float64.
+2. query-timing: the cost of the blocking cudnnQueryRuntimeError, on its own and per call.
+3. int32: element counts just under and just over 2**31 (float16 tensors of 4 GiB); in no tier.
 
 Each group runs in its own process with its own time limit, so that a crash, a sticky CUDA error
-or a hang past a limit costs that group only. Records stream to stdout as they are found and
-probes.json is rewritten after every group.
+or a hang past a limit costs that group only. Every record is appended to the records file as it
+comes (.ci/gpu_evidence.py), and a verdict per limit case once its group has ended. On the
+simulated GPU (CUDNN_BN_SIMULATED_GPU=1) the groups run against tests/fake_cudnn.py, which
+refuses what cuDNN is reported to refuse: the verdicts then show the simulator's rules.
 """
 
 from __future__ import annotations
@@ -29,55 +32,59 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_evidence as evidence  # noqa: E402  (the folder of this script, added just above)
+
 RECORD_PREFIX = "PROBE "
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = evidence.ROOT
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the repository is used from its root without an install step
+SETS = ("limits", "query-timing", "int32")
 
 
 # ---------------------------------------------------------------- the plan ----
 
 def limit_numbers() -> dict:
-    """The limits the package enforces (read from its one place), or PyTorch's where it is missing."""
-    try:
-        from cudnn_bn._cudnn.limits import LIMITS
+    """The limits the package enforces, read from its one place."""
+    from cudnn_bn._cudnn.limits import LIMITS
 
-        return dict(training_max_batch=LIMITS.training_max_batch, inference_max_batch=LIMITS.inference_max_batch,
-                    int32_max=LIMITS.int32_max, source="cudnn_bn/_cudnn/limits.py")
-    except Exception as error:  # the package is mid-change: probe PyTorch's numbers and say so
-        return dict(training_max_batch=880801, inference_max_batch=65535, int32_max=2**31 - 1,
-                    source=f"PyTorch's guards (cudnn_bn._cudnn.limits not importable: {type(error).__name__})")
+    return dict(per_activation_training_max_batch=LIMITS.per_activation_training_max_batch,
+                training_max_batch=LIMITS.training_max_batch, inference_max_batch=LIMITS.inference_max_batch,
+                int32_max=LIMITS.int32_max, source="cudnn_bn/_cudnn/limits.py")
+
+
+# PyTorch PR #32763 measured 262136 for PER_ACTIVATION training on cuDNN 7.6.5 next to 131070
+PER_ACTIVATION_MEASURED_BATCH = 262136
 
 
 def plan() -> list[dict]:
-    """Every group: name, kind, time limit in seconds, and its cases (within the limit first)."""
+    """Every group: name, set, kind, time limit in seconds, and its cases (within the limit first)."""
     numbers = limit_numbers()
-    training, inference = numbers["training_max_batch"], numbers["inference_max_batch"]
-    groups = []
-    # batch limits: small C, H, W so that only N matters; (N, 1, 1, 1) is PyTorch's reproducer shape
-    for mode, dtype, rest in [("PER_ACTIVATION", "float32", (1, 1, 1)), ("SPATIAL", "float32", (1, 1, 1)),
-                              ("SPATIAL", "float32", (4, 2, 2)), ("SPATIAL_PERSISTENT", "float32", (4, 2, 2)),
-                              ("SPATIAL", "float16", (4, 2, 2))]:
-        groups.append(dict(
-            name=f"training-batch-{mode.lower()}-{dtype}-{'x'.join(map(str, rest))}", kind="limit",
-            limit="training batch", operations=["forward_training", "backward"], mode=mode, dtype=dtype, timeout=40,
-            cases=[dict(edge="within", shape=(training,) + rest), dict(edge="past", shape=(training + 1,) + rest)]))
-    for mode, dtype, rest in [("PER_ACTIVATION", "float32", (1, 1, 1)), ("SPATIAL", "float32", (1, 1, 1)),
-                              ("SPATIAL", "float32", (1, 2, 1)), ("SPATIAL", "float16", (4, 2, 2))]:
-        groups.append(dict(
-            name=f"inference-batch-{mode.lower()}-{dtype}-{'x'.join(map(str, rest))}", kind="limit",
-            limit="inference batch", operations=["forward_inference"], mode=mode, dtype=dtype, timeout=40,
-            cases=[dict(edge="within", shape=(inference,) + rest), dict(edge="past", shape=(inference + 1,) + rest)]))
+    per_activation, spatial = numbers["per_activation_training_max_batch"], numbers["training_max_batch"]
+    inference = numbers["inference_max_batch"]
+    rest = (1, 1, 1)  # (N, 1, 1, 1): only N matters; pytorch#2917 and pytorch#19911 reproduce with it
+    groups = [
+        dict(name="training-batch-per_activation-float32", set="limits", kind="limit", limit="PER_ACTIVATION training batch",
+             operations=["forward_training", "backward"], mode="PER_ACTIVATION", dtype="float32", timeout=10,
+             cases=[dict(edge="within", shape=(per_activation,) + rest), dict(edge="past", shape=(per_activation + 1,) + rest),
+                    dict(edge="past", shape=(PER_ACTIVATION_MEASURED_BATCH,) + rest)]),
+        dict(name="training-batch-spatial-float32", set="limits", kind="limit", limit="SPATIAL training batch",
+             operations=["forward_training", "backward"], mode="SPATIAL", dtype="float32", timeout=10,
+             cases=[dict(edge="within", shape=(spatial,) + rest), dict(edge="past", shape=(spatial + 1,) + rest)]),
+        dict(name="inference-batch-spatial-float32", set="limits", kind="limit", limit="inference batch",
+             operations=["forward_inference"], mode="SPATIAL", dtype="float32", timeout=10,
+             cases=[dict(edge="within", shape=(inference,) + rest), dict(edge="past", shape=(inference + 1,) + rest)]),
+        dict(name="query-timing", set="query-timing", kind="query_timing", timeout=12, cases=[]),
+    ]
     # element count around 2**31 (float16: 4 GiB a tensor); every dim and stride stays below 2**31
     height = 2**14
     for mode, operations in [("SPATIAL", ["forward_training", "backward"]), ("SPATIAL", ["forward_inference"]),
                              ("SPATIAL_PERSISTENT", ["forward_training"])]:
         groups.append(dict(
-            name=f"int32-count-{mode.lower()}-{operations[0]}", kind="limit", limit="int32 element count",
+            name=f"int32-count-{mode.lower()}-{operations[0]}", set="int32", kind="limit", limit="int32 element count",
             operations=operations, mode=mode, dtype="float16", timeout=90,
             cases=[dict(edge="within", shape=(2, 4, height, height - 1)), dict(edge="past", shape=(2, 4, height, height + 1))]))
-    groups.append(dict(name="overflow-flag", kind="overflow_flag", timeout=120, cases=[]))
-    groups.append(dict(name="query-timing", kind="query_timing", timeout=60, cases=[]))
     return groups
 
 
@@ -166,11 +173,10 @@ def _synchronize(cupy) -> str | None:
         return _first_line(error)
 
 
-TOLERANCE = {"float32": 1e-4, "float16": 1e-2}  # relative to each result's largest expected value
-
-
 def _verdict(errors: dict, dtype: str) -> str:
-    tolerance = TOLERANCE[dtype]
+    from cudnn_bn._core.tolerances import tolerance as tolerances
+
+    tolerance = tolerances(dtype)[0]  # relative to each result's largest expected value
     worst = {name: value for name, value in errors.items() if not value <= tolerance}  # NaN counts as wrong
     detail = ", ".join(f"{name} {value:.1e}" for name, value in errors.items())
     return f"matches ({detail})" if not worst else f"WRONG ({detail}; tolerance {tolerance:g})"
@@ -407,74 +413,12 @@ def child_limit(group: dict) -> None:
     bn.close()
 
 
-# ---------------------------------------------------------------- child: overflow flag ----
-
-def _benchmark_shapes() -> tuple[list, str]:
-    try:
-        from cudnn_bn._tools.bench import GPU_SHAPES
-
-        return [tuple(shape) for shape in GPU_SHAPES], "cudnn_bn/_tools/bench.py GPU_SHAPES"
-    except Exception as error:
-        return [(32, 64, 56, 56), (64, 256, 14, 14), (256, 2048, 7, 7), (4096, 1024)], f"fixed list (bench not importable: {type(error).__name__})"
-
-
-def child_overflow_flag(group: dict, seeds: int = 6) -> None:
-    """For each shape x layout x dtype: `seeds` inputs; the flag of a checked persistent call on
-    each, then the unchecked persistent output against SPATIAL's on the same inputs."""
-    import cupy
-    import numpy
-
-    import cudnn_bn
-    from cudnn_bn import CudnnOverflowError
-
-    shapes, source = _benchmark_shapes()
-    emit(dict(kind="note", group=group["name"], note=f"shapes from {source}"))
-    tiny = cupy.asarray(numpy.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(numpy.float32))
-    tiny_params = cupy.ones(4, cupy.float32), cupy.zeros(4, cupy.float32)
-
-    def absorb_stale_flag():
-        # a checked call on benign data, so that a flag left pending by the unchecked calls of the
-        # previous phase cannot be counted against the next input
-        try:
-            cudnn_bn.forward_training(tiny, *tiny_params, mode="spatial_persistent", on_overflow="raise")
-        except CudnnOverflowError:
-            pass
-
-    for shape in shapes:
-        layouts = [(1, "NCHW")] if len(shape) == 2 else [(1, "NCHW"), (-1, "NHWC")]
-        for dtype in ("float16", "float32"):
-            for channel_axis, layout in layouts:
-                physical = shape if channel_axis == 1 else (shape[0],) + tuple(shape[2:]) + (shape[1],)
-                params = cupy.ones(shape[1], cupy.float32), cupy.zeros(shape[1], cupy.float32)
-
-                def data(seed):
-                    return cupy.random.RandomState(seed).uniform(-2.0, 2.0, size=physical, dtype=cupy.float32).astype(dtype)
-
-                start = time.perf_counter()
-                absorb_stale_flag()
-                flagged = 0
-                for seed in range(seeds):
-                    try:
-                        cudnn_bn.forward_training(data(seed), *params, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="raise")
-                    except CudnnOverflowError:
-                        flagged += 1
-                difference, finite = 0.0, True
-                for seed in range(seeds):
-                    x = data(seed)
-                    persistent, _ = cudnn_bn.forward_training(x, *params, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="ignore")
-                    spatial, _ = cudnn_bn.forward_training(x, *params, mode="spatial", channel_axis=channel_axis)
-                    finite = finite and bool(cupy.isfinite(persistent).all())
-                    difference = max(difference, float(cupy.abs(persistent.astype(cupy.float32) - spatial.astype(cupy.float32)).max()))
-                absorb_stale_flag()
-                emit(dict(kind="overflow_flag", shape="x".join(map(str, physical)), layout=layout, dtype=dtype, calls=seeds,
-                          flagged=flagged, finite=finite, max_abs_difference_vs_spatial=f"{difference:.3e}",
-                          seconds=round(time.perf_counter() - start, 3)))
-                cupy.get_default_memory_pool().free_all_blocks()
-
-
 # ---------------------------------------------------------------- child: query timing ----
 
 QUERY_TIMING_SHAPES = [(8, 16, 4, 4), (32, 64, 56, 56)]  # kernel time next to nothing, and a benchmark shape
+QUERY_TIMING_CALLS = 300
+# the simulated GPU computes each kernel with the float64 reference on the host: the small shape only
+SIMULATED_QUERY_TIMING_SHAPES, SIMULATED_QUERY_TIMING_CALLS = [(8, 16, 4, 4)], 20
 
 
 def child_query_timing(group: dict) -> None:
@@ -482,16 +426,17 @@ def child_query_timing(group: dict) -> None:
     import numpy
 
     import cudnn_bn
-
     from cudnn_bn import CudnnOverflowError
     from cudnn_bn._tools.timing import microseconds_per_call
 
+    simulated = evidence.simulated()
+    shapes, calls = (SIMULATED_QUERY_TIMING_SHAPES, SIMULATED_QUERY_TIMING_CALLS) if simulated else (QUERY_TIMING_SHAPES, QUERY_TIMING_CALLS)
     bn = RawBatchNorm(cupy)
     idle = microseconds_per_call(bn.overflow_flag, lambda: None, 2000)
     bn.close()
     emit(dict(kind="query_timing", measure="cudnnQueryRuntimeError (blocking) on an idle handle, us per call", value=f"{idle:.2f}"))
     synchronize = cupy.cuda.get_current_stream().synchronize
-    for shape in QUERY_TIMING_SHAPES:
+    for shape in shapes:
         x = cupy.asarray(numpy.random.default_rng(0).uniform(-2, 2, shape).astype(numpy.float32))
         gamma, beta = cupy.ones(shape[1], cupy.float32), cupy.zeros(shape[1], cupy.float32)
         label = "x".join(map(str, shape)) + " float32 NCHW forward_training, us per call"
@@ -510,18 +455,19 @@ def child_query_timing(group: dict) -> None:
                 except CudnnOverflowError:  # a flag on this ordinary data is itself worth recording
                     flagged.append(1)
 
-            value = f"{microseconds_per_call(call, synchronize, 300):.1f}"
+            value = f"{microseconds_per_call(call, synchronize, calls):.1f}"
             emit(dict(kind="query_timing", measure=f"{label}: {name}", value=value + (f" ({len(flagged)} calls flagged)" if flagged else "")))
 
 
-CHILDREN = {"limit": child_limit, "overflow_flag": child_overflow_flag, "query_timing": child_query_timing}
+CHILDREN = {"limit": child_limit, "query_timing": child_query_timing}
 
 
 # ---------------------------------------------------------------- parent ----
 
-def _run_group(group: dict, python: str) -> tuple[list[dict], dict | None]:
-    """Run one group in its own process; its records, and a problem record when it did not end well."""
-    records, command = [], [python, "-u", os.path.abspath(__file__), "--child", group["name"]]
+def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tuple[list[dict], dict | None]:
+    """Run one group in its own process, appending its records as they come; its records, and a
+    problem record when it did not end well."""
+    found, command = [], [python, "-u", os.path.abspath(__file__), "--child", group["name"]]
     print(f"[probes] group {group['name']} (limit {group['timeout']} s)", flush=True)
     start = time.perf_counter()
     python_path = os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
@@ -533,22 +479,24 @@ def _run_group(group: dict, python: str) -> tuple[list[dict], dict | None]:
     try:
         for line in process.stdout:
             line = line.rstrip("\n")
-            print(f"  {line}", flush=True)
             if line.startswith(RECORD_PREFIX):
                 try:
-                    records.append(json.loads(line[len(RECORD_PREFIX):]))
+                    record = json.loads(line[len(RECORD_PREFIX):])
                 except json.JSONDecodeError:
-                    pass
+                    continue
+                found.append(records.write(**record))
             else:
+                print(f"  {line}", flush=True)
                 tail = (tail + [line])[-8:]
         returncode = process.wait()
     finally:
         timer.cancel()
     seconds = time.perf_counter() - start
     if returncode == 0:
-        return records, None
+        return found, None
     why = "killed at its time limit" if seconds >= group["timeout"] else f"exit status {returncode}"
-    return records, dict(group=group["name"], problem=f"{why} after {seconds:.1f} s", last_output=" | ".join(tail))
+    problem = records.write(kind="problem", group=group["name"], problem=f"{why} after {seconds:.1f} s", last_output=" | ".join(tail))
+    return found, problem
 
 
 def _describe_edge(records: list[dict]) -> str:
@@ -583,72 +531,72 @@ def _holds(within: list[dict], past: list[dict], operations: list[str]) -> str:
     return "unclear: the call past the limit did not report (crash or timeout)"
 
 
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def verdicts(groups: list[dict], records: list[dict]) -> list[dict]:
+    """One row per limit case past the limit: the calls within it and past it, and whether the
+    limit holds there."""
     rows = []
     for group in groups:
         if group["kind"] != "limit":
             continue
         mine = [r for r in records if r.get("kind") == "limit" and r["group"] == group["name"]]
+        within_case = next(case for case in group["cases"] if case["edge"] == "within")
         within = [r for r in mine if r["edge"] == "within"]
-        past = [r for r in mine if r["edge"] == "past"]
-        shapes = " vs ".join("x".join(map(str, case["shape"])) for case in group["cases"])
-        rows.append(dict(limit=group["limit"], case=f"{group['mode']} {group['dtype']} {shapes}",
-                         within=_describe_edge(within), past=_describe_edge(past),
-                         holds=_holds(within, past, group["operations"])))
+        for case in (case for case in group["cases"] if case["edge"] == "past"):
+            past = [r for r in mine if r["edge"] == "past" and tuple(r["shape"]) == tuple(case["shape"])]
+            rows.append(dict(kind="limit-verdict", group=group["name"], limit=group["limit"],
+                             case=f"{group['mode']} {group['dtype']} {_shape_text(within_case['shape'])} vs {_shape_text(case['shape'])}",
+                             within=_describe_edge(within), past=_describe_edge(past), holds=_holds(within, past, group["operations"])))
     return rows
-
-
-def write(path: str, groups: list[dict], records: list[dict], problems: list[dict]) -> None:
-    result = {
-        "limits_probed": limit_numbers(),
-        "verdicts": verdicts(groups, records),
-        "overflow_flag": [r for r in records if r.get("kind") == "overflow_flag"],
-        "query_timing": {r["measure"]: r["value"] for r in records if r.get("kind") == "query_timing"},
-        "notes": [r for r in records if r.get("kind") == "note"],
-        "records": [r for r in records if r.get("kind") == "limit"],
-        "problems": [f"{p['group']}: {p['problem']} (last output: {p['last_output']})" for p in problems],
-    }
-    temporary = path + ".partial"
-    with open(temporary, "w") as handle:
-        json.dump(result, handle, indent=1)
-    os.replace(temporary, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="probes.json", help="where to write the JSON results")
-    parser.add_argument("--only", nargs="*", help="run only these groups (see --list)")
+    parser.add_argument("--records", default="checks.jsonl", help="the JSON-lines file the records are appended to")
+    parser.add_argument("--set", choices=SETS, default="limits", help="which groups to run")
+    parser.add_argument("--only", nargs="*", help="run only these groups of the set (see --list)")
     parser.add_argument("--list", action="store_true", help="print the groups and their cases, run nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     groups = plan()
     if args.child:
         group = next(g for g in groups if g["name"] == args.child)
-        CHILDREN[group["kind"]](group)
+        with evidence.gpu_of_this_run():
+            CHILDREN[group["kind"]](group)
         return 0
+    groups = [g for g in groups if g["set"] == args.set]
     if args.only:
         unknown = set(args.only) - {g["name"] for g in groups}
         if unknown:
-            parser.error(f"--only: unknown groups {sorted(unknown)}")
+            parser.error(f"--only: unknown groups {sorted(unknown)} in set {args.set}")
         groups = [g for g in groups if g["name"] in args.only]
     if args.list:
         for group in groups:
-            cases = ", ".join(f"{c['edge']} {'x'.join(map(str, c['shape']))}" for c in group["cases"])
+            cases = ", ".join(f"{c['edge']} {_shape_text(c['shape'])}" for c in group["cases"])
             print(f"{group['name']}: {group['kind']}, limit {group['timeout']} s{'; ' + cases if cases else ''}")
         return 0
-    records, problems = [], []
-    for group in groups:
-        found, problem = _run_group(group, sys.executable)
-        records += found
-        if problem:
-            problems.append(problem)
-        write(args.out, groups, records, problems)
-    for row in verdicts(groups, records):
+    step = {"limits": "limit-probes", "query-timing": "query-timing"}.get(args.set, f"probes-{args.set}")
+    tier = {"limits": "smoke", "query-timing": "bench"}.get(args.set, "-")
+    records = evidence.RecordWriter(args.records, tier=tier, step=step, simulated=evidence.simulated())
+    found, problems = [], []
+    try:
+        for group in groups:
+            group_records, problem = _run_group(group, sys.executable, records)
+            found += group_records
+            if problem:
+                problems.append(problem)
+        rows = [records.write(**row) for row in verdicts(groups, found)]
+    finally:
+        records.close()
+    for row in rows:
         print(f"[probes] {row['limit']}, {row['case']}: {row['holds']}", flush=True)
     for problem in problems:
         print(f"[probes] problem: {problem['group']}: {problem['problem']}", flush=True)
     # a call within a limit that fails means the package's limits are not safe: that fails the step
-    unclear = [row for row in verdicts(groups, records) if row["holds"].startswith("unclear")]
+    unclear = [row for row in rows if row["holds"].startswith("unclear")]
     return 1 if problems or unclear else 0
 
 

@@ -1,18 +1,19 @@
 """Summary of a `.ci/gpu-validate` run: Markdown ready to paste into docs/gpu-validation.md.
 
-    python .ci/gpu_summary.py OUT_FOLDER [--steps STEPS_TSV] [--readme README.md]
+    python .ci/gpu_summary.py OUT_FOLDER [--steps STEPS_TSV] [--readme README.md] [--simulated]
 
-Reads what the run left in the output folder (preflight.txt, junit.xml, probes.json, bench.json,
-gpu-validate.log) and the step table (tab-separated: name, kind, result, exit status, seconds),
-writes OUT_FOLDER/summary.md and prints it. Every input may be missing or partial (a crash, a
-timeout): the summary then says so instead of failing. Needs only the standard library, so it
-runs on any machine.
+Reads what the run left in the output folder (.ci/gpu_evidence.py names the files) and the step
+table (tab-separated: tier, step, kind, result, exit status, seconds, limit), writes
+OUT_FOLDER/summary.md and prints it. Every input may be missing or partial (a crash, a cut): the
+summary then says so instead of failing. Needs only the standard library, so it runs anywhere.
+The run's verdict and exit status are decided here, in :func:`exit_status`, for the summary and
+for the run alike.
 
-With ``--readme``, a run that got past the preflight (so ran on a usable GPU) also rewrites the
-README's one-line validation status, between ``<!-- gpu-status -->`` and ``<!-- /gpu-status -->``,
-after summary.md is written. A run the preflight stopped, a run whose summary could not be written,
-and a README without exactly one pair of markers leave the README as it was; the README is
-replaced atomically, so it is never half-written.
+With ``--readme``, a run on a GPU that got past the preflight also rewrites the README's one-line
+validation status, between ``<!-- gpu-status -->`` and ``<!-- /gpu-status -->``, after summary.md
+is written. A run on the simulated GPU (``--simulated``), a run the preflight stopped, a run whose
+summary could not be written, and a README without exactly one pair of markers leave the README
+as it was; the README is replaced atomically, so it is never half-written.
 """
 
 from __future__ import annotations
@@ -27,12 +28,23 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 
-LOG_NAME, PREFLIGHT_NAME, JUNIT_NAME = "gpu-validate.log", "preflight.txt", "junit.xml"
-PROBES_NAME, BENCH_NAME, SUMMARY_NAME = "probes.json", "bench.json", "summary.md"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_evidence as evidence  # noqa: E402  (the folder of this script, added just above)
+
+TIERS = ("smoke", "suite", "bench")
+STEP_FIELDS = ("tier", "name", "kind", "result", "exit", "seconds", "limit")
+FINE = ("passed", "simulated")  # a step that ran and passed: on a GPU, or on the simulated GPU
+NOT_RUN = "not-run"
+PREFLIGHT_DEGRADED = 3  # the preflight's exit status when cuDNN works but something later failed
+# pytest -v lines: "tests/x.py::t PASSED [ 1%]" in one process, "[gw3] [ 45%] PASSED tests/x.py::t" with xdist
 VERBOSE_OUTCOME = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))?")
+XDIST_OUTCOME = re.compile(r"^\[gw\d+\] (?:\[\s*\d+%\] )?(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+)")
+XDIST_CRASH = re.compile(r"worker '?(gw\d+)'? crashed while running '?(tests/[^'\s]+)'?")
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed")
 STATUS_START, STATUS_END = "<!-- gpu-status -->", "<!-- /gpu-status -->"
 GPU_VALIDATION_DOC = "docs/gpu-validation.md"
+NEEDS_A_GPU = "needs a GPU"
 
 
 def first_line(text) -> str:
@@ -66,8 +78,8 @@ def read_steps(path: str | None) -> list[dict]:
     steps = []
     for line in (_read(path) or "").splitlines() if path else []:
         fields = line.split("\t")
-        if len(fields) == 5:
-            steps.append(dict(zip(("name", "kind", "result", "exit", "seconds"), fields)))
+        if len(fields) == len(STEP_FIELDS):
+            steps.append(dict(zip(STEP_FIELDS, fields)))
     return steps
 
 
@@ -95,7 +107,7 @@ def read_junit(path: str) -> dict | None:
     try:
         root = ElementTree.fromstring(text)
     except ElementTree.ParseError as error:
-        return {"cases": [], "error": f"junit XML unreadable: {error}"}
+        return {"cases": [], "seconds": 0.0, "error": f"junit XML unreadable: {error}"}
     cases = []
     for case in root.iter("testcase"):
         outcome, message = "passed", ""
@@ -114,25 +126,44 @@ def read_junit(path: str) -> dict | None:
     return {"cases": cases, "seconds": suite_seconds}
 
 
+def tests_executed(path: str) -> bool:
+    """Whether the junit XML at ``path`` records a test that ran (passed, failed or erred): all
+    skipped, none collected, or no XML at all gives no verdict."""
+    junit = read_junit(path)
+    return bool(junit) and any(case["outcome"] in ("passed", "failed", "error") for case in junit["cases"])
+
+
 def read_verbose_log(log: str) -> dict:
-    """Outcomes from pytest's -v lines, for a run that left no junit XML (pytest died)."""
-    cases, last_started = {}, None
+    """Outcomes from pytest's -v lines (one process or xdist workers), for a step that left no
+    junit XML (pytest died or was cut): outcomes by node id, the last test started and never
+    finished (one process), and the tests a crashed xdist worker was running."""
+    cases, last_started, crashed = {}, None, []
+    names = {"XFAIL": "xfailed", "XPASS": "passed", "ERROR": "error"}
     for line in log.splitlines():
+        xdist = XDIST_OUTCOME.match(line)
+        if xdist:
+            outcome, node_id = xdist.groups()
+            cases[node_id] = names.get(outcome, outcome.lower())
+            continue
+        crash = XDIST_CRASH.search(line)
+        if crash:
+            crashed.append(crash.group(2))
+            continue
         match = VERBOSE_OUTCOME.match(line)
         if not match:
             continue
         node_id, outcome = match.groups()
         if outcome:
-            cases[node_id] = {"XFAIL": "xfailed", "XPASS": "passed", "ERROR": "error"}.get(outcome, outcome.lower())
+            cases[node_id] = names.get(outcome, outcome.lower())
             last_started = None
         else:
             last_started = node_id
-    return {"outcomes": cases, "last_started": last_started}
+    return {"outcomes": cases, "last_started": last_started, "crashed": crashed}
 
 
 def pytest_plugins_line(log: str) -> str:
     """pytest's own header lines: its version and the plugins it loaded."""
-    found = [line.strip() for line in log.splitlines() if line.startswith(("platform ", "plugins: "))]
+    found = [line.strip() for line in log.splitlines() if line.startswith(("This is pytest version", "platform ", "plugins: "))]
     return "; ".join(dict.fromkeys(found))
 
 
@@ -146,33 +177,81 @@ def read_json(path: str):
         return {"unreadable": f"{error} (the file may have been cut off)"}
 
 
-# ---------------------------------------------------------------- sections ----
+# ---------------------------------------------------------------- the verdict ----
+
+def preflight_stopped(steps: list[dict]) -> bool:
+    """Whether the preflight stopped the run: it found no usable cuDNN, crashed or was cut."""
+    preflight = next((step for step in steps if step["name"] == "preflight"), None)
+    return preflight is not None and preflight["exit"] not in ("0", str(PREFLIGHT_DEGRADED))
+
 
 def failed_steps(steps: list[dict]) -> list[str]:
-    return [step["name"] for step in steps if step["kind"] == "required" and step["result"] != "passed"]
+    return [step["name"] for step in steps if step["kind"] == "required" and step["result"] not in FINE + (NOT_RUN,)]
 
 
-def run_verdict(preflight: dict, steps: list[dict]) -> str:
-    """The run's verdict, the one place it is decided (summary header and README status line)."""
+def tier_results(steps: list[dict]) -> dict:
+    """tier -> "passed", "simulated", "failed" or "not run" (only tiers with steps in the table)."""
+    results = {}
+    for tier in TIERS:
+        mine = [step for step in steps if step["tier"] == tier]
+        if not mine:
+            continue
+        if all(step["result"] == NOT_RUN for step in mine):
+            results[tier] = "not run"
+        elif any(step["kind"] == "required" and step["result"] not in FINE for step in mine):
+            results[tier] = "failed"
+        else:
+            results[tier] = "simulated" if any(step["result"] == "simulated" for step in mine) else "passed"
+    return results
+
+
+def exit_status(steps: list[dict], preflight: dict, simulated: bool) -> tuple[int, str]:
+    """(exit status, verdict) of a run: 0 every tier ran and passed; 1 something failed, or a
+    simulated run executed nothing; 2 the preflight stopped the run; 3 what ran passed, but a
+    tier did not run. The one place this is decided."""
     if not steps:
-        return "UNKNOWN (no step table)"
-    if preflight.get("verdict", "").startswith("STOP"):
-        return "NOT RUN: the preflight stopped the validation"
+        return 1, "UNKNOWN (no step table)"
+    if preflight_stopped(steps) or preflight.get("verdict", "").startswith("STOP"):
+        return 2, "NOT RUN: the preflight stopped the validation"
     failed = failed_steps(steps)
-    return "FAIL (" + ", ".join(failed) + ")" if failed else "PASS (every step passed)"
+    if failed:
+        return 1, "FAIL (" + ", ".join(failed) + ")"
+    tiers = tier_results(steps)
+    not_run = [tier for tier, result in tiers.items() if result == "not run"]
+    if not_run:
+        return 3, f"INCOMPLETE (what ran passed; not run: {', '.join(not_run)})"
+    if not tiers:  # a run of the setup steps alone gives no verdict
+        return 1, "FAIL (no tier ran" + (" on the simulated GPU)" if simulated else ")")
+    if simulated:
+        return 0, "REHEARSED (every tier ran on the simulated GPU and passed there; no GPU result)"
+    return 0, "PASS (every tier ran and passed)"
 
+
+# ---------------------------------------------------------------- sections ----
 
 def _devices(preflight: dict) -> list[str]:
     return [value for key, value in preflight.items() if key.startswith("device ")]
 
 
-def section_header(preflight: dict, steps: list[dict], log: str) -> list[str]:
-    verdict = run_verdict(preflight, steps)
-    devices = _devices(preflight)
-    lines = [
-        f"### GPU validation run: {verdict}",
-        "",
-        f"- GPU: {'; '.join(devices) or preflight.get('devices', 'unknown')}",
+def _result_text(result: str) -> str:
+    """A step's result in words: "simulated" is a pass on the simulated GPU, never on a GPU."""
+    return "passed on the simulated GPU" if result == "simulated" else result.replace("-", " ")
+
+
+def _tier_text(result: str) -> str:
+    return "passed on the simulated GPU" if result == "simulated" else result
+
+
+def section_header(preflight: dict, steps: list[dict], log: str, simulated: bool) -> list[str]:
+    _, verdict = exit_status(steps, preflight, simulated)
+    title = "GPU validation rehearsal on the simulated GPU" if simulated else "GPU validation run"
+    lines = [f"### {title}: {verdict}", ""]
+    if simulated:
+        lines += ["**Simulated.** Every step below ran on the simulated GPU of tests/fake_cudnn.py (host memory, "
+                  "real cuDNN descriptors, the reference's numbers) on a machine without a GPU: it proves the "
+                  "validation's plumbing, not cuDNN. Nothing here is a GPU result.", ""]
+    lines += [
+        f"- GPU: {'; '.join(_devices(preflight)) or preflight.get('devices', 'unknown')}",
         f"- CUDA driver {preflight.get('cuda_driver', '?')}, runtime {preflight.get('cuda_runtime', '?')}; "
         f"cuDNN {preflight.get('cudnn_library', '?')}",
         f"- CuPy {preflight.get('cupy', '?')}; NumPy {preflight.get('numpy', '?')}; Python {preflight.get('python', '?')}",
@@ -181,35 +260,110 @@ def section_header(preflight: dict, steps: list[dict], log: str) -> list[str]:
         f"float16 kernel: {preflight.get('float16_kernel', '?')}; first call: {preflight.get('first_call', '?')}",
     ]
     source = re.search(r"source fingerprint: (\w+)", log)
-    commit = source_commit(log)
-    lines.append(f"- source: commit {commit or 'unknown'}, fingerprint {source.group(1) if source else 'unknown'}")
+    lines.append(f"- source: commit {source_commit(log) or 'unknown'}, fingerprint {source.group(1) if source else 'unknown'}")
+    tiers = tier_results(steps)
+    lines += ["", *table(["tier", "result", "seconds", "limits of its own steps, s"],
+                         [[tier, _tier_text(tiers.get(tier, "not asked for")),
+                           f"{sum(float(s['seconds']) for s in steps if s['tier'] == tier):.1f}",
+                           sum(int(s["limit"]) for s in steps if s["tier"] == tier)] for tier in TIERS])]
     if steps:
-        lines += ["", *table(["step", "kind", "result", "exit", "seconds"],
-                             [[s["name"], s["kind"], s["result"], s["exit"], s["seconds"]] for s in steps])]
-        total = sum(float(s["seconds"]) for s in steps if s["seconds"].replace(".", "", 1).isdigit())
-        lines.append(f"\nTime in steps: {total:.1f} s.")
+        lines += ["", *table(["tier", "step", "kind", "result", "exit", "seconds", "limit"],
+                             [[s["tier"], s["name"], s["kind"], _result_text(s["result"]), s["exit"], s["seconds"], s["limit"]]
+                              for s in steps])]
     return lines
 
 
-def section_suite(junit: dict | None, log: str) -> list[str]:
-    lines = ["", "#### GPU suite (pytest -m gpu)"]
+def section_checks(records: list[dict], simulated: bool) -> list[str]:
+    """The smoke tier's checks: one row each, the entry points they called, the overflow flag,
+    host time."""
+    lines = ["", "#### Smoke checks (.ci/gpu_smoke.py)"]
+    checks = [r for r in records if r.get("kind") == "check"]
+    if not checks:
+        return lines + ["No check recorded (the step did not run, or died before its first check)."]
+    started = [r["check"] for r in checks if r.get("event") == "start"]
+    ended = {r["check"]: r for r in checks if r.get("event") == "end"}
+    counts = collections.Counter(r["outcome"] for r in ended.values())
+    passed = "passed on the simulated GPU" if simulated else "passed"
+    summary = f"{len(ended)} checks: {counts['passed']} {passed}, {counts['failed']} failed, {counts[NEEDS_A_GPU]} need a GPU"
+    unfinished = [name for name in started if name not in ended]
+    if unfinished:
+        summary += f"; started and never finished (hung, crashed or cut): {', '.join(f'`{name}`' for name in unfinished)}"
+    lines.append(summary + ".")
+    rows = []
+    for name in started:
+        record = ended.get(name)
+        if record is None:
+            rows.append([name, "did not finish", "-", "-"])
+            continue
+        outcome = passed if record["outcome"] == "passed" else record["outcome"]
+        rows.append([name, outcome, record.get("seconds", "-"), _check_detail(record)[:300]])
+    lines += ["", *table(["check", "outcome", "seconds", "detail"], rows)]
+    points = next((r for r in records if r.get("kind") == "entry-points"), None)
+    if points:
+        called = points.get("called", {})
+        lines += ["", "cuDNN batch-norm entry points called by the smoke checks (the Ex kernels by bnOps): "
+                  + "; ".join(f"`{name}` x{count}" for name, count in sorted(called.items())) + "."]
+        lines.append(f"Not called: {', '.join(points['missing'])}." if points.get("missing") else "Every entry point was called.")
+    else:
+        lines += ["", "No entry-point count (the checks did not finish)."]
+    flags = [r for r in ended.values() if "flag_raised" in r]
+    if flags:
+        lines += ["", "SPATIAL_PERSISTENT overflow flag on ordinary data (uniform in [-2, 2], 32x64x56x56):", ""]
+        lines += table(["case", "flag raised", "what followed"], [[r["check"].replace("overflow-flag-", ""), r["flag_raised"], r.get("detail", "")] for r in flags])
+    return lines
+
+
+def _check_detail(record: dict) -> str:
+    """A check's own words, else its largest difference from the float64 reference."""
+    differences = record.get("max_abs_difference") or {}
+    if record.get("detail") or not differences:
+        return record.get("detail", "")
+    name = max(differences, key=differences.get)
+    return f"largest abs difference from the float64 reference: {name} {differences[name]:g}"
+
+
+def section_limits(records: list[dict]) -> list[str]:
+    lines = ["", "#### Limit probes (.ci/gpu_probes.py --set limits)"]
+    rows = [r for r in records if r.get("kind") == "limit-verdict"]
+    problems = [r for r in records if r.get("kind") == "problem" and r.get("step") == "limit-probes"]
+    if not rows and not problems:
+        return lines + ["No verdict recorded (the step did not run, or died first)."]
+    if rows:
+        lines += ["", "cuDNN called directly at each edge, bypassing the package's routing; every result against float64:", ""]
+        lines += table(["limit", "case", "within the limit", "past the limit", "still holds?"],
+                       [[r["limit"], r["case"], r["within"], r["past"], r["holds"]] for r in rows])
+    lines += [f"- problem: {r['group']}: {r['problem']} (last output: {r.get('last_output', '')})" for r in problems]
+    return lines
+
+
+def _junit_lines(title: str, junit: dict | None, log_outcomes: dict, simulated: bool) -> list[str]:
+    lines = ["", f"{title}:"]
     if junit is None:
-        verbose = read_verbose_log(log)
-        counts = collections.Counter(verbose["outcomes"].values())
-        lines.append("No junit XML: pytest did not finish (crash, kill or timeout). From its verbose output: "
-                     + (", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no test reported")
-                     + ".")
-        if verbose["last_started"]:
-            lines.append(f"Last test started and never finished: `{verbose['last_started']}`.")
-        failed = [node for node, outcome in verbose["outcomes"].items() if outcome in ("failed", "error")]
-        lines += [f"- `{node}`: {verbose['outcomes'][node]}" for node in failed]
-        return lines
+        counts = collections.Counter(log_outcomes.values())
+        return lines + ["No junit XML: pytest did not finish (crash, kill or cut). From its verbose output: "
+                        + (", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no test reported") + "."]
     if "error" in junit:
         lines.append(junit["error"])
     cases = junit["cases"]
     counts = collections.Counter(case["outcome"] for case in cases)
-    lines.append(f"{len(cases)} tests: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES)
-                 + f"; {junit.get('seconds', 0.0):.1f} s.")
+    where = " on the simulated GPU" if simulated else ""
+    lines.append(f"{len(cases)} tests{where}: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES) + f"; {junit.get('seconds', 0.0):.1f} s.")
+    return lines
+
+
+def section_suite(out: str, log: str, steps: list[dict], simulated: bool) -> list[str]:
+    lines = ["", "#### GPU suite (pytest -m gpu)"]
+    junits = {name: read_junit(os.path.join(out, file)) for name, file in
+              (("parallel", evidence.JUNIT), ("serial", evidence.JUNIT_SERIAL))}
+    verbose = read_verbose_log(log)
+    lines += _junit_lines("Parallel step (pytest-xdist workers)", junits["parallel"], verbose["outcomes"], simulated)
+    lines += _junit_lines("Serial step (the gpu_serial tests, alone)", junits["serial"], verbose["outcomes"], simulated)
+    if any(junit is None for junit in junits.values()):
+        if verbose["last_started"]:
+            lines.append(f"Last test started and never finished: `{verbose['last_started']}`.")
+        lines += [f"- a pytest-xdist worker crashed while running `{node}`" for node in verbose["crashed"]]
+        lines += [f"- `{node}`: {outcome}" for node, outcome in verbose["outcomes"].items() if outcome in ("failed", "error")]
+    cases = [case for junit in junits.values() if junit for case in junit["cases"]]
     failures = [case for case in cases if case["outcome"] in ("failed", "error")]
     if failures:
         lines += ["", "Failures and errors (first line of each):"]
@@ -241,45 +395,45 @@ def section_recorded_outcomes(cases: list[dict]) -> list[str]:
     return lines
 
 
-def section_probes(probes) -> list[str]:
-    lines = ["", "#### Probes (.ci/gpu_probes.py)"]
-    if probes is None:
-        return lines + ["No probes.json (the step did not run or died before writing it)."]
-    if "unreadable" in probes:
-        return lines + [f"probes.json unreadable: {probes['unreadable']}"]
-    if probes.get("verdicts"):
-        lines += ["", "Limits (cuDNN called directly at each edge):", ""]
-        lines += table(["limit", "case", "within the limit", "past the limit", "still holds?"],
-                       [[v["limit"], v["case"], v["within"], v["past"], v["holds"]] for v in probes["verdicts"]])
-    if probes.get("overflow_flag"):
-        lines += ["", "SPATIAL_PERSISTENT overflow flag on ordinary data (uniform in [-2, 2]):", ""]
-        lines += table(["shape", "layout", "dtype", "flag raised", "output finite", "max abs diff vs SPATIAL"],
-                       [[r["shape"], r["layout"], r["dtype"], f"{r['flagged']} of {r['calls']}", r["finite"],
-                         r["max_abs_difference_vs_spatial"]] for r in probes["overflow_flag"]])
-    timing = probes.get("query_timing")
-    if timing:
-        lines += ["", "Cost of the blocking overflow query:", ""]
-        lines += table(["measure", "value"], [[key, value] for key, value in timing.items()])
-    for problem in probes.get("problems", []):
-        lines.append(f"- problem: {problem}")
+def section_bench(bench, records: list[dict], simulated: bool) -> list[str]:
+    lines = ["", "#### Benchmark (bench.json; its Markdown table is in the log)"]
+    if simulated:
+        lines.append("On the simulated GPU: one small shape, --quick, no PyTorch; the times are the host's, not a GPU's.")
+    if bench is None:
+        lines.append("No bench.json.")
+    elif "unreadable" in bench:
+        lines.append(f"bench.json unreadable: {bench['unreadable']}")
+    else:
+        lines.append(f"{len(bench.get('rows', []))} rows timed; backend: {bench.get('backend', '?')}.")
+        for key, value in bench.items():
+            if isinstance(value, list) and value and re.search("fail|error|overflow", key):
+                lines.append(f"- {key}: {len(value)}; first: {first_line(json.dumps(value[0]))}")
+        overhead = bench.get("host_overhead")
+        if isinstance(overhead, dict) and "cudnn_bn_us_per_call" in overhead:
+            lines.append(f"- host overhead per call: cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us"
+                         + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else ""))
+    timing = [r for r in records if r.get("kind") == "query_timing"]
+    problems = [r for r in records if r.get("kind") == "problem" and r.get("step") == "query-timing"]
+    if timing or problems:
+        lines += ["", "Cost of the blocking overflow query (.ci/gpu_probes.py --set query-timing):", ""]
+        lines += table(["measure", "value"], [[r["measure"], r["value"]] for r in timing])
+        lines += [f"- problem: {r['group']}: {r['problem']}" for r in problems]
     return lines
 
 
-def section_bench(bench) -> list[str]:
-    lines = ["", "#### Benchmark (bench.json, bench.md)"]
-    if bench is None:
-        return lines + ["No bench.json."]
-    if "unreadable" in bench:
-        return lines + [f"bench.json unreadable: {bench['unreadable']}"]
-    lines.append(f"{len(bench.get('rows', []))} rows timed; backend: {bench.get('backend', '?')}.")
-    for key, value in bench.items():
-        if isinstance(value, list) and value and re.search("fail|error|overflow", key):
-            lines.append(f"- {key}: {len(value)}; first: {first_line(json.dumps(value[0]))}")
+def section_evidence(out: str) -> list[str]:
+    files = sorted(name for name in os.listdir(out) if os.path.isfile(os.path.join(out, name)))
+    sizes = {name: os.path.getsize(os.path.join(out, name)) for name in files}
+    lines = ["", "#### Evidence files", "",
+             "; ".join(f"`{name}` {sizes[name]} bytes" for name in files) + f" ({len(files)} files; summary.md as it was being written)."]
+    problems = evidence.evidence_problems(out)
+    lines.append("Beyond what a GPU machine returns: " + "; ".join(problems) if problems else
+                 f"Within what a GPU machine returns (at most {evidence.MAX_FILES} files, 16 MiB each, 64 MiB in all).")
     return lines
 
 
 def source_commit(log: str) -> str | None:
-    """The commit the run's `source` step printed (git rev-parse HEAD), if any."""
+    """The commit the run's environment step printed (git rev-parse HEAD), if any."""
     found = re.search(r"^([0-9a-f]{40})$", log, re.MULTILINE)
     return found.group(1) if found else None
 
@@ -287,26 +441,30 @@ def source_commit(log: str) -> str | None:
 # ---------------------------------------------------------------- README status line ----
 
 def reached_the_gpu(preflight: dict, steps: list[dict]) -> bool:
-    """Whether the run got past the preflight: only such a run may change the README's status."""
-    ran = {step["name"] for step in steps if step["result"] != "not-run"}
-    return "gpu-suite" in ran and not preflight.get("verdict", "").startswith("STOP")
+    """Whether the run got past the preflight on a GPU and ran a tier: only such a run may change
+    the README's status (a simulated run is refused before this is asked)."""
+    ran = [step for step in steps if step["tier"] in TIERS and step["result"] != NOT_RUN]
+    return bool(ran) and not preflight_stopped(steps) and not preflight.get("verdict", "").startswith("STOP")
 
 
-def status_line(preflight: dict, steps: list[dict], junit: dict | None, log: str, date: str) -> str:
+def status_line(preflight: dict, steps: list[dict], out: str, log: str, date: str) -> str:
     """The README's one-line validation status after a run that reached the GPU."""
-    verdict = run_verdict(preflight, steps)
-    word = "passed" if verdict.startswith("PASS") else "FAILED (" + ", ".join(failed_steps(steps)) + ")"
+    failed = failed_steps(steps)
+    word = "FAILED (" + ", ".join(failed) + ")" if failed else "passed"
     gpu = "; ".join(_devices(preflight)) or "an unnamed GPU"
     commit = source_commit(log)
     facts = [f"cuDNN {preflight.get('cudnn_library', '?')}", f"CuPy {preflight.get('cupy', '?')}"]
     if commit:
         facts.append(f"commit {commit[:12]}")
-    if junit is not None and junit.get("cases"):
-        counts = collections.Counter(case["outcome"] for case in junit["cases"])
-        tests = ", ".join(f"{counts[outcome]} {outcome}" for outcome in OUTCOMES if counts[outcome])
-    else:
-        tests = "no test results recorded"
-    return (f"**GPU validation: {word}** on {gpu}, {date} ({'; '.join(facts)}): GPU tests {tests}. "
+    tiers = []
+    for tier, result in tier_results(steps).items():
+        text = f"{tier} {result}"
+        if tier == "suite" and result != "not run":
+            cases = [case for name in (evidence.JUNIT, evidence.JUNIT_SERIAL) for case in (read_junit(os.path.join(out, name)) or {"cases": []})["cases"]]
+            counts = collections.Counter(case["outcome"] for case in cases)
+            text += " (" + (", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no test results recorded") + ")"
+        tiers.append(text)
+    return (f"**GPU validation: {word}** on {gpu}, {date} ({'; '.join(facts)}): {'; '.join(tiers) or 'no tier ran'}. "
             f"Details: [{GPU_VALIDATION_DOC}]({GPU_VALIDATION_DOC}).")
 
 
@@ -348,26 +506,28 @@ def update_readme(path: str, line: str) -> str:
     return f"README status updated ({path}): {line}"
 
 
-def summarize(out: str, steps_path: str | None) -> str:
-    return _summary(out, steps_path)["text"]
+def summarize(out: str, steps_path: str | None, simulated: bool = False) -> str:
+    return _summary(out, steps_path, simulated)["text"]
 
 
-def _summary(out: str, steps_path: str | None) -> dict:
-    log = _read(os.path.join(out, LOG_NAME)) or ""
-    preflight = read_preflight(os.path.join(out, PREFLIGHT_NAME))
+def _summary(out: str, steps_path: str | None, simulated: bool) -> dict:
+    log = _read(os.path.join(out, evidence.LOG)) or ""
+    preflight = read_preflight(os.path.join(out, evidence.PREFLIGHT))
     steps = read_steps(steps_path)
-    lines = section_header(preflight, steps, log)
-    ran = {step["name"] for step in steps if step["result"] != "not-run"}
-    junit = read_junit(os.path.join(out, JUNIT_NAME))
-    if "gpu-suite" in ran or junit is not None:
-        lines += section_suite(junit, log)
-    if "probes" in ran or os.path.exists(os.path.join(out, PROBES_NAME)):
-        lines += section_probes(read_json(os.path.join(out, PROBES_NAME)))
-    if "bench" in ran or os.path.exists(os.path.join(out, BENCH_NAME)):
-        lines += section_bench(read_json(os.path.join(out, BENCH_NAME)))
+    records = evidence.read_records(os.path.join(out, evidence.CHECKS))
+    lines = section_header(preflight, steps, log, simulated)
+    ran = {step["tier"] for step in steps if step["result"] != NOT_RUN}
+    if "smoke" in ran or any(r.get("tier") == "smoke" for r in records):
+        lines += section_checks(records, simulated)
+        lines += section_limits(records)
+    if "suite" in ran or any(os.path.exists(os.path.join(out, name)) for name in (evidence.JUNIT, evidence.JUNIT_SERIAL)):
+        lines += section_suite(out, log, steps, simulated)
+    if "bench" in ran or os.path.exists(os.path.join(out, evidence.BENCH)) or any(r.get("tier") == "bench" for r in records):
+        lines += section_bench(read_json(os.path.join(out, evidence.BENCH)), records, simulated)
+    lines += section_evidence(out)
     status = None
-    if reached_the_gpu(preflight, steps):
-        status = status_line(preflight, steps, junit, log, time.strftime("%Y-%m-%d", time.gmtime()))
+    if not simulated and reached_the_gpu(preflight, steps):
+        status = status_line(preflight, steps, out, log, time.strftime("%Y-%m-%d", time.gmtime()))
         lines += ["", "#### README status line", "",
                   "Written into README.md between its gpu-status markers by the run; paste it there by hand "
                   "where the run's checkout was not kept:", "", status]
@@ -377,15 +537,18 @@ def _summary(out: str, steps_path: str | None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the output folder of .ci/gpu-validate")
-    parser.add_argument("--steps", help="the step table (tab-separated: name, kind, result, exit, seconds)")
+    parser.add_argument("--steps", help="the step table (tab-separated: tier, step, kind, result, exit, seconds, limit)")
     parser.add_argument("--readme", help="rewrite this README's validation status line (only after a run that reached the GPU)")
+    parser.add_argument("--simulated", action="store_true", help="the run was on the simulated GPU: say so everywhere, touch no README")
     args = parser.parse_args(argv)
-    summary = _summary(args.out, args.steps)
-    with open(os.path.join(args.out, SUMMARY_NAME), "w") as handle:  # fails before the README is touched
+    summary = _summary(args.out, args.steps, args.simulated)
+    with open(os.path.join(args.out, evidence.SUMMARY), "w") as handle:  # fails before the README is touched
         handle.write(summary["text"])
     print(summary["text"])
     if args.readme:
-        if summary["status"] is None:
+        if args.simulated:
+            print(f"README status not updated ({args.readme}): a run on the simulated GPU is no GPU result")
+        elif summary["status"] is None:
             print(f"README status not updated ({args.readme}): the run did not get past the preflight")
         else:
             print(update_readme(args.readme, summary["status"]))

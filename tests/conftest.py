@@ -5,6 +5,15 @@ or, when the environment variable CUDNN_BN_REQUIRE_GPU=1 is set (as `.ci/gpu-val
 fails with that reason: a GPU validation run on a machine whose GPU is not usable must not pass.
 After every `gpu` test the devices are synchronized, so that an asynchronous CUDA fault is charged
 to the test that caused it rather than to a later one.
+
+With CUDNN_BN_SIMULATED_GPU=1 (as `.ci/gpu-validate --simulate` sets) every `gpu` test runs on the
+simulated GPU of tests/fake_cudnn.py instead, each inside its own `simulated_gpu()`, except the
+ones in NEEDS_A_GPU, which skip with "needs a GPU: ..." and the reason. Such a run checks the tests
+and the plumbing, never cuDNN: its comparisons are the reference against itself.
+
+The `gpu` tests in GPU_SERIAL get the `gpu_serial` marker as well: they depend on how GPU work is
+timed (a busy kernel keeps a stream occupied while the test checks the ordering) or load every
+core, so the validation runs them in a serial step of their own, never beside parallel workers.
 """
 
 from __future__ import annotations
@@ -24,6 +33,25 @@ LAYOUTS = [(2, 1), (3, 1), (3, -1), (4, 1), (4, -1), (5, 1), (5, -1)]  # (ndim, 
 DTYPES = [np.float16, np.float32, np.float64]
 
 REQUIRE_GPU_VARIABLE = "CUDNN_BN_REQUIRE_GPU"
+SIMULATED_GPU_VARIABLE = "CUDNN_BN_SIMULATED_GPU"
+SERIAL_MARKER = "gpu_serial"
+
+# `gpu` tests whose subject the simulated GPU cannot stand in for: node id (without parameters) ->
+# what they need. tests/test_gpu_validate.py checks that every entry names a collected gpu test.
+NEEDS_A_GPU = {
+    "tests/test_interop.py::test_torch_cuda_tensors_run_zero_copy": "torch CUDA tensors",
+    "tests/test_interop.py::test_torch_tensors_that_require_grad_are_refused_and_detach_works": "torch CUDA tensors",
+    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it": "torch CUDA tensors and streams",
+    "tests/test_interop.py::test_torch_cpu_tensors_are_type_errors": "torch with CUDA",
+    "tests/test_distributed.py::test_nccl_group_of_one_matches_the_reference": "NCCL through cupyx.distributed",
+    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it": "a CUDA kernel compiled by NVRTC (cupy.RawKernel)",
+}
+# `gpu` tests that run alone, not beside parallel workers: node id (without parameters) -> why
+GPU_SERIAL = {
+    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it": "a 20 ms busy kernel orders the streams",
+    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it": "torch's busy kernel orders the streams",
+    "tests/test_gpu_parity.py::test_thread_stress_on_random_shapes_matches_the_reference": "16 threads load every core",
+}
 
 
 def shape_for(ndim: int, channel_axis: int, batch: int = 3, channels: int = 2, spatial=(3, 2, 2)) -> tuple[int, ...]:
@@ -44,9 +72,34 @@ def make_case(shape, mode, channel_axis=1, dtype=np.float64, seed=0, xp=np, offs
     return layout, xp.asarray(x), xp.asarray(dy), xp.asarray(gamma), xp.asarray(beta)
 
 
+def _switched_on(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def gpu_required() -> bool:
     """True when CUDNN_BN_REQUIRE_GPU asks for `gpu` tests to fail rather than skip without a GPU."""
-    return os.environ.get(REQUIRE_GPU_VARIABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return _switched_on(REQUIRE_GPU_VARIABLE)
+
+
+def gpu_simulated() -> bool:
+    """True when CUDNN_BN_SIMULATED_GPU asks for `gpu` tests to run on the simulated GPU."""
+    return _switched_on(SIMULATED_GPU_VARIABLE)
+
+
+def needs_a_gpu(nodeid: str) -> str | None:
+    """What a `gpu` test needs that the simulated GPU does not have, or None."""
+    return NEEDS_A_GPU.get(nodeid.split("[")[0])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{SERIAL_MARKER}: a gpu test that must not run beside parallel workers "
+                                       "(it depends on how GPU work is timed, or loads every core); see GPU_SERIAL")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("[")[0] in GPU_SERIAL:
+            item.add_marker(SERIAL_MARKER)
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,6 +116,11 @@ def gpu_status() -> tuple[bool, str]:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") is None:
+        return
+    if gpu_simulated():
+        needed = needs_a_gpu(item.nodeid)
+        if needed:
+            pytest.skip(f"needs a GPU: {needed}")
         return
     usable, reason = gpu_status()
     if not usable:
@@ -101,7 +159,11 @@ def _check_context_after_earlier_fault() -> None:
 
 @pytest.fixture(autouse=True)
 def _synchronize_after_gpu_test(request):
-    """Wait for every kernel a `gpu` test queued, so an asynchronous fault fails that test."""
+    """Wait for every kernel a `gpu` test queued, so an asynchronous fault fails that test; on
+    the simulated GPU, run the test inside a simulated_gpu() of its own."""
+    if request.node.get_closest_marker("gpu") is not None and gpu_simulated():
+        yield from _on_the_simulated_gpu()
+        return
     yield
     if request.node.get_closest_marker("gpu") is None or not gpu_status()[0]:
         return
@@ -110,6 +172,18 @@ def _synchronize_after_gpu_test(request):
     except Exception as error:
         _FAULT.update(nodeid=request.node.nodeid, error=f"{type(error).__name__}: {error}")
         pytest.fail(f"device synchronize after the test failed: {type(error).__name__}: {error}", pytrace=False)
+
+
+def _on_the_simulated_gpu():
+    from fake_cudnn import simulated_gpu
+
+    from cudnn_bn._cudnn import plans
+
+    plans.PLANS.clear()  # plans hold descriptors of the simulated run that made them
+    with simulated_gpu():
+        yield
+        _synchronize_all_devices()
+    plans.PLANS.clear()
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +204,6 @@ def cudnn_library():
 def cudnn_headers(cudnn_library):
     """Text of cudnn_graph.h and cudnn_ops.h as installed beside the library."""
     from cuda import pathfinder
-
     from header_check import HEADERS
 
     directory = pathfinder.find_nvidia_header_directory("cudnn")

@@ -1,54 +1,122 @@
-"""`.ci/gpu-validate` and its helpers, on a machine without a usable GPU: the validation cannot
-pass vacuously, and what it leaves behind can be read.
+"""`.ci/gpu-validate` and its helpers on a machine without a GPU: its plan fits a GPU machine's
+lease, it stops at once where no GPU is usable, its tiers run end to end on the simulated GPU
+(steps, evidence files, summary, exit status) and what it leaves behind can be read.
 
 CUDA_VISIBLE_DEVICES="" hides any GPU from the subprocesses, so these tests mean the same on a
-machine that has one.
+machine that has one. The hang of a step is rehearsed with the test hook GPU_VALIDATE_HANG
+(.ci/gpu_evidence.py: "CHECK@SECONDS" makes that smoke check hang and limits its step to SECONDS).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CI = os.path.join(ROOT, ".ci")
+if CI not in sys.path:
+    sys.path.insert(0, CI)  # the helpers import each other from their folder
+
+# a GPU machine's lease: 15 minutes of device time, the machine's start (up to 2 minutes)
+# included, and one call per tier; the issue that planned it keeps step limits under about 660 s
+LEASE_S, MACHINE_START_S, STEP_LIMITS_OF_A_LEASE_S, COMMAND_LIMIT_S = 15 * 60, 120, 660, 600
+TIER_LIMITS = {"smoke": 150, "suite": 360, "bench": 150}
 
 
 def _environment(**extra) -> dict:
-    environment = {key: value for key, value in os.environ.items() if key != "CUDNN_BN_REQUIRE_GPU"}
-    environment.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **extra)
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("CUDNN_BN_REQUIRE_GPU", "CUDNN_BN_SIMULATED_GPU", "GPU_VALIDATE_HANG", "OUT")}
+    environment.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", PYTHON=sys.executable, **extra)
     return environment
 
 
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(name, os.path.join(CI, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
 
-def test_gpu_validate_stops_at_the_preflight_without_a_gpu(tmp_path):
+def _validate(*arguments, timeout=180, **environment) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
-    result = subprocess.run(["bash", os.path.join(CI, "gpu-validate")], capture_output=True, text=True, timeout=180,
-                            cwd=ROOT, env=_environment(OUT=str(tmp_path), PYTHON=sys.executable))
-    seconds = time.perf_counter() - start
+    result = subprocess.run(["bash", os.path.join(CI, "gpu-validate"), *arguments], capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT, env=_environment(**environment))
+    return result, time.perf_counter() - start
+
+
+def _steps(out) -> dict:
+    """step name -> its row of steps.tsv."""
+    summary = _load("gpu_summary")
+    return {step["name"]: step for step in summary.read_steps(str(out / "steps.tsv"))}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _assert_evidence_comes_back(out) -> None:
+    """What a GPU machine lets come back from one command: at most 8 files, 16 MiB each, 64 MiB
+    in all, at most 2 folders deep, names of letters, digits, '.', '_' and '-' (checked here on
+    its own, and by the helper the run uses)."""
+    evidence = _load("gpu_evidence")
+    paths = [os.path.join(folder, name) for folder, _, names in os.walk(out) for name in names]
+    assert len(paths) <= 8, sorted(paths)
+    assert all(os.path.getsize(path) <= 16 << 20 for path in paths)
+    assert sum(os.path.getsize(path) for path in paths) <= 64 << 20
+    assert all(os.path.relpath(path, out).count(os.sep) <= 2 for path in paths)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", os.path.basename(path)) for path in paths)
+    assert evidence.evidence_problems(str(out)) == []
+
+
+# ---------------------------------------------------------------- the plan ----
+
+def test_the_plan_lists_each_tier_within_its_limit_and_all_three_fit_a_lease(tmp_path):
+    result, _ = _validate("--plan", OUT=str(tmp_path / "never-made"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines] == [["tier", "smoke"], ["tier", "suite"], ["tier", "bench"]]
+    limits = {name: int(seconds) for _, name, seconds in (line.split() for line in lines)}
+    assert all(limits[tier] <= TIER_LIMITS[tier] for tier in TIER_LIMITS), limits
+    assert sum(limits.values()) <= STEP_LIMITS_OF_A_LEASE_S
+    assert MACHINE_START_S + sum(limits.values()) <= LEASE_S - 2 * 60  # two minutes left for transfers and idle waits
+    assert not (tmp_path / "never-made").exists()  # --plan changes nothing
+    validate = _load("gpu_validate")
+    for tier, steps in validate.TIERS.items():  # each tier is its setup and its own steps, and one command
+        assert limits[tier] == sum(step.limit_s for step in validate.SETUP + steps) <= COMMAND_LIMIT_S
+    assert validate.BUDGET_S <= COMMAND_LIMIT_S - 60
+
+
+# ---------------------------------------------------------------- without a GPU ----
+
+def test_without_a_gpu_the_preflight_stops_the_run_in_seconds_with_exit_2(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- gpu-status -->\nno run\n<!-- /gpu-status -->\n")
+    result, seconds = _validate(OUT=str(tmp_path / "out"), GPU_VALIDATE_README=str(readme))
+    out = tmp_path / "out"
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-2000:]
     assert seconds < 60, f"the preflight should stop the run in seconds, took {seconds:.1f} s"
-    preflight = (tmp_path / "preflight.txt").read_text()
+    preflight = (out / "preflight.txt").read_text()
     assert "cudnn_status: NOT usable" in preflight and "verdict: STOP" in preflight
-    log = (tmp_path / "gpu-validate.log").read_text()
-    assert "step preflight: failed (exit 1)" in log and "STOP" in log
-    assert "step gpu-suite" not in log and not (tmp_path / "junit.xml").exists()  # nothing ran after the preflight
-    summary = (tmp_path / "summary.md").read_text()
-    assert "NOT RUN: the preflight stopped the validation" in summary and "| preflight | required | failed | 1 |" in summary
-    assert len(os.listdir(tmp_path)) <= 7
+    steps = _steps(out)
+    assert steps["preflight"]["result"] == "failed" and steps["preflight"]["exit"] == "1"
+    assert {steps[name]["result"] for name in ("smoke-checks", "limit-probes", "suite-parallel", "suite-serial", "bench",
+                                               "query-timing")} == {"not-run"}
+    assert not (out / "junit.xml").exists() and not (out / "checks.jsonl").exists()
+    summary = (out / "summary.md").read_text()
+    assert "NOT RUN: the preflight stopped the validation" in summary and "| setup | preflight | required | failed | 1 |" in summary
+    assert readme.read_text() == "<!-- gpu-status -->\nno run\n<!-- /gpu-status -->\n"
+    _assert_evidence_comes_back(out)
 
 
 @pytest.mark.parametrize("required", [False, True], ids=["skips", "fails-when-required"])
@@ -67,6 +135,202 @@ def test_gpu_tests_fail_instead_of_skipping_when_a_gpu_is_required(tmp_path, req
         assert "1 skipped" in result.stdout and "no usable GPU" in result.stdout
 
 
+# ---------------------------------------------------------------- on the simulated GPU ----
+
+def test_the_simulated_smoke_tier_completes_and_all_its_evidence_comes_back(tmp_path):
+    evidence = _load("gpu_evidence")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- gpu-status -->\nno run\n<!-- /gpu-status -->\n")
+    before, repository_readme = _digest(readme), _digest(os.path.join(ROOT, "README.md"))
+    out = tmp_path / "out"
+    result, seconds = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_README=str(readme))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert seconds <= 90
+    steps = _steps(out)
+    assert [steps[name]["result"] for name in ("preflight", "smoke-checks", "limit-probes")] == ["simulated"] * 3
+    assert "passed" not in {step["result"] for step in steps.values()}  # nothing simulated reads as passed on a GPU
+    assert sorted(os.listdir(out)) == sorted([evidence.LOG, evidence.STEPS, evidence.SUMMARY, evidence.PREFLIGHT, evidence.CHECKS])
+    _assert_evidence_comes_back(out)
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("### GPU validation rehearsal on the simulated GPU: REHEARSED") and "**Simulated.**" in summary
+    assert all(f"| {tier} |" in summary for tier in ("smoke", "suite", "bench"))  # every tier named, asked for or not
+    assert "| smoke | passed on the simulated GPU |" in summary
+    assert all(f"`{name}` x" in summary for name in evidence.expected_entry_points())
+    assert "Every entry point was called." in summary and "README status line" not in summary
+    records = evidence.read_records(str(out / "checks.jsonl"))
+    ends = [r for r in records if r.get("kind") == "check" and r["event"] == "end"]
+    assert len(ends) >= 60 and all(r["simulated"] for r in records)
+    assert {r["outcome"] for r in ends} == {"passed", "needs a GPU"}
+    assert {r["check"] for r in ends if r["outcome"] == "needs a GPU"} == {"torch-dlpack", "torch-cuda-array-interface", "nccl-one-rank"}
+    verdicts = [r for r in records if r.get("kind") == "limit-verdict"]
+    assert [r["case"].split(" vs ")[1] for r in verdicts] == ["131071x1x1x1", "262136x1x1x1", "880802x1x1x1", "65536x1x1x1"]
+    assert all(r["holds"] == "yes: refused with a status" for r in verdicts)  # what the simulator refuses
+    assert _digest(readme) == before and _digest(os.path.join(ROOT, "README.md")) == repository_readme
+
+
+def test_a_hung_smoke_check_is_cut_reported_and_the_tier_goes_on(tmp_path):
+    out = tmp_path / "out"
+    result, seconds = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_HANG="compat@8", GPU_VALIDATE_README="")
+    assert result.returncode == 1, result.stdout[-4000:]
+    assert seconds < 60
+    steps = _steps(out)
+    assert steps["smoke-checks"]["result"] == "timed-out" and steps["smoke-checks"]["limit"] == "8"
+    assert steps["limit-probes"]["result"] == "simulated"  # the next step still ran
+    log = (out / "gpu-validate.log").read_text()
+    assert "compat: hanging here" in log and "Fatal Python error: Aborted" in log  # SIGABRT: every thread's stack
+    summary = (out / "summary.md").read_text()
+    assert "FAIL (smoke-checks)" in summary and "started and never finished (hung, crashed or cut): `compat`" in summary
+    assert "| compat | did not finish |" in summary and "| plain-spatial-float32-NCHW | passed on the simulated GPU |" in summary
+    _assert_evidence_comes_back(out)
+
+
+def test_a_tier_the_budget_cannot_reach_is_not_run_which_is_not_failed(tmp_path):
+    out = tmp_path / "out"
+    result, _ = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_BUDGET_S="40", GPU_VALIDATE_README="")
+    assert result.returncode == 3, result.stdout[-3000:]
+    steps = _steps(out)
+    assert steps["preflight"]["result"] == "simulated"
+    assert steps["smoke-checks"]["result"] == steps["limit-probes"]["result"] == "not-run"
+    assert "INCOMPLETE (what ran passed; not run: smoke)" in (out / "summary.md").read_text()
+
+
+def test_a_smoke_check_that_fails_does_not_hide_the_others(tmp_path, monkeypatch, cudnn_library):
+    from fake_cudnn import simulated_gpu
+
+    smoke, evidence = _load("gpu_smoke"), _load("gpu_evidence")
+    records = evidence.RecordWriter(str(tmp_path / "checks.jsonl"), tier="smoke", step="smoke-checks", simulated=True)
+
+    def calls_cudnn(checks):
+        import cudnn_bn
+
+        x = checks.cupy.asarray(np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2))
+        cudnn_bn.forward_training(x, checks.cupy.ones(3, np.float32), checks.cupy.zeros(3, np.float32), mode="spatial")
+        return {"detail": "one call"}
+
+    def fails(checks):
+        raise smoke.CheckFailed("y: max abs difference 1 from the reference")
+
+    monkeypatch.setattr(smoke.Checks, "all", lambda checks: [("fails", lambda: fails(checks)), ("calls", lambda: calls_cudnn(checks))])
+    with simulated_gpu(monkeypatch):
+        status = smoke.run_checks(records, only=None)
+    records.close()
+    written = evidence.read_records(str(tmp_path / "checks.jsonl"))
+    ends = {r["check"]: r for r in written if r.get("event") == "end"}
+    assert status == 1
+    assert ends["fails"]["outcome"] == "failed" and ends["fails"]["detail"] == "CheckFailed: y: max abs difference 1 from the reference"
+    assert ends["calls"]["outcome"] == "passed" and ends["calls"]["entry_points"] == {"cudnnBatchNormalizationForwardTraining": 1}
+    [points] = [r for r in written if r.get("kind") == "entry-points"]
+    assert "cudnnBatchNormalizationBackward" in points["missing"]  # an entry point no check called fails the tier
+
+
+def test_gpu_tests_run_on_the_simulated_gpu_and_the_others_say_they_need_a_gpu(tmp_path):
+    junit = tmp_path / "junit.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit}", "-rs",
+         "tests/test_gpu_parity.py::test_bad_input_on_the_gpu_gives_the_reference_errors",
+         "tests/test_distributed.py::test_nccl_group_of_one_matches_the_reference"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "1 passed, 1 skipped" in result.stdout and "needs a GPU: NCCL through cupyx.distributed" in result.stdout
+    summary = _load("gpu_summary")
+    assert summary.tests_executed(str(junit))
+
+
+def test_every_gpu_test_named_for_special_handling_exists():
+    from conftest import GPU_SERIAL, NEEDS_A_GPU
+
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", "--collect-only", "-q", "tests"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
+    collected = {line.split("[")[0] for line in result.stdout.splitlines() if "::" in line}
+    assert set(NEEDS_A_GPU) <= collected and set(GPU_SERIAL) <= collected, (set(NEEDS_A_GPU) | set(GPU_SERIAL)) - collected
+    serial = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu and gpu_serial", "--collect-only", "-q",
+                             "tests"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
+    assert {line.split("[")[0] for line in serial.stdout.splitlines() if "::" in line} == set(GPU_SERIAL)
+
+
+# ---------------------------------------------------------------- the verdict and exit status ----
+
+def _row(tier, name, result, exit_status="0", kind="required"):
+    return dict(tier=tier, name=name, kind=kind, result=result, exit=exit_status, seconds="1.0", limit="10")
+
+
+SETUP_ROWS = [_row("setup", "preflight", "passed"), _row("setup", "environment", "done", kind="info")]
+
+
+@pytest.mark.parametrize("rows,simulated,status,verdict", [
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "passed")], False, 0, "PASS"),
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "simulated")], True, 0, "REHEARSED"),
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "timed-out", "-6")], False, 1, "FAIL (smoke-checks)"),
+    (SETUP_ROWS + [_row("suite", "suite-parallel", "no-test-ran")], True, 1, "FAIL (suite-parallel)"),
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "not-run", "-")], True, 3, "INCOMPLETE (what ran passed; not run: smoke)"),
+    ([_row("setup", "preflight", "simulated")], True, 1, "FAIL (no tier ran on the simulated GPU)"),
+    ([_row("setup", "preflight", "passed")], False, 1, "FAIL (no tier ran)"),
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "passed"), _row("bench", "bench", "not-run", "-")], False, 3, "INCOMPLETE"),
+    ([_row("setup", "preflight", "failed", "1"), _row("smoke", "smoke-checks", "not-run", "-")], False, 2, "NOT RUN"),
+    ([_row("setup", "preflight", "timed-out", "-6"), _row("smoke", "smoke-checks", "not-run", "-")], False, 2, "NOT RUN"),
+    ([_row("setup", "preflight", "failed", "3"), _row("smoke", "smoke-checks", "passed")], False, 1, "FAIL (preflight)"),
+    ([], False, 1, "UNKNOWN"),
+])
+def test_the_exit_status_is_decided_in_one_place(rows, simulated, status, verdict):
+    summary = _load("gpu_summary")
+    decided, text = summary.exit_status(rows, {}, simulated)
+    assert decided == status and text.startswith(verdict)
+
+
+def test_an_info_step_that_fails_does_not_fail_the_run():
+    summary = _load("gpu_summary")
+    rows = [_row("setup", "preflight", "passed"), _row("setup", "environment", "failed", "127", kind="info"),
+            _row("smoke", "smoke-checks", "passed")]
+    assert summary.exit_status(rows, {}, False)[0] == 0
+
+
+# ---------------------------------------------------------------- reading what a run left ----
+
+XDIST_LOG = """\
+[gw0] [  1%] PASSED tests/test_gpu_parity.py::test_a[x]
+[gw3] [  2%] FAILED tests/test_gpu_parity.py::test_b[y]
+[gw1] [  3%] SKIPPED tests/test_interop.py::test_torch_cpu_tensors_are_type_errors
+[gw2] node down: Not properly terminated
+worker 'gw2' crashed while running 'tests/test_gpu_parity.py::test_c[z]'
+[gw0] [  4%] XFAIL tests/test_fused.py::test_d
+"""
+
+
+def test_the_log_parser_reads_xdist_workers_and_names_the_test_a_crashed_worker_ran():
+    summary = _load("gpu_summary")
+    parsed = summary.read_verbose_log(XDIST_LOG)
+    assert parsed["outcomes"] == {
+        "tests/test_gpu_parity.py::test_a[x]": "passed", "tests/test_gpu_parity.py::test_b[y]": "failed",
+        "tests/test_interop.py::test_torch_cpu_tensors_are_type_errors": "skipped", "tests/test_fused.py::test_d": "xfailed",
+    }
+    assert parsed["crashed"] == ["tests/test_gpu_parity.py::test_c[z]"]
+
+
+def test_the_summary_of_a_cut_suite_reads_the_xdist_log(tmp_path):
+    summary = _load("gpu_summary")
+    (tmp_path / "gpu-validate.log").write_text(XDIST_LOG)
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("setup\tpreflight\trequired\tpassed\t0\t3.0\t25\nsuite\tsuite-parallel\trequired\ttimed-out\t-6\t260.0\t260\n")
+    text = summary.summarize(str(tmp_path), str(steps))
+    assert "FAIL (suite-parallel)" in text and "No junit XML" in text and "1 passed, 1 failed, 1 skipped, 1 xfailed" in text
+    assert "a pytest-xdist worker crashed while running `tests/test_gpu_parity.py::test_c[z]`" in text
+    assert "`tests/test_gpu_parity.py::test_b[y]`: failed" in text
+
+
+def test_the_summary_names_the_test_that_never_finished_in_one_process(tmp_path):
+    summary = _load("gpu_summary")
+    (tmp_path / "gpu-validate.log").write_text(
+        "tests/test_gpu_parity.py::test_a[x] PASSED [ 1%]\n"
+        "tests/test_gpu_parity.py::test_b[y] FAILED [ 2%]\n"
+        "tests/test_gpu_parity.py::test_c[z] Fatal Python error: Segmentation fault\n")
+    steps = tmp_path / "steps.tsv"
+    steps.write_text("suite\tsuite-serial\trequired\tcrashed-signal-11\t-11\t12.0\t60\n")
+    text = summary.summarize(str(tmp_path), str(steps))
+    assert "No junit XML" in text and "1 passed, 1 failed" in text
+    assert "never finished: `tests/test_gpu_parity.py::test_c[z]`" in text
+    assert "FAIL (suite-serial)" in text
+
+
 SAMPLE_TESTS = '''
 import pytest
 
@@ -82,7 +346,7 @@ def test_skips(request):
 '''
 
 
-def test_summary_counts_failures_skips_and_recorded_outcomes(tmp_path):
+def test_summary_counts_failures_skips_recorded_outcomes_limits_and_query_cost(tmp_path):
     summary = _load("gpu_summary")
     (tmp_path / "test_sample.py").write_text(SAMPLE_TESTS)
     subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
@@ -90,67 +354,81 @@ def test_summary_counts_failures_skips_and_recorded_outcomes(tmp_path):
                    capture_output=True, text=True, timeout=120, cwd=tmp_path)
     (tmp_path / "preflight.txt").write_text("cudnn_status: checking ...\ncudnn_status: usable: 1 GPU(s)\ndevice 0: H100\nverdict: ok\n")
     steps = tmp_path / "steps.tsv"
-    steps.write_text("preflight\trequired\tpassed\t0\t3.1\ngpu-suite\trequired\tfailed\t1\t80.2\nnvidia-smi\tinfo\tfailed\t127\t0.0\n")
-    (tmp_path / "probes.json").write_text(json.dumps({
-        "verdicts": [dict(limit="inference batch", case="SPATIAL float32", within="ok", past="NOT_SUPPORTED", holds="yes: refused with a status")],
-        "overflow_flag": [dict(shape="32x64x56x56", layout="NCHW", dtype="float32", calls=6, flagged=2, finite=True, max_abs_difference_vs_spatial="0.0")],
-        "query_timing": {"idle query, us": "3.2"}, "problems": []}))
+    steps.write_text("setup\tpreflight\trequired\tpassed\t0\t3.1\t25\nsuite\tsuite-parallel\trequired\tfailed\t1\t80.2\t260\n"
+                     "setup\tenvironment\tinfo\tfailed\t127\t0.0\t15\n")
+    records = [
+        dict(tier="smoke", kind="limit-verdict", step="limit-probes", limit="inference batch",
+             case="SPATIAL float32 65535x1x1x1 vs 65536x1x1x1", within="ok", past="NOT_SUPPORTED", holds="yes: refused with a status"),
+        dict(tier="bench", kind="query_timing", step="query-timing", measure="idle query, us", value="3.2"),
+    ]
+    (tmp_path / "checks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = summary.summarize(str(tmp_path), str(steps))
-    assert "FAIL (gpu-suite)" in text and "device 0" not in text and "H100" in text
+    assert "FAIL (suite-parallel)" in text and "device 0" not in text and "H100" in text
     assert "usable: 1 GPU(s)" in text  # the last of a repeated key
     assert "3 tests: 1 passed, 1 failed, 0 error, 1 skipped" in text
     assert "`test_sample.py::test_fails` (failed): AssertionError: one is not two" in text
     assert "1 x no overflow flagged" in text
     assert "Recorded by `test_sample.py::test_passes`" in text and "| - | passed | raised |" in text
-    assert "yes: refused with a status" in text and "2 of 6" in text and "idle query, us | 3.2" in text
+    assert "yes: refused with a status" in text and "idle query, us | 3.2" in text
 
 
-def test_summary_names_the_test_that_never_finished_when_pytest_died(tmp_path):
+def test_a_simulated_run_never_touches_the_readme(tmp_path, capsys):
     summary = _load("gpu_summary")
-    (tmp_path / "gpu-validate.log").write_text(
-        "tests/test_gpu_parity.py::test_a[x] PASSED [ 1%]\n"
-        "tests/test_gpu_parity.py::test_b[y] FAILED [ 2%]\n"
-        "tests/test_gpu_parity.py::test_c[z] Fatal Python error: Segmentation fault\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- gpu-status -->\nno run\n<!-- /gpu-status -->\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "preflight.txt").write_text("device 0: simulated GPU\nverdict: ok (simulated GPU)\n")
     steps = tmp_path / "steps.tsv"
-    steps.write_text("gpu-suite\trequired\tcrashed-signal-11\t139\t12.0\n")
-    text = summary.summarize(str(tmp_path), str(steps))
-    assert "No junit XML" in text and "1 passed, 1 failed" in text
-    assert "never finished: `tests/test_gpu_parity.py::test_c[z]`" in text
-    assert "FAIL (gpu-suite)" in text
+    steps.write_text("setup\tpreflight\trequired\tsimulated\t0\t1.0\t25\nsmoke\tsmoke-checks\trequired\tsimulated\t0\t4.0\t75\n")
+    assert summary.main([str(tmp_path / "out"), "--steps", str(steps), "--readme", str(readme), "--simulated"]) == 0
+    assert readme.read_text() == "<!-- gpu-status -->\nno run\n<!-- /gpu-status -->\n"
+    assert "a run on the simulated GPU is no GPU result" in capsys.readouterr().out
+    assert "README status line" not in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_probe_plan_covers_both_sides_of_every_limit():
+def test_a_log_past_the_size_limit_is_cut_to_its_head_and_tail(tmp_path):
+    evidence = _load("gpu_evidence")
+    log = tmp_path / "gpu-validate.log"
+    log.write_bytes(b"first line\n" + b"x" * 60_000 + b"\nlast line\n")
+    assert evidence.trim_to_limit(str(log), limit=16_384)
+    text = log.read_bytes()
+    assert len(text) <= 16_384 and text.startswith(b"first line\n") and text.endswith(b"\nlast line\n")
+    assert b"bytes left out here" in text
+    assert not evidence.trim_to_limit(str(log), limit=16_384)  # it fits now
+    (tmp_path / "sub" / "deeper" / "deepest").mkdir(parents=True)
+    (tmp_path / "sub" / "deeper" / "deepest" / "bad name.txt").write_text("x")
+    problems = evidence.evidence_problems(str(tmp_path))
+    assert any("more than 2 folders deep" in p for p in problems) and any("'bad name.txt'" in p for p in problems)
+
+
+# ---------------------------------------------------------------- the limit probes ----
+
+def test_the_limit_probes_cover_both_sides_of_every_batch_limit_with_the_packages_numbers():
+    from cudnn_bn._cudnn.limits import LIMITS
+
     probes = _load("gpu_probes")
     numbers = probes.limit_numbers()
-    try:
-        from cudnn_bn._cudnn.limits import LIMITS
-    except ImportError:
-        pass
-    else:  # the probes test the package's own numbers, read from its one place
-        assert numbers["source"] == "cudnn_bn/_cudnn/limits.py"
-        assert (numbers["training_max_batch"], numbers["inference_max_batch"], numbers["int32_max"]) == (
-            LIMITS.training_max_batch, LIMITS.inference_max_batch, LIMITS.int32_max)
-    groups = probes.plan()
-    edges = {}
-    for group in groups:
-        for case in group["cases"]:
-            edges.setdefault(group["limit"], set()).add((case["edge"], case["shape"]))
-    training = {shape[0] for edge, shape in edges["training batch"]}
-    inference = {shape[0] for edge, shape in edges["inference batch"]}
-    assert training == {numbers["training_max_batch"], numbers["training_max_batch"] + 1}
-    assert inference == {numbers["inference_max_batch"], numbers["inference_max_batch"] + 1}
-    counts = {edge: max(math.prod(shape) for e, shape in edges["int32 element count"] if e == edge)
-              for edge in ("within", "past")}
-    assert counts["within"] <= numbers["int32_max"] < counts["past"]
-    for group in groups:
+    assert (numbers["per_activation_training_max_batch"], numbers["training_max_batch"], numbers["inference_max_batch"]) == (
+        LIMITS.per_activation_training_max_batch, LIMITS.training_max_batch, LIMITS.inference_max_batch)
+    groups = {group["name"]: group for group in probes.plan()}
+    batches = lambda name: [case["shape"][0] for case in groups[name]["cases"]]  # noqa: E731
+    assert batches("training-batch-per_activation-float32") == [131070, 131071, 262136]
+    assert batches("training-batch-spatial-float32") == [880801, 880802]
+    assert batches("inference-batch-spatial-float32") == [65535, 65536]
+    assert groups["training-batch-per_activation-float32"]["mode"] == "PER_ACTIVATION"
+    assert {group["set"] for group in groups.values()} == {"limits", "query-timing", "int32"}
+    limit_groups = [g for g in groups.values() if g["set"] == "limits"]
+    assert sum(g["timeout"] for g in limit_groups) < _load("gpu_validate").TIERS["smoke"][1].limit_s
+    for group in groups.values():
         if group["kind"] == "limit":
-            assert [case["edge"] for case in group["cases"]] == ["within", "past"]  # a crash past the limit keeps the other
+            assert group["cases"][0]["edge"] == "within"  # a crash past the limit keeps the call within it
             assert all(max(case["shape"]) < 2**31 for case in group["cases"])  # only the count may pass int32
-    assert {"overflow_flag", "query_timing"} <= {group["kind"] for group in groups}
+    counts = {case["edge"]: math.prod(case["shape"]) for g in groups.values() if g["set"] == "int32" for case in g["cases"]}
+    assert counts["within"] <= LIMITS.int32_max < counts["past"]
 
 
-def _limit_record(edge, operation, status="CUDNN_STATUS_SUCCESS", check="matches (y 1e-07)", **extra):
-    return dict(kind="limit", group="g", edge=edge, operation=operation, status=status, check=check, **extra)
+def _limit_record(edge, operation, status="CUDNN_STATUS_SUCCESS", check="matches (y 1e-07)", shape=(65536, 1, 1, 1), **extra):
+    return dict(kind="limit", group="g", edge=edge, operation=operation, status=status, check=check, shape=list(shape), **extra)
 
 
 @pytest.mark.parametrize("within,past,expected", [
@@ -166,15 +444,18 @@ def test_probe_verdicts(within, past, expected):
     group = dict(name="g", kind="limit", limit="inference batch", operations=["forward_inference"], mode="SPATIAL",
                  dtype="float32", cases=[dict(edge="within", shape=(65535, 1, 1, 1)), dict(edge="past", shape=(65536, 1, 1, 1))])
     [row] = probes.verdicts([group], within + past)
-    assert row["holds"].startswith(expected)
+    assert row["holds"].startswith(expected) and row["case"] == "SPATIAL float32 65535x1x1x1 vs 65536x1x1x1"
 
 
 def test_probes_record_a_group_that_dies_and_go_on(tmp_path):
-    out = tmp_path / "probes.json"
-    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_probes.py"), "--out", str(out), "--only", "query-timing",
-                             "inference-batch-spatial-float32-1x1x1"],
+    evidence = _load("gpu_evidence")
+    records = tmp_path / "checks.jsonl"
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_probes.py"), "--records", str(records), "--set", "limits",
+                             "--only", "inference-batch-spatial-float32", "training-batch-spatial-float32"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
     assert result.returncode == 1, result.stdout[-2000:]
-    written = json.loads(out.read_text())
-    assert len(written["problems"]) == 2 and all("exit status" in problem for problem in written["problems"])
-    assert written["verdicts"][0]["holds"].startswith("unclear")
+    written = evidence.read_records(str(records))
+    problems = [r for r in written if r["kind"] == "problem"]
+    assert len(problems) == 2 and all("exit status" in r["problem"] and r["step"] == "limit-probes" for r in problems)
+    verdicts = [r for r in written if r["kind"] == "limit-verdict"]
+    assert len(verdicts) == 2 and all(r["holds"].startswith("unclear") for r in verdicts)

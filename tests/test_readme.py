@@ -267,8 +267,9 @@ def test_readme_has_one_status_line_near_the_top_that_a_run_or_a_person_wrote():
 
 
 STUB_PYTHON = r"""#!/usr/bin/env bash
-# Stands in for Python in .ci/gpu-validate: a preflight that reports a GPU (or stops), every other
-# step a success, and the real summary writer.
+# Stands in for the Python of .ci/gpu-validate's steps: a preflight that reports a GPU (or stops),
+# pytest steps that write a junit XML, every other step a success. The orchestrator and the summary
+# writer run on the real Python.
 case "$*" in
   *gpu_summary.py*) exec "$REAL_PYTHON" "$@" ;;
   *gpu_preflight.py*)
@@ -309,14 +310,15 @@ def test_a_gpu_validate_run_rewrites_the_status_line_and_a_stopped_one_does_not(
     assert result.returncode == 0, result.stdout[-3000:]
     status = _status(readme.read_text())
     assert status.startswith("**GPU validation: passed** on Stub GPU 80GB, ")
-    assert "cuDNN 9.28.0" in status and "CuPy 14.2.0" in status and "1 passed, 1 skipped" in status
+    assert "cuDNN 9.28.0" in status and "CuPy 14.2.0" in status
+    assert "smoke passed; suite passed (2 passed, 2 skipped); bench passed" in status  # junit.xml and junit-serial.xml
     assert readme.read_text().replace(status, "") == README_SAMPLE.replace(f"{NO_RUN_YET} Nothing ran.", "")
     assert status in (tmp_path / "passing" / "out" / "summary.md").read_text()
 
     (tmp_path / "failing").mkdir()
     result, readme, _ = _gpu_validate(tmp_path / "failing", "ok", README_SAMPLE, suite_rc=1)
     assert result.returncode == 1
-    assert _status(readme.read_text()).startswith("**GPU validation: FAILED (gpu-suite)** on ")
+    assert _status(readme.read_text()).startswith("**GPU validation: FAILED (suite-parallel, suite-serial)** on ")
 
     (tmp_path / "stopped").mkdir()
     result, readme, before = _gpu_validate(tmp_path / "stopped", "stop", README_SAMPLE)
@@ -334,9 +336,9 @@ def _fake_run(out, *, stopped=False) -> str:
     with open(os.path.join(out, "gpu-validate.log"), "w") as handle:
         handle.write("0123456789abcdef0123456789abcdef01234567\n")
     steps = os.path.join(out, "..", "steps.tsv")
-    rows = [("preflight", "required", "failed" if stopped else "passed", "1" if stopped else "0", "1.0")]
+    rows = [("setup", "preflight", "required", "failed" if stopped else "passed", "1" if stopped else "0", "1.0", "25")]
     if not stopped:
-        rows.append(("gpu-suite", "required", "passed", "0", "2.0"))
+        rows.append(("suite", "suite-parallel", "required", "passed", "0", "2.0", "260"))
     with open(steps, "w") as handle:
         handle.writelines("\t".join(row) + "\n" for row in rows)
     return steps

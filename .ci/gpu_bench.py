@@ -1,0 +1,46 @@
+"""The bench step of `.ci/gpu-validate`: `python -m cudnn_bn bench --require-cudnn --json FILE`
+(every mode x operation x dtype x layout on cuDNN, against PyTorch in the same process; the JSON is
+rewritten after every row, so a cut keeps the rows timed before it; the Markdown table goes to
+stdout, which is the run's log).
+
+On the simulated GPU (CUDNN_BN_SIMULATED_GPU=1) the same command runs against tests/fake_cudnn.py
+with --quick and one small shape, since every simulated kernel is the float64 reference on the
+host, and without PyTorch (its CUDA tensors need a GPU): it rehearses the step, and its times are
+not GPU figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gpu_evidence as evidence  # noqa: E402  (the folder of this script, added just above)
+
+if evidence.ROOT not in sys.path:
+    sys.path.insert(0, evidence.ROOT)  # the repository is used from its root without an install step
+
+SIMULATED_SHAPES = [(16, 8, 6, 6)]
+SIMULATED_OVERFLOW_PROBE_SHAPE = (4, 8, 6, 6)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, help="the benchmark's JSON, rewritten after every row")
+    args = parser.parse_args(argv)
+    from cudnn_bn._tools import bench, cli
+
+    command = ["bench", "--require-cudnn", "--json", args.json]
+    if not evidence.simulated():
+        return cli.main(command)
+    bench.GPU_SHAPES = SIMULATED_SHAPES
+    bench.OVERFLOW_PROBE_SHAPE = SIMULATED_OVERFLOW_PROBE_SHAPE
+    bench._torch_cuda = lambda: None
+    with evidence.gpu_of_this_run():
+        return cli.main(command + ["--quick"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
