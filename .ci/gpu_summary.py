@@ -356,8 +356,8 @@ def section_suite(out: str, log: str, steps: list[dict], simulated: bool) -> lis
     junits = {name: read_junit(os.path.join(out, file)) for name, file in
               (("parallel", evidence.JUNIT), ("serial", evidence.JUNIT_SERIAL))}
     verbose = read_verbose_log(log)
-    lines += _junit_lines("Parallel step (pytest-xdist workers)", junits["parallel"], verbose["outcomes"], simulated)
-    lines += _junit_lines("Serial step (the gpu_serial tests, alone)", junits["serial"], verbose["outcomes"], simulated)
+    lines += _junit_lines("suite-parallel (on pytest-xdist workers where the plugin is installed)", junits["parallel"], verbose["outcomes"], simulated)
+    lines += _junit_lines("suite-serial (the gpu_serial tests, alone)", junits["serial"], verbose["outcomes"], simulated)
     if any(junit is None for junit in junits.values()):
         if verbose["last_started"]:
             lines.append(f"Last test started and never finished: `{verbose['last_started']}`.")

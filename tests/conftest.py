@@ -18,6 +18,7 @@ core, so the validation runs them in a serial step of their own, never beside pa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -175,15 +176,34 @@ def _synchronize_after_gpu_test(request):
 
 
 def _on_the_simulated_gpu():
-    from fake_cudnn import simulated_gpu
-
-    from cudnn_bn._cudnn import plans
-
-    plans.PLANS.clear()  # plans hold descriptors of the simulated run that made them
-    with simulated_gpu():
+    with _simulated_gpu_without_cached_plans(None):
         yield
         _synchronize_all_devices()
+
+
+@contextlib.contextmanager
+def _simulated_gpu_without_cached_plans(monkeypatch):
+    """simulated_gpu() with the plan cache emptied before and after: plans hold descriptors and
+    sizes of the simulated run that made them."""
+    from cudnn_bn._cudnn import plans
+    from fake_cudnn import simulated_gpu
+
     plans.PLANS.clear()
+    try:
+        with simulated_gpu(monkeypatch) as simulator:
+            yield simulator
+    finally:
+        plans.PLANS.clear()
+
+
+@pytest.fixture
+def fresh_simulated_gpu(monkeypatch, cudnn_library):
+    """The simulated GPU, with no plan and no shown fallback warning left by an earlier test."""
+    from cudnn_bn._cudnn import ops
+
+    monkeypatch.setattr(ops, "_WARNED", set())
+    with _simulated_gpu_without_cached_plans(monkeypatch) as simulator:
+        yield simulator
 
 
 @pytest.fixture(scope="session")

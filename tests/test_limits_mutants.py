@@ -13,10 +13,10 @@ from cudnn_bn import reference
 from cudnn_bn._core.layout import make_layout
 from cudnn_bn._core.modes import Mode
 from cudnn_bn._core.tolerances import assert_close
-from cudnn_bn._cudnn import limits, ops, plans
+from cudnn_bn._cudnn import limits, plans
 from cudnn_bn._cudnn.errors import CudnnLimitError
 from conftest import make_case
-from fake_cudnn import FakeArray, simulated_gpu
+from fake_cudnn import FakeArray
 
 INT32_MAX = 2**31 - 1
 
@@ -88,15 +88,6 @@ def test_the_ex_path_names_every_condition_it_misses():
 
 
 # ---- the columns route on the simulated GPU, with the real limits ----
-@pytest.fixture
-def gpu(monkeypatch, cudnn_library):
-    monkeypatch.setattr(ops, "_WARNED", set())
-    plans.PLANS.clear()
-    with simulated_gpu(monkeypatch) as simulator:
-        yield simulator
-    plans.PLANS.clear()
-
-
 def _device(array):
     return np.array(array, copy=True).view(FakeArray)
 
@@ -111,7 +102,7 @@ def _wide(array):
     ((131071, 2, 2), 1, Mode.PER_ACTIVATION),
     ((880802, 2), 1, Mode.SPATIAL),
 ])
-def test_training_past_cudnns_batch_limit_is_routed_and_matches_the_reference(gpu, shape, channel_axis, mode):
+def test_training_past_cudnns_batch_limit_is_routed_and_matches_the_reference(fresh_simulated_gpu, shape, channel_axis, mode):
     layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, np.float32)
     running = [_device(np.zeros(layout.param_shape, np.float32)), _device(np.ones(layout.param_shape, np.float32))]
     wanted_running = [np.zeros(layout.param_shape), np.ones(layout.param_shape)]
@@ -120,7 +111,7 @@ def test_training_past_cudnns_batch_limit_is_routed_and_matches_the_reference(gp
     grads = cudnn_bn.backward(_device(x), _device(dy), _device(gamma), saved)
     y64, saved64 = reference.forward_training(_wide(x), _wide(gamma), _wide(beta), *wanted_running, mode=mode,
                                               channel_axis=channel_axis)
-    assert not gpu.refusals  # the simulator refuses N past the limit in the batch dim: it was moved out of it
+    assert not fresh_simulated_gpu.refusals  # the simulator refuses N past the limit in the batch dim: it was moved out of it
     assert_close(y, y64, np.float32, scale=4)
     for actual, wanted in zip((saved.mean, saved.inv_std, *running), (saved64.mean, saved64.inv_std, *wanted_running)):
         assert_close(actual, wanted, np.float32)
