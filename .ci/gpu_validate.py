@@ -217,6 +217,7 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
             except subprocess.TimeoutExpired:
                 self._signal(process, signal.SIGKILL)
                 process.wait()
+        self._signal(process, signal.SIGKILL)  # nothing of the step outlives it (a worker holding the GPU)
         reader.join(timeout=5)
         seconds = time.monotonic() - start
         status = process.returncode
@@ -235,7 +236,7 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
     def _signal(process, number) -> None:
         try:
             os.killpg(process.pid, number)  # the step's whole group: workers and probe children too
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # the group is gone
             pass
 
     def _result(self, step: Step, status: int, cut: bool) -> str:

@@ -236,6 +236,15 @@ def test_gpu_tests_run_on_the_simulated_gpu_and_the_others_say_they_need_a_gpu(t
     assert summary.tests_executed(str(junit))
 
 
+def test_a_simulated_benchmark_says_so_in_its_json(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_bench.py"), "--json", str(tmp_path / "bench.json")],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["simulated"] is True and bench["backend"].startswith("SIMULATED GPU")
+    assert bench["rows"] and {tuple(row["shape"]) for row in bench["rows"]} == {(16, 8, 6, 6)}
+
+
 def test_every_gpu_test_named_for_special_handling_exists():
     from conftest import GPU_SERIAL, NEEDS_A_GPU
 
