@@ -10,19 +10,25 @@ exercised over a stand-in backend.
 from __future__ import annotations
 
 import functools
+import os
 import pickle
+import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from cudnn_bn import BatchNorm, Mode, reference
+from cudnn_bn import BatchNorm, Mode, fused, reference
 from cudnn_bn import distributed as dist
+from cudnn_bn.distributed import calls
 from cudnn_bn._core.tolerances import assert_close
+from cudnn_bn.layer import KeptForBackward
 from conftest import LAYOUTS, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUP_TIMEOUT = 10.0  # seconds a collective waits; the tests finish far sooner
 SYNC_MODES = [Mode.SPATIAL, Mode.PER_ACTIVATION]
 DTYPES = [np.float16, np.float32, np.float64]
@@ -203,7 +209,7 @@ def test_spatial_shards_may_differ_in_spatial_size():
     close(outputs[2][3], dbeta_ref, np.float64, what="dbeta", scale=10)
 
 
-# ---- one collective per call, of the documented size ----
+# ---- two collectives per call: a header of fixed size, then the payload it agreed ----
 
 class CountingCommunicator:
     """Passes every collective on, recording its size."""
@@ -220,7 +226,7 @@ class CountingCommunicator:
 
 
 @pytest.mark.parametrize("mode,shape", [(Mode.SPATIAL, (6, 5, 3, 2)), (Mode.PER_ACTIVATION, (6, 4, 3))])
-def test_one_collective_in_forward_and_one_in_backward_of_the_documented_size(mode, shape):
+def test_each_call_sends_a_header_then_a_payload_of_the_documented_sizes(mode, shape):
     layout, x, dy, gamma, beta = make_case(shape, mode, 1, np.float32)
     counting = [CountingCommunicator(c) for c in dist.local_group(3, timeout=GROUP_TIMEOUT)]
     sizes = [2, 1, 3]
@@ -232,10 +238,12 @@ def test_one_collective_in_forward_and_one_in_backward_of_the_documented_size(mo
         return after_forward, list(group.sizes)
 
     expected = dist.collective_bytes(3, gamma.size)
+    header = 3 * dist.HEADER_SIZE * 8
     for after_forward, after_backward in results(run_ranks(3, body, group=counting)):
-        assert after_forward == [expected.forward]
-        assert after_backward == [expected.forward, expected.backward]
-    assert dist.collective_bytes(8, 256) == (8 * (13 + 512) * 8, (512 + 8 * 13) * 8)
+        assert after_forward == [header, expected.forward - header]
+        assert after_backward == [header, expected.forward - header, header, expected.backward - header]
+    assert expected.header == header and expected.forward == expected.backward
+    assert dist.collective_bytes(8, 256) == (8 * (19 + 512) * 8, 8 * (19 + 512) * 8, 8 * 19 * 8)
 
 
 # ---- failures: typed errors on every rank, never a hang ----
@@ -282,9 +290,11 @@ def test_a_rank_whose_own_input_is_refused_raises_its_reason_and_the_others_name
     inputs = [_inputs(), _inputs(shape=(3, 5, 2, 2)), _inputs()]  # rank 1: x has 5 channels, gamma 4
     inputs[1][1:5] = _inputs()[1:5]
     outcomes = _step_with(inputs)
-    assert isinstance(outcomes[1], ValueError) and str(outcomes[1]).startswith("rank 1: gamma: expected shape (5,)")
+    assert isinstance(outcomes[1], ValueError)
+    assert str(outcomes[1]).startswith("rank 1: gamma: does not match x on this rank: expected shape (5,) for x of shape (3, 5, 2, 2)")
     for rank in (0, 2):
-        assert isinstance(outcomes[rank], dist.PeerFailedError) and "rank(s) [1]" in str(outcomes[rank])
+        assert isinstance(outcomes[rank], dist.PeerFailedError) and outcomes[rank].rank == rank
+        assert "rank 1 refused its gamma (ValueError) before the collective" in str(outcomes[rank])
     for _, _, _, running_mean, running_var, _ in inputs:
         np.testing.assert_array_equal(running_mean, 0.0)
 
@@ -298,7 +308,7 @@ def test_backward_without_saved_statistics_is_refused_on_that_rank_and_named_els
 
     outcomes = run_ranks(2, body)
     assert isinstance(outcomes[1], ValueError) and "rank 1: saved" in str(outcomes[1])
-    assert isinstance(outcomes[0], dist.PeerFailedError) and "[1]" in str(outcomes[0])
+    assert isinstance(outcomes[0], dist.PeerFailedError) and "rank 1 refused its saved (ValueError)" in str(outcomes[0])
 
 
 def test_a_rank_that_never_calls_times_out_the_others_and_the_group_stays_broken():
@@ -319,9 +329,10 @@ def test_a_rank_that_never_calls_times_out_the_others_and_the_group_stays_broken
         group[2].allreduce_sum(np.zeros(3))  # no waiting: the group is known to be broken
 
 
-def test_parameters_of_different_sizes_are_refused_by_the_communicator():
-    outcomes = _step_with([_inputs(), _inputs(shape=(3, 6, 2, 2))])
-    assert all(isinstance(e, dist.GroupMismatchError) and "differ in length" in str(e) for e in outcomes)
+def test_buffers_of_different_lengths_are_refused_by_the_local_communicator():
+    outcomes = run_ranks(2, lambda rank, group: group.allreduce_sum(np.zeros(3 + rank)))
+    assert all(isinstance(e, dist.GroupMismatchError) and "differ in length (3 on rank [0]; 4 on rank [1])" in str(e)
+               for e in outcomes)
 
 
 def test_a_group_holding_one_value_per_statistic_is_refused():
@@ -349,9 +360,182 @@ def test_bad_group_arguments():
 
 
 def test_errors_pickle_with_their_rank():
-    for error in (dist.CollectiveTimeoutError(3, "late"), dist.GroupMismatchError(1, "dtype"), dist.PeerFailedError(0, "x")):
+    for error in (dist.CollectiveTimeoutError(3, "late"), dist.GroupMismatchError(1, "dtype"), dist.PeerFailedError(0, "x"),
+                  dist.CommunicatorBusyError(2, "two threads")):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and copy.rank == error.rank and str(copy) == str(error)
+
+
+# ---- the protocol: every refusal inside the exchange, sizes agreed first, steps counted ----
+
+class RecordingCommunicator(CountingCommunicator):
+    """Records every collective's length, per rank, to show that no collective saw two lengths."""
+
+    def allreduce_sum(self, buffer):
+        self.sizes.append(buffer.size)
+        return self.inner.allreduce_sum(buffer)
+
+
+def _same_lengths_on_every_rank(group):
+    per_rank = [communicator.sizes for communicator in group]
+    assert all(sizes == per_rank[0] for sizes in per_rank), per_rank
+
+
+def _good_step(rank, group, sizes=(2, 3), seed=11):
+    """A valid forward and backward on shard ``rank`` of one batch; returns dgamma."""
+    _, x, dy, gamma, beta = make_case((sum(sizes), 3, 2), "spatial", 1, np.float64, seed=seed)
+    pieces, grads = shards(x, list(sizes)), shards(dy, list(sizes))
+    y, saved = dist.forward_training(pieces[rank], gamma, beta, group=group, mode="spatial")
+    return dist.backward(pieces[rank], grads[rank], gamma, saved, group=group)[1]
+
+
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_a_gamma_that_is_not_an_array_is_refused_on_every_rank_and_the_group_still_works(call):
+    """gamma sizes the payload: it used to be read before the collective, so that a rank with a
+    bad gamma raised alone and left the others waiting."""
+    group = [RecordingCommunicator(c) for c in dist.local_group(2, timeout=GROUP_TIMEOUT)]
+    _, x, dy, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float64)
+
+    def body(rank, communicator):
+        bad = list(gamma) if rank == 1 else gamma
+        try:
+            if call == "forward":
+                dist.forward_training(x[rank::2], bad, beta, group=communicator, mode="spatial")
+            else:
+                _, saved = dist.forward_training(x[rank::2], gamma, beta, group=communicator, mode="spatial")
+                dist.backward(x[rank::2], dy[rank::2], bad, saved, group=communicator)
+        except Exception as error:
+            return error, _good_step(rank, communicator)
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body, group=group))
+    assert isinstance(outcomes[1][0], TypeError) and str(outcomes[1][0]).startswith("rank 1: gamma: expected a numpy.ndarray")
+    assert isinstance(outcomes[0][0], dist.PeerFailedError) and "rank 1 refused its gamma (TypeError)" in str(outcomes[0][0])
+    np.testing.assert_array_equal(outcomes[0][1], outcomes[1][1])  # the next step ran on both ranks
+    _same_lengths_on_every_rank(group)
+
+
+def test_ranks_whose_parameters_differ_in_size_never_reach_a_collective_of_two_lengths():
+    group = [RecordingCommunicator(c) for c in dist.local_group(2, timeout=GROUP_TIMEOUT)]
+    cases = [_inputs(), _inputs(shape=(3, 6, 2, 2))]  # each rank consistent with itself: 4 and 6 channels
+
+    def body(rank, communicator):
+        x, gamma, beta, running_mean, running_var, _ = cases[rank]
+        try:
+            dist.forward_training(x, gamma, beta, running_mean, running_var, group=communicator, mode="spatial")
+        except dist.GroupMismatchError as error:
+            return error, _good_step(rank, communicator)
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body, group=group))
+    for rank, (error, _) in enumerate(outcomes):
+        assert error.rank == rank and "the parameter shape: (4,) on rank [0]; (6,) on rank [1]" in str(error)
+    _same_lengths_on_every_rank(group)
+    header = 2 * dist.HEADER_SIZE
+    assert group[0].sizes[0] == header and group[0].sizes[1] == header  # the refused call: its header only
+
+
+def test_ranks_out_of_step_raise_on_every_rank_and_nothing_is_merged():
+    _, x, dy, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
+    running = [[np.zeros(3), np.ones(3)] for _ in range(2)]
+
+    def body(rank, communicator):
+        y, saved = dist.forward_training(x[rank::2], gamma, beta, *running[rank], group=communicator, mode="per_activation")
+        before = [r.copy() for r in running[rank]]
+        try:
+            if rank == 0:  # rank 1 skips this step's backward and starts the next step
+                dist.backward(x[0::2], dy[0::2], gamma, saved, group=communicator)
+            else:
+                dist.forward_training(x[1::2], gamma, beta, *running[rank], group=communicator, mode="per_activation")
+        except dist.GroupMismatchError as error:
+            return error, before
+        raise AssertionError("no error")
+
+    for rank, (error, before) in enumerate(results(run_ranks(2, body))):
+        assert error.rank == rank
+        assert "out of step (the group calls made on each rank's communicator): backward #2 on rank [0]; forward_training #2 on rank [1]" in str(error)
+        for array, kept in zip(running[rank], before):
+            np.testing.assert_array_equal(array, kept)
+
+
+class Rewrapped(CountingCommunicator):
+    """A new object over the same rank: the call count of the protocol starts again for it."""
+
+
+def test_a_rank_whose_call_count_restarted_is_out_of_step():
+    group = dist.local_group(2, timeout=GROUP_TIMEOUT)
+
+    def body(rank, communicator):
+        _good_step(rank, communicator)
+        try:
+            _good_step(rank, Rewrapped(communicator) if rank == 1 else communicator)
+        except dist.GroupMismatchError as error:
+            return error
+        raise AssertionError("no error")
+
+    for error in run_ranks(2, body, group=group):
+        assert isinstance(error, dist.GroupMismatchError)
+        assert "out of step (the group calls made on each rank's communicator): forward_training #3 on rank [0]; forward_training #1 on rank [1]" in str(error)
+
+
+class OtherVersion(CountingCommunicator):
+    """Writes another protocol version into its own header."""
+
+    def allreduce_sum(self, buffer):
+        if buffer.size == self.world_size * dist.HEADER_SIZE:
+            buffer = buffer.copy()
+            buffer[self.rank * dist.HEADER_SIZE] += 1
+        return self.inner.allreduce_sum(buffer)
+
+
+def test_ranks_of_different_protocol_versions_are_named():
+    group = dist.local_group(2, timeout=GROUP_TIMEOUT)
+    outcomes = run_ranks(2, lambda rank, c: _good_step(rank, OtherVersion(c) if rank == 1 else c), group=group)
+    for error in outcomes:
+        assert isinstance(error, dist.GroupMismatchError) and "different versions of the group protocol: 2 on rank [0]; 3 on rank [1]" in str(error)
+
+
+def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_once():
+    group = dist.local_group(2, timeout=GROUP_TIMEOUT)
+    _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
+    start = time.monotonic()
+    outcomes = run_ranks(2, lambda rank, c: dist.forward_training(x, gamma, beta, group=group[0], mode="per_activation"))
+    assert time.monotonic() - start < GROUP_TIMEOUT / 2  # not a timeout
+    assert all(isinstance(e, dist.CommunicatorBusyError) and e.rank == 0 for e in outcomes)
+    assert all("communicator of rank 0 was entered by a second thread" in str(e) for e in outcomes)
+    with pytest.raises(dist.CommunicatorBusyError, match="rank 1: the group stopped working earlier"):
+        group[1].allreduce_sum(np.zeros(2))
+
+
+def test_a_timeout_past_what_threads_can_wait_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"timeout: expected .* at most threading.TIMEOUT_MAX \(9.2\d*e\+09\), got 1e\+10"):
+        dist.local_group(2, timeout=1e10)
+    assert dist.local_group(2, timeout=threading.TIMEOUT_MAX)[0].timeout == threading.TIMEOUT_MAX
+
+
+def test_a_rank_with_no_values_adds_nothing_to_the_merge():
+    """The header carries a count per rank, and a rank with count 0 (an empty shard, which the
+    checks refuse today) leaves the merged statistics as they are."""
+    rng = np.random.default_rng(2)
+    means, m2s = rng.standard_normal((2, 3)), rng.random((2, 3))
+    counts = np.array([3.0, 5.0])
+    expected = calls._merge(counts, means, m2s, 8)
+    with_empty = calls._merge(np.array([3.0, 0.0, 5.0]), np.insert(means, 1, 0.0, axis=0), np.insert(m2s, 1, 0.0, axis=0), 8)
+    for actual, wanted in zip(with_empty, expected):
+        np.testing.assert_array_equal(actual, wanted)
+
+
+def test_mpi_group_without_mpi4py_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"mpi_group needs mpi4py .*pip install 'cudnn_bn\[mpi\]'"):
+        dist.mpi_group()
+
+
+def test_importing_the_package_does_not_import_mpi4py():
+    code = "import sys, cudnn_bn, cudnn_bn.distributed; print('mpi4py' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
 
 
 # ---- the layer ----
@@ -398,6 +582,145 @@ def test_sync_batch_norm_evaluates_without_communicating():
         dist.SyncBatchNorm(3, group="nccl")
 
 
+def test_sync_batch_norm_with_relu_and_a_residual_trains_like_batch_norm_with_them():
+    sizes = [2, 1, 3]
+    rng = np.random.default_rng(8)
+    x, dy, residual = (rng.standard_normal((6, 4, 3)) for _ in range(3))
+    single = BatchNorm(4, mode="spatial", dtype=np.float64, activation="relu")
+    y = single(x, residual)
+    dx = single.backward(dy)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, activation="relu")
+        part = layer(shards(x, sizes)[rank], shards(residual, sizes)[rank])
+        return layer, part, layer.backward(shards(dy, sizes)[rank])
+
+    outcomes = results(run_ranks(3, body))
+    close(np.concatenate([o[1] for o in outcomes]), y, np.float64, what="y")
+    assert min(o[1].min() for o in outcomes) == 0.0  # the ReLU ran in training
+    close(np.concatenate([o[2] for o in outcomes]), dx, np.float64, what="dx")
+    close(np.concatenate([o[0].grad_residual for o in outcomes]), single.grad_residual, np.float64, what="grad_residual")
+    for layer, _, _ in outcomes:
+        close(layer.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=20)
+        close(layer.grad_beta, single.grad_beta, np.float64, what="grad_beta", scale=20)
+        close(layer.running_var, single.running_var, np.float64, what="running_var")
+        assert isinstance(layer._kept.saved, fused.FusedSaved) and layer._kept.saved.has_residual
+
+    def without_residual(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, activation="relu")
+        layer(shards(x, sizes)[rank])
+        layer.backward(shards(dy, sizes)[rank])
+        return layer.grad_residual
+
+    assert results(run_ranks(3, without_residual)) == [None] * 3
+
+
+def _layer_step(rank, group, x, sizes, layer=None, **options):
+    layer = layer or dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, **options)
+    return layer, layer(shards(x, sizes)[rank])
+
+
+def test_a_shard_the_layer_refuses_raises_on_every_rank_and_the_next_step_is_not_mixed():
+    """A rank's int32 shard used to raise on that rank alone, before the collective; its next
+    call then paired with its peer's first, and the peer returned statistics of two steps."""
+    sizes = [2, 3]
+    rng = np.random.default_rng(4)
+    first, second = (rng.standard_normal((5, 3, 2)).astype(np.float32) for _ in range(2))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, momentum=None)
+        shard = shards(first, sizes)[rank]
+        try:
+            layer(shard.astype(np.int32) if rank == 1 else shard)
+        except Exception as error:
+            refused = error
+        state = layer.state_dict()
+        return refused, state, layer(shards(second, sizes)[rank]), layer
+
+    outcomes = results(run_ranks(2, body))
+    assert type(outcomes[1][0]) is TypeError and str(outcomes[1][0]).startswith("rank 1: x: expected dtype float32")
+    assert isinstance(outcomes[0][0], dist.PeerFailedError) and "rank 1 refused its x (TypeError)" in str(outcomes[0][0])
+    single = BatchNorm(3, mode="spatial", dtype=np.float32, momentum=None)
+    y = single(second)
+    close(np.concatenate([o[2] for o in outcomes]), y, np.float32, what="y of the next step")
+    for _, state, _, layer in outcomes:
+        assert int(state["num_batches_tracked"]) == 0 and (state["running_mean"] == 0).all()
+        assert layer.num_batches_tracked == 1
+        close(layer.running_mean, single.running_mean, np.float32, what="running_mean")
+
+
+@pytest.mark.parametrize("refusal", ["residual", "num_batches_tracked"])
+def test_every_check_of_the_layer_runs_before_the_collective(refusal):
+    _, x, _, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, momentum=None)
+        residual = None
+        if rank == 1 and refusal == "residual":
+            residual = np.zeros_like(x[:2])
+        if rank == 1 and refusal == "num_batches_tracked":
+            layer.num_batches_tracked = "seven"
+        return layer(shards(x, [2, 2])[rank], residual)
+
+    outcomes = run_ranks(2, body)
+    assert type(outcomes[1]) in (TypeError, ValueError) and str(outcomes[1]).startswith(f"rank 1: {refusal}:")
+    assert isinstance(outcomes[0], dist.PeerFailedError) and f"rank 1 refused its {refusal}" in str(outcomes[0])
+
+
+def test_a_backward_without_a_forward_on_one_rank_raises_there_and_is_named_elsewhere():
+    _, x, dy, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer, _ = _layer_step(rank, group, x, [2, 2])
+        if rank == 1:  # a rank that lost its layer after the forward
+            layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32)
+        return layer.backward(shards(dy, [2, 2])[rank])
+
+    outcomes = run_ranks(2, body)
+    assert type(outcomes[1]) is RuntimeError and "needs the statistics of a forward() in training mode" in str(outcomes[1])
+    assert isinstance(outcomes[0], dist.PeerFailedError) and "rank 1 failed (an error other than a refused input)" in str(outcomes[0])
+
+
+def test_both_layers_keep_one_named_tuple():
+    x = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    plain = BatchNorm(3)
+    plain(x)
+    group = dist.local_group(1)[0]
+    synced = dist.SyncBatchNorm(3, group=group)
+    synced(x)
+    assert type(plain._kept) is type(synced._kept) is KeptForBackward
+    assert plain._kept.group is None and synced._kept.group is group and plain._kept.x is x
+
+
+def test_layers_pickled_with_a_plain_tuple_load_and_run_backward():
+    """tests/fixtures/layers_with_kept_tuples.pickle: a BatchNorm and a BatchNorm with ReLU after
+    one training forward each, pickled by the layer as it was when it kept a plain tuple."""
+    with open(os.path.join(ROOT, "tests", "fixtures", "layers_with_kept_tuples.pickle"), "rb") as file:
+        stored = pickle.load(file)
+    x = stored["x"]
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    for name, options, residual in (("plain", {}, None), ("relu", {"activation": "relu"}, np.ones_like(x))):
+        old = stored[name]
+        assert type(old._kept) is KeptForBackward and old._kept.group is None
+        fresh = BatchNorm(2, mode="spatial", **options)
+        fresh(x, residual)
+        np.testing.assert_array_equal(old.backward(dy), fresh.backward(dy))
+        np.testing.assert_array_equal(old.grad_gamma, fresh.grad_gamma)
+
+
+def test_a_sync_layer_state_with_the_old_group_flag_loads_with_its_group():
+    group = dist.local_group(1)[0]
+    layer = dist.SyncBatchNorm(3, group=group, dtype=np.float64)
+    x = np.random.default_rng(2).standard_normal((4, 3))
+    layer(x)
+    state = layer.__getstate__()
+    state["_kept"], state["_kept_is_group"] = tuple(layer._kept[:2]), True
+    old = dist.SyncBatchNorm.__new__(dist.SyncBatchNorm)
+    old.__setstate__(state)
+    assert "_kept_is_group" not in old.__dict__ and old._kept.group is group
+    np.testing.assert_array_equal(old.backward(np.ones_like(x)), layer.backward(np.ones_like(x)))
+
+
 # ---- the simulated GPU: the cuDNN path of every rank, with the in-process communicator ----
 
 @pytest.fixture
@@ -413,9 +736,9 @@ def gpu(monkeypatch, cudnn_library):
         fake_cupy = sys.modules["cupy"]
         if not hasattr(fake_cupy, "fuse"):  # the fake module offers no fuse of its own
             monkeypatch.setattr(fake_cupy, "fuse", eager_fuse, raising=False)
-        dist._fused_dx.cache_clear()  # the fake module lives as long as the process: fuse afresh per test
+        calls._fused_dx.cache_clear()  # the fake module lives as long as the process: fuse afresh per test
         yield simulator
-        dist._fused_dx.cache_clear()
+        calls._fused_dx.cache_clear()
 
 
 def _device(array):
@@ -449,10 +772,11 @@ class StandInBackend:
     of a world of one copies its input."""
 
     def __init__(self, rank=0, n_devices=1):
-        self.rank, self._n_devices, self.calls = rank, n_devices, []
+        self.rank, self._n_devices, self.calls, self.kinds = rank, n_devices, [], []
 
     def all_reduce(self, in_array, out_array, op="sum", stream=None):
         self.calls.append((in_array.shape, op))
+        self.kinds.append(type(in_array))
         out_array[...] = in_array
 
 
@@ -467,7 +791,9 @@ def test_nccl_communicator_wrapper_over_a_stand_in_backend(gpu):
     assert_close(y, y_ref, np.float32, scale=4)
     for actual, expected in zip((dx, dgamma, dbeta), grads_ref):
         assert_close(actual, expected, np.float32, scale=10)
-    assert backend.calls == [((dist.collective_bytes(1, 3).forward // 8,), "sum"), ((dist.collective_bytes(1, 3).backward // 8,), "sum")]
+    header, payload = (dist.HEADER_SIZE,), (2 * 3,)  # every buffer on the device, NCCL's only memory
+    assert backend.calls == [(header, "sum"), (payload, "sum")] * 2
+    assert all(kind is FakeArray for kind in backend.kinds)
     with pytest.raises(TypeError, match="expected a cupy array"):
         communicator.allreduce_sum(np.zeros(4))
     with pytest.raises(ValueError, match="created for 2 devices, got 1"):
@@ -508,14 +834,14 @@ def test_nccl_group_of_one_matches_the_reference():
 
 def test_a_failure_other_than_bad_input_is_raised_unchanged_and_named_to_the_others(monkeypatch):
     _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
-    real_moments = dist._local_moments
+    real_moments = calls._local_moments
 
     def failing_on_rank_0(shard, layout, xp):
         if shard.shape[0] == 1:
             raise MemoryError("no memory for the float64 copy")
         return real_moments(shard, layout, xp)
 
-    monkeypatch.setattr(dist, "_local_moments", failing_on_rank_0)
+    monkeypatch.setattr(calls, "_local_moments", failing_on_rank_0)
     outcomes = run_ranks(2, lambda rank, group: dist.forward_training(x[: 1 + 2 * rank], gamma, beta, group=group, mode="per_activation"))
     assert type(outcomes[0]) is MemoryError and outcomes[0].__cause__ is None
-    assert isinstance(outcomes[1], dist.PeerFailedError) and "rank(s) [0]" in str(outcomes[1])
+    assert isinstance(outcomes[1], dist.PeerFailedError) and "rank 0 failed (an error other than a refused input)" in str(outcomes[1])

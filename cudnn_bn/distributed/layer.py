@@ -1,0 +1,101 @@
+""":class:`SyncBatchNorm`: the BatchNorm layer whose training statistics and gradients span a group."""
+
+from __future__ import annotations
+
+from .._core.fused_saved import FusedSaved
+from .._core.modes import Activation
+from .._core.policy import TRAINING
+from .._core.validate import array_kind
+from ..layer import BatchNorm, KeptForBackward
+from .calls import finish_backward, finish_forward, prepare_backward, prepare_forward
+from .communicators import group_position
+from .helpers import array_module
+from .protocol import BACKWARD, FORWARD, Exchange
+
+__all__ = ["SyncBatchNorm"]
+
+# where each activation passes the gradient, read from its output (docs/math.md)
+_PASSES_GRADIENT = {Activation.RELU: lambda y: y > 0}
+
+
+def _activation_gradient(kept: KeptForBackward, dy):
+    """dy where the forward's activation passed its input, else 0: the gradient of the batch
+    norm's output, and of the residual."""
+    kind, y = array_kind(dy=dy, y=kept.y), kept.y
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"dy: expected the shape of the forward's output {tuple(y.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != y.dtype:
+        raise TypeError(f"dy: expected the dtype of the forward's output {y.dtype}, got {dy.dtype}")
+    xp = array_module(kind)
+    grad = xp.zeros_like(dy)
+    xp.copyto(grad, dy, where=_PASSES_GRADIENT[kept.saved.activation](y))
+    return grad
+
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`~cudnn_bn.BatchNorm` whose training-mode statistics and gradients span ``group``.
+
+    Args:
+        num_features, and every keyword of BatchNorm (mode, eps, momentum, affine,
+        track_running_stats, channel_axis, dtype, xp, activation).
+        group: this rank's :class:`Communicator`; every rank builds its layer with the same
+            settings and calls forward and backward in the same order.
+
+    Training mode communicates (two collectives in forward, two in backward); with an
+    activation, forward returns ``act(BN(x) + residual)`` with the group's statistics and
+    backward runs through the activation, as BatchNorm does. Every check of forward and backward
+    runs before the collectives on every rank, so a refused input raises on every rank
+    (:class:`PeerFailedError` on the others) and leaves every layer as it was. Eval mode does
+    not communicate: it normalizes with the running statistics, or with this rank's own batch
+    when ``track_running_stats=False`` (as torch.nn.SyncBatchNorm does), so ranks need not
+    evaluate in step. ``grad_gamma`` and ``grad_beta`` are the group's sums, identical on every
+    rank.
+    """
+
+    def __init__(self, num_features, *, group, **options):
+        group_position(group)
+        super().__init__(num_features, **options)
+        self.group = group
+
+    def forward(self, x, residual=None):
+        """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
+        if not self.training:
+            return super().forward(x, residual)
+        counting = self.track_running_stats
+        exchange, step = Exchange(self.group, FORWARD), None
+        with exchange.guard():
+            self._check_forward_arguments(x, residual, TRAINING)
+            momentum = self._momentum_for_next_batch() if counting else 0.0
+            step = prepare_forward(
+                exchange, x, self.gamma, self.beta, self.running_mean, self.running_var, mode=self.mode, momentum=momentum,
+                eps=self.eps, channel_axis=self.channel_axis, residual=residual, activation=self.activation,
+            )
+        y, saved = finish_forward(exchange, step)
+        if counting:  # only a batch that ran is counted
+            self.num_batches_tracked += 1
+        self._kept = KeptForBackward(x, saved, None if self.activation is None else y, self.group)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy):
+        """dx for this rank's last forward input; sets ``grad_gamma`` and ``grad_beta`` (when
+        affine) and, with an activation, ``grad_residual``."""
+        kept = self._kept
+        if (kept is None and not self.training) or (kept is not None and kept.group is None):
+            return super().backward(dy)  # a single-process forward (or none, outside training)
+        exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
+        with exchange.guard():
+            if kept is None:
+                raise RuntimeError("SyncBatchNorm.backward: needs the statistics of a forward() in training mode; call it first")
+            fused_forward = isinstance(kept.saved, FusedSaved)
+            grad = _activation_gradient(kept, dy) if fused_forward else dy
+            step = prepare_backward(exchange, kept.x, grad, self.gamma, kept.saved.stats if fused_forward else kept.saved)
+        dx, dgamma, dbeta = finish_backward(exchange, step)
+        if self.affine:
+            self.grad_gamma, self.grad_beta = dgamma, dbeta
+        self.grad_residual = grad if isinstance(kept.saved, FusedSaved) and kept.saved.has_residual else None
+        return dx
+
+    def __repr__(self) -> str:
+        return f"Sync{super().__repr__()[:-1]}, group={self.group!r})"
