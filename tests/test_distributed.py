@@ -9,7 +9,6 @@ exercised over a stand-in backend.
 
 from __future__ import annotations
 
-import functools
 import os
 import pickle
 import subprocess
@@ -27,6 +26,7 @@ from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn.layer import KeptForBackward
 from conftest import LAYOUTS, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
+from group_checks import FLOAT64_ROUNDING, check_rank, close, digest, host, rank_outputs, reference_outputs, shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUP_TIMEOUT = 10.0  # seconds a collective waits; the tests finish far sooner
@@ -64,28 +64,6 @@ def results(outcomes):
     return outcomes
 
 
-def shards(array, sizes):
-    """Split along the batch axis into consecutive pieces of the given sizes."""
-    return np.split(array, np.cumsum(sizes)[:-1], axis=0)
-
-
-FLOAT64_ROUNDING = 1e-12  # float64 results: the merge and the per-rank sums reorder additions
-
-
-def close(actual, expected, dtype, *, what, scale=1.0, float64_tolerance=FLOAT64_ROUNDING):
-    """float64: to float64 rounding (relative to the values' scale); narrower dtypes: the
-    package's tolerance for that dtype."""
-    if np.dtype(dtype) == np.float64:
-        tolerance = float64_tolerance
-        np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tolerance, atol=tolerance * scale, err_msg=what)
-    else:
-        assert_close(actual, expected, dtype, what=what, scale=scale)
-
-
-def host(array):
-    return np.asarray(array.get() if isinstance(array, FakeArray) else array)
-
-
 def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, seed=0, momentum=0.3, offset=0.0, scale=1.0):
     """One training step on len(sizes) ranks; returns (per-rank outputs, the concatenated inputs)."""
     full_shape = (sum(sizes),) + tuple(shape[1:])
@@ -107,30 +85,16 @@ def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, s
 
 
 def check_against_reference(outputs, inputs, mode, channel_axis, dtype, momentum=0.3, float64_tolerance=FLOAT64_ROUNDING):
-    """Every rank's outputs against the reference run on the concatenated batch."""
-    close = functools.partial(globals()["close"], float64_tolerance=float64_tolerance)
-    x, dy, gamma, beta = inputs
-    wide = [np.asarray(a, np.float64) for a in (x, dy, gamma, beta)]
-    running = [np.zeros(gamma.shape), np.ones(gamma.shape)]
-    y_ref, saved_ref = reference.forward_training(*wide[:1], *wide[2:], *running, mode=mode, momentum=momentum, channel_axis=channel_axis)
-    dx_ref, dgamma_ref, dbeta_ref = reference.backward(wide[0], wide[1], wide[2], saved_ref)
-    close(np.concatenate([host(o["y"]) for o in outputs]), y_ref, dtype, what="y", scale=4)
-    close(np.concatenate([host(o["dx"]) for o in outputs]), dx_ref, dtype, what="dx", scale=10)
-    first = outputs[0]
-    close(host(first["saved"].mean), saved_ref.mean, dtype, what="saved.mean")
-    close(host(first["saved"].inv_std), saved_ref.inv_std, dtype, what="saved.inv_std", scale=4)
-    close(host(first["running"][0]), running[0], dtype, what="running_mean")
-    close(host(first["running"][1]), running[1], dtype, what="running_var (unbiased with the group's count)")
-    close(host(first["dgamma"]), dgamma_ref, dtype, what="dgamma", scale=x.shape[0])
-    close(host(first["dbeta"]), dbeta_ref, dtype, what="dbeta", scale=x.shape[0])
-    assert first["saved"].mode is mode and first["saved"].mean.dtype == gamma.dtype
-    for other in outputs[1:]:  # the group's statistics and gradients are bit-identical on every rank
-        for name in ("dgamma", "dbeta"):
-            np.testing.assert_array_equal(host(other[name]), host(first[name]), err_msg=name)
-        for index in (0, 1):
-            np.testing.assert_array_equal(host(other["running"][index]), host(first["running"][index]))
-        np.testing.assert_array_equal(host(other["saved"].mean), host(first["saved"].mean))
-        np.testing.assert_array_equal(host(other["saved"].inv_std), host(first["saved"].inv_std))
+    """Every rank's outputs against the reference run on the concatenated batch; the group's
+    values bit-identical on every rank."""
+    expected = reference_outputs(*inputs, mode, channel_axis, momentum)
+    start, digests = 0, []
+    for output in outputs:
+        on_host = rank_outputs(output["y"], output["saved"], output["running"], output["dx"], output["dgamma"], output["dbeta"])
+        rows = slice(start, start + on_host["y"].shape[0])
+        check_rank(on_host, expected, rows, dtype, mode, float64_tolerance=float64_tolerance)
+        start, digests = rows.stop, digests + [digest(on_host)]
+    assert start == inputs[0].shape[0] and len(set(digests)) == 1
 
 
 # ---- numpy: every mode x layout x dtype, and every world size ----
