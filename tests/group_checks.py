@@ -40,8 +40,9 @@ def host(array) -> np.ndarray:
 
 def rank_outputs(y, saved, running, dx, dgamma, dbeta) -> dict:
     """One rank's results of a forward and backward, as host arrays under the names checked here."""
-    return dict(y=host(y), dx=host(dx), mean=host(saved.mean), inv_std=host(saved.inv_std), running_mean=host(running[0]),
-                running_var=host(running[1]), dgamma=host(dgamma), dbeta=host(dbeta), mode=saved.mode)
+    return dict(y=host(y), dx=host(dx), mean=host(saved.mean), inv_std=host(saved.inv_std),
+                running_mean=host(running[0]), running_var=host(running[1]), dgamma=host(dgamma), dbeta=host(dbeta),
+                mode=saved.mode)
 
 
 def reference_outputs(x, dy, gamma, beta, mode, channel_axis, momentum) -> dict:

@@ -27,11 +27,11 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-
 from conftest import make_case, shape_for  # noqa: E402
+from group_checks import check_rank, close, digest, rank_outputs, reference_outputs, shards  # noqa: E402
+
 from cudnn_bn import BatchNorm, Mode  # noqa: E402
 from cudnn_bn import distributed as dist  # noqa: E402
-from group_checks import check_rank, close, digest, rank_outputs, reference_outputs, shards  # noqa: E402
 
 DYING_EXIT_STATUS = 3  # what the rank of the "dies" scenario exits with
 
@@ -45,7 +45,8 @@ class Report:
 
     @contextlib.contextmanager
     def scenario(self, name: str):
-        self.entry = self.scenarios[name] = dict(checks=0, failures=[], digests={}, skipped=None, seconds=None, done=False)
+        self.entry = dict(checks=0, failures=[], digests={}, skipped=None, seconds=None, done=False)
+        self.scenarios[name] = self.entry
         start = time.perf_counter()
         try:
             yield
@@ -123,7 +124,8 @@ def reference(group, report: Report) -> None:
     sizes = _sizes(group.world_size)
     for seed, (mode, ndim, channel_axis, dtype) in enumerate(REFERENCE_CASES):
         label = f"{mode.name} ndim={ndim} channel_axis={channel_axis} {np.dtype(dtype).name}"
-        step = _group_step(group, sizes, shape_for(ndim, channel_axis, channels=3), mode, channel_axis, dtype, seed=seed)
+        shape = shape_for(ndim, channel_axis, channels=3)
+        step = _group_step(group, sizes, shape, mode, channel_axis, dtype, seed=seed)
         _check_step(report, label, step, dtype, mode)
 
 
@@ -169,8 +171,9 @@ def layer(group, report: Report) -> None:
         with report.check(f"{name}: eval, also after load_state_dict"):
             expected = single.eval()(x_eval, residual)[rows]
             part_residual = None if residual is None else shards(residual, sizes)[rank]
-            close(synced.eval()(shards(x_eval, sizes)[rank], part_residual), expected, np.float64, what="eval y")
-            close(reloaded.eval()(shards(x_eval, sizes)[rank], part_residual), expected, np.float64, what="eval y after load")
+            part = shards(x_eval, sizes)[rank]
+            close(synced.eval()(part, part_residual), expected, np.float64, what="eval y")
+            close(reloaded.eval()(part, part_residual), expected, np.float64, what="eval y after load")
 
 
 def faults(group, report: Report) -> None:
@@ -190,7 +193,8 @@ def faults(group, report: Report) -> None:
     if rank == last:
         report.expect_error("gamma not an array: its rank", call, TypeError, "gamma: expected a numpy.ndarray")
     else:
-        report.expect_error("gamma not an array: the others", call, dist.PeerFailedError, f"rank {last} refused its gamma (TypeError)")
+        report.expect_error("gamma not an array: the others", call, dist.PeerFailedError,
+                            f"rank {last} refused its gamma (TypeError)")
     good_step("the step after a refused gamma", seed=1)
 
     # parameters of another size on rank 0, consistent with its own x: the old code sent a
@@ -210,7 +214,8 @@ def faults(group, report: Report) -> None:
     if rank == 1:
         report.expect_error("layer, int32 shard: its rank", call, TypeError, "x: expected dtype float32")
     else:
-        report.expect_error("layer, int32 shard: the others", call, dist.PeerFailedError, "rank 1 refused its x (TypeError)")
+        report.expect_error("layer, int32 shard: the others", call, dist.PeerFailedError,
+                            "rank 1 refused its x (TypeError)")
     _, x_next, dy_next, _, _ = make_case((sum(sizes), 3, 2), "spatial", 1, np.float32, seed=9)
     single = BatchNorm(3, mode="spatial", dtype=np.float32, momentum=None)
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
@@ -275,6 +280,7 @@ def device(group, report: Report) -> None:
         report.entry["skipped"] = f"libcudnn not installed ({type(error).__name__}): the simulated GPU needs it"
         return
     from fake_cudnn import FakeArray, simulated_gpu
+
     from cudnn_bn.distributed import calls
 
     def on_device(array):
@@ -290,7 +296,8 @@ def device(group, report: Report) -> None:
             communicator = dist.mpi_group(cuda_aware=cuda_aware)
             with report.check(f"cuda_aware={cuda_aware}: a device buffer comes back on the device"):
                 total = communicator.allreduce_sum(on_device(np.full(3, float(group.rank))))
-                assert isinstance(total, FakeArray) and np.array_equal(total.get(), np.full(3, float(sum(range(group.world_size)))))
+                expected = np.full(3, float(sum(range(group.world_size))))
+                assert isinstance(total, FakeArray) and np.array_equal(total.get(), expected)
             for mode, ndim, channel_axis in ((Mode.SPATIAL, 4, -1), (Mode.PER_ACTIVATION, 2, 1)):
                 label = f"cuda_aware={cuda_aware}: {mode.name} ndim={ndim}"
                 step = _group_step(communicator, sizes, shape_for(ndim, channel_axis, channels=3), mode, channel_axis,
@@ -306,8 +313,8 @@ def dies(group, report: Report) -> None:
     """A good step, then the last rank ends its process (without finalizing MPI) while the
     others enter the next collective: mpiexec must end the job."""
     sizes = _sizes(group.world_size)
-    _check_step(report, "the step before", _group_step(group, sizes, (1, 3), Mode.PER_ACTIVATION, 1, np.float64, seed=1),
-                np.float64, Mode.PER_ACTIVATION)
+    step = _group_step(group, sizes, (1, 3), Mode.PER_ACTIVATION, 1, np.float64, seed=1)
+    _check_step(report, "the step before", step, np.float64, Mode.PER_ACTIVATION)
     report.entry["digests"]["before"] = "written"
     report.write()
     group.allreduce_sum(np.zeros(1))  # every rank has written its report

@@ -18,17 +18,19 @@ import time
 
 import numpy as np
 import pytest
-
-from cudnn_bn import BatchNorm, Mode, fused, reference
-from cudnn_bn import distributed as dist
-from cudnn_bn.distributed import calls
-from cudnn_bn._core.tolerances import assert_close
-from cudnn_bn.layer import KeptForBackward
 from conftest import LAYOUTS, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 from group_checks import FLOAT64_ROUNDING, check_rank, close, digest, host, rank_outputs, reference_outputs, shards
 
+from cudnn_bn import BatchNorm, Mode, fused, reference
+from cudnn_bn import distributed as dist
+from cudnn_bn._core.tolerances import assert_close
+from cudnn_bn.distributed import calls
+from cudnn_bn.layer import KeptForBackward
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_OF_STEP = "out of step (the group calls made on each rank's communicator)"
+FAILED = "failed (an error other than a refused input)"
 GROUP_TIMEOUT = 10.0  # seconds a collective waits; the tests finish far sooner
 SYNC_MODES = [Mode.SPATIAL, Mode.PER_ACTIVATION]
 DTYPES = [np.float16, np.float32, np.float64]
@@ -90,7 +92,8 @@ def check_against_reference(outputs, inputs, mode, channel_axis, dtype, momentum
     expected = reference_outputs(*inputs, mode, channel_axis, momentum)
     start, digests = 0, []
     for output in outputs:
-        on_host = rank_outputs(output["y"], output["saved"], output["running"], output["dx"], output["dgamma"], output["dbeta"])
+        names = ("y", "saved", "running", "dx", "dgamma", "dbeta")
+        on_host = rank_outputs(*(output[name] for name in names))
         rows = slice(start, start + on_host["y"].shape[0])
         check_rank(on_host, expected, rows, dtype, mode, float64_tolerance=float64_tolerance)
         start, digests = rows.stop, digests + [digest(on_host)]
@@ -255,7 +258,8 @@ def test_a_rank_whose_own_input_is_refused_raises_its_reason_and_the_others_name
     inputs[1][1:5] = _inputs()[1:5]
     outcomes = _step_with(inputs)
     assert isinstance(outcomes[1], ValueError)
-    assert str(outcomes[1]).startswith("rank 1: gamma: does not match x on this rank: expected shape (5,) for x of shape (3, 5, 2, 2)")
+    assert str(outcomes[1]).startswith(
+        "rank 1: gamma: does not match x on this rank: expected shape (5,) for x of shape (3, 5, 2, 2)")
     for rank in (0, 2):
         assert isinstance(outcomes[rank], dist.PeerFailedError) and outcomes[rank].rank == rank
         assert "rank 1 refused its gamma (ValueError) before the collective" in str(outcomes[rank])
@@ -324,8 +328,8 @@ def test_bad_group_arguments():
 
 
 def test_errors_pickle_with_their_rank():
-    for error in (dist.CollectiveTimeoutError(3, "late"), dist.GroupMismatchError(1, "dtype"), dist.PeerFailedError(0, "x"),
-                  dist.CommunicatorBusyError(2, "two threads")):
+    for error in (dist.CollectiveTimeoutError(3, "late"), dist.GroupMismatchError(1, "dtype"),
+                  dist.PeerFailedError(0, "x"), dist.CommunicatorBusyError(2, "two threads")):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and copy.rank == error.rank and str(copy) == str(error)
 
@@ -373,8 +377,9 @@ def test_a_gamma_that_is_not_an_array_is_refused_on_every_rank_and_the_group_sti
         raise AssertionError("no error")
 
     outcomes = results(run_ranks(2, body, group=group))
-    assert isinstance(outcomes[1][0], TypeError) and str(outcomes[1][0]).startswith("rank 1: gamma: expected a numpy.ndarray")
-    assert isinstance(outcomes[0][0], dist.PeerFailedError) and "rank 1 refused its gamma (TypeError)" in str(outcomes[0][0])
+    refused, named = outcomes[1][0], outcomes[0][0]
+    assert isinstance(refused, TypeError) and str(refused).startswith("rank 1: gamma: expected a numpy.ndarray")
+    assert isinstance(named, dist.PeerFailedError) and "rank 1 refused its gamma (TypeError)" in str(named)
     np.testing.assert_array_equal(outcomes[0][1], outcomes[1][1])  # the next step ran on both ranks
     _same_lengths_on_every_rank(group)
 
@@ -404,7 +409,8 @@ def test_ranks_out_of_step_raise_on_every_rank_and_nothing_is_merged():
     running = [[np.zeros(3), np.ones(3)] for _ in range(2)]
 
     def body(rank, communicator):
-        y, saved = dist.forward_training(x[rank::2], gamma, beta, *running[rank], group=communicator, mode="per_activation")
+        y, saved = dist.forward_training(x[rank::2], gamma, beta, *running[rank], group=communicator,
+                                         mode="per_activation")
         before = [r.copy() for r in running[rank]]
         try:
             if rank == 0:  # rank 1 skips this step's backward and starts the next step
@@ -417,7 +423,7 @@ def test_ranks_out_of_step_raise_on_every_rank_and_nothing_is_merged():
 
     for rank, (error, before) in enumerate(results(run_ranks(2, body))):
         assert error.rank == rank
-        assert "out of step (the group calls made on each rank's communicator): backward #2 on rank [0]; forward_training #2 on rank [1]" in str(error)
+        assert f"{OUT_OF_STEP}: backward #2 on rank [0]; forward_training #2 on rank [1]" in str(error)
         for array, kept in zip(running[rank], before):
             np.testing.assert_array_equal(array, kept)
 
@@ -439,7 +445,7 @@ def test_a_rank_whose_call_count_restarted_is_out_of_step():
 
     for error in run_ranks(2, body, group=group):
         assert isinstance(error, dist.GroupMismatchError)
-        assert "out of step (the group calls made on each rank's communicator): forward_training #3 on rank [0]; forward_training #1 on rank [1]" in str(error)
+        assert f"{OUT_OF_STEP}: forward_training #3 on rank [0]; forward_training #1 on rank [1]" in str(error)
 
 
 class OtherVersion(CountingCommunicator):
@@ -456,14 +462,15 @@ def test_ranks_of_different_protocol_versions_are_named():
     group = dist.local_group(2, timeout=GROUP_TIMEOUT)
     outcomes = run_ranks(2, lambda rank, c: _good_step(rank, OtherVersion(c) if rank == 1 else c), group=group)
     for error in outcomes:
-        assert isinstance(error, dist.GroupMismatchError) and "different versions of the group protocol: 2 on rank [0]; 3 on rank [1]" in str(error)
+        assert isinstance(error, dist.GroupMismatchError)
+        assert "different versions of the group protocol: 2 on rank [0]; 3 on rank [1]" in str(error)
 
 
 def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_once():
     group = dist.local_group(2, timeout=GROUP_TIMEOUT)
     _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
     start = time.monotonic()
-    outcomes = run_ranks(2, lambda rank, c: dist.forward_training(x, gamma, beta, group=group[0], mode="per_activation"))
+    outcomes = run_ranks(2, lambda rank, _: dist.forward_training(x, gamma, beta, group=group[0], mode="per_activation"))
     assert time.monotonic() - start < GROUP_TIMEOUT / 2  # not a timeout
     assert all(isinstance(e, dist.CommunicatorBusyError) and e.rank == 0 for e in outcomes)
     assert all("communicator of rank 0 was entered by a second thread" in str(e) for e in outcomes)
@@ -472,7 +479,7 @@ def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_on
 
 
 def test_a_timeout_past_what_threads_can_wait_is_refused_naming_it():
-    with pytest.raises(ValueError, match=r"timeout: expected .* at most threading.TIMEOUT_MAX \(9.2\d*e\+09\), got 1e\+10"):
+    with pytest.raises(ValueError, match=r"timeout: .* at most threading.TIMEOUT_MAX \(9.2\d*e\+09\), got 1e\+10"):
         dist.local_group(2, timeout=1e10)
     assert dist.local_group(2, timeout=threading.TIMEOUT_MAX)[0].timeout == threading.TIMEOUT_MAX
 
@@ -484,7 +491,8 @@ def test_a_rank_with_no_values_adds_nothing_to_the_merge():
     means, m2s = rng.standard_normal((2, 3)), rng.random((2, 3))
     counts = np.array([3.0, 5.0])
     expected = calls._merge(counts, means, m2s, 8)
-    with_empty = calls._merge(np.array([3.0, 0.0, 5.0]), np.insert(means, 1, 0.0, axis=0), np.insert(m2s, 1, 0.0, axis=0), 8)
+    empty_in_the_middle = [np.insert(values, 1, 0.0, axis=0) for values in (means, m2s)]
+    with_empty = calls._merge(np.array([3.0, 0.0, 5.0]), *empty_in_the_middle, 8)
     for actual, wanted in zip(with_empty, expected):
         np.testing.assert_array_equal(actual, wanted)
 
@@ -563,7 +571,8 @@ def test_sync_batch_norm_with_relu_and_a_residual_trains_like_batch_norm_with_th
     close(np.concatenate([o[1] for o in outcomes]), y, np.float64, what="y")
     assert min(o[1].min() for o in outcomes) == 0.0  # the ReLU ran in training
     close(np.concatenate([o[2] for o in outcomes]), dx, np.float64, what="dx")
-    close(np.concatenate([o[0].grad_residual for o in outcomes]), single.grad_residual, np.float64, what="grad_residual")
+    grad_residual = np.concatenate([o[0].grad_residual for o in outcomes])
+    close(grad_residual, single.grad_residual, np.float64, what="grad_residual")
     for layer, _, _ in outcomes:
         close(layer.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=20)
         close(layer.grad_beta, single.grad_beta, np.float64, what="grad_beta", scale=20)
@@ -603,7 +612,8 @@ def test_a_shard_the_layer_refuses_raises_on_every_rank_and_the_next_step_is_not
 
     outcomes = results(run_ranks(2, body))
     assert type(outcomes[1][0]) is TypeError and str(outcomes[1][0]).startswith("rank 1: x: expected dtype float32")
-    assert isinstance(outcomes[0][0], dist.PeerFailedError) and "rank 1 refused its x (TypeError)" in str(outcomes[0][0])
+    named = outcomes[0][0]
+    assert isinstance(named, dist.PeerFailedError) and "rank 1 refused its x (TypeError)" in str(named)
     single = BatchNorm(3, mode="spatial", dtype=np.float32, momentum=None)
     y = single(second)
     close(np.concatenate([o[2] for o in outcomes]), y, np.float32, what="y of the next step")
@@ -642,7 +652,7 @@ def test_a_backward_without_a_forward_on_one_rank_raises_there_and_is_named_else
 
     outcomes = run_ranks(2, body)
     assert type(outcomes[1]) is RuntimeError and "needs the statistics of a forward() in training mode" in str(outcomes[1])
-    assert isinstance(outcomes[0], dist.PeerFailedError) and "rank 1 failed (an error other than a refused input)" in str(outcomes[0])
+    assert isinstance(outcomes[0], dist.PeerFailedError) and f"rank 1 {FAILED}" in str(outcomes[0])
 
 
 def test_both_layers_keep_one_named_tuple():
@@ -731,6 +741,28 @@ def test_simulated_gpu_large_offset(gpu):
     check_against_reference(outputs, inputs, Mode.SPATIAL, 1, np.float64, float64_tolerance=4 * OFFSET_RESOLUTION)
 
 
+def test_simulated_gpu_sync_batch_norm_with_relu_and_a_residual(gpu):
+    sizes = [2, 1]
+    rng = np.random.default_rng(12)
+    x, dy, residual = (rng.standard_normal((3, 4, 2, 2)).astype(np.float32) for _ in range(3))
+    single = BatchNorm(4, mode="spatial", activation="relu")
+    y, dx = single(x, residual), single.backward(dy)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", activation="relu", xp=sys.modules["cupy"])
+        part = layer(_device(shards(x, sizes)[rank]), _device(shards(residual, sizes)[rank]))
+        grad = layer.backward(_device(shards(dy, sizes)[rank]))
+        sys.modules["cupy"].cuda.get_current_stream().synchronize()
+        return layer._kept.saved.path, host(part), host(grad), host(layer.grad_residual), host(layer.grad_gamma)
+
+    outcomes = results(run_ranks(2, body))
+    assert {o[0] for o in outcomes} == {fused.PATH_COMPOSED}  # the plain cuDNN call, then one elementwise kernel
+    assert_close(np.concatenate([o[1] for o in outcomes]), y, np.float32, scale=4)
+    assert_close(np.concatenate([o[2] for o in outcomes]), dx, np.float32, scale=10)
+    np.testing.assert_array_equal(np.concatenate([o[3] for o in outcomes]), single.grad_residual)
+    assert_close(outcomes[1][4], single.grad_gamma, np.float32, scale=10)
+
+
 class StandInBackend:
     """What NcclCommunicator uses of cupyx.distributed's NCCLBackend, for one rank: all_reduce
     of a world of one copies its input."""
@@ -760,6 +792,10 @@ def test_nccl_communicator_wrapper_over_a_stand_in_backend(gpu):
     assert all(kind is FakeArray for kind in backend.kinds)
     with pytest.raises(TypeError, match="expected a cupy array"):
         communicator.allreduce_sum(np.zeros(4))
+    calls_before = len(backend.calls)
+    with pytest.raises(TypeError, match="rank 0: gamma: expected a numpy.ndarray or cupy.ndarray, got list"):
+        dist.forward_training(_device(x), [1.0, 1.0, 1.0], _device(beta), group=communicator, mode="spatial")
+    assert backend.calls[calls_before:] == [(header, "sum")]  # the refusing rank entered the header collective
     with pytest.raises(ValueError, match="created for 2 devices, got 1"):
         dist.NcclCommunicator(StandInBackend(n_devices=2), 1)
     with pytest.raises(TypeError, match="backend"):
@@ -808,4 +844,4 @@ def test_a_failure_other_than_bad_input_is_raised_unchanged_and_named_to_the_oth
     monkeypatch.setattr(calls, "_local_moments", failing_on_rank_0)
     outcomes = run_ranks(2, lambda rank, group: dist.forward_training(x[: 1 + 2 * rank], gamma, beta, group=group, mode="per_activation"))
     assert type(outcomes[0]) is MemoryError and outcomes[0].__cause__ is None
-    assert isinstance(outcomes[1], dist.PeerFailedError) and "rank 0 failed (an error other than a refused input)" in str(outcomes[1])
+    assert isinstance(outcomes[1], dist.PeerFailedError) and f"rank 0 {FAILED}" in str(outcomes[1])

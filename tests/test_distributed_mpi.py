@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import pytest
-
 from mpi_ranks import DYING_EXIT_STATUS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +44,7 @@ def find_mpiexec() -> str | None:
     return shutil.which("mpiexec")
 
 
-def launch(world_size: int, scenarios: list[str], *extra_options: str) -> tuple[subprocess.CompletedProcess, list[dict], float]:
+def launch(world_size: int, scenarios: list[str], *extra_options: str):
     """Run the scenarios on ``world_size`` ranks; return the finished process, each rank's report
     (None for a rank that wrote none) and the seconds the launch took."""
     mpiexec = find_mpiexec()
@@ -148,7 +147,7 @@ def test_a_rank_that_dies_ends_the_job_with_the_launchers_report():
     assert process.returncode != 0 and seconds < DEATH_NOTICED_WITHIN, (process.returncode, seconds, process.stdout)
     if hydra:  # the dead rank's wait status is its exit status << 8; the survivors' are their signals
         assert process.returncode == DYING_EXIT_STATUS or "BAD TERMINATION" in process.stdout, process.stdout
-        assert f"Exit codes: [" in process.stdout and f",{DYING_EXIT_STATUS << 8}" in process.stdout, process.stdout
+        assert "Exit codes: [" in process.stdout and f",{DYING_EXIT_STATUS << 8}" in process.stdout, process.stdout
     for rank, report in enumerate(reports):
         entry = report["dies"]
         assert not entry["failures"] and "before" in entry["digests"], (rank, entry)

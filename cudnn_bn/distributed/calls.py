@@ -149,7 +149,8 @@ def prepare_forward(exchange: Exchange, x, gamma, beta, running_mean=None, runni
     _check_parameters_match_x(layout, gamma=gamma, beta=beta)
     checked_x = x if layout.count >= 2 else _with_second_sample(x, xp)
     checked, momentum = check_forward_training(
-        checked_x, gamma, beta, running_mean, running_var, mode=run_mode, momentum=momentum, eps=eps, channel_axis=channel_axis
+        checked_x, gamma, beta, running_mean, running_var, mode=run_mode, momentum=momentum, eps=eps,
+        channel_axis=channel_axis,
     )
     if activation is not None:
         activation = parse_activation(activation)
@@ -158,8 +159,8 @@ def prepare_forward(exchange: Exchange, x, gamma, beta, running_mean=None, runni
         raise ValueError("residual: there is no activation, so there is no fused add; add the residual yourself")
     mean, m2 = _local_moments(x, layout, xp)
     running = running_mean is not None
-    exchange.offer(header(layout, checked.data_dtype, checked.eps, momentum=momentum, running=running, activation=activation),
-                   _slot(mean, m2, xp))
+    row = header(layout, checked.data_dtype, checked.eps, momentum=momentum, running=running, activation=activation)
+    exchange.offer(row, _slot(mean, m2, xp))
     return ForwardStep(x, gamma, beta, running_mean, running_var, residual, activation, layout, checked.data_dtype,
                        checked.eps, momentum, xp)
 
@@ -176,11 +177,12 @@ def finish_forward(exchange: Exchange, step: ForwardStep | None):
     param_shape, param_dtype = layout.param_shape, param_dtype_for(step.data_dtype)
     mean, biased_var = mean.reshape(param_shape), biased_var.reshape(param_shape)
     statistics = dict(mode=layout.mode, eps=step.eps, channel_axis=layout.public_channel_axis)
+    group_statistics = (xp.asarray(mean), xp.asarray(biased_var))
     if step.activation is None:
-        y = _api.forward_inference(step.x, step.gamma, step.beta, xp.asarray(mean), xp.asarray(biased_var), **statistics)
+        y = _api.forward_inference(step.x, step.gamma, step.beta, *group_statistics, **statistics)
     else:
-        y = fused.forward_inference(step.x, step.gamma, step.beta, xp.asarray(mean), xp.asarray(biased_var),
-                                    residual=step.residual, activation=step.activation, **statistics)
+        y = fused.forward_inference(step.x, step.gamma, step.beta, *group_statistics, residual=step.residual,
+                                    activation=step.activation, **statistics)
     if step.running_mean is not None:
         unbiased_var = biased_var * (agreement.total / (agreement.total - 1))
         for running, batch_stat in ((step.running_mean, mean), (step.running_var, unbiased_var)):
@@ -218,8 +220,8 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, gro
     """
     exchange, step = Exchange(group, FORWARD), None
     with exchange.guard():
-        step = prepare_forward(exchange, x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps,
-                               channel_axis=channel_axis)
+        step = prepare_forward(exchange, x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum,
+                               eps=eps, channel_axis=channel_axis)
     return finish_forward(exchange, step)
 
 
@@ -238,7 +240,8 @@ class BackwardStep(NamedTuple):
     xp: Any
 
 
-def prepare_backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None) -> BackwardStep:
+def prepare_backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None,
+                     channel_axis=None) -> BackwardStep:
     """The checks and local work of a backward, run inside ``exchange.guard()``: this shard's
     sum(dy) and sum(dy * x_hat) go into the exchange."""
     xp = array_module(array_kind(x=x, dy=dy, gamma=gamma))
@@ -282,8 +285,8 @@ def finish_backward(exchange: Exchange, step: BackwardStep | None):
 
     device_sums = [xp.asarray(broadcast(s)) for s in (sum_dy, sum_dy_x_hat)]
     saved = step.saved
-    dx = dx_function(step.x, step.dy, broadcast(step.gamma), broadcast(saved.mean), broadcast(saved.inv_std), *device_sums,
-                     float(agreement.total))
+    parameters = (broadcast(step.gamma), broadcast(saved.mean), broadcast(saved.inv_std))
+    dx = dx_function(step.x, step.dy, *parameters, *device_sums, float(agreement.total))
     return dx, xp.asarray(sum_dy_x_hat.astype(param_dtype)), xp.asarray(sum_dy.astype(param_dtype))
 
 

@@ -82,7 +82,9 @@ def check_buffer(buffer, rank: int) -> str:
     """The array kind of a 1-D float64 buffer; TypeError naming the rank otherwise."""
     kind = array_kind(buffer=buffer)
     if np.dtype(buffer.dtype) != np.float64 or buffer.ndim != 1:
-        raise TypeError(f"rank {rank}: buffer: expected a 1-D float64 array, got a {buffer.ndim}-D {buffer.dtype} array")
+        raise TypeError(
+            f"rank {rank}: buffer: expected a 1-D float64 array, got a {buffer.ndim}-D {buffer.dtype} array"
+        )
     return kind
 
 
@@ -174,7 +176,8 @@ class LocalCommunicator:
         if len(set(lengths)) > 1:
             raise GroupMismatchError(
                 self._rank,
-                f"allreduce buffers differ in length ({by_value(lengths)}): every rank must pass buffers of the same length",
+                f"allreduce buffers differ in length ({by_value(lengths)}): every rank must pass buffers of the "
+                "same length",
             )
         total = deposits[0].copy()
         for part in deposits[1:]:
@@ -224,10 +227,25 @@ def local_group(world_size: int, *, timeout: float = DEFAULT_LOCAL_TIMEOUT) -> l
 
 
 # ---------------------------------------------------------------------------------------------
-# NCCL
+# processes: NCCL and MPI
 
 
-class NcclCommunicator:
+class _ProcessMember:
+    """A communicator of one process, whose rank and world size are fixed when it is made."""
+
+    _rank: int
+    _world_size: int
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+
+class NcclCommunicator(_ProcessMember):
     """One rank of an NCCL group, over a ``cupyx.distributed`` process group (CuPy 14's
     ``NCCLBackend``, which also spans machines).
 
@@ -250,7 +268,8 @@ class NcclCommunicator:
         rank = getattr(backend, "rank", None)
         if not callable(getattr(backend, "all_reduce", None)) or not isinstance(rank, (int, np.integer)):
             raise TypeError(
-                f"backend: expected a cupyx.distributed backend (with .rank and .all_reduce), got {type(backend).__name__}"
+                "backend: expected a cupyx.distributed backend (with .rank and .all_reduce), got "
+                f"{type(backend).__name__}"
             )
         world_size = positive_int("world_size", world_size)
         recorded = getattr(backend, "_n_devices", world_size)  # CuPy 14 keeps n_devices privately
@@ -260,14 +279,6 @@ class NcclCommunicator:
             raise ValueError(f"backend: rank {rank} is outside [0, {world_size})")
         self._backend, self._rank, self._world_size = backend, int(rank), int(world_size)
         self._device_id = cupy.cuda.Device().id
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
 
     def allreduce_sum(self, buffer):
         """Sum of every rank's 1-D float64 cupy ``buffer`` (on this communicator's device)."""
@@ -308,10 +319,6 @@ def nccl_group(world_size: int, rank: int, *, host: str | None = None, port: int
     return NcclCommunicator(backend, world_size)
 
 
-# ---------------------------------------------------------------------------------------------
-# MPI
-
-
 def _mpi():
     """mpi4py's MPI module (importing it initializes MPI); ImportError with the install hint."""
     try:
@@ -324,7 +331,7 @@ def _mpi():
     return MPI
 
 
-class MpiCommunicator:
+class MpiCommunicator(_ProcessMember):
     """One rank of an MPI group: a duplicate of an mpi4py intracommunicator, so that the group
     calls' collectives never pair with the program's own; make it with :func:`mpi_group`.
 
@@ -346,7 +353,9 @@ class MpiCommunicator:
     def __init__(self, comm, *, cuda_aware: bool = False):
         MPI = _mpi()
         if not isinstance(comm, MPI.Intracomm):
-            raise TypeError(f"comm: expected an mpi4py.MPI.Intracomm (such as MPI.COMM_WORLD), got {type(comm).__name__}")
+            raise TypeError(
+                f"comm: expected an mpi4py.MPI.Intracomm (such as MPI.COMM_WORLD), got {type(comm).__name__}"
+            )
         if comm == MPI.COMM_NULL:
             raise ValueError("comm: expected a usable communicator, got MPI.COMM_NULL")
         if not isinstance(cuda_aware, (bool, np.bool_)):
@@ -354,14 +363,6 @@ class MpiCommunicator:
         self._comm = comm.Dup()
         self._rank, self._world_size = self._comm.Get_rank(), self._comm.Get_size()
         self._cuda_aware = bool(cuda_aware)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world_size
 
     @property
     def device_buffers(self) -> bool:
@@ -400,7 +401,8 @@ class MpiCommunicator:
         try:
             self._comm.Allreduce(send, total, op=MPI.SUM)
         except MPI.Exception as error:
-            raise DistributedError(self._rank, f"MPI_Allreduce of {send.size} float64 values failed: {error}") from error
+            detail = f"MPI_Allreduce of {send.size} float64 values failed: {error}"
+            raise DistributedError(self._rank, detail) from error
 
     def close(self) -> None:
         """Free the duplicated communicator (idempotent; a no-op after MPI has finalized)."""

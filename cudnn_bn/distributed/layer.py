@@ -67,8 +67,9 @@ class SyncBatchNorm(BatchNorm):
             self._check_forward_arguments(x, residual, TRAINING)
             momentum = self._momentum_for_next_batch() if counting else 0.0
             step = prepare_forward(
-                exchange, x, self.gamma, self.beta, self.running_mean, self.running_var, mode=self.mode, momentum=momentum,
-                eps=self.eps, channel_axis=self.channel_axis, residual=residual, activation=self.activation,
+                exchange, x, self.gamma, self.beta, self.running_mean, self.running_var, mode=self.mode,
+                momentum=momentum, eps=self.eps, channel_axis=self.channel_axis, residual=residual,
+                activation=self.activation,
             )
         y, saved = finish_forward(exchange, step)
         if counting:  # only a batch that ran is counted
@@ -87,10 +88,13 @@ class SyncBatchNorm(BatchNorm):
         exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
         with exchange.guard():
             if kept is None:
-                raise RuntimeError("SyncBatchNorm.backward: needs the statistics of a forward() in training mode; call it first")
+                raise RuntimeError(
+                    "SyncBatchNorm.backward: needs the statistics of a forward() in training mode; call it first"
+                )
             fused_forward = isinstance(kept.saved, FusedSaved)
             grad = _activation_gradient(kept, dy) if fused_forward else dy
-            step = prepare_backward(exchange, kept.x, grad, self.gamma, kept.saved.stats if fused_forward else kept.saved)
+            statistics = kept.saved.stats if fused_forward else kept.saved
+            step = prepare_backward(exchange, kept.x, grad, self.gamma, statistics)
         dx, dgamma, dbeta = finish_backward(exchange, step)
         if self.affine:
             self.grad_gamma, self.grad_beta = dgamma, dbeta

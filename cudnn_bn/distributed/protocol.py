@@ -120,7 +120,8 @@ _AGREED_FIELDS = (
     ("eps", slice(_EPS, _EPS + 1), lambda v: repr(float(v[0]))),
     ("momentum", slice(_MOMENTUM, _MOMENTUM + 1), lambda v: repr(float(v[0]))),
     ("whether running statistics are given", slice(_RUNNING, _RUNNING + 1), lambda v: "yes" if v[0] else "no"),
-    ("the activation", slice(_ACTIVATION, _ACTIVATION + 1), lambda v: str(Activation(int(v[0]) - 1)) if v[0] else "none"),
+    ("the activation", slice(_ACTIVATION, _ACTIVATION + 1),
+     lambda v: str(Activation(int(v[0]) - 1)) if v[0] else "none"),
 )
 
 
@@ -225,7 +226,9 @@ class Exchange:
         rank = self.rank
         versions = [int(v) for v in headers[:, _VERSION]]
         if len(set(versions)) > 1:
-            raise GroupMismatchError(rank, f"the ranks speak different versions of the group protocol: {by_value(versions)}")
+            raise GroupMismatchError(
+                rank, f"the ranks speak different versions of the group protocol: {by_value(versions)}"
+            )
         if self.error is not None:
             ranked = on_rank(rank, self.error)
             if ranked is self.error:
@@ -235,13 +238,15 @@ class Exchange:
         if len(set(steps)) > 1:
             raise GroupMismatchError(
                 rank,
-                f"the ranks are out of step (the group calls made on each rank's communicator): {by_value(steps)}; every "
-                "rank must make the same group calls in the same order; this call changed nothing",
+                f"the ranks are out of step (the group calls made on each rank's communicator): {by_value(steps)}; "
+                "every rank must make the same group calls in the same order; this call changed nothing",
             )
         failed = [r for r in range(self.world_size) if headers[r, _STATUS] != _READY]
         if failed:
             reasons = "; ".join(f"rank {r} {_failure(headers[r])}" for r in failed)
-            raise PeerFailedError(rank, f"{reasons} before the collective (each raised its reason); nothing changed on any rank")
+            raise PeerFailedError(
+                rank, f"{reasons} before the collective (each raised its reason); nothing changed on any rank"
+            )
         for name, columns, printable in _AGREED_FIELDS:
             values = [printable(row[columns]) for row in headers]
             if len(set(values)) > 1:
@@ -250,7 +255,8 @@ class Exchange:
         if self.call == FORWARD and counts.sum() < 2:
             raise ValueError(
                 f"rank {rank}: x: training needs at least 2 values per statistic across the group (the variance is "
-                f"undefined otherwise), got {int(counts.sum())} (values per statistic: {by_value([int(c) for c in counts])})"
+                f"undefined otherwise), got {int(counts.sum())} (values per statistic: "
+                f"{by_value([int(c) for c in counts])})"
             )
 
 
