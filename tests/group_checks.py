@@ -1,16 +1,20 @@
-"""What every rank of a group step must return, checked against the reference on the
-concatenated batch: shared by the in-process tests (tests/test_distributed.py) and the program
-that every MPI rank runs (tests/mpi_ranks.py)."""
+"""Helpers of the group tests: ranks as threads of this process (the in-process tests,
+tests/test_distributed*.py), and what every rank of a group step must return, checked against the
+reference on the concatenated batch (those tests, and the program every MPI rank runs,
+tests/mpi_ranks.py)."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import numpy as np
 
+from cudnn_bn import distributed as dist
 from cudnn_bn import reference
 from cudnn_bn._core.tolerances import assert_close
 
+GROUP_TIMEOUT = 10.0  # seconds a collective of the in-process tests waits; they finish far sooner
 FLOAT64_ROUNDING = 1e-12  # float64 results: the merge and the per-rank sums reorder additions
 
 # the values the group shares: bit-identical on every rank
@@ -79,3 +83,33 @@ def digest(output: dict, names=SHARED) -> str:
     for name in names:
         hashed.update(np.ascontiguousarray(output[name]).tobytes())
     return hashed.hexdigest()
+
+
+# ---- ranks as threads ----
+
+def run_ranks(world_size, body, *, timeout=GROUP_TIMEOUT, group=None):
+    """Run ``body(rank, communicator)`` on one thread per rank; return each rank's result or exception."""
+    group = dist.local_group(world_size, timeout=timeout) if group is None else group
+    outcomes = [None] * world_size
+
+    def target(rank):
+        try:
+            outcomes[rank] = body(rank, group[rank])
+        except Exception as error:  # returned, so that the test can assert on every rank's error
+            outcomes[rank] = error
+
+    threads = [threading.Thread(target=target, args=(rank,), daemon=True) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(4 * timeout)
+    assert not any(thread.is_alive() for thread in threads), "a rank is still running: a collective hung"
+    return outcomes
+
+
+def results(outcomes):
+    """The per-rank results, re-raising the first rank's exception if any rank failed."""
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            raise outcome
+    return outcomes

@@ -27,11 +27,11 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from conftest import make_case, shape_for  # noqa: E402
-from group_checks import check_rank, close, digest, rank_outputs, reference_outputs, shards  # noqa: E402
 
 from cudnn_bn import BatchNorm, Mode  # noqa: E402
 from cudnn_bn import distributed as dist  # noqa: E402
+from conftest import make_case, shape_for  # noqa: E402
+from group_checks import check_rank, close, digest, rank_outputs, reference_outputs, shards  # noqa: E402
 
 DYING_EXIT_STATUS = 3  # what the rank of the "dies" scenario exits with
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import pytest
+
 from mpi_ranks import DYING_EXIT_STATUS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
