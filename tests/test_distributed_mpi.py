@@ -188,3 +188,9 @@ def test_mpiexec_is_found_beside_the_interpreter_first(monkeypatch, tmp_path):
     assert find_mpiexec() == str(beside)
     beside.unlink()
     assert find_mpiexec() is None
+
+
+def test_a_missing_mpiexec_fails_the_tests_rather_than_skipping_them(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "find_mpiexec", lambda: None)
+    with pytest.raises(pytest.fail.Exception, match="mpi4py is installed but mpiexec is neither beside"):
+        launch(2, ["communicator"])
