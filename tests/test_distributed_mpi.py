@@ -3,7 +3,9 @@
 Each launch runs tests/mpi_ranks.py on every rank, which records its checks in one report file
 per rank; the tests here read the reports. Several scenarios share one launch (a launch of 4
 processes costs about a second on two cores). Every launch runs under a timeout: the
-subprocess's, and MPIEXEC_TIMEOUT, which makes mpiexec itself end a job that outlives it.
+subprocess's, and MPIEXEC_TIMEOUT, which makes mpiexec itself end a job that outlives it. A launch
+that fails is remembered with its world size, and one that does not end in time fails every later
+launch at once, so that a broken MPI environment costs one timeout, not one per test.
 
 When mpi4py is installed (the ``mpi`` extra, part of ``test``), these tests run: an ``mpiexec``
 that is neither beside the Python interpreter nor on PATH fails them. Without mpi4py they are
@@ -45,51 +47,106 @@ def find_mpiexec() -> str | None:
     return shutil.which("mpiexec")
 
 
-def launch(world_size: int, scenarios: list[str], *extra_options: str):
-    """Run the scenarios on ``world_size`` ranks; return the finished process, each rank's report
-    (None for a rank that wrote none) and the seconds the launch took."""
+def _stop(process: subprocess.Popen) -> str:
+    """End mpiexec and the ranks it started (its session), and return what it printed."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had ended already
+        pass
+    output, _ = process.communicate()
+    return output or ""
+
+
+def _read_report(folder: str, rank: int):
+    path = os.path.join(folder, f"rank{rank}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+# the launch that did not end in time, once one has: later launches then fail at once, so that a
+# hanging MPI environment costs one launch timeout rather than one per launch
+_HUNG: list[str] = []
+
+
+def run_mpiexec(arguments: list[str], *, cwd: str = ROOT) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``mpiexec *arguments``; return the finished process (stdout and stderr together) and
+    the seconds it took.
+
+    Fails the test when mpiexec is missing, when it does not end within LAUNCH_TIMEOUT, or when an
+    earlier launch did not. mpiexec runs in a session of its own, ended with the ranks it started
+    when the launch times out or is interrupted (Ctrl-C).
+    """
     mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.fail(f"mpi4py is installed but mpiexec is neither beside {sys.executable} nor on PATH: "
                     "install the mpich wheel (pip install -e '.[mpi]') or a system MPI")
-    folder = tempfile.mkdtemp(prefix="cudnn_bn_mpi_")
-    command = [mpiexec, *extra_options, "-n", str(world_size), sys.executable, PROGRAM, folder, *scenarios]
-    environment = dict(os.environ, PYTHONPATH=ROOT, MPIEXEC_TIMEOUT=str(LAUNCH_TIMEOUT - 10))
+    description = f"mpiexec {' '.join(os.path.basename(argument) for argument in arguments)}"
+    if _HUNG:
+        pytest.fail(f"not launched: an earlier launch ({_HUNG[0]}) did not end within {LAUNCH_TIMEOUT} s")
+    command = [mpiexec, *arguments]
+    environment = dict(os.environ, PYTHONPATH=ROOT, MPIEXEC_TIMEOUT=str(max(1, LAUNCH_TIMEOUT - 10)))
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                                env=environment, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # mpiexec and the ranks it started
-        output, _ = process.communicate()
-        pytest.fail(f"mpiexec -n {world_size} {' '.join(scenarios)} did not end within {LAUNCH_TIMEOUT} s:\n{output}")
-    seconds = time.monotonic() - start
-    reports = []
-    for rank in range(world_size):
-        path = os.path.join(folder, f"rank{rank}.json")
-        reports.append(json.load(open(path)) if os.path.exists(path) else None)
-    shutil.rmtree(folder, ignore_errors=True)
-    return subprocess.CompletedProcess(command, process.returncode, output), reports, seconds
+        output = _stop(process)
+        _HUNG.append(description)
+        pytest.fail(f"{description} did not end within {LAUNCH_TIMEOUT} s:\n{output}")
+    except BaseException:  # Ctrl-C: mpiexec, in its own session, would outlive the test run
+        _stop(process)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, output), time.monotonic() - start
+
+
+def launch(world_size: int, scenarios: list[str], *extra_options: str):
+    """Run the scenarios on ``world_size`` ranks (as :func:`run_mpiexec`); return the finished
+    process, each rank's report (None for a rank that wrote none) and the seconds the launch took.
+    The report folder is removed, whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="cudnn_bn_mpi_") as folder:
+        process, seconds = run_mpiexec([*extra_options, "-n", str(world_size), sys.executable, PROGRAM, folder,
+                                        *scenarios])
+        reports = [_read_report(folder, rank) for rank in range(world_size)]
+    return process, reports, seconds
 
 
 SCENARIOS = {2: ["reference", "layer", "faults", "communicator", "device"], 3: ["reference", "layer", "faults"],
              4: ["reference", "layer", "faults"]}
 
+_LAUNCHES: dict = {}  # world size -> (each rank's report, None) or (None, why the launch failed)
 
-@functools.lru_cache(maxsize=None)
+
 def launched(world_size: int):
-    """One launch per world size, shared by the tests of that size."""
-    process, reports, seconds = launch(world_size, SCENARIOS[world_size])
-    assert process.returncode == 0, f"mpiexec -n {world_size} exited with {process.returncode}:\n{process.stdout}"
-    assert all(report is not None for report in reports), process.stdout
-    return reports, seconds
+    """One launch per world size, shared by the tests of that size: ``(reports, None)``, or
+    ``(None, why)`` when it failed. A failure is kept too, so that every test of that size fails
+    with it at once instead of launching again."""
+    if world_size not in _LAUNCHES:
+        _LAUNCHES[world_size] = _launch_scenarios(world_size)
+    return _LAUNCHES[world_size]
+
+
+def _launch_scenarios(world_size: int):
+    try:
+        process, reports, _ = launch(world_size, SCENARIOS[world_size])
+    except pytest.fail.Exception as failure:
+        return None, str(failure)
+    if process.returncode != 0:
+        return None, f"mpiexec -n {world_size} exited with {process.returncode}:\n{process.stdout}"
+    silent = [rank for rank, report in enumerate(reports) if report is None]
+    if silent:
+        return None, f"mpiexec -n {world_size}: rank(s) {silent} wrote no report:\n{process.stdout}"
+    return reports, None
 
 
 def check_scenario(world_size: int, name: str, *, minimum_checks: int) -> None:
     """Every rank ran the scenario to its end, every check passed, and the values the group
     shares have the same bits on every rank."""
-    reports, _ = launched(world_size)
+    reports, failure = launched(world_size)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
     entries = [report[name] for report in reports]
     skipped = {entry["skipped"] for entry in entries}
     if skipped != {None}:
@@ -166,12 +223,8 @@ def mpi_example() -> str:
 def test_the_mpi_example_of_the_docs_runs_as_written(tmp_path):
     program = tmp_path / "sync_bn_mpi.py"
     program.write_text(mpi_example())
-    mpiexec = find_mpiexec()
-    assert mpiexec is not None, f"mpi4py is installed but mpiexec is neither beside {sys.executable} nor on PATH"
-    result = subprocess.run([mpiexec, "-n", "3", sys.executable, "-m", "mpi4py", str(program)], capture_output=True,
-                            text=True, timeout=LAUNCH_TIMEOUT, cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=ROOT, MPIEXEC_TIMEOUT=str(LAUNCH_TIMEOUT - 10)))
-    assert result.returncode == 0, result.stdout + result.stderr
+    result, _ = run_mpiexec(["-n", "3", sys.executable, "-m", "mpi4py", str(program)], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout
     # (the ranks' lines may interleave in mpiexec's output)
     printed = sorted(re.findall(r"rank (\d): running_mean sum (\S+), grad_beta sum ([\d.]+)", result.stdout))
     assert [rank for rank, _, _ in printed] == ["0", "1", "2"], result.stdout
@@ -194,3 +247,72 @@ def test_a_missing_mpiexec_fails_the_tests_rather_than_skipping_them(monkeypatch
     monkeypatch.setattr(sys.modules[__name__], "find_mpiexec", lambda: None)
     with pytest.raises(pytest.fail.Exception, match="mpi4py is installed but mpiexec is neither beside"):
         launch(2, ["communicator"])
+
+
+# ---- the launcher itself: what a broken MPI environment costs ----
+
+def test_a_failed_launch_is_shared_by_the_tests_of_its_size_not_repeated(monkeypatch):
+    launches = []
+
+    def failing_launch(world_size, scenarios, *extra_options):
+        launches.append(world_size)
+        pytest.fail(f"mpiexec -n {world_size} did not end within {LAUNCH_TIMEOUT} s")
+
+    monkeypatch.setattr(sys.modules[__name__], "launch", failing_launch)
+    monkeypatch.setitem(SCENARIOS, 5, ["reference", "layer", "faults"])  # a size no other test launches
+    for name in SCENARIOS[5]:
+        with pytest.raises(pytest.fail.Exception, match="did not end within"):
+            check_scenario(5, name, minimum_checks=1)
+    assert launches == [5]
+
+
+@pytest.fixture
+def hanging_mpiexec(monkeypatch, tmp_path):
+    """An mpiexec that never ends, a launch timeout of 1 s, temporary folders made under tmp_path."""
+    script = tmp_path / "mpiexec"
+    script.write_text("#!/bin/sh\nexec sleep 60\n")
+    script.chmod(0o755)
+    module = sys.modules[__name__]
+    monkeypatch.setattr(module, "find_mpiexec", lambda: str(script))
+    monkeypatch.setattr(module, "LAUNCH_TIMEOUT", 1)
+    monkeypatch.setattr(module, "_HUNG", [], raising=False)
+    folders = tmp_path / "folders"
+    folders.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folders))
+    return folders
+
+
+def test_a_hung_launch_is_stopped_and_later_launches_fail_at_once(hanging_mpiexec):
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="did not end within 1 s"):
+        launch(2, ["faults"])
+    assert time.monotonic() - start < 10
+    assert list(hanging_mpiexec.iterdir()) == []  # the report folder is removed
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="not launched: an earlier launch .* did not end within 1 s"):
+        launch(3, ["faults"])
+    assert time.monotonic() - start < 0.5
+
+
+def test_ctrl_c_during_a_launch_stops_mpiexec_and_removes_the_folder(hanging_mpiexec, monkeypatch):
+    started = []
+
+    class InterruptedWhileWaiting(subprocess.Popen):
+        def __init__(self, *arguments, **options):
+            super().__init__(*arguments, **options)
+            started.append(self)
+
+        def communicate(self, input=None, timeout=None):
+            if timeout is not None:
+                raise KeyboardInterrupt
+            return super().communicate(input)
+
+    monkeypatch.setattr(subprocess, "Popen", InterruptedWhileWaiting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            launch(2, ["faults"])
+        assert started[0].wait(timeout=5) is not None  # mpiexec (in its own session) was ended
+        assert list(hanging_mpiexec.iterdir()) == []
+    finally:
+        if started and started[0].poll() is None:
+            os.killpg(started[0].pid, signal.SIGKILL)
