@@ -463,9 +463,20 @@ def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_on
 
 
 def test_a_timeout_past_what_threads_can_wait_is_refused_naming_it():
-    with pytest.raises(ValueError, match=r"timeout: .* at most threading.TIMEOUT_MAX \(9.2\d*e\+09\), got 1e\+10"):
-        dist.local_group(2, timeout=1e10)
+    limit = repr(threading.TIMEOUT_MAX)
+    just_over = threading.TIMEOUT_MAX * 1.0000001
+    for timeout, printed in ((1e10, "10000000000.0"), (just_over, repr(just_over)), (2**2000, "an int of 2001 bits"),
+                             (10**5000, "an int of 16610 bits"), (np.float64(1e300), "1e+300"),
+                             (float("inf"), "inf"), (float("nan"), "nan"), (-1, "-1"), (0.0, "0.0")):
+        with pytest.raises(ValueError) as refused:
+            dist.local_group(2, timeout=timeout)
+        assert str(refused.value) == (f"timeout: expected a positive finite number of seconds, at most "
+                                      f"threading.TIMEOUT_MAX ({limit}), got {printed}")
+    for wrong_type in (True, np.bool_(False), "1", None):
+        with pytest.raises(TypeError, match="timeout: expected a positive number of seconds"):
+            dist.local_group(2, timeout=wrong_type)
     assert dist.local_group(2, timeout=threading.TIMEOUT_MAX)[0].timeout == threading.TIMEOUT_MAX
+    assert dist.local_group(2, timeout=np.int64(5))[0].timeout == 5.0
 
 
 def test_a_rank_with_no_values_adds_nothing_to_the_merge():

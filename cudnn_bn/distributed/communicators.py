@@ -207,6 +207,15 @@ class LocalCommunicator:
         return f"LocalCommunicator(rank={self._rank}, world_size={self.world_size}, timeout={self.timeout:g})"
 
 
+def _printable_seconds(number) -> str:
+    """A refused timeout as it was given: every digit of a float (so that a value just over a
+    limit does not print as the limit), the size of an int too long to print."""
+    if isinstance(number, (int, np.integer)):
+        number = int(number)
+        return repr(number) if number.bit_length() <= 64 else f"an int of {number.bit_length()} bits"
+    return repr(float(number))
+
+
 def local_group(world_size: int, *, timeout: float = DEFAULT_LOCAL_TIMEOUT) -> list[LocalCommunicator]:
     """Communicators for ``world_size`` ranks that run as threads of this process.
 
@@ -217,10 +226,14 @@ def local_group(world_size: int, *, timeout: float = DEFAULT_LOCAL_TIMEOUT) -> l
     world_size = positive_int("world_size", world_size)
     if isinstance(timeout, (bool, np.bool_)) or not isinstance(timeout, (int, float, np.integer, np.floating)):
         raise TypeError(f"timeout: expected a positive number of seconds, got {timeout!r}")
-    if not (math.isfinite(timeout) and 0 < timeout <= threading.TIMEOUT_MAX):
+    try:
+        usable = math.isfinite(timeout) and 0 < timeout <= threading.TIMEOUT_MAX
+    except OverflowError:  # an int too large for a float
+        usable = False
+    if not usable:
         raise ValueError(
             f"timeout: expected a positive finite number of seconds, at most threading.TIMEOUT_MAX "
-            f"({threading.TIMEOUT_MAX:g}), got {timeout:g}"
+            f"({threading.TIMEOUT_MAX!r}), got {_printable_seconds(timeout)}"
         )
     rendezvous = _Rendezvous(world_size, float(timeout))
     return [LocalCommunicator(rendezvous, rank) for rank in range(world_size)]
