@@ -73,9 +73,11 @@ def _activate(pre: np.ndarray, activation: Activation) -> np.ndarray:
     raise NotImplementedError(f"activation {activation}")  # parse_activation admits no other
 
 
-def _activation_mask(y: np.ndarray, activation: Activation) -> np.ndarray:
+def activation_mask(y, activation: Activation):
     """Where the activation passes the gradient, read from its output: ReLU's derivative is 1
-    where y > 0 and 0 elsewhere, including a pre-activation of exactly 0 (docs/math.md)."""
+    where y > 0 and 0 elsewhere, including a pre-activation of exactly 0 (docs/math.md). A
+    boolean array of y's kind (numpy or cupy); the one definition of it on the host side, used by
+    this reference and by the synchronized layer."""
     if activation is Activation.RELU:
         return y > 0
     raise NotImplementedError(f"activation {activation}")
@@ -145,7 +147,7 @@ def reference_backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_a
         mode = saved.mode
     checked = check_backward(x, dy, gamma, saved.stats, mode=mode, eps=eps, channel_axis=channel_axis)
     check_forward_output(x, y)
-    grad = np.where(_activation_mask(y, saved.activation), dy.astype(np.float64), 0.0)
+    grad = np.where(activation_mask(y, saved.activation), dy.astype(np.float64), 0.0)
     grad = np.ascontiguousarray(grad)
     stats64 = SavedStats._checked(
         saved.mean.astype(np.float64), saved.inv_std.astype(np.float64), saved.mode, saved.eps, saved.channel_axis

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from .. import fused
 from .._core.fused_saved import FusedSaved
-from .._core.modes import Activation
 from .._core.policy import TRAINING
 from .._core.validate import array_kind
 from ..layer import BatchNorm, KeptForBackward
@@ -13,10 +13,6 @@ from .helpers import array_module
 from .protocol import BACKWARD, FORWARD, Exchange
 
 __all__ = ["SyncBatchNorm"]
-
-# where each activation passes the gradient, read from its output (docs/math.md)
-_PASSES_GRADIENT = {Activation.RELU: lambda y: y > 0}
-
 
 def _activation_gradient(kept: KeptForBackward, dy):
     """dy where the forward's activation passed its input, else 0: the gradient of the batch
@@ -28,7 +24,7 @@ def _activation_gradient(kept: KeptForBackward, dy):
         raise TypeError(f"dy: expected the dtype of the forward's output {y.dtype}, got {dy.dtype}")
     xp = array_module(kind)
     grad = xp.zeros_like(dy)
-    xp.copyto(grad, dy, where=_PASSES_GRADIENT[kept.saved.activation](y))
+    xp.copyto(grad, dy, where=fused.activation_mask(y, kept.saved.activation))
     return grad
 
 
