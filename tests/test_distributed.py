@@ -447,7 +447,7 @@ def test_ranks_of_different_protocol_versions_are_named():
     outcomes = run_ranks(2, lambda rank, c: _good_step(rank, OtherVersion(c) if rank == 1 else c), group=group)
     for error in outcomes:
         assert isinstance(error, dist.GroupMismatchError)
-        assert "different versions of the group protocol: 2 on rank [0]; 3 on rank [1]" in str(error)
+        assert "different versions of the group protocol: 3 on rank [0]; 4 on rank [1]" in str(error)
 
 
 def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_once():
@@ -640,6 +640,41 @@ def test_nccl_group_of_one_matches_the_reference():
             assert_close(actual, expected, np.float32)
     finally:
         communicator.close()
+
+
+class InterruptedWhileWidened(np.ndarray):
+    """An array whose float64 copy (the first step of this rank's moments) is interrupted, as a
+    Ctrl-C or a sys.exit() in a signal handler would interrupt it."""
+
+    interruption: BaseException
+
+    def astype(self, *arguments, **options):
+        raise self.interruption
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt("Ctrl-C"), SystemExit(3)], ids=lambda e: type(e).__name__)
+def test_a_rank_interrupted_while_preparing_enters_the_header_then_raises_the_interruption(interruption):
+    _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
+
+    def body(rank, group):
+        shard = x[rank::2]
+        if rank == 1:
+            shard = shard.view(InterruptedWhileWidened)
+            shard.interruption = interruption
+        try:
+            dist.forward_training(shard, gamma, beta, group=group, mode="per_activation")
+        except BaseException as error:  # noqa: B036 (what each rank raised is the point)
+            return error, _good_step(rank, group)
+        raise AssertionError("no error")
+
+    start = time.monotonic()
+    outcomes = results(run_ranks(2, body))
+    assert time.monotonic() - start < GROUP_TIMEOUT / 2  # nobody waited for a timeout
+    assert outcomes[1][0] is interruption  # re-raised unchanged on its rank, after the header collective
+    named = outcomes[0][0]
+    assert isinstance(named, dist.PeerFailedError)
+    assert "rank 1 was interrupted (KeyboardInterrupt or SystemExit) before the collective" in str(named)
+    np.testing.assert_array_equal(outcomes[0][1], outcomes[1][1])  # the next step ran on both ranks
 
 
 def test_a_failure_other_than_bad_input_is_raised_unchanged_and_named_to_the_others(monkeypatch):

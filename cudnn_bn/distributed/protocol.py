@@ -50,7 +50,7 @@ __all__ = [
     "header",
 ]
 
-PROTOCOL_VERSION = 2  # changes whenever the header's layout does
+PROTOCOL_VERSION = 3  # changes whenever the header's layout or the meaning of its values does
 
 # header columns (float64; every value a small integer or the exact eps / momentum)
 _VERSION, _SEQUENCE, _CALL, _STATUS, _ARGUMENT = range(5)
@@ -62,8 +62,9 @@ HEADER_SIZE = 19  # values per rank
 FORWARD, BACKWARD = 1, 2  # the call kinds, as _CALL holds them
 _CALL_NAMES = {FORWARD: "forward_training", BACKWARD: "backward"}
 
-# _STATUS: ready; refused its input (TypeError, ValueError); failed otherwise
-_READY, _REFUSED_TYPE, _REFUSED_VALUE, _FAILED = range(4)
+# _STATUS: ready; refused its input (TypeError, ValueError); failed otherwise; interrupted
+# (KeyboardInterrupt, SystemExit)
+_READY, _REFUSED_TYPE, _REFUSED_VALUE, _FAILED, _INTERRUPTED = range(5)
 
 # the arguments a refusal can name (its message starts with the name), as _ARGUMENT holds them (index + 1)
 _ARGUMENTS = (
@@ -90,8 +91,11 @@ def header(layout: Layout, data_dtype, eps: float, *, momentum: float = 0.0, run
     return row
 
 
-def _failure_header(error: Exception) -> np.ndarray:
+def _failure_header(error: BaseException) -> np.ndarray:
     row = np.zeros(HEADER_SIZE)
+    if not isinstance(error, Exception):
+        row[_STATUS] = _INTERRUPTED
+        return row
     row[_STATUS] = {TypeError: _REFUSED_TYPE, ValueError: _REFUSED_VALUE}.get(type(error), _FAILED)
     if row[_STATUS] != _FAILED:
         name = _LEADING_NAME.match(str(error))
@@ -104,6 +108,8 @@ def _failure(row: np.ndarray) -> str:
     status = int(row[_STATUS])
     if status == _FAILED:
         return "failed (an error other than a refused input)"
+    if status == _INTERRUPTED:
+        return "was interrupted (KeyboardInterrupt or SystemExit)"
     kind = "TypeError" if status == _REFUSED_TYPE else "ValueError"
     argument = int(row[_ARGUMENT])
     return f"refused its {_ARGUMENTS[argument - 1] if argument else 'input'} ({kind})"
@@ -181,7 +187,7 @@ class Exchange:
         self.rank, self.world_size = group_position(group)
         self.group, self.call = group, call
         self._xp = array_module("cupy") if getattr(group, "device_buffers", False) else np
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
         self._header: np.ndarray | None = None
         self._payload = None  # this rank's payload buffer (its slot filled), once offered
 
@@ -191,7 +197,12 @@ class Exchange:
         rank still enters the header collective, which raises it on every rank."""
         try:
             yield self
-        except Exception as error:  # every rank must still enter the collective, or the others hang
+        # Every rank must still enter the header collective, or the others wait in it for ever
+        # (NCCL, MPI). That holds for KeyboardInterrupt and SystemExit too (Ctrl-C, sys.exit() in
+        # a signal handler): kept like any error and re-raised unchanged on this rank after the
+        # header collective, so the interruption still happens, one small collective later, and
+        # the peers raise PeerFailedError instead of waiting for a rank that has left.
+        except BaseException as error:
             self.error = error
 
     def offer(self, header_row: np.ndarray, slot) -> None:
