@@ -11,6 +11,7 @@ MPI processes' in tests/test_distributed_mpi.py.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import subprocess
@@ -640,6 +641,58 @@ def test_nccl_group_of_one_matches_the_reference():
             assert_close(actual, expected, np.float32)
     finally:
         communicator.close()
+
+
+def _forward_with_a_misspelled_keyword(x, gamma, beta, saved, dy, group):
+    return dist.forward_training(x, gamma, beta, group=group, mode="spatial", chanel_axis=1)
+
+
+def _backward_with_an_extra_positional(x, gamma, beta, saved, dy, group):
+    return dist.backward(x, dy, gamma, saved, "spatial", group=group)
+
+
+def _forward_without_beta(x, gamma, beta, saved, dy, group):
+    return dist.forward_training(x, gamma, group=group, mode="spatial")
+
+
+@pytest.mark.parametrize("wrong_call,message", [
+    (_forward_with_a_misspelled_keyword, "forward_training() got an unexpected keyword argument 'chanel_axis'"),
+    (_backward_with_an_extra_positional, "backward() too many positional arguments"),
+    (_forward_without_beta, "forward_training() missing a required argument: 'beta'"),
+], ids=["misspelled keyword", "extra positional", "missing argument"])
+def test_arguments_that_do_not_bind_are_refused_inside_the_guard_on_every_rank(wrong_call, message):
+    _, x, dy, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float64)
+
+    def body(rank, group):
+        shard, grad = x[rank::2], dy[rank::2]
+        _, saved = dist.forward_training(shard, gamma, beta, group=group, mode="spatial")
+        try:
+            if rank == 1:
+                wrong_call(shard, gamma, beta, saved, grad, group)
+            elif wrong_call is _backward_with_an_extra_positional:
+                dist.backward(shard, grad, gamma, saved, group=group)
+            else:
+                dist.forward_training(shard, gamma, beta, group=group, mode="spatial")
+        except Exception as error:
+            return error, _good_step(rank, group)
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body))
+    refused, named = outcomes[1][0], outcomes[0][0]
+    assert type(refused) is TypeError and str(refused) == f"rank 1: arguments: {message}"
+    assert isinstance(named, dist.PeerFailedError) and "rank 1 refused its arguments (TypeError)" in str(named)
+    np.testing.assert_array_equal(outcomes[0][1], outcomes[1][1])  # the next step ran on both ranks
+
+
+def test_the_group_calls_show_their_real_parameters():
+    assert str(inspect.signature(dist.forward_training)) == (
+        "(x, gamma, beta, running_mean=None, running_var=None, *, group, mode='auto', momentum=0.1, eps=1e-05, "
+        "channel_axis=1)")
+    assert str(inspect.signature(dist.backward)) == "(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=None)"
+    assert dist.forward_training.__name__ == "forward_training" and "group" in dist.forward_training.__doc__
+    # group itself is bound by Python before the call starts: a rank without it raises at once
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'group'"):
+        dist.forward_training(np.ones((2, 3)), np.ones(3), np.zeros(3))
 
 
 class InterruptedWhileWidened(np.ndarray):

@@ -4,6 +4,7 @@ with the in-process communicator."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 
@@ -227,3 +228,39 @@ def test_the_layer_reads_the_activation_gradient_from_the_one_definition_of_it(m
     layer(x)
     close(layer.backward(dy), expected, np.float64, what="dx")
     assert masks == [fused.Activation.RELU]
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_layer_arguments_that_do_not_bind_are_refused_on_every_rank(phase):
+    _, x, dy, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32)
+        shard, grad = shards(x, [2, 2])[rank], shards(dy, [2, 2])[rank]
+        wrong = rank == 1
+        try:
+            if phase == "forward":
+                layer(shard, None, "extra") if wrong else layer(shard)
+            else:
+                layer(shard)
+                layer.backward(grad, scale=2.0) if wrong else layer.backward(grad)
+        except Exception as error:
+            return error, layer(shard), layer.backward(grad)  # the next step runs
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body))
+    refused, named = outcomes[1][0], outcomes[0][0]
+    expected = ("SyncBatchNorm.forward() too many positional arguments" if phase == "forward"
+                else "SyncBatchNorm.backward() got an unexpected keyword argument 'scale'")
+    assert type(refused) is TypeError and str(refused) == f"rank 1: arguments: {expected}"
+    assert isinstance(named, dist.PeerFailedError) and "rank 1 refused its arguments (TypeError)" in str(named)
+    close(np.concatenate([o[1] for o in outcomes]), BatchNorm(3, mode="spatial")(x), np.float32, what="next y")
+
+
+def test_the_layer_shows_its_real_parameters():
+    assert str(inspect.signature(dist.SyncBatchNorm.forward)) == "(self, x, residual=None)"
+    assert str(inspect.signature(dist.SyncBatchNorm.backward)) == "(self, dy)"
+    layer = dist.SyncBatchNorm(3, group=dist.local_group(1)[0]).eval()
+    assert str(inspect.signature(layer)) == "(x, residual=None)"
+    with pytest.raises(TypeError, match="too many positional arguments"):  # eval: no collective, raised at once
+        layer(np.ones((2, 3), np.float32), None, "extra")

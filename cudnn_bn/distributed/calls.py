@@ -23,7 +23,7 @@ from .._core.policy import TRAINING, choose_mode
 from .._core.saved import SavedStats
 from .._core.validate import array_kind, check_forward_training, param_dtype_for, resolve_backward_settings
 from .helpers import array_module
-from .protocol import BACKWARD, FORWARD, Agreement, Exchange, header
+from .protocol import BACKWARD, FORWARD, Agreement, Exchange, group_call, header
 
 __all__ = ["backward", "finish_backward", "finish_forward", "forward_training", "prepare_backward", "prepare_forward"]
 
@@ -199,8 +199,9 @@ def finish_forward(exchange: Exchange, step: ForwardStep | None):
     return y, saved
 
 
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, group, mode="auto", momentum=0.1, eps=1e-5,
-                     channel_axis=1):
+@group_call(FORWARD, finish_forward)
+def forward_training(exchange: Exchange, x, gamma, beta, running_mean=None, running_var=None, *, mode="auto",
+                     momentum=0.1, eps=1e-5, channel_axis=1):
     """Batch-norm training forward over the batch that all ranks of ``group`` hold together.
 
     Arguments as :func:`cudnn_bn.forward_training` (this rank's shard ``x``; gamma, beta and the
@@ -215,14 +216,12 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, gro
     group's statistics, the variance unbiased with the group's count.
 
     Two collectives, of ``collective_bytes(world_size, features).forward`` bytes in all. Raises on
-    every rank, with nothing changed, when any rank's input is refused, the ranks disagree or
-    they are out of step.
+    every rank, with nothing changed, when any rank's input or arguments are refused, the ranks
+    disagree or they are out of step. (The body is the guarded preparation; :func:`group_call`
+    makes the public call, whose ``group`` is keyword-only.)
     """
-    exchange, step = Exchange(group, FORWARD), None
-    with exchange.guard():
-        step = prepare_forward(exchange, x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum,
-                               eps=eps, channel_axis=channel_axis)
-    return finish_forward(exchange, step)
+    return prepare_forward(exchange, x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps,
+                           channel_axis=channel_axis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +289,8 @@ def finish_backward(exchange: Exchange, step: BackwardStep | None):
     return dx, xp.asarray(sum_dy_x_hat.astype(param_dtype)), xp.asarray(sum_dy.astype(param_dtype))
 
 
-def backward(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=None):
+@group_call(BACKWARD, finish_backward)
+def backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None):
     """Gradients over the group's batch: ``(dx, dgamma, dbeta)``.
 
     Arguments as :func:`cudnn_bn.backward`, with ``saved`` required: the statistics that
@@ -305,8 +305,4 @@ def backward(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=No
     Two collectives, of ``collective_bytes(world_size, features).backward`` bytes in all; the
     per-rank sums are added in rank order on every rank.
     """
-    exchange, step = Exchange(group, BACKWARD), None
-    with exchange.guard():
-        step = prepare_backward(exchange, x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
-    return finish_backward(exchange, step)
-
+    return prepare_backward(exchange, x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)

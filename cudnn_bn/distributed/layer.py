@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from .. import fused
 from .._core.fused_saved import FusedSaved
 from .._core.policy import TRAINING
@@ -10,9 +12,19 @@ from ..layer import BatchNorm, KeptForBackward
 from .calls import finish_backward, finish_forward, prepare_backward, prepare_forward
 from .communicators import group_position
 from .helpers import array_module
-from .protocol import BACKWARD, FORWARD, Exchange
+from .protocol import BACKWARD, FORWARD, Exchange, bind_arguments
 
 __all__ = ["SyncBatchNorm"]
+
+# the parameters of BatchNorm's forward and backward, which the layer's take too; bound inside the
+# guard in training mode, so that arguments that do not bind on one rank make every rank raise
+_FORWARD, _BACKWARD = inspect.signature(BatchNorm.forward), inspect.signature(BatchNorm.backward)
+
+
+def _bound(signature: inspect.Signature, method: str, layer, arguments: tuple, options: dict) -> tuple:
+    """The method's arguments after ``self``, bound to ``signature``, defaults applied."""
+    return bind_arguments(signature, f"SyncBatchNorm.{method}", (layer, *arguments), options).args[1:]
+
 
 def _activation_gradient(kept: KeptForBackward, dy):
     """dy where the forward's activation passed its input, else 0: the gradient of the batch
@@ -53,13 +65,14 @@ class SyncBatchNorm(BatchNorm):
         super().__init__(num_features, **options)
         self.group = group
 
-    def forward(self, x, residual=None):
+    def forward(self, *arguments, **options):
         """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
         if not self.training:
-            return super().forward(x, residual)
+            return super().forward(*_bound(_FORWARD, "forward", self, arguments, options))
         counting = self.track_running_stats
         exchange, step = Exchange(self.group, FORWARD), None
         with exchange.guard():
+            x, residual = _bound(_FORWARD, "forward", self, arguments, options)
             self._check_forward_arguments(x, residual, TRAINING)
             momentum = self._momentum_for_next_batch() if counting else 0.0
             step = prepare_forward(
@@ -73,16 +86,19 @@ class SyncBatchNorm(BatchNorm):
         self._kept = KeptForBackward(x, saved, None if self.activation is None else y, self.group)
         return y
 
+    forward.__signature__ = _FORWARD
     __call__ = forward
 
-    def backward(self, dy):
+    def backward(self, *arguments, **options):
         """dx for this rank's last forward input; sets ``grad_gamma`` and ``grad_beta`` (when
         affine) and, with an activation, ``grad_residual``."""
         kept = self._kept
         if (kept is None and not self.training) or (kept is not None and kept.group is None):
-            return super().backward(dy)  # a single-process forward (or none, outside training)
+            # a single-process forward (or none, outside training)
+            return super().backward(*_bound(_BACKWARD, "backward", self, arguments, options))
         exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
         with exchange.guard():
+            (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
             if kept is None:
                 raise RuntimeError(
                     "SyncBatchNorm.backward: needs the statistics of a forward() in training mode; call it first"
@@ -96,6 +112,8 @@ class SyncBatchNorm(BatchNorm):
             self.grad_gamma, self.grad_beta = dgamma, dbeta
         self.grad_residual = grad if isinstance(kept.saved, FusedSaved) and kept.saved.has_residual else None
         return dx
+
+    backward.__signature__ = _BACKWARD
 
     def __repr__(self) -> str:
         return f"Sync{super().__repr__()[:-1]}, group={self.group!r})"

@@ -25,6 +25,8 @@ gradient sums, fits this layout as it is (the calls' own checks refuse it today)
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import re
 import threading
@@ -46,7 +48,9 @@ __all__ = [
     "Agreement",
     "CollectiveBytes",
     "Exchange",
+    "bind_arguments",
     "collective_bytes",
+    "group_call",
     "header",
 ]
 
@@ -69,7 +73,7 @@ _READY, _REFUSED_TYPE, _REFUSED_VALUE, _FAILED, _INTERRUPTED = range(5)
 # the arguments a refusal can name (its message starts with the name), as _ARGUMENT holds them (index + 1)
 _ARGUMENTS = (
     "x", "dy", "gamma", "beta", "running_mean", "running_var", "saved", "residual", "mode", "eps", "momentum",
-    "channel_axis", "num_batches_tracked",
+    "channel_axis", "num_batches_tracked", "arguments",
 )
 _LEADING_NAME = re.compile(r"\s*([A-Za-z_]\w*)")
 
@@ -269,6 +273,50 @@ class Exchange:
                 f"undefined otherwise), got {int(counts.sum())} (values per statistic: "
                 f"{by_value([int(c) for c in counts])})"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# the public form of a group call: only ``group`` is bound before the guard
+
+
+def bind_arguments(signature: inspect.Signature, name: str, arguments: tuple, options: dict) -> inspect.BoundArguments:
+    """``arguments`` and ``options`` bound to ``signature``, defaults applied. Arguments that do
+    not bind raise a TypeError naming ``arguments`` and the call ``name``; bound inside the
+    guard, they make every rank raise like any other refusal."""
+    try:
+        bound = signature.bind(*arguments, **options)
+    except TypeError as error:
+        raise TypeError(f"arguments: {name}() {error}") from None
+    bound.apply_defaults()
+    return bound
+
+
+def group_call(call: int, finish):
+    """Decorate ``prepare(exchange, <parameters>)`` into the public group call
+    ``(<parameters>, *, group, ...)``: it binds ``group`` (a rank without a communicator cannot
+    take part, and raises at once), then, inside the exchange's guard, every other argument and
+    ``prepare``; then ``finish(exchange, step)`` runs the collectives. ``inspect.signature`` and
+    help() show ``prepare``'s parameters with ``group`` first among the keywords."""
+
+    def decorate(prepare):
+        parameters = list(inspect.signature(prepare).parameters.values())[1:]  # after the exchange
+        bindable = inspect.Signature(parameters)
+        keywords_start = next((i for i, p in enumerate(parameters) if p.kind is p.KEYWORD_ONLY), len(parameters))
+        group = inspect.Parameter("group", inspect.Parameter.KEYWORD_ONLY)
+
+        @functools.wraps(prepare)
+        def group_function(*arguments, group, **options):
+            exchange, step = Exchange(group, call), None
+            with exchange.guard():
+                bound = bind_arguments(bindable, prepare.__name__, arguments, options)
+                step = prepare(exchange, *bound.args, **bound.kwargs)
+            return finish(exchange, step)
+
+        group_function.__signature__ = inspect.Signature(
+            parameters[:keywords_start] + [group] + parameters[keywords_start:])
+        return group_function
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------
