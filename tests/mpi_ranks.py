@@ -235,8 +235,30 @@ def faults(group, report: Report) -> None:
     else:
         call = lambda: dist.forward_training(shard, gamma, beta, group=group, mode="spatial")  # noqa: E731
     report.expect_error("ranks out of step", call, dist.GroupMismatchError,
-                        "out of step (the group calls made on each rank's communicator): backward #")
+                        "out of step (each rank counts the group calls made on its communicator object): "
+                        "group call #")
     good_step("the step after ranks out of step", seed=3)
+
+    # the last rank wraps its communicator in a new object, whose count of group calls starts at 0:
+    # out of step once, then every rank counts on from the highest count and the steps run
+    wrapped = Rewrapped(group) if rank == last else group
+    report.expect_error("a re-created communicator", lambda: dist.forward_training(shard, gamma, beta, group=wrapped),
+                        dist.GroupMismatchError, f"group call #1 (forward_training) on rank [{last}]")
+    _check_step(report, "the step after a re-created communicator",
+                _group_step(wrapped, sizes, (1, 3, 2), Mode.SPATIAL, 1, np.float32, seed=4), np.float32, Mode.SPATIAL)
+
+
+class Rewrapped:
+    """A new object over a rank's communicator, as a program that re-creates its communicator on one rank makes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    rank = property(lambda self: self.inner.rank)
+    world_size = property(lambda self: self.inner.world_size)
+
+    def allreduce_sum(self, buffer):
+        return self.inner.allreduce_sum(buffer)
 
 
 def communicator(group, report: Report) -> None:

@@ -43,7 +43,7 @@ from group_checks import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT_OF_STEP = "out of step (the group calls made on each rank's communicator)"
+OUT_OF_STEP = "out of step (each rank counts the group calls made on its communicator object)"
 FAILED = "failed (an error other than a refused input)"
 SYNC_MODES = [Mode.SPATIAL, Mode.PER_ACTIVATION]
 DTYPES = [np.float16, np.float32, np.float64]
@@ -408,7 +408,8 @@ def test_ranks_out_of_step_raise_on_every_rank_and_nothing_is_merged():
 
     for rank, (error, before) in enumerate(results(run_ranks(2, body))):
         assert error.rank == rank
-        assert f"{OUT_OF_STEP}: backward #2 on rank [0]; forward_training #2 on rank [1]" in str(error)
+        assert f"{OUT_OF_STEP}: group call #2 (backward) on rank [0]; group call #2 (forward_training) on rank [1]" \
+            in str(error)
         for array, kept in zip(running[rank], before):
             np.testing.assert_array_equal(array, kept)
 
@@ -417,20 +418,43 @@ class Rewrapped(CountingCommunicator):
     """A new object over the same rank: the call count of the protocol starts again for it."""
 
 
-def test_a_rank_whose_call_count_restarted_is_out_of_step():
+def test_a_rank_whose_call_count_restarted_is_out_of_step_once_then_every_count_goes_on_from_the_highest():
     group = dist.local_group(2, timeout=GROUP_TIMEOUT)
 
     def body(rank, communicator):
         _good_step(rank, communicator)
+        rewrapped = Rewrapped(communicator) if rank == 1 else communicator  # its count starts again
         try:
-            _good_step(rank, Rewrapped(communicator) if rank == 1 else communicator)
+            _good_step(rank, rewrapped)
         except dist.GroupMismatchError as error:
-            return error
+            return error, _good_step(rank, rewrapped), _good_step(rank, rewrapped)
         raise AssertionError("no error")
 
-    for error in run_ranks(2, body, group=group):
-        assert isinstance(error, dist.GroupMismatchError)
-        assert f"{OUT_OF_STEP}: forward_training #3 on rank [0]; forward_training #1 on rank [1]" in str(error)
+    outcomes = results(run_ranks(2, body, group=group))
+    for error, _, _ in outcomes:
+        assert (f"{OUT_OF_STEP}: group call #3 (forward_training) on rank [0]; group call #1 (forward_training) on "
+                "rank [1]; every rank must make the same group calls in the same order; this call changed nothing, "
+                "and the next group call is #4 on every rank") in str(error)
+    for step in (1, 2):  # the next steps run on both ranks
+        np.testing.assert_array_equal(outcomes[0][step], outcomes[1][step])
+
+
+def test_a_rank_whose_count_restarted_and_whose_input_is_refused_counts_on_too():
+    group = dist.local_group(2, timeout=GROUP_TIMEOUT)
+    _, x, _, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float64)
+
+    def body(rank, communicator):
+        _good_step(rank, communicator)
+        rewrapped = Rewrapped(communicator) if rank == 1 else communicator
+        try:
+            dist.forward_training(x[rank::2], list(gamma) if rank == 1 else gamma, beta, group=rewrapped)
+        except Exception as error:
+            return error, _good_step(rank, rewrapped)
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body, group=group))
+    assert type(outcomes[1][0]) is TypeError and isinstance(outcomes[0][0], dist.GroupMismatchError)
+    np.testing.assert_array_equal(outcomes[0][1], outcomes[1][1])  # in step again on both ranks
 
 
 class OtherVersion(CountingCommunicator):

@@ -143,17 +143,29 @@ _CALLS_MADE_STRONG: dict = {}  # id -> [communicator, calls], for communicators 
 _CALLS_LOCK = threading.Lock()
 
 
-def _next_sequence_number(group) -> int:
-    """The number of group calls made on ``group`` before this one (this one is counted)."""
+def _count_calls(group, update) -> int:
+    """Set the count of group calls made on ``group`` to ``update(count)``; return the count before."""
     with _CALLS_LOCK:
         try:
             number = _CALLS_MADE.get(group, 0)
-            _CALLS_MADE[group] = number + 1
+            _CALLS_MADE[group] = update(number)
         except TypeError:  # unhashable, or no weak references
             entry = _CALLS_MADE_STRONG.setdefault(id(group), [group, 0])
             number = entry[1]
-            entry[1] += 1
+            entry[1] = update(number)
     return number
+
+
+def _next_sequence_number(group) -> int:
+    """The number of group calls made on ``group`` before this one (this one is counted)."""
+    return _count_calls(group, lambda number: number + 1)
+
+
+def _count_on_from(group, calls_made: int) -> None:
+    """Every rank of a group found out of step sets its count to the same number (the highest
+    count of the call), so that the next call is in step again wherever the counts differed
+    because a communicator object was re-created on some ranks."""
+    _count_calls(group, lambda number: calls_made)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,17 +256,22 @@ class Exchange:
             raise GroupMismatchError(
                 rank, f"the ranks speak different versions of the group protocol: {by_value(versions)}"
             )
+        calls_made = int(headers[:, _SEQUENCE].max()) + 1
+        if calls_made != int(headers[rank, _SEQUENCE]) + 1:  # on every rank, whatever else it raises
+            _count_on_from(self.group, calls_made)
         if self.error is not None:
             ranked = on_rank(rank, self.error)
             if ranked is self.error:
                 raise self.error
             raise ranked from self.error
-        steps = [f"{_CALL_NAMES.get(int(c), 'call')} #{int(s) + 1}" for s, c in headers[:, [_SEQUENCE, _CALL]]]
+        steps = [f"group call #{int(s) + 1} ({_CALL_NAMES.get(int(c), 'unknown')})"
+                 for s, c in headers[:, [_SEQUENCE, _CALL]]]
         if len(set(steps)) > 1:
             raise GroupMismatchError(
                 rank,
-                f"the ranks are out of step (the group calls made on each rank's communicator): {by_value(steps)}; "
-                "every rank must make the same group calls in the same order; this call changed nothing",
+                f"the ranks are out of step (each rank counts the group calls made on its communicator object): "
+                f"{by_value(steps)}; every rank must make the same group calls in the same order; this call changed "
+                f"nothing, and the next group call is #{calls_made + 1} on every rank",
             )
         failed = [r for r in range(self.world_size) if headers[r, _STATUS] != _READY]
         if failed:
