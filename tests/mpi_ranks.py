@@ -271,6 +271,20 @@ def communicator(group, report: Report) -> None:
     report.entry["digests"]["the sum"] = digest(dict(total=total), ("total",))
     report.expect_error("a buffer of another dtype", lambda: group.allreduce_sum(np.zeros(3, np.float32)), TypeError,
                         "buffer: expected a 1-D float64 array")
+    # buffers of different lengths: MPICH would abort the whole job ("Message truncated"), after
+    # another rank had returned a wrong sum; the lengths are agreed first, so every rank raises
+    report.expect_error("buffers of different lengths", lambda: group.allreduce_sum(np.ones(3 + rank)),
+                        dist.GroupMismatchError, "allreduce buffers differ in length (3 on rank [0]; 4 on rank [1]")
+    last = world_size - 1
+    if rank == last:
+        report.expect_error("a buffer refused on one rank: its rank",
+                            lambda: group.allreduce_sum(np.zeros(3, np.float32)), TypeError,
+                            "buffer: expected a 1-D float64 array")
+    else:
+        report.expect_error("a buffer refused on one rank: the others", lambda: group.allreduce_sum(np.zeros(3)),
+                            dist.PeerFailedError, f"rank(s) [{last}] refused the buffer they passed to allreduce_sum")
+    with report.check("the sum after buffers of different lengths"):
+        assert np.array_equal(group.allreduce_sum(np.ones(2)), np.full(2, float(world_size)))
     with report.check("argument checks, repr"):
         assert repr(group) == f"MpiCommunicator(rank={rank}, world_size={world_size}, cuda_aware=False)"
         assert group.device_buffers is False and group.comm is not None

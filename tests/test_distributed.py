@@ -171,6 +171,7 @@ class CountingCommunicator:
 
     rank = property(lambda self: self.inner.rank)
     world_size = property(lambda self: self.inner.world_size)
+    device_buffers = property(lambda self: getattr(self.inner, "device_buffers", False))
 
     def allreduce_sum(self, buffer):
         self.sizes.append(buffer.nbytes)
@@ -286,6 +287,15 @@ def test_buffers_of_different_lengths_are_refused_by_the_local_communicator():
     outcomes = run_ranks(2, lambda rank, group: group.allreduce_sum(np.zeros(3 + rank)))
     assert all(isinstance(e, dist.GroupMismatchError) and "differ in length (3 on rank [0]; 4 on rank [1])" in str(e)
                for e in outcomes)
+
+
+def test_a_buffer_refused_on_one_rank_of_the_local_communicator_is_named_on_the_others_at_once():
+    start = time.monotonic()
+    outcomes = run_ranks(2, lambda rank, group: group.allreduce_sum(np.zeros(3, np.float32 if rank else np.float64)))
+    assert time.monotonic() - start < GROUP_TIMEOUT / 2  # not a timeout
+    assert type(outcomes[1]) is TypeError and str(outcomes[1]).startswith("rank 1: buffer: expected a 1-D float64")
+    assert isinstance(outcomes[0], dist.PeerFailedError)
+    assert "rank(s) [1] refused the buffer they passed to allreduce_sum" in str(outcomes[0])
 
 
 def test_a_group_holding_one_value_per_statistic_is_refused():
@@ -637,6 +647,67 @@ def test_nccl_communicator_wrapper_over_a_stand_in_backend(gpu):
         dist.NcclCommunicator(object(), 1)
     with pytest.raises(TypeError, match="world_size: expected a positive int"):
         dist.NcclCommunicator(StandInBackend(), 1.0)
+
+
+class ThreadedBackend(StandInBackend):
+    """A stand-in NCCL backend for one rank of several (threads): all_reduce sums through a local
+    group, and every buffer it is given is recorded."""
+
+    def __init__(self, local):
+        super().__init__(local.rank, local.world_size)
+        self.local = local
+
+    def all_reduce(self, in_array, out_array, op="sum", stream=None):
+        self.calls.append((in_array.shape, op))
+        out_array[...] = self.local.allreduce_sum(in_array)
+
+
+def test_nccl_allreduce_sum_agrees_the_lengths_before_nccl_sees_a_buffer(gpu):
+    backends = [ThreadedBackend(local) for local in dist.local_group(2, timeout=GROUP_TIMEOUT)]
+
+    def body(rank, _):
+        communicator = dist.NcclCommunicator(backends[rank], 2)
+        outcomes = []
+        for buffer in (_device(np.ones(3 + rank)), np.ones(3) if rank else _device(np.ones(3)),
+                       _device(np.full(3, rank + 1.0))):
+            try:
+                outcomes.append(host(communicator.allreduce_sum(buffer)))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
+
+    outcomes = results(run_ranks(2, body))
+    for rank, (lengths, refused, good) in enumerate(outcomes):
+        assert isinstance(lengths, dist.GroupMismatchError) and lengths.rank == rank
+        assert "allreduce buffers differ in length (3 on rank [0]; 4 on rank [1])" in str(lengths)
+        np.testing.assert_array_equal(good, [3.0, 3.0, 3.0])  # the next collective works
+    assert type(outcomes[1][1]) is TypeError and "rank 1: buffer: expected a cupy array" in str(outcomes[1][1])
+    assert isinstance(outcomes[0][1], dist.PeerFailedError) and "rank(s) [1] refused the buffer" in str(outcomes[0][1])
+    for backend in backends:  # the lengths' collective (one value per rank) each time; a buffer only when they agree
+        assert backend.calls == [((2,), "sum"), ((2,), "sum"), ((2,), "sum"), ((3,), "sum")]
+
+
+def test_nccl_group_calls_skip_the_agreement_of_lengths_even_through_a_wrapper_on_one_rank(gpu):
+    """The group calls' buffers have lengths every rank knows: no rank spends a collective on
+    agreeing them, also where a wrapper (which knows nothing of that) stands between the call and
+    the communicator on some ranks only."""
+    backends = [ThreadedBackend(local) for local in dist.local_group(2, timeout=GROUP_TIMEOUT)]
+    _, x, dy, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, _):
+        communicator = dist.NcclCommunicator(backends[rank], 2)
+        group = Rewrapped(communicator) if rank == 1 else communicator
+        y, saved = dist.forward_training(_device(x[rank::2]), _device(gamma), _device(beta), group=group)
+        dx = dist.backward(_device(x[rank::2]), _device(dy[rank::2]), _device(gamma), saved, group=group)[0]
+        return host(y), host(dx)
+
+    outcomes = results(run_ranks(2, body))
+    y_ref, saved_ref = reference.forward_training(x, gamma, beta, mode="spatial")
+    assert_close(np.concatenate([o[0] for o in outcomes]), np.concatenate([y_ref[0::2], y_ref[1::2]]), np.float32,
+                 scale=4)
+    header, payload = (2 * dist.HEADER_SIZE,), (2 * 2 * 3,)
+    for backend in backends:
+        assert backend.calls == [(header, "sum"), (payload, "sum")] * 2
 
 
 # ---- a real NCCL group of one (needs a GPU; skipped here) ----

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Protocol, runtime_checkable
@@ -18,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .._core.validate import array_kind
-from .errors import CollectiveTimeoutError, CommunicatorBusyError, DistributedError, GroupMismatchError
+from .errors import CollectiveTimeoutError, CommunicatorBusyError, DistributedError, GroupMismatchError, PeerFailedError
 from .helpers import array_module, host_float64, positive_int
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "NcclCommunicator",
     "by_value",
     "group_position",
+    "lengths_agreed",
     "local_group",
     "mpi_group",
     "nccl_group",
@@ -49,6 +51,9 @@ class Communicator(Protocol):
     number of times, in the same order, with buffers of the same length. They send only slotted
     buffers (each element nonzero on at most one member), whose sum is exact in any order, so
     every member gets the same bits even from a library that does not promise it (MPI).
+
+    Direct calls of ``allreduce_sum`` are collectives like the group calls' own: every member
+    makes them at the same point of its sequence of collectives.
 
     An optional attribute ``device_buffers`` (default False) says which buffers the group calls
     pass: cupy arrays on the current device when True (NCCL, CUDA-aware MPI), numpy arrays
@@ -86,6 +91,37 @@ def check_buffer(buffer, rank: int) -> str:
             f"rank {rank}: buffer: expected a 1-D float64 array, got a {buffer.ndim}-D {buffer.dtype} array"
         )
     return kind
+
+
+_LENGTHS_AGREED = threading.local()
+
+
+@contextlib.contextmanager
+def lengths_agreed():
+    """Within it, this thread's ``allreduce_sum`` calls on NCCL and MPI communicators skip their
+    agreement of lengths: the caller guarantees that every rank passes buffers of one length.
+    The group calls do (the header's length follows from the world size, the payload's is
+    agreed by the headers); a thread-local switch rather than another method, so that a wrapper
+    around a communicator on some ranks only cannot make the ranks disagree on the collectives."""
+    before = getattr(_LENGTHS_AGREED, "on", False)
+    _LENGTHS_AGREED.on = True
+    try:
+        yield
+    finally:
+        _LENGTHS_AGREED.on = before
+
+
+def _lengths_differ(rank: int, lengths: list[int]) -> GroupMismatchError:
+    return GroupMismatchError(
+        rank, f"allreduce buffers differ in length ({by_value(lengths)}): every rank must pass buffers of the same length"
+    )
+
+
+def _peers_refused(rank: int, refused: list[int]) -> PeerFailedError:
+    return PeerFailedError(
+        rank, f"rank(s) {refused} refused the buffer they passed to allreduce_sum (each raised its reason); nothing "
+        "was summed"
+    )
 
 
 def by_value(values) -> str:
@@ -152,13 +188,18 @@ class LocalCommunicator:
         return self._shared.timeout
 
     def allreduce_sum(self, buffer):
-        """Elementwise sum of every rank's 1-D float64 ``buffer``, as an array of its kind."""
-        kind = check_buffer(buffer, self._rank)
+        """Elementwise sum of every rank's 1-D float64 ``buffer``, as an array of its kind. A
+        buffer refused on one rank (its TypeError there) makes the others raise
+        :class:`PeerFailedError`, at once."""
+        try:
+            kind, refusal = check_buffer(buffer, self._rank), None
+        except TypeError as error:
+            kind, refusal = None, error
         shared = self._shared
         index = self._enter()
         try:
             deposits = shared.deposits[index % 2]
-            deposits[self._rank] = host_float64(buffer)
+            deposits[self._rank] = refusal if refusal is not None else host_float64(buffer)
             try:
                 shared.barrier.wait(shared.timeout)
             except threading.BrokenBarrierError:
@@ -169,18 +210,20 @@ class LocalCommunicator:
                 )
                 error_class, reason = shared.failure
                 raise error_class(self._rank, reason) from None
-            lengths = [part.size for part in deposits]
+            parts = list(deposits)
         finally:
             with shared.lock:
                 shared.inside[self._rank] = False
+        if refusal is not None:
+            raise refusal
+        refused = [rank for rank, part in enumerate(parts) if isinstance(part, BaseException)]
+        if refused:
+            raise _peers_refused(self._rank, refused)
+        lengths = [part.size for part in parts]
         if len(set(lengths)) > 1:
-            raise GroupMismatchError(
-                self._rank,
-                f"allreduce buffers differ in length ({by_value(lengths)}): every rank must pass buffers of the "
-                "same length",
-            )
-        total = deposits[0].copy()
-        for part in deposits[1:]:
+            raise _lengths_differ(self._rank, lengths)
+        total = parts[0].copy()
+        for part in parts[1:]:  # rank order: the same bits on every rank
             total += part
         return total if kind == "numpy" else array_module(kind).asarray(total)
 
@@ -244,7 +287,16 @@ def local_group(world_size: int, *, timeout: float = DEFAULT_LOCAL_TIMEOUT) -> l
 
 
 class _ProcessMember:
-    """A communicator of one process, whose rank and world size are fixed when it is made."""
+    """A communicator of one process, whose rank and world size are fixed when it is made, over
+    an engine that neither checks lengths nor times out (NCCL, MPI).
+
+    Its ``allreduce_sum`` agrees the lengths first: a collective of one value per rank, the same
+    on every rank whatever it was given, gathers every rank's buffer length (or that it refused
+    its buffer), so that a mismatch raises on every rank before the engine sees a buffer. The
+    engines' own reactions are worse: MPICH aborts the whole job ("Message truncated"), after
+    another rank may have returned a wrong sum; NCCL reads past the shorter buffer or hangs. The
+    group calls skip that collective (:func:`lengths_agreed`).
+    """
 
     _rank: int
     _world_size: int
@@ -257,6 +309,42 @@ class _ProcessMember:
     def world_size(self) -> int:
         return self._world_size
 
+    def allreduce_sum(self, buffer):
+        """Elementwise sum of every rank's 1-D float64 ``buffer``, after a collective that agrees
+        the lengths: buffers of different lengths raise :class:`GroupMismatchError` on every
+        rank, a buffer refused on one rank its TypeError or ValueError there and
+        :class:`PeerFailedError` on the others."""
+        if getattr(_LENGTHS_AGREED, "on", False):
+            return self._allreduce_sum(buffer)
+        try:
+            self._check_buffer(buffer)
+            length, refusal = buffer.size, None
+        except (TypeError, ValueError) as error:
+            length, refusal = -1, error
+        slots = np.zeros(self._world_size)
+        slots[self._rank] = length
+        lengths = [int(n) for n in host_float64(self._allreduce_sum(self._engine_buffer(slots)))]
+        if refusal is not None:
+            raise refusal
+        refused = [rank for rank, n in enumerate(lengths) if n < 0]
+        if refused:
+            raise _peers_refused(self._rank, refused)
+        if len(set(lengths)) > 1:
+            raise _lengths_differ(self._rank, lengths)
+        return self._allreduce_sum(buffer)
+
+    def _allreduce_sum(self, buffer):
+        """The engine's sum, lengths taken as agreed."""
+        raise NotImplementedError
+
+    def _check_buffer(self, buffer) -> None:
+        """TypeError or ValueError, naming the rank, for a buffer this engine cannot sum."""
+        raise NotImplementedError
+
+    def _engine_buffer(self, host_values: np.ndarray):
+        """``host_values`` where the engine reads them."""
+        raise NotImplementedError
+
 
 class NcclCommunicator(_ProcessMember):
     """One rank of an NCCL group, over a ``cupyx.distributed`` process group (CuPy 14's
@@ -267,10 +355,11 @@ class NcclCommunicator(_ProcessMember):
             the device that is current now (NCCL binds a communicator to one device).
         world_size: the ``n_devices`` the process group was created with.
 
-    ``allreduce_sum`` enqueues ``ncclAllReduce`` on the current CuPy stream and returns at once;
-    reading the result (as the group calls do) waits for it. NCCL has no timeout and does not
-    check lengths: a rank that never calls hangs the others (docs/distributed.md says what the
-    group calls do so that none of their own refusals can cause that).
+    In the group calls ``allreduce_sum`` enqueues ``ncclAllReduce`` on the current CuPy stream
+    and returns at once; reading the result (as they do) waits for it. Called directly, it first
+    agrees the lengths, in a small collective whose result it reads. NCCL has no timeout: a rank
+    that never calls hangs the others (docs/distributed.md says what the group calls do so that
+    none of their own refusals can cause that).
     """
 
     device_buffers = True
@@ -293,10 +382,7 @@ class NcclCommunicator(_ProcessMember):
         self._backend, self._rank, self._world_size = backend, int(rank), int(world_size)
         self._device_id = cupy.cuda.Device().id
 
-    def allreduce_sum(self, buffer):
-        """Sum of every rank's 1-D float64 cupy ``buffer`` (on this communicator's device)."""
-        import cupy
-
+    def _check_buffer(self, buffer) -> None:
         if check_buffer(buffer, self._rank) != "cupy":
             raise TypeError(f"rank {self._rank}: buffer: expected a cupy array (NCCL reads device memory), got numpy")
         if buffer.device.id != self._device_id:
@@ -304,6 +390,16 @@ class NcclCommunicator(_ProcessMember):
                 f"rank {self._rank}: buffer: expected an array on device {self._device_id} (the communicator's), "
                 f"got one on device {buffer.device.id}"
             )
+
+    def _engine_buffer(self, host_values: np.ndarray):
+        import cupy
+
+        return cupy.asarray(host_values)
+
+    def _allreduce_sum(self, buffer):
+        import cupy
+
+        self._check_buffer(buffer)
         buffer = cupy.ascontiguousarray(buffer)
         total = cupy.empty(buffer.shape, dtype=buffer.dtype)
         self._backend.all_reduce(buffer, total, op="sum")
@@ -359,8 +455,10 @@ class MpiCommunicator(_ProcessMember):
             this path has not yet run on a GPU.
 
     MPI waits without a timeout and, for a rank that dies, the launcher ends the job
-    (docs/distributed.md). An MPI error in the collective is raised as :class:`DistributedError`
-    naming the rank. :meth:`close` frees the duplicate.
+    (docs/distributed.md). An error that MPI returns from the collective is raised as
+    :class:`DistributedError` naming the rank; MPICH treats some errors as fatal and aborts the
+    whole job instead, such as buffers of different lengths, which ``allreduce_sum`` refuses before
+    MPI sees them. :meth:`close` frees the duplicate.
     """
 
     def __init__(self, comm, *, cuda_aware: bool = False):
@@ -387,8 +485,13 @@ class MpiCommunicator(_ProcessMember):
         """The duplicated mpi4py communicator the collectives run on (None once closed)."""
         return self._comm
 
-    def allreduce_sum(self, buffer):
-        """``MPI_Allreduce`` (sum) of every rank's 1-D float64 ``buffer``, as an array of its kind."""
+    def _check_buffer(self, buffer) -> None:
+        check_buffer(buffer, self._rank)
+
+    def _engine_buffer(self, host_values: np.ndarray):
+        return host_values
+
+    def _allreduce_sum(self, buffer):
         kind = check_buffer(buffer, self._rank)
         if kind == "numpy":
             send = np.ascontiguousarray(buffer)

@@ -37,7 +37,7 @@ import numpy as np
 
 from .._core.layout import Layout
 from .._core.modes import Activation, Mode
-from .communicators import by_value, group_position
+from .communicators import by_value, group_position, lengths_agreed
 from .errors import GroupMismatchError, PeerFailedError, on_rank
 from .helpers import array_module, host_float64, positive_int
 
@@ -238,15 +238,19 @@ class Exchange:
         row[_VERSION], row[_SEQUENCE], row[_CALL] = PROTOCOL_VERSION, _next_sequence_number(self.group), self.call
         buffer = np.zeros(self.world_size * HEADER_SIZE)
         buffer[self.rank * HEADER_SIZE : (self.rank + 1) * HEADER_SIZE] = row
-        gathered = host_float64(self.group.allreduce_sum(self._xp.asarray(buffer)))
+        gathered = host_float64(self._allreduce(self._xp.asarray(buffer)))
         headers = gathered.reshape(self.world_size, HEADER_SIZE)
         self._check(headers)
         counts = headers[:, _COUNT]
         return Agreement(headers, int(counts.sum()), int(headers[0, _FEATURES]))
 
+    def _allreduce(self, buffer):
+        with lengths_agreed():  # the header's length follows from the world size, the payload's from the headers
+            return self.group.allreduce_sum(buffer)
+
     def gather(self, agreement: Agreement) -> np.ndarray:
         """The payload collective: every rank's slot, as a host (world_size, 2 * features) array."""
-        gathered = host_float64(self.group.allreduce_sum(self._payload))
+        gathered = host_float64(self._allreduce(self._payload))
         return gathered.reshape(self.world_size, 2 * agreement.features)
 
     def _check(self, headers: np.ndarray) -> None:
