@@ -296,6 +296,11 @@ def communicator(group, report: Report) -> None:
                 assert text in str(error), str(error)
             else:
                 raise AssertionError(f"mpi_group({arguments}) raised nothing")
+    with dist.mpi_group(cuda_aware=True) as cuda_aware:  # numpy arrays go to MPI directly: no GPU is touched
+        sizes = _sizes(world_size)
+        _check_step(report, "cuda_aware=True with numpy arrays",
+                    _group_step(cuda_aware, sizes, (1, 3, 2), Mode.SPATIAL, 1, np.float32, seed=5), np.float32,
+                    Mode.SPATIAL)
     with dist.mpi_group() as closing:  # every rank closes it: freeing a communicator is collective
         closing.allreduce_sum(np.zeros(2))
     with report.check("closed: idempotent, and refuses collectives"):

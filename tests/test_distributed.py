@@ -344,12 +344,13 @@ def _same_lengths_on_every_rank(group):
     assert all(sizes == per_rank[0] for sizes in per_rank), per_rank
 
 
-def _good_step(rank, group, sizes=(2, 3), seed=11):
-    """A valid forward and backward on shard ``rank`` of one batch; returns dgamma."""
+def _good_step(rank, group, sizes=(2, 3), seed=11, device=lambda a: a):
+    """A valid forward and backward on shard ``rank`` of one batch; returns dgamma, on the host."""
     _, x, dy, gamma, beta = make_case((sum(sizes), 3, 2), "spatial", 1, np.float64, seed=seed)
     pieces, grads = shards(x, list(sizes)), shards(dy, list(sizes))
-    y, saved = dist.forward_training(pieces[rank], gamma, beta, group=group, mode="spatial")
-    return dist.backward(pieces[rank], grads[rank], gamma, saved, group=group)[1]
+    x, dy, gamma, beta = device(pieces[rank]), device(grads[rank]), device(gamma), device(beta)
+    y, saved = dist.forward_training(x, gamma, beta, group=group, mode="spatial")
+    return host(dist.backward(x, dy, gamma, saved, group=group)[1])
 
 
 @pytest.mark.parametrize("call", ["forward", "backward"])
@@ -708,6 +709,33 @@ def test_nccl_group_calls_skip_the_agreement_of_lengths_even_through_a_wrapper_o
     header, payload = (2 * dist.HEADER_SIZE,), (2 * 2 * 3,)
     for backend in backends:
         assert backend.calls == [(header, "sum"), (payload, "sum")] * 2
+
+
+class EitherMemory(CountingCommunicator):
+    """Declares what a CUDA-aware MPI communicator takes, host and device buffers alike, and
+    records the kind of every buffer it is given."""
+
+    device_buffers = host_buffers = True
+
+    def allreduce_sum(self, buffer):
+        self.sizes.append(type(buffer).__name__)
+        return self.inner.allreduce_sum(buffer)
+
+
+def _recorded_kinds(device):
+    group = [EitherMemory(c) for c in dist.local_group(2, timeout=GROUP_TIMEOUT)]
+    results(run_ranks(2, lambda rank, communicator: _good_step(rank, communicator, device=device), group=group))
+    return [communicator.sizes for communicator in group]
+
+
+def test_numpy_arrays_go_to_a_communicator_that_takes_host_buffers_on_the_host_whatever_else_it_takes():
+    """Without a GPU: a device buffer would raise CUDA's error."""
+    assert _recorded_kinds(lambda a: a) == [["ndarray"] * 4] * 2
+
+
+def test_cupy_arrays_send_their_payload_on_the_device_to_a_communicator_that_takes_both(gpu):
+    # the header is made on the host, where such a communicator takes it; the payload stays on the device
+    assert _recorded_kinds(_device) == [["ndarray", "FakeArray"] * 2] * 2
 
 
 # ---- a real NCCL group of one (needs a GPU; skipped here) ----

@@ -55,9 +55,12 @@ class Communicator(Protocol):
     Direct calls of ``allreduce_sum`` are collectives like the group calls' own: every member
     makes them at the same point of its sequence of collectives.
 
-    An optional attribute ``device_buffers`` (default False) says which buffers the group calls
-    pass: cupy arrays on the current device when True (NCCL, CUDA-aware MPI), numpy arrays
-    otherwise.
+    Two optional attributes say which buffers ``allreduce_sum`` takes, and so which the group
+    calls pass: ``device_buffers`` (default False), cupy arrays on the current device;
+    ``host_buffers`` (default: not ``device_buffers``), numpy arrays. The group calls pass data
+    in its own memory where the communicator takes it, else in the other: NCCL (device only)
+    gets device buffers, a host engine numpy ones, a CUDA-aware MPI (both) the kind of the
+    call's arrays, with the header, made on the host, as a numpy array.
     """
 
     @property
@@ -449,10 +452,11 @@ class MpiCommunicator(_ProcessMember):
             is a collective: construct the communicator on every rank of ``comm``, in the same
             order as its other collectives.
         cuda_aware: False (the default): cupy buffers are copied to the host, summed by
-            ``MPI_Allreduce`` there, and copied back; numpy buffers go to MPI directly. True:
-            cupy buffers go to MPI directly (after this thread's current stream has finished
-            writing them), for an MPI built with CUDA support. The pip ``mpich`` wheel is not;
-            this path has not yet run on a GPU.
+            ``MPI_Allreduce`` there, and copied back. True: cupy buffers go to MPI directly
+            (after this thread's current stream has finished writing them), for an MPI built
+            with CUDA support. The pip ``mpich`` wheel is not; this path has not yet run on a
+            GPU. Either way numpy buffers go to MPI directly, and the group calls on numpy
+            arrays touch no GPU.
 
     MPI waits without a timeout and, for a rank that dies, the launcher ends the job
     (docs/distributed.md). An error that MPI returns from the collective is raised as
@@ -475,9 +479,11 @@ class MpiCommunicator(_ProcessMember):
         self._rank, self._world_size = self._comm.Get_rank(), self._comm.Get_size()
         self._cuda_aware = bool(cuda_aware)
 
+    host_buffers = True  # numpy buffers go to MPI directly, whatever cuda_aware is
+
     @property
     def device_buffers(self) -> bool:
-        """Whether the group calls pass cupy buffers (``cuda_aware=True``) or numpy ones."""
+        """Whether cupy buffers go to MPI directly (``cuda_aware=True``) rather than through host memory."""
         return self._cuda_aware
 
     @property

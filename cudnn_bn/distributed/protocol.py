@@ -37,6 +37,7 @@ import numpy as np
 
 from .._core.layout import Layout
 from .._core.modes import Activation, Mode
+from .._core.validate import array_kind
 from .communicators import by_value, group_position, lengths_agreed
 from .errors import GroupMismatchError, PeerFailedError, on_rank
 from .helpers import array_module, host_float64, positive_int
@@ -202,7 +203,8 @@ class Exchange:
     def __init__(self, group, call: int):
         self.rank, self.world_size = group_position(group)
         self.group, self.call = group, call
-        self._xp = array_module("cupy") if getattr(group, "device_buffers", False) else np
+        self._device_buffers = bool(getattr(group, "device_buffers", False))
+        self._host_buffers = bool(getattr(group, "host_buffers", not self._device_buffers))
         self.error: BaseException | None = None
         self._header: np.ndarray | None = None
         self._payload = None  # this rank's payload buffer (its slot filled), once offered
@@ -224,10 +226,19 @@ class Exchange:
     def offer(self, header_row: np.ndarray, slot) -> None:
         """This rank's header and its payload slot (a 1-D float64 array, numpy or cupy, of
         2 * features values): the payload buffer is allocated and filled here, inside the guard."""
-        slot = slot if self._xp is not np else host_float64(slot)
-        payload = self._xp.zeros(self.world_size * slot.size, dtype=np.float64)
-        payload[self.rank * slot.size : (self.rank + 1) * slot.size] = self._xp.asarray(slot)
+        xp = self._buffer_module(array_kind(slot=slot))
+        slot = host_float64(slot) if xp is np else slot
+        payload = xp.zeros(self.world_size * slot.size, dtype=np.float64)
+        payload[self.rank * slot.size : (self.rank + 1) * slot.size] = xp.asarray(slot)
         self._header, self._payload = header_row, payload
+
+    def _buffer_module(self, kind: str):
+        """The array module of the buffer that carries data of ``kind`` ("numpy" or "cupy"): its
+        own memory where the communicator takes it (``host_buffers``, ``device_buffers``), else
+        the other one. A CUDA-aware MPI takes both: numpy data never touches a GPU there."""
+        if kind == "cupy":
+            return array_module("cupy") if self._device_buffers else np
+        return np if self._host_buffers else array_module("cupy")
 
     def agree(self) -> Agreement:
         """The header collective. Raises on every rank when any rank failed, when the ranks are
@@ -238,7 +249,7 @@ class Exchange:
         row[_VERSION], row[_SEQUENCE], row[_CALL] = PROTOCOL_VERSION, _next_sequence_number(self.group), self.call
         buffer = np.zeros(self.world_size * HEADER_SIZE)
         buffer[self.rank * HEADER_SIZE : (self.rank + 1) * HEADER_SIZE] = row
-        gathered = host_float64(self._allreduce(self._xp.asarray(buffer)))
+        gathered = host_float64(self._allreduce(self._buffer_module("numpy").asarray(buffer)))  # made on the host
         headers = gathered.reshape(self.world_size, HEADER_SIZE)
         self._check(headers)
         counts = headers[:, _COUNT]
