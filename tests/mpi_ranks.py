@@ -301,6 +301,36 @@ def communicator(group, report: Report) -> None:
         _check_step(report, "cuda_aware=True with numpy arrays",
                     _group_step(cuda_aware, sizes, (1, 3, 2), Mode.SPATIAL, 1, np.float32, seed=5), np.float32,
                     Mode.SPATIAL)
+    # a refused argument on one rank only: every rank has joined the collective Dup, then learns of
+    # the refusal, frees the duplicate and raises; the next mpi_group works
+    last = world_size - 1
+    call = lambda: dist.mpi_group(cuda_aware="yes" if rank == last else False)  # noqa: E731
+    if rank == last:
+        report.expect_error("cuda_aware refused on one rank: its rank", call, TypeError,
+                            "cuda_aware: expected True or False, got 'yes'")
+    else:
+        report.expect_error("cuda_aware refused on one rank: the others", call, dist.PeerFailedError,
+                            f"rank(s) [{last}] refused their arguments to mpi_group")
+    with dist.mpi_group() as after, report.check("mpi_group after a refused argument"):
+        assert np.array_equal(after.allreduce_sum(np.ones(1)), [float(world_size)])
+
+    # communicators never closed: MPI runs out of them (MPICH: about 2000), and says so on every rank
+    kept = []
+    with report.check("communicators never closed: a DistributedError naming the limit"):
+        try:
+            for _ in range(100_000):
+                kept.append(dist.mpi_group())
+        except dist.DistributedError as error:
+            assert "close()" in str(error) and "about 2000" in str(error), str(error)
+            assert str(error).startswith(f"rank {rank}: MPI could not duplicate the communicator"), str(error)
+        else:
+            raise AssertionError("100000 communicators and no error")
+    report.entry["digests"]["communicators made before MPI ran out"] = str(len(kept))
+    for communicator in kept:
+        communicator.close()
+    with dist.mpi_group() as after, report.check("mpi_group after closing them"):
+        assert np.array_equal(after.allreduce_sum(np.ones(1)), [float(world_size)])
+
     with dist.mpi_group() as closing:  # every rank closes it: freeing a communicator is collective
         closing.allreduce_sum(np.zeros(2))
     with report.check("closed: idempotent, and refuses collectives"):

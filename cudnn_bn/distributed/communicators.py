@@ -458,6 +458,16 @@ class MpiCommunicator(_ProcessMember):
             GPU. Either way numpy buffers go to MPI directly, and the group calls on numpy
             arrays touch no GPU.
 
+    Every rank must pass a usable ``comm``: a rank whose ``comm`` is refused raises at once, and
+    the others wait in the collective Dup (for the launcher's timeout). A ``cuda_aware`` refused
+    on some ranks makes every rank raise, after the Dup, with nothing made.
+
+    Each MpiCommunicator holds its duplicate until :meth:`close` (or the end of a ``with``
+    block): MPI allows a limited number at once (MPICH about 2000), and when they run out the
+    constructor raises :class:`DistributedError` saying so. They are not freed when garbage
+    collected: ``MPI_Comm_free`` is collective, and garbage collection runs at different times on
+    different ranks.
+
     MPI waits without a timeout and, for a rank that dies, the launcher ends the job
     (docs/distributed.md). An error that MPI returns from the collective is raised as
     :class:`DistributedError` naming the rank; MPICH treats some errors as fatal and aborts the
@@ -467,16 +477,41 @@ class MpiCommunicator(_ProcessMember):
 
     def __init__(self, comm, *, cuda_aware: bool = False):
         MPI = _mpi()
+        # A rank without a usable comm cannot join the collective Dup: it raises at once, and the
+        # others wait in the Dup, as they would for a rank that never calls (documented).
         if not isinstance(comm, MPI.Intracomm):
             raise TypeError(
                 f"comm: expected an mpi4py.MPI.Intracomm (such as MPI.COMM_WORLD), got {type(comm).__name__}"
             )
         if comm == MPI.COMM_NULL:
             raise ValueError("comm: expected a usable communicator, got MPI.COMM_NULL")
+        rank = comm.Get_rank()
+        # Any other argument is checked, then every rank joins the Dup whatever the outcome, and
+        # the outcomes are agreed on the duplicate: a refusal on one rank raises on every rank.
+        refusal = None
         if not isinstance(cuda_aware, (bool, np.bool_)):
-            raise TypeError(f"cuda_aware: expected True or False, got {cuda_aware!r}")
-        self._comm = comm.Dup()
-        self._rank, self._world_size = self._comm.Get_rank(), self._comm.Get_size()
+            refusal = TypeError(f"rank {rank}: cuda_aware: expected True or False, got {cuda_aware!r}")
+        try:
+            duplicate = comm.Dup()
+        except MPI.Exception as error:  # MPICH's context ids run out; it raises on every rank
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DistributedError(
+                rank,
+                f"MPI could not duplicate the communicator ({first_line}): each MpiCommunicator holds a duplicate "
+                "until its close(), and MPI allows a limited number at once (MPICH about 2000); close() those you "
+                "no longer use, or make one for the whole program",
+            ) from error
+        refused = [r for r, flag in enumerate(duplicate.allgather(refusal is not None)) if flag]
+        if refused:
+            duplicate.Free()  # on every rank, in the same order: freeing is collective
+            if refusal is not None:
+                raise refusal
+            raise PeerFailedError(
+                rank, f"rank(s) {refused} refused their arguments to mpi_group (each raised its reason); no "
+                "communicator was made"
+            )
+        self._comm = duplicate
+        self._rank, self._world_size = rank, duplicate.Get_size()
         self._cuda_aware = bool(cuda_aware)
 
     host_buffers = True  # numpy buffers go to MPI directly, whatever cuda_aware is
