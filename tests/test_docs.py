@@ -67,3 +67,14 @@ def test_documented_command_line_options_exist():
         help_text = _help(command)
         missing = sorted(option for option in options if option not in help_text)
         assert not missing, f"documented options of `cudnn-bn {command}` that it does not have: {missing}"
+
+
+def test_the_distributed_guide_states_no_count_of_host_synchronizations():
+    """Host synchronizations are counted, not guessed: until the simulated GPU counts them, the
+    guide gives no number of times the host waits for the device."""
+    text = " ".join(open(os.path.join(DOCS, "distributed.md"), encoding="utf-8").read().split())
+    sentences = re.split(r"(?<=[.;:])\s", text)
+    claims = [sentence for sentence in sentences
+              if re.search(r"host waits|waits? for the device|synchroni[sz]", sentence, re.IGNORECASE)
+              and re.search(r"\b(once|twice|thrice|\d+ times)\b", sentence)]
+    assert not claims, claims
