@@ -4,6 +4,7 @@ with the in-process communicator."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import pickle
@@ -264,3 +265,12 @@ def test_the_layer_shows_its_real_parameters():
     assert str(inspect.signature(layer)) == "(x, residual=None)"
     with pytest.raises(TypeError, match="too many positional arguments"):  # eval: no collective, raised at once
         layer(np.ones((2, 3), np.float32), None, "extra")
+
+
+def test_a_sync_layer_refuses_to_be_pickled_or_copied_naming_its_group():
+    layer = dist.SyncBatchNorm(3, group=dist.local_group(2)[0], dtype=np.float64)
+    for copying in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"SyncBatchNorm cannot be pickled or copied: its group "
+                                            r"\(LocalCommunicator\(rank=0, world_size=2, timeout=60\)\) .*"
+                                            r"state_dict\(\)"):
+            copying(layer)

@@ -57,7 +57,8 @@ class SyncBatchNorm(BatchNorm):
     not communicate: it normalizes with the running statistics, or with this rank's own batch
     when ``track_running_stats=False`` (as torch.nn.SyncBatchNorm does), so ranks need not
     evaluate in step. ``grad_gamma`` and ``grad_beta`` are the group's sums, identical on every
-    rank.
+    rank. The layer cannot be pickled or copied (its group is a connection held by this
+    process): save :meth:`state_dict` and load it into a layer made with a group.
     """
 
     def __init__(self, num_features, *, group, **options):
@@ -114,6 +115,15 @@ class SyncBatchNorm(BatchNorm):
         return dx
 
     backward.__signature__ = _BACKWARD
+
+    def __reduce_ex__(self, protocol):
+        # pickle, copy and deepcopy all come here; a communicator is a connection to the other
+        # ranks, held by this process, that no copy can share or carry elsewhere
+        raise TypeError(
+            f"SyncBatchNorm cannot be pickled or copied: its group ({self.group!r}) is a connection to the other "
+            "ranks that belongs to this process. Save layer.state_dict() instead, and load it with load_state_dict() "
+            "into a SyncBatchNorm made with a group (this one, for a copy in this process)"
+        )
 
     def __repr__(self) -> str:
         return f"Sync{super().__repr__()[:-1]}, group={self.group!r})"
