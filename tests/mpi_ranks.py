@@ -186,8 +186,8 @@ def faults(group, report: Report) -> None:
         _check_step(report, label, _group_step(group, sizes, (1, 3, 2), Mode.SPATIAL, 1, np.float32, seed=seed),
                     np.float32, Mode.SPATIAL)
 
-    # a gamma that is not an array on the last rank: it sizes the payload, so it used to be read
-    # before the collective and the other ranks were left waiting
+    # a gamma that is not an array on the last rank: it sizes the payload, and must be read inside
+    # the guard, or that rank raises alone and the other ranks wait
     bad_gamma = list(gamma) if rank == last else gamma
     call = lambda: dist.forward_training(shard, bad_gamma, beta, group=group, mode="spatial")  # noqa: E731
     if rank == last:
@@ -197,8 +197,9 @@ def faults(group, report: Report) -> None:
                             f"rank {last} refused its gamma (TypeError)")
     good_step("the step after a refused gamma", seed=1)
 
-    # parameters of another size on rank 0, consistent with its own x: the old code sent a
-    # buffer of another length (MPI: "Message truncated", the job aborted)
+    # parameters of another size on rank 0, consistent with its own x: a payload sized by them
+    # would differ in length between ranks (MPICH: "Message truncated", the whole job aborted);
+    # the headers must catch it first
     _, x4, _, gamma4, beta4 = make_case((sum(sizes), 4, 2), "spatial", 1, np.float32)
     own = (shards(x4, sizes)[rank], gamma4, beta4) if rank == 0 else (shard, gamma, beta)
     report.expect_error(

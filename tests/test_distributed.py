@@ -51,7 +51,8 @@ DTYPES = [np.float16, np.float32, np.float64]
 
 # ---- one step on every rank ----
 
-def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, seed=0, momentum=0.3, offset=0.0, scale=1.0):
+def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, seed=0, momentum=0.3, offset=0.0,
+               scale=1.0):
     """One training step on len(sizes) ranks; returns (per-rank outputs, the concatenated inputs)."""
     full_shape = (sum(sizes),) + tuple(shape[1:])
     layout, x, dy, gamma, beta = make_case(full_shape, mode, channel_axis, dtype, seed=seed, offset=offset, scale=scale)
@@ -61,7 +62,8 @@ def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, s
         running = [device(np.zeros(layout.param_shape, gamma.dtype)), device(np.ones(layout.param_shape, gamma.dtype))]
         xs, dys = device(x_shards[rank].copy()), device(dy_shards[rank].copy())
         y, saved = dist.forward_training(
-            xs, device(gamma.copy()), device(beta.copy()), *running, group=group, mode=mode, momentum=momentum, channel_axis=channel_axis
+            xs, device(gamma.copy()), device(beta.copy()), *running, group=group, mode=mode, momentum=momentum,
+            channel_axis=channel_axis,
         )
         dx, dgamma, dbeta = dist.backward(xs, dys, device(gamma.copy()), saved, group=group)
         if isinstance(dx, FakeArray):  # hand the results to another thread only after its stream ran
@@ -71,7 +73,8 @@ def group_step(sizes, shape, mode, channel_axis, dtype, *, device=lambda a: a, s
     return results(run_ranks(len(sizes), body)), (x, dy, gamma, beta)
 
 
-def check_against_reference(outputs, inputs, mode, channel_axis, dtype, momentum=0.3, float64_tolerance=FLOAT64_ROUNDING):
+def check_against_reference(outputs, inputs, mode, channel_axis, dtype, momentum=0.3,
+                            float64_tolerance=FLOAT64_ROUNDING):
     """Every rank's outputs against the reference run on the concatenated batch; the group's
     values bit-identical on every rank."""
     expected = reference_outputs(*inputs, mode, channel_axis, momentum)
@@ -98,17 +101,22 @@ def test_uneven_shards_match_the_reference_on_the_concatenated_batch(mode, ndim,
 
 
 @pytest.mark.parametrize("world_size", range(1, 9))
-@pytest.mark.parametrize("mode,ndim,channel_axis", [(Mode.SPATIAL, 4, 1), (Mode.PER_ACTIVATION, 2, 1), (Mode.SPATIAL, 4, -1)])
+@pytest.mark.parametrize("mode,ndim,channel_axis",
+                         [(Mode.SPATIAL, 4, 1), (Mode.PER_ACTIVATION, 2, 1), (Mode.SPATIAL, 4, -1)])
 def test_one_to_eight_ranks(world_size, mode, ndim, channel_axis):
     sizes = [3, 1, 4, 2, 1, 5, 2, 1][:world_size]
-    outputs, inputs = group_step(sizes, shape_for(ndim, channel_axis, channels=4), mode, channel_axis, np.float64, seed=world_size)
+    outputs, inputs = group_step(sizes, shape_for(ndim, channel_axis, channels=4), mode, channel_axis, np.float64,
+                                 seed=world_size)
     check_against_reference(outputs, inputs, mode, channel_axis, np.float64)
 
 
 def test_auto_and_persistent_run_spatial_for_4d_and_per_activation_for_2d():
-    for requested, shape, expected in (("auto", (4, 3, 2, 2), Mode.SPATIAL), ("spatial_persistent", (4, 3, 2, 2), Mode.SPATIAL), ("auto", (4, 3), Mode.PER_ACTIVATION)):
+    for requested, shape, expected in (("auto", (4, 3, 2, 2), Mode.SPATIAL),
+                                       ("spatial_persistent", (4, 3, 2, 2), Mode.SPATIAL),
+                                       ("auto", (4, 3), Mode.PER_ACTIVATION)):
         _, x, _, gamma, beta = make_case(shape, expected, 1, np.float64)
-        outcome = results(run_ranks(2, lambda rank, group: dist.forward_training(shards(x, [1, 3])[rank], gamma, beta, group=group, mode=requested)))
+        outcome = results(run_ranks(2, lambda rank, group: dist.forward_training(
+            shards(x, [1, 3])[rank], gamma, beta, group=group, mode=requested)))
         assert outcome[0][1].mode is expected and outcome[1][1].mode is expected
 
 
@@ -222,7 +230,8 @@ def test_a_rank_with_another_dtype_is_named_on_every_rank_and_nothing_changes():
     outcomes = _step_with(inputs)
     for rank, error in enumerate(outcomes):
         assert isinstance(error, dist.GroupMismatchError) and error.rank == rank
-        assert "data dtype" in str(error) and "float32 on rank [1]" in str(error) and "float64 on ranks [0, 2]" in str(error)
+        assert "data dtype" in str(error) and "float32 on rank [1]" in str(error)
+        assert "float64 on ranks [0, 2]" in str(error)
     for x, gamma, beta, running_mean, running_var, _ in inputs:
         np.testing.assert_array_equal(running_mean, 0.0)
         np.testing.assert_array_equal(running_var, 1.0)
@@ -232,11 +241,13 @@ def test_ranks_that_disagree_on_the_feature_shape_eps_or_momentum_are_named():
     _, x, _, gamma, beta = make_case((3, 4, 3), "per_activation", 1, np.float64)
     _, xt, _, gt, bt = make_case((3, 3, 4), "per_activation", 1, np.float64)  # same size, other shape
     outcomes = _step_with([[x, gamma, beta, None, None, {}], [xt, gt, bt, None, None, {}]], mode="per_activation")
-    assert all(isinstance(e, dist.GroupMismatchError) and "parameter shape" in str(e) and "(3, 4) on rank [1]" in str(e) for e in outcomes)
+    assert all(isinstance(e, dist.GroupMismatchError) and "parameter shape" in str(e) and "(3, 4) on rank [1]" in str(e)
+               for e in outcomes)
     outcomes = _step_with([_inputs(eps=1e-5), _inputs(eps=1e-3)])
     assert all(isinstance(e, dist.GroupMismatchError) and "eps" in str(e) for e in outcomes)
     outcomes = _step_with([_inputs(momentum=0.1), _inputs(momentum=0.2), _inputs(momentum=0.1)])
-    assert all(isinstance(e, dist.GroupMismatchError) and "momentum" in str(e) and "0.2 on rank [1]" in str(e) for e in outcomes)
+    assert all(isinstance(e, dist.GroupMismatchError) and "momentum" in str(e) and "0.2 on rank [1]" in str(e)
+               for e in outcomes)
 
 
 def test_a_rank_whose_own_input_is_refused_raises_its_reason_and_the_others_name_it():
@@ -300,9 +311,11 @@ def test_a_buffer_refused_on_one_rank_of_the_local_communicator_is_named_on_the_
 
 def test_a_group_holding_one_value_per_statistic_is_refused():
     _, x, _, gamma, beta = make_case((1, 3), "per_activation", 1, np.float64)
-    with pytest.raises(ValueError, match=r"rank 0: x: training needs at least 2 values per statistic across the group .*got 1 \(values per statistic: 1 on rank \[0\]\)"):
+    with pytest.raises(ValueError, match=r"rank 0: x: training needs at least 2 values per statistic across the "
+                                         r"group .*got 1 \(values per statistic: 1 on rank \[0\]\)"):
         dist.forward_training(x, gamma, beta, group=dist.local_group(1)[0], mode="per_activation")
-    outcome = results(run_ranks(2, lambda rank, group: dist.forward_training(x, gamma, beta, group=group, mode="per_activation")))
+    outcome = results(run_ranks(2, lambda rank, group: dist.forward_training(x, gamma, beta, group=group,
+                                                                             mode="per_activation")))
     assert outcome[0][1].mean.shape == (3,)  # two single-sample ranks make a batch of two
 
 
@@ -355,8 +368,8 @@ def _good_step(rank, group, sizes=(2, 3), seed=11, device=lambda a: a):
 
 @pytest.mark.parametrize("call", ["forward", "backward"])
 def test_a_gamma_that_is_not_an_array_is_refused_on_every_rank_and_the_group_still_works(call):
-    """gamma sizes the payload: it used to be read before the collective, so that a rank with a
-    bad gamma raised alone and left the others waiting."""
+    """gamma sizes the payload, so it is tempting to read it before the collective; it must be
+    read inside the guard, or a rank with a bad gamma raises alone and leaves the others waiting."""
     group = [RecordingCommunicator(c) for c in dist.local_group(2, timeout=GROUP_TIMEOUT)]
     _, x, dy, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float64)
 
@@ -490,7 +503,8 @@ def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_on
     group = dist.local_group(2, timeout=GROUP_TIMEOUT)
     _, x, _, gamma, beta = make_case((4, 3), "per_activation", 1, np.float64)
     start = time.monotonic()
-    outcomes = run_ranks(2, lambda rank, _: dist.forward_training(x, gamma, beta, group=group[0], mode="per_activation"))
+    outcomes = run_ranks(2, lambda rank, _: dist.forward_training(x, gamma, beta, group=group[0],
+                                                                  mode="per_activation"))
     assert time.monotonic() - start < GROUP_TIMEOUT / 2  # not a timeout
     assert all(isinstance(e, dist.CommunicatorBusyError) and e.rank == 0 for e in outcomes)
     assert all("communicator of rank 0 was entered by a second thread" in str(e) for e in outcomes)
@@ -569,7 +583,8 @@ def _device(array):
 @pytest.mark.parametrize("ndim,channel_axis", [(2, 1), (4, 1), (4, -1), (5, -1)])
 @pytest.mark.parametrize("mode", SYNC_MODES, ids=lambda m: m.name)
 def test_simulated_gpu_matches_the_reference_on_the_concatenated_batch(gpu, mode, ndim, channel_axis, dtype):
-    outputs, inputs = group_step([2, 1, 3], shape_for(ndim, channel_axis, channels=4), mode, channel_axis, dtype, device=_device)
+    outputs, inputs = group_step([2, 1, 3], shape_for(ndim, channel_axis, channels=4), mode, channel_axis, dtype,
+                                 device=_device)
     for output in outputs:
         assert all(isinstance(output[name], FakeArray) for name in ("y", "dx", "dgamma", "dbeta"))
         assert isinstance(output["saved"].mean, FakeArray) and output["dx"].dtype == dtype
@@ -583,7 +598,8 @@ def test_simulated_gpu_matches_the_reference_on_the_concatenated_batch(gpu, mode
 
 
 def test_simulated_gpu_large_offset(gpu):
-    outputs, inputs = group_step([4, 1, 2], (7, 3, 3, 3), Mode.SPATIAL, 1, np.float64, device=_device, offset=OFFSET, scale=SPREAD)
+    outputs, inputs = group_step([4, 1, 2], (7, 3, 3, 3), Mode.SPATIAL, 1, np.float64, device=_device, offset=OFFSET,
+                                 scale=SPREAD)
     check_against_reference(outputs, inputs, Mode.SPATIAL, 1, np.float64, float64_tolerance=4 * OFFSET_RESOLUTION)
 
 
@@ -753,7 +769,8 @@ def test_nccl_group_of_one_matches_the_reference():
     try:
         layout, x, dy, gamma, beta = make_case((6, 4, 3, 3), "spatial", 1, np.float32)
         running = [cupy.zeros(4, cupy.float32), cupy.ones(4, cupy.float32)]
-        y, saved = dist.forward_training(cupy.asarray(x), cupy.asarray(gamma), cupy.asarray(beta), *running, group=communicator, mode="spatial")
+        y, saved = dist.forward_training(cupy.asarray(x), cupy.asarray(gamma), cupy.asarray(beta), *running,
+                                         group=communicator, mode="spatial")
         grads = dist.backward(cupy.asarray(x), cupy.asarray(dy), cupy.asarray(gamma), saved, group=communicator)
         wide_running = [np.zeros(4), np.ones(4)]
         y_ref, saved_ref = reference.forward_training(x, gamma, beta, *wide_running, mode="spatial", momentum=0.1)
@@ -811,7 +828,8 @@ def test_the_group_calls_show_their_real_parameters():
     assert str(inspect.signature(dist.forward_training)) == (
         "(x, gamma, beta, running_mean=None, running_var=None, *, group, mode='auto', momentum=0.1, eps=1e-05, "
         "channel_axis=1)")
-    assert str(inspect.signature(dist.backward)) == "(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=None)"
+    assert str(inspect.signature(dist.backward)) == (
+        "(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=None)")
     assert dist.forward_training.__name__ == "forward_training" and "group" in dist.forward_training.__doc__
     # group itself is bound by Python before the call starts: a rank without it raises at once
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'group'"):
@@ -863,6 +881,7 @@ def test_a_failure_other_than_bad_input_is_raised_unchanged_and_named_to_the_oth
         return real_moments(shard, layout, xp)
 
     monkeypatch.setattr(calls, "_local_moments", failing_on_rank_0)
-    outcomes = run_ranks(2, lambda rank, group: dist.forward_training(x[: 1 + 2 * rank], gamma, beta, group=group, mode="per_activation"))
+    outcomes = run_ranks(2, lambda rank, group: dist.forward_training(x[: 1 + 2 * rank], gamma, beta, group=group,
+                                                                      mode="per_activation"))
     assert type(outcomes[0]) is MemoryError and outcomes[0].__cause__ is None
     assert isinstance(outcomes[1], dist.PeerFailedError) and f"rank 0 {FAILED}" in str(outcomes[1])

@@ -107,8 +107,8 @@ def _layer_step(rank, group, x, sizes, layer=None, **options):
 
 
 def test_a_shard_the_layer_refuses_raises_on_every_rank_and_the_next_step_is_not_mixed():
-    """A rank's int32 shard used to raise on that rank alone, before the collective; its next
-    call then paired with its peer's first, and the peer returned statistics of two steps."""
+    """A shard refused on one rank must not raise there alone: that rank's next call would pair
+    with its peer's first collective, and the peer would return statistics of two steps."""
     sizes = [2, 3]
     rng = np.random.default_rng(4)
     first, second = (rng.standard_normal((5, 3, 2)).astype(np.float32) for _ in range(2))

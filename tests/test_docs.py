@@ -37,8 +37,9 @@ def test_doc_blocks_that_need_no_gpu_run(name, monkeypatch, tmp_path):
         assert namespace["cudnn"] is namespace["libcudnn"] and namespace["cudnn"].__name__ == "cudnn_bn.compat"
 
 
-@pytest.mark.parametrize("name", [name for name in MARKED_DOCS
-                                  if any(block.marker == GPU_MARK for block in python_blocks(os.path.join(DOCS, name)))])
+@pytest.mark.parametrize("name", [
+    name for name in MARKED_DOCS if any(block.marker == GPU_MARK for block in python_blocks(os.path.join(DOCS, name)))
+])
 def test_doc_gpu_blocks_run_on_the_simulated_gpu(name, monkeypatch, tmp_path):
     assert run_gpu_blocks(os.path.join(DOCS, name), monkeypatch, tmp_path) >= 1
 

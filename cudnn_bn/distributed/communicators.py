@@ -116,7 +116,8 @@ def lengths_agreed():
 
 def _lengths_differ(rank: int, lengths: list[int]) -> GroupMismatchError:
     return GroupMismatchError(
-        rank, f"allreduce buffers differ in length ({by_value(lengths)}): every rank must pass buffers of the same length"
+        rank,
+        f"allreduce buffers differ in length ({by_value(lengths)}): every rank must pass buffers of the same length",
     )
 
 
