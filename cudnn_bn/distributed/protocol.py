@@ -2,9 +2,10 @@
 
 Each group call (forward or backward) is one :class:`Exchange`:
 
-1. **Guarded preparation.** Everything that can refuse or fail (argument checks, the layer's
-   input checks, the local statistics, the payload buffer) runs inside :meth:`Exchange.guard`,
-   which keeps the exception instead of letting it leave the rank alone.
+1. **Guarded preparation.** Everything that can refuse or fail (binding the arguments, their
+   checks, the layer's input checks, the local statistics, the payload buffer) runs inside
+   :meth:`Exchange.guard`, which keeps the exception, a KeyboardInterrupt included, instead of
+   letting it leave the rank alone. Only ``group`` is bound before (:func:`group_call`).
 2. **Header collective**, :meth:`Exchange.agree`: a slotted buffer of ``HEADER_SIZE`` values per
    rank, of the same length on every rank whatever its input. Each rank writes its protocol
    version, the call's sequence number on its communicator and its kind, whether it is ready,
