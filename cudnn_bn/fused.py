@@ -62,7 +62,10 @@ _RUNNING = ("running_mean", "running_var")
 # ---- the float64 reference ----
 def _require_numpy(**named) -> None:
     if array_kind(optional=_RUNNING + ("residual",), **named) != "numpy":
-        raise TypeError("cudnn_bn.fused.reference_*: expected numpy arrays; use cudnn_bn.fused.forward_training etc. for cupy arrays")
+        raise TypeError(
+            "cudnn_bn.fused.reference_*: expected numpy arrays; use cudnn_bn.fused.forward_training etc. for "
+            "cupy arrays"
+        )
 
 
 def _activate(pre: np.ndarray, activation: Activation) -> np.ndarray:
@@ -73,9 +76,11 @@ def _activate(pre: np.ndarray, activation: Activation) -> np.ndarray:
     raise NotImplementedError(f"activation {activation}")  # parse_activation admits no other
 
 
-def _activation_mask(y: np.ndarray, activation: Activation) -> np.ndarray:
+def activation_mask(y, activation: Activation):
     """Where the activation passes the gradient, read from its output: ReLU's derivative is 1
-    where y > 0 and 0 elsewhere, including a pre-activation of exactly 0 (docs/math.md)."""
+    where y > 0 and 0 elsewhere, including a pre-activation of exactly 0 (docs/math.md). A
+    boolean array of y's kind (numpy or cupy); the one definition of it on the host side, used by
+    this reference and by the synchronized layer."""
     if activation is Activation.RELU:
         return y > 0
     raise NotImplementedError(f"activation {activation}")
@@ -113,8 +118,8 @@ def reference_forward_training(x, gamma, beta, running_mean=None, running_var=No
     return y, FusedSaved(stats, activation, residual is not None, PATH_REFERENCE)
 
 
-def reference_forward_inference(x, gamma, beta, mean, var, *, residual=None, activation="relu", mode="spatial", eps=1e-5,
-                                channel_axis=1):
+def reference_forward_inference(x, gamma, beta, mean, var, *, residual=None, activation="relu", mode="spatial",
+                                eps=1e-5, channel_axis=1):
     """Fused forward with fixed statistics on numpy arrays: ``act(BN(x) + residual)``, computed in
     float64 and rounded once to x's dtype (C-contiguous, x's shape)."""
     _require_numpy(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
@@ -122,7 +127,8 @@ def reference_forward_inference(x, gamma, beta, mean, var, *, residual=None, act
     checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
     check_residual(x, residual)
     pre = reference.forward_inference(
-        x.astype(np.float64), gamma, beta, mean, var, mode=checked.layout.mode, eps=checked.eps, channel_axis=channel_axis
+        x.astype(np.float64), gamma, beta, mean, var, mode=checked.layout.mode, eps=checked.eps,
+        channel_axis=channel_axis,
     )
     if residual is not None:
         np.add(pre, residual, out=pre)
@@ -145,7 +151,7 @@ def reference_backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_a
         mode = saved.mode
     checked = check_backward(x, dy, gamma, saved.stats, mode=mode, eps=eps, channel_axis=channel_axis)
     check_forward_output(x, y)
-    grad = np.where(_activation_mask(y, saved.activation), dy.astype(np.float64), 0.0)
+    grad = np.where(activation_mask(y, saved.activation), dy.astype(np.float64), 0.0)
     grad = np.ascontiguousarray(grad)
     stats64 = SavedStats._checked(
         saved.mean.astype(np.float64), saved.inv_std.astype(np.float64), saved.mode, saved.eps, saved.channel_axis
@@ -167,8 +173,8 @@ def _fused_ops():
     return fused_ops
 
 
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual=None, activation="relu", mode="auto",
-                     momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual=None, activation="relu",
+                     mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
     """Fused batch-norm forward in training mode: ``y = act(BN(x) + residual)``.
 
     Args:
@@ -188,14 +194,17 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, res
         running_var=running_var, residual=residual,
     )
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
-    arguments = dict(residual=residual, activation=activation, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis)
+    arguments = dict(residual=residual, activation=activation, mode=mode, momentum=momentum, eps=eps,
+                     channel_axis=channel_axis)
     if kind == "numpy":
         y, saved = reference_forward_training(x, gamma, beta, running_mean, running_var, **arguments)
         return y, dataclasses.replace(saved, stats=dataclasses.replace(saved.stats, on_overflow=on_overflow))
-    return _fused_ops().forward_training(x, gamma, beta, running_mean, running_var, on_overflow=on_overflow, **arguments)
+    return _fused_ops().forward_training(x, gamma, beta, running_mean, running_var, on_overflow=on_overflow,
+                                         **arguments)
 
 
-def forward_inference(x, gamma, beta, mean, var, *, residual=None, activation="relu", mode="auto", eps=1e-5, channel_axis=1):
+def forward_inference(x, gamma, beta, mean, var, *, residual=None, activation="relu", mode="auto", eps=1e-5,
+                      channel_axis=1):
     """Fused batch-norm forward with fixed statistics: ``act(BN(x) + residual)``.
 
     Arguments as :func:`cudnn_bn.forward_inference`, plus ``residual`` and ``activation`` as in
@@ -233,4 +242,5 @@ def backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None, 
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, BACKWARD, on_overflow)
     if kind == "numpy":
         return reference_backward(x, y, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
-    return _fused_ops().backward(x, y, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
+    return _fused_ops().backward(x, y, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis,
+                                 on_overflow=on_overflow)

@@ -11,7 +11,7 @@ import importlib
 import math
 import types
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from ._core.modes import AUTO, parse_activation, parse_mode
 from ._core.policy import INFERENCE, TRAINING, choose_mode
 from ._core.validate import DATA_DTYPES, array_kind, check_channel_axis, check_eps, check_momentum, param_dtype_for
 
-__all__ = ["BatchNorm", "LoadResult"]
+__all__ = ["BatchNorm", "KeptForBackward", "LoadResult"]
 
 _ARRAY_LIBRARIES = ("numpy", "cupy")
 _INT32_MAX = 2**31 - 1  # cuDNN describes every dim as a C int
@@ -33,6 +33,21 @@ class LoadResult(NamedTuple):
 
     missing_keys: list
     unexpected_keys: list
+
+
+class KeptForBackward(NamedTuple):
+    """What a training forward of a layer keeps for its backward (BatchNorm and SyncBatchNorm).
+
+    x: the forward's input. saved: its SavedStats, or a FusedSaved when an activation ran.
+    y: the forward's output when an activation ran (backward reads the activation's mask from
+    it), else None. group: the communicator a SyncBatchNorm forward ran over (its backward then
+    runs over the same group), None for a single-process forward.
+    """
+
+    x: Any
+    saved: Any
+    y: Any = None
+    group: Any = None
 
 
 class BatchNorm:
@@ -101,7 +116,7 @@ class BatchNorm:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
         self.training = True
-        self._kept = None  # (x, SavedStats or FusedSaved, y with an activation else None) of the last training forward
+        self._kept: KeptForBackward | None = None  # of the last training forward
 
     # ---- where the state lives ----
     @property
@@ -120,8 +135,13 @@ class BatchNorm:
         # a layer pickled before activations existed
         state.setdefault("activation", None)
         state.setdefault("grad_residual", None)
-        if state.get("_kept") is not None and len(state["_kept"]) == 2:
-            state["_kept"] = (*state["_kept"], None)
+        # a layer pickled while it kept a plain tuple: (x, saved), (x, saved, y), or a
+        # SyncBatchNorm's (x, saved) with a flag saying whether its forward ran over the group
+        kept, over_group = state.get("_kept"), state.pop("_kept_is_group", False)
+        if kept is not None and not isinstance(kept, KeptForBackward):
+            x, saved, *rest = kept
+            group = state.get("group") if over_group else None
+            state["_kept"] = KeptForBackward(x, saved, rest[0] if rest else None, group)
         self.__dict__.update(state)
 
     # ---- parameters, also under torch's names ----
@@ -210,6 +230,13 @@ class BatchNorm:
             f"PER_ACTIVATION), got {layout.param_shape} (shape {layout.shape})"
         )
 
+    def _check_forward_arguments(self, x, residual, operation: str) -> None:
+        """Refuse what forward cannot take, before any state changes."""
+        self._check_input(x, operation)
+        if residual is not None and self.activation is None:
+            raise ValueError(f"residual: {self._short()} has no activation, so there is no fused add; "
+                             "build the layer with activation='relu', or add the residual yourself")
+
     def _momentum_for_next_batch(self) -> float:
         if self.momentum is not None:
             return float(self.momentum)
@@ -227,10 +254,7 @@ class BatchNorm:
         (the activation's mask): do not modify it in place before backward.
         """
         training_path = self.training or not self.track_running_stats
-        self._check_input(x, TRAINING if training_path else INFERENCE)
-        if residual is not None and self.activation is None:
-            raise ValueError(f"residual: {self._short()} has no activation, so there is no fused add; "
-                             "build the layer with activation='relu', or add the residual yourself")
+        self._check_forward_arguments(x, residual, TRAINING if training_path else INFERENCE)
         common = dict(mode=self.mode, eps=self.eps, channel_axis=self.channel_axis)
         if self.activation is not None:
             common.update(residual=residual, activation=self.activation)
@@ -241,7 +265,7 @@ class BatchNorm:
             y, saved = train(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum, **common)
             if counting:  # only a batch that ran is counted
                 self.num_batches_tracked += 1
-            self._kept = (x, saved, None if self.activation is None else y)
+            self._kept = KeptForBackward(x, saved, None if self.activation is None else y)
             return y
         infer = _api.forward_inference if self.activation is None else fused.forward_inference
         y = infer(x, self._gamma, self._beta, self.running_mean, self.running_var, **common)
@@ -260,7 +284,7 @@ class BatchNorm:
                 "BatchNorm.backward: needs the batch statistics of a forward() in training mode "
                 "(or with track_running_stats=False); call forward() first, and not in eval mode"
             )
-        x, saved, y = self._kept
+        x, saved, y, _ = self._kept
         if isinstance(saved, fused.FusedSaved):
             dx, dresidual, dgamma, dbeta = fused.backward(x, y, dy, self._gamma, saved)
         else:

@@ -37,8 +37,9 @@ def test_doc_blocks_that_need_no_gpu_run(name, monkeypatch, tmp_path):
         assert namespace["cudnn"] is namespace["libcudnn"] and namespace["cudnn"].__name__ == "cudnn_bn.compat"
 
 
-@pytest.mark.parametrize("name", [name for name in MARKED_DOCS
-                                  if any(block.marker == GPU_MARK for block in python_blocks(os.path.join(DOCS, name)))])
+@pytest.mark.parametrize("name", [
+    name for name in MARKED_DOCS if any(block.marker == GPU_MARK for block in python_blocks(os.path.join(DOCS, name)))
+])
 def test_doc_gpu_blocks_run_on_the_simulated_gpu(name, monkeypatch, tmp_path):
     assert run_gpu_blocks(os.path.join(DOCS, name), monkeypatch, tmp_path) >= 1
 
@@ -67,3 +68,14 @@ def test_documented_command_line_options_exist():
         help_text = _help(command)
         missing = sorted(option for option in options if option not in help_text)
         assert not missing, f"documented options of `cudnn-bn {command}` that it does not have: {missing}"
+
+
+def test_the_distributed_guide_states_no_count_of_host_synchronizations():
+    """Host synchronizations are counted, not guessed: until the simulated GPU counts them, the
+    guide gives no number of times the host waits for the device."""
+    text = " ".join(open(os.path.join(DOCS, "distributed.md"), encoding="utf-8").read().split())
+    sentences = re.split(r"(?<=[.;:])\s", text)
+    claims = [sentence for sentence in sentences
+              if re.search(r"host waits|waits? for the device|synchroni[sz]", sentence, re.IGNORECASE)
+              and re.search(r"\b(once|twice|thrice|\d+ times)\b", sentence)]
+    assert not claims, claims

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cudnn_bn import fused, reference
-from cudnn_bn.layer import BatchNorm, _batch_count, _feature_shape, _listed, _prefix_hint
+from cudnn_bn.layer import BatchNorm, KeptForBackward, _batch_count, _feature_shape, _listed, _prefix_hint
 
 
 def _data(shape, seed=0, dtype=np.float32):
@@ -69,7 +69,7 @@ def test_a_layer_pickled_before_activations_existed_loads_and_runs_backward():
     old = BatchNorm.__new__(BatchNorm)
     old.__setstate__(state)
     assert old.activation is None and old.grad_residual is None
-    assert len(old._kept) == 3 and old._kept[2] is None
+    assert type(old._kept) is KeptForBackward and old._kept.y is None and old._kept.group is None
     np.testing.assert_array_equal(old.backward(dy), layer.backward(dy))
 
 

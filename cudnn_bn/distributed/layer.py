@@ -1,0 +1,129 @@
+""":class:`SyncBatchNorm`: the BatchNorm layer whose training statistics and gradients span a group."""
+
+from __future__ import annotations
+
+import inspect
+
+from .. import fused
+from .._core.fused_saved import FusedSaved
+from .._core.policy import TRAINING
+from .._core.validate import array_kind
+from ..layer import BatchNorm, KeptForBackward
+from .calls import finish_backward, finish_forward, prepare_backward, prepare_forward
+from .communicators import group_position
+from .helpers import array_module
+from .protocol import BACKWARD, FORWARD, Exchange, bind_arguments
+
+__all__ = ["SyncBatchNorm"]
+
+# the parameters of BatchNorm's forward and backward, which the layer's take too; bound inside the
+# guard in training mode, so that arguments that do not bind on one rank make every rank raise
+_FORWARD, _BACKWARD = inspect.signature(BatchNorm.forward), inspect.signature(BatchNorm.backward)
+
+
+def _bound(signature: inspect.Signature, method: str, layer, arguments: tuple, options: dict) -> tuple:
+    """The method's arguments after ``self``, bound to ``signature``, defaults applied."""
+    return bind_arguments(signature, f"SyncBatchNorm.{method}", (layer, *arguments), options).args[1:]
+
+
+def _activation_gradient(kept: KeptForBackward, dy):
+    """dy where the forward's activation passed its input, else 0: the gradient of the batch
+    norm's output, and of the residual."""
+    kind, y = array_kind(dy=dy, y=kept.y), kept.y
+    if tuple(dy.shape) != tuple(y.shape):
+        raise ValueError(f"dy: expected the shape of the forward's output {tuple(y.shape)}, got {tuple(dy.shape)}")
+    if dy.dtype != y.dtype:
+        raise TypeError(f"dy: expected the dtype of the forward's output {y.dtype}, got {dy.dtype}")
+    xp = array_module(kind)
+    grad = xp.zeros_like(dy)
+    xp.copyto(grad, dy, where=fused.activation_mask(y, kept.saved.activation))
+    return grad
+
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`~cudnn_bn.BatchNorm` whose training-mode statistics and gradients span ``group``.
+
+    Args:
+        num_features, and every keyword of BatchNorm (mode, eps, momentum, affine,
+        track_running_stats, channel_axis, dtype, xp, activation).
+        group: this rank's :class:`Communicator`; every rank builds its layer with the same
+            settings and calls forward and backward in the same order.
+
+    Training mode communicates (two collectives in forward, two in backward); with an
+    activation, forward returns ``act(BN(x) + residual)`` with the group's statistics and
+    backward runs through the activation, as BatchNorm does. Every check of forward and backward
+    runs before the collectives on every rank, so a refused input raises on every rank
+    (:class:`PeerFailedError` on the others) and leaves every layer as it was. Eval mode does
+    not communicate: it normalizes with the running statistics, or with this rank's own batch
+    when ``track_running_stats=False`` (as torch.nn.SyncBatchNorm does), so ranks need not
+    evaluate in step. ``grad_gamma`` and ``grad_beta`` are the group's sums, identical on every
+    rank. The layer cannot be pickled or copied (its group is a connection held by this
+    process): save :meth:`state_dict` and load it into a layer made with a group.
+    """
+
+    def __init__(self, num_features, *, group, **options):
+        group_position(group)
+        super().__init__(num_features, **options)
+        self.group = group
+
+    def forward(self, *arguments, **options):
+        """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
+        if not self.training:
+            return super().forward(*_bound(_FORWARD, "forward", self, arguments, options))
+        counting = self.track_running_stats
+        exchange, step = Exchange(self.group, FORWARD), None
+        with exchange.guard():
+            x, residual = _bound(_FORWARD, "forward", self, arguments, options)
+            self._check_forward_arguments(x, residual, TRAINING)
+            momentum = self._momentum_for_next_batch() if counting else 0.0
+            step = prepare_forward(
+                exchange, x, self.gamma, self.beta, self.running_mean, self.running_var, mode=self.mode,
+                momentum=momentum, eps=self.eps, channel_axis=self.channel_axis, residual=residual,
+                activation=self.activation,
+            )
+        y, saved = finish_forward(exchange, step)
+        if counting:  # only a batch that ran is counted
+            self.num_batches_tracked += 1
+        self._kept = KeptForBackward(x, saved, None if self.activation is None else y, self.group)
+        return y
+
+    forward.__signature__ = _FORWARD
+    __call__ = forward
+
+    def backward(self, *arguments, **options):
+        """dx for this rank's last forward input; sets ``grad_gamma`` and ``grad_beta`` (when
+        affine) and, with an activation, ``grad_residual``."""
+        kept = self._kept
+        if (kept is None and not self.training) or (kept is not None and kept.group is None):
+            # a single-process forward (or none, outside training)
+            return super().backward(*_bound(_BACKWARD, "backward", self, arguments, options))
+        exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
+        with exchange.guard():
+            (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
+            if kept is None:
+                raise RuntimeError(
+                    "SyncBatchNorm.backward: needs the statistics of a forward() in training mode; call it first"
+                )
+            fused_forward = isinstance(kept.saved, FusedSaved)
+            grad = _activation_gradient(kept, dy) if fused_forward else dy
+            statistics = kept.saved.stats if fused_forward else kept.saved
+            step = prepare_backward(exchange, kept.x, grad, self.gamma, statistics)
+        dx, dgamma, dbeta = finish_backward(exchange, step)
+        if self.affine:
+            self.grad_gamma, self.grad_beta = dgamma, dbeta
+        self.grad_residual = grad if isinstance(kept.saved, FusedSaved) and kept.saved.has_residual else None
+        return dx
+
+    backward.__signature__ = _BACKWARD
+
+    def __reduce_ex__(self, protocol):
+        # pickle, copy and deepcopy all come here; a communicator is a connection to the other
+        # ranks, held by this process, that no copy can share or carry elsewhere
+        raise TypeError(
+            f"SyncBatchNorm cannot be pickled or copied: its group ({self.group!r}) is a connection to the other "
+            "ranks that belongs to this process. Save layer.state_dict() instead, and load it with load_state_dict() "
+            "into a SyncBatchNorm made with a group (this one, for a copy in this process)"
+        )
+
+    def __repr__(self) -> str:
+        return f"Sync{super().__repr__()[:-1]}, group={self.group!r})"

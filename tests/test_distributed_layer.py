@@ -1,0 +1,276 @@
+"""cudnn_bn.distributed.SyncBatchNorm: trains like BatchNorm on the concatenated batch (with its
+activation and residual), refuses on every rank, keeps what BatchNorm keeps. Ranks run as threads
+with the in-process communicator."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from cudnn_bn import BatchNorm, fused
+from cudnn_bn import distributed as dist
+from cudnn_bn.layer import KeptForBackward
+from conftest import make_case
+from group_checks import close, results, run_ranks, shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAILED = "failed (an error other than a refused input)"
+
+
+def test_sync_batch_norm_trains_like_batch_norm_on_the_concatenated_batch():
+    sizes = [3, 1, 2]
+    rng = np.random.default_rng(5)
+    batches = [(2.0 + 3.0 * rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((6, 4, 3, 3))) for _ in range(2)]
+    single = BatchNorm(4, mode="spatial", momentum=None, dtype=np.float64)
+    expected = []
+    for x, dy in batches:
+        y = single(x)
+        expected.append((y, single.backward(dy), single.grad_gamma.copy(), single.grad_beta.copy()))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", momentum=None, dtype=np.float64)
+        steps = []
+        for x, dy in batches:
+            y = layer(shards(x, sizes)[rank])
+            steps.append((y, layer.backward(shards(dy, sizes)[rank]), layer.grad_gamma, layer.grad_beta))
+        return layer, steps
+
+    outcomes = results(run_ranks(3, body))
+    for step, (y, dx, grad_gamma, grad_beta) in enumerate(expected):
+        close(np.concatenate([o[1][step][0] for o in outcomes]), y, np.float64, what="y")
+        close(np.concatenate([o[1][step][1] for o in outcomes]), dx, np.float64, what="dx")
+        for layer, steps in outcomes:
+            close(steps[step][2], grad_gamma, np.float64, what="grad_gamma", scale=50)
+            close(steps[step][3], grad_beta, np.float64, what="grad_beta", scale=50)
+    for layer, _ in outcomes:
+        assert layer.num_batches_tracked == 2
+        close(layer.running_mean, single.running_mean, np.float64, what="running_mean")
+        close(layer.running_var, single.running_var, np.float64, what="running_var")
+        assert "group=LocalCommunicator" in repr(layer)
+
+
+def test_sync_batch_norm_evaluates_without_communicating():
+    group = dist.local_group(2, timeout=0.2)  # rank 1 never calls: any collective would time out
+    layer = dist.SyncBatchNorm(3, group=group[0], mode="spatial", dtype=np.float64).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 2, 2))
+    np.testing.assert_allclose(layer(x), x / np.sqrt(1 + 1e-5))
+    local = dist.SyncBatchNorm(3, group=group[0], mode="spatial", track_running_stats=False, dtype=np.float64).eval()
+    y = local(x)  # this rank's own batch statistics
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    assert local.backward(np.ones_like(x)).shape == x.shape
+    with pytest.raises(TypeError, match="group"):
+        dist.SyncBatchNorm(3, group="nccl")
+
+
+def test_sync_batch_norm_with_relu_and_a_residual_trains_like_batch_norm_with_them():
+    sizes = [2, 1, 3]
+    rng = np.random.default_rng(8)
+    x, dy, residual = (rng.standard_normal((6, 4, 3)) for _ in range(3))
+    single = BatchNorm(4, mode="spatial", dtype=np.float64, activation="relu")
+    y = single(x, residual)
+    dx = single.backward(dy)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, activation="relu")
+        part = layer(shards(x, sizes)[rank], shards(residual, sizes)[rank])
+        return layer, part, layer.backward(shards(dy, sizes)[rank])
+
+    outcomes = results(run_ranks(3, body))
+    close(np.concatenate([o[1] for o in outcomes]), y, np.float64, what="y")
+    assert min(o[1].min() for o in outcomes) == 0.0  # the ReLU ran in training
+    close(np.concatenate([o[2] for o in outcomes]), dx, np.float64, what="dx")
+    grad_residual = np.concatenate([o[0].grad_residual for o in outcomes])
+    close(grad_residual, single.grad_residual, np.float64, what="grad_residual")
+    for layer, _, _ in outcomes:
+        close(layer.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=20)
+        close(layer.grad_beta, single.grad_beta, np.float64, what="grad_beta", scale=20)
+        close(layer.running_var, single.running_var, np.float64, what="running_var")
+        assert isinstance(layer._kept.saved, fused.FusedSaved) and layer._kept.saved.has_residual
+
+    def without_residual(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, activation="relu")
+        layer(shards(x, sizes)[rank])
+        layer.backward(shards(dy, sizes)[rank])
+        return layer.grad_residual
+
+    assert results(run_ranks(3, without_residual)) == [None] * 3
+
+
+def _layer_step(rank, group, x, sizes, layer=None, **options):
+    layer = layer or dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, **options)
+    return layer, layer(shards(x, sizes)[rank])
+
+
+def test_a_shard_the_layer_refuses_raises_on_every_rank_and_the_next_step_is_not_mixed():
+    """A shard refused on one rank must not raise there alone: that rank's next call would pair
+    with its peer's first collective, and the peer would return statistics of two steps."""
+    sizes = [2, 3]
+    rng = np.random.default_rng(4)
+    first, second = (rng.standard_normal((5, 3, 2)).astype(np.float32) for _ in range(2))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, momentum=None)
+        shard = shards(first, sizes)[rank]
+        try:
+            layer(shard.astype(np.int32) if rank == 1 else shard)
+        except Exception as error:
+            refused = error
+        state = layer.state_dict()
+        return refused, state, layer(shards(second, sizes)[rank]), layer
+
+    outcomes = results(run_ranks(2, body))
+    assert type(outcomes[1][0]) is TypeError and str(outcomes[1][0]).startswith("rank 1: x: expected dtype float32")
+    named = outcomes[0][0]
+    assert isinstance(named, dist.PeerFailedError) and "rank 1 refused its x (TypeError)" in str(named)
+    single = BatchNorm(3, mode="spatial", dtype=np.float32, momentum=None)
+    y = single(second)
+    close(np.concatenate([o[2] for o in outcomes]), y, np.float32, what="y of the next step")
+    for _, state, _, layer in outcomes:
+        assert int(state["num_batches_tracked"]) == 0 and (state["running_mean"] == 0).all()
+        assert layer.num_batches_tracked == 1
+        close(layer.running_mean, single.running_mean, np.float32, what="running_mean")
+
+
+@pytest.mark.parametrize("refusal", ["residual", "num_batches_tracked"])
+def test_every_check_of_the_layer_runs_before_the_collective(refusal):
+    _, x, _, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, momentum=None)
+        residual = None
+        if rank == 1 and refusal == "residual":
+            residual = np.zeros_like(x[:2])
+        if rank == 1 and refusal == "num_batches_tracked":
+            layer.num_batches_tracked = "seven"
+        return layer(shards(x, [2, 2])[rank], residual)
+
+    outcomes = run_ranks(2, body)
+    assert type(outcomes[1]) in (TypeError, ValueError) and str(outcomes[1]).startswith(f"rank 1: {refusal}:")
+    assert isinstance(outcomes[0], dist.PeerFailedError) and f"rank 1 refused its {refusal}" in str(outcomes[0])
+
+
+def test_a_backward_without_a_forward_on_one_rank_raises_there_and_is_named_elsewhere():
+    _, x, dy, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer, _ = _layer_step(rank, group, x, [2, 2])
+        if rank == 1:  # a rank that lost its layer after the forward
+            layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32)
+        return layer.backward(shards(dy, [2, 2])[rank])
+
+    outcomes = run_ranks(2, body)
+    refused = outcomes[1]
+    assert type(refused) is RuntimeError and "needs the statistics of a forward() in training mode" in str(refused)
+    assert isinstance(outcomes[0], dist.PeerFailedError) and f"rank 1 {FAILED}" in str(outcomes[0])
+
+
+def test_both_layers_keep_one_named_tuple():
+    x = np.random.default_rng(1).standard_normal((4, 3)).astype(np.float32)
+    plain = BatchNorm(3)
+    plain(x)
+    group = dist.local_group(1)[0]
+    synced = dist.SyncBatchNorm(3, group=group)
+    synced(x)
+    assert type(plain._kept) is type(synced._kept) is KeptForBackward
+    assert plain._kept.group is None and synced._kept.group is group and plain._kept.x is x
+
+
+def test_layers_pickled_with_a_plain_tuple_load_and_run_backward():
+    """tests/fixtures/layers_with_kept_tuples.pickle: a BatchNorm and a BatchNorm with ReLU after
+    one training forward each, pickled by the layer as it was when it kept a plain tuple."""
+    with open(os.path.join(ROOT, "tests", "fixtures", "layers_with_kept_tuples.pickle"), "rb") as file:
+        stored = pickle.load(file)
+    x = stored["x"]
+    dy = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    for name, options, residual in (("plain", {}, None), ("relu", {"activation": "relu"}, np.ones_like(x))):
+        old = stored[name]
+        assert type(old._kept) is KeptForBackward and old._kept.group is None
+        fresh = BatchNorm(2, mode="spatial", **options)
+        fresh(x, residual)
+        np.testing.assert_array_equal(old.backward(dy), fresh.backward(dy))
+        np.testing.assert_array_equal(old.grad_gamma, fresh.grad_gamma)
+
+
+def test_a_sync_layer_state_with_the_old_group_flag_loads_with_its_group():
+    group = dist.local_group(1)[0]
+    layer = dist.SyncBatchNorm(3, group=group, dtype=np.float64)
+    x = np.random.default_rng(2).standard_normal((4, 3))
+    layer(x)
+    state = layer.__getstate__()
+    state["_kept"], state["_kept_is_group"] = tuple(layer._kept[:2]), True
+    old = dist.SyncBatchNorm.__new__(dist.SyncBatchNorm)
+    old.__setstate__(state)
+    assert "_kept_is_group" not in old.__dict__ and old._kept.group is group
+    np.testing.assert_array_equal(old.backward(np.ones_like(x)), layer.backward(np.ones_like(x)))
+
+
+def test_the_layer_reads_the_activation_gradient_from_the_one_definition_of_it(monkeypatch):
+    """Where an activation passes the gradient is decided once, by cudnn_bn.fused, for the fused
+    reference and the sync layer alike."""
+    rng = np.random.default_rng(3)
+    x, dy = (rng.standard_normal((4, 3, 2)) for _ in range(2))
+    single = BatchNorm(3, mode="spatial", dtype=np.float64, activation="relu")
+    single(x)
+    expected = single.backward(dy)
+    masks = []
+    one_definition = fused.activation_mask
+
+    def recording(y, activation):
+        masks.append(activation)
+        return one_definition(y, activation)
+
+    monkeypatch.setattr(fused, "activation_mask", recording)
+    layer = dist.SyncBatchNorm(3, group=dist.local_group(1)[0], mode="spatial", dtype=np.float64, activation="relu")
+    layer(x)
+    close(layer.backward(dy), expected, np.float64, what="dx")
+    assert masks == [fused.Activation.RELU]
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+def test_layer_arguments_that_do_not_bind_are_refused_on_every_rank(phase):
+    _, x, dy, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32)
+        shard, grad = shards(x, [2, 2])[rank], shards(dy, [2, 2])[rank]
+        wrong = rank == 1
+        try:
+            if phase == "forward":
+                layer(shard, None, "extra") if wrong else layer(shard)
+            else:
+                layer(shard)
+                layer.backward(grad, scale=2.0) if wrong else layer.backward(grad)
+        except Exception as error:
+            return error, layer(shard), layer.backward(grad)  # the next step runs
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body))
+    refused, named = outcomes[1][0], outcomes[0][0]
+    expected = ("SyncBatchNorm.forward() too many positional arguments" if phase == "forward"
+                else "SyncBatchNorm.backward() got an unexpected keyword argument 'scale'")
+    assert type(refused) is TypeError and str(refused) == f"rank 1: arguments: {expected}"
+    assert isinstance(named, dist.PeerFailedError) and "rank 1 refused its arguments (TypeError)" in str(named)
+    close(np.concatenate([o[1] for o in outcomes]), BatchNorm(3, mode="spatial")(x), np.float32, what="next y")
+
+
+def test_the_layer_shows_its_real_parameters():
+    assert str(inspect.signature(dist.SyncBatchNorm.forward)) == "(self, x, residual=None)"
+    assert str(inspect.signature(dist.SyncBatchNorm.backward)) == "(self, dy)"
+    layer = dist.SyncBatchNorm(3, group=dist.local_group(1)[0]).eval()
+    assert str(inspect.signature(layer)) == "(x, residual=None)"
+    with pytest.raises(TypeError, match="too many positional arguments"):  # eval: no collective, raised at once
+        layer(np.ones((2, 3), np.float32), None, "extra")
+
+
+def test_a_sync_layer_refuses_to_be_pickled_or_copied_naming_its_group():
+    layer = dist.SyncBatchNorm(3, group=dist.local_group(2)[0], dtype=np.float64)
+    for copying in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"SyncBatchNorm cannot be pickled or copied: its group "
+                                            r"\(LocalCommunicator\(rank=0, world_size=2, timeout=60\)\) .*"
+                                            r"state_dict\(\)"):
+            copying(layer)
