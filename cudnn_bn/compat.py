@@ -42,7 +42,8 @@ from . import _api
 from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, check_eps, check_no_overlap
+from ._core.arrays import array_kind, check_no_overlap
+from ._core.scalars import check_eps
 
 __all__ = [
     "CUDNN_BATCHNORM_PER_ACTIVATION",

@@ -35,13 +35,8 @@ from ._core.fused_saved import (
 from ._core.modes import Activation, parse_activation
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from ._core.saved import SavedStats
-from ._core.validate import (
-    array_kind,
-    check_backward,
-    check_forward_inference,
-    check_forward_training,
-    resolve_backward_settings,
-)
+from ._core.arrays import array_kind
+from ._core.validate import check_backward, check_forward_inference, check_forward_training, resolve_backward_settings
 
 __all__ = [
     "FusedSaved",

@@ -19,7 +19,9 @@ from . import _api, fused
 from ._core.layout import MAX_NDIM, make_layout
 from ._core.modes import AUTO, parse_activation, parse_mode
 from ._core.policy import INFERENCE, TRAINING, choose_mode
-from ._core.validate import DATA_DTYPES, array_kind, check_channel_axis, check_eps, check_momentum, param_dtype_for
+from ._core.arrays import array_kind
+from ._core.scalars import check_channel_axis, check_eps, check_momentum
+from ._core.validate import DATA_DTYPES, param_dtype_for
 
 __all__ = ["BatchNorm", "LoadResult"]
 

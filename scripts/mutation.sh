@@ -4,7 +4,8 @@
 #   scripts/mutation.sh MODULE [--worktree] [--timeout SECONDS]
 #   scripts/mutation.sh MODULE --survivors [--timeout SECONDS]
 #
-# MODULE is one of: ops plans limits validate layout handles policy descriptors layer reference.
+# MODULE is one of: ops plans limits validate arrays scalars layout handles policy descriptors layer
+# reference.
 # The run happens in a private copy of the committed tree (.mutation/MODULE/), so edits made to the
 # working tree during a run change nothing, and the score belongs to the commit it prints. With
 # --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
@@ -42,6 +43,8 @@ case $module in
     plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_cudnn_safety test_cupy_path test_descriptors" ;;
     limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_cudnn_safety test_cupy_path" ;;
     validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_api test_layer test_compat test_cupy_path test_adversarial" ;;
+    arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_validation test_validate_mutants test_api test_compat test_cupy_path test_adversarial" ;;
+    scalars)     source=cudnn_bn/_core/scalars.py;      tests="test_validation test_validate_mutants test_api test_layer test_compat" ;;
     layout)      source=cudnn_bn/_core/layout.py;       tests="test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
     handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_cudnn_safety test_cupy_path test_raw" ;;
     policy)      source=cudnn_bn/_core/policy.py;       tests="test_policy test_cupy_path test_layer" ;;

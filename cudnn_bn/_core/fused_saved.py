@@ -11,7 +11,7 @@ import numpy as np
 
 from .modes import Activation, parse_activation
 from .saved import SavedStats
-from .validate import array_kind, check_no_overlap
+from .arrays import array_kind, check_no_overlap
 
 __all__ = [
     "FusedSaved",

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from .modes import Mode, parse_mode, parse_on_overflow
+from .scalars import check_channel_axis, check_eps
 
 __all__ = ["SavedStats"]
 
@@ -47,9 +48,6 @@ class SavedStats:
     on_overflow: Any = None
 
     def __post_init__(self) -> None:
-        # imported here: validate imports this module
-        from .validate import check_channel_axis, check_eps
-
         try:
             settings = dict(
                 mode=parse_mode(self.mode),
