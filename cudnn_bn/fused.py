@@ -23,6 +23,7 @@ import numpy as np
 
 from . import reference
 from ._api import accept_arrays
+from ._core.arrays import array_kind
 from ._core.fused_saved import (
     PATH_COMPOSED,
     PATH_FUSED_EX,
@@ -35,7 +36,6 @@ from ._core.fused_saved import (
 from ._core.modes import Activation, parse_activation
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from ._core.saved import SavedStats
-from ._core.arrays import array_kind
 from ._core.validate import check_backward, check_forward_inference, check_forward_training, resolve_backward_settings
 
 __all__ = [

@@ -29,9 +29,9 @@ import math
 
 import numpy as np
 
+from ._core.arrays import array_kind
 from ._core.layout import Layout
 from ._core.saved import SavedStats
-from ._core.arrays import array_kind
 from ._core.validate import (
     check_backward,
     check_fold,

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import array_kind, check_no_overlap
 from .modes import Activation, parse_activation
 from .saved import SavedStats
-from .arrays import array_kind, check_no_overlap
 
 __all__ = [
     "FusedSaved",

@@ -17,11 +17,11 @@ import sys
 import threading
 import warnings
 
+from .._core.arrays import byte_range as _byte_range, check_no_overlap
 from .._core.layout import Layout
 from .._core.modes import Mode, OnOverflow
 from .._core.policy import backward_settings, choose_mode
 from .._core.saved import SavedStats
-from .._core.arrays import byte_range as _byte_range, check_no_overlap
 from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
 from . import raw
