@@ -22,10 +22,12 @@ from __future__ import annotations
 import threading
 
 from .._core.modes import Activation, Mode, OnOverflow
-from .._core.saved import SavedStats
+from .._core.saved import trusted_saved_stats
 from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
 from .._core.fused_saved import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, check_forward_output, check_residual
 from . import ops, raw
+from .availability import check_cuda_build_once
+from .launch import after_overflow, after_persistent, check_reserve, cupy_module, lend, on_device, pointer, same_device, workspace
 from .limits import fused_ex_path_unmet
 from .plans import BACKWARD, TRAINING, plan_for
 from .raw import BatchNormOps
@@ -99,16 +101,16 @@ def activation_grad(cupy, y, dy, activation: Activation):
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation, mode: Mode,
                      momentum, eps, channel_axis, on_overflow: OnOverflow):
     """Fused forward training on cupy arrays; same contract as cudnn_bn.fused.reference_forward_training."""
-    cupy = ops._cupy()
+    cupy = cupy_module()
     checked, momentum = check_forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
     check_residual(x, residual, running_mean, running_var)
-    device_id = ops._same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
-    ops._check_build_once(cupy)
+    device_id = same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
+    check_cuda_build_once(cupy)
     plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)
     if uses_fused_ex_path(plan, activation):
-        with ops._on_device(cupy, device_id):
+        with on_device(cupy, device_id):
             result = _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual,
                                           activation, momentum, on_overflow)
         if result is not None:
@@ -119,7 +121,7 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, res
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=checked.eps,
         channel_axis=channel_axis, on_overflow=on_overflow,
     )
-    with ops._on_device(cupy, device_id):
+    with on_device(cupy, device_id):
         add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
     return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
 
@@ -137,28 +139,33 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     save_mean, save_inv_std = plan.new_params(cupy)
     activation_desc = plan.activation_descriptor(activation)
-    z_desc = None if z_in is None else plan.data_desc_pointer
-    handle = ops._lend(cupy, plan, checked_overflow)
+    data = plan.data_desc_pointer
+    z_desc = None if z_in is None else data
+    handle = lend(cupy, plan, checked_overflow)
     try:
         workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
-        workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
+        scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
         raw.library().cudnnBatchNormalizationForwardTrainingEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta,
-            plan.data_desc_pointer, x_in.data.ptr, z_desc, ops._pointer(z_in), plan.data_desc_pointer, y.data.ptr,
-            plan.param_desc_pointer, gamma_in.data.ptr, beta_in.data.ptr, momentum, ops._pointer(mean_in),
-            ops._pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, activation_desc.pointer,
-            workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
+            data, x_in.data.ptr,
+            z_desc, pointer(z_in),  # zDesc (x's), zData: NULL without a residual
+            data, y.data.ptr,  # yDesc: x's
+            plan.param_desc_pointer, gamma_in.data.ptr, beta_in.data.ptr,
+            momentum, pointer(mean_in), pointer(var_in),  # resultRunningMean, resultRunningVariance: NULL when not kept
+            checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
+            activation_desc.pointer,
+            scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = plan.persistent and ops._after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
     finally:
         handle.pool.release(handle)
     if overflowed:
-        ops._overflowed("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup, (mean_in, var_in))
+        after_overflow("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup, (mean_in, var_in))
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
-    stats = SavedStats._checked(
+    stats = trusted_saved_stats(
         plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
         layout.public_channel_axis, reserve, on_overflow,
     )
@@ -170,27 +177,27 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
 # ---- forward inference: always composed ----
 def forward_inference(x, gamma, beta, mean, var, *, residual, activation: Activation, mode: Mode, eps, channel_axis):
     """Fused forward inference on cupy arrays: the plain cuDNN call, then one elementwise kernel."""
-    cupy = ops._cupy()
+    cupy = cupy_module()
     check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
     check_residual(x, residual)
-    device_id = ops._same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
+    device_id = same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
     y = ops.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
-    with ops._on_device(cupy, device_id):
+    with on_device(cupy, device_id):
         return add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
 
 
 # ---- backward ----
 def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
     """Fused backward on cupy arrays; same contract as cudnn_bn.fused.reference_backward."""
-    cupy = ops._cupy()
+    cupy = cupy_module()
     stats = saved.stats
     checked = check_backward(x, dy, gamma, stats, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
     check_forward_output(x, y)
     named = {"x": x, "y": y, "dy": dy, "gamma": gamma, "saved_mean": stats.mean, "saved_inv_std": stats.inv_std}
     if saved.path == PATH_FUSED_EX:
         named.update(saved_reserve_space=stats.reserve_space, saved_bias=saved.bias)
-    device_id = ops._same_device(**named)
-    ops._check_build_once(cupy)
+    device_id = same_device(**named)
+    check_cuda_build_once(cupy)
     persistent = checked.layout.mode is Mode.SPATIAL_PERSISTENT
     if persistent and on_overflow is not OnOverflow.IGNORE:
         check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
@@ -200,15 +207,15 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
         and uses_fused_ex_path(plan, saved.activation)
     )
     if fused_ex:
-        with ops._on_device(cupy, device_id):
+        with on_device(cupy, device_id):
             result = _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow)
         if result is not None:
             return result
         mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
-    with ops._on_device(cupy, device_id):
+    with on_device(cupy, device_id):
         grad = activation_grad(cupy, y, dy, saved.activation)
     # the plain backward gets the statistics alone: the Ex reserve space belongs to the fused ops
-    plain = SavedStats._checked(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
+    plain = trusted_saved_stats(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
     dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
     return dx, (grad if saved.has_residual else None), dgamma, dbeta
 
@@ -222,28 +229,33 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     saved_mean, saved_inv_std = plan.param_in(cupy, stats.mean), plan.param_in(cupy, stats.inv_std)
     dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     dz = cupy.empty(x_in.shape, dtype=plan.data_dtype) if saved.has_residual else None
-    dz_desc = None if dz is None else plan.data_desc_pointer
     dgamma, dbeta = plan.new_params(cupy)
     reserve = stats.reserve_space
     activation_desc = plan.activation_descriptor(saved.activation)
     checked_overflow = on_overflow is not OnOverflow.IGNORE
     data = plan.data_desc_pointer
-    handle = ops._lend(cupy, plan, checked_overflow)
+    dz_desc = None if dz is None else data
+    handle = lend(cupy, plan, checked_overflow)
     try:
         _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
-        ops._check_reserve(reserve, reserve_size, plan.device_id)
-        workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
+        check_reserve(reserve, reserve_size, plan.device_id)
+        scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         raw.library().cudnnBatchNormalizationBackwardEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta, plan.alpha, plan.beta,
-            data, x_in.data.ptr, data, y_in.data.ptr, data, dy_in.data.ptr, dz_desc, ops._pointer(dz),
-            data, dx.data.ptr, plan.param_desc_pointer, gamma_in.data.ptr, bias.data.ptr,
+            data, x_in.data.ptr,
+            data, y_in.data.ptr,  # yDesc: x's
+            data, dy_in.data.ptr,  # dyDesc: x's
+            dz_desc, pointer(dz),  # dzDesc (x's), dzData: NULL without a residual
+            data, dx.data.ptr,  # dxDesc: x's
+            plan.param_desc_pointer, gamma_in.data.ptr, bias.data.ptr,
             dgamma.data.ptr, dbeta.data.ptr, checked.eps, saved_mean.data.ptr, saved_inv_std.data.ptr,
-            activation_desc.pointer, workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
+            activation_desc.pointer,
+            scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = plan.persistent and ops._after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
     finally:
         handle.pool.release(handle)
     if overflowed:
-        ops._overflowed("cudnnBatchNormalizationBackwardEx", BACKWARD, "fused backward", plan, on_overflow)
+        after_overflow("cudnnBatchNormalizationBackwardEx", BACKWARD, "fused backward", plan, on_overflow)
         return None
     return dx, dz, plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
