@@ -39,9 +39,9 @@ done
 # module -> (source file, the test files that exercise it). A module's own mutant-killing tests live
 # in tests/test_MODULE_mutants.py and are added when present.
 case $module in
-    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_cupy_path test_cudnn_safety test_compat test_interop test_api" ;;
-    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_ops_mutants test_cupy_path test_cudnn_safety test_compat test_fused" ;;
-    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_ops_mutants test_cupy_path test_cudnn_safety test_api" ;;
+    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_cupy_path test_cudnn_safety test_compat test_interop test_api test_fused_ops" ;;
+    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_ops_mutants test_cupy_path test_cudnn_safety test_compat test_fused test_fused_ops" ;;
+    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_ops_mutants test_cupy_path test_cudnn_safety test_api test_fused_ops" ;;
     plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_cudnn_safety test_cupy_path test_descriptors" ;;
     limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_cudnn_safety test_cupy_path" ;;
     validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_api test_layer test_compat test_cupy_path test_adversarial" ;;

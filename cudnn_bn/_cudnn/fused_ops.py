@@ -21,16 +21,26 @@ from __future__ import annotations
 
 import threading
 
+from .._core.fused_saved import (
+    PATH_COMPOSED,
+    PATH_FUSED_EX,
+    FusedSaved,
+    check_forward_output,
+    check_residual,
+    check_residual_apart,
+)
 from .._core.modes import Activation, Mode, OnOverflow
 from .._core.saved import trusted_saved_stats
+from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
-from .._core.fused_saved import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, check_forward_output, check_residual
 from . import ops, raw
 from .availability import check_cuda_build_once
+from .handles import borrow
 from .launch import after_overflow, after_persistent, check_reserve, cupy_module, lend, on_device, pointer, same_device, workspace
 from .limits import fused_ex_path_unmet
-from .plans import BACKWARD, TRAINING, plan_for
+from .plans import BACKWARD, INFERENCE, TRAINING, plan_for
 from .raw import BatchNormOps
+from .signatures import check_running_apart, lookup, remember, running_signature, saved_signature, signature
 
 __all__ = ["backward", "forward_inference", "forward_training", "uses_fused_ex_path"]
 
@@ -97,33 +107,74 @@ def activation_grad(cupy, y, dy, activation: Activation):
     return cupy.ascontiguousarray(kernel(y, dy))
 
 
+# ---- what a fused call signature settled ----
+# Keys of their own in the settled-signature cache (signatures.py), next to the plain calls'.
+_FUSED_TRAINING, _FUSED_INFERENCE, _FUSED_BACKWARD = (f"fused {operation}" for operation in (TRAINING, INFERENCE, BACKWARD))
+
+
+class _FusedSettled:
+    """What one fused call signature settled: the arrays' device, the checked description, the
+    plan and overflow policy, whether the fused Ex call runs (``fused_ex``), whether each call
+    checks that the saved statistics are finite (``checks_finite``), and the plain call's own
+    settling (ops.settle_*), which the composed path runs (None where only the fused Ex call does)."""
+
+    __slots__ = ("device_id", "checked", "plan", "on_overflow", "fused_ex", "checks_finite", "plain")
+
+    def __init__(self, device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite=False):
+        self.device_id, self.checked, self.plan, self.on_overflow = device_id, checked, plan, on_overflow
+        self.fused_ex, self.plain, self.checks_finite = fused_ex, plain, checks_finite
+
+
 # ---- forward training ----
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation, mode: Mode,
                      momentum, eps, channel_axis, on_overflow: OnOverflow):
     """Fused forward training on cupy arrays; same contract as cudnn_bn.fused.reference_forward_training."""
     cupy = cupy_module()
+    key, settled = lookup((
+        _FUSED_TRAINING, activation, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis,
+        type(eps), eps, signature(x), signature(gamma), signature(beta), running_signature(running_mean, running_var),
+        signature(residual),
+    ))
+    if settled is None:
+        settled, momentum = _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode,
+                                             momentum, eps, channel_axis, on_overflow)
+        remember(key, settled)
+    else:  # what depends on values, in the order of the full checks
+        if running_mean is not None:
+            check_running_apart(settled.plain, x, gamma, beta, running_mean, running_var)
+        momentum = check_momentum(momentum)
+        if residual is not None:
+            check_residual_apart(x, residual, running_mean, running_var)
+    with on_device(cupy, settled.device_id):
+        if settled.fused_ex:
+            result = _forward_training_ex(cupy, settled.plan, settled.checked, x, gamma, beta, running_mean, running_var,
+                                          residual, activation, momentum, settled.on_overflow)
+            if result is not None:
+                return result
+            # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
+            y, stats = ops.forward_training(x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, settled.checked.eps,
+                                            channel_axis, OnOverflow.IGNORE)
+        else:
+            y, stats = ops.run_training(cupy, settled.plain, x, gamma, beta, running_mean, running_var, momentum, channel_axis)
+        add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+    return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
+
+
+def _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode, momentum, eps, channel_axis,
+                     on_overflow):
+    """``(settled, momentum)``: the full checks of a fused forward-training signature (and of this
+    call's values), then the plain call's settling (its plan, and the extents the per-call overlap
+    check reads)."""
     checked, momentum = check_forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
     check_residual(x, residual, running_mean, running_var)
     device_id = same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
-    check_cuda_build_once(cupy)
-    plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)
-    if uses_fused_ex_path(plan, activation):
-        with on_device(cupy, device_id):
-            result = _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual,
-                                          activation, momentum, on_overflow)
-        if result is not None:
-            return result
-        # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
-        mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
-    y, stats = ops.forward_training(
-        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=checked.eps,
-        channel_axis=channel_axis, on_overflow=on_overflow,
-    )
     with on_device(cupy, device_id):
-        add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
-    return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
+        plain, momentum = ops.settle_training(cupy, x, gamma, beta, running_mean, running_var, mode, momentum, checked.eps,
+                                              channel_axis, on_overflow)
+    plan = plain.plan
+    return _FusedSettled(device_id, plain.checked, plan, on_overflow, uses_fused_ex_path(plan, activation), plain), momentum
 
 
 def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual, activation, momentum,
@@ -161,7 +212,8 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     finally:
         handle.pool.release(handle)
     if overflowed:
-        after_overflow("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup, (mean_in, var_in))
+        after_overflow("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup,
+                       (mean_in, var_in))
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
@@ -178,18 +230,65 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
 def forward_inference(x, gamma, beta, mean, var, *, residual, activation: Activation, mode: Mode, eps, channel_axis):
     """Fused forward inference on cupy arrays: the plain cuDNN call, then one elementwise kernel."""
     cupy = cupy_module()
+    key, settled = lookup((
+        _FUSED_INFERENCE, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, signature(x), signature(gamma),
+        signature(beta), signature(mean), signature(var), signature(residual),
+    ))
+    if settled is None:
+        settled = remember(key, _settle_inference(cupy, x, gamma, beta, mean, var, residual, mode, eps, channel_axis))
+    elif residual is not None:
+        check_residual_apart(x, residual)
+    with on_device(cupy, settled.device_id):
+        y = ops.run_inference(cupy, settled.plain, x, gamma, beta, mean, var)
+        return add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+
+
+def _settle_inference(cupy, x, gamma, beta, mean, var, residual, mode, eps, channel_axis) -> _FusedSettled:
+    """The full checks of a fused forward-inference signature, then the plain call's settling."""
     check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
     check_residual(x, residual)
     device_id = same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
-    y = ops.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
     with on_device(cupy, device_id):
-        return add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+        plain = ops.settle_inference(cupy, x, gamma, beta, mean, var, mode, eps, channel_axis)
+    return _FusedSettled(device_id, plain.checked, plain.plan, None, False, plain)
 
 
 # ---- backward ----
 def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
     """Fused backward on cupy arrays; same contract as cudnn_bn.fused.reference_backward."""
     cupy = cupy_module()
+    stats = saved.stats
+    try:
+        key = (
+            _FUSED_BACKWARD, saved.activation, saved.has_residual, saved.path, signature(saved.bias), type(mode), mode,
+            type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow, signature(x), signature(y),
+            signature(dy), signature(gamma), saved_signature(stats),
+        )
+    except Exception:  # statistics of a SavedStats subclass, or something other than arrays: the full checks name it
+        key = None
+    key, settled = lookup(key)
+    if settled is None:
+        settled = remember(key, _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
+    elif settled.checks_finite:
+        check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
+    with on_device(cupy, settled.device_id):
+        if settled.fused_ex:
+            result = _backward_ex(cupy, settled.plan, settled.checked, x, y, dy, gamma, saved, settled.on_overflow)
+            if result is not None:
+                return result
+        grad = activation_grad(cupy, y, dy, saved.activation)
+        # the plain backward gets the statistics alone: the Ex reserve space belongs to the fused ops
+        plain = trusted_saved_stats(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
+        if settled.fused_ex:  # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
+            dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, Mode.SPATIAL, eps, channel_axis, OnOverflow.IGNORE)
+        else:
+            dx, dgamma, dbeta = ops.run_backward(cupy, settled.plain, x, grad, gamma, plain, channel_axis)
+    return dx, (grad if saved.has_residual else None), dgamma, dbeta
+
+
+def _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow) -> _FusedSettled:
+    """The full checks of a fused backward signature (and of this call's values), then its plan,
+    and on the composed path the plain backward's settling."""
     stats = saved.stats
     checked = check_backward(x, dy, gamma, stats, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
     check_forward_output(x, y)
@@ -198,30 +297,30 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
         named.update(saved_reserve_space=stats.reserve_space, saved_bias=saved.bias)
     device_id = same_device(**named)
     check_cuda_build_once(cupy)
-    persistent = checked.layout.mode is Mode.SPATIAL_PERSISTENT
-    if persistent and on_overflow is not OnOverflow.IGNORE:
+    checks_finite = checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE
+    if checks_finite:
         check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
     plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
     fused_ex = (
         saved.path == PATH_FUSED_EX and stats.reserve_space is not None and saved.bias is not None
         and uses_fused_ex_path(plan, saved.activation)
     )
-    if fused_ex:
-        with on_device(cupy, device_id):
-            result = _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow)
-        if result is not None:
-            return result
-        mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
     with on_device(cupy, device_id):
-        grad = activation_grad(cupy, y, dy, saved.activation)
-    # the plain backward gets the statistics alone: the Ex reserve space belongs to the fused ops
-    plain = trusted_saved_stats(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
-    dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
-    return dx, (grad if saved.has_residual else None), dgamma, dbeta
+        if fused_ex:  # BackwardEx reads the forward's reserve space, which holds the activation's mask too
+            with borrow(device_id) as handle:
+                reserve_size = plan.fused_ex_sizes(handle.pointer, _bn_ops(saved.has_residual), saved.activation)[2]
+            check_reserve(stats.reserve_space, reserve_size, device_id)
+            plain = None
+        else:  # the plain backward of the activation's gradient, which has dy's shape, dtype and device
+            plain_stats = trusted_saved_stats(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None,
+                                              stats.on_overflow)
+            plain = ops.settle_backward(cupy, x, dy, gamma, plain_stats, mode, eps, channel_axis, on_overflow)
+    return _FusedSettled(device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite)
 
 
 def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
-    """The fused BackwardEx call; None when it overflowed and on_overflow is "fallback"."""
+    """The fused BackwardEx call (its reserve space checked when the signature was settled); None
+    when it overflowed and on_overflow is "fallback"."""
     stats, bn_ops = saved.stats, _bn_ops(saved.has_residual)
     x_in, y_in, dy_in = cupy.ascontiguousarray(x), cupy.ascontiguousarray(y), cupy.ascontiguousarray(dy)
     gamma_in = plan.param_in(cupy, gamma)
@@ -237,8 +336,7 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     dz_desc = None if dz is None else data
     handle = lend(cupy, plan, checked_overflow)
     try:
-        _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
-        check_reserve(reserve, reserve_size, plan.device_id)
+        _, workspace_size, _ = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
         scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         raw.library().cudnnBatchNormalizationBackwardEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta, plan.alpha, plan.beta,
