@@ -45,7 +45,7 @@ case $module in
     plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_cudnn_safety test_cupy_path test_descriptors" ;;
     limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_cudnn_safety test_cupy_path" ;;
     validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_api test_layer test_compat test_cupy_path test_adversarial" ;;
-    arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_validation test_validate_mutants test_api test_compat test_cupy_path test_adversarial" ;;
+    arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_arrays test_validation test_validate_mutants test_api test_compat test_cupy_path test_adversarial" ;;
     scalars)     source=cudnn_bn/_core/scalars.py;      tests="test_validation test_validate_mutants test_api test_layer test_compat" ;;
     layout)      source=cudnn_bn/_core/layout.py;       tests="test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
     handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_cudnn_safety test_cupy_path test_raw" ;;

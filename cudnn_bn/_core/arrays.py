@@ -138,7 +138,7 @@ def byte_range(array) -> tuple[int, int] | None:
     """
     if array.size == 0:
         return None
-    if type(array) is np.ndarray:
+    if type(array) is np.ndarray or _is_numpy(array):
         start = array.__array_interface__["data"][0]
     else:  # cupy (or an array posing as one): the device address of the first element
         start = array.data.ptr
@@ -153,6 +153,16 @@ def byte_range(array) -> tuple[int, int] | None:
         else:
             high += step
     return low, high + array.itemsize
+
+
+def _is_numpy(array) -> bool:
+    """A numpy array of any ndarray subclass (numpy.memmap, ...) that does not pose as cupy: its
+    ``.data`` is a memoryview, not a device pointer."""
+    array_type = type(array)
+    kind = _KIND_OF_TYPE.get(array_type)
+    if kind is None:
+        kind = "cupy" if array_type.__module__.split(".")[0] == "cupy" else "numpy"
+    return kind == "numpy" and isinstance(array, np.ndarray)
 
 
 def check_no_overlap(written: dict, read: dict) -> None:
