@@ -45,7 +45,7 @@ class Files:
         whole = np.memmap(path, dtype=arrays[0].dtype, mode="w+", shape=(sum(sizes),))
         views, offset = [], 0
         for array, size in zip(arrays, sizes):
-            views.append(whole[offset:offset + size].reshape(array.shape))
+            views.append(whole[offset : offset + size].reshape(array.shape))
             views[-1][...] = array
             offset += size - 1
         return views
@@ -136,8 +136,12 @@ def test_memory_mapped_running_statistics_that_share_memory_are_refused_before_a
 
 def test_a_read_only_memory_mapped_running_statistic_is_refused(files):
     x, _, gamma, beta, running = _case()
-    with pytest.raises(ValueError, match=r"^running_var: expected a writable array \(it is updated in place\), got a read-only one$"):
-        cudnn_bn.forward_training(x, gamma, beta, files.map(running[0]), files.map(running[1], mode="r"), mode="spatial")
+    with pytest.raises(
+        ValueError, match=r"^running_var: expected a writable array \(it is updated in place\), got a read-only one$"
+    ):
+        cudnn_bn.forward_training(
+            x, gamma, beta, files.map(running[0]), files.map(running[1], mode="r"), mode="spatial"
+        )
 
 
 def test_fused_training_with_a_memory_mapped_residual_matches_plain_arrays(files):
@@ -147,13 +151,17 @@ def test_fused_training_with_a_memory_mapped_residual_matches_plain_arrays(files
     y_plain, saved_plain = fused.forward_training(x, gamma, beta, *plain_running, residual=residual, mode="spatial")
     mapped_running = [files.map(a) for a in running]
     mapped_residual = files.map(residual, mode="r")
-    y, saved = fused.forward_training(files.map(x, mode="r"), gamma, beta, *mapped_running, residual=mapped_residual, mode="spatial")
+    y, saved = fused.forward_training(
+        files.map(x, mode="r"), gamma, beta, *mapped_running, residual=mapped_residual, mode="spatial"
+    )
     assert type(y) is np.ndarray
     np.testing.assert_array_equal(y, y_plain)
     for got, want in zip(mapped_running, plain_running):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(mapped_residual, residual)
-    for got, want in zip(fused.backward(x, y, files.map(dy, mode="r"), gamma, saved), fused.backward(x, y_plain, dy, gamma, saved_plain)):
+    for got, want in zip(
+        fused.backward(x, y, files.map(dy, mode="r"), gamma, saved), fused.backward(x, y_plain, dy, gamma, saved_plain)
+    ):
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(
         fused.forward_inference(x, gamma, beta, *mapped_running, residual=mapped_residual, mode="spatial"),
@@ -161,22 +169,30 @@ def test_fused_training_with_a_memory_mapped_residual_matches_plain_arrays(files
     )
     shared_residual, shared_mean = files.shared(residual, running[0])
     with pytest.raises(ValueError, match=r"^running_mean: expected memory of its own .* overlaps residual's"):
-        fused.forward_training(x, gamma, beta, shared_mean, files.map(running[1]), residual=shared_residual, mode="spatial")
+        fused.forward_training(
+            x, gamma, beta, shared_mean, files.map(running[1]), residual=shared_residual, mode="spatial"
+        )
 
 
 def test_compat_writes_memory_mapped_outputs_as_plain_ones(files):
     x, _, gamma, beta, running = _case()
     arguments = (2e-5, 0.9, True, compat.CUDNN_BATCHNORM_SPATIAL, False)
     plain_outputs = [np.zeros(3, np.float32), np.zeros(3, np.float32)]
-    y_plain = compat.batch_normalization_forward_training(x, gamma, beta, *[a.copy() for a in running], *plain_outputs, *arguments)
+    y_plain = compat.batch_normalization_forward_training(
+        x, gamma, beta, *[a.copy() for a in running], *plain_outputs, *arguments
+    )
     outputs = [files.map(np.zeros(3, np.float32)) for _ in range(2)]
-    y = compat.batch_normalization_forward_training(x, gamma, beta, *[files.map(a) for a in running], *outputs, *arguments)
+    y = compat.batch_normalization_forward_training(
+        x, gamma, beta, *[files.map(a) for a in running], *outputs, *arguments
+    )
     np.testing.assert_array_equal(y, y_plain)
     for got, want in zip(outputs, plain_outputs):
         np.testing.assert_array_equal(got, want)
     mean, inv_std = files.shared(np.zeros(3, np.float32), np.zeros(3, np.float32))
     with pytest.raises(ValueError, match=r"^mean: expected memory of its own .* overlaps inv_std's"):
-        compat.batch_normalization_forward_training(x, gamma, beta, *[a.copy() for a in running], mean, inv_std, *arguments)
+        compat.batch_normalization_forward_training(
+            x, gamma, beta, *[a.copy() for a in running], mean, inv_std, *arguments
+        )
     np.testing.assert_array_equal(mean, 0)
     np.testing.assert_array_equal(inv_std, 0)
 

@@ -41,13 +41,26 @@ def _count_full_checks(monkeypatch) -> list:
     """Every full check the fused calls and the plain calls they settle run, by module and name."""
     calls = []
     for module, names in (
-        (fused_ops, ("check_forward_training", "check_forward_inference", "check_backward", "check_residual", "check_forward_output")),
+        (
+            fused_ops,
+            (
+                "check_forward_training",
+                "check_forward_inference",
+                "check_backward",
+                "check_residual",
+                "check_forward_output",
+            ),
+        ),
         (ops, ("check_forward_training", "check_forward_inference", "check_backward")),
     ):
         for name in names:
             original = getattr(module, name)
             label = f"{module.__name__.rsplit('.', 1)[1]}.{name}"
-            monkeypatch.setattr(module, name, lambda *a, _original=original, _label=label, **k: calls.append(_label) or _original(*a, **k))
+            monkeypatch.setattr(
+                module,
+                name,
+                lambda *a, _original=original, _label=label, **k: calls.append(_label) or _original(*a, **k),
+            )
     return calls
 
 
@@ -63,12 +76,21 @@ def test_each_fused_signature_runs_its_full_checks_once(gpu, monkeypatch, case, 
         forward_inference(x, gamma, beta, mean, var, residual=residual, **common)
         outputs.append([a.get() for a in (y, *grads)])
         assert saved.path == path
-    plain = ["ops.check_forward_training", "ops.check_forward_inference"] + (["ops.check_backward"] if path == PATH_COMPOSED else [])
+    plain = ["ops.check_forward_training", "ops.check_forward_inference"] + (
+        ["ops.check_backward"] if path == PATH_COMPOSED else []
+    )
     # the fused call's checks, then (on the first call only) the plain call's own settling
-    assert sorted(calls) == sorted(plain + [
-        "fused_ops.check_forward_training", "fused_ops.check_residual", "fused_ops.check_backward",
-        "fused_ops.check_forward_output", "fused_ops.check_forward_inference", "fused_ops.check_residual",
-    ])
+    assert sorted(calls) == sorted(
+        plain
+        + [
+            "fused_ops.check_forward_training",
+            "fused_ops.check_residual",
+            "fused_ops.check_backward",
+            "fused_ops.check_forward_output",
+            "fused_ops.check_forward_inference",
+            "fused_ops.check_residual",
+        ]
+    )
     # the same inputs give the same y and gradients on the settled calls
     for later in outputs[1:]:
         for first, again in zip(outputs[0], later):
@@ -96,7 +118,7 @@ def _carved(cupy, *shapes, dtype):
     buffer = cupy.zeros(sum(sizes), dtype)
     views, offset = [], 0
     for shape, size in zip(shapes, sizes):
-        views.append(buffer[offset:offset + size].reshape(shape))
+        views.append(buffer[offset : offset + size].reshape(shape))
         offset += size - 1
     return views
 
@@ -111,23 +133,41 @@ def test_a_settled_fused_training_checks_values_with_a_first_calls_errors(gpu, c
     shared_gamma[...] = gamma
     bad_calls = {
         "momentum": (dict(momentum=float("nan")), "momentum: expected a finite value in [0, 1], got nan"),
-        "residual_is_x": (dict(residual=x), "residual: expected memory of its own, got an array whose memory overlaps x; pass a copy"),
-        "mean_over_gamma": (dict(gamma=shared_gamma, running_mean=shared_mean), "running_mean: expected memory of its own (it is "
-                            "written in place), got an array whose memory overlaps gamma's"),
+        "residual_is_x": (
+            dict(residual=x),
+            "residual: expected memory of its own, got an array whose memory overlaps x; pass a copy",
+        ),
+        "mean_over_gamma": (
+            dict(gamma=shared_gamma, running_mean=shared_mean),
+            "running_mean: expected memory of its own (it is "
+            "written in place), got an array whose memory overlaps gamma's",
+        ),
     }
     if x.dtype == mean.dtype:  # float32 data: a running statistic can share a buffer with the residual
         shared_residual, shared_var = _carved(cupy, x.shape, var.shape, dtype=x.dtype)
-        bad_calls["var_over_residual"] = (dict(residual=shared_residual, running_var=shared_var), "running_var: expected memory "
-                                          "of its own (it is written in place), got an array whose memory overlaps residual's")
+        bad_calls["var_over_residual"] = (
+            dict(residual=shared_residual, running_var=shared_var),
+            "running_var: expected memory "
+            "of its own (it is written in place), got an array whose memory overlaps residual's",
+        )
     good = dict(gamma=gamma, running_mean=mean, running_var=var, residual=residual)
     for name, (changes, message) in bad_calls.items():
         arguments = {**good, **changes}
 
         def bad_call():
-            return forward_training(x, arguments["gamma"], beta, arguments["running_mean"], arguments["running_var"],
-                                    residual=arguments["residual"], **{**common, **{k: v for k, v in changes.items() if k == "momentum"}})
+            return forward_training(
+                x,
+                arguments["gamma"],
+                beta,
+                arguments["running_mean"],
+                arguments["running_var"],
+                residual=arguments["residual"],
+                **{**common, **{k: v for k, v in changes.items() if k == "momentum"}},
+            )
 
-        cold, warm = _cold_and_warm(lambda: forward_training(x, gamma, beta, mean, var, residual=residual, **common), bad_call)
+        cold, warm = _cold_and_warm(
+            lambda: forward_training(x, gamma, beta, mean, var, residual=residual, **common), bad_call
+        )
         assert cold == warm, name
         assert warm[1].startswith(message), (name, warm)
         running = [arguments["running_mean"].get(), arguments["running_var"].get()]
@@ -143,7 +183,11 @@ def test_a_settled_fused_inference_refuses_a_residual_that_is_x(gpu):
         lambda: forward_inference(x, gamma, beta, mean, var, residual=residual, **common),
         lambda: forward_inference(x, gamma, beta, mean, var, residual=x, **common),
     )
-    assert cold == warm == (ValueError, "residual: expected memory of its own, got an array whose memory overlaps x; pass a copy")
+    assert (
+        cold
+        == warm
+        == (ValueError, "residual: expected memory of its own, got an array whose memory overlaps x; pass a copy")
+    )
 
 
 def test_a_settled_persistent_fused_backward_checks_finite_statistics_once_per_call(gpu, monkeypatch):
@@ -155,13 +199,16 @@ def test_a_settled_persistent_fused_backward_checks_finite_statistics_once_per_c
     checks = []
     for module in (fused_ops, ops):
         original = module.check_saved_finite
-        monkeypatch.setattr(module, "check_saved_finite", lambda stats, _original=original: checks.append(stats) or _original(stats))
+        monkeypatch.setattr(
+            module, "check_saved_finite", lambda stats, _original=original: checks.append(stats) or _original(stats)
+        )
     backward(x, y, dy, gamma, saved)
     assert len(checks) == 1  # the fused call's; the plain backward it runs does not repeat it
     poisoned = saved.mean.get()
     poisoned[0] = np.nan
-    stats = type(saved.stats)._checked(cupy.asarray(poisoned), saved.inv_std, saved.mode, saved.eps, saved.channel_axis,
-                                       None, saved.on_overflow)
+    stats = type(saved.stats)._checked(
+        cupy.asarray(poisoned), saved.inv_std, saved.mode, saved.eps, saved.channel_axis, None, saved.on_overflow
+    )
     bad = FusedSaved(stats, saved.activation, saved.has_residual, saved.path)
     with pytest.raises(ValueError, match=r"^saved\.mean: expected finite values"):
         backward(x, y, dy, gamma, bad)
@@ -174,11 +221,24 @@ def test_a_settled_fused_ex_backward_checked_its_reserve_when_settled(gpu):
     assert saved.path == PATH_FUSED_EX
     size = saved.reserve_space.size
     small = FusedSaved(
-        type(saved.stats)._checked(saved.mean, saved.inv_std, saved.mode, saved.eps, saved.channel_axis,
-                                   cupy.empty(size - 1, np.uint8), saved.on_overflow),
-        saved.activation, False, PATH_FUSED_EX, bias=saved.bias,
+        type(saved.stats)._checked(
+            saved.mean,
+            saved.inv_std,
+            saved.mode,
+            saved.eps,
+            saved.channel_axis,
+            cupy.empty(size - 1, np.uint8),
+            saved.on_overflow,
+        ),
+        saved.activation,
+        False,
+        PATH_FUSED_EX,
+        bias=saved.bias,
     )
-    message = rf"^saved\.reserve_space: expected at least {size} bytes on device 0 \(the forward's reserve space\), got {size - 1} bytes"
+    message = (
+        rf"^saved\.reserve_space: expected at least {size} bytes on device 0 \(the forward's reserve space\), "
+        rf"got {size - 1} bytes"
+    )
     for _ in range(2):  # refused every time: a refused signature is not kept
         with pytest.raises(ValueError, match=message):
             backward(x, y, dy, gamma, small)

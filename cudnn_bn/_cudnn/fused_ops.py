@@ -36,7 +36,17 @@ from .._core.validate import check_backward, check_forward_inference, check_forw
 from . import ops, raw
 from .availability import check_cuda_build_once
 from .handles import borrow
-from .launch import after_overflow, after_persistent, check_reserve, cupy_module, lend, on_device, pointer, same_device, workspace
+from .launch import (
+    after_overflow,
+    after_persistent,
+    check_reserve,
+    cupy_module,
+    lend,
+    on_device,
+    pointer,
+    same_device,
+    workspace,
+)
 from .limits import fused_ex_path_unmet
 from .plans import BACKWARD, INFERENCE, TRAINING, plan_for
 from .raw import BatchNormOps
@@ -109,7 +119,7 @@ def activation_grad(cupy, y, dy, activation: Activation):
 
 # ---- what a fused call signature settled ----
 # Keys of their own in the settled-signature cache (signatures.py), next to the plain calls'.
-_FUSED_TRAINING, _FUSED_INFERENCE, _FUSED_BACKWARD = (f"fused {operation}" for operation in (TRAINING, INFERENCE, BACKWARD))
+_FUSED_TRAINING, _FUSED_INFERENCE, _FUSED_BACKWARD = (f"fused {name}" for name in (TRAINING, INFERENCE, BACKWARD))
 
 
 class _FusedSettled:
@@ -126,8 +136,8 @@ class _FusedSettled:
 
 
 # ---- forward training ----
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation, mode: Mode,
-                     momentum, eps, channel_axis, on_overflow: OnOverflow):
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation,
+                     mode: Mode, momentum, eps, channel_axis, on_overflow: OnOverflow):
     """Fused forward training on cupy arrays; same contract as cudnn_bn.fused.reference_forward_training."""
     cupy = cupy_module()
     key, settled = lookup((
@@ -136,8 +146,10 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, res
         signature(residual),
     ))
     if settled is None:
-        settled, momentum = _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode,
-                                             momentum, eps, channel_axis, on_overflow)
+        settled, momentum = _settle_training(
+            cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode, momentum, eps, channel_axis,
+            on_overflow,
+        )
         remember(key, settled)
     else:  # what depends on values, in the order of the full checks
         if running_mean is not None:
@@ -147,21 +159,27 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, res
             check_residual_apart(x, residual, running_mean, running_var)
     with on_device(cupy, settled.device_id):
         if settled.fused_ex:
-            result = _forward_training_ex(cupy, settled.plan, settled.checked, x, gamma, beta, running_mean, running_var,
-                                          residual, activation, momentum, settled.on_overflow)
+            result = _forward_training_ex(
+                cupy, settled.plan, settled.checked, x, gamma, beta, running_mean, running_var, residual, activation,
+                momentum, settled.on_overflow,
+            )
             if result is not None:
                 return result
             # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
-            y, stats = ops.forward_training(x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, settled.checked.eps,
-                                            channel_axis, OnOverflow.IGNORE)
+            y, stats = ops.forward_training(
+                x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, settled.checked.eps, channel_axis,
+                OnOverflow.IGNORE,
+            )
         else:
-            y, stats = ops.run_training(cupy, settled.plain, x, gamma, beta, running_mean, running_var, momentum, channel_axis)
+            y, stats = ops.run_training(
+                cupy, settled.plain, x, gamma, beta, running_mean, running_var, momentum, channel_axis
+            )
         add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
     return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
 
 
-def _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode, momentum, eps, channel_axis,
-                     on_overflow):
+def _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode, momentum, eps,
+                     channel_axis, on_overflow):
     """``(settled, momentum)``: the full checks of a fused forward-training signature (and of this
     call's values), then the plain call's settling (its plan, and the extents the per-call overlap
     check reads)."""
@@ -169,12 +187,15 @@ def _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, 
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
     check_residual(x, residual, running_mean, running_var)
-    device_id = same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
+    device_id = same_device(
+        x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual
+    )
     with on_device(cupy, device_id):
-        plain, momentum = ops.settle_training(cupy, x, gamma, beta, running_mean, running_var, mode, momentum, checked.eps,
-                                              channel_axis, on_overflow)
-    plan = plain.plan
-    return _FusedSettled(device_id, plain.checked, plan, on_overflow, uses_fused_ex_path(plan, activation), plain), momentum
+        plain, momentum = ops.settle_training(
+            cupy, x, gamma, beta, running_mean, running_var, mode, momentum, checked.eps, channel_axis, on_overflow
+        )
+    fused_ex = uses_fused_ex_path(plain.plan, activation)
+    return _FusedSettled(device_id, plain.checked, plain.plan, on_overflow, fused_ex, plain), momentum
 
 
 def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual, activation, momentum,
@@ -212,8 +233,10 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     finally:
         handle.pool.release(handle)
     if overflowed:
-        after_overflow("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup,
-                       (mean_in, var_in))
+        after_overflow(
+            "cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup,
+            (mean_in, var_in),
+        )
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
@@ -231,8 +254,8 @@ def forward_inference(x, gamma, beta, mean, var, *, residual, activation: Activa
     """Fused forward inference on cupy arrays: the plain cuDNN call, then one elementwise kernel."""
     cupy = cupy_module()
     key, settled = lookup((
-        _FUSED_INFERENCE, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, signature(x), signature(gamma),
-        signature(beta), signature(mean), signature(var), signature(residual),
+        _FUSED_INFERENCE, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, signature(x),
+        signature(gamma), signature(beta), signature(mean), signature(var), signature(residual),
     ))
     if settled is None:
         settled = remember(key, _settle_inference(cupy, x, gamma, beta, mean, var, residual, mode, eps, channel_axis))
@@ -261,8 +284,8 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
     try:
         key = (
             _FUSED_BACKWARD, saved.activation, saved.has_residual, saved.path, signature(saved.bias), type(mode), mode,
-            type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow, signature(x), signature(y),
-            signature(dy), signature(gamma), saved_signature(stats),
+            type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow, signature(x),
+            signature(y), signature(dy), signature(gamma), saved_signature(stats),
         )
     except Exception:  # statistics of a SavedStats subclass, or something other than arrays: the full checks name it
         key = None
@@ -277,8 +300,7 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
             if result is not None:
                 return result
         grad = activation_grad(cupy, y, dy, saved.activation)
-        # the plain backward gets the statistics alone: the Ex reserve space belongs to the fused ops
-        plain = trusted_saved_stats(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
+        plain = _plain_stats(stats)
         if settled.fused_ex:  # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
             dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, Mode.SPATIAL, eps, channel_axis, OnOverflow.IGNORE)
         else:
@@ -312,10 +334,15 @@ def _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_o
             check_reserve(stats.reserve_space, reserve_size, device_id)
             plain = None
         else:  # the plain backward of the activation's gradient, which has dy's shape, dtype and device
-            plain_stats = trusted_saved_stats(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None,
-                                              stats.on_overflow)
-            plain = ops.settle_backward(cupy, x, dy, gamma, plain_stats, mode, eps, channel_axis, on_overflow)
+            plain = ops.settle_backward(cupy, x, dy, gamma, _plain_stats(stats), mode, eps, channel_axis, on_overflow)
     return _FusedSettled(device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite)
+
+
+def _plain_stats(stats):
+    """What the plain backward gets: the statistics alone (the Ex reserve space belongs to the fused ops)."""
+    return trusted_saved_stats(
+        stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow
+    )
 
 
 def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):

@@ -125,7 +125,8 @@ def after_persistent(handle, checked: bool) -> bool:
 
 def overflow_error(function: str, advice: str) -> CudnnOverflowError:
     return CudnnOverflowError(
-        int(Status.RUNTIME_FP_OVERFLOW), "CUDNN_STATUS_RUNTIME_FP_OVERFLOW", function, f"SPATIAL_PERSISTENT overflowed; {advice}"
+        int(Status.RUNTIME_FP_OVERFLOW), "CUDNN_STATUS_RUNTIME_FP_OVERFLOW", function,
+        f"SPATIAL_PERSISTENT overflowed; {advice}",
     )
 
 
@@ -183,7 +184,10 @@ def check_reserve(reserve, size: int, device_id: int) -> None:
     """BackwardEx reads the forward's reserve space: anything smaller, or elsewhere, is refused
     before the native call."""
     if getattr(reserve, "dtype", None) != "uint8" or reserve.ndim != 1 or not reserve.flags.c_contiguous:
-        raise TypeError(f"saved.reserve_space: expected the 1-D uint8 device buffer from forward_training, got {type(reserve).__name__}")
+        raise TypeError(
+            "saved.reserve_space: expected the 1-D uint8 device buffer from forward_training, "
+            f"got {type(reserve).__name__}"
+        )
     if reserve.size < size or reserve.device.id != device_id:
         raise ValueError(
             f"saved.reserve_space: expected at least {size} bytes on device {device_id} (the forward's reserve space), "

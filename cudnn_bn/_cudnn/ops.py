@@ -24,7 +24,17 @@ from .handles import borrow
 from .launch import after_overflow, after_persistent, check_reserve, cupy_module, lend, pointer, same_device, workspace
 from .plans import BACKWARD, INFERENCE, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
 from .raw import BatchNormOps
-from .signatures import SETTLED, Settled, check_running_apart, extents, lookup, remember, running_signature, saved_signature, signature
+from .signatures import (
+    SETTLED,
+    Settled,
+    check_running_apart,
+    extents,
+    lookup,
+    remember,
+    running_signature,
+    saved_signature,
+    signature,
+)
 
 _BN = int(BatchNormOps.BN)  # bnOps of the plain Ex calls
 
@@ -51,7 +61,9 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
     cupy, device_id = cupy_module(), x.device.id
     if cupy.cuda.runtime.getDevice() != device_id:  # the rare case: again, with x's device current
         with cupy.cuda.Device(device_id):
-            return forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
+            return forward_training(
+                x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow
+            )
     key = (
         TRAINING, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis, type(eps), eps,
         type(x), x.shape, x.strides, x.dtype, device_id,  # signature(x), flat: this runs on every call
@@ -64,7 +76,9 @@ def forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, 
     except Exception:
         key = settled = None
     if settled is None:
-        settled, momentum = settle_training(cupy, x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
+        settled, momentum = settle_training(
+            cupy, x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow
+        )
         remember(key, settled)
     else:
         if type(momentum) is not float or not 0.0 <= momentum <= 1.0:  # the common case inline: it runs on every call
@@ -85,7 +99,8 @@ def settle_training(cupy, x, gamma, beta, running_mean, running_var, mode, momen
     check_cuda_build_once(cupy)
     plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)  # limits are checked here
     running_extents = None if running_mean is None else extents(x, gamma, beta, running_mean, running_var)
-    return Settled(checked, plan, on_overflow, (x,), (gamma, beta, running_mean, running_var), running_extents), momentum
+    params = (gamma, beta, running_mean, running_var)
+    return Settled(checked, plan, on_overflow, (x,), params, running_extents), momentum
 
 
 def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_var, momentum: float, channel_axis):
@@ -116,7 +131,8 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
                 None, None,  # zDesc, zData: no residual
                 x_desc, y.data.ptr,  # yDesc: x's
                 p_desc, gamma_in.data.ptr, beta_in.data.ptr,
-                momentum, pointer(mean_in), pointer(var_in),  # resultRunningMean, resultRunningVariance: NULL when not kept
+                momentum,
+                pointer(mean_in), pointer(var_in),  # resultRunningMean, resultRunningVariance: NULL when not kept
                 checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
                 None,  # activationDesc: none for bnOps BN
                 scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
@@ -127,7 +143,7 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
                 x_desc, x_in.data.ptr,
                 x_desc, y.data.ptr,  # yDesc: x's
                 p_desc, gamma_in.data.ptr, beta_in.data.ptr, momentum,
-                None if mean_in is None else mean_in.data.ptr,  # resultRunningMean (pointer(), inline): NULL when not kept
+                None if mean_in is None else mean_in.data.ptr,  # resultRunningMean (pointer() inline): NULL if not kept
                 None if var_in is None else var_in.data.ptr,  # resultRunningVariance
                 checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
@@ -135,15 +151,23 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
     finally:
         handle.pool.release(handle)
     if overflowed:
-        after_overflow("cudnnBatchNormalizationForwardTraining", TRAINING, "forward_training", plan, on_overflow, backup, (mean_in, var_in))
-        return forward_training(x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, checked.eps, channel_axis, OnOverflow.IGNORE)
+        after_overflow(
+            "cudnnBatchNormalizationForwardTraining", TRAINING, "forward_training", plan, on_overflow, backup,
+            (mean_in, var_in),
+        )
+        return forward_training(
+            x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, checked.eps, channel_axis,
+            OnOverflow.IGNORE,
+        )
     if not settled.params_as_is:
         plan.running_back(cupy, mean_in, running_mean)
         plan.running_back(cupy, var_in, running_var)
     if plan.param_from_cudnn is not None:
         save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
     layout = plan.layout
-    return y, trusted_saved_stats(save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow)
+    return y, trusted_saved_stats(
+        save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow
+    )
 
 
 # ---- forward inference ----
@@ -181,11 +205,15 @@ def run_inference(cupy, settled: Settled, x, gamma, beta, mean, var):
     """The forward inference of a settled signature, on the current device (x's): y."""
     plan = settled.plan
     x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
-    params = (gamma, beta, mean, var) if settled.params_as_is else [plan.param_in(cupy, a) for a in (gamma, beta, mean, var)]
+    params = (gamma, beta, mean, var)
+    if not settled.params_as_is:
+        params = [plan.param_in(cupy, a) for a in params]
     y = cupy.empty(x_in.shape, plan.data_dtype)
     gamma_ptr, beta_ptr, mean_ptr, var_ptr = [p.data.ptr for p in params]
     # one call, or pieces along N past cuDNN's limits (a slice costs a view: only then)
-    pieces = ((plan, x_in, y),) if plan.pieces is None else [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
+    pieces = ((plan, x_in, y),)
+    if plan.pieces is not None:
+        pieces = [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
     library, eps = raw.library(), settled.checked.eps
     handle = lend(cupy, plan, False)
     try:
@@ -212,8 +240,8 @@ def backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow):
             return backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
     try:
         key = (
-            BACKWARD, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow,
-            signature(x), signature(dy), signature(gamma), saved_signature(saved),
+            BACKWARD, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, type(on_overflow),
+            on_overflow, signature(x), signature(dy), signature(gamma), saved_signature(saved),
         )
     except Exception:  # saved is not a SavedStats, or holds something other than arrays: the full checks name it
         key = None
@@ -299,7 +327,9 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
         handle.pool.release(handle)
     if overflowed:
         after_overflow("cudnnBatchNormalizationBackward", BACKWARD, "backward", plan, on_overflow)
-        plain_saved = None if saved is None else trusted_saved_stats(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
+        plain_saved = None
+        if saved is not None:
+            plain_saved = trusted_saved_stats(saved.mean, saved.inv_std, Mode.SPATIAL, saved.eps, saved.channel_axis)
         return backward(x, dy, gamma, plain_saved, Mode.SPATIAL, checked.eps, channel_axis, OnOverflow.IGNORE)
     if plan.param_from_cudnn is not None:
         dgamma, dbeta = plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)
