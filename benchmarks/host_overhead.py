@@ -135,7 +135,7 @@ def _stand_in_cupy() -> types.ModuleType:
 @contextlib.contextmanager
 def no_op_gpu():
     """Install the stand-in CuPy and the C no-op kernels on the loaded libcudnn."""
-    from cudnn_bn._cudnn import handles, ops, plans, raw
+    from cudnn_bn._cudnn import availability, handles, plans, raw
 
     library = raw.library()
     saved_modules = sys.modules.get("cupy")
@@ -148,8 +148,8 @@ def no_op_gpu():
             function.restype, function.argtypes = restype, argtypes
             setattr(library, name, raw._checked(name, function))
         sys.modules["cupy"] = _stand_in_cupy()
-        build_checked = list(ops._BUILD_CHECKED)
-        ops._BUILD_CHECKED[:] = [True]  # the stand-in has no CUDA runtime to compare with
+        build_checked = availability.cuda_build_checked
+        availability.cuda_build_checked = True  # the stand-in has no CUDA runtime to compare with
         handles.close_all()
         plans.PLANS.clear()
         try:
@@ -157,7 +157,7 @@ def no_op_gpu():
         finally:
             handles.close_all()
             plans.PLANS.clear()
-            ops._BUILD_CHECKED[:] = build_checked
+            availability.cuda_build_checked = build_checked
             for name, entry in saved.items():
                 setattr(library, name, entry)
             if saved_modules is None:

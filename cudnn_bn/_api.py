@@ -14,9 +14,9 @@ import dataclasses
 import numpy as np
 
 from . import reference
+from ._core.arrays import array_kind, uniform_kind
 from ._core.policy import INFERENCE, TRAINING, backward_settings, choose_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, uniform_kind
 
 __all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
 

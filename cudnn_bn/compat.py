@@ -39,10 +39,11 @@ import math
 import numpy as np
 
 from . import _api
+from ._core.arrays import array_kind, check_no_overlap, check_writable
 from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
 from ._core.saved import SavedStats
-from ._core.validate import array_kind, check_eps, check_no_overlap
+from ._core.scalars import check_eps, check_momentum
 
 __all__ = [
     "CUDNN_BATCHNORM_PER_ACTIVATION",
@@ -91,16 +92,6 @@ def _mode(cudnn_mode) -> Mode:
             "cudnn_mode: expected CUDNN_BATCHNORM_PER_ACTIVATION (0), CUDNN_BATCHNORM_SPATIAL (1) or "
             f"CUDNN_BATCHNORM_SPATIAL_PERSISTENT (2), got {cudnn_mode!r}"
         ) from None
-
-
-def _momentum(decay) -> float:
-    """cuDNN's exponentialAverageFactor for CuPy's ``decay``."""
-    if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)):
-        raise TypeError(f"decay: expected a float in [0, 1], got {decay!r}")
-    decay = float(decay)
-    if not math.isfinite(decay) or not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay: expected a finite value in [0, 1], got {decay}")
-    return 1.0 - decay
 
 
 def _on_overflow(debug, on_overflow):
@@ -188,11 +179,6 @@ def _distinct_outputs(mean, inv_std) -> None:
         raise ValueError("mean, inv_std: expected two different arrays, got the same one twice")
 
 
-def _check_writable(name: str, array) -> None:
-    if not getattr(array.flags, "writeable", True):
-        raise ValueError(f"{name}: expected a writable array (it is written in place), got a read-only one")
-
-
 # ---- the functions ----
 
 
@@ -201,7 +187,7 @@ def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, 
     before anything is computed or written."""
     _distinct_outputs(mean, inv_std)
     check_eps(eps, training=True)  # named "eps" here, before the saved statistics are built from it
-    mode, momentum = _mode(cudnn_mode), _momentum(decay)
+    mode, momentum = _mode(cudnn_mode), 1.0 - check_momentum(decay, "decay")  # cuDNN's factor for CuPy's decay
     if momentum == 0.0:
         running_mean = running_var = None  # decay=1 keeps them as they are: dummies are never touched
     _, (x, gamma, beta, running_mean, running_var, mean, inv_std) = _api.accept_arrays(
@@ -218,7 +204,7 @@ def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, 
     if mean is not None:
         outputs = [geometry.param(name, array, written=True) for name, array in (("mean", mean), ("inv_std", inv_std))]
         for name, array in (("mean", mean), ("inv_std", inv_std)):
-            _check_writable(name, array)
+            check_writable(name, array)
         check_no_overlap(
             {"mean": mean, "inv_std": inv_std},
             {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean, "running_var": running_var},

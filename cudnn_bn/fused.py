@@ -23,6 +23,7 @@ import numpy as np
 
 from . import reference
 from ._api import accept_arrays
+from ._core.arrays import array_kind
 from ._core.fused_saved import (
     PATH_COMPOSED,
     PATH_FUSED_EX,
@@ -34,14 +35,8 @@ from ._core.fused_saved import (
 )
 from ._core.modes import Activation, parse_activation
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
-from ._core.saved import SavedStats
-from ._core.validate import (
-    array_kind,
-    check_backward,
-    check_forward_inference,
-    check_forward_training,
-    resolve_backward_settings,
-)
+from ._core.saved import trusted_saved_stats
+from ._core.validate import check_backward, check_forward_inference, check_forward_training, resolve_backward_settings
 
 __all__ = [
     "FusedSaved",
@@ -111,7 +106,7 @@ def reference_forward_training(x, gamma, beta, running_mean=None, running_var=No
     if residual is not None:
         np.add(pre, residual, out=pre)
     y = _activate(pre, activation).astype(checked.data_dtype, copy=False)
-    stats = SavedStats._checked(
+    stats = trusted_saved_stats(
         stats64.mean.astype(checked.param_dtype), stats64.inv_std.astype(checked.param_dtype), stats64.mode,
         stats64.eps, stats64.channel_axis,
     )
@@ -153,7 +148,7 @@ def reference_backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_a
     check_forward_output(x, y)
     grad = np.where(activation_mask(y, saved.activation), dy.astype(np.float64), 0.0)
     grad = np.ascontiguousarray(grad)
-    stats64 = SavedStats._checked(
+    stats64 = trusted_saved_stats(
         saved.mean.astype(np.float64), saved.inv_std.astype(np.float64), saved.mode, saved.eps, saved.channel_axis
     )
     dx, dgamma, dbeta = reference.backward(

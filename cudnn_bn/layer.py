@@ -16,10 +16,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _api, fused
+from ._core.arrays import array_kind, host_array
 from ._core.layout import MAX_NDIM, make_layout
 from ._core.modes import AUTO, parse_activation, parse_mode
 from ._core.policy import INFERENCE, TRAINING, choose_mode
-from ._core.validate import DATA_DTYPES, array_kind, check_channel_axis, check_eps, check_momentum, param_dtype_for
+from ._core.scalars import check_channel_axis, check_eps, check_momentum
+from ._core.validate import DATA_DTYPES, param_dtype_for
 
 __all__ = ["BatchNorm", "KeptForBackward", "LoadResult"]
 
@@ -312,10 +314,10 @@ class BatchNorm:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {prefix!r}")
         values = {
-            "weight": lambda: _host(self._gamma),
-            "bias": lambda: _host(self._beta),
-            "running_mean": lambda: _host(self.running_mean),
-            "running_var": lambda: _host(self.running_var),
+            "weight": lambda: host_array(self._gamma),
+            "bias": lambda: host_array(self._beta),
+            "running_mean": lambda: host_array(self.running_mean),
+            "running_var": lambda: host_array(self.running_var),
             "num_batches_tracked": lambda: np.array(self.num_batches_tracked, dtype=np.int64),
         }
         return {prefix + name: values[name]() for name in self._state_names()}
@@ -449,21 +451,9 @@ def _host_value(key: str, value) -> np.ndarray:
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError(f"state[{key!r}]: expected a plain array, got a numpy masked array (its mask would be ignored)")
     try:
-        return _host(value)
+        return host_array(value)
     except (TypeError, ValueError) as error:
         raise TypeError(f"state[{key!r}]: expected an array of real numbers, got {type(value).__name__} ({error})") from None
-
-
-def _host(array) -> np.ndarray:
-    """A numpy copy of a numpy/cupy array or a torch tensor."""
-    if hasattr(array, "detach"):
-        tensor = array.detach().cpu()
-        if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16
-            tensor = tensor.float()
-        array = tensor.numpy()
-    elif hasattr(array, "get") and not isinstance(array, (np.ndarray, Mapping)):
-        array = array.get()
-    return np.array(array, copy=True)
 
 
 def _listed(keys: list, limit: int = 8) -> str:

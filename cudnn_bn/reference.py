@@ -29,10 +29,10 @@ import math
 
 import numpy as np
 
+from ._core.arrays import array_kind
 from ._core.layout import Layout
 from ._core.saved import SavedStats
 from ._core.validate import (
-    array_kind,
     check_backward,
     check_fold,
     check_forward_inference,

@@ -4,7 +4,8 @@
 #   scripts/mutation.sh MODULE [--worktree] [--timeout SECONDS]
 #   scripts/mutation.sh MODULE --survivors [--timeout SECONDS]
 #
-# MODULE is one of: ops plans limits validate layout handles policy descriptors layer reference.
+# MODULE is one of: ops launch signatures plans limits validate arrays scalars layout handles policy
+# descriptors layer reference.
 # The run happens in a private copy of the committed tree (.mutation/MODULE/), so edits made to the
 # working tree during a run change nothing, and the score belongs to the commit it prints. With
 # --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
@@ -38,10 +39,14 @@ done
 # module -> (source file, the test files that exercise it). A module's own mutant-killing tests live
 # in tests/test_MODULE_mutants.py and are added when present.
 case $module in
-    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_cupy_path test_cudnn_safety test_compat test_interop test_api" ;;
+    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_cupy_path test_cudnn_safety test_compat test_interop test_api test_fused_ops" ;;
+    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_ops_mutants test_cupy_path test_cudnn_safety test_compat test_fused test_fused_ops" ;;
+    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_ops_mutants test_cupy_path test_cudnn_safety test_api test_fused_ops" ;;
     plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_cudnn_safety test_cupy_path test_descriptors" ;;
     limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_cudnn_safety test_cupy_path" ;;
     validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_api test_layer test_compat test_cupy_path test_adversarial" ;;
+    arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_arrays test_validation test_validate_mutants test_api test_compat test_cupy_path test_adversarial" ;;
+    scalars)     source=cudnn_bn/_core/scalars.py;      tests="test_validation test_validate_mutants test_api test_layer test_compat" ;;
     layout)      source=cudnn_bn/_core/layout.py;       tests="test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
     handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_cudnn_safety test_cupy_path test_raw" ;;
     policy)      source=cudnn_bn/_core/policy.py;       tests="test_policy test_cupy_path test_layer" ;;

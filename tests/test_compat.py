@@ -37,10 +37,10 @@ class Backend:
 
 
 def _fresh_fallback_warnings(monkeypatch):
-    from cudnn_bn._cudnn import ops
+    from cudnn_bn._cudnn import launch
 
-    if hasattr(ops, "_WARNED"):  # the once-per-shape fallback warning: each test sees its own
-        monkeypatch.setattr(ops, "_WARNED", set())
+    # the once-per-shape fallback warning: each test sees its own
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
 
 
 def _numpy_backend():

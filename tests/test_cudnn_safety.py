@@ -19,7 +19,7 @@ import pytest
 import cudnn_bn
 from cudnn_bn import CudnnBuildMismatchError, CudnnLimitError, Mode, reference
 from cudnn_bn._core.tolerances import assert_close
-from cudnn_bn._cudnn import limits, ops, plans
+from cudnn_bn._cudnn import availability, launch, limits, plans
 from conftest import make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
@@ -28,8 +28,8 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
-    monkeypatch.setattr(ops, "_WARNED", set())
-    monkeypatch.setattr(ops, "_BUILD_CHECKED", [])
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
+    monkeypatch.setattr(availability, "cuda_build_checked", False)
     plans.PLANS.clear()
     with simulated_gpu(monkeypatch) as simulator:
         yield simulator
@@ -484,7 +484,7 @@ def test_per_thread_default_streams_are_told_apart_by_thread(gpu, monkeypatch):
     assert len(bound) == 2 and bound[0][0] != bound[1][0]  # the other thread's queue is another stream
     assert identities[0] == identities[1] != identities[2]
     cupy = sys.modules["cupy"]
-    assert ops._workspace(cupy, 0, identities[0], 64) is not ops._workspace(cupy, 0, identities[2], 64)
+    assert launch.workspace(cupy, 0, identities[0], 64) is not launch.workspace(cupy, 0, identities[2], 64)
     pool.close()
 
 

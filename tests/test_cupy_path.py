@@ -21,9 +21,9 @@ from fake_cudnn import FakeArray, simulated_gpu
 
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
-    from cudnn_bn._cudnn import ops as _cupy_ops
+    from cudnn_bn._cudnn import launch
 
-    monkeypatch.setattr(_cupy_ops, "_WARNED", set())  # each test sees its own once-per-shape warnings
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())  # each test sees its own once-per-shape warnings
     with simulated_gpu(monkeypatch) as simulator:
         yield simulator
 

@@ -17,7 +17,7 @@ import pytest
 import cudnn_bn
 from cudnn_bn import CudnnOverflowError, Mode, reference
 from cudnn_bn._core.tolerances import assert_close
-from cudnn_bn._cudnn import ops, raw
+from cudnn_bn._cudnn import availability, launch, ops, raw, signatures
 from cudnn_bn._cudnn.errors import CudnnBuildMismatchError
 from conftest import make_case
 from fake_cudnn import FakeArray, simulated_gpu
@@ -33,8 +33,8 @@ def _forget_signatures():
 
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
-    monkeypatch.setattr(ops, "_WARNED", set())
-    monkeypatch.setattr(ops, "_WORKSPACES", {})
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
+    monkeypatch.setattr(launch, "WORKSPACES", {})
     _forget_signatures()
     with simulated_gpu(monkeypatch) as simulator:
         yield simulator
@@ -59,23 +59,23 @@ def cudart_12_0(monkeypatch):
 
 
 def test_cuda_12_0_matches_cuda_12(cudart_12_0):
-    assert ops.cuda_build_mismatch(_fake_cupy(12000)) is None
-    assert ops.cuda_build_mismatch(_fake_cupy(12090)) is None
+    assert availability.cuda_build_mismatch(_fake_cupy(12000)) is None
+    assert availability.cuda_build_mismatch(_fake_cupy(12090)) is None
 
 
 def test_a_cupy_without_the_runtime_query_is_not_a_mismatch(cudart_12_0):
-    assert ops.cuda_build_mismatch(_fake_cupy()) is None
+    assert availability.cuda_build_mismatch(_fake_cupy()) is None
 
 
 def test_the_mismatch_names_the_loaded_library(cudart_12_0):
-    error = ops.cuda_build_mismatch(_fake_cupy(13000))
+    error = availability.cuda_build_mismatch(_fake_cupy(13000))
     assert isinstance(error, CudnnBuildMismatchError)
     assert (error.cudnn_cuda_major, error.cupy_cuda_major, error.path) == (12, 13, "/lib/libcudnn.so.9")
 
 
 # ---- overflow: the error's status and the fallback warning ----
 def test_the_overflow_error_carries_cudnns_status():
-    error = ops._overflow_error("cudnnBatchNormalizationForwardTraining", "advice")
+    error = launch.overflow_error("cudnnBatchNormalizationForwardTraining", "advice")
     assert (error.status, error.status_name) == (1007, "CUDNN_STATUS_RUNTIME_FP_OVERFLOW")  # cudnn_graph.h
     assert str(error) == "cudnnBatchNormalizationForwardTraining: CUDNN_STATUS_RUNTIME_FP_OVERFLOW (SPATIAL_PERSISTENT overflowed; advice)"
 
@@ -136,15 +136,15 @@ def test_the_fallback_warning_points_at_the_caller(gpu, entry):
     (warning,) = _fallback_warnings(gpu, entry)
     assert warning.filename == __file__
     probe = _package_frames()
-    assert probe["warner"](ops._outside_the_package) == 2  # warnings.warn's level of the warner's caller
-    assert probe["middle"](ops._outside_the_package) == 3  # each package frame in between counts once
+    assert probe["warner"](launch.outside_the_package) == 2  # warnings.warn's level of the warner's caller
+    assert probe["middle"](launch.outside_the_package) == 3  # each package frame in between counts once
 
 
 @pytest.mark.parametrize("entry", _ENTRIES)
 def test_the_fallback_warning_never_points_into_the_package(gpu, entry):
     # weaker than the exact caller (the test above), and true also where test tools add frames of their own
     (warning,) = _fallback_warnings(gpu, entry)
-    assert not os.path.abspath(warning.filename).startswith(ops._PACKAGE_DIR + os.sep)
+    assert not os.path.abspath(warning.filename).startswith(launch.PACKAGE_DIR + os.sep)
 
 
 _PROBE = """
@@ -161,7 +161,7 @@ def _package_frames() -> dict:
     """Two functions whose frames count as the package's: ``warner`` (the function that warns) and
     ``middle``, which calls it."""
     namespace: dict = {}
-    exec(compile(_PROBE, os.path.join(ops._PACKAGE_DIR, "_frames_probe.py"), "exec"), namespace)
+    exec(compile(_PROBE, os.path.join(launch.PACKAGE_DIR, "_frames_probe.py"), "exec"), namespace)
     return namespace
 
 
@@ -191,7 +191,7 @@ def test_the_last_reserve_check_before_backward_ex_refuses_the_wrong_kind(gpu, m
     # SavedStats refuses these first; this check stands between them and the native call regardless
     bad = make_bad()
     with pytest.raises(TypeError, match=rf"^saved\.reserve_space: expected the 1-D uint8 device buffer from forward_training, got {type(bad).__name__}$"):
-        ops._check_reserve(bad, 4, 0)
+        launch.check_reserve(bad, 4, 0)
 
 
 def test_a_reserve_space_too_small_is_a_value_error_with_the_sizes(ex_call):
@@ -204,24 +204,24 @@ def test_a_reserve_space_too_small_is_a_value_error_with_the_sizes(ex_call):
 # ---- the Ex workspace, one per (device, stream) ----
 def test_the_workspace_is_kept_per_device_and_stream_and_grows_only_when_asked(gpu):
     cupy = sys.modules["cupy"]
-    empty = ops._workspace(cupy, 0, 0, 0)
+    empty = launch.workspace(cupy, 0, 0, 0)
     assert empty.dtype == np.uint8 and empty.size == 1  # never a zero-byte buffer
-    first = ops._workspace(cupy, 0, 11, 64)
+    first = launch.workspace(cupy, 0, 11, 64)
     assert first.dtype == np.uint8 and first.size == 64
-    assert ops._workspace(cupy, 0, 11, 64) is first and ops._workspace(cupy, 0, 11, 8) is first
-    other_stream = ops._workspace(cupy, 0, 12, 64)
-    assert other_stream is not first and ops._workspace(cupy, 0, 11, 64) is first
-    grown = ops._workspace(cupy, 0, 11, 65)
-    assert grown.size == 65 and ops._workspace(cupy, 0, 11, 1) is grown
-    assert ops._WORKSPACES[(0, 11)] is grown and ops._WORKSPACES[(0, 12)] is other_stream
+    assert launch.workspace(cupy, 0, 11, 64) is first and launch.workspace(cupy, 0, 11, 8) is first
+    other_stream = launch.workspace(cupy, 0, 12, 64)
+    assert other_stream is not first and launch.workspace(cupy, 0, 11, 64) is first
+    grown = launch.workspace(cupy, 0, 11, 65)
+    assert grown.size == 65 and launch.workspace(cupy, 0, 11, 1) is grown
+    assert launch.WORKSPACES[(0, 11)] is grown and launch.WORKSPACES[(0, 12)] is other_stream
 
 
 def test_the_workspaces_are_bounded_oldest_first(gpu):
     cupy = sys.modules["cupy"]
-    for stream in range(ops._MAX_WORKSPACE_STREAMS + 3):
-        ops._workspace(cupy, 0, stream, 4)
-    assert len(ops._WORKSPACES) == ops._MAX_WORKSPACE_STREAMS
-    assert (0, 0) not in ops._WORKSPACES and (0, ops._MAX_WORKSPACE_STREAMS + 2) in ops._WORKSPACES
+    for stream in range(launch.MAX_WORKSPACE_STREAMS + 3):
+        launch.workspace(cupy, 0, stream, 4)
+    assert len(launch.WORKSPACES) == launch.MAX_WORKSPACE_STREAMS
+    assert (0, 0) not in launch.WORKSPACES and (0, launch.MAX_WORKSPACE_STREAMS + 2) in launch.WORKSPACES
 
 
 # ---- the overflow query ----
@@ -276,8 +276,8 @@ def test_inference_checks_again_when_an_equal_value_comes_as_a_bool(gpu, keyword
 
 @pytest.fixture
 def two_gpus(monkeypatch, cudnn_library):
-    monkeypatch.setattr(ops, "_WARNED", set())
-    monkeypatch.setattr(ops, "_WORKSPACES", {})
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
+    monkeypatch.setattr(launch, "WORKSPACES", {})
     _forget_signatures()
     with simulated_gpu(monkeypatch, devices=2) as simulator:
         yield simulator
@@ -314,7 +314,7 @@ def test_each_call_signature_is_remembered_with_its_plan_and_the_memory_is_bound
     cudnn_bn.forward_inference(*_device(*args), mode="spatial")
     (settled,) = plans.PLANS.signatures.values()
     assert settled.plan is plans.plan_for(plans.INFERENCE, settled.checked.layout, settled.checked.data_dtype, 0)
-    monkeypatch.setattr(ops, "_MAX_SIGNATURES", 2)
+    monkeypatch.setattr(signatures, "MAX_SIGNATURES", 2)
     for batch in (5, 6, 7):
         cudnn_bn.forward_inference(*_device(*_inference_args((batch, 3, 2, 2))), mode="spatial")
         assert 1 <= len(plans.PLANS.signatures) <= 2
@@ -331,10 +331,10 @@ def test_the_ex_calls_keep_their_workspace_under_this_device_and_stream(gpu):
     xd, dyd, gd, bd = _ex_case()
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
     stream = cupy.cuda.get_current_stream().ptr
-    assert set(ops._WORKSPACES) == {(0, stream)}
-    ops._WORKSPACES.clear()  # backward allocates its own
+    assert set(launch.WORKSPACES) == {(0, stream)}
+    launch.WORKSPACES.clear()  # backward allocates its own
     cudnn_bn.backward(xd, dyd, gd, saved)
-    assert "cudnnBatchNormalizationBackwardEx" in gpu.calls and set(ops._WORKSPACES) == {(0, stream)}
+    assert "cudnnBatchNormalizationBackwardEx" in gpu.calls and set(launch.WORKSPACES) == {(0, stream)}
 
 
 def test_saved_statistics_without_a_reserve_take_the_plain_backward_on_an_ex_layout(gpu):
@@ -575,11 +575,11 @@ def test_an_empty_reserve_request_still_gets_a_one_byte_buffer(gpu):
 
 def test_growing_one_streams_workspace_evicts_nothing_when_the_table_is_full(gpu):
     cupy = sys.modules["cupy"]
-    for stream in range(ops._MAX_WORKSPACE_STREAMS):
-        ops._workspace(cupy, 0, stream, 4)
-    ops._workspace(cupy, 0, 5, 64)  # a stream already in the table asks for more
-    assert len(ops._WORKSPACES) == ops._MAX_WORKSPACE_STREAMS and (0, 0) in ops._WORKSPACES
-    assert ops._WORKSPACES[(0, 5)].size == 64
+    for stream in range(launch.MAX_WORKSPACE_STREAMS):
+        launch.workspace(cupy, 0, stream, 4)
+    launch.workspace(cupy, 0, 5, 64)  # a stream already in the table asks for more
+    assert len(launch.WORKSPACES) == launch.MAX_WORKSPACE_STREAMS and (0, 0) in launch.WORKSPACES
+    assert launch.WORKSPACES[(0, 5)].size == 64
 
 
 def test_a_persistent_backward_from_another_device_checks_its_statistics_once_on_theirs(two_gpus, monkeypatch):
@@ -689,8 +689,8 @@ def test_a_cached_training_call_accepts_adjacent_arrays_without_the_exact_overla
     args = _training_args()
     x, gamma, beta, mean, var = _settled_training()
     exact_checks = []
-    check_no_overlap = ops.check_no_overlap
-    monkeypatch.setattr(ops, "check_no_overlap", lambda *a: exact_checks.append(a) or check_no_overlap(*a))
+    check_no_overlap = signatures.check_no_overlap
+    monkeypatch.setattr(signatures, "check_no_overlap", lambda *a: exact_checks.append(a) or check_no_overlap(*a))
     cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial", momentum=0.3)  # disjoint arrays
     assert exact_checks == []
     shapes = {name: np.shape(array) for name, array in zip(names, args)}
@@ -933,10 +933,10 @@ def test_backward_ex_gets_the_workspace_it_asked_for_not_the_reserve_size(gpu):
     gpu.workspace_size, gpu.reserve_size = 1024, 16
     xd, dyd, gd, bd = _ex_case()
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
-    ops._WORKSPACES.clear()  # backward allocates its own
+    launch.WORKSPACES.clear()  # backward allocates its own
     dx, _, _ = cudnn_bn.backward(xd, dyd, gd, saved)
     assert "cudnnBatchNormalizationBackwardEx" in gpu.calls and np.all(np.isfinite(dx.get()))
-    assert [buffer.size for buffer in ops._WORKSPACES.values()] == [1024]
+    assert [buffer.size for buffer in launch.WORKSPACES.values()] == [1024]
     plans.PLANS.clear()  # their sizes are this test's
 
 
@@ -961,7 +961,7 @@ def test_the_cupy_path_imports_cupy_when_it_is_not_loaded_yet(monkeypatch, tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setitem(sys.modules, "cupy", None)  # undone afterwards: the stand-in does not outlive the test
     del sys.modules["cupy"]
-    cupy = ops._cupy()
+    cupy = launch.cupy_module()
     assert getattr(cupy, "STAND_IN", False) and sys.modules["cupy"] is cupy
 
 

@@ -20,9 +20,9 @@ from fake_cudnn import FakeArray, simulated_gpu
 
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
-    from cudnn_bn._cudnn import ops
+    from cudnn_bn._cudnn import launch
 
-    monkeypatch.setattr(ops, "_WARNED", set())
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
     plans.PLANS.clear()
     with simulated_gpu(monkeypatch) as simulator:
         yield simulator

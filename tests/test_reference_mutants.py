@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cudnn_bn import reference
-from cudnn_bn._core import validate
+from cudnn_bn._core import arrays
 
 
 def _float64_batch_norm(x, gamma, beta, eps):
@@ -63,7 +63,7 @@ class _PosingAsCupy(np.ndarray):
 
 
 def test_cupy_arrays_are_refused_with_the_references_message(monkeypatch):
-    monkeypatch.setitem(validate._KIND_OF_TYPE, _PosingAsCupy, "cupy")
+    monkeypatch.setitem(arrays._KIND_OF_TYPE, _PosingAsCupy, "cupy")
     device = lambda a: np.asarray(a, np.float32).view(_PosingAsCupy)  # noqa: E731
     x, ones, zeros = device(np.ones((2, 3))), device(np.ones(3)), device(np.zeros(3))
     with pytest.raises(TypeError, match=r"^cudnn_bn\.reference: expected numpy arrays; use cudnn_bn\.forward_training etc\. for cupy arrays$"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cudnn_bn._core import validate
+from cudnn_bn._core import arrays, validate
 from cudnn_bn._core.modes import Mode
 
 NAMES = ["x", "gamma", "beta", "mean", "var"]
@@ -105,13 +105,13 @@ class _OtherArray(np.ndarray):
 
 def test_uniform_kind_tells_the_kind_only_when_every_given_array_has_one_known_type():
     plain, other = np.ones(3), np.ones(3).view(_OtherArray)
-    assert validate.uniform_kind((plain, plain), (None, plain)) == "numpy"
-    assert validate.uniform_kind((plain,), (None, None)) == "numpy"  # absent optional arrays are skipped
-    assert validate.uniform_kind((plain, other)) is None  # mixed types: the full check decides
-    assert validate.uniform_kind((plain, plain), (other,)) is None
-    assert validate.uniform_kind((plain, plain), (plain, other)) is None
-    assert validate.uniform_kind((None, None)) is None  # a required None is never a kind
-    assert validate.uniform_kind(([1.0], [1.0])) is None  # a type the checks have not seen
+    assert arrays.uniform_kind((plain, plain), (None, plain)) == "numpy"
+    assert arrays.uniform_kind((plain,), (None, None)) == "numpy"  # absent optional arrays are skipped
+    assert arrays.uniform_kind((plain, other)) is None  # mixed types: the full check decides
+    assert arrays.uniform_kind((plain, plain), (other,)) is None
+    assert arrays.uniform_kind((plain, plain), (plain, other)) is None
+    assert arrays.uniform_kind((None, None)) is None  # a required None is never a kind
+    assert arrays.uniform_kind(([1.0], [1.0])) is None  # a type the checks have not seen
 
 
 def test_the_finite_check_reads_the_statistics_with_their_own_array_module(cudnn_library, monkeypatch):

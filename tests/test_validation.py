@@ -646,7 +646,7 @@ def test_the_overflow_policy_prints_what_users_type():
 
 def test_overlap_bounds_use_the_device_pointer_of_cupy_arrays():
     """Real cupy arrays are not numpy arrays: their range comes from ``.data.ptr`` and byte strides."""
-    from cudnn_bn._core.validate import check_no_overlap
+    from cudnn_bn._core.arrays import check_no_overlap
 
     class DeviceArray:  # what the check reads of a cupy.ndarray
         def __init__(self, ptr, shape, strides, itemsize=4):

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import array_kind, check_no_overlap
 from .modes import Activation, parse_activation
 from .saved import SavedStats
-from .validate import array_kind, check_no_overlap
 
 __all__ = [
     "FusedSaved",
@@ -21,6 +21,7 @@ __all__ = [
     "check_forward_output",
     "check_fused_saved",
     "check_residual",
+    "check_residual_apart",
 ]
 
 # What ran a fused forward, as FusedSaved.path records it.
@@ -82,6 +83,12 @@ def check_residual(x, residual, running_mean=None, running_var=None) -> None:
         raise ValueError(f"residual: expected x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     if np.dtype(residual.dtype) != np.dtype(x.dtype):
         raise TypeError(f"residual: expected x's dtype {np.dtype(x.dtype)}, got {np.dtype(residual.dtype)}")
+    check_residual_apart(x, residual, running_mean, running_var)
+
+
+def check_residual_apart(x, residual, running_mean=None, running_var=None) -> None:
+    """What check_residual reads of addresses (a call with a settled signature checks only this):
+    ``residual`` (not None) apart from x, and the running statistics the call writes apart from it."""
     _check_separate("residual", residual, x=x)
     written = {name: array for name, array in (("running_mean", running_mean), ("running_var", running_var)) if array is not None}
     if written:

@@ -6,8 +6,9 @@ import dataclasses
 from typing import Any
 
 from .modes import Mode, parse_mode, parse_on_overflow
+from .scalars import check_channel_axis, check_eps
 
-__all__ = ["SavedStats"]
+__all__ = ["SavedStats", "trusted_saved_stats"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,9 +48,6 @@ class SavedStats:
     on_overflow: Any = None
 
     def __post_init__(self) -> None:
-        # imported here: validate imports this module
-        from .validate import check_channel_axis, check_eps
-
         try:
             settings = dict(
                 mode=parse_mode(self.mode),
@@ -91,3 +89,8 @@ class SavedStats:
 
     def __hash__(self) -> int:
         return hash(self._identity())
+
+
+# SavedStats._checked by a name the computing paths of other modules may call: what they return was
+# validated by the call that computed it.
+trusted_saved_stats = SavedStats._checked

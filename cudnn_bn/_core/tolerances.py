@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import host_array
+
 __all__ = ["STATISTICS_RTOL", "assert_close", "statistics_rtol", "to_numpy", "tolerance"]
 
 # (rtol, atol) per data dtype, for values of order one (normalized outputs, gradients of
@@ -32,8 +34,8 @@ def tolerance(dtype) -> tuple[float, float]:
 
 
 def to_numpy(array) -> np.ndarray:
-    """A host float64 copy of a numpy or cupy array."""
-    return np.asarray(array.get() if hasattr(array, "get") else array, dtype=np.float64)
+    """A host float64 copy of a numpy or cupy array (a numpy float64 array itself)."""
+    return host_array(array, np.float64, copy=False)
 
 
 def assert_close(actual, expected, dtype, *, what: str = "", scale: float = 1.0) -> None:

@@ -1,55 +1,37 @@
-"""Input checks shared by the NumPy reference and the cuDNN path.
+"""The checks of each call's argument set, shared by the NumPy reference and the cuDNN path.
 
 Everything here runs before any computation or native call, raises a typed error naming the
-argument with the expected and actual value, and never modifies an argument.
+argument with the expected and actual value, and never modifies an argument. The checks of one
+array (cudnn_bn._core.arrays) and of one scalar (cudnn_bn._core.scalars) are their building blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 
 import numpy as np
 
+from .arrays import array_kind, array_module, check_no_overlap, check_writable, elements_may_share_memory
 from .layout import Layout, make_layout
 from .modes import AUTO, Mode, parse_mode
 from .saved import SavedStats
+from .scalars import check_channel_axis, check_eps, check_momentum
 
 __all__ = [
     "Checked",
     "DATA_DTYPES",
-    "MIN_TRAINING_EPS",
-    "OPTIONAL_ARRAYS",
-    "array_kind",
     "check_backward",
-    "check_channel_axis",
-    "check_eps",
     "check_fold",
     "check_forward_inference",
     "check_forward_training",
-    "check_momentum",
-    "check_no_overlap",
     "check_saved",
-    "byte_range",
     "check_saved_finite",
-    "elements_may_share_memory",
     "param_dtype_for",
     "resolve_backward_settings",
-    "uniform_kind",
 ]
 
 DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-# The arguments a call may leave as None; every other array argument is required.
-OPTIONAL_ARRAYS = ("running_mean", "running_var")
-
-# Training and backward refuse an eps below this. cuDNN itself accepts any eps >= 0
-# (CUDNN_BN_MIN_EPSILON is 0.0), but a constant channel has variance 0, so its inverse std
-# 1 / sqrt(0 + eps) is infinite for eps = 0 and overflows float32 parameters for an eps that is
-# nearly 0. float32's smallest normal number (2**-126, about 1.2e-38) keeps it finite (below 1e19).
-MIN_TRAINING_EPS = float(np.finfo(np.float32).tiny)
-
 
 @dataclasses.dataclass(frozen=True)
 class Checked:
@@ -64,121 +46,6 @@ class Checked:
 def param_dtype_for(data_dtype) -> np.dtype:
     """cuDNN's rule: float64 parameters for float64 data, float32 for float16 and float32 data."""
     return np.dtype(np.float64) if np.dtype(data_dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _is_cupy(array) -> bool:
-    """A cupy.ndarray (not any other object of CuPy's, such as a Device or a Stream)."""
-    if type(array).__module__.split(".")[0] != "cupy":
-        return False
-    cupy = sys.modules.get("cupy")  # loaded, since one of its objects exists
-    return cupy is not None and isinstance(array, cupy.ndarray)
-
-
-_KIND_OF_TYPE: dict = {np.ndarray: "numpy"}
-
-
-def uniform_kind(required, optional=()) -> str | None:
-    """What array_kind would return, when the types alone tell: the ``required`` arrays and the
-    ``optional`` ones that are not None all of one type that already passed array_kind's checks;
-    None when the full check must run."""
-    array_type = type(required[0])
-    for array in required:
-        if type(array) is not array_type:
-            return None
-    for array in optional:
-        if array is not None and type(array) is not array_type:
-            return None
-    return _KIND_OF_TYPE.get(array_type)
-
-
-def array_kind(*, optional=OPTIONAL_ARRAYS, **named) -> str:
-    """Return "numpy" or "cupy" for the given arrays; TypeError for a non-array or mixed kinds.
-
-    None is accepted only for the names in ``optional`` (the running statistics). A numpy masked
-    array or matrix is refused: the computation would silently ignore the mask, or reshape a
-    matrix into something else.
-    """
-    kinds = {}
-    for name, array in named.items():
-        if array is None:
-            if name in optional:
-                continue
-            raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got None")
-        kind = _KIND_OF_TYPE.get(type(array))
-        if kind is not None:
-            kinds[name] = kind
-        elif _is_cupy(array):
-            kinds[name] = "cupy"
-        elif type(array).__module__.split(".")[0] == "cupy":
-            raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got CuPy's {type(array).__name__}")
-        elif isinstance(array, np.ma.MaskedArray):
-            raise TypeError(
-                f"{name}: expected a plain numpy.ndarray, got a numpy masked array (its mask would be "
-                f"ignored); pass {name}.filled(value) or drop the masked entries first"
-            )
-        elif isinstance(array, np.matrix):
-            raise TypeError(f"{name}: expected a plain numpy.ndarray, got a numpy.matrix; pass np.asarray({name})")
-        elif isinstance(array, np.ndarray):
-            kinds[name] = "numpy"
-        else:
-            raise TypeError(f"{name}: expected a numpy.ndarray or cupy.ndarray, got {type(array).__name__}")
-        if kind is None and len(_KIND_OF_TYPE) < 64:  # an accepted type: the checks above hold for all its objects
-            _KIND_OF_TYPE[type(array)] = kinds[name]
-    found = set(kinds.values())
-    if len(found) > 1:
-        detail = ", ".join(f"{name}={kind}" for name, kind in kinds.items())
-        raise TypeError(f"arrays of mixed kinds: expected all numpy or all cupy, got {detail}")
-    return found.pop() if found else "numpy"
-
-
-def byte_range(array) -> tuple[int, int] | None:
-    """[first, last + 1) byte addresses an array can touch; None for an empty array.
-
-    Conservative: the bounds of the strided extent, so two arrays that interleave without
-    sharing an element still count as overlapping.
-    """
-    if array.size == 0:
-        return None
-    if type(array) is np.ndarray:
-        start = array.__array_interface__["data"][0]
-    else:  # cupy (or an array posing as one): the device address of the first element
-        start = array.data.ptr
-    flags = getattr(array, "flags", None)
-    if flags is not None and flags.c_contiguous:  # the common case, without the loop
-        return start, start + array.nbytes
-    low = high = start
-    for size, stride in zip(array.shape, array.strides):
-        step = (size - 1) * stride
-        if step < 0:
-            low += step
-        else:
-            high += step
-    return low, high + array.itemsize
-
-
-def check_no_overlap(written: dict, read: dict) -> None:
-    """Refuse any array in ``written`` (updated in place) whose memory may overlap another argument.
-
-    Both dicts map argument names to arrays (None entries skipped). Works for numpy and cupy
-    arrays alike; may-share counts as sharing.
-    """
-    mine = _ranges(written)
-    for name, low, high in mine:
-        for other, other_low, other_high in mine + _ranges(read):
-            if other != name and low < other_high and other_low < high:
-                raise ValueError(
-                    f"{name}: expected memory of its own (it is written in place), got an array whose memory "
-                    f"overlaps {other}'s; pass a separate array, e.g. {name}.copy()"
-                )
-
-
-def _ranges(named: dict) -> list:
-    ranges = []
-    for name, array in named.items():
-        bounds = None if array is None else byte_range(array)
-        if bounds is not None:
-            ranges.append((name, bounds[0], bounds[1]))
-    return ranges
 
 
 def _check_data(name: str, array) -> np.dtype:
@@ -198,67 +65,12 @@ def _check_float(name: str, array, expected_shape) -> None:
 
 def _check_running(name: str, array, layout: Layout) -> None:
     _check_float(name, array, layout.param_shape)
-    if not getattr(array.flags, "writeable", True):
-        raise ValueError(f"{name}: expected a writable array (it is updated in place), got a read-only one")
+    check_writable(name, array, "updated")
     if elements_may_share_memory(array):
         raise ValueError(
             f"{name}: expected an array whose elements have memory of their own (it is updated in place), "
             f"got strides {tuple(array.strides)} for shape {tuple(array.shape)} (a broadcast view?); pass {name}.copy()"
         )
-
-
-def elements_may_share_memory(array) -> bool:
-    """True when two elements of ``array`` may sit at one address (a stride 0, as broadcasting
-    gives, or strides that interleave): writing such an array in place loses values."""
-    extent = array.itemsize
-    for stride, size in sorted((abs(int(s)), int(n)) for n, s in zip(array.shape, array.strides) if n > 1):
-        if stride < extent:
-            return True
-        extent += stride * (size - 1)
-    return False
-
-
-def _real_number(name: str, value, expected: str) -> float:
-    """A Python or numpy real scalar as a float (bool, strings and arrays are TypeErrors)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name}: expected {expected}, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # an int past float range, e.g. 10**400
-        raise ValueError(f"{name}: expected {expected}, got an integer of {len(str(abs(int(value))))} digits") from None
-
-
-def check_eps(eps, *, training: bool = False) -> float:
-    """eps as a float: finite and >= 0 for inference, >= MIN_TRAINING_EPS for training and backward."""
-    if training:
-        eps = _real_number("eps", eps, f"a float >= {MIN_TRAINING_EPS:.3g}")
-        if not math.isfinite(eps) or eps < MIN_TRAINING_EPS:
-            raise ValueError(
-                f"eps: expected a finite value >= {MIN_TRAINING_EPS:.3g} (2**-126) in training and backward, "
-                f"got {eps}: a constant channel has variance 0, so its inverse std 1/sqrt(var + eps) would be "
-                f"infinite or past float32's range (cuDNN allows eps = 0; this package refuses it so that no "
-                f"inf or NaN appears silently)"
-            )
-        return eps
-    eps = _real_number("eps", eps, "a float >= 0")
-    if not math.isfinite(eps) or eps < 0.0:
-        raise ValueError(f"eps: expected a finite value >= 0, got {eps}")
-    return eps
-
-
-def check_momentum(momentum) -> float:
-    """momentum (cuDNN's exponentialAverageFactor) as a float in [0, 1]."""
-    momentum = _real_number("momentum", momentum, "a float in [0, 1]")
-    if not math.isfinite(momentum) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a finite value in [0, 1], got {momentum}")
-    return momentum
-
-
-def check_channel_axis(channel_axis) -> int:
-    """channel_axis as a Python int (numpy integers accepted); the range is checked by make_layout."""
-    if isinstance(channel_axis, (bool, np.bool_)) or not isinstance(channel_axis, (int, np.integer)):
-        raise TypeError(f"channel_axis: expected an int (1 or -1), got {channel_axis!r}")
-    return int(channel_axis)
 
 
 def _check_trainable(layout: Layout) -> None:
@@ -414,7 +226,7 @@ def check_saved_finite(saved) -> None:
 
     Last, and on the persistent path only: on a GPU this check costs a synchronisation, which
     that path pays anyway for its overflow query."""
-    xp = _array_module(saved.mean)
+    xp = array_module(saved.mean)
     # one reduction and one device-to-host read for both: a NaN or Inf entry in either makes the
     # sum of products NaN or Inf, so a finite sum clears them all. A non-finite one may also be an
     # overflow of finite entries: the exact checks below tell which.
@@ -437,10 +249,3 @@ def check_fold(gamma, beta, mean, var, eps) -> float:
         _check_float(name, array, shapes[name])
     return check_eps(eps)
 
-
-def _array_module(array):
-    if not _is_cupy(array):
-        return np
-    import cupy  # only reached for cupy arrays, so cupy is importable
-
-    return cupy

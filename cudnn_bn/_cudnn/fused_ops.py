@@ -21,14 +21,36 @@ from __future__ import annotations
 
 import threading
 
+from .._core.fused_saved import (
+    PATH_COMPOSED,
+    PATH_FUSED_EX,
+    FusedSaved,
+    check_forward_output,
+    check_residual,
+    check_residual_apart,
+)
 from .._core.modes import Activation, Mode, OnOverflow
-from .._core.saved import SavedStats
+from .._core.saved import trusted_saved_stats
+from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
-from .._core.fused_saved import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, check_forward_output, check_residual
 from . import ops, raw
+from .availability import check_cuda_build_once
+from .handles import borrow
+from .launch import (
+    after_overflow,
+    after_persistent,
+    check_reserve,
+    cupy_module,
+    lend,
+    on_device,
+    pointer,
+    same_device,
+    workspace,
+)
 from .limits import fused_ex_path_unmet
-from .plans import BACKWARD, TRAINING, plan_for
+from .plans import BACKWARD, INFERENCE, TRAINING, plan_for
 from .raw import BatchNormOps
+from .signatures import check_running_apart, lookup, remember, running_signature, saved_signature, signature
 
 __all__ = ["backward", "forward_inference", "forward_training", "uses_fused_ex_path"]
 
@@ -95,33 +117,85 @@ def activation_grad(cupy, y, dy, activation: Activation):
     return cupy.ascontiguousarray(kernel(y, dy))
 
 
+# ---- what a fused call signature settled ----
+# Keys of their own in the settled-signature cache (signatures.py), next to the plain calls'.
+_FUSED_TRAINING, _FUSED_INFERENCE, _FUSED_BACKWARD = (f"fused {name}" for name in (TRAINING, INFERENCE, BACKWARD))
+
+
+class _FusedSettled:
+    """What one fused call signature settled: the arrays' device, the checked description, the
+    plan and overflow policy, whether the fused Ex call runs (``fused_ex``), whether each call
+    checks that the saved statistics are finite (``checks_finite``), and the plain call's own
+    settling (ops.settle_*), which the composed path runs (None where only the fused Ex call does)."""
+
+    __slots__ = ("device_id", "checked", "plan", "on_overflow", "fused_ex", "checks_finite", "plain")
+
+    def __init__(self, device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite=False):
+        self.device_id, self.checked, self.plan, self.on_overflow = device_id, checked, plan, on_overflow
+        self.fused_ex, self.plain, self.checks_finite = fused_ex, plain, checks_finite
+
+
 # ---- forward training ----
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation, mode: Mode,
-                     momentum, eps, channel_axis, on_overflow: OnOverflow):
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual, activation: Activation,
+                     mode: Mode, momentum, eps, channel_axis, on_overflow: OnOverflow):
     """Fused forward training on cupy arrays; same contract as cudnn_bn.fused.reference_forward_training."""
-    cupy = ops._cupy()
+    cupy = cupy_module()
+    key, settled = lookup((
+        _FUSED_TRAINING, activation, type(mode), mode, type(on_overflow), on_overflow, type(channel_axis), channel_axis,
+        type(eps), eps, signature(x), signature(gamma), signature(beta), running_signature(running_mean, running_var),
+        signature(residual),
+    ))
+    if settled is None:
+        settled, momentum = _settle_training(
+            cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode, momentum, eps, channel_axis,
+            on_overflow,
+        )
+        remember(key, settled)
+    else:  # what depends on values, in the order of the full checks
+        if running_mean is not None:
+            check_running_apart(settled.plain, x, gamma, beta, running_mean, running_var)
+        momentum = check_momentum(momentum)
+        if residual is not None:
+            check_residual_apart(x, residual, running_mean, running_var)
+    with on_device(cupy, settled.device_id):
+        if settled.fused_ex:
+            result = _forward_training_ex(
+                cupy, settled.plan, settled.checked, x, gamma, beta, running_mean, running_var, residual, activation,
+                momentum, settled.on_overflow,
+            )
+            if result is not None:
+                return result
+            # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
+            y, stats = ops.forward_training(
+                x, gamma, beta, running_mean, running_var, Mode.SPATIAL, momentum, settled.checked.eps, channel_axis,
+                OnOverflow.IGNORE,
+            )
+        else:
+            y, stats = ops.run_training(
+                cupy, settled.plain, x, gamma, beta, running_mean, running_var, momentum, channel_axis
+            )
+        add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+    return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
+
+
+def _settle_training(cupy, x, gamma, beta, running_mean, running_var, residual, activation, mode, momentum, eps,
+                     channel_axis, on_overflow):
+    """``(settled, momentum)``: the full checks of a fused forward-training signature (and of this
+    call's values), then the plain call's settling (its plan, and the extents the per-call overlap
+    check reads)."""
     checked, momentum = check_forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
     )
     check_residual(x, residual, running_mean, running_var)
-    device_id = ops._same_device(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual)
-    ops._check_build_once(cupy)
-    plan = plan_for(TRAINING, checked.layout, checked.data_dtype, device_id)
-    if uses_fused_ex_path(plan, activation):
-        with ops._on_device(cupy, device_id):
-            result = _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual,
-                                          activation, momentum, on_overflow)
-        if result is not None:
-            return result
-        # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
-        mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
-    y, stats = ops.forward_training(
-        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=checked.eps,
-        channel_axis=channel_axis, on_overflow=on_overflow,
+    device_id = same_device(
+        x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, residual=residual
     )
-    with ops._on_device(cupy, device_id):
-        add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
-    return y, FusedSaved(stats, activation, residual is not None, PATH_COMPOSED)
+    with on_device(cupy, device_id):
+        plain, momentum = ops.settle_training(
+            cupy, x, gamma, beta, running_mean, running_var, mode, momentum, checked.eps, channel_axis, on_overflow
+        )
+    fused_ex = uses_fused_ex_path(plain.plan, activation)
+    return _FusedSettled(device_id, plain.checked, plain.plan, on_overflow, fused_ex, plain), momentum
 
 
 def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, running_var, residual, activation, momentum,
@@ -137,28 +211,36 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     save_mean, save_inv_std = plan.new_params(cupy)
     activation_desc = plan.activation_descriptor(activation)
-    z_desc = None if z_in is None else plan.data_desc_pointer
-    handle = ops._lend(cupy, plan, checked_overflow)
+    data = plan.data_desc_pointer
+    z_desc = None if z_in is None else data
+    handle = lend(cupy, plan, checked_overflow)
     try:
         workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
-        workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
+        scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         reserve = cupy.empty(max(reserve_size, 1), dtype=cupy.uint8)
         raw.library().cudnnBatchNormalizationForwardTrainingEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta,
-            plan.data_desc_pointer, x_in.data.ptr, z_desc, ops._pointer(z_in), plan.data_desc_pointer, y.data.ptr,
-            plan.param_desc_pointer, gamma_in.data.ptr, beta_in.data.ptr, momentum, ops._pointer(mean_in),
-            ops._pointer(var_in), checked.eps, save_mean.data.ptr, save_inv_std.data.ptr, activation_desc.pointer,
-            workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
+            data, x_in.data.ptr,
+            z_desc, pointer(z_in),  # zDesc (x's), zData: NULL without a residual
+            data, y.data.ptr,  # yDesc: x's
+            plan.param_desc_pointer, gamma_in.data.ptr, beta_in.data.ptr,
+            momentum, pointer(mean_in), pointer(var_in),  # resultRunningMean, resultRunningVariance: NULL when not kept
+            checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
+            activation_desc.pointer,
+            scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = plan.persistent and ops._after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
     finally:
         handle.pool.release(handle)
     if overflowed:
-        ops._overflowed("cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup, (mean_in, var_in))
+        after_overflow(
+            "cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup,
+            (mean_in, var_in),
+        )
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
-    stats = SavedStats._checked(
+    stats = trusted_saved_stats(
         plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
         layout.public_channel_axis, reserve, on_overflow,
     )
@@ -170,51 +252,102 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
 # ---- forward inference: always composed ----
 def forward_inference(x, gamma, beta, mean, var, *, residual, activation: Activation, mode: Mode, eps, channel_axis):
     """Fused forward inference on cupy arrays: the plain cuDNN call, then one elementwise kernel."""
-    cupy = ops._cupy()
+    cupy = cupy_module()
+    key, settled = lookup((
+        _FUSED_INFERENCE, type(mode), mode, type(eps), eps, type(channel_axis), channel_axis, signature(x),
+        signature(gamma), signature(beta), signature(mean), signature(var), signature(residual),
+    ))
+    if settled is None:
+        settled = remember(key, _settle_inference(cupy, x, gamma, beta, mean, var, residual, mode, eps, channel_axis))
+    elif residual is not None:
+        check_residual_apart(x, residual)
+    with on_device(cupy, settled.device_id):
+        y = ops.run_inference(cupy, settled.plain, x, gamma, beta, mean, var)
+        return add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+
+
+def _settle_inference(cupy, x, gamma, beta, mean, var, residual, mode, eps, channel_axis) -> _FusedSettled:
+    """The full checks of a fused forward-inference signature, then the plain call's settling."""
     check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
     check_residual(x, residual)
-    device_id = ops._same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
-    y = ops.forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
-    with ops._on_device(cupy, device_id):
-        return add_activation(cupy, y, None if residual is None else cupy.ascontiguousarray(residual), activation)
+    device_id = same_device(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
+    with on_device(cupy, device_id):
+        plain = ops.settle_inference(cupy, x, gamma, beta, mean, var, mode, eps, channel_axis)
+    return _FusedSettled(device_id, plain.checked, plain.plan, None, False, plain)
 
 
 # ---- backward ----
 def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axis, on_overflow: OnOverflow):
     """Fused backward on cupy arrays; same contract as cudnn_bn.fused.reference_backward."""
-    cupy = ops._cupy()
+    cupy = cupy_module()
+    stats = saved.stats
+    try:
+        key = (
+            _FUSED_BACKWARD, saved.activation, saved.has_residual, saved.path, signature(saved.bias), type(mode), mode,
+            type(eps), eps, type(channel_axis), channel_axis, type(on_overflow), on_overflow, signature(x),
+            signature(y), signature(dy), signature(gamma), saved_signature(stats),
+        )
+    except Exception:  # statistics of a SavedStats subclass, or something other than arrays: the full checks name it
+        key = None
+    key, settled = lookup(key)
+    if settled is None:
+        settled = remember(key, _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
+    elif settled.checks_finite:
+        check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
+    with on_device(cupy, settled.device_id):
+        if settled.fused_ex:
+            result = _backward_ex(cupy, settled.plan, settled.checked, x, y, dy, gamma, saved, settled.on_overflow)
+            if result is not None:
+                return result
+        grad = activation_grad(cupy, y, dy, saved.activation)
+        plain = _plain_stats(stats)
+        if settled.fused_ex:  # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
+            dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, Mode.SPATIAL, eps, channel_axis, OnOverflow.IGNORE)
+        else:
+            dx, dgamma, dbeta = ops.run_backward(cupy, settled.plain, x, grad, gamma, plain, channel_axis)
+    return dx, (grad if saved.has_residual else None), dgamma, dbeta
+
+
+def _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow) -> _FusedSettled:
+    """The full checks of a fused backward signature (and of this call's values), then its plan,
+    and on the composed path the plain backward's settling."""
     stats = saved.stats
     checked = check_backward(x, dy, gamma, stats, mode=mode, eps=eps, channel_axis=channel_axis, check_finite=False)
     check_forward_output(x, y)
     named = {"x": x, "y": y, "dy": dy, "gamma": gamma, "saved_mean": stats.mean, "saved_inv_std": stats.inv_std}
     if saved.path == PATH_FUSED_EX:
         named.update(saved_reserve_space=stats.reserve_space, saved_bias=saved.bias)
-    device_id = ops._same_device(**named)
-    ops._check_build_once(cupy)
-    persistent = checked.layout.mode is Mode.SPATIAL_PERSISTENT
-    if persistent and on_overflow is not OnOverflow.IGNORE:
+    device_id = same_device(**named)
+    check_cuda_build_once(cupy)
+    checks_finite = checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE
+    if checks_finite:
         check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
     plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
     fused_ex = (
         saved.path == PATH_FUSED_EX and stats.reserve_space is not None and saved.bias is not None
         and uses_fused_ex_path(plan, saved.activation)
     )
-    if fused_ex:
-        with ops._on_device(cupy, device_id):
-            result = _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow)
-        if result is not None:
-            return result
-        mode, on_overflow = Mode.SPATIAL, OnOverflow.IGNORE
-    with ops._on_device(cupy, device_id):
-        grad = activation_grad(cupy, y, dy, saved.activation)
-    # the plain backward gets the statistics alone: the Ex reserve space belongs to the fused ops
-    plain = SavedStats._checked(stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow)
-    dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, mode=mode, eps=eps, channel_axis=channel_axis, on_overflow=on_overflow)
-    return dx, (grad if saved.has_residual else None), dgamma, dbeta
+    with on_device(cupy, device_id):
+        if fused_ex:  # BackwardEx reads the forward's reserve space, which holds the activation's mask too
+            with borrow(device_id) as handle:
+                reserve_size = plan.fused_ex_sizes(handle.pointer, _bn_ops(saved.has_residual), saved.activation)[2]
+            check_reserve(stats.reserve_space, reserve_size, device_id)
+            plain = None
+        else:  # the plain backward of the activation's gradient, which has dy's shape, dtype and device
+            plain = ops.settle_backward(cupy, x, dy, gamma, _plain_stats(stats), mode, eps, channel_axis, on_overflow)
+    return _FusedSettled(device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite)
+
+
+def _plain_stats(stats):
+    """What the plain backward gets: the statistics alone (the Ex reserve space belongs to the fused ops)."""
+    return trusted_saved_stats(
+        stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow
+    )
 
 
 def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
-    """The fused BackwardEx call; None when it overflowed and on_overflow is "fallback"."""
+    """The fused BackwardEx call (its reserve space checked when the signature was settled); None
+    when it overflowed and on_overflow is "fallback"."""
     stats, bn_ops = saved.stats, _bn_ops(saved.has_residual)
     x_in, y_in, dy_in = cupy.ascontiguousarray(x), cupy.ascontiguousarray(y), cupy.ascontiguousarray(dy)
     gamma_in = plan.param_in(cupy, gamma)
@@ -222,28 +355,32 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     saved_mean, saved_inv_std = plan.param_in(cupy, stats.mean), plan.param_in(cupy, stats.inv_std)
     dx = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     dz = cupy.empty(x_in.shape, dtype=plan.data_dtype) if saved.has_residual else None
-    dz_desc = None if dz is None else plan.data_desc_pointer
     dgamma, dbeta = plan.new_params(cupy)
     reserve = stats.reserve_space
     activation_desc = plan.activation_descriptor(saved.activation)
     checked_overflow = on_overflow is not OnOverflow.IGNORE
     data = plan.data_desc_pointer
-    handle = ops._lend(cupy, plan, checked_overflow)
+    dz_desc = None if dz is None else data
+    handle = lend(cupy, plan, checked_overflow)
     try:
-        _, workspace_size, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
-        ops._check_reserve(reserve, reserve_size, plan.device_id)
-        workspace = ops._workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
+        _, workspace_size, _ = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
+        scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
         raw.library().cudnnBatchNormalizationBackwardEx(
             handle.pointer, plan.cudnn_mode, int(bn_ops), plan.alpha, plan.beta, plan.alpha, plan.beta,
-            data, x_in.data.ptr, data, y_in.data.ptr, data, dy_in.data.ptr, dz_desc, ops._pointer(dz),
-            data, dx.data.ptr, plan.param_desc_pointer, gamma_in.data.ptr, bias.data.ptr,
+            data, x_in.data.ptr,
+            data, y_in.data.ptr,  # yDesc: x's
+            data, dy_in.data.ptr,  # dyDesc: x's
+            dz_desc, pointer(dz),  # dzDesc (x's), dzData: NULL without a residual
+            data, dx.data.ptr,  # dxDesc: x's
+            plan.param_desc_pointer, gamma_in.data.ptr, bias.data.ptr,
             dgamma.data.ptr, dbeta.data.ptr, checked.eps, saved_mean.data.ptr, saved_inv_std.data.ptr,
-            activation_desc.pointer, workspace.data.ptr, workspace.size, reserve.data.ptr, reserve.size,
+            activation_desc.pointer,
+            scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = plan.persistent and ops._after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
     finally:
         handle.pool.release(handle)
     if overflowed:
-        ops._overflowed("cudnnBatchNormalizationBackwardEx", BACKWARD, "fused backward", plan, on_overflow)
+        after_overflow("cudnnBatchNormalizationBackwardEx", BACKWARD, "fused backward", plan, on_overflow)
         return None
     return dx, dz, plan.param_out(cupy, dgamma), plan.param_out(cupy, dbeta)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._core.validate import array_kind
+from .._core.arrays import array_kind
 
 __all__ = ["ACCEPTED", "as_supported_array"]
 

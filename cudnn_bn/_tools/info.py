@@ -33,7 +33,7 @@ def _build_match() -> dict:
     try:
         import cupy
 
-        from .._cudnn.ops import cuda_build_mismatch
+        from .._cudnn.availability import cuda_build_mismatch
 
         mismatch = cuda_build_mismatch(cupy)
     except Exception:  # no cupy, no libcudnn: the lines above already say so
