@@ -199,9 +199,9 @@ def _simulated_gpu_without_cached_plans(monkeypatch):
 @pytest.fixture
 def fresh_simulated_gpu(monkeypatch, cudnn_library):
     """The simulated GPU, with no plan and no shown fallback warning left by an earlier test."""
-    from cudnn_bn._cudnn import ops
+    from cudnn_bn._cudnn import launch
 
-    monkeypatch.setattr(ops, "_WARNED", set())
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
     with _simulated_gpu_without_cached_plans(monkeypatch) as simulator:
         yield simulator
 

@@ -7,7 +7,6 @@ them. See docs/distributed.md for the data flow, the bytes each step sends and w
 looks like on each engine.
 
 Modules, bottom up:
-- ``helpers``: small array and argument helpers;
 - ``errors``: the errors, each naming the rank that raises it;
 - ``communicators``: the :class:`Communicator` protocol (one sum-allreduce of a 1-D float64
   buffer) and its engines: threads of one process (:func:`local_group`), NCCL
@@ -32,7 +31,13 @@ from .communicators import (
     mpi_group,
     nccl_group,
 )
-from .errors import CollectiveTimeoutError, CommunicatorBusyError, DistributedError, GroupMismatchError, PeerFailedError
+from .errors import (
+    CollectiveTimeoutError,
+    CommunicatorBusyError,
+    DistributedError,
+    GroupMismatchError,
+    PeerFailedError,
+)
 from .layer import SyncBatchNorm
 from .protocol import HEADER_SIZE, CollectiveBytes, collective_bytes
 

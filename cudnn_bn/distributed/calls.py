@@ -16,13 +16,22 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .. import _api, fused
-from .._core.fused_saved import PATH_COMPOSED, PATH_REFERENCE, FusedSaved, check_residual
+from .._core.arrays import array_kind, kind_module
+from .._core.fused_saved import (
+    PATH_COMPOSED,
+    PATH_REFERENCE,
+    FusedSaved,
+    check_residual,
+)
 from .._core.layout import Layout, make_layout
 from .._core.modes import Activation, Mode, parse_activation
 from .._core.policy import TRAINING, choose_mode
 from .._core.saved import SavedStats
-from .._core.validate import array_kind, check_forward_training, param_dtype_for, resolve_backward_settings
-from .helpers import array_module
+from .._core.validate import (
+    check_forward_training,
+    param_dtype_for,
+    resolve_backward_settings,
+)
 from .protocol import BACKWARD, FORWARD, Agreement, Exchange, group_call, header
 
 __all__ = ["backward", "finish_backward", "finish_forward", "forward_training", "prepare_backward", "prepare_forward"]
@@ -143,7 +152,7 @@ def prepare_forward(exchange: Exchange, x, gamma, beta, running_mean=None, runni
     count, mean and M2 go into the exchange."""
     kind = array_kind(optional=("running_mean", "running_var", "residual"), x=x, gamma=gamma, beta=beta,
                       running_mean=running_mean, running_var=running_var, residual=residual)
-    xp = array_module(kind)
+    xp = kind_module(kind)
     run_mode = _group_mode(mode, x.shape, channel_axis)
     layout = make_layout(x.shape, channel_axis, run_mode)
     _check_parameters_match_x(layout, gamma=gamma, beta=beta)
@@ -243,7 +252,7 @@ def prepare_backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=
                      channel_axis=None) -> BackwardStep:
     """The checks and local work of a backward, run inside ``exchange.guard()``: this shard's
     sum(dy) and sum(dy * x_hat) go into the exchange."""
-    xp = array_module(array_kind(x=x, dy=dy, gamma=gamma))
+    xp = kind_module(array_kind(x=x, dy=dy, gamma=gamma))
     if saved is None:
         raise ValueError("saved: expected the SavedStats of this step's distributed forward_training, got None")
     run_mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)

@@ -18,9 +18,15 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .._core.validate import array_kind
-from .errors import CollectiveTimeoutError, CommunicatorBusyError, DistributedError, GroupMismatchError, PeerFailedError
-from .helpers import array_module, host_float64, positive_int
+from .._core.arrays import array_kind, host_array, kind_module
+from .._core.scalars import positive_int
+from .errors import (
+    CollectiveTimeoutError,
+    CommunicatorBusyError,
+    DistributedError,
+    GroupMismatchError,
+    PeerFailedError,
+)
 
 __all__ = [
     "DEFAULT_LOCAL_TIMEOUT",
@@ -203,7 +209,7 @@ class LocalCommunicator:
         index = self._enter()
         try:
             deposits = shared.deposits[index % 2]
-            deposits[self._rank] = refusal if refusal is not None else host_float64(buffer)
+            deposits[self._rank] = refusal if refusal is not None else host_array(buffer, np.float64)
             try:
                 shared.barrier.wait(shared.timeout)
             except threading.BrokenBarrierError:
@@ -229,7 +235,7 @@ class LocalCommunicator:
         total = parts[0].copy()
         for part in parts[1:]:  # rank order: the same bits on every rank
             total += part
-        return total if kind == "numpy" else array_module(kind).asarray(total)
+        return total if kind == "numpy" else kind_module(kind).asarray(total)
 
     def _enter(self) -> int:
         """Mark this rank as inside a collective; return the collective's index."""
@@ -327,7 +333,7 @@ class _ProcessMember:
             length, refusal = -1, error
         slots = np.zeros(self._world_size)
         slots[self._rank] = length
-        lengths = [int(n) for n in host_float64(self._allreduce_sum(self._engine_buffer(slots)))]
+        lengths = [int(n) for n in host_array(self._allreduce_sum(self._engine_buffer(slots)), np.float64)]
         if refusal is not None:
             raise refusal
         refused = [rank for rank, n in enumerate(lengths) if n < 0]
@@ -540,7 +546,7 @@ class MpiCommunicator(_ProcessMember):
             total = np.empty_like(send)
             self._allreduce(send, total)
             return total
-        cupy = array_module(kind)
+        cupy = kind_module(kind)
         if not self._cuda_aware:  # staged through host memory
             send = buffer.get()
             total = np.empty_like(send)

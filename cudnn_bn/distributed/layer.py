@@ -5,13 +5,12 @@ from __future__ import annotations
 import inspect
 
 from .. import fused
+from .._core.arrays import array_kind, kind_module
 from .._core.fused_saved import FusedSaved
 from .._core.policy import TRAINING
-from .._core.validate import array_kind
 from ..layer import BatchNorm, KeptForBackward
 from .calls import finish_backward, finish_forward, prepare_backward, prepare_forward
 from .communicators import group_position
-from .helpers import array_module
 from .protocol import BACKWARD, FORWARD, Exchange, bind_arguments
 
 __all__ = ["SyncBatchNorm"]
@@ -34,7 +33,7 @@ def _activation_gradient(kept: KeptForBackward, dy):
         raise ValueError(f"dy: expected the shape of the forward's output {tuple(y.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != y.dtype:
         raise TypeError(f"dy: expected the dtype of the forward's output {y.dtype}, got {dy.dtype}")
-    xp = array_module(kind)
+    xp = kind_module(kind)
     grad = xp.zeros_like(dy)
     xp.copyto(grad, dy, where=fused.activation_mask(y, kept.saved.activation))
     return grad

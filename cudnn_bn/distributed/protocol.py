@@ -36,12 +36,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .._core.arrays import array_kind, host_array, kind_module
 from .._core.layout import Layout
 from .._core.modes import Activation, Mode
-from .._core.validate import array_kind
+from .._core.scalars import positive_int
 from .communicators import by_value, group_position, lengths_agreed
 from .errors import GroupMismatchError, PeerFailedError, on_rank
-from .helpers import array_module, host_float64, positive_int
 
 __all__ = [
     "BACKWARD",
@@ -228,7 +228,7 @@ class Exchange:
         """This rank's header and its payload slot (a 1-D float64 array, numpy or cupy, of
         2 * features values): the payload buffer is allocated and filled here, inside the guard."""
         xp = self._buffer_module(array_kind(slot=slot))
-        slot = host_float64(slot) if xp is np else slot
+        slot = host_array(slot, np.float64) if xp is np else slot
         payload = xp.zeros(self.world_size * slot.size, dtype=np.float64)
         payload[self.rank * slot.size : (self.rank + 1) * slot.size] = xp.asarray(slot)
         self._header, self._payload = header_row, payload
@@ -238,8 +238,8 @@ class Exchange:
         own memory where the communicator takes it (``host_buffers``, ``device_buffers``), else
         the other one. A CUDA-aware MPI takes both: numpy data never touches a GPU there."""
         if kind == "cupy":
-            return array_module("cupy") if self._device_buffers else np
-        return np if self._host_buffers else array_module("cupy")
+            return kind_module("cupy") if self._device_buffers else np
+        return np if self._host_buffers else kind_module("cupy")
 
     def agree(self) -> Agreement:
         """The header collective. Raises on every rank when any rank failed, when the ranks are
@@ -250,7 +250,7 @@ class Exchange:
         row[_VERSION], row[_SEQUENCE], row[_CALL] = PROTOCOL_VERSION, _next_sequence_number(self.group), self.call
         buffer = np.zeros(self.world_size * HEADER_SIZE)
         buffer[self.rank * HEADER_SIZE : (self.rank + 1) * HEADER_SIZE] = row
-        gathered = host_float64(self._allreduce(self._buffer_module("numpy").asarray(buffer)))  # made on the host
+        gathered = host_array(self._allreduce(self._buffer_module("numpy").asarray(buffer)), np.float64)  # made on the host
         headers = gathered.reshape(self.world_size, HEADER_SIZE)
         self._check(headers)
         counts = headers[:, _COUNT]
@@ -262,7 +262,7 @@ class Exchange:
 
     def gather(self, agreement: Agreement) -> np.ndarray:
         """The payload collective: every rank's slot, as a host (world_size, 2 * features) array."""
-        gathered = host_float64(self._allreduce(self._payload))
+        gathered = host_array(self._allreduce(self._payload), np.float64)
         return gathered.reshape(self.world_size, 2 * agreement.features)
 
     def _check(self, headers: np.ndarray) -> None:
