@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,19 +97,22 @@ def hang_request() -> tuple[str, int] | None:
 
 class RecordWriter:
     """JSON records appended to a file one line at a time and flushed at once, so that a crash or
-    a cut keeps every record written before it; each is echoed to stdout (the run's log)."""
+    a cut keeps every record written before it; each is echoed to stdout (the run's log). Threads
+    may share one writer."""
 
     def __init__(self, path: str, **common):
         self.path, self.common = path, common
         self._file = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
 
     def write(self, **fields) -> dict:
         record = {**self.common, **fields}
         line = json.dumps(record, default=str)
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        print(f"[record] {line}", flush=True)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            print(f"[record] {line}", flush=True)
         return record
 
     def close(self) -> None:
