@@ -36,7 +36,7 @@ TIERS = ("smoke", "suite", "bench")
 STEP_FIELDS = ("tier", "name", "kind", "result", "exit", "seconds", "limit")
 FINE = ("passed", "simulated")  # a step that ran and passed: on a GPU, or on the simulated GPU
 NOT_RUN = "not-run"
-PREFLIGHT_DEGRADED = 3  # the preflight's exit status when cuDNN works but something later failed
+PREFLIGHT_UNUSABLE = 1  # the preflight's exit status when cuDNN is not usable (.ci/gpu_preflight.py)
 # pytest -v lines: "tests/x.py::t PASSED [ 1%]" in one process, "[gw3] [ 45%] PASSED tests/x.py::t" with xdist
 VERBOSE_OUTCOME = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))?")
 XDIST_OUTCOME = re.compile(r"^\[gw\d+\] (?:\[\s*\d+%\] )?(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+)")
@@ -179,10 +179,14 @@ def read_json(path: str):
 
 # ---------------------------------------------------------------- the verdict ----
 
-def preflight_stopped(steps: list[dict]) -> bool:
-    """Whether the preflight stopped the run: it found no usable cuDNN, crashed or was cut."""
-    preflight = next((step for step in steps if step["name"] == "preflight"), None)
-    return preflight is not None and preflight["exit"] not in ("0", str(PREFLIGHT_DEGRADED))
+def preflight_stopped(steps: list[dict], preflight: dict) -> bool:
+    """Whether the preflight stopped the run: its verdict in preflight.txt is STOP (no usable
+    cuDNN), or it exited 1 without a verdict. A preflight that crashed or was cut at its limit
+    did not stop the run: the tiers ran for the evidence, and the preflight's failure fails it."""
+    if preflight.get("verdict", "").startswith("STOP"):
+        return True
+    row = next((step for step in steps if step["name"] == "preflight"), None)
+    return row is not None and row["exit"] == str(PREFLIGHT_UNUSABLE) and "verdict" not in preflight
 
 
 def failed_steps(steps: list[dict]) -> list[str]:
@@ -211,7 +215,7 @@ def exit_status(steps: list[dict], preflight: dict, simulated: bool) -> tuple[in
     tier did not run. The one place this is decided."""
     if not steps:
         return 1, "UNKNOWN (no step table)"
-    if preflight_stopped(steps) or preflight.get("verdict", "").startswith("STOP"):
+    if preflight_stopped(steps, preflight):
         return 2, "NOT RUN: the preflight stopped the validation"
     failed = failed_steps(steps)
     if failed:
@@ -444,7 +448,7 @@ def reached_the_gpu(preflight: dict, steps: list[dict]) -> bool:
     """Whether the run got past the preflight on a GPU and ran a tier: only such a run may change
     the README's status (a simulated run is refused before this is asked)."""
     ran = [step for step in steps if step["tier"] in TIERS and step["result"] != NOT_RUN]
-    return bool(ran) and not preflight_stopped(steps) and not preflight.get("verdict", "").startswith("STOP")
+    return bool(ran) and not preflight_stopped(steps, preflight)
 
 
 def status_line(preflight: dict, steps: list[dict], out: str, log: str, date: str) -> str:
@@ -510,21 +514,31 @@ def summarize(out: str, steps_path: str | None, simulated: bool = False) -> str:
     return _summary(out, steps_path, simulated)["text"]
 
 
+def _section(title: str, build, *args) -> list[str]:
+    """A section's lines; a section that fails says so and the summary goes on (every input may be
+    cut, partial or not what a run writes)."""
+    try:
+        return build(*args)
+    except Exception as error:
+        return ["", f"#### {title}", f"This section could not be written ({type(error).__name__}: {first_line(error)}); "
+                "its inputs are among the evidence files."]
+
+
 def _summary(out: str, steps_path: str | None, simulated: bool) -> dict:
     log = _read(os.path.join(out, evidence.LOG)) or ""
     preflight = read_preflight(os.path.join(out, evidence.PREFLIGHT))
     steps = read_steps(steps_path)
     records = evidence.read_records(os.path.join(out, evidence.CHECKS))
-    lines = section_header(preflight, steps, log, simulated)
+    lines = _section("Run", section_header, preflight, steps, log, simulated)
     ran = {step["tier"] for step in steps if step["result"] != NOT_RUN}
     if "smoke" in ran or any(r.get("tier") == "smoke" for r in records):
-        lines += section_checks(records, simulated)
-        lines += section_limits(records)
+        lines += _section("Smoke checks", section_checks, records, simulated)
+        lines += _section("Limit probes", section_limits, records)
     if "suite" in ran or any(os.path.exists(os.path.join(out, name)) for name in (evidence.JUNIT, evidence.JUNIT_SERIAL)):
-        lines += section_suite(out, log, steps, simulated)
+        lines += _section("GPU suite", section_suite, out, log, steps, simulated)
     if "bench" in ran or os.path.exists(os.path.join(out, evidence.BENCH)) or any(r.get("tier") == "bench" for r in records):
-        lines += section_bench(read_json(os.path.join(out, evidence.BENCH)), records, simulated)
-    lines += section_evidence(out)
+        lines += _section("Benchmark", section_bench, read_json(os.path.join(out, evidence.BENCH)), records, simulated)
+    lines += _section("Evidence files", section_evidence, out)
     status = None
     if not simulated and reached_the_gpu(preflight, steps):
         status = status_line(preflight, steps, out, log, time.strftime("%Y-%m-%d", time.gmtime()))

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +37,7 @@ TIER_LIMITS = {"smoke": 150, "suite": 360, "bench": 150}
 def _environment(**extra) -> dict:
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("CUDNN_BN_REQUIRE_GPU", "CUDNN_BN_SIMULATED_GPU", "GPU_VALIDATE_HANG", "OUT")}
-    environment.update(PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", PYTHON=sys.executable, **extra)
+    environment.update({"PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, **extra})
     return environment
 
 
@@ -184,6 +185,110 @@ def test_a_hung_smoke_check_is_cut_reported_and_the_tier_goes_on(tmp_path):
     _assert_evidence_comes_back(out)
 
 
+def test_steps_that_cannot_start_fail_and_the_summary_is_still_written(tmp_path):
+    out = tmp_path / "out"
+    result, seconds = _validate("smoke", OUT=str(out), PYTHON=str(tmp_path / "no-such-python"), GPU_VALIDATE_README="")
+    assert result.returncode == 1, result.stdout[-3000:]
+    steps = _steps(out)
+    assert [steps[name]["result"] for name in ("preflight", "smoke-checks", "limit-probes")] == ["failed-to-start"] * 3
+    assert "FAIL (preflight, smoke-checks, limit-probes)" in (out / "summary.md").read_text()
+    assert "could not start: FileNotFoundError" in (out / "gpu-validate.log").read_text()
+
+
+def _in_process_run(tmp_path, simulate=True):
+    validate = _load("gpu_validate")
+    out = tmp_path / "out"
+    out.mkdir()
+    return validate, validate.Run(str(out), sys.executable, simulate, None, validate.BUDGET_S, 1), out
+
+
+def test_an_error_of_the_orchestrator_itself_still_leaves_a_summary(tmp_path, monkeypatch):
+    validate, run, out = _in_process_run(tmp_path)
+    ran = []
+
+    def run_step(step):
+        if step.tier == "smoke":
+            raise RuntimeError("a bug in the orchestrator")
+        ran.append(step.name)
+        run.record(step, "simulated" if step.kind == "required" else "done", 0, 0.1, step.limit_s)
+        return 0
+
+    monkeypatch.setattr(run, "run", run_step)
+    assert run.validate(["smoke"]) == 1
+    steps = _steps(out)
+    assert ran == ["preflight", "environment"] and steps["orchestrator"]["result"] == "failed"
+    assert steps["smoke-checks"]["result"] == steps["limit-probes"]["result"] == "not-run"
+    assert "FAIL (orchestrator)" in (out / "summary.md").read_text()
+    assert "RuntimeError: a bug in the orchestrator" in (out / "gpu-validate.log").read_text()
+
+
+@pytest.mark.parametrize("preflight_result,preflight_exit,verdict,tiers_run", [
+    ("timed-out", -6, None, True),  # cut at its limit before a verdict: the tiers still run, the run fails
+    ("crashed-signal-11", -11, None, True),
+    ("failed", 3, "DEGRADED: float16 CuPy kernels do not compile or run", True),
+    ("failed", 1, "STOP: cuDNN is not usable on this machine", False),  # only its own STOP stops the run
+])
+def test_only_the_preflights_own_verdict_stops_the_run(tmp_path, monkeypatch, preflight_result, preflight_exit, verdict, tiers_run):
+    validate, run, out = _in_process_run(tmp_path, simulate=False)
+    started = []
+
+    def run_step(step):
+        started.append(step.name)
+        if step.name == "preflight":
+            (out / "preflight.txt").write_text("cudnn_status: usable: 1 GPU(s)\n" + (f"verdict: {verdict}\n" if verdict else ""))
+            run.record(step, preflight_result, preflight_exit, 40.0, step.limit_s)
+            return preflight_exit
+        run.record(step, "passed" if step.kind == "required" else "done", 0, 1.0, step.limit_s)
+        return 0
+
+    monkeypatch.setattr(run, "run", run_step)
+    status = run.validate(["smoke"])
+    assert ("smoke-checks" in started) == tiers_run
+    assert status == (1 if tiers_run else 2)
+    summary = (out / "summary.md").read_text()
+    assert ("FAIL (preflight)" in summary) == tiers_run and ("NOT RUN: the preflight stopped" in summary) != tiers_run
+
+
+def test_a_step_that_floods_its_output_keeps_its_head_and_tail_in_the_log(tmp_path, monkeypatch):
+    import io
+
+    validate, run, out = _in_process_run(tmp_path)
+    monkeypatch.setattr(validate, "STEP_LOG_HEAD_BYTES", 10_000)
+    monkeypatch.setattr(validate, "STEP_LOG_TAIL_LINES", 5)
+    flood = b"".join(b"line %d\n" % number for number in range(200_000)) + b"x" * 5_000_000 + b"\nthe last line\n"
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    run._copy_output(io.BytesIO(flood))
+    run.log.close()
+    log = (out / "gpu-validate.log").read_text()
+    assert log.startswith("line 0\nline 1\n") and log.endswith("line 199999\n" + "x" * validate.STEP_LOG_TAIL_LINE_BYTES
+                                                                  + " [...]\nthe last line\n")
+    assert len(log) < 20_000 and "bytes of this step's output left out here" in log
+    left_out = int(re.search(r"\.\.\. (\d+) bytes of this step", log).group(1))
+    kept_head = len(log.split("[gpu-validate] ...")[0])
+    assert kept_head + left_out + len("line 199997\nline 199998\nline 199999\n") + 5_000_001 + len("the last line\n") == len(flood)
+
+
+def test_sigterm_stops_the_step_and_the_run_and_the_summary_is_written(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(["bash", os.path.join(CI, "gpu-validate"), "--simulate", "smoke"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                               env=_environment(OUT=str(out), GPU_VALIDATE_HANG="compat@60", GPU_VALIDATE_README=""))
+    try:
+        for line in process.stdout:
+            if "compat: hanging here" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        output = process.stdout.read()
+        assert process.wait(timeout=60) == 1, output[-3000:]
+    finally:
+        process.kill()
+    steps = _steps(out)
+    assert steps["smoke-checks"]["result"] == "terminated" and steps["limit-probes"]["result"] == "not-run"
+    summary = (out / "summary.md").read_text()
+    assert "FAIL (smoke-checks)" in summary and "`compat`" in summary
+    assert "SIGTERM: the run stops here" in output
+
+
 def test_a_tier_the_budget_cannot_reach_is_not_run_which_is_not_failed(tmp_path):
     out = tmp_path / "out"
     result, _ = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_BUDGET_S="40", GPU_VALIDATE_README="")
@@ -276,7 +381,11 @@ SETUP_ROWS = [_row("setup", "preflight", "passed"), _row("setup", "environment",
     ([_row("setup", "preflight", "passed")], False, 1, "FAIL (no tier ran)"),
     (SETUP_ROWS + [_row("smoke", "smoke-checks", "passed"), _row("bench", "bench", "not-run", "-")], False, 3, "INCOMPLETE"),
     ([_row("setup", "preflight", "failed", "1"), _row("smoke", "smoke-checks", "not-run", "-")], False, 2, "NOT RUN"),
-    ([_row("setup", "preflight", "timed-out", "-6"), _row("smoke", "smoke-checks", "not-run", "-")], False, 2, "NOT RUN"),
+    ([_row("setup", "preflight", "failed", "1")], False, 2, "NOT RUN"),  # exit 1 and no verdict: it stopped the run
+    # a preflight cut at its limit or crashed did not stop the run: the tiers ran, and it fails the run
+    ([_row("setup", "preflight", "timed-out", "-6"), _row("smoke", "smoke-checks", "passed")], False, 1, "FAIL (preflight)"),
+    ([_row("setup", "preflight", "crashed-signal-11", "-11"), _row("smoke", "smoke-checks", "failed", "1")], False, 1,
+     "FAIL (preflight, smoke-checks)"),
     ([_row("setup", "preflight", "failed", "3"), _row("smoke", "smoke-checks", "passed")], False, 1, "FAIL (preflight)"),
     ([], False, 1, "UNKNOWN"),
 ])
