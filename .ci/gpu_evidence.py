@@ -38,6 +38,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 SIMULATED_GPU_VARIABLE = "CUDNN_BN_SIMULATED_GPU"  # also read by tests/conftest.py for the suite
 HANG_VARIABLE = "GPU_VALIDATE_HANG"  # test hook: "CHECK@SECONDS", see hang_request()
+FAULT_VARIABLE = "GPU_VALIDATE_FAULT"  # test hook: "CHECK:crash" or "CHECK:hang@SECONDS", see fault_request()
 
 # the batch-norm entry points of cuDNN that cudnn_bn calls; the smoke tier calls each of them
 BATCH_NORM_ENTRY_POINTS = (
@@ -93,6 +94,21 @@ def hang_request() -> tuple[str, int] | None:
     if not separator or not check or not seconds.isdigit() or int(seconds) < 1:
         raise ValueError(f"{HANG_VARIABLE}: expected CHECK@SECONDS (e.g. overflow-flag@5), got {text!r}")
     return check, int(seconds)
+
+
+def fault_request() -> tuple[str, str, int | None] | None:
+    """(check, "crash" or "hang", seconds) from GPU_VALIDATE_FAULT, a test hook of the smoke checks:
+    "CHECK:crash" makes the process running the checks die of SIGSEGV in a native call when CHECK
+    is reached; "CHECK:hang@SECONDS" makes CHECK hang and limits each check to SECONDS. None when
+    unset."""
+    text = os.environ.get(FAULT_VARIABLE, "").strip()
+    if not text:
+        return None
+    check, _, what = text.partition(":")
+    kind, _, seconds = what.partition("@")
+    if not check or kind not in ("crash", "hang") or (kind == "hang") != seconds.isdigit() or (seconds.isdigit() and int(seconds) < 1):
+        raise ValueError(f"{FAULT_VARIABLE}: expected CHECK:crash or CHECK:hang@SECONDS (e.g. compat:hang@3), got {text!r}")
+    return check, kind, int(seconds) if seconds else None
 
 
 class RecordWriter:

@@ -185,6 +185,41 @@ def test_a_hung_smoke_check_is_cut_reported_and_the_tier_goes_on(tmp_path):
     _assert_evidence_comes_back(out)
 
 
+def test_a_crash_in_a_smoke_check_fails_that_check_and_the_checks_after_it_run_in_a_new_process(tmp_path):
+    out = tmp_path / "out"
+    result, _ = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_FAULT="compat:crash", GPU_VALIDATE_README="")
+    assert result.returncode == 1, result.stdout[-4000:]
+    steps = _steps(out)
+    assert steps["smoke-checks"]["result"] == "failed" and steps["limit-probes"]["result"] == "simulated"
+    log = (out / "gpu-validate.log").read_text()
+    assert "Fatal Python error: Segmentation fault" in log  # the crashed process's stack
+    evidence = _load("gpu_evidence")
+    ends = {r["check"]: r for r in evidence.read_records(str(out / "checks.jsonl")) if r.get("event") == "end"}
+    assert ends["compat"]["outcome"] == "failed" and "died in this check (signal SIGSEGV" in ends["compat"]["detail"]
+    assert ends["layer-train-then-eval"]["outcome"] == "passed"  # after the crash, in a new process
+    assert len(ends) == len(_load("gpu_smoke").check_names())  # every check has its end
+    summary = (out / "summary.md").read_text()
+    assert "FAIL (smoke-checks)" in summary and "never finished" not in summary
+    assert "| compat | failed |" in summary and "Every entry point was called." in summary
+
+
+def test_a_smoke_check_past_its_own_limit_is_stopped_and_the_rest_still_run(tmp_path):
+    evidence = _load("gpu_evidence")
+    records = tmp_path / "checks.jsonl"
+    only = ["plain-spatial-float32-NCHW", "compat", "layer-train-then-eval"]
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_smoke.py"), "--records", str(records), "--only", *only],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env=_environment(CUDNN_BN_SIMULATED_GPU="1", GPU_VALIDATE_FAULT="compat:hang@2"))
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "compat: no end after 2 s; stopping its process" in result.stdout and "Fatal Python error: Aborted" in result.stdout
+    ends = {r["check"]: r for r in evidence.read_records(str(records)) if r.get("event") == "end"}
+    assert list(ends) == only
+    assert ends["compat"]["outcome"] == "failed" and ends["compat"]["detail"].startswith("no end after 2 s")
+    assert ends["plain-spatial-float32-NCHW"]["outcome"] == ends["layer-train-then-eval"]["outcome"] == "passed"
+    [points] = [r for r in evidence.read_records(str(records)) if r.get("kind") == "entry-points"]
+    assert points["missing"] == [] and points["called"]["cudnnBatchNormalizationBackward"] >= 2  # the plain check's and the layer's
+
+
 def test_steps_that_cannot_start_fail_and_the_summary_is_still_written(tmp_path):
     out = tmp_path / "out"
     result, seconds = _validate("smoke", OUT=str(out), PYTHON=str(tmp_path / "no-such-python"), GPU_VALIDATE_README="")
@@ -317,7 +352,8 @@ def test_a_smoke_check_that_fails_does_not_hide_the_others(tmp_path, monkeypatch
 
     monkeypatch.setattr(smoke.Checks, "all", lambda checks: [("fails", lambda: fails(checks)), ("calls", lambda: calls_cudnn(checks))])
     with simulated_gpu(monkeypatch):
-        status = smoke.run_checks(records, only=None)
+        ends = smoke.run_checks(records, only=None)
+    status = smoke.finish_checks(records, ends, only=None)
     records.close()
     written = evidence.read_records(str(tmp_path / "checks.jsonl"))
     ends = {r["check"]: r for r in written if r.get("event") == "end"}
