@@ -614,3 +614,128 @@ def test_probes_record_a_group_that_dies_and_go_on(tmp_path):
     verdicts = [r for r in written if r["kind"] == "limit-verdict"]
     assert len(verdicts) == 2 and all(r["holds"].startswith("unclear") for r in verdicts)
 
+
+# ---------------------------------------------------------------- the checks that need a GPU, on fakes ----
+
+class _FakeTorch:
+    """What the smoke checks use of torch, with its signatures (torch 2.x), on the simulated GPU:
+    CUDA tensors whose memory is simulated device memory, exported through DLPack (device
+    kDLCUDA) and __cuda_array_interface__ version 2 (no stream), as torch's are. Records calls."""
+
+    __version__ = "2.11.0+fake"
+
+    def __init__(self):
+        import types
+
+        self.calls = []
+        self.cuda = types.SimpleNamespace(is_available=lambda: True, synchronize=self._synchronize)
+        self.nn = types.SimpleNamespace(functional=types.SimpleNamespace(batch_norm=self._batch_norm))
+
+    def from_numpy(self, array):
+        return _HostTensor(self, np.asarray(array))
+
+    def _synchronize(self, device=None):
+        self.calls.append(("synchronize", device))
+        sys.modules["cupy"].cuda.Device().synchronize()
+
+    def _batch_norm(self, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05):
+        assert all(isinstance(t, _CudaTensor) for t in (input, running_mean, running_var, weight, bias))
+        self.calls.append(("batch_norm", training, momentum, eps))
+        return input
+
+
+class _HostTensor:
+    def __init__(self, torch, array):
+        self.torch, self.array = torch, array
+
+    def cuda(self, device=None, non_blocking=False):
+        return _CudaTensor(self.torch, sys.modules["cupy"].asarray(self.array.copy()))
+
+    def numpy(self, *, force=False):
+        return self.array
+
+
+class _CudaTensor:
+    def __init__(self, torch, device_array):
+        self.torch, self.device_array = torch, device_array
+
+    def cpu(self):
+        return _HostTensor(self.torch, self.device_array.get())
+
+    def __dlpack__(self, *, stream=-1, max_version=None, dl_device=None, copy=None):
+        assert isinstance(stream, int) and stream != 0, stream  # torch refuses 0 on CUDA
+        self.torch.calls.append(("__dlpack__", stream))
+        return self.device_array.view(np.ndarray).__dlpack__(max_version=max_version)
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA
+
+    @property
+    def __cuda_array_interface__(self):
+        self.torch.calls.append(("__cuda_array_interface__",))
+        array = self.device_array
+        return dict(typestr=array.dtype.str, shape=tuple(array.shape), strides=None,
+                    data=(array.__array_interface__["data"][0], False), version=2)
+
+
+class _FakeNcclBackend:
+    """cupyx.distributed's NCCL backend for one rank (CuPy 14): rank, n_devices, all_reduce, stop."""
+
+    def __init__(self, n_devices, rank, host, port):
+        self.rank, self._n_devices, self.calls = rank, n_devices, [("init", n_devices, rank, host, port)]
+
+    def all_reduce(self, in_array, out_array, op="sum", stream=None):
+        assert op == "sum" and in_array.flags.c_contiguous and in_array.dtype == out_array.dtype == np.float64
+        self.calls.append(("all_reduce", in_array.size))
+        out_array[...] = in_array  # a group of one sums one buffer
+
+    def stop(self):
+        self.calls.append(("stop",))
+
+
+def test_the_checks_that_need_a_gpu_run_their_gpu_branches_against_torch_and_nccl_fakes(simulated_gpu_with_interop, monkeypatch):
+    """torch-dlpack, torch-cuda-array-interface, host-time-vs-torch and nccl-one-rank as they run on
+    a GPU (not their simulated stand-ins): every call they make to torch, to cupyx.distributed and
+    to cudnn_bn, with the signatures of the real libraries, and their results checked."""
+    import types
+
+    smoke = _load("gpu_smoke")
+    torch = _FakeTorch()
+    backends = []
+
+    def init_process_group(n_devices, rank, *, backend="nccl", host=None, port=None, use_mpi=False):
+        assert backend == "nccl" and not use_mpi and isinstance(port, int)
+        backends.append(_FakeNcclBackend(n_devices, rank, host, port))
+        return backends[-1]
+
+    cupyx, distributed = types.ModuleType("cupyx"), types.ModuleType("cupyx.distributed")
+    cupyx.distributed, distributed.init_process_group = distributed, init_process_group
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+    monkeypatch.setitem(sys.modules, "cupyx.distributed", distributed)
+    # cupy.fuse compiles the group's dx kernel on a GPU; here the fused function runs op by op
+    monkeypatch.setattr(sys.modules["cupy"], "fuse", lambda kernel_name=None: (lambda function: function), raising=False)
+    monkeypatch.delenv("MPI4PY_RC_INITIALIZE", raising=False)
+    monkeypatch.delenv("NCCL_DEBUG", raising=False)
+    checks = smoke.Checks(None)
+    checks.simulated = False  # the branches a GPU runs
+
+    dlpack = checks.torch_call("dlpack")
+    assert [call for call in torch.calls if call[0] == "__dlpack__"] and dlpack["torch"] == torch.__version__
+    assert set(dlpack["max_abs_difference"]) == {"y", "running mean (in the torch tensor)", "running var (in the torch tensor)"}
+    torch.calls.clear()
+    interface = checks.torch_call("cuda_array_interface")
+    assert ("__cuda_array_interface__",) in torch.calls and not [call for call in torch.calls if call[0] == "__dlpack__"]
+    assert interface["max_abs_difference"]["running var (in the torch tensor)"] < 1e-6  # written in place, in the tensor's memory
+    torch.calls.clear()
+    timed = checks.host_time()
+    batch_norms = [call for call in torch.calls if call[0] == "batch_norm"]
+    assert len(batch_norms) == smoke.HOST_TIME_CALLS + 1 and batch_norms[0] == ("batch_norm", True, smoke.MOMENTUM, smoke.EPS)
+    assert ("synchronize", None) in torch.calls and timed["torch_us"] > 0 and timed["ratio"] > 0 and "torch.nn.functional" in timed["detail"]
+
+    group = checks.nccl_one_rank()
+    [backend] = backends
+    assert backend.calls[0][:3] == ("init", 1, 0) and backend.calls[-1] == ("stop",)
+    assert [call for call in backend.calls if call[0] == "all_reduce"]  # the statistics went through the group
+    assert set(group["max_abs_difference"]) == {"y", "dx", "dgamma", "dbeta"}
+    assert os.environ["MPI4PY_RC_INITIALIZE"] == "0" and os.environ["NCCL_DEBUG"] == "WARN"
