@@ -338,15 +338,21 @@ def test_torch_tensors_that_require_grad_are_refused_and_detach_works():
 
 
 class _CudaArrayInterfaceOnly:
-    """A torch.cuda tensor seen only through its __cuda_array_interface__ (its 'stream' is
-    torch's current stream)."""
+    """A torch.cuda tensor seen only through __cuda_array_interface__, as version 3 with the
+    'stream' its pending work is on: torch's current stream when it was wrapped. (torch's own
+    interface is version 2, without a stream: its consumer may read at once, so torch's pending
+    work on another stream must then be finished by the caller.)"""
 
     def __init__(self, tensor):
+        import torch
+
         self.tensor = tensor
+        pointer = torch.cuda.current_stream().cuda_stream
+        self.stream = pointer if pointer != 0 else 1  # version 3 names the legacy default stream 1, never 0
 
     @property
     def __cuda_array_interface__(self):
-        return self.tensor.__cuda_array_interface__
+        return {**self.tensor.__cuda_array_interface__, "version": 3, "stream": self.stream}
 
 
 @pytest.mark.gpu
