@@ -40,6 +40,7 @@ import argparse
 import collections
 import dataclasses
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -241,7 +242,8 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         start = time.monotonic()
         try:
             argv = getattr(self, step.command)()
-            self.say(f"step {step.tier}/{step.name}: start (limit {limit} s): {' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''}")
+            command = "bash -c (nvidia-smi; pip list; pytest -VV; git; a source fingerprint)" if step.command == "environment" else shlex.join(argv)
+            self.say(f"step {step.tier}/{step.name}: start (limit {limit} s): {command}")
             process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                                        env=self.step_environment, start_new_session=True)
         except Exception as error:  # no interpreter, no such file: the step failed, the run goes on

@@ -462,18 +462,21 @@ def test_the_log_parser_reads_xdist_workers_and_names_the_test_a_crashed_worker_
 
 def test_the_summary_of_a_cut_suite_reads_the_xdist_log(tmp_path):
     summary = _load("gpu_summary")
-    (tmp_path / "gpu-validate.log").write_text(XDIST_LOG)
+    (tmp_path / "gpu-validate.log").write_text("[gpu-validate] step suite/suite-parallel: start (limit 250 s): python -m pytest\n"
+                                               "2 workers [7 items]\n" + XDIST_LOG)
     steps = tmp_path / "steps.tsv"
     steps.write_text("setup\tpreflight\trequired\tpassed\t0\t3.0\t25\nsuite\tsuite-parallel\trequired\ttimed-out\t-6\t260.0\t260\n")
     text = summary.summarize(str(tmp_path), str(steps))
     assert "FAIL (suite-parallel)" in text and "No junit XML" in text and "1 passed, 1 failed, 1 skipped, 1 xfailed" in text
     assert "a pytest-xdist worker crashed while running `tests/test_gpu_parity.py::test_c[z]`" in text
     assert "`tests/test_gpu_parity.py::test_b[y]`: failed" in text
+    assert "**3 of the 7 selected tests have no result**" in text and "workers that went down (a crash, or a test past its timeout): 1" in text
 
 
 def test_the_summary_names_the_test_that_never_finished_in_one_process(tmp_path):
     summary = _load("gpu_summary")
     (tmp_path / "gpu-validate.log").write_text(
+        "[gpu-validate] step suite/suite-serial: start (limit 60 s): python -m pytest\n"
         "tests/test_gpu_parity.py::test_a[x] PASSED [ 1%]\n"
         "tests/test_gpu_parity.py::test_b[y] FAILED [ 2%]\n"
         "tests/test_gpu_parity.py::test_c[z] Fatal Python error: Segmentation fault\n")
@@ -483,6 +486,53 @@ def test_the_summary_names_the_test_that_never_finished_in_one_process(tmp_path)
     assert "No junit XML" in text and "1 passed, 1 failed" in text
     assert "never finished: `tests/test_gpu_parity.py::test_c[z]`" in text
     assert "FAIL (suite-serial)" in text
+
+
+CRASHING_TESTS = '''
+import faulthandler, time, pytest
+
+pytestmark = pytest.mark.gpu
+
+@pytest.mark.parametrize("i", range(3))
+def test_before(i):
+    pass
+
+def test_crashes_in_native_code():
+    faulthandler._sigsegv()
+
+def test_hangs():
+    time.sleep(600)
+
+@pytest.mark.parametrize("i", range(3))
+def test_after(i):
+    pass
+'''
+
+
+def test_the_parallel_suite_step_survives_a_crashed_and_a_hung_test_and_its_summary_names_them(tmp_path, monkeypatch):
+    """The suite-parallel step's own pytest command (pytest-xdist workers, pytest-timeout by a timer
+    thread) on tests that crash a worker and hang one: both fail with the worker named, the others
+    run, and the summary's counts add up."""
+    pytest.importorskip("xdist")
+    pytest.importorskip("pytest_timeout")
+    validate, run, out = _in_process_run(tmp_path, simulate=False)
+    monkeypatch.setattr(validate, "TEST_TIMEOUT_S", 3)
+    run.workers = 2
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_crashing.py").write_text(CRASHING_TESTS)
+    argv = run.suite_parallel()
+    assert "-n" in argv and "--timeout-method=thread" in argv and argv[-1] == os.path.join(ROOT, "tests")
+    argv[-1] = "tests"
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=_environment(PYTHONFAULTHANDLER="1"))
+    assert result.returncode == 1, result.stdout[-3000:]
+    (out / "gpu-validate.log").write_text("[gpu-validate] step suite/suite-parallel: start (limit 250 s): pytest\n" + result.stdout)
+    (out / "steps.tsv").write_text("suite\tsuite-parallel\trequired\tfailed\t1\t9.0\t250\n")
+    text = _load("gpu_summary").summarize(str(out), str(out / "steps.tsv"))
+    assert "8 tests: 6 passed, 0 failed, 2 error" in text and "Every one of the 8 selected tests has a result." in text
+    assert "workers that went down (a crash, or a test past its timeout): 2; each was replaced" in text
+    for name in ("test_crashes_in_native_code", "test_hangs"):
+        assert f"- `tests/test_crashing.py::{name}` (error): failed on setup with \"worker 'gw" in text
 
 
 SAMPLE_TESTS = '''
