@@ -452,7 +452,7 @@ def section_bench(bench, records: list[dict], simulated: bool) -> list[str]:
     else:
         lines.append(f"{len(bench.get('rows', []))} rows timed; backend: {bench.get('backend', '?')}.")
         for key, value in bench.items():
-            if isinstance(value, list) and value and re.search("fail|error|overflow", key):
+            if isinstance(value, list) and value and re.search("fail|error|overflow|not_timed", key):
                 lines.append(f"- {key}: {len(value)}; first: {first_line(json.dumps(value[0]))}")
         overhead = bench.get("host_overhead")
         if isinstance(overhead, dict) and "cudnn_bn_us_per_call" in overhead:

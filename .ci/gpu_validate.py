@@ -66,6 +66,9 @@ PYTEST_STEPS = ("suite_parallel", "suite_serial")  # the commands whose steps ar
 # lines (8 steps stay within the 16 MiB a file may have to come back from a GPU machine)
 STEP_LOG_HEAD_BYTES, STEP_LOG_TAIL_LINES, STEP_LOG_TAIL_LINE_BYTES = 3 << 19, 400, 2000
 PLUGIN_CHECK_TIMEOUT_S = 20
+# the bench starts no row or section in the last BENCH_LAST_ROW_S of its step: the largest row or
+# section that starts just before, its table and its exit fit in them
+BENCH_LAST_ROW_S = 20
 
 
 def default_workers() -> int:
@@ -187,7 +190,8 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         return self._script("gpu_probes.py", "--records", self.path(evidence.CHECKS), "--set", "query-timing")
 
     def bench(self) -> list[str]:
-        return self._script("gpu_bench.py", "--json", self.path(evidence.BENCH))
+        step = next(step for step in TIERS["bench"] if step.command == "bench")
+        return self._script("gpu_bench.py", "--json", self.path(evidence.BENCH), "--seconds", str(step.limit_s - BENCH_LAST_ROW_S))
 
     def _pytest(self, marker: str, junit: str, parallel: bool) -> list[str]:
         command = [self.python, "-u", "-m", "pytest", "-m", marker, "-v", "-rfEsxX", "--tb=short", "--color=no",

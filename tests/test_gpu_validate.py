@@ -386,6 +386,21 @@ def test_a_simulated_benchmark_says_so_in_its_json(tmp_path):
     assert bench["rows"] and {tuple(row["shape"]) for row in bench["rows"]} == {(16, 8, 6, 6)}
 
 
+def test_a_benchmark_past_its_deadline_lists_what_it_did_not_time_and_passes(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_bench.py"), "--json", str(tmp_path / "bench.json"), "--seconds", "0"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["rows"] == [] and bench["failed"] == []
+    sections = [entry["section"] for entry in bench["not_timed"] if "section" in entry]
+    assert sections == ["copy_gbps", "host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused"]
+    rows = [entry for entry in bench["not_timed"] if "section" not in entry]
+    assert len(rows) == 2 * 4 * 3 * 2  # float16 and float32 x the four labels x three operations x NCHW and NHWC
+    assert f"Not timed, because the run's deadline had passed: {len(bench['not_timed'])} rows and sections" in result.stdout
+    text = _load("gpu_summary").section_bench(bench, [], True)
+    assert any(line.startswith(f"- not_timed: {len(bench['not_timed'])}") for line in text)
+
+
 def test_every_gpu_test_named_for_special_handling_exists():
     from conftest import GPU_SERIAL, NEEDS_A_GPU
 
