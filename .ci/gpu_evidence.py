@@ -174,6 +174,22 @@ def evidence_problems(folder: str) -> list[str]:
     return problems
 
 
+TEMPORARY_SUFFIXES = (".tmp", ".trimmed")  # a file written whole, then renamed over its evidence file
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Remove what a step cut between writing and renaming left of an evidence file (bench.json.tmp):
+    a ninth file would not come back. Only those names are touched; the names removed."""
+    removed = []
+    for name in EVIDENCE_FILES:
+        for suffix in TEMPORARY_SUFFIXES:
+            path = os.path.join(folder, name + suffix)
+            if os.path.isfile(path):
+                os.remove(path)
+                removed.append(name + suffix)
+    return removed
+
+
 def trim_to_limit(path: str, limit: int = MAX_FILE_BYTES) -> bool:
     """Cut a text file that outgrew ``limit`` to its first and last parts (a note between them
     says how much was left out); True when it was cut."""

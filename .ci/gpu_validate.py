@@ -382,6 +382,8 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         if signal.getsignal(signal.SIGTERM) is _terminated:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the summary is what SIGTERM leaves time for
         time.sleep(0.1)
+        for name in evidence.remove_temporaries(self.out):
+            self.say(f"removed {name}, left by a step stopped while it rewrote that file")
         self.say(f"summary: {self.path(evidence.SUMMARY)}")
         command = [sys.executable, os.path.join(ROOT, ".ci", "gpu_summary.py"), self.out, "--steps", self.path(evidence.STEPS)]
         command += ["--simulated"] if self.simulate else (["--readme", self.readme] if self.readme else [])

@@ -243,6 +243,7 @@ def test_an_error_of_the_orchestrator_itself_still_leaves_a_summary(tmp_path, mo
 
     def run_step(step):
         if step.tier == "smoke":
+            (out / "bench.json.tmp").write_text("{")  # as a step stopped between writing and renaming leaves it
             raise RuntimeError("a bug in the orchestrator")
         ran.append(step.name)
         run.record(step, "simulated" if step.kind == "required" else "done", 0, 0.1, step.limit_s)
@@ -254,7 +255,9 @@ def test_an_error_of_the_orchestrator_itself_still_leaves_a_summary(tmp_path, mo
     assert ran == ["preflight", "environment"] and steps["orchestrator"]["result"] == "failed"
     assert steps["smoke-checks"]["result"] == steps["limit-probes"]["result"] == "not-run"
     assert "FAIL (orchestrator)" in (out / "summary.md").read_text()
-    assert "RuntimeError: a bug in the orchestrator" in (out / "gpu-validate.log").read_text()
+    log = (out / "gpu-validate.log").read_text()
+    assert "RuntimeError: a bug in the orchestrator" in log and "removed bench.json.tmp" in log
+    _assert_evidence_comes_back(out)
 
 
 @pytest.mark.parametrize("preflight_result,preflight_exit,verdict,tiers_run", [
