@@ -131,6 +131,17 @@ class RecordWriter:
             print(f"[record] {line}", flush=True)
         return record
 
+    def start_a_line(self) -> None:
+        """End a line that another process left unfinished when it died, so that the next record
+        is not glued to it (read_records skips only the cut line)."""
+        with self._lock, open(self.path, "rb") as reader:
+            size = reader.seek(0, os.SEEK_END)
+            if size:
+                reader.seek(size - 1)
+                if reader.read(1) != b"\n":
+                    self._file.write("\n")
+                    self._file.flush()
+
     def close(self) -> None:
         self._file.close()
 

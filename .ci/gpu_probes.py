@@ -477,7 +477,7 @@ def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tupl
     print(f"[probes] group {group['name']} (limit {group['timeout']} s)", flush=True)
     start = time.perf_counter()
     python_path = os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", cwd=ROOT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path})
     timer = threading.Timer(group["timeout"], process.kill)
     timer.start()

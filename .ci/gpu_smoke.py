@@ -571,6 +571,8 @@ class CheckProcess:
         while remaining:
             before = len(remaining)
             status = self._one_process(remaining)
+            if status != 0:
+                self.records.start_a_line()  # it may have died in the middle of a record
             if self.running is not None:  # it died in a check, or hung in it
                 name, started = self.running
                 self.running = None

@@ -608,6 +608,20 @@ def test_a_simulated_run_never_touches_the_readme(tmp_path, capsys):
     assert "README status line" not in (tmp_path / "out" / "summary.md").read_text()
 
 
+def test_a_record_after_one_cut_by_a_dying_process_starts_its_own_line(tmp_path, capsys):
+    evidence = _load("gpu_evidence")
+    path = tmp_path / "checks.jsonl"
+    path.write_text('{"kind": "check", "check": "a", "event": "end"}\n{"kind": "check", "check": "b", "ev')  # cut mid-record
+    records = evidence.RecordWriter(str(path))
+    records.start_a_line()
+    records.write(kind="check", check="b", event="end", outcome="failed")
+    records.start_a_line()  # nothing to end now
+    records.write(kind="entry-points")
+    records.close()
+    assert [(r["kind"], r.get("check")) for r in evidence.read_records(str(path))] == [("check", "a"), ("check", "b"), ("entry-points", None)]
+    assert path.read_text().count("\n") == 4
+
+
 def test_a_log_past_the_size_limit_is_cut_to_its_head_and_tail(tmp_path):
     evidence = _load("gpu_evidence")
     log = tmp_path / "gpu-validate.log"
