@@ -31,7 +31,8 @@ Environment: PYTHON, the interpreter of the steps (default python3); GPU_VALIDAT
 GPU_VALIDATE_WORKERS, pytest-xdist workers of the suite's parallel step (default: one per core,
 at most 8);
 GPU_VALIDATE_README, the README whose status line a run on a GPU rewrites (default README.md;
-empty: none); GPU_VALIDATE_HANG, a test hook (.ci/gpu_evidence.py, hang_request).
+empty: none); GPU_VALIDATE_HANG and GPU_VALIDATE_FAULT, test hooks (.ci/gpu_evidence.py,
+hang_request and fault_request).
 """
 
 from __future__ import annotations
