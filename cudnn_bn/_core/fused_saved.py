@@ -1,5 +1,5 @@
 """What a fused forward hands to the fused backward, and the checks the fused calls add to the
-plain ones: shared by the NumPy reference (cudnn_bn/fused.py) and the cuDNN path
+plain ones: shared by the NumPy reference (cudnn_bn/reference.py) and the cuDNN path
 (cudnn_bn/_cudnn/fused_ops.py)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # What ran a fused forward, as FusedSaved.path records it.
-PATH_REFERENCE = "reference"  # numpy: the float64 reference of cudnn_bn.fused
+PATH_REFERENCE = "reference"  # numpy: the float64 fused reference (cudnn_bn/reference.py)
 PATH_FUSED_EX = "fused_ex"  # cupy: cudnnBatchNormalizationForwardTrainingEx with a fused bnOps
 PATH_COMPOSED = "composed"  # cupy: the plain cuDNN call, then one elementwise kernel
 
