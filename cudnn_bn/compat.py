@@ -119,12 +119,6 @@ class _Geometry:
         """An x-shaped result back in the caller's shape."""
         return array.reshape(self.x_shape)
 
-    @property
-    def _cudnn_param_shape(self) -> tuple[int, ...]:
-        axes = self.layout.param_axes_to_cudnn
-        shape = self.layout.param_shape
-        return shape if axes is None else tuple(shape[axis] for axis in axes)
-
     def param(self, name: str, array, *, written: bool = False):
         """A caller's parameter-sized array as cudnn_bn's parameter shape (a view where it is
         ``written``): its memory is read in cuDNN's order, as CuPy 13 passed it to cuDNN."""
@@ -136,16 +130,16 @@ class _Geometry:
                 f"{name}: expected {math.prod(expected)} elements (parameter shape {expected} for x of shape "
                 f"{self.x_shape} in {self.layout.mode.name}), got shape {tuple(array.shape)}"
             )
-        axes = self.layout.param_axes_to_cudnn
-        if axes is None and tuple(array.shape) == expected:
+        from_cudnn = self.layout.param_axes_from_cudnn
+        if from_cudnn is None and tuple(array.shape) == expected:
             return array
         if written and not array.flags.c_contiguous:
             raise ValueError(
                 f"{name}: expected a C-contiguous array or one of shape {expected} (it is written in place), "
                 f"got a non-contiguous array of shape {tuple(array.shape)}"
             )
-        view = array.reshape(self._cudnn_param_shape)
-        return view if axes is None else view.transpose(tuple(int(a) for a in np.argsort(axes)))
+        view = array.reshape(self.layout.cudnn_param_shape)
+        return view if from_cudnn is None else view.transpose(from_cudnn)
 
     def param_result(self, array, shape):
         """A parameter-shaped result in cuDNN's memory order, shaped like the caller's ``gamma``."""

@@ -12,12 +12,11 @@ what depends on values, and calls C.
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 
 import numpy as np
 
-from .._core.layout import Layout, cudnn_dims_and_strides
+from .._core.layout import Layout, cudnn_columns_dims_and_strides, cudnn_dims_and_strides
 from .._core.modes import Mode
 from .._core.policy import BACKWARD, INFERENCE, TRAINING  # the operation names, defined once
 from .._core.validate import param_dtype_for
@@ -69,14 +68,16 @@ class Plan:
         self.pieces = None  # a single call; ChunkedPlan has the pieces
         self.route = training_route(layout) if operation != INFERENCE else None
         cudnn_mode = layout.mode
-        routed = self.route == ROUTE_AS_SPATIAL_COLUMNS
-        if routed:  # columns: every axis but N, in x's memory order, as its parameters lie
-            batch, columns = layout.shape[0], math.prod(layout.shape[1:])
-            dims, strides = (1, columns, batch, 1), (batch * columns, 1, columns, columns)
+        if self.route == ROUTE_AS_SPATIAL_COLUMNS:  # the parameters lie in x's order: no transpose
+            dims, strides = cudnn_columns_dims_and_strides(layout)
             if cudnn_mode is Mode.PER_ACTIVATION:  # per column over the rows is SPATIAL here
                 cudnn_mode = Mode.SPATIAL
+            self.param_to_cudnn = self.param_from_cudnn = None
+            self.cudnn_param_shape = layout.param_shape
         else:
             dims, strides = cudnn_dims_and_strides(layout, _c_order_strides(layout.shape))
+            self.param_to_cudnn, self.param_from_cudnn = layout.param_axes_to_cudnn, layout.param_axes_from_cudnn
+            self.cudnn_param_shape = layout.cudnn_param_shape
         check_descriptor_fits(dims, strides, "x")
         self.cudnn_mode = int(cudnn_mode)
         self.data_desc = TensorDescriptor.from_dims(cudnn_data_type(self.data_dtype), dims, strides)
@@ -85,10 +86,6 @@ class Plan:
         self.data_desc_pointer, self.param_desc_pointer = self.data_desc.pointer, self.param_desc.pointer
         self.persistent = layout.mode is Mode.SPATIAL_PERSISTENT
         self.alpha, self.beta = _SCALARS[self.data_dtype == np.float64]
-        axes = None if routed else layout.param_axes_to_cudnn
-        self.param_to_cudnn = axes
-        self.param_from_cudnn = None if axes is None else tuple(int(a) for a in np.argsort(axes))
-        self.cudnn_param_shape = layout.param_shape if axes is None else tuple(layout.param_shape[a] for a in axes)
         self.uses_ex = (
             _EX_PATH["enabled"] and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
         )
