@@ -184,18 +184,9 @@ PROTOTYPES = {
     "cudnnQueryRuntimeError": (status_t, (handle_t, POINTER(status_t), enum_t, c_void_p)),
     # cudnnStatus_t cudnnCreateTensorDescriptor(cudnnTensorDescriptor_t *tensorDesc);
     "cudnnCreateTensorDescriptor": (status_t, (POINTER(tensor_desc_t),)),
-    # cudnnStatus_t cudnnSetTensor4dDescriptor(cudnnTensorDescriptor_t tensorDesc, cudnnTensorFormat_t format,
-    #                                          cudnnDataType_t dataType, int n, int c, int h, int w);
-    "cudnnSetTensor4dDescriptor": (status_t, (tensor_desc_t, enum_t, enum_t, c_int, c_int, c_int, c_int)),
-    # cudnnStatus_t cudnnSetTensor4dDescriptorEx(cudnnTensorDescriptor_t tensorDesc, cudnnDataType_t dataType,
-    #     int n, int c, int h, int w, int nStride, int cStride, int hStride, int wStride);
-    "cudnnSetTensor4dDescriptorEx": (status_t, (tensor_desc_t, enum_t) + (c_int,) * 8),
     # cudnnStatus_t cudnnSetTensorNdDescriptor(cudnnTensorDescriptor_t tensorDesc, cudnnDataType_t dataType,
     #                                          int nbDims, const int dimA[], const int strideA[]);
     "cudnnSetTensorNdDescriptor": (status_t, (tensor_desc_t, enum_t, c_int, int_array, int_array)),
-    # cudnnStatus_t cudnnGetTensor4dDescriptor(const cudnnTensorDescriptor_t tensorDesc, cudnnDataType_t *dataType,
-    #     int *n, int *c, int *h, int *w, int *nStride, int *cStride, int *hStride, int *wStride);
-    "cudnnGetTensor4dDescriptor": (status_t, (tensor_desc_t, POINTER(enum_t)) + (int_array,) * 8),
     # cudnnStatus_t cudnnGetTensorNdDescriptor(const cudnnTensorDescriptor_t tensorDesc, int nbDimsRequested,
     #     cudnnDataType_t *dataType, int *nbDims, int dimA[], int strideA[]);
     "cudnnGetTensorNdDescriptor": (status_t, (tensor_desc_t, c_int, POINTER(enum_t), int_array, int_array, int_array)),
