@@ -44,6 +44,7 @@ from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
 from ._core.saved import SavedStats
 from ._core.scalars import check_eps, check_momentum
+from ._cudnn.raw import TensorFormat
 
 __all__ = [
     "CUDNN_BATCHNORM_PER_ACTIVATION",
@@ -63,15 +64,15 @@ __all__ = [
 CUDNN_BATCHNORM_PER_ACTIVATION = Mode.PER_ACTIVATION
 CUDNN_BATCHNORM_SPATIAL = Mode.SPATIAL
 CUDNN_BATCHNORM_SPATIAL_PERSISTENT = Mode.SPATIAL_PERSISTENT
-# cudnnTensorFormat_t values (cudnn_graph.h)
-CUDNN_TENSOR_NCHW = 0
-CUDNN_TENSOR_NHWC = 1
+# cudnnTensorFormat_t, as members of the prototype table's TensorFormat (equal to CuPy 13's ints)
+CUDNN_TENSOR_NCHW = TensorFormat.NCHW
+CUDNN_TENSOR_NHWC = TensorFormat.NHWC
 # cudnn_ops.h of cuDNN 9 (it was 1e-5 before cuDNN 7.5)
 CUDNN_BN_MIN_EPSILON = 0.0
 
 # the training forward's optional arguments, all written in place
 _WRITTEN = ("running_mean", "running_var", "mean", "inv_std")
-_LAYOUT_NAMES = {CUDNN_TENSOR_NCHW: "CUDNN_TENSOR_NCHW", CUDNN_TENSOR_NHWC: "CUDNN_TENSOR_NHWC"}
+_LAYOUTS = (CUDNN_TENSOR_NCHW, CUDNN_TENSOR_NHWC)  # d_layout's accepted values; NCHW_VECT_C is for int8 data
 
 
 def getVersion() -> int:  # noqa: N802 (CuPy's name)
@@ -148,8 +149,9 @@ class _Geometry:
 
 
 def _geometry(x, is_for_conv2d, d_layout, mode: Mode) -> _Geometry:
-    if isinstance(d_layout, bool) or not isinstance(d_layout, (int, np.integer)) or int(d_layout) not in _LAYOUT_NAMES:
-        raise ValueError(f"d_layout: expected CUDNN_TENSOR_NCHW (0) or CUDNN_TENSOR_NHWC (1), got {d_layout!r}")
+    if isinstance(d_layout, bool) or not isinstance(d_layout, (int, np.integer)) or int(d_layout) not in _LAYOUTS:
+        accepted = " or ".join(f"CUDNN_TENSOR_{layout.name} ({int(layout)})" for layout in _LAYOUTS)
+        raise ValueError(f"d_layout: expected {accepted}, got {d_layout!r}")
     shape = tuple(int(size) for size in x.shape)
     if not is_for_conv2d:
         channels = shape[-1] if shape else 1
