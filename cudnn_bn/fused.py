@@ -19,6 +19,7 @@ output, as cuDNN's fused backward (which is given y) and PyTorch's ReLU backward
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ._api import accept_arrays
 from ._core.fused_saved import (
@@ -52,6 +53,7 @@ _RUNNING = ("running_mean", "running_var")
 
 
 # ---- numpy -> the reference, cupy -> cuDNN ----
+@functools.cache
 def _fused_ops():
     from ._cudnn import fused_ops  # imported on first cupy call only
 

@@ -103,14 +103,20 @@ def test_the_ex_path_switch_and_its_query(cudnn_library):
     assert plans.uses_ex_path(ex_layout, np.float16) is True
     assert not plans.uses_ex_path(make_layout((2, 2, 2, 6), -1, Mode.SPATIAL_PERSISTENT), np.float16)
     assert not plans.uses_ex_path(ex_layout, np.float32)
+    enabled = plans.plan_for(plans.TRAINING, ex_layout, np.dtype(np.float16), 0)
+    assert enabled.uses_ex
     previous = plans.set_ex_path_enabled(0)
     try:
         assert previous is True
         assert not plans.uses_ex_path(ex_layout, np.float16)
+        # the toggle emptied the cache: the plan built now records the switch
+        disabled = plans.plan_for(plans.TRAINING, ex_layout, np.dtype(np.float16), 0)
+        assert disabled is not enabled and not disabled.uses_ex
         assert plans.set_ex_path_enabled(False) is False
     finally:
         plans.set_ex_path_enabled(previous)
     assert plans.uses_ex_path(ex_layout, np.float16)
+    assert plans.plan_for(plans.TRAINING, ex_layout, np.dtype(np.float16), 0).uses_ex
 
 
 def test_two_threads_asking_for_one_new_plan_build_it_once():

@@ -37,7 +37,7 @@ _SCALARS = {
     True: (ctypes.addressof(_DOUBLE_ONE), ctypes.addressof(_DOUBLE_ZERO)),
 }
 
-_EX_PATH = {"enabled": True}
+_ex_path_enabled = True  # set_ex_path_enabled's toggle; plans record it when they are built
 
 
 def _c_order_strides(shape) -> tuple[int, ...]:
@@ -87,7 +87,7 @@ class Plan:
         self.persistent = layout.mode is Mode.SPATIAL_PERSISTENT
         self.alpha, self.beta = _SCALARS[self.data_dtype == np.float64]
         self.uses_ex = (
-            _EX_PATH["enabled"] and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
+            _ex_path_enabled and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
         )
         self.fused_sizes = {}  # (bnOps, activation) -> Ex sizes, queried on first use
         self.activations = {}  # activation -> the ActivationDescriptor this plan owns
@@ -245,12 +245,13 @@ def plan_for(operation: str, layout: Layout, data_dtype, device_id: int) -> Plan
 def set_ex_path_enabled(enabled: bool) -> bool:
     """Turn the Ex fast path on or off (to benchmark it against the plain call); returns the old
     setting. Plans record the choice, so the cache is emptied."""
-    previous, _EX_PATH["enabled"] = _EX_PATH["enabled"], bool(enabled)
+    global _ex_path_enabled
+    previous, _ex_path_enabled = _ex_path_enabled, bool(enabled)
     PLANS.clear()
     return previous
 
 
 def uses_ex_path(layout: Layout, data_dtype) -> bool:
     """Whether a training or backward call on this layout and dtype runs the Ex calls."""
-    return _EX_PATH["enabled"] and training_route(layout) is None and not ex_path_unmet(layout, data_dtype)
+    return _ex_path_enabled and training_route(layout) is None and not ex_path_unmet(layout, data_dtype)
 
