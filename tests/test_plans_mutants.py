@@ -88,14 +88,24 @@ def test_the_ex_sizes_are_queried_once_per_plan(gpu):
     assert gpu.calls.count("cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize") == 1
 
 
-def test_the_default_cache_keeps_512_plans_and_clear_empties_the_signatures():
+def test_the_default_cache_keeps_512_plans_and_clear_empties_what_holds_its_plans():
     cache = plans.PlanCache()
     for key in range(513):
         cache.get(key, object)
     assert len(cache) == 512 and cache.created == 513
-    cache.signatures["call"] = "entry"
+    holding, other = {"call": "entry"}, {"call": "entry"}
+    cache.empty_with_plans(holding.clear)
     cache.clear()
-    assert len(cache) == 0 and cache.signatures == {}
+    assert len(cache) == 0 and holding == {} and other == {"call": "entry"}
+
+
+def test_the_settled_signatures_are_ops_own_cache_and_go_with_the_plans():
+    from cudnn_bn._cudnn import signatures
+
+    assert not hasattr(plans.PLANS, "signatures")  # the plan cache keeps plans only
+    signatures.SETTLED["a signature"] = "what it settled"
+    plans.PLANS.clear()  # settled entries hold plans: they must not outlive them
+    assert signatures.SETTLED == {}
 
 
 def test_the_ex_path_switch_and_its_query(cudnn_library):

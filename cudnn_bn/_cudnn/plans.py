@@ -181,9 +181,7 @@ class PlanCache:
         self._plans: dict = {}
         self._lock = threading.RLock()  # a chunked inference plan builds its pieces' plans inside
         self.created = 0  # plans ever built, for tests and diagnostics
-        # call signature -> what it settled (ops._Settled, which holds its plan): filled by ops.py,
-        # emptied with the plans
-        self.signatures: dict = {}
+        self._held_elsewhere: list = []  # clear() of each cache whose entries hold plans of this one
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -201,10 +199,16 @@ class PlanCache:
                     self._plans[key] = plan
         return plan
 
+    def empty_with_plans(self, clear) -> None:
+        """Call ``clear`` whenever the plans are emptied: for a cache whose entries hold plans
+        (signatures.py's settled signatures), so that none outlives a change of what plans record."""
+        self._held_elsewhere.append(clear)
+
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
-            self.signatures.clear()
+            for clear in self._held_elsewhere:
+                clear()
 
 
 PLANS = PlanCache()
