@@ -26,6 +26,7 @@ from ._core.fused_saved import (
     PATH_COMPOSED,
     PATH_FUSED_EX,
     PATH_REFERENCE,
+    FusedPath,
     FusedSaved,
     check_fused_saved,
 )
@@ -37,6 +38,7 @@ from .reference import fused_forward_inference as reference_forward_inference
 from .reference import fused_forward_training as reference_forward_training
 
 __all__ = [
+    "FusedPath",
     "FusedSaved",
     "PATH_COMPOSED",
     "PATH_FUSED_EX",

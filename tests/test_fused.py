@@ -274,6 +274,25 @@ def test_backward_checks_y_and_saved(small):
         FusedSaved(saved.stats, "relu", False, "somewhere")
 
 
+def test_the_path_is_a_str_enum_whose_values_are_the_documented_strings(small):
+    import json
+
+    from cudnn_bn.fused import FusedPath
+
+    assert [(member.name, member.value) for member in FusedPath] == [
+        ("REFERENCE", "reference"), ("FUSED_EX", "fused_ex"), ("COMPOSED", "composed")]
+    assert (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED) == (FusedPath.REFERENCE, FusedPath.FUSED_EX, FusedPath.COMPOSED)
+    x, _, gamma, beta, residual = small
+    _, saved = forward_training(x, gamma, beta, residual=residual, mode="spatial")
+    assert saved.path is FusedPath.REFERENCE and saved.path == "reference"
+    assert str(saved.path) == "reference" and f"{saved.path:>10}|" == " reference|" and json.dumps(saved.path) == '"reference"'
+    rebuilt = FusedSaved(saved.stats, "relu", True, "composed")  # given as the documented string
+    assert rebuilt.path is FusedPath.COMPOSED
+    for wrong in ("COMPOSED", "somewhere", 1, None):
+        with pytest.raises(ValueError, match=r"^FusedSaved\.path: expected one of \['reference', 'fused_ex', 'composed'\], got "):
+            FusedSaved(saved.stats, "relu", False, wrong)
+
+
 # ---- the simulated GPU: the fused Ex path and the composed path ----
 @pytest.fixture
 def gpu(monkeypatch, cudnn_library):
