@@ -228,6 +228,19 @@ def test_the_console_script_is_documented_and_is_python_m_cudnn_bn():
         assert command in text
 
 
+def test_the_build_floor_reads_the_license_fields():
+    """``license = "MIT"`` (an SPDX expression) with ``license-files`` is PEP 639, which setuptools
+    reads from 77.0 on; 76 and older refuse the project ("project.license must be valid exactly by
+    one definition") when pip builds without isolation against the installed setuptools."""
+    pyproject = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    project, requires = pyproject["project"], pyproject["build-system"]["requires"]
+    floors = [re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.\d+)*", requirement) for requirement in requires]
+    floors = [int(match.group(1)) for match in floors if match]
+    assert len(floors) == 1, requires
+    if isinstance(project.get("license"), str) or "license-files" in project:
+        assert floors[0] >= 77, requires
+
+
 def test_the_notebook_extra_can_execute_the_notebook():
     extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
     names = {re.split(r"[<>=!~\[ ]", requirement)[0] for requirement in extras["notebook"]}
