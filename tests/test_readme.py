@@ -37,6 +37,9 @@ GPU_MARK = "# GPU only"
 TORCH_MARK = "# needs torch"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 PRINTS = re.compile(r"#\s*prints (.+?)\s*$")
+# what a line prints after the Quickstart's own install, which has no CuPy: checked in a process
+# where cupy cannot be imported (test_the_quickstart_prints_what_it_says_after_the_plain_install)
+NO_CUPY_PRINTS = re.compile(r"#\s*after `pip install \.` \(no CuPy\) prints (.+?)\s*$")
 # what a block that runs on a CPU must not touch
 # (matched on code re-spaced by tokenize, so "=" may have spaces around it)
 NEEDS_A_GPU = re.compile(r"\bimport cupy\b|\bcupy\.|\bcp\.|\bxp\s*=\s*cupy\b|device\s*=\s*\"cuda\"|\.cuda\(")
@@ -72,15 +75,21 @@ def python_blocks(path: str) -> list[Block]:
     return [block for block in fenced_blocks(path) if block.info.split()[:1] == ["python"]]
 
 
-def expected_prints(source: str) -> list[str]:
-    return [match.group(1) for line in source.splitlines() if (match := PRINTS.search(line))]
+def expected_prints(source: str, patterns=(PRINTS,)) -> list[str]:
+    """What the lines of ``source`` say they print, in order (a line's first matching pattern)."""
+    found = []
+    for line in source.splitlines():
+        match = next((match for pattern in patterns if (match := pattern.search(line))), None)
+        if match:
+            found.append(match.group(1))
+    return found
 
 
-def check_prints(block: Block, printed: str) -> None:
+def check_prints(block: Block, printed: str, patterns=(PRINTS,)) -> None:
     """Every ``# prints`` of the block, in order, among the lines it printed."""
     lines = printed.splitlines()
     position = 0
-    for expected in expected_prints(block.source):
+    for expected in expected_prints(block.source, patterns):
         prefix = expected.endswith(" ...")
         wanted = expected[:-4] if prefix else expected
         while position < len(lines) and not (lines[position].startswith(wanted) if prefix else lines[position] == wanted):
@@ -159,6 +168,36 @@ def test_readme_python_blocks_that_need_no_gpu_run(monkeypatch, tmp_path):
     assert "dtype=np.float32" in quickstart[0].source and "import cupy" not in quickstart[0].source
     namespace = run_blocks(blocks)
     assert isinstance(namespace["y"], np.ndarray) and str(namespace["saved"].mode) == "SPATIAL"
+
+
+# cupy as a venv without it has it: importing it raises ModuleNotFoundError("No module named 'cupy'")
+WITHOUT_CUPY = """
+import importlib.abc, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "cupy":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def test_the_quickstart_prints_what_it_says_after_the_plain_install(tmp_path):
+    """The Quickstart installs the package without extras, so without CuPy: its blocks run in a
+    process where cupy cannot be imported and print what their comments say, the no-CuPy lines
+    included."""
+    blocks = cpu_blocks(README)
+    script = WITHOUT_CUPY + "".join(f"\n# {block.where}\n{block.source}" for block in blocks)
+    together = Block(README, blocks[0].line, "python", script)
+    assert expected_prints(script, (NO_CUPY_PRINTS,)), "README.md: no line says what it prints without CuPy"
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_prints(together, result.stdout, (NO_CUPY_PRINTS, PRINTS))
+    assert "CuPy is not installed (No module named 'cupy')" in result.stdout  # what a venv without CuPy says
 
 
 def test_readme_gpu_blocks_are_marked_and_run_on_the_simulated_gpu(monkeypatch, tmp_path):
