@@ -256,6 +256,28 @@ def test_readme_test_commands_are_what_ci_reads():
     assert result.stdout.splitlines() == ['pip install -e ".[test]"', "python -m pytest"]
 
 
+def test_the_readme_says_how_to_get_the_source_and_no_page_keeps_a_bare_placeholder():
+    text = _readme()
+    assert "## Get the source" in text and text.index("## Get the source") < text.index("## Quickstart")
+    section = text[text.index("## Get the source"):text.index("## Quickstart")]
+    project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+    urls = list(project.get("urls", {}).values())
+    if urls:  # once the project names its address, the README uses it
+        assert any(f"git clone {url}" in section for url in urls), urls
+    else:
+        assert "git clone <repository URL>" in section and "[project.urls]" in section
+    assert "pip install <file>" in section  # a wheel or source archive
+    if "source archive lacks" in section:  # true while nothing adds the test support files to the sdist
+        assert not os.path.exists(os.path.join(ROOT, "MANIFEST.in"))
+    pages = [README] + [os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
+                        if name.endswith(".md")]
+    for page in pages:
+        page_text = open(page, encoding="utf-8").read()
+        assert "<this repository>" not in page_text, page
+        if "<repository URL>" in page_text and page != README:
+            assert "README.md#get-the-source" in page_text, f"{page}: says <repository URL> without pointing to the README"
+
+
 def test_the_console_script_is_documented_and_is_python_m_cudnn_bn():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert project["scripts"] == {"cudnn-bn": "cudnn_bn._tools.cli:main"}
