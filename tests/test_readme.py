@@ -21,6 +21,7 @@ import importlib.util
 import io
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -302,11 +303,71 @@ def test_the_build_floor_reads_the_license_fields():
         assert floors[0] >= 77, requires
 
 
+NOTEBOOK = "examples/compare_modes.ipynb"
+
+
+def notebook_command() -> list[str]:
+    """The README's command that executes the notebook, as words (tests/test_notebook.py runs it)."""
+    commands = re.findall(r"`(jupyter nbconvert [^`]*)`", _readme())
+    assert len(commands) == 1, commands
+    return shlex.split(commands[0])
+
+
+def nbconvert_output(words: list[str], cwd: str) -> str:
+    """Where ``jupyter nbconvert --to notebook`` writes, by its own rules (nbconvertapp.py): the
+    input itself with --inplace; else in --output-dir or the input's folder, named --output
+    (".ipynb" added) or after the input, with ".nbconvert" added when neither option is given."""
+    options, inputs = {}, []
+    position = 2
+    while position < len(words):
+        word = words[position]
+        if word.startswith("--") and "=" in word:
+            name, value = word[2:].split("=", 1)
+            options[name] = value
+        elif word in ("--execute", "--inplace", "--stdout"):
+            options[word[2:]] = True
+        elif word.startswith("--"):
+            options[word[2:]] = words[position + 1]
+            position += 1
+        else:
+            inputs.append(word)
+        position += 1
+    assert len(inputs) == 1, words
+    source = os.path.normpath(os.path.join(cwd, inputs[0]))
+    if options.get("inplace"):
+        return source
+    stem = os.path.splitext(os.path.basename(source))[0]
+    if "output" in options:
+        name = os.path.splitext(options["output"])[0]
+    else:
+        name = stem if "output-dir" in options else stem + ".nbconvert"
+    name += ".ipynb"
+    folder = os.path.join(cwd, options["output-dir"]) if "output-dir" in options else os.path.dirname(source)
+    return os.path.normpath(os.path.join(folder, name))
+
+
 def test_the_notebook_extra_can_execute_the_notebook():
     extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
     names = {re.split(r"[<>=!~\[ ]", requirement)[0] for requirement in extras["notebook"]}
     assert {"nbconvert", "nbclient", "ipykernel", "matplotlib", "scikit-learn"} <= names
     assert "jupyter nbconvert --to notebook --execute" in _readme()
+
+
+def test_the_documented_notebook_command_does_not_overwrite_the_committed_notebook():
+    words = notebook_command()
+    assert words[:2] == ["jupyter", "nbconvert"] and NOTEBOOK in words
+    committed = os.path.join(ROOT, NOTEBOOK)
+    written = nbconvert_output(words, ROOT)  # run from the repository root, as the README's commands are
+    assert written != committed, f"{' '.join(words)} writes the committed notebook"
+    assert written == os.path.join(ROOT, "build", "notebook", "compare_modes.ipynb")
+    assert "`build/notebook/compare_modes.ipynb`" in _readme()
+    assert "build/" in open(os.path.join(ROOT, ".gitignore"), encoding="utf-8").read().split()
+    # the rules above, on the forms that do name the committed file
+    assert nbconvert_output(["jupyter", "nbconvert", "--execute", "--inplace", NOTEBOOK], ROOT) == committed
+    assert nbconvert_output(["jupyter", "nbconvert", "--to", "notebook", "--output", "compare_modes", NOTEBOOK],
+                            ROOT) == committed
+    beside = nbconvert_output(["jupyter", "nbconvert", "--to", "notebook", "--execute", NOTEBOOK], ROOT)
+    assert beside == os.path.join(ROOT, "examples", "compare_modes.nbconvert.ipynb")
 
 
 # ---------------------------------------------------------------- the GPU validation status ----
