@@ -279,6 +279,19 @@ def test_the_readme_says_how_to_get_the_source_and_no_page_keeps_a_bare_placehol
             assert "README.md#get-the-source" in page_text, f"{page}: says <repository URL> without pointing to the README"
 
 
+def test_the_readme_states_what_the_test_install_costs_and_why():
+    """The test extra pulls the CUDA wheels (about 3 GB): the README says so next to the command,
+    and why, for as long as the extra does."""
+    extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
+    assert "cudnn_bn[cuda12]" in extras["test"] and any(r.startswith("nvidia-cudnn-cu12") for r in extras["cuda12"])
+    text = _readme()
+    after_commands = text[text.index("<!-- /ci:test-commands -->"):]
+    note = after_commands[:after_commands.index("\n\n", after_commands.index("The test install"))]
+    assert re.search(r"about \d+(\.\d+)? GB", note) and "minutes" in note
+    for reason in ("`[cuda12]`", "nvidia-cudnn-cu12", "simulated GPU", "headers"):
+        assert reason in note, reason
+
+
 def test_the_console_script_is_documented_and_is_python_m_cudnn_bn():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert project["scripts"] == {"cudnn-bn": "cudnn_bn._tools.cli:main"}
