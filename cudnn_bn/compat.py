@@ -44,7 +44,7 @@ from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
 from ._core.saved import SavedStats
 from ._core.scalars import check_eps, check_momentum
-from ._cudnn.raw import TensorFormat
+from ._cudnn.enums import TensorFormat
 
 __all__ = [
     "CUDNN_BATCHNORM_PER_ACTIVATION",
@@ -64,7 +64,8 @@ __all__ = [
 CUDNN_BATCHNORM_PER_ACTIVATION = Mode.PER_ACTIVATION
 CUDNN_BATCHNORM_SPATIAL = Mode.SPATIAL
 CUDNN_BATCHNORM_SPATIAL_PERSISTENT = Mode.SPATIAL_PERSISTENT
-# cudnnTensorFormat_t, as members of the prototype table's TensorFormat (equal to CuPy 13's ints)
+# cudnnTensorFormat_t, as members of the raw layer's TensorFormat (equal to CuPy 13's ints); its module
+# enums.py loads nothing, so importing compat does not load the binding
 CUDNN_TENSOR_NCHW = TensorFormat.NCHW
 CUDNN_TENSOR_NHWC = TensorFormat.NHWC
 # cudnn_ops.h of cuDNN 9 (it was 1e-5 before cuDNN 7.5)

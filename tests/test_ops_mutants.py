@@ -26,8 +26,6 @@ from fake_cudnn import FakeArray, simulated_gpu
 def _forget_signatures():
     """Each test settles its own signatures (mutation runs pick, for each mutant, the tests that
     reached the mutated code: a signature settled by an earlier test would hide the settling)."""
-    from cudnn_bn._cudnn import plans
-
     signatures.SETTLED.clear()
 
 
