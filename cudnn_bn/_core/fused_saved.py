@@ -87,6 +87,8 @@ class FusedSaved:
 
 
 def _fused_path(path) -> FusedPath:
+    if type(path) is FusedPath:  # what the package passes: no lookup on the per-call path
+        return path
     if isinstance(path, str):
         try:
             return FusedPath(path)
