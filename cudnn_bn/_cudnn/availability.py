@@ -23,19 +23,24 @@ def cupy_missing(error: ImportError) -> str:
     return f"CuPy is not installed ({error}); pip install 'cudnn_bn[cuda12]' or '[cuda13]'"
 
 
-def cupy_device_problem(cupy) -> str | None:
-    """Why CuPy cannot make arrays on this machine (no driver, no GPU), or None when it has a
-    device. In words, for cudnn_status and for a layer whose state cannot be allocated."""
+def _devices(cupy) -> tuple[int, str | None]:
+    """(GPUs CuPy sees, why it cannot use any of them or None)."""
     if _driver_version(cupy) == 0:
         # without a driver CUDA's own message blames the driver's version, which misleads
-        return "no NVIDIA driver found on this machine (no GPU); the NumPy reference still works"
+        return 0, "no NVIDIA driver found on this machine (no GPU); the NumPy reference still works"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as error:  # CUDARuntimeError: its text says which
-        return f"no GPU: {type(error).__name__}: {error}"
+        return 0, f"no GPU: {type(error).__name__}: {error}"
     if count < 1:
-        return "no GPU: CUDA reports 0 devices"
-    return None
+        return 0, "no GPU: CUDA reports 0 devices"
+    return count, None
+
+
+def cupy_device_problem(cupy) -> str | None:
+    """Why CuPy cannot make arrays on this machine (no driver, no GPU), or None when it has a
+    device. In words, as cudnn_status says it; for a layer whose state cannot be allocated."""
+    return _devices(cupy)[1]
 
 
 def cudnn_status() -> tuple[bool, str]:
@@ -44,10 +49,9 @@ def cudnn_status() -> tuple[bool, str]:
         import cupy
     except ImportError as error:
         return False, cupy_missing(error)
-    problem = cupy_device_problem(cupy)
+    count, problem = _devices(cupy)
     if problem is not None:
         return False, problem
-    count = cupy.cuda.runtime.getDeviceCount()
     try:
         from .handles import borrow
 
