@@ -377,3 +377,26 @@ def test_torch_cpu_tensors_are_type_errors():
     x, _, gamma, beta = _case()
     with pytest.raises(TypeError, match="x: expected .* on DLPack device kDLCPU"):
         cudnn_bn.forward_training(torch.from_numpy(x), torch.from_numpy(gamma).cuda(), torch.from_numpy(beta).cuda(), mode="spatial")
+
+
+# ---- the hint for callers that take one array module only (the layer) ----
+@pytest.mark.parametrize("value,module,expected", [
+    (DLPackStandIn(np.ones(2), device_type=1), "numpy",
+     "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass numpy.from_dlpack(x) (a view, no copy)"),
+    (DLPackStandIn(np.ones(2), device_type=1), "cupy",
+     "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass cupy.asarray(numpy.from_dlpack(x)) (a copy to the GPU)"),
+    (DLPackStandIn(np.ones(2), device_type=13), "cupy",
+     "a test_interop.DLPackStandIn on DLPack device kDLCUDAManaged; pass cupy.from_dlpack(x) (a view, no copy)"),
+    (CudaArrayInterfaceStandIn(np.ones(2)), "cupy",
+     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; pass cupy.asarray(x) (a view, no copy)"),
+    (CudaArrayInterfaceStandIn(np.ones(2)), "numpy",
+     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; it is on a GPU: copy it to the host, or "
+     "use cupy arrays (cupy.asarray(x), a view, no copy)"),
+    (DLPackStandIn(np.ones(2), device_type=10), "numpy", "a test_interop.DLPackStandIn on DLPack device kDLROCM"),
+    (RefusingTensor(), "cupy", "a test_interop.RefusingTensor on DLPack device kDLCUDA; pass cupy.from_dlpack(x) (a view, no copy)"),
+    ([1.0, 2.0], "numpy", None),
+], ids=["host-numpy", "host-cupy", "managed-cupy", "cai-cupy", "cai-numpy", "rocm", "refusing", "list"])
+def test_the_hint_says_what_a_foreign_array_is_and_how_to_pass_it(value, module, expected):
+    from cudnn_bn._cudnn.interop import foreign_array_hint
+
+    assert foreign_array_hint("x", value, module) == expected
