@@ -1,11 +1,13 @@
 """cudnn_bn: cuDNN's batch normalization for CuPy arrays, with an exact NumPy reference.
 
 ``forward_training``, ``forward_inference`` and ``backward`` run the NumPy reference on numpy
-arrays and cuDNN on cupy arrays. Importing this package loads neither CuPy nor libcudnn.
+arrays and cuDNN on cupy arrays; ``backward_inference`` (the gradient through fixed statistics,
+for which cuDNN has no call) runs the reference or CuPy kernels. Importing this package loads
+neither CuPy nor libcudnn.
 """
 
 from . import compat, distributed, fused, reference
-from ._api import backward, cudnn_available, forward_inference, forward_training
+from ._api import backward, backward_inference, cudnn_available, forward_inference, forward_training
 from ._cudnn.errors import (
     CudnnBadParamError,
     CudnnBuildMismatchError,
@@ -44,6 +46,7 @@ __all__ = [
     "OnOverflow",
     "SavedStats",
     "backward",
+    "backward_inference",
     "compat",
     "cudnn_available",
     "distributed",

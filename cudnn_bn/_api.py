@@ -1,6 +1,7 @@
 """The public functions: tell the arrays' kind, then send numpy arrays to the reference and cupy
 arrays to cuDNN. Both sides resolve the mode by the same policy (cudnn_bn._core.policy; the cuDNN
-side once per call signature) and validate with the same checks.
+side once per call signature) and validate with the same checks. The backward through fixed
+statistics, for which cuDNN has no call, sends cupy arrays to CuPy kernels (_cudnn/frozen.py).
 
 CUDA arrays of other libraries (objects exposing ``__cuda_array_interface__``, or ``__dlpack__``
 on a CUDA device) are wrapped as cupy arrays without a copy (cudnn_bn/_cudnn/interop.py, imported
@@ -19,7 +20,7 @@ from ._core.arrays import array_kind, uniform_kind
 from ._core.policy import INFERENCE, TRAINING, backward_settings, choose_mode
 from ._core.saved import SavedStats
 
-__all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
+__all__ = ["backward", "backward_inference", "cudnn_available", "forward_inference", "forward_training"]
 
 _RUNNING = ("running_mean", "running_var")  # optional, and updated in place
 
@@ -29,6 +30,13 @@ def _cudnn_ops():
     from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
 
     return ops
+
+
+@functools.cache
+def _frozen_ops():
+    from ._cudnn import frozen  # CuPy kernels: cuDNN has no backward through fixed statistics
+
+    return frozen
 
 
 def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:
@@ -137,3 +145,24 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
         return _cudnn_ops().backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
     mode, _, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)  # checks saved's kind too
     return reference.backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
+
+
+def backward_inference(x, dy, gamma, mean, var, *, mode="auto", eps=1e-5, channel_axis=1):
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`forward_inference`, the statistics held fixed
+    (a frozen batch norm), on numpy or cupy arrays (or other CUDA arrays, as in
+    :func:`forward_training`).
+
+    ``dx = gamma * inv_std * dy``, ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)`` with
+    ``inv_std = 1 / sqrt(var + eps)`` and ``x_hat = (x - mean) * inv_std``, each sum over one
+    statistic's group. Arguments, modes, layouts, dtypes and checks as :func:`forward_inference`,
+    with dy (x's shape and dtype) in place of beta. dx: x's dtype and shape (C-contiguous);
+    dgamma, dbeta: the parameter dtype and shape. On cupy arrays: CuPy kernels (cuDNN has no call
+    for it), queued without waiting for the device.
+    """
+    kind = uniform_kind((x, dy, gamma, mean, var))
+    if kind is None:
+        kind, (x, dy, gamma, mean, var) = accept_arrays((), (), x=x, dy=dy, gamma=gamma, mean=mean, var=var)
+    if kind == "cupy":
+        return _frozen_ops().backward_inference(x, dy, gamma, mean, var, mode, eps, channel_axis)
+    mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
+    return reference.backward_inference(x, dy, gamma, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)

@@ -1,7 +1,8 @@
 """Fused batch norm + activation, and batch norm + residual add + activation.
 
 ``forward_training`` computes ``y = act(BN(x) + residual)`` (the residual is optional), which is
-the tail of a ResNet block; ``backward`` returns ``(dx, dresidual, dgamma, dbeta)``. ``act`` is a
+the tail of a ResNet block; ``backward`` returns ``(dx, dresidual, dgamma, dbeta)``, and
+``backward_inference`` the same through fixed statistics (a frozen block). ``act`` is a
 :class:`~cudnn_bn.Activation` (ReLU for now).
 
 This module only dispatches, as cudnn_bn/_api.py does for the plain calls. numpy arrays run the
@@ -34,6 +35,7 @@ from ._core.modes import parse_activation
 from ._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
 from ._core.validate import resolve_backward_settings
 from .reference import fused_backward as reference_backward
+from .reference import fused_backward_inference as reference_backward_inference
 from .reference import fused_forward_inference as reference_forward_inference
 from .reference import fused_forward_training as reference_forward_training
 
@@ -44,9 +46,11 @@ __all__ = [
     "PATH_FUSED_EX",
     "PATH_REFERENCE",
     "backward",
+    "backward_inference",
     "forward_inference",
     "forward_training",
     "reference_backward",
+    "reference_backward_inference",
     "reference_forward_inference",
     "reference_forward_training",
 ]
@@ -60,6 +64,13 @@ def _fused_ops():
     from ._cudnn import fused_ops  # imported on first cupy call only
 
     return fused_ops
+
+
+@functools.cache
+def _frozen_ops():
+    from ._cudnn import frozen  # imported on first cupy call only
+
+    return frozen
 
 
 def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual=None, activation="relu",
@@ -133,3 +144,30 @@ def backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None, 
         return reference_backward(x, y, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
     return _fused_ops().backward(x, y, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis,
                                  on_overflow=on_overflow)
+
+
+def backward_inference(x, y, dy, gamma, mean, var, *, activation="relu", mode="auto", eps=1e-5, channel_axis=1):
+    """Gradients of :func:`forward_inference`, the statistics held fixed (a frozen ResNet block):
+    always ``(dx, dresidual, dgamma, dbeta)``.
+
+    Args:
+        x, gamma, mean, var, mode, eps, channel_axis: as :func:`forward_inference`.
+        y: the forward's output (x's shape and dtype); the activation's mask is read from it.
+        dy: the gradient of y (x's shape and dtype).
+        activation: the forward's activation, "relu" (or :class:`cudnn_bn.Activation`).
+
+    With g = dy where the activation passed its input (ReLU: y > 0) and 0 elsewhere:
+    ``dresidual = g`` (the gradient of the residual, when the forward added one; nothing records
+    whether it did, so it is always returned), and dx, dgamma, dbeta are
+    :func:`cudnn_bn.backward_inference` of g. dx and dresidual: x's dtype and shape
+    (C-contiguous); dgamma, dbeta: the parameter dtype and shape. On cupy arrays: the mask in
+    one elementwise kernel, then the CuPy kernels of the plain call.
+    """
+    activation = parse_activation(activation)
+    kind, (x, y, dy, gamma, mean, var) = accept_arrays((), (), x=x, y=y, dy=dy, gamma=gamma, mean=mean, var=var)
+    if kind == "numpy":
+        mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
+        return reference_backward_inference(x, y, dy, gamma, mean, var, activation=activation, mode=mode, eps=eps,
+                                            channel_axis=channel_axis)
+    return _frozen_ops().fused_backward_inference(x, y, dy, gamma, mean, var, activation=activation, mode=mode,
+                                                  eps=eps, channel_axis=channel_axis)

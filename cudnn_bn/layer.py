@@ -3,6 +3,11 @@
 State names and meanings follow ``torch.nn.BatchNorm2d`` (weight, bias, running_mean,
 running_var holding the unbiased variance, num_batches_tracked), so ``state_dict()`` moves
 between the two, also with a module prefix such as nn.Sequential's ``'1.'``.
+
+A layer may be frozen (``frozen=True``, :meth:`BatchNorm.freeze`): it then normalizes with its
+running statistics in training mode too, never updates them, and backpropagates through them
+(cudnn_bn.backward_inference), as fine-tuning and detection models freeze batch norm. The frozen
+state is the layer's, not part of state_dict.
 """
 
 from __future__ import annotations
@@ -17,18 +22,22 @@ import numpy as np
 
 from . import _api, fused
 from ._core.arrays import array_kind, host_array
-from ._core.layout import MAX_NDIM, make_layout
-from ._core.modes import AUTO, parse_activation, parse_mode
+from ._core.layout import MAX_NDIM, make_layout, policy_shape
+from ._core.modes import AUTO, Activation, Mode, parse_activation, parse_mode
 from ._core.policy import INFERENCE, TRAINING, choose_mode
 from ._core.scalars import check_channel_axis, check_eps, check_momentum
 from ._core.validate import DATA_DTYPES, param_dtype_for
 
-__all__ = ["BatchNorm", "KeptForBackward", "LoadResult"]
+__all__ = ["BatchNorm", "FixedStatistics", "KeptForBackward", "LoadResult"]
 
 _ARRAY_LIBRARIES = ("numpy", "cupy")
 _NUMPY_LAYER = "A layer with xp='numpy' runs the NumPy reference."  # the way out when cupy cannot serve
 _INT32_MAX = 2**31 - 1  # cuDNN describes every dim as a C int
 _COUNT_MAX = 2**63 - 1  # num_batches_tracked is stored as int64, as torch does
+_NOTHING_TO_FREEZE = (
+    "{name}: a layer with track_running_stats=False has no running statistics to freeze (it normalizes "
+    "with each batch's own), got {got}; build it with track_running_stats=True"
+)
 
 
 class LoadResult(NamedTuple):
@@ -38,13 +47,27 @@ class LoadResult(NamedTuple):
     unexpected_keys: list
 
 
-class KeptForBackward(NamedTuple):
-    """What a training forward of a layer keeps for its backward (BatchNorm and SyncBatchNorm).
+class FixedStatistics(NamedTuple):
+    """What a forward that normalized with the running statistics (eval mode, or a frozen layer)
+    keeps for its backward: the statistics it used and the settings it ran with."""
 
-    x: the forward's input. saved: its SavedStats, or a FusedSaved when an activation ran.
-    y: the forward's output when an activation ran (backward reads the activation's mask from
-    it), else None. group: the communicator a SyncBatchNorm forward ran over (its backward then
-    runs over the same group), None for a single-process forward.
+    mean: Any
+    var: Any
+    mode: Mode
+    eps: float
+    channel_axis: int
+    activation: Activation | None
+    has_residual: bool
+
+
+class KeptForBackward(NamedTuple):
+    """What a forward of a layer keeps for its backward (BatchNorm and SyncBatchNorm).
+
+    x: the forward's input. saved: its SavedStats, a FusedSaved when an activation ran, or
+    FixedStatistics when it normalized with the running statistics. y: the forward's output when
+    an activation ran (backward reads the activation's mask from it), else None. group: the
+    communicator a SyncBatchNorm forward ran over (its backward then runs over the same group),
+    None for a single-process forward.
     """
 
     x: Any
@@ -77,14 +100,16 @@ class BatchNorm:
         activation: None, or "relu" (a :class:`~cudnn_bn.Activation`): forward then returns
             ``act(BN(x) + residual)`` through :mod:`cudnn_bn.fused` (cuDNN's fused Ex call where it
             applies), and backward runs through the activation.
+        frozen: freeze the statistics (see :meth:`freeze`); needs ``track_running_stats``.
 
     Attributes: ``gamma`` and ``beta`` (also as torch's ``weight`` and ``bias``), ``running_mean``,
     ``running_var``, ``num_batches_tracked``, ``grad_gamma``, ``grad_beta``, ``grad_residual``
     (with an activation: the gradient of the last forward's residual, or None), ``activation``,
-    ``training``. A call that raises leaves all of them as they were.
+    ``training``, ``frozen``, ``parameters_frozen``. A call that raises leaves all of them as
+    they were.
     """
 
-    def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, channel_axis=1, dtype=np.float32, xp=np, activation=None):
+    def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, channel_axis=1, dtype=np.float32, xp=np, activation=None, frozen=False):
         shape = _feature_shape(num_features)
         activation = None if activation is None else parse_activation(activation)
         parsed_mode = parse_mode(mode, allow_auto=True)
@@ -98,9 +123,11 @@ class BatchNorm:
         channel_axis = check_channel_axis(channel_axis)
         if channel_axis not in (1, -1):
             raise ValueError(f"channel_axis: expected 1 (channels-first) or -1 (channels-last), got {channel_axis}")
-        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats)):
+        for name, flag in (("affine", affine), ("track_running_stats", track_running_stats), ("frozen", frozen)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise TypeError(f"{name}: expected True or False, got {flag!r}")
+        if frozen and not track_running_stats:
+            raise ValueError(_NOTHING_TO_FREEZE.format(name="frozen", got="frozen=True"))
         data_dtype = _data_dtype(dtype)
         self._xp = _array_library(xp)
         self.mode, self.eps, self.momentum = mode, eps, momentum
@@ -123,7 +150,8 @@ class BatchNorm:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
         self.training = True
-        self._kept: KeptForBackward | None = None  # of the last training forward
+        self._frozen, self._parameters_frozen = bool(frozen), False
+        self._kept: KeptForBackward | None = None  # of the last forward
 
     # ---- where the state lives ----
     @property
@@ -139,9 +167,11 @@ class BatchNorm:
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         state["_xp"] = _import_array_library(state["_xp"])
-        # a layer pickled before activations existed
+        # a layer pickled before activations, or freezing, existed
         state.setdefault("activation", None)
         state.setdefault("grad_residual", None)
+        state.setdefault("_frozen", False)
+        state.setdefault("_parameters_frozen", False)
         # a layer pickled while it kept a plain tuple: (x, saved), (x, saved, y), or a
         # SyncBatchNorm's (x, saved) with a flag saying whether its forward ran over the group
         kept, over_group = state.get("_kept"), state.pop("_kept_is_group", False)
@@ -225,21 +255,54 @@ class BatchNorm:
     def eval(self) -> "BatchNorm":
         return self.train(False)
 
+    # ---- freezing ----
+    @property
+    def frozen(self) -> bool:
+        """Whether the statistics are frozen: forward normalizes with the running statistics in
+        training mode too and never updates them nor ``num_batches_tracked``."""
+        return self._frozen
+
+    @property
+    def parameters_frozen(self) -> bool:
+        """Whether gamma and beta are frozen too: backward then leaves ``grad_gamma`` and
+        ``grad_beta`` None."""
+        return self._parameters_frozen
+
+    def freeze(self, parameters: bool = False) -> "BatchNorm":
+        """Freeze the statistics, and with ``parameters=True`` gamma and beta too (torchvision's
+        FrozenBatchNorm2d); returns the layer. The state survives ``train()`` and pickling, and is
+        not part of ``state_dict``. A layer without running statistics has none to freeze: a
+        ValueError. On a layer without affine parameters, ``parameters=True`` changes nothing
+        more."""
+        if not isinstance(parameters, (bool, np.bool_)):
+            raise TypeError(f"parameters: expected True or False, got {parameters!r}")
+        if not self.track_running_stats:
+            raise ValueError(_NOTHING_TO_FREEZE.format(name=f"{self._short()}.freeze", got="freeze()"))
+        self._frozen, self._parameters_frozen = True, bool(parameters)
+        return self
+
+    def unfreeze(self) -> "BatchNorm":
+        """Undo :meth:`freeze` (statistics and parameters); returns the layer."""
+        self._frozen = self._parameters_frozen = False
+        return self
+
     # ---- computation ----
     def _short(self) -> str:
         features = self.param_shape[0] if len(self.param_shape) == 1 else self.param_shape
         return f"BatchNorm({features})"
 
-    def _check_input(self, x, operation: str) -> None:
-        """Refuse an x this layer cannot take, in the layer's own terms (before any state changes)."""
+    def _check_input(self, x, operation: str, *, empty_batch: bool = False) -> None:
+        """Refuse an x this layer cannot take, in the layer's own terms (before any state changes);
+        ``empty_batch``: accept a batch of 0 samples (a SyncBatchNorm rank's empty shard)."""
         self._kind_of("x", x)
         if np.dtype(x.dtype) != self.dtype:
             raise TypeError(
                 f"x: expected dtype {self.dtype} ({self._short()}, dtype={self.dtype}), got {np.dtype(x.dtype)}; "
                 f"convert x, or build the layer with dtype={np.dtype(x.dtype).name}"
             )
-        mode, _ = choose_mode(self.mode, x.shape, self.channel_axis, operation)
-        layout = make_layout(x.shape, self.channel_axis, mode)
+        shape = policy_shape(x.shape) if empty_batch else x.shape
+        mode, _ = choose_mode(self.mode, shape, self.channel_axis, operation)
+        layout = make_layout(x.shape, self.channel_axis, mode, empty_batch=empty_batch)
         if layout.param_shape == self.param_shape:
             return
         if mode.is_spatial:
@@ -252,9 +315,9 @@ class BatchNorm:
             f"PER_ACTIVATION), got {layout.param_shape} (shape {layout.shape})"
         )
 
-    def _check_forward_arguments(self, x, residual, operation: str) -> None:
+    def _check_forward_arguments(self, x, residual, operation: str, *, empty_batch: bool = False) -> None:
         """Refuse what forward cannot take, before any state changes."""
-        self._check_input(x, operation)
+        self._check_input(x, operation, empty_batch=empty_batch)
         if residual is not None and self.activation is None:
             raise ValueError(f"residual: {self._short()} has no activation, so there is no fused add; "
                              "build the layer with activation='relu', or add the residual yourself")
@@ -275,7 +338,7 @@ class BatchNorm:
         dtype: ``BN(x)``, or ``act(BN(x) + residual)`` with an activation. Backward reads this y
         (the activation's mask): do not modify it in place before backward.
         """
-        training_path = self.training or not self.track_running_stats
+        training_path = (self.training and not self._frozen) or not self.track_running_stats
         self._check_forward_arguments(x, residual, TRAINING if training_path else INFERENCE)
         common = dict(mode=self.mode, eps=self.eps, channel_axis=self.channel_axis)
         if self.activation is not None:
@@ -291,28 +354,42 @@ class BatchNorm:
             return y
         infer = _api.forward_inference if self.activation is None else fused.forward_inference
         y = infer(x, self._gamma, self._beta, self.running_mean, self.running_var, **common)
-        self._kept = None
+        mode, _ = choose_mode(self.mode, x.shape, self.channel_axis, INFERENCE)
+        fixed = FixedStatistics(self.running_mean, self.running_var, mode, self.eps, self.channel_axis, self.activation,
+                                residual is not None)
+        self._kept = KeptForBackward(x, fixed, None if self.activation is None else y)
         return y
 
     __call__ = forward
 
     def backward(self, dy):
-        """Return dx for the last forward's input; set ``grad_gamma`` and ``grad_beta`` (when affine).
+        """Return dx for the last forward's input; set ``grad_gamma`` and ``grad_beta`` (when affine,
+        and None when the parameters are frozen).
 
-        dy: x's shape and dtype. dx has the same; the gradients have ``param_shape``.
+        dy: x's shape and dtype. dx has the same; the gradients have ``param_shape``. After a
+        forward with the running statistics (eval mode, or a frozen layer) the gradient runs
+        through those fixed statistics (cudnn_bn.backward_inference).
         """
         if self._kept is None:
             raise RuntimeError(
-                "BatchNorm.backward: needs the batch statistics of a forward() in training mode "
-                "(or with track_running_stats=False); call forward() first, and not in eval mode"
+                "BatchNorm.backward: needs the input and statistics of a forward(); call forward() first"
             )
         x, saved, y, _ = self._kept
-        if isinstance(saved, fused.FusedSaved):
+        if isinstance(saved, FixedStatistics):
+            common = dict(mode=saved.mode, eps=saved.eps, channel_axis=saved.channel_axis)
+            if saved.activation is None:
+                (dx, dgamma, dbeta), dresidual = _api.backward_inference(x, dy, self._gamma, saved.mean, saved.var, **common), None
+            else:
+                dx, dresidual, dgamma, dbeta = fused.backward_inference(
+                    x, y, dy, self._gamma, saved.mean, saved.var, activation=saved.activation, **common
+                )
+                dresidual = dresidual if saved.has_residual else None
+        elif isinstance(saved, fused.FusedSaved):
             dx, dresidual, dgamma, dbeta = fused.backward(x, y, dy, self._gamma, saved)
         else:
             (dx, dgamma, dbeta), dresidual = _api.backward(x, dy, self._gamma, saved), None
         if self.affine:
-            self.grad_gamma, self.grad_beta = dgamma, dbeta
+            self.grad_gamma, self.grad_beta = (None, None) if self._parameters_frozen else (dgamma, dbeta)
         self.grad_residual = dresidual
         return dx
 
@@ -404,13 +481,21 @@ class BatchNorm:
         return result
 
     def __repr__(self) -> str:
+        return self._repr_with("BatchNorm", "")
+
+    def _repr_with(self, name: str, more: str) -> str:
+        """The repr under ``name``, with ``more`` arguments at the end (what SyncBatchNorm adds);
+        a layer whose parameters are frozen too reads as the call that froze it."""
         return (
-            f"BatchNorm({self.param_shape if len(self.param_shape) > 1 else self.param_shape[0]}, mode={self.mode!r}, "
+            f"{name}({self.param_shape if len(self.param_shape) > 1 else self.param_shape[0]}, mode={self.mode!r}, "
             f"eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
             f"dtype={self.dtype.name}, xp={self._xp.__name__}"
             + ("" if self.activation is None else f", activation={str(self.activation)!r}")
+            + (", frozen=True" if self._frozen and not self._parameters_frozen else "")
+            + more
             + ")"
+            + (".freeze(parameters=True)" if self._parameters_frozen else "")
         )
 
 

@@ -22,11 +22,14 @@ bit-equal.
 SPATIAL_PERSISTENT computes exactly what SPATIAL computes; its differences on cuDNN (overflow, the
 saved-statistics rule) are enforced by the shared checks.
 
+``backward_inference`` is the gradient of ``forward_inference`` with its statistics held fixed
+(a frozen batch norm), in float64 like training and backward.
+
 The fused calls' reference is here too (``fused_forward_training``, ``fused_forward_inference``,
-``fused_backward``; cudnn_bn.fused publishes them as ``reference_*``): the plain reference's
-float64 arithmetic, then the residual add and the activation also in float64, each result rounded
-once to its dtype. ``activation_mask`` is the one definition of where an activation passes the
-gradient.
+``fused_backward``, ``fused_backward_inference``; cudnn_bn.fused publishes them as
+``reference_*``): the plain reference's float64 arithmetic, then the residual add and the
+activation also in float64, each result rounded once to its dtype. ``activation_mask`` is the one
+definition of where an activation passes the gradient.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ._core.modes import Activation, parse_activation
 from ._core.saved import SavedStats, trusted_saved_stats
 from ._core.validate import (
     check_backward,
+    check_backward_inference,
     check_fold,
     check_forward_inference,
     check_forward_training,
@@ -57,10 +61,12 @@ from ._core.validate import (
 __all__ = [
     "activation_mask",
     "backward",
+    "backward_inference",
     "fold_inference",
     "forward_inference",
     "forward_training",
     "fused_backward",
+    "fused_backward_inference",
     "fused_forward_inference",
     "fused_forward_training",
 ]
@@ -427,15 +433,7 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     else:
         mean, inv_std = _row(saved.mean), _row(saved.inv_std)
     mean_param = blocks.param(mean)
-
-    def dbeta_and_centered_dgamma(block):
-        centered, grad = blocks.buffers(block)
-        bits = blocks.bits(block)
-        grad = _widened(dy3[block], grad, bits)
-        _centered(x3[block], mean_param[block], centered, bits)
-        return [grad, np.multiply(centered, grad, out=centered)]
-
-    dbeta, centered_dgamma = blocks.group_sums(dbeta_and_centered_dgamma)
+    dbeta, centered_dgamma = _gradient_sums(x3, dy3, blocks, mean_param)
     dgamma = centered_dgamma * inv_std
     # dx = k * (dy - (dbeta + x_hat * dgamma) / m) with k = gamma * inv_std and x_hat = (x - mean) * inv_std,
     # written as k * dy - ((x - mean) * c + d) so that each block costs few passes
@@ -455,6 +453,49 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
         _finish(np.subtract, scaled_grad, centered, dx3[block], centered, bits)
     as_param = lambda row: row.reshape(layout.param_shape).astype(checked.param_dtype)  # noqa: E731
     return dx, as_param(dgamma), as_param(dbeta)
+
+
+def _gradient_sums(x3, dy3, blocks: _Blocks, mean_param: _Param) -> list[np.ndarray]:
+    """Per-group float64 ``[sum(dy), sum(dy * (x - mean))]``: dbeta, and dgamma before its
+    factor inv_std."""
+
+    def terms(block):
+        centered, grad = blocks.buffers(block)
+        bits = blocks.bits(block)
+        grad = _widened(dy3[block], grad, bits)
+        _centered(x3[block], mean_param[block], centered, bits)
+        return [grad, np.multiply(centered, grad, out=centered)]
+
+    return blocks.group_sums(terms)
+
+
+def backward_inference(x, dy, gamma, mean, var, *, mode="spatial", eps=1e-5, channel_axis=1):
+    """Gradients of :func:`forward_inference` with respect to x, gamma and beta: ``(dx, dgamma,
+    dbeta)``, the statistics held fixed (a frozen batch norm; docs/math.md).
+
+    ``dx = gamma * inv_std * dy``, ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)`` with
+    ``inv_std = 1 / sqrt(var + eps)`` and ``x_hat = (x - mean) * inv_std``, sums over each
+    statistic's group. Arguments as :func:`forward_inference`, with dy (x's shape and dtype) in
+    place of beta. Computed in float64 and rounded once: dx in x's dtype and shape (C-contiguous),
+    dgamma and dbeta in the parameter dtype and shape.
+    """
+    _require_numpy(x=x, dy=dy, gamma=gamma, mean=mean, var=var)
+    checked = check_backward_inference(x, dy, gamma, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    layout = checked.layout
+    shape = _grouped_shape(layout)
+    blocks = _Blocks(shape, checked.data_dtype)
+    x3, dy3 = _grouped(x, shape), _grouped(dy, shape)
+    inv_std = 1.0 / np.sqrt(_row(var) + checked.eps)
+    dbeta, centered_dgamma = _gradient_sums(x3, dy3, blocks, blocks.param(_row(mean)))
+    scale = blocks.param(_row(gamma) * inv_std)
+    dx = np.empty(layout.shape, checked.data_dtype)
+    dx3 = dx.reshape(shape)
+    for block in blocks.slices:
+        grad, _ = blocks.buffers(block)
+        bits = blocks.bits(block)
+        _finish(np.multiply, _widened(dy3[block], grad, bits), scale[block], dx3[block], grad, bits)
+    as_param = lambda row: row.reshape(layout.param_shape).astype(checked.param_dtype)  # noqa: E731
+    return dx, as_param(centered_dgamma * inv_std), as_param(dbeta)
 
 
 def fold_inference(gamma, beta, mean, var, eps=1e-5):
@@ -553,6 +594,31 @@ def fused_forward_inference(x, gamma, beta, mean, var, *, residual=None, activat
     if residual is not None:
         np.add(pre, residual, out=pre)
     return _activate(pre, activation).astype(checked.data_dtype, copy=False)
+
+
+def fused_backward_inference(x, y, dy, gamma, mean, var, *, activation="relu", mode="spatial", eps=1e-5,
+                             channel_axis=1):
+    """Gradients of :func:`fused_forward_inference` on numpy arrays, the statistics held fixed:
+    ``(dx, dresidual, dgamma, dbeta)`` (``cudnn_bn.fused.reference_backward_inference``).
+
+    ``y`` is the forward's output, whose activation mask gives ``g = dy * act'(y)``; dresidual is
+    g (the gradient of a residual the forward added; there is no saved state to say whether it
+    did), and :func:`backward_inference` of g gives dx, dgamma, dbeta. In float64, rounded once:
+    dx and dresidual in x's dtype (C-contiguous), dgamma and dbeta in the parameter dtype.
+    """
+    _require_numpy_fused(x=x, y=y, dy=dy, gamma=gamma, mean=mean, var=var)
+    activation = parse_activation(activation)
+    checked = check_backward_inference(x, dy, gamma, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    check_forward_output(x, y)
+    grad = np.ascontiguousarray(np.where(activation_mask(y, activation), dy.astype(np.float64), 0.0))
+    dx, dgamma, dbeta = backward_inference(
+        x.astype(np.float64), grad, gamma, mean, var, mode=checked.layout.mode, eps=checked.eps,
+        channel_axis=channel_axis,
+    )
+    return (
+        dx.astype(checked.data_dtype, copy=False), grad.astype(checked.data_dtype),
+        dgamma.astype(checked.param_dtype, copy=False), dbeta.astype(checked.param_dtype, copy=False),
+    )
 
 
 def fused_backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None):

@@ -46,8 +46,12 @@ def test_running_statistics_with_momentum_and_eval_uses_them():
     layer.eval()
     y = layer(batches[0])
     np.testing.assert_allclose(y, reference.forward_inference(batches[0], layer.gamma, layer.beta, layer.running_mean, layer.running_var), rtol=1e-6)
-    with pytest.raises(RuntimeError, match="training mode"):
-        layer.backward(np.ones_like(batches[0]))
+    # backward in eval mode runs through the running statistics it normalized with
+    dy = np.ones_like(batches[0])
+    expected = reference.backward_inference(batches[0], dy, layer.gamma, layer.running_mean, layer.running_var)
+    np.testing.assert_array_equal(layer.backward(dy), expected[0])
+    np.testing.assert_array_equal(layer.grad_gamma, expected[1])
+    np.testing.assert_array_equal(layer.grad_beta, expected[2])
 
 
 def test_momentum_none_is_the_cumulative_average():

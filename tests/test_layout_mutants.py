@@ -35,8 +35,27 @@ def test_an_axis_at_and_past_the_range_is_named_as_such(axis, message):
 
 def test_an_empty_dimension_is_refused_naming_the_shape():
     with pytest.raises(ValueError) as raised:
+        make_layout((2, 0, 3), 1, Mode.SPATIAL)
+    assert str(raised.value) == "x: expected every dimension to be at least 1, got shape (2, 0, 3)"
+
+
+def test_an_empty_batch_is_refused_saying_why_unless_the_caller_takes_an_empty_shard():
+    with pytest.raises(ValueError) as raised:
         make_layout((0, 3), 1, Mode.SPATIAL)
-    assert str(raised.value) == "x: expected every dimension to be at least 1, got shape (0, 3)"
+    assert str(raised.value) == (
+        "x: expected every dimension to be at least 1, got shape (0, 3) (an empty batch: cuDNN describes no empty "
+        "tensor and a batch of no samples has no statistics; in synchronized batch norm, cudnn_bn.distributed takes "
+        "a rank's empty shard)"
+    )
+    for shape, axis, mode, param_shape in [((0, 3), 1, Mode.SPATIAL, (3,)), ((0, 4, 5, 3), -1, Mode.SPATIAL, (3,)),
+                                           ((0, 3, 4), 1, Mode.PER_ACTIVATION, (3, 4))]:
+        layout = make_layout(shape, axis, mode, empty_batch=True)
+        assert layout.shape == shape and layout.count == 0 and layout.param_shape == param_shape
+        assert layout.public_channel_axis == make_layout((1,) + shape[1:], axis, mode).public_channel_axis
+    with pytest.raises(ValueError, match=r"^x: expected every dimension to be at least 1, got shape \(0, 3, 0\)$"):
+        make_layout((0, 3, 0), 1, Mode.SPATIAL, empty_batch=True)  # only the batch may be empty
+    with pytest.raises(ValueError, match="^channel_axis: expected 1"):
+        make_layout((0, 3, 4, 5), 2, Mode.SPATIAL, empty_batch=True)
 
 
 # ---- cuDNN's order, kept here for plans.py and compat ----

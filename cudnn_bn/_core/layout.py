@@ -25,6 +25,7 @@ __all__ = [
     "cudnn_dims_and_strides",
     "make_layout",
     "physical_shape",
+    "policy_shape",
 ]
 
 MIN_NDIM = 2
@@ -123,8 +124,21 @@ def physical_shape(channels_first_shape, channel_axis: int) -> tuple[int, ...]:
     return (shape[0],) + shape[2:] + (shape[1],)
 
 
-def make_layout(shape, channel_axis, mode: Mode) -> Layout:
-    """Validate ``shape`` and ``channel_axis`` and return the :class:`Layout` they describe."""
+def policy_shape(shape) -> tuple[int, ...]:
+    """``shape`` with an empty batch axis counted as one sample: what the mode policy reads of a
+    rank's empty shard (the policy depends on the number of dims and the channel axis, never on
+    the batch size; it refuses an empty dimension as the single-process calls do)."""
+    shape = tuple(shape)
+    return (1,) + shape[1:] if shape and shape[0] == 0 else shape
+
+
+def make_layout(shape, channel_axis, mode: Mode, *, empty_batch: bool = False) -> Layout:
+    """Validate ``shape`` and ``channel_axis`` and return the :class:`Layout` they describe.
+
+    ``empty_batch=True`` also accepts a batch axis of size 0 (a rank's empty shard in
+    synchronized batch norm), whose layout has ``count`` 0; every other dimension must still be
+    at least 1. Elsewhere an empty dimension is refused: cuDNN describes no empty tensor, and a
+    batch of no samples has no statistics."""
     shape = tuple(int(size) for size in shape)
     ndim = len(shape)
     if not MIN_NDIM <= ndim <= MAX_NDIM:
@@ -139,8 +153,12 @@ def make_layout(shape, channel_axis, mode: Mode) -> Layout:
         raise ValueError(
             f"channel_axis: expected 1 (channels-first) or -1 (channels-last), got {channel_axis} for a {ndim}-D input"
         )
-    if any(size < 1 for size in shape):
-        raise ValueError(f"x: expected every dimension to be at least 1, got shape {shape}")
+    if any(size < 1 for size in shape) and not (empty_batch and shape[0] == 0 and min(shape[1:]) >= 1):
+        why = ""
+        if shape[0] == 0 and min(shape[1:]) >= 1:
+            why = (" (an empty batch: cuDNN describes no empty tensor and a batch of no samples has no statistics; "
+                   "in synchronized batch norm, cudnn_bn.distributed takes a rank's empty shard)")
+        raise ValueError(f"x: expected every dimension to be at least 1, got shape {shape}{why}")
     return Layout(shape, normalized, mode)
 
 

@@ -22,9 +22,11 @@ __all__ = [
     "Checked",
     "DATA_DTYPES",
     "check_backward",
+    "check_backward_inference",
     "check_fold",
     "check_forward_inference",
     "check_forward_training",
+    "check_gradient",
     "check_saved",
     "check_saved_finite",
     "param_dtype_for",
@@ -116,6 +118,24 @@ def check_forward_inference(x, gamma, beta, mean, var, *, mode, eps, channel_axi
     return _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta, "mean": mean, "var": var}, training=False)
 
 
+def check_backward_inference(x, dy, gamma, mean, var, *, mode, eps, channel_axis) -> Checked:
+    """Validate a backward through fixed statistics: forward_inference's checks (eps = 0
+    allowed, one value per statistic too: the statistics are given), with dy in place of beta."""
+    array_kind(x=x, dy=dy, gamma=gamma, mean=mean, var=var)
+    checked = _checked(x, mode, channel_axis, eps, {"gamma": gamma, "mean": mean, "var": var}, training=False)
+    check_gradient(x, dy, checked.data_dtype)
+    return checked
+
+
+def check_gradient(x, dy, data_dtype) -> None:
+    """dy: x's dtype (``data_dtype``) and shape."""
+    dy_dtype = np.dtype(dy.dtype)
+    if dy_dtype != data_dtype:
+        raise TypeError(f"dy: expected x's dtype {data_dtype}, got {dy_dtype}")
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+
+
 def check_saved(x, saved) -> None:
     """``saved`` is a SavedStats whose arrays are arrays of x's kind (shapes and dtypes are
     checked by check_backward, once the layout is known)."""
@@ -203,11 +223,7 @@ def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, check_
         check_saved(x, saved)
         _check_saved_arrays(saved, checked)
     _check_float("gamma", gamma, checked.layout.param_shape)
-    dy_dtype = np.dtype(dy.dtype)
-    if dy_dtype != checked.data_dtype:
-        raise TypeError(f"dy: expected x's dtype {checked.data_dtype}, got {dy_dtype}")
-    if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"dy: expected x's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    check_gradient(x, dy, checked.data_dtype)
     _check_trainable(checked.layout)
     if checked.layout.mode is not Mode.SPATIAL_PERSISTENT:
         return checked

@@ -5,6 +5,10 @@ Each is one :class:`~cudnn_bn.distributed.protocol.Exchange`, split in two halve
 also uses: ``prepare_*`` (inside the exchange's guard: every check and the local work) and
 ``finish_*`` (the two collectives, then the group's result). numpy arrays run on the reference
 and cupy arrays on cuDNN, through the public cudnn_bn calls.
+
+A rank's shard may be empty (a batch axis of 0, the last batch of an epoch): it takes part with
+count 0, its moments and gradient sums are zeros (nothing to add), it gets an empty y and dx and
+the group's statistics and parameter gradients like every rank, and it makes no native call.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from .._core.fused_saved import (
     FusedSaved,
     check_residual,
 )
-from .._core.layout import Layout, make_layout
+from .._core.layout import Layout, make_layout, policy_shape
 from .._core.modes import Activation, Mode, parse_activation
 from .._core.policy import TRAINING, choose_mode
 from .._core.saved import SavedStats
 from .._core.validate import (
+    check_backward,
     check_forward_training,
+    check_gradient,
     param_dtype_for,
     resolve_backward_settings,
 )
@@ -45,8 +51,13 @@ def _group_mode(mode, shape, channel_axis) -> Mode:
     """The mode a group call runs: "auto" by the package policy, and SPATIAL for
     SPATIAL_PERSISTENT (the same statistics; the persistent kernels are forward-training and
     backward kernels of a whole batch, which these calls do not run)."""
-    mode, _ = choose_mode(mode, shape, channel_axis, TRAINING)
+    mode, _ = choose_mode(mode, policy_shape(shape), channel_axis, TRAINING)
     return Mode.SPATIAL if mode is Mode.SPATIAL_PERSISTENT else mode
+
+
+def _is_empty_shard(x) -> bool:
+    """Whether x (an array already checked as such) is a shard with no samples."""
+    return x.ndim >= 1 and x.shape[0] == 0
 
 
 def _check_parameters_match_x(layout: Layout, **parameters) -> None:
@@ -61,10 +72,12 @@ def _check_parameters_match_x(layout: Layout, **parameters) -> None:
 
 
 def _with_second_sample(array, xp, fill=None):
-    """A batch-of-one array extended to a batch of two: the sample, then a copy of it (or
-    ``fill``). A shard may hold one value per statistic, which the single-process checks and
-    cuDNN's backward refuse; its double has the same dtype and parameter shape, and a second
-    sample with dy = 0 adds nothing to sum(dy) or sum(dy * x_hat)."""
+    """A batch of two with ``array``'s dtype and parameter shape, for the single-process checks
+    and cuDNN's backward, which refuse fewer than 2 values per statistic. A batch of one is
+    extended by a copy of its sample (or ``fill``): a second sample with dy = 0 adds nothing to
+    sum(dy) or sum(dy * x_hat). An empty batch gives two samples of zeros, for the checks only."""
+    if array.shape[0] == 0:
+        return xp.zeros((2,) + tuple(array.shape[1:]), dtype=array.dtype)
     doubled = xp.empty((2,) + tuple(array.shape[1:]), dtype=array.dtype)
     doubled[0:1] = array
     doubled[1:2] = array if fill is None else fill
@@ -76,7 +89,10 @@ def _local_moments(x, layout: Layout, xp):
 
     Two passes over one float64 copy of x: exact for data with a large offset, where a
     sum-of-squares formula would cancel. (CuPy's own var subtracts a mean computed in x's dtype.)
+    An empty shard's are zeros (a mean of no values would be NaN, and 0 * NaN poisons the merge).
     """
+    if layout.count == 0:
+        return xp.zeros(layout.param_shape, xp.float64), xp.zeros(layout.param_shape, xp.float64)
     wide = x.astype(xp.float64)
     mean = wide.mean(axis=layout.reduce_axes)
     wide -= mean.reshape(layout.broadcast_shape)
@@ -154,7 +170,7 @@ def prepare_forward(exchange: Exchange, x, gamma, beta, running_mean=None, runni
                       running_mean=running_mean, running_var=running_var, residual=residual)
     xp = kind_module(kind)
     run_mode = _group_mode(mode, x.shape, channel_axis)
-    layout = make_layout(x.shape, channel_axis, run_mode)
+    layout = make_layout(x.shape, channel_axis, run_mode, empty_batch=True)
     _check_parameters_match_x(layout, gamma=gamma, beta=beta)
     checked_x = x if layout.count >= 2 else _with_second_sample(x, xp)
     checked, momentum = check_forward_training(
@@ -187,7 +203,9 @@ def finish_forward(exchange: Exchange, step: ForwardStep | None):
     mean, biased_var = mean.reshape(param_shape), biased_var.reshape(param_shape)
     statistics = dict(mode=layout.mode, eps=step.eps, channel_axis=layout.public_channel_axis)
     group_statistics = (xp.asarray(mean), xp.asarray(biased_var))
-    if step.activation is None:
+    if layout.count == 0:  # an empty shard: nothing to normalize (and no native call for it)
+        y = xp.empty(layout.shape, step.data_dtype)
+    elif step.activation is None:
         y = _api.forward_inference(step.x, step.gamma, step.beta, *group_statistics, **statistics)
     else:
         y = fused.forward_inference(step.x, step.gamma, step.beta, *group_statistics, residual=step.residual,
@@ -218,6 +236,9 @@ def forward_training(exchange: Exchange, x, gamma, beta, running_mean=None, runn
     :class:`Communicator`. Shards may differ in batch size, down to one sample; in SPATIAL mode
     they may also differ in spatial size. mode: "auto", SPATIAL or PER_ACTIVATION
     (SPATIAL_PERSISTENT runs as SPATIAL).
+
+    A shard may be empty (``x.shape[0] == 0``): its rank takes part with count 0 and gets an empty
+    y; a group whose every shard is empty is refused on every rank.
 
     Returns ``(y, saved)`` equal on this shard to single-process batch norm over the
     concatenation of all shards: ``saved`` holds the group's mean and inverse std (parameter
@@ -255,18 +276,26 @@ def prepare_backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=
     xp = kind_module(array_kind(x=x, dy=dy, gamma=gamma))
     if saved is None:
         raise ValueError("saved: expected the SavedStats of this step's distributed forward_training, got None")
-    run_mode, eps, channel_axis = resolve_backward_settings(x, saved, mode, eps, channel_axis)
+    empty = _is_empty_shard(x)
+    if empty:  # dy is checked against x itself, then both stand in as two samples of zeros
+        check_gradient(x, dy, x.dtype)
+    x_call, dy_call = (_with_second_sample(x, xp), _with_second_sample(dy, xp)) if empty else (x, dy)
+    run_mode, eps, channel_axis = resolve_backward_settings(x_call, saved, mode, eps, channel_axis)
     run_mode = Mode.SPATIAL if run_mode is Mode.SPATIAL_PERSISTENT else run_mode
     if run_mode is not saved.mode or saved.reserve_space is not None:
         saved = dataclasses.replace(saved, mode=run_mode, reserve_space=None)
-    layout = make_layout(x.shape, channel_axis, run_mode)
+    layout = make_layout(x.shape, channel_axis, run_mode, empty_batch=True)
     _check_parameters_match_x(layout, gamma=gamma)
-    x_call, dy_call = x, dy
-    if layout.count < 2 and tuple(dy.shape) == tuple(x.shape):
-        x_call, dy_call = _with_second_sample(x, xp), _with_second_sample(dy, xp, fill=0)
-    # cuDNN (or the reference) with the group's statistics: its dgamma and dbeta are this
-    # shard's sum(dy * x_hat) and sum(dy); its dx uses the shard's count and is discarded
-    _, local_dgamma, local_dbeta = _api.backward(x_call, dy_call, gamma, saved)
+    if empty:  # no values: the sums are zeros, after the checks a backward would run
+        check_backward(x_call, dy_call, gamma, saved, mode=run_mode, eps=eps, channel_axis=channel_axis,
+                       check_finite=False)
+        local_dgamma = local_dbeta = xp.zeros(layout.param_shape, param_dtype_for(x.dtype))
+    else:
+        if layout.count < 2 and tuple(dy.shape) == tuple(x.shape):
+            x_call, dy_call = _with_second_sample(x, xp), _with_second_sample(dy, xp, fill=0)
+        # cuDNN (or the reference) with the group's statistics: its dgamma and dbeta are this
+        # shard's sum(dy * x_hat) and sum(dy); its dx uses the shard's count and is discarded
+        _, local_dgamma, local_dbeta = _api.backward(x_call, dy_call, gamma, saved)
     exchange.offer(header(layout, x.dtype, eps), _slot(local_dbeta, local_dgamma, xp))
     return BackwardStep(x, dy, gamma, saved, layout, xp)
 
@@ -291,10 +320,13 @@ def finish_backward(exchange: Exchange, step: BackwardStep | None):
     def broadcast(array):
         return array.astype(compute_dtype).reshape(layout.broadcast_shape)
 
-    device_sums = [xp.asarray(broadcast(s)) for s in (sum_dy, sum_dy_x_hat)]
-    saved = step.saved
-    parameters = (broadcast(step.gamma), broadcast(saved.mean), broadcast(saved.inv_std))
-    dx = dx_function(step.x, step.dy, *parameters, *device_sums, float(agreement.total))
+    if layout.count == 0:  # an empty shard
+        dx = xp.empty(layout.shape, step.x.dtype)
+    else:
+        device_sums = [xp.asarray(broadcast(s)) for s in (sum_dy, sum_dy_x_hat)]
+        saved = step.saved
+        parameters = (broadcast(step.gamma), broadcast(saved.mean), broadcast(saved.inv_std))
+        dx = dx_function(step.x, step.dy, *parameters, *device_sums, float(agreement.total))
     return dx, xp.asarray(sum_dy_x_hat.astype(param_dtype)), xp.asarray(sum_dy.astype(param_dtype))
 
 
@@ -306,8 +338,9 @@ def backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, ch
     :func:`forward_training` returned for this step (the group's). ``group``: this rank's
     :class:`Communicator`.
 
-    dx (this shard's, x's shape and dtype) and dgamma, dbeta (parameter shape and dtype,
-    identical on every rank) equal single-process backward over the concatenated batch: dgamma
+    dx (this shard's, x's shape and dtype; empty for an empty shard) and dgamma, dbeta (parameter
+    shape and dtype, identical on every rank) equal single-process backward over the concatenated
+    batch: dgamma
     and dbeta are sums over the whole group's batch, so a training loop that averages gradients
     over ranks must leave them out of that average (docs/distributed.md).
 

@@ -6,9 +6,11 @@ import inspect
 
 from .. import reference
 from .._core.arrays import array_kind, kind_module
-from .._core.fused_saved import FusedSaved
-from .._core.policy import TRAINING
-from ..layer import BatchNorm, KeptForBackward
+from .._core.fused_saved import FusedSaved, check_residual
+from .._core.layout import policy_shape
+from .._core.policy import INFERENCE, TRAINING, choose_mode
+from .._core.validate import check_gradient, param_dtype_for
+from ..layer import BatchNorm, FixedStatistics, KeptForBackward
 from .calls import finish_backward, finish_forward, prepare_backward, prepare_forward
 from .communicators import group_position
 from .protocol import BACKWARD, FORWARD, Exchange, bind_arguments
@@ -39,12 +41,18 @@ def _activation_gradient(kept: KeptForBackward, dy):
     return grad
 
 
+def _empty_batch(x) -> bool:
+    """Whether x is an array with a batch axis of size 0 (other objects: the checks name them)."""
+    shape = getattr(x, "shape", None)
+    return isinstance(shape, tuple) and len(shape) >= 1 and shape[0] == 0
+
+
 class SyncBatchNorm(BatchNorm):
     """:class:`~cudnn_bn.BatchNorm` whose training-mode statistics and gradients span ``group``.
 
     Args:
         num_features, and every keyword of BatchNorm (mode, eps, momentum, affine,
-        track_running_stats, channel_axis, dtype, xp, activation).
+        track_running_stats, channel_axis, dtype, xp, activation, frozen).
         group: this rank's :class:`Communicator`; every rank builds its layer with the same
             settings and calls forward and backward in the same order.
 
@@ -55,9 +63,18 @@ class SyncBatchNorm(BatchNorm):
     (:class:`PeerFailedError` on the others) and leaves every layer as it was. Eval mode does
     not communicate: it normalizes with the running statistics, or with this rank's own batch
     when ``track_running_stats=False`` (as torch.nn.SyncBatchNorm does), so ranks need not
-    evaluate in step. ``grad_gamma`` and ``grad_beta`` are the group's sums, identical on every
-    rank. The layer cannot be pickled or copied (its group is a connection held by this
-    process): save :meth:`state_dict` and load it into a layer made with a group.
+    evaluate in step. A frozen layer (``frozen=True``, :meth:`freeze`) does not communicate
+    either: in every mode it normalizes with its running statistics and backpropagates through
+    them on this rank alone. ``grad_gamma`` and ``grad_beta`` are the group's sums, identical on
+    every rank, after a training step, and this rank's own after a step that did not communicate.
+
+    A rank's shard may be empty (``x.shape[0] == 0``, the last batch of an epoch): it takes part
+    in a training step with count 0 and gets an empty y and dx, the group's statistics and
+    gradients; where the layer does not communicate it gets an empty y and dx and zero
+    gradients. A group whose every shard is empty is refused on every rank.
+
+    The layer cannot be pickled or copied (its group is a connection held by this process): save
+    :meth:`state_dict` and load it into a layer made with a group.
     """
 
     def __init__(self, num_features, *, group, **options):
@@ -67,13 +84,14 @@ class SyncBatchNorm(BatchNorm):
 
     def forward(self, *arguments, **options):
         """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
-        if not self.training:
-            return super().forward(*_bound(_FORWARD, "forward", self, arguments, options))
+        if not self.training or self.frozen:  # no collective: this rank's own normalization
+            x, residual = _bound(_FORWARD, "forward", self, arguments, options)
+            return self._forward_empty_shard(x, residual) if _empty_batch(x) else super().forward(x, residual)
         counting = self.track_running_stats
         exchange, step = Exchange(self.group, FORWARD), None
         with exchange.guard():
             x, residual = _bound(_FORWARD, "forward", self, arguments, options)
-            self._check_forward_arguments(x, residual, TRAINING)
+            self._check_forward_arguments(x, residual, TRAINING, empty_batch=True)
             momentum = self._momentum_for_next_batch() if counting else 0.0
             step = prepare_forward(
                 exchange, x, self.gamma, self.beta, self.running_mean, self.running_var, mode=self.mode,
@@ -93,9 +111,10 @@ class SyncBatchNorm(BatchNorm):
         """dx for this rank's last forward input; sets ``grad_gamma`` and ``grad_beta`` (when
         affine) and, with an activation, ``grad_residual``."""
         kept = self._kept
-        if (kept is None and not self.training) or (kept is not None and kept.group is None):
-            # a single-process forward (or none, outside training)
-            return super().backward(*_bound(_BACKWARD, "backward", self, arguments, options))
+        if (kept is None and (self.frozen or not self.training)) or (kept is not None and kept.group is None):
+            # a forward that did not communicate (or none, where no forward would)
+            (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
+            return self._backward_empty_shard(dy) if kept is not None and _empty_batch(kept.x) else super().backward(dy)
         exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
         with exchange.guard():
             (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
@@ -115,6 +134,32 @@ class SyncBatchNorm(BatchNorm):
 
     backward.__signature__ = _BACKWARD
 
+    def _forward_empty_shard(self, x, residual):
+        """A forward that does not communicate, on a shard of no samples: an empty y, after the
+        checks a forward of samples would pass."""
+        operation = INFERENCE if self.track_running_stats else TRAINING
+        self._check_forward_arguments(x, residual, operation, empty_batch=True)
+        if self.activation is not None:
+            check_residual(x, residual)
+        y = self._xp.empty(x.shape, self.dtype)
+        mode, _ = choose_mode(self.mode, policy_shape(x.shape), self.channel_axis, operation)
+        fixed = FixedStatistics(self.running_mean, self.running_var, mode, self.eps, self.channel_axis,
+                                self.activation, residual is not None)
+        self._kept = KeptForBackward(x, fixed, None if self.activation is None else y)
+        return y
+
+    def _backward_empty_shard(self, dy):
+        """The backward of :meth:`_forward_empty_shard`: an empty dx, zero parameter gradients."""
+        kept = self._kept
+        self._kind_of("dy", dy)
+        check_gradient(kept.x, dy, self.dtype)
+        dx = self._xp.empty(kept.x.shape, self.dtype)
+        if self.affine:
+            zeros = None if self.parameters_frozen else self._xp.zeros(self.param_shape, param_dtype_for(self.dtype))
+            self.grad_gamma, self.grad_beta = zeros, None if zeros is None else zeros.copy()
+        self.grad_residual = self._xp.empty(kept.x.shape, self.dtype) if kept.saved.has_residual else None
+        return dx
+
     def __reduce_ex__(self, protocol):
         # pickle, copy and deepcopy all come here; a communicator is a connection to the other
         # ranks, held by this process, that no copy can share or carry elsewhere
@@ -125,4 +170,4 @@ class SyncBatchNorm(BatchNorm):
         )
 
     def __repr__(self) -> str:
-        return f"Sync{super().__repr__()[:-1]}, group={self.group!r})"
+        return self._repr_with("SyncBatchNorm", f", group={self.group!r}")

@@ -20,7 +20,8 @@ an all-gather whose sum is exact in any order (adding zeros), and every rank com
 itself, in rank order: the results are bit-identical on every rank on any engine.
 
 A rank's count may be 0 in the header: an empty shard, which adds nothing to the merge and the
-gradient sums, fits this layout as it is (the calls' own checks refuse it today).
+gradient sums and still sends its (zero) slot, so that the sizes stay those every rank expects. A
+group whose counts are all 0 is refused on every rank.
 """
 
 from __future__ import annotations
@@ -243,7 +244,8 @@ class Exchange:
 
     def agree(self) -> Agreement:
         """The header collective. Raises on every rank when any rank failed, when the ranks are
-        out of step or disagree, or when the group holds fewer than 2 values per statistic."""
+        out of step or disagree, when every shard is empty, or when a forward's group holds fewer
+        than 2 values per statistic."""
         if self.error is None and self._header is None:
             self.error = RuntimeError("the group call offered nothing before its header collective")
         row = self._header.copy() if self.error is None else _failure_header(self.error)
@@ -300,6 +302,12 @@ class Exchange:
             if len(set(values)) > 1:
                 raise GroupMismatchError(rank, f"the ranks disagree on {name}: {by_value(values)}")
         counts = headers[:, _COUNT]
+        if counts.sum() == 0:
+            raise ValueError(
+                f"rank {rank}: x: every rank's shard is empty, a total of 0 samples in the group (values per "
+                f"statistic: {by_value([int(c) for c in counts])}); {_CALL_NAMES[self.call]} needs samples on at "
+                f"least one rank"
+            )
         if self.call == FORWARD and counts.sum() < 2:
             raise ValueError(
                 f"rank {rank}: x: training needs at least 2 values per statistic across the group (the variance is "
