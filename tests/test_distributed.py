@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+import cudnn_bn
 from cudnn_bn import BatchNorm, Mode, fused, reference
 from cudnn_bn import distributed as dist
 from cudnn_bn._core.tolerances import assert_close
@@ -530,8 +531,8 @@ def test_a_timeout_past_what_threads_can_wait_is_refused_naming_it():
 
 
 def test_a_rank_with_no_values_adds_nothing_to_the_merge():
-    """The header carries a count per rank, and a rank with count 0 (an empty shard, which the
-    checks refuse today) leaves the merged statistics as they are."""
+    """The header carries a count per rank, and a rank with count 0 (an empty shard) leaves the
+    merged statistics as they are."""
     rng = np.random.default_rng(2)
     means, m2s = rng.standard_normal((2, 3)), rng.random((2, 3))
     counts = np.array([3.0, 5.0])
@@ -540,6 +541,114 @@ def test_a_rank_with_no_values_adds_nothing_to_the_merge():
     with_empty = calls._merge(np.array([3.0, 0.0, 5.0]), *empty_in_the_middle, 8)
     for actual, wanted in zip(with_empty, expected):
         np.testing.assert_array_equal(actual, wanted)
+
+
+# ---- empty shards: a rank with no samples takes part ----
+
+EMPTY_SIZES = [5, 0, 4]
+
+
+def _check_empty_rank(outputs, inputs, rank, dtype):
+    empty = outputs[rank]
+    assert empty["y"].shape == empty["dx"].shape == (0,) + tuple(inputs[0].shape[1:])
+    assert empty["y"].dtype == empty["dx"].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
+@pytest.mark.parametrize("mode", SYNC_MODES, ids=lambda m: m.name)
+def test_an_empty_shard_takes_part_and_every_rank_gets_the_reference(mode, ndim, channel_axis, dtype):
+    outputs, inputs = group_step(EMPTY_SIZES, shape_for(ndim, channel_axis, channels=3), mode, channel_axis, dtype)
+    check_against_reference(outputs, inputs, mode, channel_axis, dtype)  # rank 1's shared values included
+    _check_empty_rank(outputs, inputs, 1, dtype)
+
+
+@pytest.mark.parametrize("sizes", [[0, 3, 2], [3, 2, 0], [0, 0, 4, 0], [2, 0]], ids=str)
+def test_empty_shards_anywhere_in_the_group_and_next_to_a_one_sample_rank(sizes):
+    for mode, ndim, channel_axis in ((Mode.SPATIAL, 4, -1), (Mode.PER_ACTIVATION, 3, 1)):
+        outputs, inputs = group_step(sizes, shape_for(ndim, channel_axis, channels=3), mode, channel_axis,
+                                     np.float64, seed=len(sizes))
+        check_against_reference(outputs, inputs, mode, channel_axis, np.float64)
+        for rank in (r for r, size in enumerate(sizes) if size == 0):
+            _check_empty_rank(outputs, inputs, rank, np.float64)
+
+
+def test_a_group_of_empty_shards_is_refused_on_every_rank_naming_the_total_and_the_group_goes_on():
+    _, x, dy, gamma, beta = make_case((6, 3, 2, 2), "spatial", 1, np.float64)
+    running = [np.zeros(3), np.ones(3)]
+    _, saved = reference.forward_training(x, gamma, beta, mode="spatial")
+
+    def body(rank, group):
+        outcomes = []
+        for call in (lambda: dist.forward_training(x[:0], gamma, beta, *running, group=group, mode="spatial"),
+                     lambda: dist.backward(x[:0], dy[:0], gamma, saved, group=group)):
+            try:
+                call()
+            except ValueError as error:
+                outcomes.append(str(error))
+        y, _ = dist.forward_training(shards(x, [4, 2])[rank], gamma, beta, group=group, mode="spatial")
+        return outcomes, y.shape
+
+    for rank, (messages, shape) in enumerate(results(run_ranks(2, body))):
+        assert messages == [
+            f"rank {rank}: x: every rank's shard is empty, a total of 0 samples in the group (values per statistic: "
+            f"0 on ranks [0, 1]); {call} needs samples on at least one rank" for call in ("forward_training", "backward")
+        ]
+        assert shape == ((4, 3, 2, 2) if rank == 0 else (2, 3, 2, 2))
+    np.testing.assert_array_equal(running[0], 0.0)  # nothing changed
+
+
+def test_an_empty_shard_whose_input_is_refused_raises_its_reason_and_the_others_name_it():
+    _, x, dy, gamma, beta = make_case((6, 3, 2, 2), "spatial", 1, np.float64)
+
+    def body(rank, group):
+        shard = shards(x, [6, 0])[rank]
+        return dist.forward_training(shard.astype(np.int32) if rank == 1 else shard, gamma, beta, group=group)
+
+    outcomes = run_ranks(2, body)
+    assert type(outcomes[1]) is TypeError and "rank 1: x: expected dtype float16, float32 or float64" in str(outcomes[1])
+    assert isinstance(outcomes[0], dist.PeerFailedError) and "rank 1 refused its x (TypeError)" in str(outcomes[0])
+
+    def wrong_dy(rank, group):
+        _, saved = dist.forward_training(shards(x, [6, 0])[rank], gamma, beta, group=group)
+        return dist.backward(shards(x, [6, 0])[rank], dy[:1] if rank == 1 else dy, gamma, saved, group=group)
+
+    outcomes = run_ranks(2, wrong_dy)
+    assert type(outcomes[1]) is ValueError and "rank 1: dy: expected x's shape (0, 3, 2, 2), got (1, 3, 2, 2)" in str(outcomes[1])
+    assert isinstance(outcomes[0], dist.PeerFailedError)
+
+
+def test_an_empty_shards_local_moments_are_zeros_not_nan():
+    from cudnn_bn._core.layout import make_layout
+
+    layout = make_layout((0, 3, 2), 1, Mode.SPATIAL, empty_batch=True)
+    with np.errstate(all="raise"):  # a mean of no values would warn and give NaN
+        mean, m2 = calls._local_moments(np.zeros((0, 3, 2)), layout, np)
+    np.testing.assert_array_equal(mean, np.zeros(3))
+    np.testing.assert_array_equal(m2, np.zeros(3))
+
+
+@pytest.mark.parametrize("call", ["forward_training", "forward_inference", "backward", "backward_inference",
+                                  "fused.forward_training", "layer"])
+def test_a_single_process_call_on_an_empty_batch_is_refused_saying_why(call):
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), "spatial", 1, np.float32)
+    empty, mean, var = x[:0], np.zeros(3, np.float32), np.ones(3, np.float32)
+    _, saved = reference.forward_training(x, gamma, beta, mode="spatial")
+    calls_by_name = {
+        "forward_training": lambda: cudnn_bn.forward_training(empty, gamma, beta),
+        "forward_inference": lambda: cudnn_bn.forward_inference(empty, gamma, beta, mean, var),
+        "backward": lambda: cudnn_bn.backward(empty, dy[:0], gamma, saved),
+        "backward_inference": lambda: cudnn_bn.backward_inference(empty, dy[:0], gamma, mean, var),
+        "fused.forward_training": lambda: fused.forward_training(empty, gamma, beta),
+        "layer": lambda: BatchNorm(3)(empty),
+    }
+    with pytest.raises(ValueError) as raised:
+        calls_by_name[call]()
+    assert str(raised.value) == (
+        "x: expected every dimension to be at least 1, got shape (0, 3, 2, 2) (an empty batch: cuDNN describes no "
+        "empty tensor and a batch of no samples has no statistics; in synchronized batch norm, cudnn_bn.distributed "
+        "takes a rank's empty shard)"
+    )
 
 
 def test_mpi_group_without_mpi4py_says_what_to_install(monkeypatch):
@@ -623,6 +732,30 @@ def test_simulated_gpu_sync_batch_norm_with_relu_and_a_residual(gpu):
     assert_close(np.concatenate([o[2] for o in outcomes]), dx, np.float32, scale=10)
     np.testing.assert_array_equal(np.concatenate([o[3] for o in outcomes]), single.grad_residual)
     assert_close(outcomes[1][4], single.grad_gamma, np.float32, scale=10)
+
+
+@pytest.mark.parametrize("mode,ndim,channel_axis", [(Mode.SPATIAL, 4, -1), (Mode.PER_ACTIVATION, 2, 1)])
+def test_simulated_gpu_with_an_empty_shard_matches_the_reference_with_no_native_call_on_it(gpu, mode, ndim,
+                                                                                          channel_axis):
+    outputs, inputs = group_step(EMPTY_SIZES, shape_for(ndim, channel_axis, channels=4), mode, channel_axis,
+                                 np.float32, device=_device)
+    check_against_reference(outputs, inputs, mode, channel_axis, np.float32)
+    assert all(isinstance(outputs[1][name], FakeArray) for name in ("y", "dx", "dgamma", "dbeta"))
+    _check_empty_rank(outputs, inputs, 1, np.float32)
+    assert gpu.calls.count("cudnnBatchNormalizationForwardInference") == 2  # the two ranks that hold samples
+    assert gpu.calls.count("cudnnBatchNormalizationBackward") == 2
+
+
+def test_simulated_gpu_an_empty_shard_waits_for_the_device_no_more_than_a_shard_of_one_sample(gpu, monkeypatch):
+    from test_backward_inference import host_sync_counter
+
+    syncs = host_sync_counter(gpu, monkeypatch)
+    counts = {}
+    for sizes in ([5, 1, 4], [5, 0, 4]):
+        before = syncs()
+        group_step(sizes, (10, 3, 2, 2), Mode.SPATIAL, 1, np.float32, device=_device)
+        counts[str(sizes)] = syncs() - before
+    assert 0 < counts["[5, 0, 4]"] <= counts["[5, 1, 4]"], counts
 
 
 class StandInBackend:

@@ -274,3 +274,167 @@ def test_a_sync_layer_refuses_to_be_pickled_or_copied_naming_its_group():
                                             r"\(LocalCommunicator\(rank=0, world_size=2, timeout=60\)\) .*"
                                             r"state_dict\(\)"):
             copying(layer)
+
+
+# ---- empty shards and frozen layers ----
+
+def _relu_steps(seed, shape, count=2):
+    rng = np.random.default_rng(seed)
+    return [tuple(2.0 + 3.0 * rng.standard_normal(shape) for _ in range(3)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_sync_batch_norm_with_an_empty_shard_trains_like_batch_norm_on_the_concatenated_batch(activation):
+    sizes = [5, 0, 4]
+    steps = _relu_steps(6, (9, 4, 3, 2))
+    single = BatchNorm(4, mode="spatial", momentum=None, dtype=np.float64, activation=activation)
+    expected = []
+    for x, dy, residual in steps:
+        residual = residual if activation else None
+        y = single(x, residual)
+        expected.append((y, single.backward(dy), single.grad_gamma.copy(), single.grad_beta.copy(), single.grad_residual))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, mode="spatial", momentum=None, dtype=np.float64,
+                                   activation=activation)
+        outputs = []
+        for x, dy, residual in steps:
+            part = layer(shards(x, sizes)[rank], shards(residual, sizes)[rank] if activation else None)
+            grad = layer.backward(shards(dy, sizes)[rank])
+            outputs.append((part, grad, layer.grad_gamma, layer.grad_beta, layer.grad_residual))
+        return layer, outputs
+
+    outcomes = results(run_ranks(3, body))
+    for step, (y, dx, grad_gamma, grad_beta, grad_residual) in enumerate(expected):
+        close(np.concatenate([o[1][step][0] for o in outcomes]), y, np.float64, what="y")
+        close(np.concatenate([o[1][step][1] for o in outcomes]), dx, np.float64, what="dx")
+        if activation:
+            close(np.concatenate([o[1][step][4] for o in outcomes]), grad_residual, np.float64, what="grad_residual")
+        for _, outputs in outcomes:
+            close(outputs[step][2], grad_gamma, np.float64, what="grad_gamma", scale=50)
+            close(outputs[step][3], grad_beta, np.float64, what="grad_beta", scale=50)
+    empty_layer, empty_outputs = outcomes[1]
+    assert all(output[0].shape == output[1].shape == (0, 4, 3, 2) for output in empty_outputs)
+    for layer, _ in outcomes:
+        assert layer.num_batches_tracked == 2
+        np.testing.assert_array_equal(layer.running_var, outcomes[0][0].running_var)  # the same bits on every rank
+        close(layer.running_var, single.running_var, np.float64, what="running_var")
+
+
+def test_sync_batch_norm_with_an_empty_shard_on_the_simulated_gpu(monkeypatch, cudnn_library):
+    import sys
+
+    from fake_cudnn import FakeArray, simulated_gpu
+
+    from cudnn_bn.distributed import calls
+
+    sizes = [3, 0, 2]
+    (x, dy, _), = _relu_steps(7, (5, 4, 2, 2), count=1)
+    x, dy = x.astype(np.float32), dy.astype(np.float32)
+    single = BatchNorm(4, mode="spatial")
+    y, dx = single(x), single.backward(dy)
+    with simulated_gpu(monkeypatch):
+        cupy = sys.modules["cupy"]
+        monkeypatch.setattr(cupy, "fuse", lambda kernel_name=None: (lambda function: function), raising=False)
+        calls._fused_dx.cache_clear()
+
+        def body(rank, group):
+            layer = dist.SyncBatchNorm(4, group=group, mode="spatial", xp=cupy)
+            part = layer(cupy.asarray(shards(x, sizes)[rank]))
+            grad = layer.backward(cupy.asarray(shards(dy, sizes)[rank]))
+            assert isinstance(grad, FakeArray) and isinstance(layer.grad_gamma, FakeArray)
+            cupy.cuda.get_current_stream().synchronize()
+            return part.get(), grad.get(), layer.grad_gamma.get(), layer.running_var.get()
+
+        outcomes = results(run_ranks(3, body))
+        calls._fused_dx.cache_clear()
+    close(np.concatenate([o[0] for o in outcomes]), y, np.float32, what="y", scale=4)
+    close(np.concatenate([o[1] for o in outcomes]), dx, np.float32, what="dx", scale=10)
+    assert outcomes[1][0].shape == outcomes[1][1].shape == (0, 4, 2, 2)
+    for part in outcomes:
+        close(part[2], single.grad_gamma, np.float32, what="grad_gamma", scale=20)
+        close(part[3], single.running_var, np.float32, what="running_var")
+
+
+def test_a_group_of_empty_shards_is_refused_by_every_layer_which_stays_as_it_was():
+    x = np.zeros((0, 3, 2))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float64)
+        try:
+            layer(x)
+        except ValueError as error:
+            return str(error), layer.num_batches_tracked, layer._kept, layer.running_var.copy()
+        return None
+
+    for rank, (message, count, kept, running_var) in enumerate(results(run_ranks(2, body))):
+        assert message.startswith(f"rank {rank}: x: every rank's shard is empty, a total of 0 samples in the group")
+        assert count == 0 and kept is None
+        np.testing.assert_array_equal(running_var, np.ones(3))
+
+
+class _CountingGroup:
+    """A rank's communicator that counts the collectives it is asked for."""
+
+    def __init__(self, inner):
+        self.inner, self.collectives = inner, 0
+
+    rank = property(lambda self: self.inner.rank)
+    world_size = property(lambda self: self.inner.world_size)
+
+    def allreduce_sum(self, buffer):
+        self.collectives += 1
+        return self.inner.allreduce_sum(buffer)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_frozen_sync_layer_normalizes_locally_with_its_running_statistics_and_never_communicates(activation):
+    group = _CountingGroup(dist.local_group(2, timeout=0.2)[0])  # rank 1 never calls: a collective would time out
+    layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float64, activation=activation, frozen=True)
+    single = BatchNorm(3, mode="spatial", dtype=np.float64, activation=activation, frozen=True)
+    for target in (layer, single):
+        target.running_mean[...], target.running_var[...] = [0.5, -1.0, 2.0], [1.5, 0.25, 4.0]
+    for x, dy, residual in _relu_steps(8, (4, 3, 2)):
+        residual = residual if activation else None
+        np.testing.assert_array_equal(layer(x, residual), single(x, residual))
+        np.testing.assert_array_equal(layer.backward(dy), single.backward(dy))
+        np.testing.assert_array_equal(layer.grad_gamma, single.grad_gamma)
+        assert layer.training and layer._kept.group is None
+    assert group.collectives == 0 and layer.num_batches_tracked == 0
+    np.testing.assert_array_equal(layer.running_mean, [0.5, -1.0, 2.0])
+    layer.freeze(parameters=True)
+    layer(x)
+    layer.backward(dy)
+    assert layer.grad_gamma is None and group.collectives == 0
+    with pytest.raises(RuntimeError, match=r"^BatchNorm\.backward: needs the input and statistics"):
+        dist.SyncBatchNorm(3, group=group, frozen=True).backward(dy)  # refused on this rank alone: no collective
+    assert "frozen=True" in repr(dist.SyncBatchNorm(3, group=group, frozen=True))
+    assert repr(layer).endswith(f", group={group!r}).freeze(parameters=True)")
+
+
+@pytest.mark.parametrize("state", ["frozen", "eval", "frozen parameters", "eval without running statistics"])
+def test_a_sync_layer_that_does_not_communicate_gives_an_empty_shard_empty_results(state):
+    group = _CountingGroup(dist.local_group(2, timeout=0.2)[0])
+    options = dict(track_running_stats=False) if "without" in state else {}
+    layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, activation="relu", **options)
+    if state.startswith("frozen"):
+        layer.freeze(parameters=state == "frozen parameters")
+    else:
+        layer.eval()
+    x = np.zeros((0, 3, 4), np.float32)
+    y = layer(x, np.zeros_like(x))
+    dx = layer.backward(np.zeros_like(x))
+    assert y.shape == dx.shape == layer.grad_residual.shape == x.shape and y.dtype == dx.dtype == np.float32
+    if state == "frozen parameters":
+        assert layer.grad_gamma is None and layer.grad_beta is None
+    else:
+        np.testing.assert_array_equal(layer.grad_gamma, np.zeros(3, np.float32))
+        np.testing.assert_array_equal(layer.grad_beta, np.zeros(3, np.float32))
+        assert layer.grad_gamma is not layer.grad_beta
+    assert group.collectives == 0 and layer.num_batches_tracked == 0
+    with pytest.raises(ValueError, match=r"^dy: expected x's shape \(0, 3, 4\), got \(1, 3, 4\)"):
+        layer.backward(np.zeros((1, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="^x: expected 3 channels"):
+        layer(np.zeros((0, 2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"^residual: expected x's shape"):
+        layer(x, np.zeros((1, 3, 4), np.float32))
