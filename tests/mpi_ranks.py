@@ -10,9 +10,10 @@ on, so that every rank still makes the same group calls.
 
 Scenarios: ``reference`` (every rank's results against the reference on the concatenated batch),
 ``layer`` (SyncBatchNorm against BatchNorm on the whole batch), ``faults`` (refused inputs, ranks
-that disagree or are out of step, and the next step after each), ``communicator`` (the
-MpiCommunicator itself), ``device`` (cupy arrays on the simulated GPU, staged and direct), and
-``dies`` (the last rank ends its process in the middle of a step).
+that disagree or are out of step, and the next step after each), ``empty`` (a rank whose shard
+has no samples, in the group calls and the layer; a group of empty shards), ``communicator`` (the
+MpiCommunicator itself), ``device`` (cupy arrays on the simulated GPU, staged and direct, with an
+empty rank too), and ``dies`` (the last rank ends its process in the middle of a step).
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class Report:
 def _sizes(world_size: int) -> list[int]:
     """Uneven shards; rank 1 holds one sample."""
     return [2, 1, 3, 2, 4, 1][:world_size]
+
+
+def _sizes_with_an_empty_rank(world_size: int) -> list[int]:
+    """Uneven shards; the last rank holds none (and with 3 ranks or more, rank 1 holds one sample)."""
+    return [3, 1, 4, 2][: world_size - 1] + [0]
 
 
 def _group_step(group, sizes, shape, mode, channel_axis, dtype, *, seed, device=lambda a: a, momentum=0.3):
@@ -249,6 +255,49 @@ def faults(group, report: Report) -> None:
                 _group_step(wrapped, sizes, (1, 3, 2), Mode.SPATIAL, 1, np.float32, seed=4), np.float32, Mode.SPATIAL)
 
 
+def empty(group, report: Report) -> None:
+    rank, world_size = group.rank, group.world_size
+    sizes = _sizes_with_an_empty_rank(world_size)
+    cases = [(Mode.SPATIAL, 4, 1, np.float64), (Mode.SPATIAL, 4, -1, np.float32), (Mode.PER_ACTIVATION, 2, 1, np.float64),
+             (Mode.PER_ACTIVATION, 3, -1, np.float32)]
+    for seed, (mode, ndim, channel_axis, dtype) in enumerate(cases):
+        label = f"sizes {sizes}: {mode.name} ndim={ndim} channel_axis={channel_axis} {np.dtype(dtype).name}"
+        step = _group_step(group, sizes, shape_for(ndim, channel_axis, channels=3), mode, channel_axis, dtype,
+                           seed=seed)
+        _check_step(report, label, step, dtype, mode)
+        if rank == world_size - 1:
+            with report.check(f"{label}: the empty rank's y and dx"):
+                output = step[0]
+                assert output["y"].shape[0] == output["dx"].shape[0] == 0 and output["dx"].dtype == dtype
+
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    for options in (dict(momentum=None), dict(momentum=0.2, activation="relu")):
+        name = ", ".join(f"{key}={value}" for key, value in options.items())
+        synced = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, **options)
+        single = BatchNorm(4, mode="spatial", dtype=np.float64, **options)
+        with_residual = "activation" in options
+        for step, (x, dy, residual) in enumerate(_batches(2, (sum(sizes), 4, 3, 2), seed=7)):
+            residual = residual if with_residual else None
+            y_part = synced(shards(x, sizes)[rank], None if residual is None else shards(residual, sizes)[rank])
+            dx_part = synced.backward(shards(dy, sizes)[rank])
+            y, dx = single(x, residual), single.backward(dy)
+            with report.check(f"layer, sizes {sizes}, {name}: step {step}"):
+                close(y_part, y[rows], np.float64, what="y")
+                close(dx_part, dx[rows], np.float64, what="dx")
+                close(synced.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=50)
+                close(synced.running_var, single.running_var, np.float64, what="running_var")
+                assert synced.num_batches_tracked == step + 1
+        report.entry["digests"][f"layer, {name}"] = digest(
+            dict(g=synced.grad_gamma, b=synced.grad_beta, m=synced.running_mean, v=synced.running_var), ("g", "b", "m", "v"))
+
+    _, x, _, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float32)
+    report.expect_error("every shard empty", lambda: dist.forward_training(x[:0], gamma, beta, group=group),
+                        ValueError, f"x: every rank's shard is empty, a total of 0 samples in the group (values per "
+                                    f"statistic: 0 on ranks {list(range(world_size))})")
+    _check_step(report, "the step after a group of empty shards",
+                _group_step(group, sizes, (1, 3, 2), Mode.SPATIAL, 1, np.float32, seed=9), np.float32, Mode.SPATIAL)
+
+
 class Rewrapped:
     """A new object over a rank's communicator, as a program that re-creates its communicator on one rank makes."""
 
@@ -375,10 +424,15 @@ def device(group, report: Report) -> None:
                 step = _group_step(communicator, sizes, shape_for(ndim, channel_axis, channels=3), mode, channel_axis,
                                    np.float32, seed=ndim, device=on_device)
                 _check_step(report, label, step, np.float32, mode)
+            with_empty = _sizes_with_an_empty_rank(group.world_size)
+            step = _group_step(communicator, with_empty, (1, 3, 2, 2), Mode.SPATIAL, 1, np.float32, seed=7,
+                               device=on_device)
+            _check_step(report, f"cuda_aware={cuda_aware}: sizes {with_empty}", step, np.float32, Mode.SPATIAL)
             communicator.close()
-        with report.check("cuDNN ran every rank's normalization and local sums"):
-            assert simulator.calls.count("cudnnBatchNormalizationForwardInference") == 4
-            assert simulator.calls.count("cudnnBatchNormalizationBackward") == 4
+        with report.check("cuDNN ran the normalization and local sums of every rank that holds samples"):
+            holds_samples = int(_sizes_with_an_empty_rank(group.world_size)[group.rank] > 0)
+            assert simulator.calls.count("cudnnBatchNormalizationForwardInference") == 4 + 2 * holds_samples
+            assert simulator.calls.count("cudnnBatchNormalizationBackward") == 4 + 2 * holds_samples
 
 
 def dies(group, report: Report) -> None:
@@ -396,7 +450,8 @@ def dies(group, report: Report) -> None:
     report.entry["digests"]["after"] = "a collective returned without the dead rank"
 
 
-SCENARIOS = dict(reference=reference, layer=layer, faults=faults, communicator=communicator, device=device, dies=dies)
+SCENARIOS = dict(reference=reference, layer=layer, faults=faults, empty=empty, communicator=communicator, device=device,
+                 dies=dies)
 
 
 def main(folder: str, names: list[str]) -> None:
