@@ -355,8 +355,8 @@ class BatchNorm:
         infer = _api.forward_inference if self.activation is None else fused.forward_inference
         y = infer(x, self._gamma, self._beta, self.running_mean, self.running_var, **common)
         mode, _ = choose_mode(self.mode, x.shape, self.channel_axis, INFERENCE)
-        fixed = FixedStatistics(self.running_mean, self.running_var, mode, self.eps, self.channel_axis, self.activation,
-                                residual is not None)
+        fixed = FixedStatistics(self.running_mean, self.running_var, mode, self.eps, self.channel_axis,
+                                self.activation, residual is not None)
         self._kept = KeptForBackward(x, fixed, None if self.activation is None else y)
         return y
 
@@ -378,7 +378,8 @@ class BatchNorm:
         if isinstance(saved, FixedStatistics):
             common = dict(mode=saved.mode, eps=saved.eps, channel_axis=saved.channel_axis)
             if saved.activation is None:
-                (dx, dgamma, dbeta), dresidual = _api.backward_inference(x, dy, self._gamma, saved.mean, saved.var, **common), None
+                dx, dgamma, dbeta = _api.backward_inference(x, dy, self._gamma, saved.mean, saved.var, **common)
+                dresidual = None
             else:
                 dx, dresidual, dgamma, dbeta = fused.backward_inference(
                     x, y, dy, self._gamma, saved.mean, saved.var, activation=saved.activation, **common

@@ -148,7 +148,8 @@ def _bad_cases():
         ("x 1-D", dict(x=lambda a: a[0, 0, 0]), ValueError, "x: expected 2 to 5 dims"),
         ("an empty batch", dict(x=lambda a: a[:0], dy=lambda a: a[:0]), ValueError,
          "x: expected every dimension to be at least 1, got shape (0, 3, 3, 2) (an empty batch"),
-        ("dy float32", dict(dy=lambda a: a.astype(np.float32)), TypeError, "dy: expected x's dtype float64, got float32"),
+        ("dy float32", dict(dy=lambda a: a.astype(np.float32)), TypeError,
+         "dy: expected x's dtype float64, got float32"),
         ("dy shape", dict(dy=lambda a: a[:2]), ValueError, "dy: expected x's shape (4, 3, 3, 2), got (2, 3, 3, 2)"),
         ("gamma shape", dict(gamma=lambda a: a[:2]), ValueError, "gamma: expected shape (3,), got (2,)"),
         ("mean int", dict(mean=lambda a: a.astype(np.int64)), TypeError, "mean: expected a floating dtype, got int64"),
@@ -217,7 +218,8 @@ def test_fused_gradients_match_finite_differences_away_from_the_kink(mode, ndim,
     assert np.abs(pre).min() > 1e3 * step and (pre > 0).any() and (pre < 0).any()  # differences never cross 0
 
     def loss():
-        out = fused.forward_inference(x, gamma, beta, mean, var, residual=residual, mode=mode, channel_axis=channel_axis)
+        out = fused.forward_inference(x, gamma, beta, mean, var, residual=residual, mode=mode,
+                                      channel_axis=channel_axis)
         return float(np.sum(dy * out))
 
     dx, dresidual, dgamma, dbeta = fused.backward_inference(x, y, dy, gamma, mean, var, mode=mode,
@@ -268,7 +270,9 @@ def _torch_gradients(x, dy, gamma, mean, var, layout, *, residual=None, relu=Fal
         back = lambda a: np.moveaxis(a, 1, -1)  # noqa: E731
     else:
         to_torch = back = lambda a: a  # noqa: E731
-    tensor = lambda a, grad=True: torch.tensor(np.ascontiguousarray(a), dtype=torch.float64, requires_grad=grad)  # noqa: E731
+    def tensor(array, grad=True):
+        return torch.tensor(np.ascontiguousarray(array), dtype=torch.float64, requires_grad=grad)
+
     xt, gt, bt = tensor(to_torch(x)), tensor(gamma.reshape(-1)), tensor(np.zeros(gamma.size))
     out = functional.batch_norm(xt, tensor(mean.reshape(-1), False), tensor(var.reshape(-1), False), gt, bt,
                                 training=False, eps=EPS)
@@ -279,7 +283,8 @@ def _torch_gradients(x, dy, gamma, mean, var, layout, *, residual=None, relu=Fal
     if relu:
         out = functional.relu(out)
     out.backward(tensor(to_torch(dy), False))
-    grads = [back(xt.grad.numpy()), gt.grad.numpy().reshape(layout.param_shape), bt.grad.numpy().reshape(layout.param_shape)]
+    as_param = lambda t: t.grad.numpy().reshape(layout.param_shape)  # noqa: E731
+    grads = [back(xt.grad.numpy()), as_param(gt), as_param(bt)]
     return grads + ([back(rt.grad.numpy())] if rt is not None else [])
 
 
@@ -308,15 +313,16 @@ def test_matches_torch_autograd_through_eval_mode_batch_norm(where, mode, ndim, 
         np.testing.assert_allclose(host(a), b, rtol=1e-12, atol=1e-13, err_msg=name)
 
 
-@pytest.mark.parametrize("mode,ndim,channel_axis", [(Mode.SPATIAL, 4, 1), (Mode.SPATIAL, 5, -1), (Mode.PER_ACTIVATION, 2, 1)])
+@pytest.mark.parametrize("mode,ndim,channel_axis",
+                         [(Mode.SPATIAL, 4, 1), (Mode.SPATIAL, 5, -1), (Mode.PER_ACTIVATION, 2, 1)])
 def test_fused_matches_torch_autograd_through_batch_norm_add_relu(where, mode, ndim, channel_axis):
     layout, x, y, dy, gamma, beta, mean, var, residual = _fused_case(mode, ndim, channel_axis, seed=9)
     if beta.any():  # torch's reference here runs with beta = 0
         beta = np.zeros_like(beta)
         y = fused.forward_inference(x, gamma, beta, mean, var, residual=residual, mode=mode, channel_axis=channel_axis)
     expected = _torch_gradients(x, dy, gamma, mean, var, layout, residual=residual, relu=True)
-    dx, dresidual, dgamma, dbeta = fused.backward_inference(*(where(a) for a in (x, y, dy, gamma, mean, var)), mode=mode,
-                                                            eps=EPS, channel_axis=channel_axis)
+    dx, dresidual, dgamma, dbeta = fused.backward_inference(*(where(a) for a in (x, y, dy, gamma, mean, var)),
+                                                            mode=mode, eps=EPS, channel_axis=channel_axis)
     for name, a, b in zip(("dx", "dgamma", "dbeta", "dresidual"), (dx, dgamma, dbeta, dresidual), expected):
         np.testing.assert_allclose(host(a), b, rtol=1e-12, atol=1e-13, err_msg=name)
 
@@ -350,7 +356,8 @@ def test_simulated_gpu_keeps_float32_accuracy_with_a_large_offset(fresh_simulate
     expected = reference.backward_inference(x.astype(np.float64), dy.astype(np.float64), gamma, mean, var)[1]
     inv_std = 1.0 / np.sqrt(var.astype(np.float64) + EPS)
     rounded_mean = mean.astype(np.float32).astype(np.float64)
-    one_part = (dy.astype(np.float64) * (x - rounded_mean.reshape(layout.broadcast_shape))).sum(axis=(0, 2, 3)) * inv_std
+    centered = x - rounded_mean.reshape(layout.broadcast_shape)
+    one_part = (dy.astype(np.float64) * centered).sum(axis=(0, 2, 3)) * inv_std
     bar = 1e-5 * np.abs(expected).max()
     assert np.abs(got - expected).max() < bar < np.abs(one_part - expected).max()
 
@@ -390,7 +397,7 @@ def test_simulated_gpu_refuses_arrays_on_two_devices(monkeypatch, cudnn_library)
         with cupy.cuda.Device(1):
             (var_on_one,) = _device(var)
         assert var_on_one.device.id == 1
-        with pytest.raises(ValueError, match="arrays on different devices: expected one device, got .*var on device 1"):
+        with pytest.raises(ValueError, match="^arrays on different devices: .*var on device 1"):
             cudnn_bn.backward_inference(*on_zero, var_on_one)
 
 

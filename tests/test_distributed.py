@@ -592,7 +592,8 @@ def test_a_group_of_empty_shards_is_refused_on_every_rank_naming_the_total_and_t
     for rank, (messages, shape) in enumerate(results(run_ranks(2, body))):
         assert messages == [
             f"rank {rank}: x: every rank's shard is empty, a total of 0 samples in the group (values per statistic: "
-            f"0 on ranks [0, 1]); {call} needs samples on at least one rank" for call in ("forward_training", "backward")
+            f"0 on ranks [0, 1]); {call} needs samples on at least one rank"
+            for call in ("forward_training", "backward")
         ]
         assert shape == ((4, 3, 2, 2) if rank == 0 else (2, 3, 2, 2))
     np.testing.assert_array_equal(running[0], 0.0)  # nothing changed
@@ -606,7 +607,8 @@ def test_an_empty_shard_whose_input_is_refused_raises_its_reason_and_the_others_
         return dist.forward_training(shard.astype(np.int32) if rank == 1 else shard, gamma, beta, group=group)
 
     outcomes = run_ranks(2, body)
-    assert type(outcomes[1]) is TypeError and "rank 1: x: expected dtype float16, float32 or float64" in str(outcomes[1])
+    assert type(outcomes[1]) is TypeError
+    assert "rank 1: x: expected dtype float16, float32 or float64" in str(outcomes[1])
     assert isinstance(outcomes[0], dist.PeerFailedError) and "rank 1 refused its x (TypeError)" in str(outcomes[0])
 
     def wrong_dy(rank, group):
@@ -614,7 +616,8 @@ def test_an_empty_shard_whose_input_is_refused_raises_its_reason_and_the_others_
         return dist.backward(shards(x, [6, 0])[rank], dy[:1] if rank == 1 else dy, gamma, saved, group=group)
 
     outcomes = run_ranks(2, wrong_dy)
-    assert type(outcomes[1]) is ValueError and "rank 1: dy: expected x's shape (0, 3, 2, 2), got (1, 3, 2, 2)" in str(outcomes[1])
+    assert type(outcomes[1]) is ValueError
+    assert "rank 1: dy: expected x's shape (0, 3, 2, 2), got (1, 3, 2, 2)" in str(outcomes[1])
     assert isinstance(outcomes[0], dist.PeerFailedError)
 
 

@@ -292,7 +292,8 @@ def test_sync_batch_norm_with_an_empty_shard_trains_like_batch_norm_on_the_conca
     for x, dy, residual in steps:
         residual = residual if activation else None
         y = single(x, residual)
-        expected.append((y, single.backward(dy), single.grad_gamma.copy(), single.grad_beta.copy(), single.grad_residual))
+        dx = single.backward(dy)
+        expected.append((y, dx, single.grad_gamma.copy(), single.grad_beta.copy(), single.grad_residual))
 
     def body(rank, group):
         layer = dist.SyncBatchNorm(4, group=group, mode="spatial", momentum=None, dtype=np.float64,

@@ -103,7 +103,8 @@ class _InterpretedKernel:
         if self.reduction is not None:
             (_, output), = self.outputs
             types.setdefault(self.outputs[0][0], types["P"])
-            mapped = eval(_python(self.reduction, types), {}, {**self._run("", dict(names), types), **names})  # noqa: S307
+            scope = {**self._run("", dict(names), types), **names}  # the casts, and the inputs
+            mapped = eval(_python(self.reduction, types), {}, scope)  # noqa: S307
             names["a"] = np.add.reduce(np.asarray(mapped), axis=axis, dtype=types[self.outputs[0][0]])
             return cupy.asarray(self._run(self.body, names, types)[output])
         names = self._run(self.body, names, types)
@@ -237,8 +238,9 @@ def _generated_sources():
 
     def reduction(spec, in_dtypes, out_dtype):
         made = cupy.ReductionKernel(*spec, "k")
-        _, _, types = reduction_module._decide_params_type(made.in_params, made.out_params,
-                                                           tuple(np.dtype(d) for d in in_dtypes), (np.dtype(out_dtype),))
+        in_dtypes = tuple(np.dtype(d) for d in in_dtypes)
+        _, _, types = reduction_module._decide_params_type(made.in_params, made.out_params, in_dtypes,
+                                                           (np.dtype(out_dtype),))
         infos = tuple(array(d, 4) for d in in_dtypes) + (array(out_dtype, 1), indexer(4), indexer(1), scalar("i4"))
         input_expr = "\n".join(f"const {p.ctype} {p.name} = _raw_{p.name}[_in_ind.get()];" for p in made.in_params)
         output_expr = "\n".join(f"{p.ctype} &{p.name} = _raw_{p.name}[_out_ind.get()];" for p in made.out_params)
@@ -255,7 +257,8 @@ def _generated_sources():
     for gamma, mean, var in [(d, d, d) for d in floats] + [("float32", "float64", "float16")]:
         for param in ("float32", "float64"):
             inputs = [("array", gamma), ("array", mean), ("array", var), ("scalar", "float64")]
-            yield f"parameters {gamma} {mean} {var} -> {param}", elementwise(frozen._PER_STATISTIC, inputs, [param] * 4, 1)
+            label = f"parameters {gamma} {mean} {var} -> {param}"
+            yield label, elementwise(frozen._PER_STATISTIC, inputs, [param] * 4, 1)
 
 
 def test_the_cuda_source_of_every_kernel_compiles(request):

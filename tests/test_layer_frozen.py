@@ -256,7 +256,6 @@ def test_the_modes_resolved_at_forward_are_what_backward_runs_with():
     layer(x)
     layer.mode = "spatial"  # a change after forward does not change what backward computes
     assert layer._kept.saved.mode is Mode.PER_ACTIVATION
-    np.testing.assert_array_equal(
-        layer.backward(dy),
-        cudnn_bn.backward_inference(x, dy, layer.gamma, layer.running_mean, layer.running_var, mode="per_activation")[0],
-    )
+    expected = cudnn_bn.backward_inference(x, dy, layer.gamma, layer.running_mean, layer.running_var,
+                                           mode="per_activation")
+    np.testing.assert_array_equal(layer.backward(dy), expected[0])

@@ -199,7 +199,8 @@ def test_messages_name_the_argument_and_the_type_given():
         layer.load_state_dict([("weight", 1)])
     with pytest.raises(TypeError, match=r"state\['weight'\]: expected an array of real numbers, got list"):
         layer.load_state_dict({"weight": [[1.0, 2.0], [3.0]]}, strict=False)
-    with pytest.raises(RuntimeError, match=r"^BatchNorm\.backward: needs the input and statistics of a forward\(\); call forward\(\) first$"):
+    message = r"^BatchNorm\.backward: needs the input and statistics of a forward\(\); call forward\(\) first$"
+    with pytest.raises(RuntimeError, match=message):
         layer.backward(np.zeros((2, 2), np.float32))
 
 

@@ -39,12 +39,14 @@ __all__ = ["backward_inference", "fused_backward_inference"]
 _PER_STATISTIC = (
     "G gamma, M mean, V var, float64 eps",
     "P scale, P inv_std, P mean_high, P mean_low",
-    "double inv_std_64 = rsqrt((double)var + eps);"
-    " inv_std = (P)inv_std_64;"
-    " scale = (P)((double)gamma * inv_std_64);"
-    " P high = (P)mean;"
-    " mean_high = high;"
-    " mean_low = (P)((double)mean - (double)high);",
+    (
+        "double inv_std_64 = rsqrt((double)var + eps);"
+        " inv_std = (P)inv_std_64;"
+        " scale = (P)((double)gamma * inv_std_64);"
+        " P high = (P)mean;"
+        " mean_high = high;"
+        " mean_low = (P)((double)mean - (double)high);"
+    ),
 )
 # dx's ElementwiseKernel: T is x's dtype, the product is computed in the parameter dtype P and
 # rounded once to T
@@ -92,7 +94,8 @@ def _per_statistic(cupy, gamma, mean, var, eps: float, param_dtype):
         inv_std = 1.0 / cupy.sqrt(var.astype(np.float64) + eps)
         mean_high = mean.astype(param_dtype)
         mean_low = (mean.astype(np.float64) - mean_high.astype(np.float64)).astype(param_dtype)
-        return (gamma.astype(np.float64) * inv_std).astype(param_dtype), inv_std.astype(param_dtype), mean_high, mean_low
+        scale = (gamma.astype(np.float64) * inv_std).astype(param_dtype)
+        return scale, inv_std.astype(param_dtype), mean_high, mean_low
     outputs = [cupy.empty(gamma.shape, param_dtype) for _ in range(4)]
     _kernel(cupy, "cudnn_bn_fixed_statistics")(gamma, mean, var, eps, *outputs)
     return tuple(outputs)

@@ -114,7 +114,9 @@ class SyncBatchNorm(BatchNorm):
         if (kept is None and (self.frozen or not self.training)) or (kept is not None and kept.group is None):
             # a forward that did not communicate (or none, where no forward would)
             (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
-            return self._backward_empty_shard(dy) if kept is not None and _empty_batch(kept.x) else super().backward(dy)
+            if kept is not None and _empty_batch(kept.x):
+                return self._backward_empty_shard(dy)
+            return super().backward(dy)
         exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
         with exchange.guard():
             (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
