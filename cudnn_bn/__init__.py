@@ -5,7 +5,7 @@ arrays and cuDNN on cupy arrays. Importing this package loads neither CuPy nor l
 """
 
 from . import compat, distributed, fused, reference
-from ._api import backward, cudnn_available, forward_inference, forward_training
+from ._api import backward, check_overflow, cudnn_available, forward_inference, forward_training
 from ._cudnn.errors import (
     CudnnBadParamError,
     CudnnBuildMismatchError,
@@ -44,6 +44,7 @@ __all__ = [
     "OnOverflow",
     "SavedStats",
     "backward",
+    "check_overflow",
     "compat",
     "cudnn_available",
     "distributed",

@@ -10,6 +10,7 @@ only when such an argument arrives) and then take the cuDNN path; results are cu
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from ._core.arrays import array_kind, uniform_kind
 from ._core.policy import INFERENCE, TRAINING, backward_settings, choose_mode
 from ._core.saved import SavedStats
 
-__all__ = ["backward", "cudnn_available", "forward_inference", "forward_training"]
+__all__ = ["backward", "check_overflow", "cudnn_available", "forward_inference", "forward_training"]
 
 _RUNNING = ("running_mean", "running_var")  # optional, and updated in place
 
@@ -140,3 +141,16 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
         return _cudnn_ops().backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
     mode, _, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)  # checks saved's kind too
     return reference.backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
+
+
+def check_overflow() -> None:
+    """Read the overflow flag of every SPATIAL_PERSISTENT call made with ``on_overflow="deferred"``
+    since the last check (all devices and streams), waiting for their work; raise what was found,
+    once: :class:`~cudnn_bn.CudnnOverflowError` naming the calls that may have overflowed
+    (operation, shape, dtype, mode), another :class:`~cudnn_bn.CudnnError` for another kernel
+    status, ValueError for non-finite saved statistics given to a deferred backward. Returns None
+    when nothing was found, at once and without waiting when nothing was deferred (docs/modes.md).
+    """
+    deferred = sys.modules.get("cudnn_bn._cudnn.deferred")
+    if deferred is not None:  # not imported: no cuDNN call ran, so none was deferred
+        deferred.check_overflow()

@@ -117,7 +117,9 @@ def test_overflow_fallback_reruns_spatial_and_warns_once_per_shape(gpu):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            y, saved = cudnn_bn.forward_training(*_device(x, gamma, beta), *running, channel_axis=-1)  # auto: persistent + fallback
+            y, saved = cudnn_bn.forward_training(  # auto: persistent, here with the fallback asked for
+                *_device(x, gamma, beta), *running, channel_axis=-1, on_overflow="fallback"
+            )
             reference.forward_training(*_wide(x, gamma, beta), *expected_running, mode="spatial", channel_axis=-1)
     assert len([w for w in caught if "re-ran with SPATIAL" in str(w.message)]) == 1
     assert saved.mode is Mode.SPATIAL and np.all(np.isfinite(y))
@@ -195,18 +197,24 @@ def test_bad_input_never_reaches_a_native_call(gpu):
     np.testing.assert_array_equal(xd, x)
 
 
-def test_non_finite_saved_statistics_are_refused_on_the_device(gpu):
+def test_non_finite_saved_statistics_from_elsewhere_are_refused_within_the_calls_one_wait(gpu):
     import dataclasses
 
     _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent")
+    foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())  # not the forward's arrays: checked
+    syncs, queries = gpu.host_syncs, gpu.runtime_queries["BLOCKING"]
+    cudnn_bn.backward(xd, dyd, gd, foreign)
+    # the check's read waits for the stream, kernel included; the flag is then read without waiting
+    assert (gpu.host_syncs - syncs, gpu.runtime_queries["BLOCKING"] - queries) == (1, 0)
+    assert gpu.runtime_queries["NONBLOCKING"] == 1
     poisoned = saved.inv_std.copy()
     poisoned[0] = np.inf
-    calls = len(gpu.calls)
+    kept = poisoned.get()
     with pytest.raises(ValueError, match="saved.inv_std: expected finite values"):
         cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, inv_std=poisoned))
-    assert len(gpu.calls) == calls
+    np.testing.assert_array_equal(poisoned.get(), kept)  # the caller's arrays as they were
 
 
 def test_non_contiguous_input_gives_the_contiguous_result(gpu):
