@@ -70,11 +70,14 @@ def poll(handle) -> None:
 
 def _settle(handle, status: int, finished) -> None:
     """The flag read ``status`` after the calls of the streams ``finished`` had all run: those are
-    settled; a status other than success names every call recorded on the handle."""
+    settled. A status other than success names every call recorded on the handle; those still
+    running stay recorded without their names (their flag may come yet), so no call is named twice."""
     records = handle.deferred
     involved = collections.Counter()
-    for calls in records.values():
-        involved.update(calls.calls)
+    if status != Status.SUCCESS:
+        for calls in records.values():
+            involved.update(calls.calls)
+            calls.calls.clear()
     done = [records.pop(identity) for identity in finished]
     with _LOCK:
         if status != Status.SUCCESS:
@@ -131,14 +134,14 @@ def _report(cupy) -> None:
     not_finite = _not_finite(cupy, unread) if unread else []
     if not found and not not_finite:
         return
-    overflowed, failed = collections.Counter(), []
+    overflowed, failed = None, []
     for status, calls, device_id in found:
         if status == Status.RUNTIME_FP_OVERFLOW:
-            overflowed.update(calls)
+            overflowed = (overflowed or collections.Counter()) + calls
         else:
             failed.append((status, calls, device_id))
     parts = []
-    if overflowed:
+    if overflowed is not None:
         parts.append(
             f"SPATIAL_PERSISTENT overflowed in deferred calls since the last check; the calls that may have: "
             f"{_listed(overflowed)}. Their outputs hold NaN or Inf, and running statistics they updated cannot be "
@@ -152,7 +155,7 @@ def _report(cupy) -> None:
             f"that kernel does not take; their gradients are not valid): {_listed(collections.Counter(not_finite))}"
         )
     detail = "; ".join(parts)
-    if overflowed:
+    if overflowed is not None:
         status = int(Status.RUNTIME_FP_OVERFLOW)
         raise CudnnOverflowError(status, status_name(status), "cudnn_bn.check_overflow", detail)
     if failed:
@@ -179,6 +182,8 @@ def _not_finite(cupy, unread) -> list:
 
 
 def _listed(calls: collections.Counter) -> str:
+    if not calls:  # a flag raised by calls that an earlier finding of this check or report named
+        return "calls named before"
     return ", ".join(
         f"{count} x {operation} of {tuple(shape)} {dtype} in {mode}"
         for (operation, shape, dtype, mode), count in calls.items()
