@@ -3,7 +3,8 @@
 On a GPU: cuDNN through this package, CUDA-event medians after warm-up, effective bandwidth and
 its fraction of a device-to-device copy measured in the same run, PyTorch's batch_norm on the
 same shapes where it is importable, host overhead per call, the persistent mode's overflow flag
-on ordinary data, and the Ex fast path against the plain call.
+on ordinary data, the Ex fast path against the plain call, and the wall time of a training step
+through a stack of BatchNorm layers with the overflow checks and without, beside PyTorch's.
 
 On a CPU: the NumPy reference (which is also the CPU backend) against PyTorch on the CPU in the
 same process, one thread each, where torch is importable. Each row gives min/median/max of
@@ -46,6 +47,15 @@ CPU_QUICK_SHAPES = [(8, 16, 28, 28)]
 BENCH_DTYPES = (np.float16, np.float32)
 OVERFLOW_PROBE_SHAPE = (32, 64, 56, 56)  # ordinary data: float32, uniform in [-2, 2]
 OPERATIONS = ("forward_training", "forward_inference", "backward")
+TRAINING_STEP_LAYERS = 10
+# settings of the training-step section: label -> (BatchNorm keywords, check_overflow() after each step)
+TRAINING_STEP_SETTINGS = {
+    "defaults": ({}, False),
+    "SPATIAL_PERSISTENT, raise (a check after every call)": ({"mode": "spatial_persistent", "on_overflow": "raise"}, False),
+    "SPATIAL_PERSISTENT, deferred + check_overflow() per step": (
+        {"mode": "spatial_persistent", "on_overflow": "deferred"}, True),
+    "SPATIAL_PERSISTENT, ignore (no check)": ({"mode": "spatial_persistent", "on_overflow": "ignore"}, False),
+}
 # bytes a GPU kernel must move, in units of one x-sized tensor: read x, write y; backward reads x and dy, writes dx
 TRAFFIC = {"forward_training": 2, "forward_inference": 2, "backward": 3}
 
@@ -492,6 +502,87 @@ def _fused_vs_unfused(repeats) -> list[dict]:
     return rows
 
 
+def _training_steps(torch, quick: bool) -> list[dict]:
+    """Wall time per training step (forward through TRAINING_STEP_LAYERS BatchNorm layers, then
+    backward through them) on the first 4-D shape of GPU_SHAPES, NCHW float32 and NHWC float16,
+    with each of TRAINING_STEP_SETTINGS, and PyTorch's functional batch_norm in the same run. Wall
+    time with one synchronize per block of steps: what the host's waits for the device cost,
+    which CUDA events between kernels would not show."""
+    import cupy
+
+    from .._api import check_overflow
+    from ..layer import BatchNorm
+
+    shape = next(s for s in GPU_SHAPES if len(s) == 4)
+    steps, blocks = (2, 1) if quick else (20, 3)
+    synchronize = cupy.cuda.Device().synchronize
+    rows = []
+    for channel_axis, layout_name, dtype in ((1, "NCHW", np.float32), (-1, "NHWC", np.float16)):
+        data = _device_inputs(shape, channel_axis, Mode.SPATIAL, dtype)
+        where = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "layers": TRAINING_STEP_LAYERS}
+        torch_ms = None
+        if torch is not None:
+            try:
+                torch_ms = _step_ms(_torch_training_step(torch, data, channel_axis), torch.cuda.synchronize, steps, blocks)
+            except Exception as error:
+                rows.append({**where, "settings": "PyTorch", "error": describe_failure(error)})
+        for label, (options, check) in TRAINING_STEP_SETTINGS.items():
+            layers = [BatchNorm(shape[1], channel_axis=channel_axis, dtype=dtype, xp=cupy, **options)
+                      for _ in range(TRAINING_STEP_LAYERS)]
+
+            def step(layers=layers, check=check):
+                out = data["x"]
+                for layer in layers:
+                    out = layer(out)
+                grad = data["dy"]
+                for layer in reversed(layers):
+                    grad = layer.backward(grad)
+                if check:
+                    check_overflow()
+
+            try:
+                ms = _step_ms(step, synchronize, steps, blocks)
+            except Exception as error:
+                rows.append({**where, "settings": label, "error": describe_failure(error)})
+                continue
+            row = {**where, "settings": label, "mode": str(layers[0]._kept.saved.mode), "step_ms": ms, "torch_step_ms": torch_ms}
+            if torch_ms:
+                row["time_vs_torch"] = ms / torch_ms
+            rows.append(row)
+        del data
+    return rows
+
+
+def _step_ms(step, synchronize, steps: int, blocks: int) -> float:
+    """Median over ``blocks`` of the wall time per step of ``steps`` steps and one synchronize."""
+    return statistics.median(microseconds_per_call(step, synchronize, steps) / 1e3 for _ in range(blocks))
+
+
+def _torch_training_step(torch, data, channel_axis):
+    """One training step of TRAINING_STEP_LAYERS functional batch norms on torch's view of the
+    same memory (channels_last for NHWC): forward, then the gradients of x and every weight and bias."""
+    functional = torch.nn.functional
+    x, dy = torch.from_dlpack(data["x"]), torch.from_dlpack(data["dy"])
+    if channel_axis == -1:
+        x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    x = x.detach().requires_grad_()
+    channels = x.shape[1]
+    parameters = []
+    for _ in range(TRAINING_STEP_LAYERS):
+        weight = torch.ones(channels, device=x.device, requires_grad=True)
+        bias = torch.zeros(channels, device=x.device, requires_grad=True)
+        parameters.append((weight, bias, torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device)))
+    inputs = [x] + [tensor for weight, bias, _, _ in parameters for tensor in (weight, bias)]
+
+    def step():
+        out = x
+        for weight, bias, running_mean, running_var in parameters:
+            out = functional.batch_norm(out, running_mean, running_var, weight, bias, training=True, momentum=0.1, eps=1e-5)
+        torch.autograd.grad(out, inputs, dy)
+
+    return step
+
+
 def _device_copy_gbps(elements: int, repeats: int) -> float:
     """Device-to-device copy bandwidth (read + write) of a float32 buffer, the peak we compare to."""
     import cupy
@@ -534,6 +625,7 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None) -> dict:
     recorder.section("overflow_probe", _overflow_probe)
     recorder.section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
     recorder.section("fused_vs_unfused", lambda: _fused_vs_unfused(repeats))
+    recorder.section("training_step", lambda: _training_steps(torch, quick))
     return recorder.result
 
 
@@ -717,7 +809,7 @@ def to_markdown(result: dict) -> str:
 
 def _gpu_sections(result: dict) -> list[str]:
     lines = []
-    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused"):
+    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused", "training_step"):
         value = result.get(key)
         if isinstance(value, dict) and "error" in value:
             lines += ["", f"{key} failed: {value['error']}"]
@@ -737,6 +829,18 @@ def _gpu_sections(result: dict) -> list[str]:
     if isinstance(fused_rows, list) and fused_rows:
         lines += ["", "| relu(BN(x) + z), float16 NHWC, fwd + bwd | fused path | fused ms | unfused ms | unfused / fused |", "|---|---|---|---|---|"]
         lines += [f"| {_shape_text(r['shape'])} | {r['path']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | {r['unfused_over_fused']:.2f} |" for r in fused_rows]
+    step_rows = result.get("training_step")
+    if isinstance(step_rows, list) and step_rows:
+        lines += ["", f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings | mode | "
+                  "ms per step | PyTorch ms | time / PyTorch |", "|---|---|---|---|---|---|---|"]
+        for r in step_rows:
+            where = f"| {_shape_text(r['shape'])} {r['layout']} | {r['dtype']} | {r['settings']} |"
+            if "error" in r:
+                lines.append(f"{where} failed: {r['error']} | | | |")
+                continue
+            torch_ms = f"{r['torch_step_ms']:.3f}" if r.get("torch_step_ms") else "-"
+            ratio = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else "-"
+            lines.append(f"{where} {r['mode']} | {r['step_ms']:.3f} | {torch_ms} | {ratio} |")
     return lines
 
 
