@@ -234,4 +234,12 @@ def test_distributed_waits_only_for_its_gathered_buffers(gpu, monkeypatch, name,
         layer.backward(dyd)
         assert _spent(gpu, before) == (backward_waits, 0)
     assert len(group.kinds) == 8  # a header and a payload per call
+    # the group calls themselves, as the layer makes them
+    gamma, beta = _device(np.ones(4, np.float32), np.zeros(4, np.float32))
+    before = _waits(gpu)
+    _, saved = dist.forward_training(xd, gamma, beta, group=group)
+    assert _spent(gpu, before) == (forward_waits, 0)
+    before = _waits(gpu)
+    dist.backward(xd, dyd, gamma, saved, group=group)
+    assert _spent(gpu, before) == (backward_waits, 0)
     dist.calls._fused_dx.cache_clear()
