@@ -56,7 +56,7 @@ def test_deferred_calls_wait_for_nothing_and_the_check_raises_once_naming_them(g
     x, dy, gamma, beta, mean, var = _arrays()
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
     y, saved = _forward(x, gamma, beta, mean, var)  # overflows when it runs; nothing raises here
-    dx, _, _ = cudnn_bn.backward(x, dy, gamma, saved)
+    cudnn_bn.backward(x, dy, gamma, saved)
     assert saved.on_overflow == "deferred" and gpu.host_syncs == 0
     assert gpu.runtime_queries == {}  # not even a poll: nothing had finished
     with pytest.raises(CudnnOverflowError) as raised:
@@ -72,7 +72,7 @@ def test_deferred_calls_wait_for_nothing_and_the_check_raises_once_naming_them(g
 
 
 def test_the_check_names_only_the_calls_since_the_last_check(gpu):
-    x, dy, gamma, beta, mean, var = _arrays()
+    x, _, gamma, beta, mean, var = _arrays()
     _forward(x, gamma, beta, mean, var)
     assert cudnn_bn.check_overflow() is None
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
@@ -83,7 +83,7 @@ def test_the_check_names_only_the_calls_since_the_last_check(gpu):
 
 
 def test_a_check_with_nothing_deferred_waits_for_nothing(gpu):
-    x, dy, gamma, beta, mean, var = _arrays()
+    x, _, gamma, beta, mean, var = _arrays()
     cudnn_bn.forward_training(x, gamma, beta, mean, var, mode="spatial_persistent", on_overflow="ignore")
     assert cudnn_bn.check_overflow() is None and gpu.host_syncs == 0 and gpu.runtime_queries == {}
 
@@ -92,7 +92,7 @@ def test_a_deferred_flag_survives_the_handles_rebinding_to_another_stream(gpu, c
     handles.pool_for(0, handles.DEFERRED).size = 1  # every deferred call borrows the same handle
     first, second = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
     with first:
-        x, dy, gamma, beta, mean, var = _arrays()
+        x, _, gamma, beta, _, _ = _arrays()
         gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
         _forward(x, gamma, beta)  # queued on the first stream, not run
         gpu.overflow_modes.clear()
@@ -108,7 +108,7 @@ def test_a_deferred_flag_survives_the_handles_rebinding_to_another_stream(gpu, c
 
 
 def test_a_poll_by_a_later_call_only_records_what_it_reads(gpu, cupy):
-    x, dy, gamma, beta, mean, var = _arrays()
+    x, _, gamma, beta, _, _ = _arrays()
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
     _forward(x, gamma, beta)
     gpu.overflow_modes.clear()
@@ -146,7 +146,7 @@ def test_a_poll_that_finds_the_stream_busy_reads_nothing(gpu, cupy):
 
 
 def test_checked_calls_never_see_a_deferred_flag_and_deferred_ones_never_raise(gpu, cupy):
-    x, dy, gamma, beta, mean, var = _arrays()
+    x, dy, gamma, beta, _, _ = _arrays()
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
     _forward(x, gamma, beta)
     gpu.overflow_modes.clear()
@@ -207,7 +207,7 @@ def test_each_device_reads_the_flags_of_its_own_handles(monkeypatch, cudnn_libra
 
 
 def test_saved_statistics_from_elsewhere_are_checked_on_the_device_and_read_by_the_check(gpu):
-    x, dy, gamma, beta, mean, var = _arrays()
+    x, dy, gamma, beta, _, _ = _arrays()
     _, saved = _forward(x, gamma, beta)
     foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())
     cudnn_bn.backward(x, dy, gamma, foreign)
@@ -261,7 +261,7 @@ def test_fused_calls_defer_too(gpu, axis, dtype, path):
 
 def test_compat_passes_deferred_through(gpu):
     persistent, nchw = compat.CUDNN_BATCHNORM_SPATIAL_PERSISTENT, compat.CUDNN_TENSOR_NCHW
-    x, dy, gamma, beta, _, _ = _arrays()
+    x, _, gamma, beta, _, _ = _arrays()
     gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
     compat.batch_normalization_forward_training(x, gamma, beta, None, None, None, None, 1e-5, 0.9, True, persistent,
                                                 True, nchw, on_overflow="deferred")

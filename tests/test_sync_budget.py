@@ -78,7 +78,7 @@ def test_default_training_steps_make_no_host_synchronization(gpu, name):
     ran = []
 
     def step():
-        y, saved = cudnn_bn.forward_training(xd, gd, bd, *running, channel_axis=axis)
+        _, saved = cudnn_bn.forward_training(xd, gd, bd, *running, channel_axis=axis)
         cudnn_bn.backward(xd, dyd, gd, saved)
         cudnn_bn.forward_inference(xd, gd, bd, *running, channel_axis=axis)
         ran.append((saved.mode, saved.reserve_space is not None))
@@ -113,7 +113,7 @@ def test_layer_steps_make_no_host_synchronization(gpu, axis, dtype, activation):
                          ids=["NHWC float16 fused Ex", "NCHW float32 composed"])
 def test_fused_steps_with_a_residual_make_no_host_synchronization(gpu, axis, dtype, path):
     shape = (8, 8, 3, 3) if axis == 1 else (8, 3, 3, 8)
-    layout, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, axis, dtype)
+    _, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, axis, dtype)
     xd, dyd, gd, bd, residual = _device(x, dy, gamma, beta, x[::-1])
     running = _device(np.zeros(8, np.float32), np.ones(8, np.float32))
     paths = []
@@ -141,7 +141,7 @@ def test_compat_steps_without_debug_make_no_host_synchronization(gpu, mode, d_la
     running = _device(np.zeros(8, np.float32), np.ones(8, np.float32))
 
     def step():
-        y, mean, inv_std = compat.batch_normalization_forward_training(
+        _, mean, inv_std = compat.batch_normalization_forward_training(
             xd, gd, bd, *running, None, None, 1e-5, 0.9, True, mode, False, d_layout
         )
         compat.batch_normalization_backward(xd, gd, dyd, mean, inv_std, 1e-5, True, mode, False, d_layout)
@@ -155,7 +155,7 @@ def test_compat_steps_without_debug_make_no_host_synchronization(gpu, mode, d_la
 @pytest.mark.parametrize("axis", [1, -1], ids=["NCHW", "NHWC"])
 def test_checked_persistent_calls_wait_at_most_once_each(gpu, on_overflow, axis):
     shape = (8, 4, 3, 3) if axis == 1 else (8, 3, 3, 4)
-    layout, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, axis, np.float32)
+    _, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, axis, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
     running = _device(np.zeros(4, np.float32), np.ones(4, np.float32))
     for _ in range(3):
@@ -180,7 +180,7 @@ def test_compat_with_debug_waits_once_per_call(gpu):
     _, x, dy, gamma, beta = make_case((8, 4, 3, 3), Mode.SPATIAL, 1, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
     before = _waits(gpu)
-    y, mean, inv_std = compat.batch_normalization_forward_training(xd, gd, bd, None, None, None, None, 1e-5, 0.9,
+    _, mean, inv_std = compat.batch_normalization_forward_training(xd, gd, bd, None, None, None, None, 1e-5, 0.9,
                                                                    True, persistent, True, nchw)
     assert _spent(gpu, before) == (1, 1)
     before = _waits(gpu)

@@ -266,7 +266,8 @@ def close_all() -> None:
     """Destroy every idle handle and forget the pools (tests; a process that is done with cuDNN).
     Deferred calls not yet checked are forgotten with their handles: call
     cudnn_bn.check_overflow() first to read them."""
-    from .deferred import forget  # the records of the handles going away (imported here: it imports this module)
+    # the records of the handles going away (imported here: deferred imports this module)
+    from .deferred import forget
 
     with _POOLS_LOCK:
         pools = list(_POOLS.values())

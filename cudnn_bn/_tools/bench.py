@@ -544,7 +544,7 @@ def _training_steps(torch, quick: bool) -> list[dict]:
             layers = [BatchNorm(shape[1], channel_axis=channel_axis, dtype=dtype, xp=cupy, **options)
                       for _ in range(TRAINING_STEP_LAYERS)]
 
-            def step(layers=layers, check=check):
+            def step(layers=layers, check=check, data=data):
                 out = data["x"]
                 for layer in layers:
                     out = layer(out)
