@@ -35,7 +35,8 @@ CONFIGURATIONS = {
     "defaults, NDHWC float16 (Ex path)": ((4, 2, 4, 4, 8), -1, np.float16, {}, False),
     "defaults, NCDHW float64": ((4, 8, 2, 4, 4), 1, np.float64, {}, False),
     "defaults, 2-D float32": ((16, 8), 1, np.float32, {}, False),
-    "defaults, NHWC float16 + ReLU + residual (fused Ex)": ((8, 4, 4, 8), -1, np.float16, {"activation": "relu"}, False),
+    "defaults, NHWC float16 + ReLU + residual (fused Ex)": (
+        (8, 4, 4, 8), -1, np.float16, {"activation": "relu"}, False),
     "SPATIAL_PERSISTENT, NCHW float32, raise": ((8, 8, 4, 4), 1, np.float32,
                                                 {"mode": "spatial_persistent", "on_overflow": "raise"}, False),
     "SPATIAL_PERSISTENT, NCHW float32, fallback": ((8, 8, 4, 4), 1, np.float32,
@@ -44,8 +45,8 @@ CONFIGURATIONS = {
         (8, 8, 4, 4), 1, np.float32, {"mode": "spatial_persistent", "on_overflow": "deferred"}, True),
     "SPATIAL_PERSISTENT, NCHW float32, ignore": ((8, 8, 4, 4), 1, np.float32,
                                                  {"mode": "spatial_persistent", "on_overflow": "ignore"}, False),
-    "SPATIAL_PERSISTENT, NHWC float16 (Ex path), raise": ((8, 4, 4, 8), -1, np.float16,
-                                                          {"mode": "spatial_persistent", "on_overflow": "raise"}, False),
+    "SPATIAL_PERSISTENT, NHWC float16 (Ex path), raise": (
+        (8, 4, 4, 8), -1, np.float16, {"mode": "spatial_persistent", "on_overflow": "raise"}, False),
 }
 
 

@@ -88,8 +88,9 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
 
     Same arguments and results as :func:`cudnn_bn.reference.forward_training`, plus:
         mode: a Mode, its name, or "auto" (see docs/modes.md for the policy).
-        on_overflow: "raise", "fallback" or "ignore" for SPATIAL_PERSISTENT on cuDNN; None means
-            "raise" when persistent was asked for by name and "fallback" when "auto" chose it.
+        on_overflow: "raise", "fallback", "deferred" or "ignore" for SPATIAL_PERSISTENT on cuDNN;
+            None means "raise" when persistent was asked for by name and "ignore" when "auto"
+            chose it (docs/modes.md).
 
     Arrays may also be CUDA arrays of other libraries (see docs/migrating-from-cupy.md): they run
     on cuDNN, running statistics are updated in place in the caller's objects, and ``y`` and the

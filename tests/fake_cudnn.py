@@ -683,7 +683,7 @@ class FakeArray(np.ndarray):
         _CUDA.flush_current()
         result = super().__array_function__(func, types, args, kwargs)
         if isinstance(result, np.generic) or (type(result) is np.ndarray):
-            return _CUDA.to_device(result)  # CuPy's functions return device arrays (0-d for a scalar), never host values
+            return _CUDA.to_device(result)  # CuPy's functions return device arrays (0-d for a scalar), not host values
         return result
 
 
@@ -1001,8 +1001,8 @@ class Launch:
     ``overflows``: whether its mode was in ``overflow_modes`` at the call.
     """
 
-    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run", "ops",
-                 "relu_nan")
+    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run",
+                 "ops", "relu_nan")
 
     def __init__(self, function, handle, mode, tensors, outputs, eps, factor, overflows, holds, run, ops=OPS_BN,
                  relu_nan=NOT_PROPAGATE_NAN):
@@ -1067,7 +1067,7 @@ def backward_kernel(launch: Launch) -> None:
     """cudnnBatchNormalizationBackward(Ex): dx, dscale, dbias (statistics saved or recomputed with eps)."""
     x, dy = launch.view("x").astype(np.float64), launch.view("dy").astype(np.float64)
     axes, count = _statistics(launch, x)
-    if launch.ops != OPS_BN:  # the ReLU's gradient first: dy where the forward's y > 0 (NaN where y is NaN and propagated)
+    if launch.ops != OPS_BN:  # the ReLU's gradient first: dy where the forward's y > 0 (NaN where a NaN y propagated)
         y = launch.view("y")
         dy = np.where(y > 0, dy, np.where(np.isnan(y) & (launch.relu_nan == PROPAGATE_NAN), np.nan, 0.0))
         if launch.ops == OPS_BN_ADD_ACTIVATION:
@@ -1528,7 +1528,8 @@ class KernelSimulator:
             overflows = mode is Mode.SPATIAL_PERSISTENT and mode in self.overflow_modes
             # a fused bnOps' ReLU treats NaN as its descriptor says (checked by _ex_conditions before)
             relu_nan = NOT_PROPAGATE_NAN if ops == OPS_BN else _activation_settings(activation)[1]
-            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops, relu_nan)
+            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops,
+                            relu_nan)
             self.cuda.enqueue((state.device_id, state.stream), launch)
         return located
 
@@ -1551,8 +1552,8 @@ class KernelSimulator:
 
     # ---- the batch-norm entry points ----
     def _training_call(self, name, state, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias, factor,
-                       running_mean, running_var, eps, save_mean, save_inv_var, ex=None, ops=OPS_BN, z=None, z_desc=None,
-                       activation=None):
+                       running_mean, running_var, eps, save_mean, save_inv_var, ex=None, ops=OPS_BN, z=None,
+                       z_desc=None, activation=None):
         mode = self._mode(mode)
         _required(alpha=alpha, beta=beta, x=x, y=y, bnScale=scale, bnBias=bias)
         _both_or_neither("resultRunningMean", running_mean, "resultRunningVariance", running_var)

@@ -272,7 +272,8 @@ def test_gpu_bench_records_a_failed_section_and_goes_on(gpu, monkeypatch, tmp_pa
     assert "overflow_probe failed: RuntimeError: probe crashed" in markdown
     # and the last one: a training step through the layers with the checks and without
     steps = {(row["layout"], row["settings"]): row for row in result["training_step"]}
-    assert set(steps) == {(layout, settings) for layout in ("NCHW", "NHWC") for settings in _bench.TRAINING_STEP_SETTINGS}
+    settings = _bench.TRAINING_STEP_SETTINGS
+    assert set(steps) == {(layout, setting) for layout in ("NCHW", "NHWC") for setting in settings}
     assert all(row["step_ms"] > 0 and row["torch_step_ms"] is None for row in steps.values())
     assert (steps["NCHW", "defaults"]["mode"], steps["NHWC", "defaults"]["mode"]) == ("SPATIAL", "SPATIAL_PERSISTENT")
     assert steps["NCHW", "SPATIAL_PERSISTENT, raise (a check after every call)"]["mode"] == "SPATIAL_PERSISTENT"

@@ -245,7 +245,8 @@ def test_the_layer_defers_and_the_step_check_reads_every_layers_calls(gpu, cupy)
         assert gpu.host_syncs == before + 1  # one wait per step for all the layers: they share a handle
 
 
-@pytest.mark.parametrize("axis,dtype,path", [(-1, np.float16, fused.PATH_FUSED_EX), (1, np.float32, fused.PATH_COMPOSED)])
+@pytest.mark.parametrize("axis,dtype,path", [(-1, np.float16, fused.PATH_FUSED_EX),
+                                             (1, np.float32, fused.PATH_COMPOSED)])
 def test_fused_calls_defer_too(gpu, axis, dtype, path):
     shape = (8, 3, 3, 8) if axis == -1 else (8, 8, 3, 3)
     x, dy, gamma, beta, _, _ = _arrays(shape=shape, axis=axis, dtype=dtype)

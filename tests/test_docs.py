@@ -77,7 +77,8 @@ def test_the_distributed_guide_states_the_counted_host_synchronizations():
 
     text = open(os.path.join(DOCS, "distributed.md"), encoding="utf-8").read()
     section = text.split("### Host synchronizations", 1)[1].split("\n#", 1)[0]
-    rows = re.findall(r"^\| (device buffers only|host buffers only|both) [^|]*\| (\d+) \| (\d+) \|", section, re.MULTILINE)
+    row = re.compile(r"^\| (device buffers only|host buffers only|both) [^|]*\| (\d+) \| (\d+) \|", re.MULTILINE)
+    rows = row.findall(section)
     counted = {name.split(" (")[0]: (forward, backward) for name, (_, forward, backward) in DISTRIBUTED_WAITS.items()}
     assert {name: (int(forward), int(backward)) for name, forward, backward in rows} == counted
     elsewhere = " ".join(text.replace(section, "").split())

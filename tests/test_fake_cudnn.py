@@ -844,7 +844,8 @@ def test_each_kind_of_host_wait_counts_once_and_is_refused_while_capturing(gpu, 
 
     case.call(TRAINING)
     before = gpu.host_syncs
-    with gpu.capturing(), pytest.raises(StreamCaptureUnsupported, match=f"cudaErrorStreamCaptureUnsupported: {re.escape(kind)}"):
+    refusal = f"cudaErrorStreamCaptureUnsupported: {re.escape(kind)}"
+    with gpu.capturing(), pytest.raises(StreamCaptureUnsupported, match=refusal):
         COUNTED[kind](gpu, cupy, library, case)
     assert gpu.host_syncs == before and not gpu.sync_points  # refused, not counted
     COUNTED[kind](gpu, cupy, library, case)

@@ -109,7 +109,8 @@ def test_layer_steps_make_no_host_synchronization(gpu, axis, dtype, activation):
     assert layer.num_batches_tracked == 3
 
 
-@pytest.mark.parametrize("axis,dtype,path", [(-1, np.float16, fused.PATH_FUSED_EX), (1, np.float32, fused.PATH_COMPOSED)],
+@pytest.mark.parametrize("axis,dtype,path", [(-1, np.float16, fused.PATH_FUSED_EX),
+                                             (1, np.float32, fused.PATH_COMPOSED)],
                          ids=["NHWC float16 fused Ex", "NCHW float32 composed"])
 def test_fused_steps_with_a_residual_make_no_host_synchronization(gpu, axis, dtype, path):
     shape = (8, 8, 3, 3) if axis == 1 else (8, 3, 3, 8)

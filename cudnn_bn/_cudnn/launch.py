@@ -138,7 +138,8 @@ def after_persistent(cupy, handle, lane: str, operation: str, plan, foreign_save
     elif lane is DEFERRED:
         finite = None
         if foreign_saved is not None:
-            finite = cupy.logical_and(cupy.isfinite(foreign_saved.mean).all(), cupy.isfinite(foreign_saved.inv_std).all())
+            mean, inv_std = foreign_saved.mean, foreign_saved.inv_std
+            finite = cupy.logical_and(cupy.isfinite(mean).all(), cupy.isfinite(inv_std).all())
         layout = plan.layout
         deferred.record(cupy, handle, (operation, layout.shape, str(plan.data_dtype), layout.mode.name), finite)
     return False

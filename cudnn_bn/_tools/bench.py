@@ -54,7 +54,8 @@ TRAINING_STEP_LAYERS = 10
 # settings of the training-step section: label -> (BatchNorm keywords, check_overflow() after each step)
 TRAINING_STEP_SETTINGS = {
     "defaults": ({}, False),
-    "SPATIAL_PERSISTENT, raise (a check after every call)": ({"mode": "spatial_persistent", "on_overflow": "raise"}, False),
+    "SPATIAL_PERSISTENT, raise (a check after every call)": (
+        {"mode": "spatial_persistent", "on_overflow": "raise"}, False),
     "SPATIAL_PERSISTENT, deferred + check_overflow() per step": (
         {"mode": "spatial_persistent", "on_overflow": "deferred"}, True),
     "SPATIAL_PERSISTENT, ignore (no check)": ({"mode": "spatial_persistent", "on_overflow": "ignore"}, False),
@@ -434,7 +435,8 @@ def _overflow_probe() -> list[dict]:
     from .._core.tolerances import to_numpy
 
     n, c, h, w = OVERFLOW_PROBE_SHAPE
-    layouts = [(OVERFLOW_PROBE_SHAPE, 1, "NCHW"), (OVERFLOW_PROBE_SHAPE, -1, "NHWC"), ((n, c, 2, max(h // 2, 1), w), -1, "NDHWC")]
+    layouts = [(OVERFLOW_PROBE_SHAPE, 1, "NCHW"), (OVERFLOW_PROBE_SHAPE, -1, "NHWC"),
+               ((n, c, 2, max(h // 2, 1), w), -1, "NDHWC")]
     results = []
     for shape, channel_axis, layout_name in layouts:
         arrays = _device_inputs(shape, channel_axis, Mode.SPATIAL, np.float32)
@@ -446,7 +448,8 @@ def _overflow_probe() -> list[dict]:
                 flagged = False
             except CudnnOverflowError:
                 flagged = True
-            persistent, _ = _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="ignore")
+            persistent, _ = _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis,
+                                                  on_overflow="ignore")
             spatial, _ = _api.forward_training(*args, mode="spatial", channel_axis=channel_axis)
             difference = float(np.max(np.abs(to_numpy(persistent) - to_numpy(spatial))))
             results.append({
@@ -533,11 +536,13 @@ def _training_steps(torch, quick: bool) -> list[dict]:
     rows = []
     for channel_axis, layout_name, dtype in ((1, "NCHW", np.float32), (-1, "NHWC", np.float16)):
         data = _device_inputs(shape, channel_axis, Mode.SPATIAL, dtype)
-        where = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "layers": TRAINING_STEP_LAYERS}
+        where = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name,
+                 "layers": TRAINING_STEP_LAYERS}
         torch_ms = None
         if torch is not None:
             try:
-                torch_ms = _step_ms(_torch_training_step(torch, data, channel_axis), torch.cuda.synchronize, steps, blocks)
+                torch_step = _torch_training_step(torch, data, channel_axis)
+                torch_ms = _step_ms(torch_step, torch.cuda.synchronize, steps, blocks)
             except Exception as error:
                 rows.append({**where, "settings": "PyTorch", "error": describe_failure(error)})
         for label, (options, check) in TRAINING_STEP_SETTINGS.items():
@@ -559,7 +564,8 @@ def _training_steps(torch, quick: bool) -> list[dict]:
             except Exception as error:
                 rows.append({**where, "settings": label, "error": describe_failure(error)})
                 continue
-            row = {**where, "settings": label, "mode": str(layers[0]._kept.saved.mode), "step_ms": ms, "torch_step_ms": torch_ms}
+            row = {**where, "settings": label, "mode": str(layers[0]._kept.saved.mode), "step_ms": ms,
+                   "torch_step_ms": torch_ms}
             if torch_ms:
                 row["time_vs_torch"] = ms / torch_ms
             rows.append(row)
@@ -591,7 +597,8 @@ def _torch_training_step(torch, data, channel_axis):
     def step():
         out = x
         for weight, bias, running_mean, running_var in parameters:
-            out = functional.batch_norm(out, running_mean, running_var, weight, bias, training=True, momentum=0.1, eps=1e-5)
+            out = functional.batch_norm(out, running_mean, running_var, weight, bias, training=True, momentum=0.1,
+                                        eps=1e-5)
         torch.autograd.grad(out, inputs, dy)
 
     return step
@@ -847,8 +854,8 @@ def _gpu_sections(result: dict) -> list[str]:
         lines += [f"| {_shape_text(r['shape'])} | {r['path']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | {r['unfused_over_fused']:.2f} |" for r in fused_rows]
     step_rows = result.get("training_step")
     if isinstance(step_rows, list) and step_rows:
-        lines += ["", f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings | mode | "
-                  "ms per step | PyTorch ms | time / PyTorch |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings "
+                  "| mode | ms per step | PyTorch ms | time / PyTorch |", "|---|---|---|---|---|---|---|"]
         for r in step_rows:
             where = f"| {_shape_text(r['shape'])} {r['layout']} | {r['dtype']} | {r['settings']} |"
             if "error" in r:
