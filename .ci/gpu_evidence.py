@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 
 SIMULATED_GPU_VARIABLE = "CUDNN_BN_SIMULATED_GPU"  # also read by tests/conftest.py for the suite
 HANG_VARIABLE = "GPU_VALIDATE_HANG"  # test hook: "CHECK@SECONDS", see hang_request()
+FAULT_VARIABLE = "GPU_VALIDATE_FAULT"  # test hook: "CHECK:crash" or "CHECK:hang@SECONDS", see fault_request()
 
 # the batch-norm entry points of cuDNN that cudnn_bn calls; the smoke tier calls each of them
 BATCH_NORM_ENTRY_POINTS = (
@@ -94,22 +96,51 @@ def hang_request() -> tuple[str, int] | None:
     return check, int(seconds)
 
 
+def fault_request() -> tuple[str, str, int | None] | None:
+    """(check, "crash" or "hang", seconds) from GPU_VALIDATE_FAULT, a test hook of the smoke checks:
+    "CHECK:crash" makes the process running the checks die of SIGSEGV in a native call when CHECK
+    is reached; "CHECK:hang@SECONDS" makes CHECK hang and limits each check to SECONDS. None when
+    unset."""
+    text = os.environ.get(FAULT_VARIABLE, "").strip()
+    if not text:
+        return None
+    check, _, what = text.partition(":")
+    kind, _, seconds = what.partition("@")
+    if not check or kind not in ("crash", "hang") or (kind == "hang") != seconds.isdigit() or (seconds.isdigit() and int(seconds) < 1):
+        raise ValueError(f"{FAULT_VARIABLE}: expected CHECK:crash or CHECK:hang@SECONDS (e.g. compat:hang@3), got {text!r}")
+    return check, kind, int(seconds) if seconds else None
+
+
 class RecordWriter:
     """JSON records appended to a file one line at a time and flushed at once, so that a crash or
-    a cut keeps every record written before it; each is echoed to stdout (the run's log)."""
+    a cut keeps every record written before it; each is echoed to stdout (the run's log). Threads
+    may share one writer."""
 
     def __init__(self, path: str, **common):
         self.path, self.common = path, common
         self._file = open(path, "a", encoding="utf-8")
+        self._lock = threading.Lock()
 
     def write(self, **fields) -> dict:
         record = {**self.common, **fields}
         line = json.dumps(record, default=str)
-        self._file.write(line + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        print(f"[record] {line}", flush=True)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            print(f"[record] {line}", flush=True)
         return record
+
+    def start_a_line(self) -> None:
+        """End a line that another process left unfinished when it died, so that the next record
+        is not glued to it (read_records skips only the cut line)."""
+        with self._lock, open(self.path, "rb") as reader:
+            size = reader.seek(0, os.SEEK_END)
+            if size:
+                reader.seek(size - 1)
+                if reader.read(1) != b"\n":
+                    self._file.write("\n")
+                    self._file.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -152,6 +183,22 @@ def evidence_problems(folder: str) -> list[str]:
     if total > MAX_TOTAL_BYTES:
         problems.append(f"{total} bytes in all, more than {MAX_TOTAL_BYTES}")
     return problems
+
+
+TEMPORARY_SUFFIXES = (".tmp", ".trimmed")  # a file written whole, then renamed over its evidence file
+
+
+def remove_temporaries(folder: str) -> list[str]:
+    """Remove what a step cut between writing and renaming left of an evidence file (bench.json.tmp):
+    a ninth file would not come back. Only those names are touched; the names removed."""
+    removed = []
+    for name in EVIDENCE_FILES:
+        for suffix in TEMPORARY_SUFFIXES:
+            path = os.path.join(folder, name + suffix)
+            if os.path.isfile(path):
+                os.remove(path)
+                removed.append(name + suffix)
+    return removed
 
 
 def trim_to_limit(path: str, limit: int = MAX_FILE_BYTES) -> bool:

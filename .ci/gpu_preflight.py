@@ -90,7 +90,8 @@ def _cupy_facts(report: Report):
     for index in range(count):
         try:
             properties = runtime.getDeviceProperties(index)
-            name = properties["name"].decode(errors="replace")
+            name = properties["name"]
+            name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)  # bytes in CuPy 13 and 14
             report.line(
                 f"device {index}",
                 f"{name}, compute capability {properties['major']}.{properties['minor']}, "

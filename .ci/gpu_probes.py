@@ -15,7 +15,8 @@
 3. int32: element counts just under and just over 2**31 (float16 tensors of 4 GiB); in no tier.
 
 Each group runs in its own process with its own time limit, so that a crash, a sticky CUDA error
-or a hang past a limit costs that group only. Every record is appended to the records file as it
+or a hang past a limit costs that group only; the groups of a set run at the same time (their
+tensors are small), except the int32 ones (8 GiB and more each), one after the other. Every record is appended to the records file as it
 comes (.ci/gpu_evidence.py), and a verdict per limit case once its group has ended. On the
 simulated GPU (CUDNN_BN_SIMULATED_GPU=1) the groups run against tests/fake_cudnn.py, which
 refuses what cuDNN is reported to refuse: the verdicts then show the simulator's rules.
@@ -41,6 +42,7 @@ ROOT = evidence.ROOT
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the repository is used from its root without an install step
 SETS = ("limits", "query-timing", "int32")
+SEQUENTIAL_SETS = ("int32",)  # groups whose tensors would not fit the GPU side by side
 
 
 # ---------------------------------------------------------------- the plan ----
@@ -56,6 +58,9 @@ def limit_numbers() -> dict:
 
 # PyTorch PR #32763 measured 262136 for PER_ACTIVATION training on cuDNN 7.6.5 next to 131070
 PER_ACTIVATION_MEASURED_BATCH = 262136
+# each group of the limits set, in its own process: Python, CuPy, a CUDA context, libcudnn and a
+# handle, and the first compilation of CuPy's fill kernel on a fresh machine, then a few small calls
+LIMIT_GROUP_TIMEOUT_S = 20
 
 
 def plan() -> list[dict]:
@@ -66,14 +71,14 @@ def plan() -> list[dict]:
     rest = (1, 1, 1)  # (N, 1, 1, 1): only N matters; pytorch#2917 and pytorch#19911 reproduce with it
     groups = [
         dict(name="training-batch-per_activation-float32", set="limits", kind="limit", limit="PER_ACTIVATION training batch",
-             operations=["forward_training", "backward"], mode="PER_ACTIVATION", dtype="float32", timeout=10,
+             operations=["forward_training", "backward"], mode="PER_ACTIVATION", dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
              cases=[dict(edge="within", shape=(per_activation,) + rest), dict(edge="past", shape=(per_activation + 1,) + rest),
                     dict(edge="past", shape=(PER_ACTIVATION_MEASURED_BATCH,) + rest)]),
         dict(name="training-batch-spatial-float32", set="limits", kind="limit", limit="SPATIAL training batch",
-             operations=["forward_training", "backward"], mode="SPATIAL", dtype="float32", timeout=10,
+             operations=["forward_training", "backward"], mode="SPATIAL", dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
              cases=[dict(edge="within", shape=(spatial,) + rest), dict(edge="past", shape=(spatial + 1,) + rest)]),
         dict(name="inference-batch-spatial-float32", set="limits", kind="limit", limit="inference batch",
-             operations=["forward_inference"], mode="SPATIAL", dtype="float32", timeout=10,
+             operations=["forward_inference"], mode="SPATIAL", dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
              cases=[dict(edge="within", shape=(inference,) + rest), dict(edge="past", shape=(inference + 1,) + rest)]),
         dict(name="query-timing", set="query-timing", kind="query_timing", timeout=12, cases=[]),
     ]
@@ -466,12 +471,13 @@ CHILDREN = {"limit": child_limit, "query_timing": child_query_timing}
 
 def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tuple[list[dict], dict | None]:
     """Run one group in its own process, appending its records as they come; its records, and a
-    problem record when it did not end well."""
+    problem record when it did not end well. Safe to run for several groups at once (the record
+    writer takes a lock; each output line is printed whole, with its group's name)."""
     found, command = [], [python, "-u", os.path.abspath(__file__), "--child", group["name"]]
     print(f"[probes] group {group['name']} (limit {group['timeout']} s)", flush=True)
     start = time.perf_counter()
     python_path = os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", cwd=ROOT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path})
     timer = threading.Timer(group["timeout"], process.kill)
     timer.start()
@@ -486,7 +492,7 @@ def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tupl
                     continue
                 found.append(records.write(**record))
             else:
-                print(f"  {line}", flush=True)
+                print(f"  [{group['name']}] {line}", flush=True)
                 tail = (tail + [line])[-8:]
         returncode = process.wait()
     finally:
@@ -497,6 +503,28 @@ def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tupl
     why = "killed at its time limit" if seconds >= group["timeout"] else f"exit status {returncode}"
     problem = records.write(kind="problem", group=group["name"], problem=f"{why} after {seconds:.1f} s", last_output=" | ".join(tail))
     return found, problem
+
+
+def _run_groups(groups: list[dict], records: evidence.RecordWriter, at_once: bool) -> list[tuple[list[dict], dict | None]]:
+    """_run_group for each group, all at the same time or one after the other; results in the
+    groups' order."""
+    if not at_once:
+        return [_run_group(group, sys.executable, records) for group in groups]
+    results: list = [None] * len(groups)
+
+    def run(index: int) -> None:
+        try:
+            results[index] = _run_group(groups[index], sys.executable, records)
+        except Exception as error:  # recorded, so that the verdicts say "unclear" for this group
+            results[index] = ([], records.write(kind="problem", group=groups[index]["name"],
+                                                problem=f"could not run: {type(error).__name__}: {error}", last_output=""))
+
+    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(groups))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
 
 
 def _describe_edge(records: list[dict]) -> str:
@@ -583,8 +611,7 @@ def main(argv=None) -> int:
     records = evidence.RecordWriter(args.records, tier=tier, step=step, simulated=evidence.simulated())
     found, problems = [], []
     try:
-        for group in groups:
-            group_records, problem = _run_group(group, sys.executable, records)
+        for group_records, problem in _run_groups(groups, records, at_once=args.set not in SEQUENTIAL_SETS):
             found += group_records
             if problem:
                 problems.append(problem)

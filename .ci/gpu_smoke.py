@@ -1,8 +1,11 @@
-"""The checks of the smoke tier of `.ci/gpu-validate`, in one process (CuPy and torch are imported
-once): the first verdict a GPU machine gives.
+"""The checks of the smoke tier of `.ci/gpu-validate`, in one child process while none crashes or
+hangs (CuPy and torch are imported once): the first verdict a GPU machine gives.
 
     python .ci/gpu_smoke.py --records checks.jsonl [--only CHECK ...]
     python .ci/gpu_smoke.py --list
+
+Exit status: 0 when every check that ran passed, at least one ran and every batch-norm entry point
+was called (unless --only chose the checks); 1 otherwise.
 
 - every batch-norm entry point of cuDNN once against the float64 reference, with the tolerance
   table of cudnn_bn/_core/tolerances.py: the plain ForwardTraining, ForwardInference and Backward
@@ -13,17 +16,19 @@ once): the first verdict a GPU machine gives.
 - the overflow flag of SPATIAL_PERSISTENT on ordinary data (uniform in [-2, 2]) at 32x64x56x56,
   NCHW and NHWC, float32 and float16, each outcome recorded;
 - training past cuDNN's batch limits, routed by the package, against the reference;
-- one call each on torch CUDA tensors through DLPack and through __cuda_array_interface__;
 - one cudnn_bn.compat call, and one BatchNorm layer step in training then in eval mode;
+- one call each on torch CUDA tensors through DLPack and through __cuda_array_interface__;
 - host microseconds per call of cudnn_bn against torch.nn.functional.batch_norm, same process;
 - a one-rank NCCL group through cupyx.distributed (cudnn_bn.distributed.nccl_group).
 
 Each check is independent: it writes a "start" record, runs, synchronizes the device (so that an
 asynchronous fault is charged to it) and writes an "end" record with its outcome, "passed",
 "failed" (with the first line of the error) or "needs a GPU" (on the simulated GPU, where a
-check needs real hardware). A failure does not stop the checks after it, and a crash or a cut
-keeps every record written before it; a check with a start and no end is the one that hung or
-crashed. Exit status: 0 when every check that ran passed and at least one ran; 1 otherwise.
+check needs real hardware). A failure does not stop the checks after it. The checks run in a
+child process watched by this one: when the child dies in a check (a crash in a native call) or
+a check runs past CHECK_LIMIT_S (it is stopped with SIGABRT, which prints its stacks), that check
+gets a failed "end" record here and the checks after it run in a new child, with a new CUDA
+context. Only when the whole step is cut does a check keep a start and no end.
 """
 
 from __future__ import annotations
@@ -31,9 +36,13 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -205,10 +214,11 @@ class Checks:
                 checks.append((f"overflow-flag-{layout_name}-{np.dtype(dtype).name}",
                                lambda a=axis, d=dtype: self.overflow_flag(a, d)))
         checks.append(("routing-past-the-batch-limits", self.routing))
-        checks.append(("torch-dlpack", lambda: self.torch_call("dlpack")))
-        checks.append(("torch-cuda-array-interface", lambda: self.torch_call("cuda_array_interface")))
         checks.append(("compat", self.compat))
         checks.append(("layer-train-then-eval", self.layer))
+        # other libraries last: a crash or hang in torch or NCCL costs a new process, and nothing before it
+        checks.append(("torch-dlpack", lambda: self.torch_call("dlpack")))
+        checks.append(("torch-cuda-array-interface", lambda: self.torch_call("cuda_array_interface")))
         checks.append(("host-time-vs-torch", self.host_time))
         checks.append(("nccl-one-rank", self.nccl_one_rank))
         return checks
@@ -442,6 +452,11 @@ class Checks:
     def nccl_one_rank(self) -> dict:
         if self.simulated:
             raise NeedsAGpu("NCCL through cupyx.distributed")
+        # cupyx.distributed imports mpi4py where it is installed, and importing mpi4py starts MPI: in a
+        # process no MPI launcher started, that may wait for a process manager. The TCP rendezvous used
+        # here needs no MPI. NCCL_DEBUG=WARN puts NCCL's own reason for a failure into the log.
+        os.environ.setdefault("MPI4PY_RC_INITIALIZE", "0")
+        os.environ.setdefault("NCCL_DEBUG", "WARN")
         from cudnn_bn import distributed, reference
 
         with socket.socket() as probe:
@@ -477,16 +492,29 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:400]}" if lines else type(error).__name__
 
 
-def run_checks(records: evidence.RecordWriter, only: list[str] | None) -> int:
-    hang = evidence.hang_request()
+def check_names() -> list[str]:
+    """The checks' names in the order they run (no GPU, no CuPy needed)."""
+    return [name for name, _ in Checks.__new__(Checks).all()]
+
+
+def run_checks(records: evidence.RecordWriter, only: list[str] | None) -> list[dict]:
+    """Run the checks (all, or ``only`` these) in this process; their "end" records."""
+    hang, fault = evidence.hang_request(), evidence.fault_request()
     counter = EntryPointCounter()
     checks = Checks(counter)
     selected = [(name, check) for name, check in checks.all() if not only or name in only]
-    outcomes = collections.Counter()
+    ends = []
     for name, check in selected:
         records.write(kind="check", check=name, event="start")
         if hang is not None and hang[0] == name:
             print(f"[smoke] {name}: hanging here, as {evidence.HANG_VARIABLE} asks", flush=True)
+            time.sleep(24 * 3600)
+        if fault is not None and fault[0] == name:
+            print(f"[smoke] {name}: {fault[1]} here, as {evidence.FAULT_VARIABLE} asks", flush=True)
+            if fault[1] == "crash":
+                import faulthandler
+
+                faulthandler._sigsegv()  # a segmentation fault in native code, as a crashing library call gives
             time.sleep(24 * 3600)
         start = time.perf_counter()
         counter.take()
@@ -500,16 +528,127 @@ def run_checks(records: evidence.RecordWriter, only: list[str] | None) -> int:
         except Exception as error:  # recorded; the next check runs
             outcome, detail = "failed", _first_line(error)
             print(traceback.format_exc(), flush=True)
-        outcomes[outcome] += 1
-        records.write(kind="check", check=name, event="end", outcome=outcome, seconds=round(time.perf_counter() - start, 3),
-                      detail=detail, entry_points=counter.take(), **fields)
+        ends.append(records.write(kind="check", check=name, event="end", outcome=outcome,
+                                  seconds=round(time.perf_counter() - start, 3), detail=detail, entry_points=counter.take(), **fields))
     counter.uninstall()
-    called = dict(counter.total)
+    return ends
+
+
+def finish_checks(records: evidence.RecordWriter, ends: list[dict], only: list[str] | None) -> int:
+    """The entry points called in all (from the "end" records), as a record; the exit status: 0
+    when every check that ran passed, at least one ran and every entry point was called."""
+    called = collections.Counter()
+    for end in ends:
+        called.update(end.get("entry_points") or {})
+    called = dict(called)
     missing = [] if only else [name for name in evidence.expected_entry_points() if name not in called]
     records.write(kind="entry-points", called=called, expected=evidence.expected_entry_points(), missing=missing)
+    outcomes = collections.Counter(end["outcome"] for end in ends)
     print(f"[smoke] {dict(outcomes)}; entry points called: {called}; missing: {missing or 'none'}", flush=True)
     ran = outcomes["passed"] + outcomes["failed"]
     return 0 if ran and not outcomes["failed"] and not missing else 1
+
+
+# One check may take this long in the process that runs the checks (its first kernels compile, torch
+# imports, NCCL starts); past it that process is stopped and the checks after it go on in a new one.
+CHECK_LIMIT_S = 30
+STOP_GRACE_S = 3  # between the SIGABRT that prints a hung process's stacks and its SIGKILL
+RECORD_LINE = "[record] "
+
+
+class CheckProcess:
+    """The checks in a child process, watched from this one: an "end" record for a check whose
+    process crashed in it or that ran past CHECK_LIMIT_S, then a new process for the checks after it."""
+
+    def __init__(self, records: evidence.RecordWriter, check_limit_s: float):
+        self.records, self.check_limit_s = records, check_limit_s
+        self.ends: list[dict] = []
+        self.running: tuple[str, float] | None = None  # (check, its start on the monotonic clock)
+        self.stopped_hung = False
+
+    def run(self, names: list[str]) -> list[dict]:
+        remaining = list(names)
+        while remaining:
+            before = len(remaining)
+            status = self._one_process(remaining)
+            if status != 0:
+                self.records.start_a_line()  # it may have died in the middle of a record
+            if self.running is not None:  # it died in a check, or hung in it
+                name, started = self.running
+                self.running = None
+                seconds = round(time.monotonic() - started, 3)
+                if self.stopped_hung:
+                    detail = (f"no end after {self.check_limit_s:g} s: the process running the checks was stopped (SIGABRT: its "
+                              "stacks are in the log)")
+                else:
+                    detail = f"the process running the checks died in this check ({_exit_text(status)}; its stack is in the log)"
+                if remaining:
+                    detail += "; the checks after it ran in a new process"
+                self.ends.append(self.records.write(kind="check", check=name, event="end", outcome="failed", seconds=seconds,
+                                                    detail=detail, entry_points={}, process_lost=True))
+                if name in remaining:
+                    remaining.remove(name)
+            elif len(remaining) == before:  # not one check started: it failed before the first, and would again
+                for name in remaining:
+                    self.ends.append(self.records.write(kind="check", check=name, event="end", outcome="failed", seconds=0.0,
+                                                        detail=f"the process running the checks ended before this check "
+                                                               f"({_exit_text(status)}; see the log)", entry_points={}))
+                remaining = []
+        return self.ends
+
+    def _one_process(self, remaining: list[str]) -> int:
+        command = [sys.executable, "-u", "-X", "faulthandler", os.path.abspath(__file__), "--records", self.records.path, "--child",
+                   "--only", *remaining]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                   cwd=evidence.ROOT)
+        self.stopped_hung = False
+        watchdog = threading.Thread(target=self._watch, args=(process,), daemon=True)
+        watchdog.start()
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            if line.startswith(RECORD_LINE):
+                self._note(line[len(RECORD_LINE):], remaining)
+        status = process.wait()
+        watchdog.join()
+        return status
+
+    def _note(self, text: str, remaining: list[str]) -> None:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            return
+        if record.get("kind") != "check":
+            return
+        if record.get("event") == "start":
+            self.running = (record["check"], time.monotonic())
+        elif record.get("event") == "end":
+            self.running = None
+            self.ends.append(record)
+            if record["check"] in remaining:
+                remaining.remove(record["check"])
+
+    def _watch(self, process) -> None:
+        while process.poll() is None:
+            running = self.running
+            if running is not None and time.monotonic() - running[1] > self.check_limit_s:
+                self.stopped_hung = True
+                print(f"[smoke] {running[0]}: no end after {self.check_limit_s:g} s; stopping its process", flush=True)
+                process.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+                try:
+                    process.wait(timeout=STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                return
+            time.sleep(0.1)
+
+
+def _exit_text(status: int) -> str:
+    if status is not None and status < 0:
+        try:
+            return f"signal {signal.Signals(-status).name}"
+        except ValueError:
+            return f"signal {-status}"
+    return f"exit status {status}"
 
 
 def main(argv=None) -> int:
@@ -517,15 +656,25 @@ def main(argv=None) -> int:
     parser.add_argument("--records", default="checks.jsonl", help="the JSON-lines file the records are appended to")
     parser.add_argument("--only", nargs="*", help="run only these checks (see --list)")
     parser.add_argument("--list", action="store_true", help="print the checks' names and run nothing")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run the checks in this process
     args = parser.parse_args(argv)
     if args.list:
-        names = [name for name, _ in Checks.__new__(Checks).all()]
-        print("\n".join(names))
+        print("\n".join(check_names()))
         return 0
+    unknown = sorted(set(args.only or ()) - set(check_names()))
+    if unknown:
+        parser.error(f"--only: unknown checks {unknown} (see --list)")
     records = evidence.RecordWriter(args.records, tier="smoke", step="smoke-checks", simulated=evidence.simulated())
     try:
-        with evidence.gpu_of_this_run():
-            return run_checks(records, args.only)
+        if args.child:
+            with evidence.gpu_of_this_run():
+                run_checks(records, args.only)
+            return 0
+        fault = evidence.fault_request()
+        limit = fault[2] if fault is not None and fault[2] else CHECK_LIMIT_S
+        names = [name for name in check_names() if not args.only or name in args.only]
+        ends = CheckProcess(records, limit).run(names)
+        return finish_checks(records, ends, args.only)
     finally:
         records.close()
 

@@ -36,11 +36,15 @@ TIERS = ("smoke", "suite", "bench")
 STEP_FIELDS = ("tier", "name", "kind", "result", "exit", "seconds", "limit")
 FINE = ("passed", "simulated")  # a step that ran and passed: on a GPU, or on the simulated GPU
 NOT_RUN = "not-run"
-PREFLIGHT_DEGRADED = 3  # the preflight's exit status when cuDNN works but something later failed
+PREFLIGHT_UNUSABLE = 1  # the preflight's exit status when cuDNN is not usable (.ci/gpu_preflight.py)
 # pytest -v lines: "tests/x.py::t PASSED [ 1%]" in one process, "[gw3] [ 45%] PASSED tests/x.py::t" with xdist
 VERBOSE_OUTCOME = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS))?")
 XDIST_OUTCOME = re.compile(r"^\[gw\d+\] (?:\[\s*\d+%\] )?(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS) (tests/\S+::\S+)")
 XDIST_CRASH = re.compile(r"worker '?(gw\d+)'? crashed while running '?(tests/[^'\s]+)'?")
+XDIST_NODE_DOWN = re.compile(r"^\[gw\d+\] node down: ")
+# "8 workers [323 items]" with xdist; "collected 3939 items / 3935 deselected / 4 selected" in one process
+SELECTED = re.compile(r"^\d+ workers \[(\d+) items?\]|^collect.*collected \d+ items? / \d+ deselected / (\d+) selected|"
+                      r"^collect.*collected (\d+) items?$")
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed")
 STATUS_START, STATUS_END = "<!-- gpu-status -->", "<!-- /gpu-status -->"
 GPU_VALIDATION_DOC = "docs/gpu-validation.md"
@@ -134,11 +138,13 @@ def tests_executed(path: str) -> bool:
 
 
 def read_verbose_log(log: str) -> dict:
-    """Outcomes from pytest's -v lines (one process or xdist workers), for a step that left no
-    junit XML (pytest died or was cut): outcomes by node id, the last test started and never
-    finished (one process), and the tests a crashed xdist worker was running."""
-    cases, last_started, crashed = {}, None, []
+    """What pytest's -v output says (one process, or pytest-xdist workers): outcomes by node id,
+    the tests started and never finished (in the order they started; with workers, the ones each
+    was running when the step ended), the tests a crashed worker was running, how many tests were
+    selected, how many workers went down, and whether xdist stopped replacing them."""
+    cases, started, crashed = {}, {}, []
     names = {"XFAIL": "xfailed", "XPASS": "passed", "ERROR": "error"}
+    selected = None
     for line in log.splitlines():
         xdist = XDIST_OUTCOME.match(line)
         if xdist:
@@ -149,16 +155,31 @@ def read_verbose_log(log: str) -> dict:
         if crash:
             crashed.append(crash.group(2))
             continue
+        count = SELECTED.search(line)
+        if count:
+            selected = int(next(group for group in count.groups() if group is not None))
+            continue
         match = VERBOSE_OUTCOME.match(line)
         if not match:
             continue
         node_id, outcome = match.groups()
         if outcome:
             cases[node_id] = names.get(outcome, outcome.lower())
-            last_started = None
         else:
-            last_started = node_id
-    return {"outcomes": cases, "last_started": last_started, "crashed": crashed}
+            started[node_id] = None
+    unfinished = [node_id for node_id in started if node_id not in cases]
+    return {"outcomes": cases, "unfinished": unfinished, "crashed": list(dict.fromkeys(crashed)), "selected": selected,
+            "workers_down": sum(1 for line in log.splitlines() if XDIST_NODE_DOWN.match(line)),
+            "workers_exhausted": next((line.strip() for line in log.splitlines() if "maximum crashed workers reached" in line), None)}
+
+
+def step_output(log: str, tier: str, step: str) -> str:
+    """The part of the run's log that one step printed: from its start line to the next step line."""
+    start = log.find(f"[gpu-validate] step {tier}/{step}: start")
+    if start < 0:
+        return ""
+    end = log.find("\n[gpu-validate] step ", start + 1)
+    return log[start:] if end < 0 else log[start:end]
 
 
 def pytest_plugins_line(log: str) -> str:
@@ -179,10 +200,14 @@ def read_json(path: str):
 
 # ---------------------------------------------------------------- the verdict ----
 
-def preflight_stopped(steps: list[dict]) -> bool:
-    """Whether the preflight stopped the run: it found no usable cuDNN, crashed or was cut."""
-    preflight = next((step for step in steps if step["name"] == "preflight"), None)
-    return preflight is not None and preflight["exit"] not in ("0", str(PREFLIGHT_DEGRADED))
+def preflight_stopped(steps: list[dict], preflight: dict) -> bool:
+    """Whether the preflight stopped the run: its verdict in preflight.txt is STOP (no usable
+    cuDNN), or it exited 1 without a verdict. A preflight that crashed or was cut at its limit
+    did not stop the run: the tiers ran for the evidence, and the preflight's failure fails it."""
+    if preflight.get("verdict", "").startswith("STOP"):
+        return True
+    row = next((step for step in steps if step["name"] == "preflight"), None)
+    return row is not None and row["exit"] == str(PREFLIGHT_UNUSABLE) and "verdict" not in preflight
 
 
 def failed_steps(steps: list[dict]) -> list[str]:
@@ -211,7 +236,7 @@ def exit_status(steps: list[dict], preflight: dict, simulated: bool) -> tuple[in
     tier did not run. The one place this is decided."""
     if not steps:
         return 1, "UNKNOWN (no step table)"
-    if preflight_stopped(steps) or preflight.get("verdict", "").startswith("STOP"):
+    if preflight_stopped(steps, preflight):
         return 2, "NOT RUN: the preflight stopped the validation"
     failed = failed_steps(steps)
     if failed:
@@ -336,34 +361,53 @@ def section_limits(records: list[dict]) -> list[str]:
     return lines
 
 
-def _junit_lines(title: str, junit: dict | None, log_outcomes: dict, simulated: bool) -> list[str]:
-    lines = ["", f"{title}:"]
-    if junit is None:
-        counts = collections.Counter(log_outcomes.values())
-        return lines + ["No junit XML: pytest did not finish (crash, kill or cut). From its verbose output: "
-                        + (", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no test reported") + "."]
-    if "error" in junit:
-        lines.append(junit["error"])
-    cases = junit["cases"]
-    counts = collections.Counter(case["outcome"] for case in cases)
+SUITE_STEPS = (("suite-parallel", evidence.JUNIT, "on pytest-xdist workers where the plugin is installed"),
+               ("suite-serial", evidence.JUNIT_SERIAL, "the gpu_serial tests, alone"))
+
+
+def _suite_step_lines(name: str, about: str, junit: dict | None, output: str, simulated: bool) -> list[str]:
+    """One pytest step: its counts (from its junit XML, else from its verbose output) against the
+    tests it selected, and what its output says of tests and workers that did not finish."""
+    lines = ["", f"{name} ({about}):"]
+    if not output and junit is None:
+        return lines + ["Not run."]
+    verbose = read_verbose_log(output)
     where = " on the simulated GPU" if simulated else ""
-    lines.append(f"{len(cases)} tests{where}: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES) + f"; {junit.get('seconds', 0.0):.1f} s.")
+    if junit is None:
+        counts = collections.Counter(verbose["outcomes"].values())
+        reported = len(verbose["outcomes"])
+        text = "No junit XML: pytest did not finish (crash, kill or cut). From its verbose output: "
+        lines.append(text + (", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no test reported") + ".")
+    else:
+        if "error" in junit:
+            lines.append(junit["error"])
+        counts = collections.Counter(case["outcome"] for case in junit["cases"])
+        reported = len(junit["cases"])
+        lines.append(f"{reported} tests{where}: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES) + f"; {junit.get('seconds', 0.0):.1f} s.")
+    if verbose["selected"] is not None:
+        if reported < verbose["selected"]:
+            lines.append(f"**{verbose['selected'] - reported} of the {verbose['selected']} selected tests have no result** "
+                         "(the step was cut, or pytest-xdist stopped replacing crashed workers): they did not run.")
+        else:
+            lines.append(f"Every one of the {verbose['selected']} selected tests has a result.")
+    if verbose["unfinished"]:
+        lines.append("Started and never finished: " + ", ".join(f"`{node}`" for node in verbose["unfinished"]) + ".")
+    if verbose["workers_down"]:
+        lines.append(f"pytest-xdist workers that went down (a crash, or a test past its timeout): {verbose['workers_down']}"
+                     + (f"; then {verbose['workers_exhausted']}" if verbose["workers_exhausted"] else "; each was replaced") + ".")
+    lines += [f"- a pytest-xdist worker crashed while running `{node}`" for node in verbose["crashed"]]
+    if junit is None:
+        lines += [f"- `{node}`: {outcome}" for node, outcome in verbose["outcomes"].items() if outcome in ("failed", "error")]
     return lines
 
 
 def section_suite(out: str, log: str, steps: list[dict], simulated: bool) -> list[str]:
     lines = ["", "#### GPU suite (pytest -m gpu)"]
-    junits = {name: read_junit(os.path.join(out, file)) for name, file in
-              (("parallel", evidence.JUNIT), ("serial", evidence.JUNIT_SERIAL))}
-    verbose = read_verbose_log(log)
-    lines += _junit_lines("suite-parallel (on pytest-xdist workers where the plugin is installed)", junits["parallel"], verbose["outcomes"], simulated)
-    lines += _junit_lines("suite-serial (the gpu_serial tests, alone)", junits["serial"], verbose["outcomes"], simulated)
-    if any(junit is None for junit in junits.values()):
-        if verbose["last_started"]:
-            lines.append(f"Last test started and never finished: `{verbose['last_started']}`.")
-        lines += [f"- a pytest-xdist worker crashed while running `{node}`" for node in verbose["crashed"]]
-        lines += [f"- `{node}`: {outcome}" for node, outcome in verbose["outcomes"].items() if outcome in ("failed", "error")]
-    cases = [case for junit in junits.values() if junit for case in junit["cases"]]
+    cases = []
+    for name, file, about in SUITE_STEPS:
+        junit = read_junit(os.path.join(out, file))
+        lines += _suite_step_lines(name, about, junit, step_output(log, "suite", name), simulated)
+        cases += junit["cases"] if junit else []
     failures = [case for case in cases if case["outcome"] in ("failed", "error")]
     if failures:
         lines += ["", "Failures and errors (first line of each):"]
@@ -375,11 +419,11 @@ def section_suite(out: str, log: str, steps: list[dict], simulated: bool) -> lis
     slowest = sorted(cases, key=lambda case: -case["seconds"])[:5]
     if slowest:
         lines += ["", "Slowest: " + "; ".join(f"`{case['node_id']}` {case['seconds']:.1f} s" for case in slowest) + "."]
-    lines += section_recorded_outcomes(cases)
+    lines += section_recorded_outcomes(cases, simulated)
     return lines
 
 
-def section_recorded_outcomes(cases: list[dict]) -> list[str]:
+def section_recorded_outcomes(cases: list[dict], simulated: bool = False) -> list[str]:
     """One table per test function that recorded properties (overflow outcomes, thread stress)."""
     by_function = collections.defaultdict(list)
     for case in cases:
@@ -389,8 +433,10 @@ def section_recorded_outcomes(cases: list[dict]) -> list[str]:
     for function, group in by_function.items():
         columns = list(dict.fromkeys(name for case in group for name in case["properties"]))
         lines += ["", f"Recorded by `{function}`:", ""]
+        outcome = (lambda case: _result_text("simulated") if case["outcome"] == "passed" else case["outcome"]) if simulated else (
+            lambda case: case["outcome"])
         lines += table(["case", "test outcome", *columns],
-                       [[case["node_id"][len(function):] or "-", case["outcome"], *(case["properties"].get(c, "") for c in columns)]
+                       [[case["node_id"][len(function):] or "-", outcome(case), *(case["properties"].get(c, "") for c in columns)]
                         for case in group])
     return lines
 
@@ -406,7 +452,7 @@ def section_bench(bench, records: list[dict], simulated: bool) -> list[str]:
     else:
         lines.append(f"{len(bench.get('rows', []))} rows timed; backend: {bench.get('backend', '?')}.")
         for key, value in bench.items():
-            if isinstance(value, list) and value and re.search("fail|error|overflow", key):
+            if isinstance(value, list) and value and re.search("fail|error|overflow|not_timed", key):
                 lines.append(f"- {key}: {len(value)}; first: {first_line(json.dumps(value[0]))}")
         overhead = bench.get("host_overhead")
         if isinstance(overhead, dict) and "cudnn_bn_us_per_call" in overhead:
@@ -444,7 +490,7 @@ def reached_the_gpu(preflight: dict, steps: list[dict]) -> bool:
     """Whether the run got past the preflight on a GPU and ran a tier: only such a run may change
     the README's status (a simulated run is refused before this is asked)."""
     ran = [step for step in steps if step["tier"] in TIERS and step["result"] != NOT_RUN]
-    return bool(ran) and not preflight_stopped(steps) and not preflight.get("verdict", "").startswith("STOP")
+    return bool(ran) and not preflight_stopped(steps, preflight)
 
 
 def status_line(preflight: dict, steps: list[dict], out: str, log: str, date: str) -> str:
@@ -510,21 +556,31 @@ def summarize(out: str, steps_path: str | None, simulated: bool = False) -> str:
     return _summary(out, steps_path, simulated)["text"]
 
 
+def _section(title: str, build, *args) -> list[str]:
+    """A section's lines; a section that fails says so and the summary goes on (every input may be
+    cut, partial or not what a run writes)."""
+    try:
+        return build(*args)
+    except Exception as error:
+        return ["", f"#### {title}", f"This section could not be written ({type(error).__name__}: {first_line(error)}); "
+                "its inputs are among the evidence files."]
+
+
 def _summary(out: str, steps_path: str | None, simulated: bool) -> dict:
     log = _read(os.path.join(out, evidence.LOG)) or ""
     preflight = read_preflight(os.path.join(out, evidence.PREFLIGHT))
     steps = read_steps(steps_path)
     records = evidence.read_records(os.path.join(out, evidence.CHECKS))
-    lines = section_header(preflight, steps, log, simulated)
+    lines = _section("Run", section_header, preflight, steps, log, simulated)
     ran = {step["tier"] for step in steps if step["result"] != NOT_RUN}
     if "smoke" in ran or any(r.get("tier") == "smoke" for r in records):
-        lines += section_checks(records, simulated)
-        lines += section_limits(records)
+        lines += _section("Smoke checks", section_checks, records, simulated)
+        lines += _section("Limit probes", section_limits, records)
     if "suite" in ran or any(os.path.exists(os.path.join(out, name)) for name in (evidence.JUNIT, evidence.JUNIT_SERIAL)):
-        lines += section_suite(out, log, steps, simulated)
+        lines += _section("GPU suite", section_suite, out, log, steps, simulated)
     if "bench" in ran or os.path.exists(os.path.join(out, evidence.BENCH)) or any(r.get("tier") == "bench" for r in records):
-        lines += section_bench(read_json(os.path.join(out, evidence.BENCH)), records, simulated)
-    lines += section_evidence(out)
+        lines += _section("Benchmark", section_bench, read_json(os.path.join(out, evidence.BENCH)), records, simulated)
+    lines += _section("Evidence files", section_evidence, out)
     status = None
     if not simulated and reached_the_gpu(preflight, steps):
         status = status_line(preflight, steps, out, log, time.strftime("%Y-%m-%d", time.gmtime()))

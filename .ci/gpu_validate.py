@@ -4,12 +4,18 @@
     bash .ci/gpu-validate --plan                  # one line per tier, `tier NAME LIMIT_S`; runs nothing
 
 Every run starts with the setup steps (the preflight, and the environment for the record), then
-runs the tiers asked for, in the order smoke, suite, bench. Each step has its own time limit: at
-the limit its whole process group gets SIGABRT (Python's faulthandler then prints every thread's
-stack into the log) and SIGKILL ``KILL_GRACE_S`` later. A tier starts only when the limits of all
-its steps fit in what is left of the run's budget (GPU_VALIDATE_BUDGET_S, default 540 s, less
+runs the tiers asked for, in the order smoke, suite, bench. Only the preflight's own verdict that
+cuDNN is not usable stops the run; a preflight that crashed or was cut fails the run, and the
+tiers still run for the evidence. Each step has its own time limit: at the limit a pytest step's
+whole process group first gets SIGINT (pytest then writes its junit XML with what ran), and every
+step's group SIGABRT (Python's faulthandler then prints every thread's stack into the log), then
+SIGKILL (``STOP_GRACE_S`` apart). A tier starts only when the limits of all its steps, and their
+grace, fit in what is left of the run's budget (GPU_VALIDATE_BUDGET_S, default 540 s, less
 ``SUMMARY_RESERVE_S`` kept for the summary); one that does not fit is reported "not run", which
-is not a failure. No step is ever cut short by the budget.
+is not a failure. No step is ever cut short by the budget. Whatever happens to a step (a crash, a
+cut, a flood of output: each step keeps at most ``STEP_LOG_HEAD_BYTES`` of its output in the log,
+then its last lines), and whatever happens to the run itself (an error here, SIGTERM), the summary
+is written.
 
 --simulate runs the same steps, evidence files, summary and exit status on the simulated GPU of
 tests/fake_cudnn.py (CUDNN_BN_SIMULATED_GPU=1 in every step's environment): a rehearsal on a
@@ -25,19 +31,23 @@ Environment: PYTHON, the interpreter of the steps (default python3); GPU_VALIDAT
 GPU_VALIDATE_WORKERS, pytest-xdist workers of the suite's parallel step (default: one per core,
 at most 8);
 GPU_VALIDATE_README, the README whose status line a run on a GPU rewrites (default README.md;
-empty: none); GPU_VALIDATE_HANG, a test hook (.ci/gpu_evidence.py, hang_request).
+empty: none); GPU_VALIDATE_HANG and GPU_VALIDATE_FAULT, test hooks (.ci/gpu_evidence.py,
+hang_request and fault_request).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,8 +58,18 @@ ROOT = evidence.ROOT
 TIER_NAMES = ("smoke", "suite", "bench")
 BUDGET_S = 540
 SUMMARY_RESERVE_S = 30
-KILL_GRACE_S = 10
+STOP_GRACE_S = {signal.SIGINT: 10, signal.SIGABRT: 5}  # how long a step cut at its limit gets after each signal
 MAX_WORKERS = 8  # pytest-xdist workers of the suite's parallel step, at most one per core
+TEST_TIMEOUT_S = 60  # pytest-timeout, per test, where the plugin is installed
+SERIAL_MARKER = "gpu_serial"  # tests/conftest.py gives it to the gpu tests that must run alone
+PYTEST_STEPS = ("suite_parallel", "suite_serial")  # the commands whose steps are stopped with SIGINT first
+# a step's output kept in the log: its first STEP_LOG_HEAD_BYTES, then only its last STEP_LOG_TAIL_LINES
+# lines (8 steps stay within the 16 MiB a file may have to come back from a GPU machine)
+STEP_LOG_HEAD_BYTES, STEP_LOG_TAIL_LINES, STEP_LOG_TAIL_LINE_BYTES = 3 << 19, 400, 2000
+PLUGIN_CHECK_TIMEOUT_S = 20
+# the bench starts no row or section in the last BENCH_LAST_ROW_S of its step: the largest row or
+# section that starts just before, its table and its exit fit in them
+BENCH_LAST_ROW_S = 20
 
 
 def default_workers() -> int:
@@ -58,8 +78,10 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(MAX_WORKERS, cores))
-TEST_TIMEOUT_S = 120  # pytest-timeout, per test, where the plugin is installed
-SERIAL_MARKER = "gpu_serial"  # tests/conftest.py gives it to the gpu tests that must run alone
+
+
+class Terminated(Exception):
+    """SIGTERM reached the run (its command ran past a GPU machine's limit): stop and summarize."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,20 +94,21 @@ class Step:
 
 
 SETUP = (
-    Step("setup", "preflight", "required", 25, "preflight"),
-    Step("setup", "environment", "info", 15, "environment"),
+    # a fresh machine: CUDA's first context, libcudnn's first load, NVRTC's first float16 compile
+    Step("setup", "preflight", "required", 40, "preflight"),
+    Step("setup", "environment", "info", 10, "environment"),
 )
 TIERS = {
     "smoke": (
         Step("smoke", "smoke-checks", "required", 75, "smoke_checks"),
-        Step("smoke", "limit-probes", "required", 35, "limit_probes"),
+        Step("smoke", "limit-probes", "required", 25, "limit_probes"),
     ),
     "suite": (
-        Step("suite", "suite-parallel", "required", 260, "suite_parallel"),
+        Step("suite", "suite-parallel", "required", 250, "suite_parallel"),
         Step("suite", "suite-serial", "required", 60, "suite_serial"),
     ),
     "bench": (
-        Step("bench", "bench", "required", 95, "bench"),
+        Step("bench", "bench", "required", 85, "bench"),
         Step("bench", "query-timing", "required", 15, "query_timing"),
     ),
 }
@@ -94,6 +117,11 @@ TIERS = {
 def tier_limit(tier: str) -> int:
     """Seconds of step limits of ``tier`` run on its own: the setup steps and its own."""
     return sum(step.limit_s for step in SETUP + TIERS[tier])
+
+
+def stop_grace(step: Step) -> int:
+    """Seconds a step cut at its limit may still take while it is being stopped."""
+    return sum(seconds for number, seconds in STOP_GRACE_S.items() if number != signal.SIGINT or step.command in PYTEST_STEPS)
 
 
 class Run:
@@ -108,6 +136,7 @@ class Run:
         self.log = open(self.path(evidence.LOG), "a", encoding="utf-8", errors="replace")
         self.hang = evidence.hang_request()
         self.step_environment = self._step_environment()
+        self._plugins: dict[str, bool] = {}
 
     def _step_environment(self) -> dict:
         environment = dict(os.environ)
@@ -162,19 +191,25 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         return self._script("gpu_probes.py", "--records", self.path(evidence.CHECKS), "--set", "query-timing")
 
     def bench(self) -> list[str]:
-        return self._script("gpu_bench.py", "--json", self.path(evidence.BENCH))
+        step = next(step for step in TIERS["bench"] if step.command == "bench")
+        return self._script("gpu_bench.py", "--json", self.path(evidence.BENCH), "--seconds", str(step.limit_s - BENCH_LAST_ROW_S))
 
     def _pytest(self, marker: str, junit: str, parallel: bool) -> list[str]:
         command = [self.python, "-u", "-m", "pytest", "-m", marker, "-v", "-rfEsxX", "--tb=short", "--color=no",
                    "--durations=15", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-                   "-o", "faulthandler_timeout=90", "-o", "junit_family=xunit1", f"--junitxml={self.path(junit)}"]
+                   "-o", f"faulthandler_timeout={TEST_TIMEOUT_S * 3 // 4}", "-o", "junit_family=xunit1", f"--junitxml={self.path(junit)}"]
+        workers = parallel and self._importable("xdist")
+        if parallel and not workers:
+            self.say("pytest-xdist is not importable here: the parallel step runs in one process")
         if self._importable("pytest_timeout"):
-            command.append(f"--timeout={TEST_TIMEOUT_S}")  # fails a hung test and goes on, where Python can run
-        if parallel:
-            if self._importable("xdist"):
-                command += ["-n", str(self.workers)]
-            else:
-                self.say("pytest-xdist is not importable here: the parallel step runs in one process")
+            # a hung test fails and the rest go on: on a worker, a timer thread ends the worker even
+            # inside a native call (pytest-xdist reports the test as crashed and starts a new worker);
+            # in one process, SIGALRM, which keeps the process and its junit XML, where Python can run
+            command += [f"--timeout={TEST_TIMEOUT_S}", f"--timeout-method={'thread' if workers else 'signal'}"]
+        else:
+            self.say("pytest-timeout is not importable here: a hung test is only cut with its whole step")
+        if workers:
+            command += ["-n", str(self.workers)]
         return command + [os.path.join(ROOT, "tests")]
 
     def suite_parallel(self) -> list[str]:
@@ -184,8 +219,16 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         return self._pytest(f"gpu and {SERIAL_MARKER}", evidence.JUNIT_SERIAL, parallel=False)
 
     def _importable(self, module: str) -> bool:
-        check = subprocess.run([self.python, "-c", f"import {module}"], capture_output=True, env=self.step_environment, timeout=60)
-        return check.returncode == 0
+        """Whether the steps' Python imports ``module`` (asked once; a hung or failed check says no)."""
+        if module not in self._plugins:
+            try:
+                check = subprocess.run([self.python, "-c", f"import {module}"], capture_output=True, env=self.step_environment,
+                                       timeout=PLUGIN_CHECK_TIMEOUT_S)
+                self._plugins[module] = check.returncode == 0
+            except (OSError, subprocess.TimeoutExpired) as error:
+                self.say(f"could not ask whether {module} is importable: {type(error).__name__}: {error}")
+                self._plugins[module] = False
+        return self._plugins[module]
 
     # ---- running a step ----
     def record(self, step: Step, result: str, exit_status, seconds: float, limit: int) -> None:
@@ -197,40 +240,76 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
             return self.hang[1]
         return step.limit_s
 
-    def run(self, step: Step) -> int:
+    def run(self, step: Step) -> int | None:
+        """Run ``step`` to its end or its limit and record it; its exit status (None when it
+        could not start: the error is recorded as its result)."""
         limit = self.limit_of(step)
-        argv = getattr(self, step.command)()
-        self.say(f"step {step.tier}/{step.name}: start (limit {limit} s): {' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''}")
         start = time.monotonic()
-        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, env=self.step_environment,
-                                   start_new_session=True)
+        try:
+            argv = getattr(self, step.command)()
+            command = "bash -c (nvidia-smi; pip list; pytest -VV; git; a source fingerprint)" if step.command == "environment" else shlex.join(argv)
+            self.say(f"step {step.tier}/{step.name}: start (limit {limit} s): {command}")
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                                       env=self.step_environment, start_new_session=True)
+        except Exception as error:  # no interpreter, no such file: the step failed, the run goes on
+            self.say(f"step {step.tier}/{step.name}: could not start: {type(error).__name__}: {error}")
+            self.record(step, "failed-to-start", "-", time.monotonic() - start, limit)
+            return None
         reader = threading.Thread(target=self._copy_output, args=(process.stdout,), daemon=True)
         reader.start()
-        cut = False
+        ended = "on its own"
         try:
             process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            cut = True
-            self._signal(process, signal.SIGABRT)
-            try:
-                process.wait(timeout=KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._signal(process, signal.SIGKILL)
-                process.wait()
-        self._signal(process, signal.SIGKILL)  # nothing of the step outlives it (a worker holding the GPU)
-        reader.join(timeout=5)
-        seconds = time.monotonic() - start
-        status = process.returncode
-        result = self._result(step, status, cut)
-        self.say(f"step {step.tier}/{step.name}: {result} (exit {status}) after {seconds:.1f} s of {limit} s; "
-                 f"{time.monotonic() - self.started:.0f} s since the start")
-        self.record(step, result, status, seconds, limit)
+            ended = "cut"
+            self._stop(process, step)
+        except Terminated:
+            ended = "terminated"
+            raise
+        finally:  # also on SIGTERM: nothing of the step outlives it (a worker holding the GPU)
+            self._signal(process, signal.SIGKILL)
+            process.wait()
+            reader.join(timeout=5)
+            seconds = time.monotonic() - start
+            status = process.returncode
+            result = self._result(step, status, ended)
+            self.say(f"step {step.tier}/{step.name}: {result} (exit {status}) after {seconds:.1f} s of {limit} s; "
+                     f"{time.monotonic() - self.started:.0f} s since the start")
+            self.record(step, result, status, seconds, limit)
         return status
 
+    def _stop(self, process, step: Step) -> None:
+        """A step past its limit: SIGINT first to pytest (its junit XML keeps what ran), SIGABRT
+        (every thread's stack into the log), then the caller's SIGKILL; each after the last one's grace."""
+        for number, grace in STOP_GRACE_S.items():
+            if number == signal.SIGINT and step.command not in PYTEST_STEPS:
+                continue
+            self.say(f"step {step.tier}/{step.name}: past its limit, sending {signal.Signals(number).name}")
+            self._signal(process, number)
+            try:
+                process.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+
     def _copy_output(self, stream) -> None:
+        """The step's output into the log: its first STEP_LOG_HEAD_BYTES, then only its last lines
+        (each cut to STEP_LOG_TAIL_LINE_BYTES)."""
+        kept, after_head, tail = 0, 0, collections.deque(maxlen=STEP_LOG_TAIL_LINES)
         for raw_line in iter(stream.readline, b""):
-            self.emit(raw_line.decode("utf-8", errors="replace"))
+            if not tail and kept + len(raw_line) <= STEP_LOG_HEAD_BYTES:
+                kept += len(raw_line)
+                self.emit(raw_line.decode("utf-8", errors="replace"))
+                continue
+            after_head += len(raw_line)
+            text = raw_line[:STEP_LOG_TAIL_LINE_BYTES].decode("utf-8", errors="replace")
+            tail.append((text if text.endswith("\n") else text + " [...]\n", len(raw_line)))
         stream.close()
+        if tail:
+            left_out = after_head - sum(size for _, size in tail)
+            self.emit(f"[gpu-validate] ... {left_out} bytes of this step's output left out here (it printed more than "
+                      f"{STEP_LOG_HEAD_BYTES} bytes); its last {len(tail)} lines:\n")
+            self.emit("".join(text for text, _ in tail))
 
     @staticmethod
     def _signal(process, number) -> None:
@@ -239,9 +318,11 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         except (ProcessLookupError, PermissionError):  # the group is gone
             pass
 
-    def _result(self, step: Step, status: int, cut: bool) -> str:
-        if cut:
+    def _result(self, step: Step, status: int, ended: str) -> str:
+        if ended == "cut":
             return "timed-out"
+        if ended == "terminated":
+            return "terminated"
         if status < 0:
             return f"crashed-signal-{-status}"
         if status != 0:
@@ -260,41 +341,68 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
 
     # ---- the whole run ----
     def validate(self, tiers: list[str]) -> int:
+        """Every step of ``tiers``, then the summary, whatever happened on the way."""
         mode = "on the SIMULATED GPU of tests/fake_cudnn.py (a rehearsal: no GPU result)" if self.simulate else "on a GPU"
         self.say(f"tiers {', '.join(tiers)} {mode}; output folder {self.out}; python {self.python}; "
                  f"budget {self.budget_s} s; {evidence.utc_now()}")
-        preflight = self.run(SETUP[0])
+        try:
+            self._run_steps(tiers)
+        except Terminated:
+            self.say("SIGTERM: the run stops here; the summary follows")
+            self._not_recorded(tiers, "the run was terminated (SIGTERM)")
+        except Exception:  # a fault of this script must not cost the evidence gathered so far
+            self.say("ERROR in .ci/gpu_validate.py itself; the summary follows:\n" + traceback.format_exc())
+            self.record(Step("setup", "orchestrator", "required", 0, "-"), "failed", "-", 0.0, 0)
+            self._not_recorded(tiers, "the orchestrator failed")
+        return self.finish()
+
+    def _not_recorded(self, tiers: list[str], why: str) -> None:
+        """Record as not run every step of ``tiers`` that has no row in the step table yet."""
+        recorded = {row["name"] for row in gpu_summary.read_steps(self.path(evidence.STEPS))}
+        self.not_run([step for tier in tiers for step in TIERS[tier] if step.name not in recorded], why)
+
+    def _run_steps(self, tiers: list[str]) -> None:
+        self.run(SETUP[0])
         self.run(SETUP[1])
-        if preflight not in (0, gpu_summary.PREFLIGHT_DEGRADED):
+        steps = gpu_summary.read_steps(self.path(evidence.STEPS))
+        if gpu_summary.preflight_stopped(steps, gpu_summary.read_preflight(self.path(evidence.PREFLIGHT))):
             self.say(f"STOP: the preflight found no usable cuDNN (see {self.path(evidence.PREFLIGHT)}); no tier runs")
             for tier in tiers:
                 self.not_run(TIERS[tier], "the preflight stopped the run")
-        else:
-            for tier in tiers:
-                needed = sum(self.limit_of(step) for step in TIERS[tier])
-                if self.left_s() < needed:
-                    self.not_run(TIERS[tier], f"tier {tier} needs {needed} s of step limits, {max(self.left_s(), 0):.0f} s of the budget are left")
-                    continue
-                for step in TIERS[tier]:
-                    self.run(step)
-        return self.finish()
+            return
+        for tier in tiers:
+            needed = sum(self.limit_of(step) + stop_grace(step) for step in TIERS[tier])
+            if self.left_s() < needed:
+                self.not_run(TIERS[tier], f"tier {tier} needs {needed} s of step limits and grace, "
+                                          f"{max(self.left_s(), 0):.0f} s of the budget are left")
+                continue
+            for step in TIERS[tier]:
+                self.run(step)
 
     def finish(self) -> int:
+        if signal.getsignal(signal.SIGTERM) is _terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the summary is what SIGTERM leaves time for
         time.sleep(0.1)
+        for name in evidence.remove_temporaries(self.out):
+            self.say(f"removed {name}, left by a step stopped while it rewrote that file")
         self.say(f"summary: {self.path(evidence.SUMMARY)}")
         command = [sys.executable, os.path.join(ROOT, ".ci", "gpu_summary.py"), self.out, "--steps", self.path(evidence.STEPS)]
         command += ["--simulated"] if self.simulate else (["--readme", self.readme] if self.readme else [])
         self.log.flush()
+        written = False
         try:
             summary = subprocess.run(command, capture_output=True, text=True, timeout=SUMMARY_RESERVE_S, cwd=ROOT)
-            self.emit(summary.stdout + summary.stderr)
-            if summary.returncode != 0:
+            self.emit(summary.stdout[-STEP_LOG_HEAD_BYTES:] + summary.stderr[-STEP_LOG_HEAD_BYTES:])
+            written = summary.returncode == 0
+            if not written:
                 self.say(f"the summary writer failed (exit {summary.returncode})")
-        except subprocess.TimeoutExpired:
-            self.say(f"the summary writer did not finish in {SUMMARY_RESERVE_S} s")
+        except Exception as error:  # a timeout, or no interpreter
+            self.say(f"the summary writer did not finish: {type(error).__name__}: {error}")
         steps = gpu_summary.read_steps(self.path(evidence.STEPS))
         preflight = gpu_summary.read_preflight(self.path(evidence.PREFLIGHT))
         status, verdict = gpu_summary.exit_status(steps, preflight, self.simulate)
+        if not written:
+            self._fallback_summary(steps, verdict)
         self.say(f"{verdict} (exit {status}, {time.monotonic() - self.started:.0f} s in all)")
         self.log.close()
         if evidence.trim_to_limit(self.path(evidence.LOG)):
@@ -302,6 +410,20 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         for problem in evidence.evidence_problems(self.out):
             print(f"[gpu-validate] WARNING: {problem}", flush=True)
         return status
+
+    def _fallback_summary(self, steps: list[dict], verdict: str) -> None:
+        """The verdict and the step table, where the summary writer could not write summary.md."""
+        title = "GPU validation rehearsal on the simulated GPU" if self.simulate else "GPU validation run"
+        lines = [f"### {title}: {verdict}", "", "The summary writer failed (its error is at the end of gpu-validate.log); "
+                 "this is the step table alone.", ""]
+        lines += gpu_summary.table(list(gpu_summary.STEP_FIELDS), [[step[field] for field in gpu_summary.STEP_FIELDS] for step in steps])
+        with open(self.path(evidence.SUMMARY), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
+def _terminated(number, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the summary must not be cut by a second one
+    raise Terminated()
 
 
 def main(argv=None) -> int:
@@ -322,6 +444,7 @@ def main(argv=None) -> int:
     readme = os.environ.get("GPU_VALIDATE_README", "README.md")
     run = Run(out, os.environ.get("PYTHON") or "python3", args.simulate, os.path.join(ROOT, readme) if readme else None,
               int(os.environ.get("GPU_VALIDATE_BUDGET_S") or BUDGET_S), int(os.environ.get("GPU_VALIDATE_WORKERS") or default_workers()))
+    signal.signal(signal.SIGTERM, _terminated)
     return run.validate([args.tier] if args.tier else list(TIER_NAMES))
 
 

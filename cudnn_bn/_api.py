@@ -10,6 +10,7 @@ only when such an argument arrives) and then take the cuDNN path; results are cu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import numpy as np
@@ -24,15 +25,11 @@ __all__ = ["backward", "check_overflow", "cudnn_available", "forward_inference",
 _RUNNING = ("running_mean", "running_var")  # optional, and updated in place
 
 
-_OPS = []
-
-
+@functools.cache
 def _cudnn_ops():
-    if not _OPS:
-        from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
+    from ._cudnn import ops  # imported on first cupy call only, so numpy users never load cupy
 
-        _OPS.append(ops)
-    return _OPS[0]
+    return ops
 
 
 def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:

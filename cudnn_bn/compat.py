@@ -44,6 +44,7 @@ from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
 from ._core.saved import SavedStats
 from ._core.scalars import check_eps, check_momentum
+from ._cudnn.enums import TensorFormat
 
 __all__ = [
     "CUDNN_BATCHNORM_PER_ACTIVATION",
@@ -63,15 +64,16 @@ __all__ = [
 CUDNN_BATCHNORM_PER_ACTIVATION = Mode.PER_ACTIVATION
 CUDNN_BATCHNORM_SPATIAL = Mode.SPATIAL
 CUDNN_BATCHNORM_SPATIAL_PERSISTENT = Mode.SPATIAL_PERSISTENT
-# cudnnTensorFormat_t values (cudnn_graph.h)
-CUDNN_TENSOR_NCHW = 0
-CUDNN_TENSOR_NHWC = 1
+# cudnnTensorFormat_t, as members of the raw layer's TensorFormat (equal to CuPy 13's ints); its module
+# enums.py loads nothing, so importing compat does not load the binding
+CUDNN_TENSOR_NCHW = TensorFormat.NCHW
+CUDNN_TENSOR_NHWC = TensorFormat.NHWC
 # cudnn_ops.h of cuDNN 9 (it was 1e-5 before cuDNN 7.5)
 CUDNN_BN_MIN_EPSILON = 0.0
 
 # the training forward's optional arguments, all written in place
 _WRITTEN = ("running_mean", "running_var", "mean", "inv_std")
-_LAYOUT_NAMES = {CUDNN_TENSOR_NCHW: "CUDNN_TENSOR_NCHW", CUDNN_TENSOR_NHWC: "CUDNN_TENSOR_NHWC"}
+_LAYOUTS = (CUDNN_TENSOR_NCHW, CUDNN_TENSOR_NHWC)  # d_layout's accepted values; NCHW_VECT_C is for int8 data
 
 
 def getVersion() -> int:  # noqa: N802 (CuPy's name)
@@ -119,12 +121,6 @@ class _Geometry:
         """An x-shaped result back in the caller's shape."""
         return array.reshape(self.x_shape)
 
-    @property
-    def _cudnn_param_shape(self) -> tuple[int, ...]:
-        axes = self.layout.param_axes_to_cudnn
-        shape = self.layout.param_shape
-        return shape if axes is None else tuple(shape[axis] for axis in axes)
-
     def param(self, name: str, array, *, written: bool = False):
         """A caller's parameter-sized array as cudnn_bn's parameter shape (a view where it is
         ``written``): its memory is read in cuDNN's order, as CuPy 13 passed it to cuDNN."""
@@ -136,16 +132,16 @@ class _Geometry:
                 f"{name}: expected {math.prod(expected)} elements (parameter shape {expected} for x of shape "
                 f"{self.x_shape} in {self.layout.mode.name}), got shape {tuple(array.shape)}"
             )
-        axes = self.layout.param_axes_to_cudnn
-        if axes is None and tuple(array.shape) == expected:
+        from_cudnn = self.layout.param_axes_from_cudnn
+        if from_cudnn is None and tuple(array.shape) == expected:
             return array
         if written and not array.flags.c_contiguous:
             raise ValueError(
                 f"{name}: expected a C-contiguous array or one of shape {expected} (it is written in place), "
                 f"got a non-contiguous array of shape {tuple(array.shape)}"
             )
-        view = array.reshape(self._cudnn_param_shape)
-        return view if axes is None else view.transpose(tuple(int(a) for a in np.argsort(axes)))
+        view = array.reshape(self.layout.cudnn_param_shape)
+        return view if from_cudnn is None else view.transpose(from_cudnn)
 
     def param_result(self, array, shape):
         """A parameter-shaped result in cuDNN's memory order, shaped like the caller's ``gamma``."""
@@ -154,8 +150,9 @@ class _Geometry:
 
 
 def _geometry(x, is_for_conv2d, d_layout, mode: Mode) -> _Geometry:
-    if isinstance(d_layout, bool) or not isinstance(d_layout, (int, np.integer)) or int(d_layout) not in _LAYOUT_NAMES:
-        raise ValueError(f"d_layout: expected CUDNN_TENSOR_NCHW (0) or CUDNN_TENSOR_NHWC (1), got {d_layout!r}")
+    if isinstance(d_layout, bool) or not isinstance(d_layout, (int, np.integer)) or int(d_layout) not in _LAYOUTS:
+        accepted = " or ".join(f"CUDNN_TENSOR_{layout.name} ({int(layout)})" for layout in _LAYOUTS)
+        raise ValueError(f"d_layout: expected {accepted}, got {d_layout!r}")
     shape = tuple(int(size) for size in x.shape)
     if not is_for_conv2d:
         channels = shape[-1] if shape else 1

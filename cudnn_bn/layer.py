@@ -26,6 +26,7 @@ from ._core.validate import DATA_DTYPES, param_dtype_for
 __all__ = ["BatchNorm", "KeptForBackward", "LoadResult"]
 
 _ARRAY_LIBRARIES = ("numpy", "cupy")
+_NUMPY_LAYER = "A layer with xp='numpy' runs the NumPy reference."  # the way out when cupy cannot serve
 _INT32_MAX = 2**31 - 1  # cuDNN describes every dim as a C int
 _COUNT_MAX = 2**63 - 1  # num_batches_tracked is stored as int64, as torch does
 
@@ -116,7 +117,11 @@ class BatchNorm:
         self.on_overflow = on_overflow
         self.param_shape = shape
         param_dtype = param_dtype_for(data_dtype)
-        self._gamma = self._xp.ones(shape, dtype=param_dtype)
+        try:
+            self._gamma = self._xp.ones(shape, dtype=param_dtype)
+        except Exception as error:
+            _refuse_unusable_device(self._xp, error)
+            raise
         self._beta = self._xp.zeros(shape, dtype=param_dtype)
         self.grad_gamma = self.grad_beta = self.grad_residual = None
         if self.track_running_stats:
@@ -141,7 +146,7 @@ class BatchNorm:
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
-        state["_xp"] = importlib.import_module(state["_xp"])
+        state["_xp"] = _import_array_library(state["_xp"])
         # a layer pickled before activations (or its overflow policy) existed
         state.setdefault("activation", None)
         state.setdefault("on_overflow", None)
@@ -192,11 +197,28 @@ class BatchNorm:
     def bias(self, value) -> None:
         self._beta = self._own_parameter("bias", value)
 
-    def _own_parameter(self, name: str, value):
-        """A parameter assigned by reference: of the layer's kind, dtype and shape."""
-        kind = array_kind(**{name: value})
+    def _kind_of(self, name: str, value) -> str:
+        """``value``'s kind, "numpy" or "cupy"; a TypeError in the layer's terms for anything else,
+        with the hint the functions give for an array of another library (how to pass it)."""
+        try:
+            kind = array_kind(**{name: value})
+        except TypeError:
+            if value is None or isinstance(value, np.ndarray) or type(value).__module__.split(".")[0] == "cupy":
+                raise  # array_kind's own message says what is wrong with it
+            from ._cudnn.interop import foreign_array_hint  # only here: numpy users never import _cudnn
+
+            hint = foreign_array_hint(name, value, self._xp.__name__)
+            if hint is None:
+                raise
+            raise TypeError(f"{name}: expected a {self._xp.__name__} array ({self._short()} keeps its state there), "
+                            f"got {hint}") from None
         if kind != self._xp.__name__:
             raise TypeError(f"{name}: expected a {self._xp.__name__} array ({self._short()} keeps its state there), got a {kind} array")
+        return kind
+
+    def _own_parameter(self, name: str, value):
+        """A parameter assigned by reference: of the layer's kind, dtype and shape."""
+        self._kind_of(name, value)
         param_dtype = param_dtype_for(self.dtype)
         if np.dtype(value.dtype) != param_dtype:
             raise TypeError(f"{name}: expected dtype {param_dtype} ({self._short()}'s parameter dtype), got {value.dtype}")
@@ -219,9 +241,7 @@ class BatchNorm:
 
     def _check_input(self, x, operation: str) -> None:
         """Refuse an x this layer cannot take, in the layer's own terms (before any state changes)."""
-        kind = array_kind(x=x)
-        if kind != self._xp.__name__:
-            raise TypeError(f"x: expected a {self._xp.__name__} array ({self._short()} keeps its state there), got a {kind} array")
+        self._kind_of("x", x)
         if np.dtype(x.dtype) != self.dtype:
             raise TypeError(
                 f"x: expected dtype {self.dtype} ({self._short()}, dtype={self.dtype}), got {np.dtype(x.dtype)}; "
@@ -433,10 +453,33 @@ def _data_dtype(dtype) -> np.dtype:
 
 def _array_library(xp) -> types.ModuleType:
     if isinstance(xp, str) and xp in _ARRAY_LIBRARIES:
-        return importlib.import_module(xp)
+        return _import_array_library(xp)
     if isinstance(xp, types.ModuleType) and xp.__name__ in _ARRAY_LIBRARIES:
         return xp
     raise TypeError(f"xp: expected the numpy or cupy module (or its name), got {xp!r}")
+
+
+def _import_array_library(name: str) -> types.ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        if name == "numpy":
+            raise
+        from ._cudnn.availability import cupy_missing
+
+        raise ModuleNotFoundError(f"xp={name!r}: {cupy_missing(error)}. {_NUMPY_LAYER}", name=name) from error
+
+
+def _refuse_unusable_device(xp, error: Exception) -> None:
+    """Raise a RuntimeError that says why, when the layer's state could not be allocated because
+    CuPy has no device here (no driver, no GPU); return for any other failure."""
+    if xp is np:
+        return
+    from ._cudnn.availability import cupy_device_problem
+
+    problem = cupy_device_problem(xp)
+    if problem is not None:
+        raise RuntimeError(f"xp='cupy': CuPy cannot allocate the layer's state here: {problem}. {_NUMPY_LAYER}") from error
 
 
 def _batch_count(name: str, value) -> int:

@@ -21,6 +21,12 @@ bit-equal.
 
 SPATIAL_PERSISTENT computes exactly what SPATIAL computes; its differences on cuDNN (overflow, the
 saved-statistics rule) are enforced by the shared checks.
+
+The fused calls' reference is here too (``fused_forward_training``, ``fused_forward_inference``,
+``fused_backward``; cudnn_bn.fused publishes them as ``reference_*``): the plain reference's
+float64 arithmetic, then the residual add and the activation also in float64, each result rounded
+once to its dtype. ``activation_mask`` is the one definition of where an activation passes the
+gradient.
 """
 
 from __future__ import annotations
@@ -29,9 +35,17 @@ import math
 
 import numpy as np
 
-from ._core.arrays import array_kind
+from ._core.arrays import OPTIONAL_ARRAYS, array_kind
+from ._core.fused_saved import (
+    PATH_REFERENCE,
+    FusedSaved,
+    check_forward_output,
+    check_fused_saved,
+    check_residual,
+)
 from ._core.layout import Layout
-from ._core.saved import SavedStats
+from ._core.modes import Activation, parse_activation
+from ._core.saved import SavedStats, trusted_saved_stats
 from ._core.validate import (
     check_backward,
     check_fold,
@@ -40,7 +54,16 @@ from ._core.validate import (
     resolve_backward_settings,
 )
 
-__all__ = ["backward", "fold_inference", "forward_inference", "forward_training"]
+__all__ = [
+    "activation_mask",
+    "backward",
+    "fold_inference",
+    "forward_inference",
+    "forward_training",
+    "fused_backward",
+    "fused_forward_inference",
+    "fused_forward_training",
+]
 
 # Elements per block, at most: 1 MiB of float64. NumPy's elementwise passes stream x from memory
 # about twice as fast in blocks of this size as in L2-sized ones, and per-call overhead stays small.
@@ -53,9 +76,9 @@ _MIN_BLOCK_ELEMENTS = 1 << 13
 _TEMPORARY_FRACTION_OF_X = 1 / 8
 
 
-def _require_numpy(**named) -> None:
-    if array_kind(**named) != "numpy":
-        raise TypeError("cudnn_bn.reference: expected numpy arrays; use cudnn_bn.forward_training etc. for cupy arrays")
+def _require_numpy(*, optional=OPTIONAL_ARRAYS, refused_as="cudnn_bn.reference", calls="cudnn_bn", **named) -> None:
+    if array_kind(optional=optional, **named) != "numpy":
+        raise TypeError(f"{refused_as}: expected numpy arrays; use {calls}.forward_training etc. for cupy arrays")
 
 
 def _grouped_shape(layout: Layout) -> tuple[int, int, int]:
@@ -451,3 +474,112 @@ def fold_inference(gamma, beta, mean, var, eps=1e-5):
     gamma, beta, mean, var = (a.astype(np.float64) for a in (gamma, beta, mean, var))
     scale = gamma / (var + eps) ** 0.5
     return scale.astype(dtype), (beta - mean * scale).astype(dtype)
+
+
+# ---- fused: the batch norm, then the residual add and the activation, all in float64 ----
+_FUSED_OPTIONAL = OPTIONAL_ARRAYS + ("residual",)
+_FUSED_REFUSED_AS = "cudnn_bn.fused.reference_*"  # the names cudnn_bn.fused publishes these under
+
+
+def _require_numpy_fused(**named) -> None:
+    _require_numpy(optional=_FUSED_OPTIONAL, refused_as=_FUSED_REFUSED_AS, calls="cudnn_bn.fused", **named)
+
+
+def _activate(pre: np.ndarray, activation: Activation) -> np.ndarray:
+    """act(pre) in place on a float64 array. ReLU: fmax(pre, 0), so NaN gives 0 as in cuDNN's
+    fused kernels (their activation descriptor does not propagate NaN)."""
+    if activation is Activation.RELU:
+        return np.fmax(pre, 0.0, out=pre)
+    raise NotImplementedError(f"activation {activation}")  # parse_activation admits no other
+
+
+def activation_mask(y, activation: Activation):
+    """Where the activation passes the gradient, read from its output: ReLU's derivative is 1
+    where y > 0 and 0 elsewhere, including a pre-activation of exactly 0 (docs/math.md). A
+    boolean array of y's kind (numpy or cupy); the one definition of it on the host side, used by
+    the fused reference and by the synchronized layer."""
+    if activation is Activation.RELU:
+        return y > 0
+    raise NotImplementedError(f"activation {activation}")
+
+
+def fused_forward_training(x, gamma, beta, running_mean=None, running_var=None, *, residual=None, activation="relu",
+                           mode="spatial", momentum=0.1, eps=1e-5, channel_axis=1):
+    """Fused forward training on numpy arrays: ``y = act(BN(x) + residual)``
+    (``cudnn_bn.fused.reference_forward_training``).
+
+    Args: as :func:`forward_training`, plus ``residual`` (None or an array of x's shape and dtype,
+    not overlapping x) and ``activation`` ("relu" or an Activation).
+
+    Returns ``(y, saved)``: y in x's dtype and shape, C-contiguous, computed in float64 and rounded
+    once; saved a :class:`~cudnn_bn.fused.FusedSaved` (path PATH_REFERENCE). Running statistics as
+    the plain call. The float64 work uses x-sized float64 temporaries.
+    """
+    _require_numpy_fused(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var,
+                         residual=residual)
+    activation = parse_activation(activation)
+    checked, momentum = check_forward_training(
+        x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
+    )
+    check_residual(x, residual, running_mean, running_var)
+    # the plain reference on x widened exactly: its float64 result before any rounding
+    pre, stats64 = forward_training(
+        x.astype(np.float64), gamma, beta, running_mean, running_var, mode=checked.layout.mode, momentum=momentum,
+        eps=checked.eps, channel_axis=channel_axis,
+    )
+    if residual is not None:
+        np.add(pre, residual, out=pre)
+    y = _activate(pre, activation).astype(checked.data_dtype, copy=False)
+    stats = trusted_saved_stats(
+        stats64.mean.astype(checked.param_dtype), stats64.inv_std.astype(checked.param_dtype), stats64.mode,
+        stats64.eps, stats64.channel_axis,
+    )
+    return y, FusedSaved(stats, activation, residual is not None, PATH_REFERENCE)
+
+
+def fused_forward_inference(x, gamma, beta, mean, var, *, residual=None, activation="relu", mode="spatial",
+                            eps=1e-5, channel_axis=1):
+    """Fused forward with fixed statistics on numpy arrays: ``act(BN(x) + residual)``, computed in
+    float64 and rounded once to x's dtype (C-contiguous, x's shape)
+    (``cudnn_bn.fused.reference_forward_inference``)."""
+    _require_numpy_fused(x=x, gamma=gamma, beta=beta, mean=mean, var=var, residual=residual)
+    activation = parse_activation(activation)
+    checked = check_forward_inference(x, gamma, beta, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+    check_residual(x, residual)
+    pre = forward_inference(
+        x.astype(np.float64), gamma, beta, mean, var, mode=checked.layout.mode, eps=checked.eps,
+        channel_axis=channel_axis,
+    )
+    if residual is not None:
+        np.add(pre, residual, out=pre)
+    return _activate(pre, activation).astype(checked.data_dtype, copy=False)
+
+
+def fused_backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None):
+    """Gradients of the fused forward on numpy arrays: ``(dx, dresidual, dgamma, dbeta)``
+    (``cudnn_bn.fused.reference_backward``).
+
+    ``y`` is the forward's output; ``saved`` its :class:`~cudnn_bn.fused.FusedSaved`. The
+    activation's gradient ``g = dy * act'(y)`` (for ReLU: dy where y > 0, else 0) is dresidual
+    (None when the forward had no residual), and the batch-norm backward of g gives dx, dgamma,
+    dbeta, all in float64 and rounded once: dx and dresidual in x's dtype (C-contiguous), dgamma
+    and dbeta in the parameter dtype. ``mode``, ``eps``, ``channel_axis`` as in :func:`backward`.
+    """
+    saved = check_fused_saved(saved)
+    _require_numpy_fused(x=x, y=y, dy=dy, gamma=gamma)
+    mode, eps, channel_axis = resolve_backward_settings(x, saved.stats, mode, eps, channel_axis)
+    if mode == "auto":
+        mode = saved.mode
+    checked = check_backward(x, dy, gamma, saved.stats, mode=mode, eps=eps, channel_axis=channel_axis)
+    check_forward_output(x, y)
+    grad = np.where(activation_mask(y, saved.activation), dy.astype(np.float64), 0.0)
+    grad = np.ascontiguousarray(grad)
+    stats64 = trusted_saved_stats(
+        saved.mean.astype(np.float64), saved.inv_std.astype(np.float64), saved.mode, saved.eps, saved.channel_axis
+    )
+    dx, dgamma, dbeta = backward(x.astype(np.float64), grad, gamma, stats64, mode=mode, eps=eps, channel_axis=channel_axis)
+    dresidual = grad.astype(checked.data_dtype) if saved.has_residual else None
+    return (
+        dx.astype(checked.data_dtype, copy=False), dresidual,
+        dgamma.astype(checked.param_dtype, copy=False), dbeta.astype(checked.param_dtype, copy=False),
+    )

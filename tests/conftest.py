@@ -19,8 +19,11 @@ core, so the validation runs them in a serial step of their own, never beside pa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import itertools
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -230,3 +233,83 @@ def cudnn_headers(cudnn_library):
     if directory is None:
         pytest.fail("cuda.pathfinder found no cuDNN headers although libcudnn loaded")
     return [open(os.path.join(directory, name)).read() for name in HEADERS]
+
+
+# ---- the simulated GPU with CuPy's consumer side of DLPack and __cuda_array_interface__ ----
+
+BATCH_NORM_KERNELS = ("cudnnBatchNormalizationForwardTraining", "cudnnBatchNormalizationForwardTrainingEx",
+                      "cudnnBatchNormalizationForwardInference", "cudnnBatchNormalizationBackward",
+                      "cudnnBatchNormalizationBackwardEx")
+
+
+
+
+class _HostCapsule:
+    def __init__(self, capsule):
+        self.capsule = capsule
+
+    def __dlpack__(self, **_):
+        return self.capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)
+
+
+class _Event:
+    """An event that also has CuPy's ``ptr`` (the simulated one has none)."""
+
+    _pointers = itertools.count(0xE000)
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.ptr = next(self._pointers)
+
+
+@pytest.fixture
+def simulated_gpu_with_interop(monkeypatch, cudnn_library):
+    """The simulated GPU, with CuPy's CAI import, from_dlpack, eventRecord and Stream.wait_event
+    added to the fake cupy (which has none of them); ``.log`` of what it yields records them with
+    how many kernels had been called."""
+    from fake_cudnn import FakeArray, simulated_gpu
+
+    with simulated_gpu(monkeypatch) as simulator:
+        cupy = sys.modules["cupy"]
+        log = []
+        simulator.log = log
+        plain_asarray = cupy.asarray
+
+        def kernels_called():
+            return sum(call in BATCH_NORM_KERNELS for call in simulator.calls)
+
+        def asarray(obj, dtype=None, order=None):
+            interface = getattr(type(obj), "__cuda_array_interface__", None) and obj.__cuda_array_interface__
+            if not interface:
+                return plain_asarray(obj, dtype)
+            log.append(("asarray", kernels_called()))
+            dtype = np.dtype(interface["typestr"])
+            shape = tuple(interface["shape"])
+            strides = interface["strides"] or tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
+            extent = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
+            buffer = (ctypes.c_char * extent).from_address(interface["data"][0])
+            flat = np.frombuffer(buffer, dtype=np.uint8)
+            return np.lib.stride_tricks.as_strided(flat.view(dtype), shape, strides).view(FakeArray)
+
+        def from_dlpack(obj):
+            device_type, _ = obj.__dlpack_device__()
+            assert device_type in (2, 13), "cupy.from_dlpack refuses other devices"
+            stream = cupy.cuda.get_current_stream().ptr or 1  # CuPy hands over its current stream (0: the default, 1)
+            capsule = obj.__dlpack__(stream=stream, max_version=(1, 0))
+            log.append(("from_dlpack", kernels_called()))
+            return np.from_dlpack(_HostCapsule(capsule)).view(FakeArray)
+
+        def event_record(event_ptr, stream_ptr):
+            log.append(("record", stream_ptr, event_ptr, kernels_called()))
+
+        def wait_event(stream, event):
+            log.append(("wait", stream.ptr, event.ptr, kernels_called()))
+
+        monkeypatch.setattr(cupy, "asarray", asarray)
+        monkeypatch.setattr(cupy, "from_dlpack", from_dlpack, raising=False)
+        monkeypatch.setattr(cupy.cuda, "Event", _Event)
+        monkeypatch.setattr(cupy.cuda.runtime, "eventRecord", event_record, raising=False)
+        monkeypatch.setattr(type(cupy.cuda.get_current_stream()), "wait_event", wait_event, raising=False)
+        yield simulator

@@ -39,6 +39,33 @@ def test_compare_reports_every_mode_and_operation_within_tolerance():
     assert "NumPy reference" in result.stdout
 
 
+@pytest.mark.parametrize("command", [("info",), ("compare", "--reference")])
+def test_a_closed_pipe_ends_the_command_quietly_with_the_sigpipe_status(command):
+    """stdout is a pipe whose reader closed before anything was written (the end of
+    ``cudnn-bn compare | head -1`` once head has its line): every write fails with EPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "cudnn_bn", *command], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    finally:
+        os.close(write_end)
+    assert result.returncode == cli.CLOSED_PIPE_STATUS == 141
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr  # the interpreter's last flush stays quiet too
+
+
+def test_compare_into_head_prints_the_first_line_and_no_traceback():
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m cudnn_bn compare --reference | head -1; "
+                             "echo \"statuses ${PIPESTATUS[*]}\""],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("backend: NumPy reference") and len(lines) == 2, result.stdout
+    statuses = lines[1].split()[1:]
+    assert statuses[0] in ("0", "141") and statuses[1] == "0", statuses  # 0 when head read all before it left
+    assert "Traceback" not in result.stderr and "Broken" not in result.stderr, result.stderr
+
+
 def test_unknown_command_fails():
     assert _cli("frobnicate").returncode != 0
 

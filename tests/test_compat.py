@@ -158,6 +158,24 @@ def test_constants_have_cudnn_values():
     assert compat.CUDNN_BN_MIN_EPSILON == 0.0
 
 
+def test_layout_constants_are_the_prototype_tables_tensor_formats():
+    from cudnn_bn._cudnn.raw import TensorFormat
+
+    assert compat.CUDNN_TENSOR_NCHW is TensorFormat.NCHW and compat.CUDNN_TENSOR_NHWC is TensorFormat.NHWC
+    x = np.arange(24, dtype=np.float32).reshape(2, 2, 2, 3)  # channels-last: C = 3
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=r"^d_layout: expected CUDNN_TENSOR_NCHW \(0\) or CUDNN_TENSOR_NHWC \(1\), "
+                                         r"got <TensorFormat.NCHW_VECT_C: 2>$"):
+        compat.batch_normalization_forward_inference(x, gamma, beta, beta, gamma, 1e-5, True, SPATIAL,
+                                                     TensorFormat.NCHW_VECT_C)
+    by_value = compat.batch_normalization_forward_inference(x, gamma, beta, beta, gamma, 1e-5, True, SPATIAL, 1)
+    by_member = compat.batch_normalization_forward_inference(x, gamma, beta, beta, gamma, 1e-5, True, SPATIAL,
+                                                             TensorFormat.NHWC)
+    np.testing.assert_array_equal(by_value, by_member)
+    channels_last = cudnn_bn.forward_inference(x, gamma, beta, beta, gamma, mode="spatial", eps=1e-5, channel_axis=-1)
+    np.testing.assert_array_equal(by_member, channels_last)
+
+
 def test_constants_match_the_installed_headers(cudnn_headers):
     text = "\n".join(cudnn_headers)
     for name in ("CUDNN_BATCHNORM_PER_ACTIVATION", "CUDNN_BATCHNORM_SPATIAL", "CUDNN_BATCHNORM_SPATIAL_PERSISTENT", "CUDNN_TENSOR_NCHW", "CUDNN_TENSOR_NHWC"):

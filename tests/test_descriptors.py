@@ -78,6 +78,16 @@ def test_the_dtype_map_matches_cudnns_enum_values():
         cudnn_data_type(np.int32)
 
 
+def test_every_descriptor_made_is_counted(cudnn_library):
+    before = descriptors_created()
+    made = [TensorDescriptor.from_dims(cudnn_data_type(np.float32), (2, 3, 4, 5), (60, 20, 5, 1)) for _ in range(3)]
+    made.append(ActivationDescriptor.of(1))
+    assert descriptors_created() == before + 4
+    for descriptor in made:
+        descriptor.close()
+    assert descriptors_created() == before + 4  # a count of creations: closing leaves it
+
+
 def test_plans_do_not_grow_over_repeated_calls(cudnn_library):
     layout = make_layout((16, 8, 5, 5), 1, Mode.SPATIAL)
     first = plans.plan_for(plans.TRAINING, layout, np.dtype(np.float32), 0)

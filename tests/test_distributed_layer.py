@@ -11,12 +11,12 @@ import pickle
 
 import numpy as np
 import pytest
-
-from cudnn_bn import BatchNorm, fused
-from cudnn_bn import distributed as dist
-from cudnn_bn.layer import KeptForBackward
 from conftest import make_case
 from group_checks import close, results, run_ranks, shards
+
+from cudnn_bn import Activation, BatchNorm, fused, reference
+from cudnn_bn import distributed as dist
+from cudnn_bn.layer import KeptForBackward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILED = "failed (an error other than a refused input)"
@@ -210,25 +210,25 @@ def test_a_sync_layer_state_with_the_old_group_flag_loads_with_its_group():
 
 
 def test_the_layer_reads_the_activation_gradient_from_the_one_definition_of_it(monkeypatch):
-    """Where an activation passes the gradient is decided once, by cudnn_bn.fused, for the fused
-    reference and the sync layer alike."""
+    """Where an activation passes the gradient is decided once, by cudnn_bn.reference, for the
+    fused reference and the sync layer alike."""
     rng = np.random.default_rng(3)
     x, dy = (rng.standard_normal((4, 3, 2)) for _ in range(2))
     single = BatchNorm(3, mode="spatial", dtype=np.float64, activation="relu")
     single(x)
     expected = single.backward(dy)
     masks = []
-    one_definition = fused.activation_mask
+    one_definition = reference.activation_mask
 
     def recording(y, activation):
         masks.append(activation)
         return one_definition(y, activation)
 
-    monkeypatch.setattr(fused, "activation_mask", recording)
+    monkeypatch.setattr(reference, "activation_mask", recording)
     layer = dist.SyncBatchNorm(3, group=dist.local_group(1)[0], mode="spatial", dtype=np.float64, activation="relu")
     layer(x)
     close(layer.backward(dy), expected, np.float64, what="dx")
-    assert masks == [fused.Activation.RELU]
+    assert masks == [Activation.RELU]
 
 
 @pytest.mark.parametrize("phase", ["forward", "backward"])

@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
+from fake_cudnn import simulated_gpu
+
 from cudnn_bn import Mode, reference
 from cudnn_bn._core.modes import Activation, parse_activation
 from cudnn_bn._core.tolerances import assert_close, statistics_rtol, to_numpy
@@ -24,7 +25,6 @@ from cudnn_bn.fused import (
     reference_backward,
     reference_forward_training,
 )
-from fake_cudnn import simulated_gpu
 
 
 def _inputs(shape, mode, channel_axis, dtype, seed=0):
@@ -181,6 +181,33 @@ def test_results_are_rounded_once():
     np.testing.assert_array_equal(y, exact.astype(np.float16))
 
 
+def test_the_fused_reference_lives_in_reference_and_this_module_only_dispatches():
+    """cudnn_bn.fused publishes the reference's fused functions under their documented names and
+    holds no NumPy math of its own."""
+    from cudnn_bn import fused
+
+    assert fused.reference_forward_training is reference.fused_forward_training
+    assert fused.reference_forward_inference is reference.fused_forward_inference
+    assert fused.reference_backward is reference.fused_backward
+    assert {"fused_forward_training", "fused_forward_inference", "fused_backward", "activation_mask"} <= set(
+        reference.__all__
+    )
+    with open(fused.__file__, encoding="utf-8") as handle:
+        source = handle.read()
+    assert "import numpy" not in source and "np." not in source
+
+
+def test_the_fused_reference_refuses_cupy_arrays_in_its_own_terms(gpu):
+    cupy = sys.modules["cupy"]
+    x = cupy.asarray(np.ones((4, 3), np.float32))
+    gamma, beta = cupy.asarray(np.ones(3, np.float32)), cupy.asarray(np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match=r"^cudnn_bn\.fused\.reference_\*: expected numpy arrays; use "
+                                        r"cudnn_bn\.fused\.forward_training etc\. for cupy arrays$"):
+        reference_forward_training(x, gamma, beta)
+    with pytest.raises(TypeError, match=r"^cudnn_bn\.reference: expected numpy arrays; use cudnn_bn\.forward_training"):
+        reference.forward_training(x, gamma, beta)
+
+
 # ---- the public calls on numpy ----
 def test_public_call_on_numpy_resolves_auto_and_records_the_overflow_policy():
     shape = (4, 3, 3, 8)
@@ -245,6 +272,25 @@ def test_backward_checks_y_and_saved(small):
         forward_training(x, gamma, beta, activation="tanh")
     with pytest.raises(ValueError, match="FusedSaved.path"):
         FusedSaved(saved.stats, "relu", False, "somewhere")
+
+
+def test_the_path_is_a_str_enum_whose_values_are_the_documented_strings(small):
+    import json
+
+    from cudnn_bn.fused import FusedPath
+
+    assert [(member.name, member.value) for member in FusedPath] == [
+        ("REFERENCE", "reference"), ("FUSED_EX", "fused_ex"), ("COMPOSED", "composed")]
+    assert (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED) == (FusedPath.REFERENCE, FusedPath.FUSED_EX, FusedPath.COMPOSED)
+    x, _, gamma, beta, residual = small
+    _, saved = forward_training(x, gamma, beta, residual=residual, mode="spatial")
+    assert saved.path is FusedPath.REFERENCE and saved.path == "reference"
+    assert str(saved.path) == "reference" and f"{saved.path:>10}|" == " reference|" and json.dumps(saved.path) == '"reference"'
+    rebuilt = FusedSaved(saved.stats, "relu", True, "composed")  # given as the documented string
+    assert rebuilt.path is FusedPath.COMPOSED
+    for wrong in ("COMPOSED", "somewhere", 1, None):
+        with pytest.raises(ValueError, match=r"^FusedSaved\.path: expected one of \['reference', 'fused_ex', 'composed'\], got "):
+            FusedSaved(saved.stats, "relu", False, wrong)
 
 
 # ---- the simulated GPU: the fused Ex path and the composed path ----

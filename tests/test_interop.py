@@ -3,15 +3,14 @@
 On the simulated GPU the device memory is host memory, so stand-in objects expose a host
 address through ``__cuda_array_interface__`` or a capsule through ``__dlpack__`` on a CUDA device,
 exactly as torch.cuda tensors, JAX and Numba arrays do with device addresses. The fake cupy
-module has no CAI-aware ``asarray`` and no ``from_dlpack``; this file adds both (zero-copy views,
-as CuPy's are), and the event calls, to the fake module of each test. The tests marked ``gpu``
+module has no CAI-aware ``asarray`` and no ``from_dlpack``; the fixture simulated_gpu_with_interop
+of tests/conftest.py adds both (zero-copy views, as CuPy's are), and the event calls, to the fake
+module of each test. The tests marked ``gpu``
 run the same paths with real torch.cuda tensors.
 """
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import subprocess
 import sys
 import textwrap
@@ -22,12 +21,7 @@ import pytest
 import cudnn_bn
 from cudnn_bn import compat, reference
 from cudnn_bn._core.tolerances import assert_close
-from fake_cudnn import FakeArray, simulated_gpu
-
-BATCH_NORM_KERNELS = ("cudnnBatchNormalizationForwardTraining", "cudnnBatchNormalizationForwardTrainingEx",
-                      "cudnnBatchNormalizationForwardInference", "cudnnBatchNormalizationBackward",
-                      "cudnnBatchNormalizationBackwardEx")
-
+from fake_cudnn import FakeArray
 
 # ---- stand-ins for foreign CUDA arrays ----
 
@@ -85,75 +79,10 @@ class RefusingTensor:
         raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires grad. Use var.detach()")
 
 
-# ---- the fake cupy grows the consumer side of both protocols ----
-
-
-class _HostCapsule:
-    def __init__(self, capsule):
-        self.capsule = capsule
-
-    def __dlpack__(self, **_):
-        return self.capsule
-
-    def __dlpack_device__(self):
-        return (1, 0)
-
-
-class _Event:
-    """An event that also has CuPy's ``ptr`` (the simulated one has none)."""
-
-    _pointers = itertools.count(0xE000)
-
-    def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.ptr = next(self._pointers)
-
-
 @pytest.fixture
-def gpu(monkeypatch, cudnn_library):
-    """The simulated GPU, with CuPy's CAI import, from_dlpack, eventRecord and Stream.wait_event
-    added to the fake cupy; ``gpu.log`` records them with how many kernels had been called."""
-    with simulated_gpu(monkeypatch) as simulator:
-        cupy = sys.modules["cupy"]
-        log = []
-        simulator.log = log
-        plain_asarray = cupy.asarray
-
-        def kernels_called():
-            return sum(call in BATCH_NORM_KERNELS for call in simulator.calls)
-
-        def asarray(obj, dtype=None, order=None):
-            interface = getattr(type(obj), "__cuda_array_interface__", None) and obj.__cuda_array_interface__
-            if not interface:
-                return plain_asarray(obj, dtype)
-            log.append(("asarray", kernels_called()))
-            dtype = np.dtype(interface["typestr"])
-            shape = tuple(interface["shape"])
-            strides = interface["strides"] or tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
-            extent = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
-            buffer = (ctypes.c_char * extent).from_address(interface["data"][0])
-            flat = np.frombuffer(buffer, dtype=np.uint8)
-            return np.lib.stride_tricks.as_strided(flat.view(dtype), shape, strides).view(FakeArray)
-
-        def from_dlpack(obj):
-            device_type, _ = obj.__dlpack_device__()
-            assert device_type in (2, 13), "cupy.from_dlpack refuses other devices"
-            stream = cupy.cuda.get_current_stream().ptr or 1  # CuPy hands over its current stream (0: the default, 1)
-            capsule = obj.__dlpack__(stream=stream, max_version=(1, 0))
-            log.append(("from_dlpack", kernels_called()))
-            return np.from_dlpack(_HostCapsule(capsule)).view(FakeArray)
-
-        def event_record(event_ptr, stream_ptr):
-            log.append(("record", stream_ptr, event_ptr, kernels_called()))
-
-        def wait_event(stream, event):
-            log.append(("wait", stream.ptr, event.ptr, kernels_called()))
-
-        monkeypatch.setattr(cupy, "asarray", asarray)
-        monkeypatch.setattr(cupy, "from_dlpack", from_dlpack, raising=False)
-        monkeypatch.setattr(cupy.cuda, "Event", _Event)
-        monkeypatch.setattr(cupy.cuda.runtime, "eventRecord", event_record, raising=False)
-        monkeypatch.setattr(type(cupy.cuda.get_current_stream()), "wait_event", wait_event, raising=False)
-        yield simulator
+def gpu(simulated_gpu_with_interop):
+    """The simulated GPU with CuPy's consumer side of both protocols (tests/conftest.py)."""
+    return simulated_gpu_with_interop
 
 
 def _synchronize():
@@ -409,15 +338,21 @@ def test_torch_tensors_that_require_grad_are_refused_and_detach_works():
 
 
 class _CudaArrayInterfaceOnly:
-    """A torch.cuda tensor seen only through its __cuda_array_interface__ (its 'stream' is
-    torch's current stream)."""
+    """A torch.cuda tensor seen only through __cuda_array_interface__, as version 3 with the
+    'stream' its pending work is on: torch's current stream when it was wrapped. (torch's own
+    interface is version 2, without a stream: its consumer may read at once, so torch's pending
+    work on another stream must then be finished by the caller.)"""
 
     def __init__(self, tensor):
+        import torch
+
         self.tensor = tensor
+        pointer = torch.cuda.current_stream().cuda_stream
+        self.stream = pointer if pointer != 0 else 1  # version 3 names the legacy default stream 1, never 0
 
     @property
     def __cuda_array_interface__(self):
-        return self.tensor.__cuda_array_interface__
+        return {**self.tensor.__cuda_array_interface__, "version": 3, "stream": self.stream}
 
 
 @pytest.mark.gpu
@@ -442,3 +377,26 @@ def test_torch_cpu_tensors_are_type_errors():
     x, _, gamma, beta = _case()
     with pytest.raises(TypeError, match="x: expected .* on DLPack device kDLCPU"):
         cudnn_bn.forward_training(torch.from_numpy(x), torch.from_numpy(gamma).cuda(), torch.from_numpy(beta).cuda(), mode="spatial")
+
+
+# ---- the hint for callers that take one array module only (the layer) ----
+@pytest.mark.parametrize("value,module,expected", [
+    (DLPackStandIn(np.ones(2), device_type=1), "numpy",
+     "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass numpy.from_dlpack(x) (a view, no copy)"),
+    (DLPackStandIn(np.ones(2), device_type=1), "cupy",
+     "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass cupy.asarray(numpy.from_dlpack(x)) (a copy to the GPU)"),
+    (DLPackStandIn(np.ones(2), device_type=13), "cupy",
+     "a test_interop.DLPackStandIn on DLPack device kDLCUDAManaged; pass cupy.from_dlpack(x) (a view, no copy)"),
+    (CudaArrayInterfaceStandIn(np.ones(2)), "cupy",
+     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; pass cupy.asarray(x) (a view, no copy)"),
+    (CudaArrayInterfaceStandIn(np.ones(2)), "numpy",
+     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; it is on a GPU: copy it to the host, or "
+     "use cupy arrays (cupy.asarray(x), a view, no copy)"),
+    (DLPackStandIn(np.ones(2), device_type=10), "numpy", "a test_interop.DLPackStandIn on DLPack device kDLROCM"),
+    (RefusingTensor(), "cupy", "a test_interop.RefusingTensor on DLPack device kDLCUDA; pass cupy.from_dlpack(x) (a view, no copy)"),
+    ([1.0, 2.0], "numpy", None),
+], ids=["host-numpy", "host-cupy", "managed-cupy", "cai-cupy", "cai-numpy", "rocm", "refusing", "list"])
+def test_the_hint_says_what_a_foreign_array_is_and_how_to_pass_it(value, module, expected):
+    from cudnn_bn._cudnn.interop import foreign_array_hint
+
+    assert foreign_array_hint("x", value, module) == expected

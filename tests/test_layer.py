@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -516,3 +517,94 @@ def test_repr_names_dtype_and_array_library():
         "BatchNorm(3, mode='auto', eps=1e-05, momentum=0.1, affine=True, track_running_stats=True, "
         "channel_axis=1, dtype=float32, xp=numpy)"
     )
+
+
+# ---- refusals with the hints the functions give ----
+class _DLPackProducer:
+    """Stands in for a tensor of another library (torch is not needed): it exposes DLPack on
+    ``device_type`` and is never read."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+
+    def __dlpack__(self, stream=None, max_version=None, **_):
+        raise AssertionError("the layer must refuse it before reading it")
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+
+_DLPackProducer.__module__, _DLPackProducer.__qualname__ = "torch", "Tensor"  # names as torch's would print
+_KDL_CPU, _KDL_CUDA = 1, 2
+
+
+def test_a_host_tensor_of_another_library_is_refused_naming_dlpack_and_the_conversion():
+    layer = BatchNorm(8)
+    before = _layer_state(layer)
+    expected = ("x: expected a numpy array (BatchNorm(8) keeps its state there), got a torch.Tensor on DLPack device "
+                "kDLCPU; pass numpy.from_dlpack(x) (a view, no copy)")
+    with pytest.raises(TypeError, match=f"^{_escaped(expected)}$"):
+        layer(_DLPackProducer(_KDL_CPU))
+    with pytest.raises(TypeError, match=_escaped("got a torch.Tensor on DLPack device kDLCPU; pass numpy.from_dlpack(weight)")):
+        layer.weight = _DLPackProducer(_KDL_CPU)
+    _assert_same_state(layer, before)
+    # the functions give the same pointer for the same object
+    import cudnn_bn
+
+    with pytest.raises(TypeError, match=_escaped("on DLPack device kDLCPU (for the NumPy reference pass numpy.from_dlpack(...))")):
+        cudnn_bn.forward_training(_DLPackProducer(_KDL_CPU), np.ones(8, np.float32), np.zeros(8, np.float32))
+
+
+def test_a_gpu_tensor_given_to_a_host_layer_says_how_cupy_takes_it():
+    with pytest.raises(TypeError, match=_escaped("got a torch.Tensor on DLPack device kDLCUDA; it is on a GPU: copy it to the "
+                                                 "host, or use cupy arrays (cupy.from_dlpack(x), a view, no copy)")):
+        BatchNorm(8)(_DLPackProducer(_KDL_CUDA))
+
+
+def test_a_host_tensor_given_to_a_cupy_layer_says_how_to_copy_it_there(gpu):
+    layer = BatchNorm(4, xp="cupy")
+    with pytest.raises(TypeError, match=_escaped("x: expected a cupy array (BatchNorm(4) keeps its state there), got a "
+                                                 "torch.Tensor on DLPack device kDLCPU; pass "
+                                                 "cupy.asarray(numpy.from_dlpack(x)) (a copy to the GPU)")):
+        layer(_DLPackProducer(_KDL_CPU))
+
+
+def test_a_cupy_layer_without_cupy_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises, as where it is not installed
+    with pytest.raises(ModuleNotFoundError) as raised:
+        BatchNorm(8, xp="cupy")
+    message = str(raised.value)
+    assert message.startswith("xp='cupy': CuPy is not installed (") and raised.value.name == "cupy"
+    assert "pip install 'cudnn_bn[cuda12]' or '[cuda13]'" in message and "xp='numpy'" in message
+    assert BatchNorm(8, xp="numpy").xp is np  # the way out it names works
+
+
+def test_a_cupy_layer_on_a_machine_without_a_gpu_says_so():
+    """This machine's real CuPy: importable, but without a driver it cannot allocate."""
+    import importlib
+
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        pytest.skip("CuPy is not installed here")
+    from cudnn_bn._cudnn.availability import cupy_device_problem
+
+    problem = cupy_device_problem(cupy)
+    if problem is None:
+        pytest.skip("CuPy has a device here: nothing is refused")
+    with pytest.raises(RuntimeError) as raised:
+        BatchNorm(8, xp="cupy")
+    assert str(raised.value) == (f"xp='cupy': CuPy cannot allocate the layer's state here: {problem}. "
+                                 "A layer with xp='numpy' runs the NumPy reference.")
+    assert type(raised.value.__cause__).__module__.startswith("cupy")  # CuPy's own error stays as the cause
+
+
+def test_an_allocation_failure_on_a_working_device_is_not_relabelled(gpu, monkeypatch):
+    import cupy  # the simulated one, which has a device
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("out of memory allocating 32 bytes")
+
+    monkeypatch.setattr(cupy, "ones", out_of_memory)
+    with pytest.raises(MemoryError, match="^out of memory allocating 32 bytes$"):
+        BatchNorm(8, xp="cupy")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cudnn_bn._core.layout import make_layout, physical_shape
+from cudnn_bn._core.layout import cudnn_columns_dims_and_strides, make_layout, physical_shape
 from cudnn_bn._core.modes import Mode
 
 
@@ -37,3 +37,38 @@ def test_an_empty_dimension_is_refused_naming_the_shape():
     with pytest.raises(ValueError) as raised:
         make_layout((0, 3), 1, Mode.SPATIAL)
     assert str(raised.value) == "x: expected every dimension to be at least 1, got shape (0, 3)"
+
+
+# ---- cuDNN's order, kept here for plans.py and compat ----
+@pytest.mark.parametrize("mode", list(Mode))
+@pytest.mark.parametrize("shape,axis", [((4, 3), 1), ((4, 3, 5), -1), ((2, 3, 4, 5), 1), ((2, 4, 5, 3), -1),
+                                        ((2, 3, 4, 5, 6), -1)])
+def test_parameters_move_to_cudnns_order_and_back(mode, shape, axis):
+    layout = make_layout(shape, axis, mode)
+    to_cudnn, from_cudnn = layout.param_axes_to_cudnn, layout.param_axes_from_cudnn
+    parameter = np.arange(np.prod(layout.param_shape)).reshape(layout.param_shape)
+    in_cudnn_order = parameter if to_cudnn is None else parameter.transpose(to_cudnn)
+    assert in_cudnn_order.shape == layout.cudnn_param_shape
+    assert (from_cudnn is None) == (to_cudnn is None)
+    back = in_cudnn_order if from_cudnn is None else in_cudnn_order.transpose(from_cudnn)
+    np.testing.assert_array_equal(back, parameter)
+    if mode is Mode.PER_ACTIVATION and layout.channels_last:
+        # cuDNN reads C first: feature (spatial..., c) of x is element (c, spatial...) of its parameter
+        assert layout.cudnn_param_shape == (shape[-1],) + shape[1:-1]
+        assert in_cudnn_order[(1,) + (0,) * (len(shape) - 2)] == parameter[(0,) * (len(shape) - 2) + (1,)]
+    else:
+        assert to_cudnn is None and layout.cudnn_param_shape == layout.param_shape
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((4, 3, 2, 2), 1), ((4, 2, 2, 3), -1)])
+def test_the_columns_descriptor_puts_each_column_of_x_in_memory_order_over_the_batch(shape, axis):
+    layout = make_layout(shape, axis, Mode.PER_ACTIVATION)
+    dims, strides = cudnn_columns_dims_and_strides(layout)
+    batch, columns = shape[0], int(np.prod(shape[1:]))
+    assert dims == (1, columns, batch, 1)
+    flat = np.arange(np.prod(shape)).reshape(shape)  # each element holds its C-order offset
+    for n in range(batch):
+        for column in range(columns):
+            offset = column * strides[1] + n * strides[2]
+            assert flat.reshape(batch, columns)[n, column] == offset
+    assert strides[0] == batch * columns and strides[3] == columns  # the size-1 dims, as packed NCHW has them

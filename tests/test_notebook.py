@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from test_readme import nbconvert_output, notebook_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "examples", "compare_modes.ipynb")
@@ -80,11 +81,21 @@ def test_notebook_executes_with_nbconvert_and_shows_what_differs_between_modes(t
     pytest.importorskip("sklearn")
     environment = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                        MPLBACKEND="module://matplotlib_inline.backend_inline")
-    command = [sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute", NOTEBOOK,
-               "--output-dir", str(tmp_path), "--output", "executed.ipynb", "--ExecutePreprocessor.timeout=110"]
+    # the README's command as written, run from a folder that stands for the repository root
+    # (its notebook a link to the real one), so that what it writes lands in tmp_path
+    os.symlink(os.path.dirname(NOTEBOOK), tmp_path / "examples")
+    with open(NOTEBOOK, "rb") as handle:
+        committed = handle.read()
+    words = notebook_command()
+    command = [sys.executable, "-m", "nbconvert", *words[2:], "--ExecutePreprocessor.timeout=110"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
-    with open(tmp_path / "executed.ipynb", encoding="utf-8") as handle:
+    written = nbconvert_output(words, str(tmp_path))
+    assert os.path.commonpath([written, str(tmp_path)]) == str(tmp_path)
+    assert os.path.realpath(written) != os.path.realpath(NOTEBOOK)
+    with open(NOTEBOOK, "rb") as handle:
+        assert handle.read() == committed, "the README's command rewrote the committed notebook"
+    with open(written, encoding="utf-8") as handle:
         notebook = json.load(handle)
     cells = _code_cells(notebook)
     assert not [output for cell in cells for output in cell["outputs"] if output["output_type"] == "error"]

@@ -26,9 +26,7 @@ from fake_cudnn import FakeArray, simulated_gpu
 def _forget_signatures():
     """Each test settles its own signatures (mutation runs pick, for each mutant, the tests that
     reached the mutated code: a signature settled by an earlier test would hide the settling)."""
-    from cudnn_bn._cudnn import plans
-
-    plans.PLANS.signatures.clear()
+    signatures.SETTLED.clear()
 
 
 @pytest.fixture
@@ -312,12 +310,12 @@ def test_each_call_signature_is_remembered_with_its_plan_and_the_memory_is_bound
     plans.PLANS.clear()
     args = _inference_args()
     cudnn_bn.forward_inference(*_device(*args), mode="spatial")
-    (settled,) = plans.PLANS.signatures.values()
+    (settled,) = signatures.SETTLED.values()
     assert settled.plan is plans.plan_for(plans.INFERENCE, settled.checked.layout, settled.checked.data_dtype, 0)
     monkeypatch.setattr(signatures, "MAX_SIGNATURES", 2)
     for batch in (5, 6, 7):
         cudnn_bn.forward_inference(*_device(*_inference_args((batch, 3, 2, 2))), mode="spatial")
-        assert 1 <= len(plans.PLANS.signatures) <= 2
+        assert 1 <= len(signatures.SETTLED) <= 2
 
 
 # ---- the Ex path's workspace, reserve and messages ----
@@ -485,12 +483,12 @@ def test_training_and_backward_remember_their_signature_with_their_plan(gpu, ope
 
     x, dy, gamma, beta = _device(*_backward_args())
     _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
-    plans.PLANS.signatures.clear()
+    signatures.SETTLED.clear()
     if operation == "training":
         cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
     else:
         cudnn_bn.backward(x, dy, gamma, saved)
-    (settled,) = plans.PLANS.signatures.values()
+    (settled,) = signatures.SETTLED.values()
     kind = plans.TRAINING if operation == "training" else plans.BACKWARD
     assert settled.plan is plans.plan_for(kind, settled.checked.layout, settled.checked.data_dtype, 0)
 
@@ -862,7 +860,7 @@ def test_settled_signatures_are_kept_up_to_twice_the_plan_capacity(gpu, monkeypa
     counts = []
     for batch in range(2, 10):
         cudnn_bn.forward_inference(*_device(*_inference_args((batch, 3, 2, 2))), mode="spatial")
-        counts.append(len(plans.PLANS.signatures))
+        counts.append(len(signatures.SETTLED))
     # six kept (twice the three plans), then emptied for the seventh
     assert counts == [1, 2, 3, 4, 5, 6, 1, 2]
 

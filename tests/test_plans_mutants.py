@@ -88,14 +88,24 @@ def test_the_ex_sizes_are_queried_once_per_plan(gpu):
     assert gpu.calls.count("cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize") == 1
 
 
-def test_the_default_cache_keeps_512_plans_and_clear_empties_the_signatures():
+def test_the_default_cache_keeps_512_plans_and_clear_empties_what_holds_its_plans():
     cache = plans.PlanCache()
     for key in range(513):
         cache.get(key, object)
     assert len(cache) == 512 and cache.created == 513
-    cache.signatures["call"] = "entry"
+    holding, other = {"call": "entry"}, {"call": "entry"}
+    cache.empty_with_plans(holding.clear)
     cache.clear()
-    assert len(cache) == 0 and cache.signatures == {}
+    assert len(cache) == 0 and holding == {} and other == {"call": "entry"}
+
+
+def test_the_settled_signatures_are_ops_own_cache_and_go_with_the_plans():
+    from cudnn_bn._cudnn import signatures
+
+    assert not hasattr(plans.PLANS, "signatures")  # the plan cache keeps plans only
+    signatures.SETTLED["a signature"] = "what it settled"
+    plans.PLANS.clear()  # settled entries hold plans: they must not outlive them
+    assert signatures.SETTLED == {}
 
 
 def test_the_ex_path_switch_and_its_query(cudnn_library):
@@ -103,14 +113,20 @@ def test_the_ex_path_switch_and_its_query(cudnn_library):
     assert plans.uses_ex_path(ex_layout, np.float16) is True
     assert not plans.uses_ex_path(make_layout((2, 2, 2, 6), -1, Mode.SPATIAL_PERSISTENT), np.float16)
     assert not plans.uses_ex_path(ex_layout, np.float32)
+    enabled = plans.plan_for(plans.TRAINING, ex_layout, np.dtype(np.float16), 0)
+    assert enabled.uses_ex
     previous = plans.set_ex_path_enabled(0)
     try:
         assert previous is True
         assert not plans.uses_ex_path(ex_layout, np.float16)
+        # the toggle emptied the cache: the plan built now records the switch
+        disabled = plans.plan_for(plans.TRAINING, ex_layout, np.dtype(np.float16), 0)
+        assert disabled is not enabled and not disabled.uses_ex
         assert plans.set_ex_path_enabled(False) is False
     finally:
         plans.set_ex_path_enabled(previous)
     assert plans.uses_ex_path(ex_layout, np.float16)
+    assert plans.plan_for(plans.TRAINING, ex_layout, np.dtype(np.float16), 0).uses_ex
 
 
 def test_two_threads_asking_for_one_new_plan_build_it_once():

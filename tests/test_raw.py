@@ -14,8 +14,8 @@ from cudnn_bn._cudnn.raw import ENUMS, PROTOTYPES, Status
 from header_check import conformance_problems, parse_headers
 
 REQUIRED = """cudnnGetVersion cudnnGetCudartVersion cudnnGetErrorString cudnnGetLastErrorString cudnnCreate cudnnDestroy cudnnSetStream
-cudnnGetStream cudnnCreateTensorDescriptor cudnnSetTensor4dDescriptor cudnnSetTensor4dDescriptorEx
-cudnnSetTensorNdDescriptor cudnnGetTensor4dDescriptor cudnnGetTensorNdDescriptor cudnnDestroyTensorDescriptor
+cudnnGetStream cudnnCreateTensorDescriptor cudnnSetTensorNdDescriptor cudnnGetTensorNdDescriptor
+cudnnDestroyTensorDescriptor
 cudnnDeriveBNTensorDescriptor cudnnBatchNormalizationForwardTraining cudnnBatchNormalizationForwardInference
 cudnnBatchNormalizationBackward cudnnBatchNormalizationForwardTrainingEx cudnnBatchNormalizationBackwardEx
 cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize cudnnGetBatchNormalizationBackwardExWorkspaceSize
@@ -27,6 +27,30 @@ def test_table_has_every_required_function_and_the_library_exports_them(cudnn_li
     assert sorted(PROTOTYPES) == sorted(REQUIRED)
     for name in REQUIRED:
         assert callable(getattr(cudnn_library, name))
+
+
+# prototypes that only the tests call, and why the table keeps them
+CALLED_BY_TESTS_ONLY = {
+    "cudnnGetErrorString": "test_error_string_for_every_status holds the Status table to the library's names",
+}
+
+
+def test_every_prototype_is_called_by_the_package_or_the_simulator():
+    """The table declares what something calls: the package (raw.py's own status check included)
+    or the simulated GPU. A prototype nothing calls is dead weight for the header check."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(_raw.__file__)))
+    sources = []
+    for folder, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    sources.append(handle.read())
+    with open(os.path.join(os.path.dirname(__file__), "fake_cudnn.py"), encoding="utf-8") as handle:
+        sources.append(handle.read())
+    table = re.compile(r"^PROTOTYPES = \{\n.*?^\}\n", re.MULTILINE | re.DOTALL)
+    code = "\n".join(table.sub("", source) for source in sources)  # the table's own entries do not count
+    uncalled = [name for name in PROTOTYPES if not re.search(rf"\b{name}\b", code)]
+    assert uncalled == sorted(CALLED_BY_TESTS_ONLY)
 
 
 def test_every_prototype_matches_the_header(cudnn_headers):

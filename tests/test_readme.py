@@ -21,6 +21,7 @@ import importlib.util
 import io
 import os
 import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -37,6 +38,9 @@ GPU_MARK = "# GPU only"
 TORCH_MARK = "# needs torch"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 PRINTS = re.compile(r"#\s*prints (.+?)\s*$")
+# what a line prints after the Quickstart's own install, which has no CuPy: checked in a process
+# where cupy cannot be imported (test_the_quickstart_prints_what_it_says_after_the_plain_install)
+NO_CUPY_PRINTS = re.compile(r"#\s*after `pip install \.` \(no CuPy\) prints (.+?)\s*$")
 # what a block that runs on a CPU must not touch
 # (matched on code re-spaced by tokenize, so "=" may have spaces around it)
 NEEDS_A_GPU = re.compile(r"\bimport cupy\b|\bcupy\.|\bcp\.|\bxp\s*=\s*cupy\b|device\s*=\s*\"cuda\"|\.cuda\(")
@@ -72,15 +76,21 @@ def python_blocks(path: str) -> list[Block]:
     return [block for block in fenced_blocks(path) if block.info.split()[:1] == ["python"]]
 
 
-def expected_prints(source: str) -> list[str]:
-    return [match.group(1) for line in source.splitlines() if (match := PRINTS.search(line))]
+def expected_prints(source: str, patterns=(PRINTS,)) -> list[str]:
+    """What the lines of ``source`` say they print, in order (a line's first matching pattern)."""
+    found = []
+    for line in source.splitlines():
+        match = next((match for pattern in patterns if (match := pattern.search(line))), None)
+        if match:
+            found.append(match.group(1))
+    return found
 
 
-def check_prints(block: Block, printed: str) -> None:
+def check_prints(block: Block, printed: str, patterns=(PRINTS,)) -> None:
     """Every ``# prints`` of the block, in order, among the lines it printed."""
     lines = printed.splitlines()
     position = 0
-    for expected in expected_prints(block.source):
+    for expected in expected_prints(block.source, patterns):
         prefix = expected.endswith(" ...")
         wanted = expected[:-4] if prefix else expected
         while position < len(lines) and not (lines[position].startswith(wanted) if prefix else lines[position] == wanted):
@@ -161,6 +171,36 @@ def test_readme_python_blocks_that_need_no_gpu_run(monkeypatch, tmp_path):
     assert isinstance(namespace["y"], np.ndarray) and str(namespace["saved"].mode) == "SPATIAL"
 
 
+# cupy as a venv without it has it: importing it raises ModuleNotFoundError("No module named 'cupy'")
+WITHOUT_CUPY = """
+import importlib.abc, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "cupy":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def test_the_quickstart_prints_what_it_says_after_the_plain_install(tmp_path):
+    """The Quickstart installs the package without extras, so without CuPy: its blocks run in a
+    process where cupy cannot be imported and print what their comments say, the no-CuPy lines
+    included."""
+    blocks = cpu_blocks(README)
+    script = WITHOUT_CUPY + "".join(f"\n# {block.where}\n{block.source}" for block in blocks)
+    together = Block(README, blocks[0].line, "python", script)
+    assert expected_prints(script, (NO_CUPY_PRINTS,)), "README.md: no line says what it prints without CuPy"
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    check_prints(together, result.stdout, (NO_CUPY_PRINTS, PRINTS))
+    assert "CuPy is not installed (No module named 'cupy')" in result.stdout  # what a venv without CuPy says
+
+
 def test_readme_gpu_blocks_are_marked_and_run_on_the_simulated_gpu(monkeypatch, tmp_path):
     check_markers(README)
     assert any(block.marker == GPU_MARK for block in python_blocks(README)), "README.md: no marked GPU example"
@@ -217,6 +257,41 @@ def test_readme_test_commands_are_what_ci_reads():
     assert result.stdout.splitlines() == ['pip install -e ".[test]"', "python -m pytest"]
 
 
+def test_the_readme_says_how_to_get_the_source_and_no_page_keeps_a_bare_placeholder():
+    text = _readme()
+    assert "## Get the source" in text and text.index("## Get the source") < text.index("## Quickstart")
+    section = text[text.index("## Get the source"):text.index("## Quickstart")]
+    project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+    urls = list(project.get("urls", {}).values())
+    if urls:  # once the project names its address, the README uses it
+        assert any(f"git clone {url}" in section for url in urls), urls
+    else:
+        assert "git clone <repository URL>" in section and "[project.urls]" in section
+    assert "pip install <file>" in section  # a wheel or source archive
+    if "source archive lacks" in section:  # true while nothing adds the test support files to the sdist
+        assert not os.path.exists(os.path.join(ROOT, "MANIFEST.in"))
+    pages = [README] + [os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
+                        if name.endswith(".md")]
+    for page in pages:
+        page_text = open(page, encoding="utf-8").read()
+        assert "<this repository>" not in page_text, page
+        if "<repository URL>" in page_text and page != README:
+            assert "README.md#get-the-source" in page_text, f"{page}: says <repository URL> without pointing to the README"
+
+
+def test_the_readme_states_what_the_test_install_costs_and_why():
+    """The test extra pulls the CUDA wheels (about 3 GB): the README says so next to the command,
+    and why, for as long as the extra does."""
+    extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
+    assert "cudnn_bn[cuda12]" in extras["test"] and any(r.startswith("nvidia-cudnn-cu12") for r in extras["cuda12"])
+    text = _readme()
+    after_commands = text[text.index("<!-- /ci:test-commands -->"):]
+    note = after_commands[:after_commands.index("\n\n", after_commands.index("The test install"))]
+    assert re.search(r"about \d+(\.\d+)? GB", note) and "minutes" in note
+    for reason in ("`[cuda12]`", "nvidia-cudnn-cu12", "simulated GPU", "headers"):
+        assert reason in note, reason
+
+
 def test_the_console_script_is_documented_and_is_python_m_cudnn_bn():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert project["scripts"] == {"cudnn-bn": "cudnn_bn._tools.cli:main"}
@@ -228,11 +303,84 @@ def test_the_console_script_is_documented_and_is_python_m_cudnn_bn():
         assert command in text
 
 
+def test_the_build_floor_reads_the_license_fields():
+    """``license = "MIT"`` (an SPDX expression) with ``license-files`` is PEP 639, which setuptools
+    reads from 77.0 on; 76 and older refuse the project ("project.license must be valid exactly by
+    one definition") when pip builds without isolation against the installed setuptools."""
+    pyproject = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+    project, requires = pyproject["project"], pyproject["build-system"]["requires"]
+    floors = [re.fullmatch(r"setuptools\s*>=\s*(\d+)(?:\.\d+)*", requirement) for requirement in requires]
+    floors = [int(match.group(1)) for match in floors if match]
+    assert len(floors) == 1, requires
+    if isinstance(project.get("license"), str) or "license-files" in project:
+        assert floors[0] >= 77, requires
+
+
+NOTEBOOK = "examples/compare_modes.ipynb"
+
+
+def notebook_command() -> list[str]:
+    """The README's command that executes the notebook, as words (tests/test_notebook.py runs it)."""
+    commands = re.findall(r"`(jupyter nbconvert [^`]*)`", _readme())
+    assert len(commands) == 1, commands
+    return shlex.split(commands[0])
+
+
+def nbconvert_output(words: list[str], cwd: str) -> str:
+    """Where ``jupyter nbconvert --to notebook`` writes, by its own rules (nbconvertapp.py): the
+    input itself with --inplace; else in --output-dir or the input's folder, named --output
+    (".ipynb" added) or after the input, with ".nbconvert" added when neither option is given."""
+    options, inputs = {}, []
+    position = 2
+    while position < len(words):
+        word = words[position]
+        if word.startswith("--") and "=" in word:
+            name, value = word[2:].split("=", 1)
+            options[name] = value
+        elif word in ("--execute", "--inplace", "--stdout"):
+            options[word[2:]] = True
+        elif word.startswith("--"):
+            options[word[2:]] = words[position + 1]
+            position += 1
+        else:
+            inputs.append(word)
+        position += 1
+    assert len(inputs) == 1, words
+    source = os.path.normpath(os.path.join(cwd, inputs[0]))
+    if options.get("inplace"):
+        return source
+    stem = os.path.splitext(os.path.basename(source))[0]
+    if "output" in options:
+        name = os.path.splitext(options["output"])[0]
+    else:
+        name = stem if "output-dir" in options else stem + ".nbconvert"
+    name += ".ipynb"
+    folder = os.path.join(cwd, options["output-dir"]) if "output-dir" in options else os.path.dirname(source)
+    return os.path.normpath(os.path.join(folder, name))
+
+
 def test_the_notebook_extra_can_execute_the_notebook():
     extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["optional-dependencies"]
     names = {re.split(r"[<>=!~\[ ]", requirement)[0] for requirement in extras["notebook"]}
     assert {"nbconvert", "nbclient", "ipykernel", "matplotlib", "scikit-learn"} <= names
     assert "jupyter nbconvert --to notebook --execute" in _readme()
+
+
+def test_the_documented_notebook_command_does_not_overwrite_the_committed_notebook():
+    words = notebook_command()
+    assert words[:2] == ["jupyter", "nbconvert"] and NOTEBOOK in words
+    committed = os.path.join(ROOT, NOTEBOOK)
+    written = nbconvert_output(words, ROOT)  # run from the repository root, as the README's commands are
+    assert written != committed, f"{' '.join(words)} writes the committed notebook"
+    assert written == os.path.join(ROOT, "build", "notebook", "compare_modes.ipynb")
+    assert "`build/notebook/compare_modes.ipynb`" in _readme()
+    assert "build/" in open(os.path.join(ROOT, ".gitignore"), encoding="utf-8").read().split()
+    # the rules above, on the forms that do name the committed file
+    assert nbconvert_output(["jupyter", "nbconvert", "--execute", "--inplace", NOTEBOOK], ROOT) == committed
+    assert nbconvert_output(["jupyter", "nbconvert", "--to", "notebook", "--output", "compare_modes", NOTEBOOK],
+                            ROOT) == committed
+    beside = nbconvert_output(["jupyter", "nbconvert", "--to", "notebook", "--execute", NOTEBOOK], ROOT)
+    assert beside == os.path.join(ROOT, "examples", "compare_modes.nbconvert.ipynb")
 
 
 # ---------------------------------------------------------------- the GPU validation status ----

@@ -1,10 +1,11 @@
 """What a fused forward hands to the fused backward, and the checks the fused calls add to the
-plain ones: shared by the NumPy reference (cudnn_bn/fused.py) and the cuDNN path
+plain ones: shared by the NumPy reference (cudnn_bn/reference.py) and the cuDNN path
 (cudnn_bn/_cudnn/fused_ops.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from .modes import Activation, parse_activation
 from .saved import SavedStats
 
 __all__ = [
+    "FusedPath",
     "FusedSaved",
     "PATH_COMPOSED",
     "PATH_FUSED_EX",
@@ -24,10 +26,23 @@ __all__ = [
     "check_residual_apart",
 ]
 
-# What ran a fused forward, as FusedSaved.path records it.
-PATH_REFERENCE = "reference"  # numpy: the float64 reference of cudnn_bn.fused
-PATH_FUSED_EX = "fused_ex"  # cupy: cudnnBatchNormalizationForwardTrainingEx with a fused bnOps
-PATH_COMPOSED = "composed"  # cupy: the plain cuDNN call, then one elementwise kernel
+class FusedPath(str, enum.Enum):
+    """What ran a fused forward, as ``FusedSaved.path`` records it. A member equals, prints and
+    formats as its value, the string docs/api.md documents."""
+
+    REFERENCE = "reference"  # numpy: the float64 fused reference (cudnn_bn/reference.py)
+    FUSED_EX = "fused_ex"  # cupy: cudnnBatchNormalizationForwardTrainingEx with a fused bnOps
+    COMPOSED = "composed"  # cupy: the plain cuDNN call, then one elementwise kernel
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# the members under the names cudnn_bn.fused documents
+PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED = FusedPath.REFERENCE, FusedPath.FUSED_EX, FusedPath.COMPOSED
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,7 +55,8 @@ class FusedSaved:
             path its ``reserve_space`` is the Ex reserve space that the backward needs).
         activation: the :class:`~cudnn_bn.Activation` applied.
         has_residual: whether a residual was added (backward then returns dresidual).
-        path: which computation ran: PATH_REFERENCE, PATH_FUSED_EX or PATH_COMPOSED.
+        path: which computation ran, a :class:`FusedPath` (its value as a string is accepted at
+            construction).
         bias: on the fused Ex path, a copy of beta in cuDNN's parameter order (BackwardEx reads
             it to undo the activation); None elsewhere.
 
@@ -51,17 +67,14 @@ class FusedSaved:
     stats: SavedStats
     activation: Activation
     has_residual: bool
-    path: str
+    path: FusedPath
     bias: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.stats, SavedStats):
             raise TypeError(f"FusedSaved.stats: expected cudnn_bn.SavedStats, got {type(self.stats).__name__}")
         object.__setattr__(self, "activation", parse_activation(self.activation))
-        if self.path not in (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED):
-            raise ValueError(
-                f"FusedSaved.path: expected one of {[PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED]}, got {self.path!r}"
-            )
+        object.__setattr__(self, "path", _fused_path(self.path))
         object.__setattr__(self, "has_residual", bool(self.has_residual))
 
     mean = property(lambda self: self.stats.mean)
@@ -71,6 +84,17 @@ class FusedSaved:
     channel_axis = property(lambda self: self.stats.channel_axis)
     reserve_space = property(lambda self: self.stats.reserve_space)
     on_overflow = property(lambda self: self.stats.on_overflow)
+
+
+def _fused_path(path) -> FusedPath:
+    if type(path) is FusedPath:  # what the package passes: no lookup on the per-call path
+        return path
+    if isinstance(path, str):
+        try:
+            return FusedPath(path)
+        except ValueError:
+            pass
+    raise ValueError(f"FusedSaved.path: expected one of {[member.value for member in FusedPath]}, got {path!r}")
 
 
 # ---- checks shared by the reference and the cuDNN path ----

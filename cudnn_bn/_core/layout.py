@@ -1,8 +1,11 @@
-"""The one place that maps an array layout to batch-norm axes, parameter shapes and cuDNN dims.
+"""The one place that maps an array layout to batch-norm axes, parameter shapes and cuDNN's
+order: its dims and strides, and the order in which it reads and writes the parameters.
 
 An input has 2 to 5 dims: the batch axis first, channels at ``channel_axis`` (1, or -1 for
 channels-last) and spatial axes elsewhere. cuDNN always describes tensors in N, C, spatial order
 and expresses channels-last through strides, so both orders map onto the same descriptor shape.
+Its parameters are packed in that order too (C first), which differs from x's own axis order
+only for PER_ACTIVATION on channels-last data.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ import numpy as np
 
 from .modes import Mode
 
-__all__ = ["Layout", "MIN_NDIM", "MAX_NDIM", "cudnn_dims_and_strides", "make_layout", "physical_shape"]
+__all__ = [
+    "Layout",
+    "MAX_NDIM",
+    "MIN_NDIM",
+    "cudnn_columns_dims_and_strides",
+    "cudnn_dims_and_strides",
+    "make_layout",
+    "physical_shape",
+]
 
 MIN_NDIM = 2
 MAX_NDIM = 5
@@ -86,6 +97,23 @@ class Layout:
         last = self.ndim - 2
         return (last,) + tuple(range(last))
 
+    @property
+    def param_axes_from_cudnn(self) -> tuple[int, ...] | None:
+        """The inverse of :attr:`param_axes_to_cudnn`: a parameter in cuDNN's order back in x's
+        axis order, or None."""
+        to_cudnn = self.param_axes_to_cudnn
+        if to_cudnn is None:
+            return None
+        return tuple(sorted(range(len(to_cudnn)), key=to_cudnn.__getitem__))
+
+    @property
+    def cudnn_param_shape(self) -> tuple[int, ...]:
+        """The parameters' shape in cuDNN's order: the order in which cuDNN reads and writes
+        their memory."""
+        to_cudnn = self.param_axes_to_cudnn
+        shape = self.param_shape
+        return shape if to_cudnn is None else tuple(shape[axis] for axis in to_cudnn)
+
 
 def physical_shape(channels_first_shape, channel_axis: int) -> tuple[int, ...]:
     """(N, C, *spatial) written in the axis order of ``channel_axis``: itself, or (N, *spatial, C)."""
@@ -131,3 +159,15 @@ def cudnn_dims_and_strides(layout: Layout, strides) -> tuple[tuple[int, ...], tu
         dims.append(1)
         dim_strides.append(dim_strides[-1])
     return tuple(dims), tuple(dim_strides)
+
+
+def cudnn_columns_dims_and_strides(layout: Layout) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """C-contiguous x described to cuDNN as columns for a SPATIAL call: every axis but the batch
+    flattened in x's memory order into C, the batch as H, N = W = 1.
+
+    Each column then gets its own statistic over the batch, which is PER_ACTIVATION's math (and
+    SPATIAL's on 2-D input), without cuDNN's limits on N. The parameters of the columns lie in x's
+    own axis order, so on this route they need no transpose, whatever the layout.
+    """
+    batch, columns = layout.shape[0], math.prod(layout.shape[1:])
+    return (1, columns, batch, 1), (batch * columns, 1, columns, columns)

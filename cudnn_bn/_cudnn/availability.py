@@ -6,7 +6,8 @@ from __future__ import annotations
 from . import raw
 from .errors import CudnnBuildMismatchError
 
-__all__ = ["check_cuda_build_once", "cuda_build_checked", "cuda_build_mismatch", "cudnn_status"]
+__all__ = ["check_cuda_build_once", "cuda_build_checked", "cuda_build_mismatch", "cudnn_status", "cupy_device_problem",
+           "cupy_missing"]
 
 
 def _driver_version(cupy) -> int | None:
@@ -17,21 +18,40 @@ def _driver_version(cupy) -> int | None:
         return None
 
 
+def cupy_missing(error: ImportError) -> str:
+    """What to say when ``import cupy`` raised ``error``."""
+    return f"CuPy is not installed ({error}); pip install 'cudnn_bn[cuda12]' or '[cuda13]'"
+
+
+def _devices(cupy) -> tuple[int, str | None]:
+    """(GPUs CuPy sees, why it cannot use any of them or None)."""
+    if _driver_version(cupy) == 0:
+        # without a driver CUDA's own message blames the driver's version, which misleads
+        return 0, "no NVIDIA driver found on this machine (no GPU); the NumPy reference still works"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDARuntimeError: its text says which
+        return 0, f"no GPU: {type(error).__name__}: {error}"
+    if count < 1:
+        return 0, "no GPU: CUDA reports 0 devices"
+    return count, None
+
+
+def cupy_device_problem(cupy) -> str | None:
+    """Why CuPy cannot make arrays on this machine (no driver, no GPU), or None when it has a
+    device. In words, as cudnn_status says it; for a layer whose state cannot be allocated."""
+    return _devices(cupy)[1]
+
+
 def cudnn_status() -> tuple[bool, str]:
     """(usable, reason): whether cupy arrays can run through cuDNN on this machine, and why not."""
     try:
         import cupy
     except ImportError as error:
-        return False, f"CuPy is not installed ({error}); pip install 'cudnn_bn[cuda12]' or '[cuda13]'"
-    if _driver_version(cupy) == 0:
-        # without a driver CUDA's own message blames the driver's version, which misleads
-        return False, "no NVIDIA driver found on this machine (no GPU); the NumPy reference still works"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:  # CUDARuntimeError: its text says which
-        return False, f"no GPU: {type(error).__name__}: {error}"
-    if count < 1:
-        return False, "no GPU: CUDA reports 0 devices"
+        return False, cupy_missing(error)
+    count, problem = _devices(cupy)
+    if problem is not None:
+        return False, problem
     try:
         from .handles import borrow
 

@@ -35,12 +35,12 @@ def cudnn_data_type(dtype) -> DataType:
 
 
 _CREATED = itertools.count()  # next() is atomic under the GIL
-_created_so_far = [0]
+_created_so_far = 0
 
 
 def descriptors_created() -> int:
     """How many descriptors this process has created (a plan cache that works keeps this flat)."""
-    return _created_so_far[0]
+    return _created_so_far
 
 
 def _destroy(destroy_name: str, pointer: int) -> None:
@@ -59,7 +59,8 @@ class _Owned:
         pointer = ctypes.c_void_p()
         getattr(library, self._create)(ctypes.byref(pointer))
         self._pointer = pointer.value
-        _created_so_far[0] = next(_CREATED) + 1
+        global _created_so_far
+        _created_so_far = next(_CREATED) + 1
         self._finalizer = weakref.finalize(self, _destroy, self._destroy, self._pointer)
 
     @property

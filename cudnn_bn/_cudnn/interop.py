@@ -21,7 +21,7 @@ import numpy as np
 
 from .._core.arrays import array_kind
 
-__all__ = ["ACCEPTED", "as_supported_array"]
+__all__ = ["ACCEPTED", "as_supported_array", "foreign_array_hint"]
 
 ACCEPTED = (
     "a numpy.ndarray, a cupy.ndarray, or a CUDA array exposing __cuda_array_interface__ or "
@@ -107,6 +107,41 @@ def as_supported_array(name: str, value, *, written: bool = False):
         hint = " (for the NumPy reference pass numpy.from_dlpack(...))" if device[0] == _DLPACK_CPU else ""
         raise TypeError(f"{name}: expected {ACCEPTED}, got a {_type_name(value)} on DLPack device {where}{hint}")
     raise TypeError(f"{name}: expected {ACCEPTED}, got {_type_name(value)}")
+
+
+def _has_cuda_array_interface(value) -> bool:
+    try:
+        return getattr(value, "__cuda_array_interface__", None) is not None
+    except Exception:  # torch raises for a tensor that requires grad: it has one
+        return True
+
+
+def foreign_array_hint(name: str, value, module: str) -> str | None:
+    """For a caller that takes ``module``'s arrays only ("numpy" or "cupy": the layer, whose state
+    lives in one of them), what ``value`` is and how to pass it, e.g. "a torch.Tensor on DLPack
+    device kDLCPU; pass numpy.from_dlpack(x) (a view, no copy)". None for an object that speaks
+    neither DLPack nor ``__cuda_array_interface__``."""
+    device = _dlpack_device(value)
+    if device is not None:
+        where = _DLPACK_CUDA_DEVICES.get(device[0]) or _DLPACK_DEVICE_NAMES.get(device[0], f"device type {device[0]}")
+        described = f"a {_type_name(value)} on DLPack device {where}"
+        on_gpu, on_host, wrapped = device[0] in _DLPACK_CUDA_DEVICES, device[0] == _DLPACK_CPU, f"cupy.from_dlpack({name})"
+    elif _has_cuda_array_interface(value):
+        described = f"a {_type_name(value)} exposing __cuda_array_interface__"
+        on_gpu, on_host, wrapped = True, False, f"cupy.asarray({name})"
+    else:
+        return None
+    if on_gpu:
+        advice = f"pass {wrapped} (a view, no copy)"
+        if module != "cupy":
+            advice = f"it is on a GPU: copy it to the host, or use cupy arrays ({wrapped}, a view, no copy)"
+    elif on_host:
+        advice = f"pass numpy.from_dlpack({name}) (a view, no copy)"
+        if module == "cupy":
+            advice = f"pass cupy.asarray(numpy.from_dlpack({name})) (a copy to the GPU)"
+    else:
+        return described  # a device neither numpy nor cupy reads
+    return f"{described}; {advice}"
 
 
 def _from_cuda_array_interface(name: str, value, interface, written: bool):

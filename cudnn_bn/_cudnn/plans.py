@@ -12,12 +12,11 @@ what depends on values, and calls C.
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 
 import numpy as np
 
-from .._core.layout import Layout, cudnn_dims_and_strides
+from .._core.layout import Layout, cudnn_columns_dims_and_strides, cudnn_dims_and_strides
 from .._core.modes import Mode
 from .._core.policy import BACKWARD, INFERENCE, TRAINING  # the operation names, defined once
 from .._core.validate import param_dtype_for
@@ -38,7 +37,7 @@ _SCALARS = {
     True: (ctypes.addressof(_DOUBLE_ONE), ctypes.addressof(_DOUBLE_ZERO)),
 }
 
-_EX_PATH = {"enabled": True}
+_ex_path_enabled = True  # set_ex_path_enabled's toggle; plans record it when they are built
 
 
 def _c_order_strides(shape) -> tuple[int, ...]:
@@ -69,14 +68,16 @@ class Plan:
         self.pieces = None  # a single call; ChunkedPlan has the pieces
         self.route = training_route(layout) if operation != INFERENCE else None
         cudnn_mode = layout.mode
-        routed = self.route == ROUTE_AS_SPATIAL_COLUMNS
-        if routed:  # columns: every axis but N, in x's memory order, as its parameters lie
-            batch, columns = layout.shape[0], math.prod(layout.shape[1:])
-            dims, strides = (1, columns, batch, 1), (batch * columns, 1, columns, columns)
+        if self.route == ROUTE_AS_SPATIAL_COLUMNS:  # the parameters lie in x's order: no transpose
+            dims, strides = cudnn_columns_dims_and_strides(layout)
             if cudnn_mode is Mode.PER_ACTIVATION:  # per column over the rows is SPATIAL here
                 cudnn_mode = Mode.SPATIAL
+            self.param_to_cudnn = self.param_from_cudnn = None
+            self.cudnn_param_shape = layout.param_shape
         else:
             dims, strides = cudnn_dims_and_strides(layout, _c_order_strides(layout.shape))
+            self.param_to_cudnn, self.param_from_cudnn = layout.param_axes_to_cudnn, layout.param_axes_from_cudnn
+            self.cudnn_param_shape = layout.cudnn_param_shape
         check_descriptor_fits(dims, strides, "x")
         self.cudnn_mode = int(cudnn_mode)
         self.data_desc = TensorDescriptor.from_dims(cudnn_data_type(self.data_dtype), dims, strides)
@@ -85,12 +86,8 @@ class Plan:
         self.data_desc_pointer, self.param_desc_pointer = self.data_desc.pointer, self.param_desc.pointer
         self.persistent = layout.mode is Mode.SPATIAL_PERSISTENT
         self.alpha, self.beta = _SCALARS[self.data_dtype == np.float64]
-        axes = None if routed else layout.param_axes_to_cudnn
-        self.param_to_cudnn = axes
-        self.param_from_cudnn = None if axes is None else tuple(int(a) for a in np.argsort(axes))
-        self.cudnn_param_shape = layout.param_shape if axes is None else tuple(layout.param_shape[a] for a in axes)
         self.uses_ex = (
-            _EX_PATH["enabled"] and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
+            _ex_path_enabled and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
         )
         self.fused_sizes = {}  # (bnOps, activation) -> Ex sizes, queried on first use
         self.activations = {}  # activation -> the ActivationDescriptor this plan owns
@@ -184,9 +181,7 @@ class PlanCache:
         self._plans: dict = {}
         self._lock = threading.RLock()  # a chunked inference plan builds its pieces' plans inside
         self.created = 0  # plans ever built, for tests and diagnostics
-        # call signature -> what it settled (ops._Settled, which holds its plan): filled by ops.py,
-        # emptied with the plans
-        self.signatures: dict = {}
+        self._held_elsewhere: list = []  # clear() of each cache whose entries hold plans of this one
 
     def __len__(self) -> int:
         return len(self._plans)
@@ -204,10 +199,16 @@ class PlanCache:
                     self._plans[key] = plan
         return plan
 
+    def empty_with_plans(self, clear) -> None:
+        """Call ``clear`` whenever the plans are emptied: for a cache whose entries hold plans
+        (signatures.py's settled signatures), so that none outlives a change of what plans record."""
+        self._held_elsewhere.append(clear)
+
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
-            self.signatures.clear()
+            for clear in self._held_elsewhere:
+                clear()
 
 
 PLANS = PlanCache()
@@ -248,12 +249,13 @@ def plan_for(operation: str, layout: Layout, data_dtype, device_id: int) -> Plan
 def set_ex_path_enabled(enabled: bool) -> bool:
     """Turn the Ex fast path on or off (to benchmark it against the plain call); returns the old
     setting. Plans record the choice, so the cache is emptied."""
-    previous, _EX_PATH["enabled"] = _EX_PATH["enabled"], bool(enabled)
+    global _ex_path_enabled
+    previous, _ex_path_enabled = _ex_path_enabled, bool(enabled)
     PLANS.clear()
     return previous
 
 
 def uses_ex_path(layout: Layout, data_dtype) -> bool:
     """Whether a training or backward call on this layout and dtype runs the Ex calls."""
-    return _EX_PATH["enabled"] and training_route(layout) is None and not ex_path_unmet(layout, data_dtype)
+    return _ex_path_enabled and training_route(layout) is None and not ex_path_unmet(layout, data_dtype)
 

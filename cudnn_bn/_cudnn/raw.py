@@ -1,4 +1,5 @@
-"""The raw cuDNN layer: enums, the one prototype table, status checking, lazy binding.
+"""The raw cuDNN layer: enums (defined in enums.py, re-exported here), the one prototype table,
+status checking, lazy binding.
 
 Names and argument order are cuDNN's own; arguments are plain integers and pointers. Every
 function that returns ``cudnnStatus_t`` goes through :func:`check_status`. The table is what
@@ -9,14 +10,24 @@ crashing on a GPU.
 from __future__ import annotations
 
 import ctypes
-import enum
 import threading
 from ctypes import POINTER, c_char_p, c_double, c_int, c_size_t, c_void_p
 
+from .enums import (
+    ENUMS,
+    ActivationMode,
+    BatchNormOps,
+    DataType,
+    ErrQueryMode,
+    NanPropagation,
+    Status,
+    TensorFormat,
+)
 from .errors import CudnnVersionError, error_class_for
 from .loader import LoadedLibrary, load_cudnn
 
 __all__ = [
+    "ENUMS",
     "ActivationMode",
     "BatchNormOps",
     "DataType",
@@ -32,124 +43,6 @@ __all__ = [
 ]
 
 MIN_VERSION = 90000  # cudnnGetVersion() of cuDNN 9.0.0
-
-
-class Status(enum.IntEnum):
-    """cudnnStatus_t (CUDNN_STATUS_ prefix stripped); the thousands digit is the error family."""
-
-    SUCCESS = 0
-    NOT_INITIALIZED = 1001
-    SUBLIBRARY_VERSION_MISMATCH = 1002
-    SERIALIZATION_VERSION_MISMATCH = 1003
-    DEPRECATED = 1004
-    LICENSE_ERROR = 1005
-    RUNTIME_IN_PROGRESS = 1006
-    RUNTIME_FP_OVERFLOW = 1007
-    SUBLIBRARY_LOADING_FAILED = 1008
-    BAD_PARAM = 2000
-    INVALID_VALUE = 2001
-    BAD_PARAM_NULL_POINTER = 2002
-    BAD_PARAM_MISALIGNED_POINTER = 2003
-    BAD_PARAM_NOT_FINALIZED = 2004
-    BAD_PARAM_OUT_OF_BOUND = 2005
-    BAD_PARAM_SIZE_INSUFFICIENT = 2006
-    BAD_PARAM_STREAM_MISMATCH = 2007
-    BAD_PARAM_SHAPE_MISMATCH = 2008
-    BAD_PARAM_DUPLICATED_ENTRIES = 2009
-    BAD_PARAM_ATTRIBUTE_TYPE = 2010
-    BAD_PARAM_CUDA_GRAPH_MISMATCH = 2011
-    BAD_PARAM_DESCRIPTOR_TYPE = 2012
-    NOT_SUPPORTED = 3000
-    NOT_SUPPORTED_GRAPH_PATTERN = 3001
-    NOT_SUPPORTED_SHAPE = 3002
-    NOT_SUPPORTED_DATA_TYPE = 3003
-    NOT_SUPPORTED_LAYOUT = 3004
-    NOT_SUPPORTED_INCOMPATIBLE_CUDA_DRIVER = 3005
-    NOT_SUPPORTED_INCOMPATIBLE_CUDART = 3006
-    NOT_SUPPORTED_ARCH_MISMATCH = 3007
-    NOT_SUPPORTED_RUNTIME_PREREQUISITE_MISSING = 3008
-    NOT_SUPPORTED_SUBLIBRARY_UNAVAILABLE = 3009
-    NOT_SUPPORTED_SHARED_MEMORY_INSUFFICIENT = 3010
-    NOT_SUPPORTED_PADDING = 3011
-    NOT_SUPPORTED_BAD_LAUNCH_PARAM = 3012
-    NOT_SUPPORTED_CUDA_GRAPH_NATIVE_API = 3013
-    NOT_SUPPORTED_INVALID_DYNAMIC_SHAPE = 3014
-    INTERNAL_ERROR = 4000
-    INTERNAL_ERROR_COMPILATION_FAILED = 4001
-    INTERNAL_ERROR_UNEXPECTED_VALUE = 4002
-    INTERNAL_ERROR_HOST_ALLOCATION_FAILED = 4003
-    INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED = 4004
-    INTERNAL_ERROR_BAD_LAUNCH_PARAM = 4005
-    INTERNAL_ERROR_TEXTURE_CREATION_FAILED = 4006
-    EXECUTION_FAILED = 5000
-    EXECUTION_FAILED_CUDA_DRIVER = 5001
-    EXECUTION_FAILED_CUBLAS = 5002
-    EXECUTION_FAILED_CUDART = 5003
-    EXECUTION_FAILED_CURAND = 5004
-
-
-class DataType(enum.IntEnum):
-    """cudnnDataType_t, the members this package uses (CUDNN_DATA_ prefix stripped)."""
-
-    FLOAT = 0
-    DOUBLE = 1
-    HALF = 2
-    BFLOAT16 = 9
-
-
-class TensorFormat(enum.IntEnum):
-    """cudnnTensorFormat_t (CUDNN_TENSOR_ prefix stripped)."""
-
-    NCHW = 0
-    NHWC = 1
-    NCHW_VECT_C = 2
-
-
-class BatchNormOps(enum.IntEnum):
-    """cudnnBatchNormOps_t (CUDNN_BATCHNORM_OPS_ prefix stripped)."""
-
-    BN = 0
-    BN_ACTIVATION = 1
-    BN_ADD_ACTIVATION = 2
-
-
-class ErrQueryMode(enum.IntEnum):
-    """cudnnErrQueryMode_t (CUDNN_ERRQUERY_ prefix stripped)."""
-
-    RAWCODE = 0
-    NONBLOCKING = 1
-    BLOCKING = 2
-
-
-class ActivationMode(enum.IntEnum):
-    """cudnnActivationMode_t (CUDNN_ACTIVATION_ prefix stripped)."""
-
-    SIGMOID = 0
-    RELU = 1
-    TANH = 2
-    CLIPPED_RELU = 3
-    ELU = 4
-    IDENTITY = 5
-    SWISH = 6
-
-
-class NanPropagation(enum.IntEnum):
-    """cudnnNanPropagation_t (CUDNN_ prefix stripped)."""
-
-    NOT_PROPAGATE_NAN = 0
-    PROPAGATE_NAN = 1
-
-
-# C enum typedef -> (IntEnum, prefix its members lost); the conformance test checks the values.
-ENUMS = {
-    "cudnnStatus_t": (Status, "CUDNN_STATUS_"),
-    "cudnnDataType_t": (DataType, "CUDNN_DATA_"),
-    "cudnnTensorFormat_t": (TensorFormat, "CUDNN_TENSOR_"),
-    "cudnnBatchNormOps_t": (BatchNormOps, "CUDNN_BATCHNORM_OPS_"),
-    "cudnnErrQueryMode_t": (ErrQueryMode, "CUDNN_ERRQUERY_"),
-    "cudnnActivationMode_t": (ActivationMode, "CUDNN_ACTIVATION_"),
-    "cudnnNanPropagation_t": (NanPropagation, "CUDNN_"),
-}
 
 # Opaque C types, spelled as ctypes sees them.
 handle_t = c_void_p  # cudnnHandle_t
@@ -184,18 +77,9 @@ PROTOTYPES = {
     "cudnnQueryRuntimeError": (status_t, (handle_t, POINTER(status_t), enum_t, c_void_p)),
     # cudnnStatus_t cudnnCreateTensorDescriptor(cudnnTensorDescriptor_t *tensorDesc);
     "cudnnCreateTensorDescriptor": (status_t, (POINTER(tensor_desc_t),)),
-    # cudnnStatus_t cudnnSetTensor4dDescriptor(cudnnTensorDescriptor_t tensorDesc, cudnnTensorFormat_t format,
-    #                                          cudnnDataType_t dataType, int n, int c, int h, int w);
-    "cudnnSetTensor4dDescriptor": (status_t, (tensor_desc_t, enum_t, enum_t, c_int, c_int, c_int, c_int)),
-    # cudnnStatus_t cudnnSetTensor4dDescriptorEx(cudnnTensorDescriptor_t tensorDesc, cudnnDataType_t dataType,
-    #     int n, int c, int h, int w, int nStride, int cStride, int hStride, int wStride);
-    "cudnnSetTensor4dDescriptorEx": (status_t, (tensor_desc_t, enum_t) + (c_int,) * 8),
     # cudnnStatus_t cudnnSetTensorNdDescriptor(cudnnTensorDescriptor_t tensorDesc, cudnnDataType_t dataType,
     #                                          int nbDims, const int dimA[], const int strideA[]);
     "cudnnSetTensorNdDescriptor": (status_t, (tensor_desc_t, enum_t, c_int, int_array, int_array)),
-    # cudnnStatus_t cudnnGetTensor4dDescriptor(const cudnnTensorDescriptor_t tensorDesc, cudnnDataType_t *dataType,
-    #     int *n, int *c, int *h, int *w, int *nStride, int *cStride, int *hStride, int *wStride);
-    "cudnnGetTensor4dDescriptor": (status_t, (tensor_desc_t, POINTER(enum_t)) + (int_array,) * 8),
     # cudnnStatus_t cudnnGetTensorNdDescriptor(const cudnnTensorDescriptor_t tensorDesc, int nbDimsRequested,
     #     cudnnDataType_t *dataType, int *nbDims, int dimA[], int strideA[]);
     "cudnnGetTensorNdDescriptor": (status_t, (tensor_desc_t, c_int, POINTER(enum_t), int_array, int_array, int_array)),

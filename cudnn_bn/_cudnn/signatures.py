@@ -92,7 +92,8 @@ def extents(*arrays):
     return tuple(found)  # flat: (first, last + 1) of the first array, then of the second, ...
 
 
-SETTLED = PLANS.signatures  # the same dict for the life of the process (PLANS.clear empties it in place)
+SETTLED: dict = {}  # call signature -> its Settled; the same dict for the life of the process
+PLANS.empty_with_plans(SETTLED.clear)  # each entry holds a plan: PLANS.clear() empties both
 
 
 def remember(key, settled):

@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 import tracemalloc
 
 import numpy as np
@@ -612,17 +613,32 @@ def _device_copy_gbps(elements: int, repeats: int) -> float:
     return 2 * source.nbytes / median_gpu_seconds(lambda: cupy.copyto(target, source), repeats) / 1e9
 
 
-def _gpu_bench(quick: bool, recorder: _Recorder | None = None) -> dict:
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def _gpu_bench(quick: bool, recorder: _Recorder | None = None, deadline: float | None = None) -> dict:
+    """The GPU table and sections. Past ``deadline`` (a time.monotonic() value) no further row or
+    section starts: they are listed under "not_timed" instead, and the result stays a valid one."""
     import cupy
 
     recorder = recorder or _Recorder()
     recorder.set("backend", "GPU: cuDNN through cudnn_bn")
     recorder.set("overflowed", [])
+    recorder.set("not_timed", [])
     torch = _torch_cuda()
     shapes = list(dict.fromkeys(GPU_SHAPES[:1] + GPU_SHAPES[-1:])) if quick else GPU_SHAPES  # first and last, once
     repeats = 5 if quick else 25
-    recorder.section("copy_gbps", lambda: _device_copy_gbps(max(int(np.prod(s)) for s in shapes), repeats))
-    copy_gbps = recorder.result["copy_gbps"] if isinstance(recorder.result["copy_gbps"], float) else None
+
+    def section(key, compute):
+        if _past(deadline):
+            recorder.result["not_timed"].append({"section": key})
+            recorder.save()
+        else:
+            recorder.section(key, compute)
+
+    section("copy_gbps", lambda: _device_copy_gbps(max(int(np.prod(s)) for s in shapes), repeats))
+    copy_gbps = recorder.result.get("copy_gbps") if isinstance(recorder.result.get("copy_gbps"), float) else None
     for shape in shapes:
         for dtype in BENCH_DTYPES:
             for channel_axis, layout_name in _layouts(shape):
@@ -630,6 +646,10 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None) -> dict:
                     checks = [("ignore", mode.name)]
                     if mode is Mode.SPATIAL_PERSISTENT:
                         checks.append(("raise", f"{mode.name} (overflow checked)"))
+                    if _past(deadline):
+                        recorder.result["not_timed"] += [_where(shape, layout_name, dtype, label, op) for _, label in checks for op in OPERATIONS]
+                        recorder.save()
+                        continue
                     try:
                         arrays = _device_inputs(shape, channel_axis, mode, dtype)
                         peer = _torch_operations(torch, arrays, mode, channel_axis) if torch is not None else None
@@ -642,11 +662,11 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None) -> dict:
                         _gpu_rows(recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow, label, repeats, copy_gbps)
                     del arrays, peer
                     cupy.get_default_memory_pool().free_all_blocks()
-    recorder.section("host_overhead", lambda: _host_overhead(torch))
-    recorder.section("overflow_probe", _overflow_probe)
-    recorder.section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
-    recorder.section("fused_vs_unfused", lambda: _fused_vs_unfused(repeats))
-    recorder.section("training_step", lambda: _training_steps(torch, quick))
+    section("host_overhead", lambda: _host_overhead(torch))
+    section("overflow_probe", _overflow_probe)
+    section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
+    section("fused_vs_unfused", lambda: _fused_vs_unfused(repeats))
+    section("training_step", lambda: _training_steps(torch, quick))
     return recorder.result
 
 
@@ -824,6 +844,10 @@ def to_markdown(result: dict) -> str:
     if result.get("overflowed"):
         lines += ["", "Not timed because SPATIAL_PERSISTENT overflowed on the benchmark data: " + "; ".join(
             f"{_shape_text(o['shape'])} {o['layout']} {o['dtype']} {o['mode']} {o['operation']}" for o in result["overflowed"])]
+    if result.get("not_timed"):
+        lines += ["", f"Not timed, because the run's deadline had passed: {len(result['not_timed'])} rows and sections; first "
+                  + ", ".join(f.get("section") or f"{_shape_text(f['shape'])} {f['layout']} {f['dtype']} {f['mode']} {f['operation']}"
+                              for f in result["not_timed"][:3]) + "."]
     lines += _gpu_sections(result)
     return "\n".join(lines) + "\n"
 
@@ -867,18 +891,20 @@ def _gpu_sections(result: dict) -> list[str]:
     return lines
 
 
-def run_bench(json_path=None, markdown_path=None, quick: bool = False, with_torch: bool | None = None) -> int:
+def run_bench(json_path=None, markdown_path=None, quick: bool = False, with_torch: bool | None = None,
+              deadline: float | None = None) -> int:
     """Run the benchmark on the backend that is present (cuDNN, else the NumPy reference);
     returns the exit status: 1 when any row failed (they are listed in the output), else 0.
 
     ``with_torch`` (CPU only): None compares with torch CPU where it is importable, False never
-    imports it, True requires it.
+    imports it, True requires it. ``deadline`` (GPU only, a time.monotonic() value): no row or
+    section starts after it; they are listed as not timed, which is not a failure.
     """
     usable, _ = cudnn_status()
     recorder = _Recorder(json_path, {"backend": "GPU" if usable else "CPU", "environment": _environment(usable)})
     recorder.save()
     if usable:
-        _gpu_bench(quick, recorder)
+        _gpu_bench(quick, recorder, deadline)
     else:
         _cpu_bench(quick, recorder, with_torch=with_torch)
     markdown = to_markdown(recorder.result)

@@ -2,7 +2,9 @@
 
 Exit status: 0 when everything ran; 1 when some rows of compare or bench failed (each is listed,
 and the others still ran); 2 when --require-cudnn finds cuDNN unusable, --torch finds no PyTorch,
-or arguments conflict.
+or arguments conflict; 141 (128 + SIGPIPE, what a shell reports for a Unix tool that a closed
+pipe stopped) when the reader of stdout went away, as in ``cudnn-bn compare | head -1``: the
+command then stops quietly, without a traceback.
 """
 
 from __future__ import annotations
@@ -89,7 +91,26 @@ def main(argv=None) -> int:
                        help="CPU: compare with PyTorch on the CPU (default: where importable; --no-torch never imports it)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        status = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here at the latest, not in the interpreter's exit
+    except BrokenPipeError:
+        return _stdout_closed()
+    return status
+
+
+CLOSED_PIPE_STATUS = 128 + 13  # 128 + SIGPIPE (13 on Linux and macOS; the signal module lacks it on Windows)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away: stop quietly, as Unix tools do. Python ignores SIGPIPE, so
+    the write raised instead; stdout is pointed at devnull so that the interpreter's last flush
+    does not report the same closed pipe again (Python's documentation of the signal module, "Note
+    on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return CLOSED_PIPE_STATUS
 
 
 if __name__ == "__main__":

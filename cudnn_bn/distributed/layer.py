@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from .. import fused
+from .. import reference
 from .._core.arrays import array_kind, kind_module
 from .._core.fused_saved import FusedSaved
 from .._core.policy import TRAINING
@@ -35,7 +35,7 @@ def _activation_gradient(kept: KeptForBackward, dy):
         raise TypeError(f"dy: expected the dtype of the forward's output {y.dtype}, got {dy.dtype}")
     xp = kind_module(kind)
     grad = xp.zeros_like(dy)
-    xp.copyto(grad, dy, where=fused.activation_mask(y, kept.saved.activation))
+    xp.copyto(grad, dy, where=reference.activation_mask(y, kept.saved.activation))
     return grad
 
 
