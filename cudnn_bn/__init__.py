@@ -7,7 +7,14 @@ neither CuPy nor libcudnn.
 """
 
 from . import compat, distributed, fused, reference
-from ._api import backward, backward_inference, cudnn_available, forward_inference, forward_training
+from ._api import (
+    backward,
+    backward_inference,
+    check_overflow,
+    cudnn_available,
+    forward_inference,
+    forward_training,
+)
 from ._cudnn.errors import (
     CudnnBadParamError,
     CudnnBuildMismatchError,
@@ -47,6 +54,7 @@ __all__ = [
     "SavedStats",
     "backward",
     "backward_inference",
+    "check_overflow",
     "compat",
     "cudnn_available",
     "distributed",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import numpy as np
 
@@ -20,7 +21,9 @@ from ._core.arrays import array_kind, uniform_kind
 from ._core.policy import INFERENCE, TRAINING, backward_settings, choose_mode
 from ._core.saved import SavedStats
 
-__all__ = ["backward", "backward_inference", "cudnn_available", "forward_inference", "forward_training"]
+__all__ = [
+    "backward", "backward_inference", "check_overflow", "cudnn_available", "forward_inference", "forward_training",
+]
 
 _RUNNING = ("running_mean", "running_var")  # optional, and updated in place
 
@@ -92,8 +95,9 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
 
     Same arguments and results as :func:`cudnn_bn.reference.forward_training`, plus:
         mode: a Mode, its name, or "auto" (see docs/modes.md for the policy).
-        on_overflow: "raise", "fallback" or "ignore" for SPATIAL_PERSISTENT on cuDNN; None means
-            "raise" when persistent was asked for by name and "fallback" when "auto" chose it.
+        on_overflow: "raise", "fallback", "deferred" or "ignore" for SPATIAL_PERSISTENT on cuDNN;
+            None means "raise" when persistent was asked for by name and "ignore" when "auto"
+            chose it (docs/modes.md).
 
     Arrays may also be CUDA arrays of other libraries (see docs/migrating-from-cupy.md): they run
     on cuDNN, running statistics are updated in place in the caller's objects, and ``y`` and the
@@ -166,3 +170,16 @@ def backward_inference(x, dy, gamma, mean, var, *, mode="auto", eps=1e-5, channe
         return _frozen_ops().backward_inference(x, dy, gamma, mean, var, mode, eps, channel_axis)
     mode, _ = choose_mode(mode, x.shape, channel_axis, INFERENCE)
     return reference.backward_inference(x, dy, gamma, mean, var, mode=mode, eps=eps, channel_axis=channel_axis)
+
+
+def check_overflow() -> None:
+    """Read the overflow flag of every SPATIAL_PERSISTENT call made with ``on_overflow="deferred"``
+    since the last check (all devices and streams), waiting for their work; raise what was found,
+    once: :class:`~cudnn_bn.CudnnOverflowError` naming the calls that may have overflowed
+    (operation, shape, dtype, mode), another :class:`~cudnn_bn.CudnnError` for another kernel
+    status, ValueError for non-finite saved statistics given to a deferred backward. Returns None
+    when nothing was found, at once and without waiting when nothing was deferred (docs/modes.md).
+    """
+    deferred = sys.modules.get("cudnn_bn._cudnn.deferred")
+    if deferred is not None:  # not imported: no cuDNN call ran, so none was deferred
+        deferred.check_overflow()

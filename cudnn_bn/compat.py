@@ -26,7 +26,7 @@ How CuPy 13's arguments map:
     debug: for SPATIAL_PERSISTENT, ``debug=True`` checks cuDNN's overflow flag after the call
         and raises :class:`cudnn_bn.CudnnOverflowError` (the running statistics are restored
         first); ``debug=False`` does not check, as CuPy 13 did not. CuPy 13 warned instead of
-        raising. The keyword-only ``on_overflow`` ("raise", "fallback", "ignore") overrides it.
+        raising. The keyword-only ``on_overflow`` ("raise", "fallback", "deferred", "ignore") overrides it.
 
 Differences that remain are listed in docs/migrating-from-cupy.md.
 """
@@ -233,7 +233,7 @@ def batch_normalization_forward_training(x, gamma, beta, running_mean, running_v
         decay: in [0, 1].
         cudnn_mode: CUDNN_BATCHNORM_PER_ACTIVATION, _SPATIAL or _SPATIAL_PERSISTENT.
         debug: for SPATIAL_PERSISTENT, check for overflow and raise CudnnOverflowError.
-        on_overflow: keyword only, not in CuPy 13: overrides ``debug`` ("raise", "fallback", "ignore").
+        on_overflow: keyword only, not in CuPy 13: overrides ``debug`` ("raise", "fallback", "deferred", "ignore").
 
     Returns:
         ``(y, save_mean, save_inv_std)`` when ``mean`` is None, else ``y``. y has x's shape and

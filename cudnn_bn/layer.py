@@ -23,7 +23,7 @@ import numpy as np
 from . import _api, fused
 from ._core.arrays import array_kind, host_array
 from ._core.layout import MAX_NDIM, make_layout, policy_shape
-from ._core.modes import AUTO, Activation, Mode, parse_activation, parse_mode
+from ._core.modes import AUTO, Activation, Mode, parse_activation, parse_mode, parse_on_overflow
 from ._core.policy import INFERENCE, TRAINING, choose_mode
 from ._core.scalars import check_channel_axis, check_eps, check_momentum
 from ._core.validate import DATA_DTYPES, param_dtype_for
@@ -100,6 +100,11 @@ class BatchNorm:
         activation: None, or "relu" (a :class:`~cudnn_bn.Activation`): forward then returns
             ``act(BN(x) + residual)`` through :mod:`cudnn_bn.fused` (cuDNN's fused Ex call where it
             applies), and backward runs through the activation.
+        on_overflow: None (the policy's default), or "raise", "fallback", "deferred", "ignore"
+            (an :class:`~cudnn_bn.OnOverflow`): what the training calls do when SPATIAL_PERSISTENT
+            overflows (docs/modes.md). With "deferred" no call waits for the GPU; call
+            :func:`cudnn_bn.check_overflow` once per step (after backward) to read the flags of
+            every layer's calls at once.
         frozen: freeze the statistics (see :meth:`freeze`); needs ``track_running_stats``.
 
     Attributes: ``gamma`` and ``beta`` (also as torch's ``weight`` and ``bias``), ``running_mean``,
@@ -109,9 +114,11 @@ class BatchNorm:
     they were.
     """
 
-    def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, channel_axis=1, dtype=np.float32, xp=np, activation=None, frozen=False):
+    def __init__(self, num_features, *, mode="auto", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 channel_axis=1, dtype=np.float32, xp=np, activation=None, on_overflow=None, frozen=False):
         shape = _feature_shape(num_features)
         activation = None if activation is None else parse_activation(activation)
+        on_overflow = None if on_overflow is None else parse_on_overflow(on_overflow)
         parsed_mode = parse_mode(mode, allow_auto=True)
         if len(shape) > 1 and (parsed_mode == AUTO or parsed_mode.is_spatial):
             raise ValueError(
@@ -134,6 +141,7 @@ class BatchNorm:
         self.affine, self.track_running_stats, self.channel_axis = bool(affine), bool(track_running_stats), channel_axis
         self.dtype = data_dtype
         self.activation = activation
+        self.on_overflow = on_overflow
         self.param_shape = shape
         param_dtype = param_dtype_for(data_dtype)
         try:
@@ -167,8 +175,9 @@ class BatchNorm:
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         state["_xp"] = _import_array_library(state["_xp"])
-        # a layer pickled before activations, or freezing, existed
+        # a layer pickled before activations, its overflow policy, or freezing existed
         state.setdefault("activation", None)
+        state.setdefault("on_overflow", None)
         state.setdefault("grad_residual", None)
         state.setdefault("_frozen", False)
         state.setdefault("_parameters_frozen", False)
@@ -329,8 +338,8 @@ class BatchNorm:
         return 1.0 / (count + 1)
 
     def forward(self, x, residual=None):
-        """Normalize ``x``; in training mode also update the running statistics and keep what
-        backward needs.
+        """Normalize ``x`` and keep what backward needs; in training mode, unless frozen, with the
+        batch's statistics, updating the running statistics; else with the running statistics.
 
         x: (N, C, *spatial), or channels-last with ``channel_axis=-1``; 2 to 5 dims; the layer's
         dtype; numpy or cupy as ``xp``. residual: with an activation, None or an array of x's
@@ -347,7 +356,8 @@ class BatchNorm:
             counting = self.training and self.track_running_stats
             momentum = self._momentum_for_next_batch() if counting else 0.0
             train = _api.forward_training if self.activation is None else fused.forward_training
-            y, saved = train(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum, **common)
+            y, saved = train(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum,
+                             on_overflow=self.on_overflow, **common)
             if counting:  # only a batch that ran is counted
                 self.num_batches_tracked += 1
             self._kept = KeptForBackward(x, saved, None if self.activation is None else y)
@@ -493,6 +503,7 @@ class BatchNorm:
             f"track_running_stats={self.track_running_stats}, channel_axis={self.channel_axis}, "
             f"dtype={self.dtype.name}, xp={self._xp.__name__}"
             + ("" if self.activation is None else f", activation={str(self.activation)!r}")
+            + ("" if self.on_overflow is None else f", on_overflow={str(self.on_overflow)!r}")
             + (", frozen=True" if self._frozen and not self._parameters_frozen else "")
             + more
             + ")"

@@ -31,6 +31,16 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
 - **Overflow flag.** Per handle: a SPATIAL_PERSISTENT kernel whose mode is in ``overflow_modes``
   writes NaN and raises its handle's flag when it runs; the flag stays set until
   ``cudnnQueryRuntimeError`` reads it.
+- **Host synchronizations, counted.** ``KernelSimulator.host_syncs`` counts the points where the
+  host waits for the device on real CUDA, and only those (``sync_points`` by kind): a BLOCKING
+  ``cudnnQueryRuntimeError``; ``.get()``; ``bool()``, ``float()``, ``int()``, ``complex()``,
+  ``operator.index()``, ``item()``, ``tolist()``, ``tobytes()``, ``repr()``, ``str()``,
+  ``format()`` and pickling of an array; ``Stream``, ``Event`` and ``Device`` synchronize and
+  ``runtime.deviceSynchronize``; ``cudnnDestroy`` (cudaDeviceSynchronize, cudnn_graph.h). The
+  simulator's own flushes (the host computing a ufunc, a copy or a reshape in queue order) are not
+  counted: on a GPU those are kernels queued behind the work, not waits. Inside
+  ``with simulator.capturing():`` every such point raises :class:`StreamCaptureUnsupported`, as
+  CUDA stream capture refuses a synchronization.
 
 Entry points: :func:`simulated_gpu` (a context manager yielding the :class:`KernelSimulator`),
 :class:`FakeArray`, :func:`make_fake_cupy` and :func:`virtual_array`.
@@ -84,6 +94,7 @@ INFERENCE_MAX_BATCH = 65535  # inference in any mode (pytorch#19911)
 PER_ACTIVATION, SPATIAL, SPATIAL_PERSISTENT = 0, 1, 2  # cudnnBatchNormMode_t
 OPS_BN, OPS_BN_ACTIVATION, OPS_BN_ADD_ACTIVATION = 0, 1, 2  # cudnnBatchNormOps_t
 ACTIVATION_RELU = 1  # cudnnActivationMode_t: the one activation cuDNN's fused batch-norm kernels apply
+NOT_PROPAGATE_NAN, PROPAGATE_NAN = 0, 1  # cudnnNanPropagation_t
 ERRQUERY_RAWCODE, ERRQUERY_NONBLOCKING, ERRQUERY_BLOCKING = 0, 1, 2  # cudnnErrQueryMode_t
 DATA_FLOAT, DATA_DOUBLE, DATA_HALF = 0, 1, 2  # cudnnDataType_t
 _NUMPY_TYPES = {DATA_FLOAT: np.dtype(np.float32), DATA_DOUBLE: np.dtype(np.float64), DATA_HALF: np.dtype(np.float16)}
@@ -101,6 +112,11 @@ def _hex(pointer) -> str:
 
 class CUDARuntimeError(RuntimeError):
     """cupy.cuda.runtime.CUDARuntimeError on the simulated GPU."""
+
+
+class StreamCaptureUnsupported(CUDARuntimeError):
+    """cudaErrorStreamCaptureUnsupported: the host tried to wait for the device while a simulator
+    was capturing (``KernelSimulator.capturing``)."""
 
 
 class OutOfMemoryError(MemoryError):
@@ -183,6 +199,14 @@ class SimulatedCuda:
         self.hazard_sinks: list[list] = []  # the active simulators' hazard lists
         self.unclaimed_hazards: list[str] = []
         self.module = None  # the fake cupy module, made once the classes below exist
+
+    # ---- the points where the host waits for the device ----
+    @staticmethod
+    def host_sync(kind: str) -> None:
+        """The host waits for the device here on real CUDA: counted by the active simulator (raises
+        while it captures). Call it before the wait."""
+        if _ACTIVE:
+            _ACTIVE[-1].host_sync(kind)
 
     # ---- per-thread state: current device, current stream per device ----
     def _thread(self):
@@ -462,11 +486,13 @@ class Stream:
         return self
 
     def synchronize(self) -> None:
+        _CUDA.host_sync("Stream.synchronize")
         _CUDA.flush(self.key)
 
     @property
     def done(self) -> bool:
         return _CUDA.pending(self.key) == 0
+
 
     def __eq__(self, other):
         return isinstance(other, Stream) and (self.ptr, self.device_id) == (other.ptr, other.device_id)
@@ -503,6 +529,7 @@ class Device:
         _CUDA.set_device(self.id)
 
     def synchronize(self) -> None:
+        _CUDA.host_sync("Device.synchronize")
         _CUDA.synchronize_device(self.id)
 
     def __eq__(self, other):
@@ -530,6 +557,7 @@ class Event:
         self.seconds = time.perf_counter()
 
     def synchronize(self) -> None:
+        _CUDA.host_sync("Event.synchronize")
         if self._key is not None:
             _CUDA.flush(self._key)
 
@@ -610,6 +638,7 @@ class FakeArray(np.ndarray):
     def get(self, stream=None, order="C", out=None):
         """A host (numpy) copy, after the work queued on ``stream`` (default: the current stream of
         the array's device)."""
+        _CUDA.host_sync("ndarray.get")
         _CUDA.flush((stream if stream is not None else self._own_device_stream()).key)
         if out is not None:
             np.copyto(out, self.view(np.ndarray))
@@ -652,28 +681,53 @@ class FakeArray(np.ndarray):
 
     def __array_function__(self, func, types, args, kwargs):
         _CUDA.flush_current()
-        return super().__array_function__(func, types, args, kwargs)
+        result = super().__array_function__(func, types, args, kwargs)
+        if isinstance(result, np.generic) or (type(result) is np.ndarray):
+            return _CUDA.to_device(result)  # CuPy's functions return device arrays (0-d for a scalar), not host values
+        return result
 
 
-def _synchronizing(name: str):
+def _synchronizing(name: str, host_read: bool):
     method = getattr(np.ndarray, name)
 
+    # a host read reads the values once, on a host view (numpy's repr would otherwise index element by
+    # element, each a 0-d device array); pickling keeps the array's own type
+    on_host = host_read and name not in ("__reduce__", "__reduce_ex__")
+
     def call(self, *args, **kwargs):
+        if host_read:
+            _CUDA.host_sync(f"ndarray.{name}")
         _CUDA.flush_current()
-        return method(self, *args, **kwargs)
+        return method(self.view(np.ndarray) if on_host else self, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = name
     return call
 
 
-# everything else that reads or writes the data on the host
-for _name in (
-    "__bool__", "__float__", "__int__", "__complex__", "__index__", "__repr__", "__str__", "__format__",
-    "__iter__", "__contains__", "__getitem__", "__setitem__", "__reduce__", "__reduce_ex__", "__deepcopy__",
-    "__copy__", "item", "tolist", "tobytes", "fill", "reshape", "ravel", "flatten",
-):
-    setattr(FakeArray, _name, _synchronizing(_name))
+def _element_view(method):
+    def getitem(self, key):
+        result = method(self, key)
+        if isinstance(result, np.generic):  # CuPy gives a 0-d device array for one element, never a host value
+            return method(self, (key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
+        return result
+
+    getitem.__name__ = getitem.__qualname__ = "__getitem__"
+    return getitem
+
+
+# what brings values to the host, where CuPy waits for the device (counted as host syncs)
+_HOST_READS = (
+    "__bool__", "__float__", "__int__", "__complex__", "__index__", "__repr__", "__str__", "__format__", "__reduce__",
+    "__reduce_ex__", "item", "tolist", "tobytes",
+)
+# everything else that touches the data, which CuPy queues as kernels or views (the host runs it in
+# queue order, without a wait)
+_DEVICE_WORK = ("__iter__", "__contains__", "__getitem__", "__setitem__", "__deepcopy__", "__copy__", "fill", "reshape",
+                "ravel", "flatten")
+for _name in _HOST_READS + _DEVICE_WORK:
+    setattr(FakeArray, _name, _synchronizing(_name, _name in _HOST_READS))
 del _name
+FakeArray.__getitem__ = _element_view(FakeArray.__getitem__)
 
 FakeArray.__module__ = "cupy._core.core"  # what cudnn_bn's kind check looks at
 
@@ -729,7 +783,7 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
     module.empty_like, module.zeros_like, module.ones_like = like(empty), like(module.zeros), like(module.ones)
     module.asnumpy = lambda a, stream=None: a.get(stream) if isinstance(a, FakeArray) else np.asarray(a)
     for name in ("isfinite", "isnan", "isinf", "abs", "sqrt", "all", "any", "sum", "max", "min", "mean", "vdot",
-                 "maximum", "minimum", "copyto", "array_equal", "allclose", "add", "fmax"):
+                 "maximum", "minimum", "copyto", "array_equal", "allclose", "add", "fmax", "logical_and"):
         setattr(module, name, getattr(np, name))
     for name in ("uint8", "int32", "int64", "float16", "float32", "float64", "bool_", "dtype"):
         setattr(module, name, getattr(np, name))
@@ -748,6 +802,7 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
                 "multiProcessorCount": 132}
 
     def synchronize_current_device():
+        cuda.host_sync("runtime.deviceSynchronize")
         cuda.synchronize_device(cuda.current_device())
 
     runtime = types.ModuleType("cupy.cuda.runtime")
@@ -941,16 +996,19 @@ class Launch:
     ``launch.view(role)`` is the tensor ``role`` as a numpy array (None when NULL was passed), with
     roles x, y, dy, dx, scale, bias, dscale, dbias, mean, var (inference), running_mean,
     running_var, save_mean, save_inv_std, z and dz (the Ex calls' residual and its gradient);
-    ``ops`` the Ex calls' bnOps (OPS_BN elsewhere); ``mode`` (a Mode), ``eps`` and ``factor`` are the scalars;
+    ``ops`` the Ex calls' bnOps (OPS_BN elsewhere); ``relu_nan`` the reluNanOpt of a fused bnOps'
+    activation descriptor (NOT_PROPAGATE_NAN elsewhere); ``mode`` (a Mode), ``eps`` and ``factor`` are the scalars;
     ``overflows``: whether its mode was in ``overflow_modes`` at the call.
     """
 
-    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run", "ops")
+    __slots__ = ("function", "handle", "mode", "tensors", "outputs", "eps", "factor", "overflows", "holds", "_run",
+                 "ops", "relu_nan")
 
-    def __init__(self, function, handle, mode, tensors, outputs, eps, factor, overflows, holds, run, ops=OPS_BN):
+    def __init__(self, function, handle, mode, tensors, outputs, eps, factor, overflows, holds, run, ops=OPS_BN,
+                 relu_nan=NOT_PROPAGATE_NAN):
         self.function, self.handle, self.mode, self.tensors = function, handle, mode, tensors
         self.outputs, self.eps, self.factor, self.overflows = outputs, eps, factor, overflows
-        self.holds, self._run, self.ops = holds, run, ops
+        self.holds, self._run, self.ops, self.relu_nan = holds, run, ops, relu_nan
 
     def has(self, role: str) -> bool:
         return self.tensors.get(role) is not None
@@ -979,10 +1037,11 @@ def training_kernel(launch: Launch) -> None:
     inv_std = 1.0 / np.sqrt(biased_var + launch.eps)
     gamma, beta = launch.view("scale").astype(np.float64), launch.view("bias").astype(np.float64)
     y = centered * inv_std * gamma + beta
-    if launch.ops != OPS_BN:  # BN_ACTIVATION, BN_ADD_ACTIVATION: ReLU(y (+ z)), NaN to 0, rounded once
+    if launch.ops != OPS_BN:  # BN_ACTIVATION, BN_ADD_ACTIVATION: ReLU(y (+ z)), rounded once
         if launch.ops == OPS_BN_ADD_ACTIVATION:
             y = y + launch.view("z").astype(np.float64)
-        y = np.where(y > 0, y, 0.0)
+        # NaN gives 0 under CUDNN_NOT_PROPAGATE_NAN and stays NaN under CUDNN_PROPAGATE_NAN
+        y = np.where((y > 0) | (np.isnan(y) & (launch.relu_nan == PROPAGATE_NAN)), y, 0.0)
     launch.view("y")[...] = y
     if launch.has("running_mean"):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -1008,8 +1067,9 @@ def backward_kernel(launch: Launch) -> None:
     """cudnnBatchNormalizationBackward(Ex): dx, dscale, dbias (statistics saved or recomputed with eps)."""
     x, dy = launch.view("x").astype(np.float64), launch.view("dy").astype(np.float64)
     axes, count = _statistics(launch, x)
-    if launch.ops != OPS_BN:  # the ReLU's gradient first: dy where the forward's y > 0
-        dy = np.where(launch.view("y") > 0, dy, 0.0)
+    if launch.ops != OPS_BN:  # the ReLU's gradient first: dy where the forward's y > 0 (NaN where a NaN y propagated)
+        y = launch.view("y")
+        dy = np.where(y > 0, dy, np.where(np.isnan(y) & (launch.relu_nan == PROPAGATE_NAN), np.nan, 0.0))
         if launch.ops == OPS_BN_ADD_ACTIVATION:
             launch.view("dz")[...] = dy
     if launch.has("save_mean"):
@@ -1096,7 +1156,9 @@ class KernelSimulator:
     ``kernels`` (C name -> function of a :class:`Launch`; replace one with a no-op to time the host
     side alone). State: ``calls``, ``refusals``, ``handles`` (pointer -> state), ``stream`` (the
     stream last bound by cudnnSetStream), ``reserves`` (reserve pointer -> (size, saved-mean
-    pointer) of the ForwardTrainingEx that filled it), ``hazards``.
+    pointer) of the ForwardTrainingEx that filled it), ``hazards``, ``host_syncs`` and
+    ``sync_points`` (the host's waits for the device, in all and by kind; see the module
+    docstring), ``runtime_queries`` (cudnnQueryRuntimeError calls by mode name).
     """
 
     def __init__(self, library, cuda: SimulatedCuda | None = None):
@@ -1116,6 +1178,10 @@ class KernelSimulator:
         self.ex_fast_path_only = True
         self.fail_on_hazard = True
         self.handles: dict[int, _HandleState] = {}
+        self.host_syncs = 0
+        self.sync_points: collections.Counter = collections.Counter()
+        self.runtime_queries: collections.Counter = collections.Counter()
+        self._capturing = 0
         self._destroyed_handles: set[int] = set()
         # one lock for the registry, the descriptors and this state: finalizers run at any allocation,
         # and two locks taken in either order by them could deadlock
@@ -1132,6 +1198,31 @@ class KernelSimulator:
     def _note_call(self, name: str) -> None:
         with self._lock:
             self.calls.append(name)
+
+    # ---- the host's waits for the device ----
+    def host_sync(self, kind: str) -> None:
+        """Count one wait of the host for the device (``kind`` names it); refused while capturing."""
+        with self._lock:
+            if self._capturing:
+                raise StreamCaptureUnsupported(
+                    f"cudaErrorStreamCaptureUnsupported: {kind} waits for the device, which stream capture refuses"
+                )
+            self.host_syncs += 1
+            self.sync_points[kind] += 1
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """``with simulator.capturing():`` every host wait for the device raises, as it would while
+        CUDA captures a stream into a graph. Zero waits is necessary for a capture, not sufficient:
+        a capture also refuses other calls (an allocation outside the pool, a stream it does not
+        follow), which the simulator does not model."""
+        with self._lock:
+            self._capturing += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._capturing -= 1
 
     # ---- the entry points, C name -> callable with the C arguments ----
     def entries(self) -> dict:
@@ -1226,6 +1317,7 @@ class KernelSimulator:
         ctypes.cast(handle_out, ctypes.POINTER(ctypes.c_void_p))[0] = state.pointer
 
     def _destroy(self, handle) -> None:
+        self.host_sync("cudnnDestroy")  # it calls cudaDeviceSynchronize (cudnn_graph.h)
         with self._using("cudnnDestroy", handle) as state:
             # cudnnDestroy synchronizes the device; it may run from a finalizer in a thread that holds
             # the registry lock, so streams another thread is running are left to that thread
@@ -1259,7 +1351,11 @@ class KernelSimulator:
             if tag:
                 raise _Refused(_BAD_PARAM, "tag must be NULL (cudnnRuntimeTag_t is only declared)")
             key = (state.device_id, state.stream)
+            names = {ERRQUERY_BLOCKING: "BLOCKING", ERRQUERY_NONBLOCKING: "NONBLOCKING", ERRQUERY_RAWCODE: "RAWCODE"}
+            with self._lock:
+                self.runtime_queries[names.get(mode, str(mode))] += 1
             if mode == ERRQUERY_BLOCKING:
+                self.host_sync("cudnnQueryRuntimeError(BLOCKING)")
                 self.cuda.flush(key)  # waits for the handle's stream
                 value, state.flag = state.flag, 0
             elif mode == ERRQUERY_NONBLOCKING:
@@ -1373,7 +1469,7 @@ class KernelSimulator:
             raise _Refused(_NOT_SUPPORTED, f"bnOps {ops} (CUDNN_BATCHNORM_OPS_BN_{'ADD_' if ops == OPS_BN_ADD_ACTIVATION else ''}"
                                            "ACTIVATION) applies an activation, but activationDesc is NULL")
         try:
-            mode = _activation_mode(activation)
+            mode, _ = _activation_settings(activation)
         except CudnnError as error:
             raise _Refused(_BAD_PARAM, f"activationDesc {_hex(activation)} is not a readable activation descriptor ({error})") from None
         if mode != ACTIVATION_RELU:
@@ -1411,7 +1507,8 @@ class KernelSimulator:
                                        f"the handle's device is {state.device_id}")
         return allocation
 
-    def _launch(self, state, function, mode, tensors, outputs, buffers=(), eps=None, factor=None, ops=OPS_BN) -> dict:
+    def _launch(self, state, function, mode, tensors, outputs, buffers=(), eps=None, factor=None, ops=OPS_BN,
+                activation=None) -> dict:
         """Check every pointer against the registry, then queue the kernel on the handle's stream.
         Returns role -> allocation of the raw buffers (workspace, reserve space)."""
         self._check_sources(tensors)
@@ -1429,7 +1526,10 @@ class KernelSimulator:
             owners = [(allocation, allocation.memory_owner()) for allocation in holds.values()]
             # whether it overflows is settled by overflow_modes at the call, though it shows when it runs
             overflows = mode is Mode.SPATIAL_PERSISTENT and mode in self.overflow_modes
-            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops)
+            # a fused bnOps' ReLU treats NaN as its descriptor says (checked by _ex_conditions before)
+            relu_nan = NOT_PROPAGATE_NAN if ops == OPS_BN else _activation_settings(activation)[1]
+            launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops,
+                            relu_nan)
             self.cuda.enqueue((state.device_id, state.stream), launch)
         return located
 
@@ -1452,7 +1552,8 @@ class KernelSimulator:
 
     # ---- the batch-norm entry points ----
     def _training_call(self, name, state, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias, factor,
-                       running_mean, running_var, eps, save_mean, save_inv_var, ex=None, ops=OPS_BN, z=None, z_desc=None):
+                       running_mean, running_var, eps, save_mean, save_inv_var, ex=None, ops=OPS_BN, z=None,
+                       z_desc=None, activation=None):
         mode = self._mode(mode)
         _required(alpha=alpha, beta=beta, x=x, y=y, bnScale=scale, bnBias=bias)
         _both_or_neither("resultRunningMean", running_mean, "resultRunningVariance", running_var)
@@ -1475,7 +1576,8 @@ class KernelSimulator:
         if z_t is not None:
             tensors["z"] = (z, z_t)
         outputs = ("y", "save_mean", "save_inv_std", "running_mean", "running_var")
-        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, factor=factor, ops=ops)
+        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, factor=factor, ops=ops,
+                            activation=activation)
 
     def _forward_training(self, handle, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias, factor,
                           running_mean, running_var, eps, save_mean, save_inv_var):
@@ -1500,7 +1602,7 @@ class KernelSimulator:
         with self._using(name, handle, kernel=True) as state:
             located = self._training_call(name, state, mode, alpha, beta, x_desc, x, y_desc, y, p_desc, scale, bias,
                                           factor, running_mean, running_var, eps, save_mean, save_inv_var, ex=ex,
-                                          ops=ops, z=z, z_desc=z_desc)
+                                          ops=ops, z=z, z_desc=z_desc, activation=activation)
             if reserve:
                 with self._lock:
                     self.reserves[reserve] = (reserve_size, save_mean)
@@ -1558,7 +1660,8 @@ class KernelSimulator:
         self._limits(x_t, "backward", mode)
         tensors = {"x": (x, x_t), "dy": (dy, dy_t), "dx": (dx, dx_t), "scale": (scale, p_t), "dscale": (dscale, p_t),
                    "dbias": (dbias, p_t), "save_mean": (saved_mean, p_t), "save_inv_std": (saved_inv_var, p_t), **extra}
-        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, ops=ops)
+        return self._launch(state, name, mode, tensors, outputs, buffers, eps=eps, ops=ops,
+                            activation=None if fused is None else fused["activation"])
 
     def _backward(self, handle, mode, alpha_data, beta_data, alpha_param, beta_param, x_desc, x, dy_desc, dy, dx_desc,
                   dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var):
@@ -1597,7 +1700,8 @@ class KernelSimulator:
                                                f"with bnOps {filled_ops}")
             elif ops != OPS_BN:
                 raise _Refused(_BAD_PARAM, f"bnOps {ops}: BackwardEx needs the forward's reserve space (the activation's mask)")
-            fused = {"ops": ops, "y": y, "y_desc": y_desc, "bias": bias, "dz": dz, "dz_desc": dz_desc}
+            fused = {"ops": ops, "y": y, "y_desc": y_desc, "bias": bias, "dz": dz, "dz_desc": dz_desc,
+                     "activation": activation}
             self._backward_call(name, state, mode, alpha_data, beta_data, alpha_param, beta_param, x_desc, x, dy_desc,
                                 dy, dx_desc, dx, p_desc, scale, dscale, dbias, eps, saved_mean, saved_inv_var, ex=ex,
                                 fused=fused)
@@ -1646,9 +1750,10 @@ class KernelSimulator:
             self._write_size(size_out, self.reserve_bytes(ops, x_t))
 
 
-def _activation_mode(descriptor: int) -> int:
-    """The cudnnActivationMode_t of an activation descriptor, read by the real libcudnn
-    (cudnnGetActivationDescriptor: a host call cudnn_bn never makes, so not in its prototype table)."""
+def _activation_settings(descriptor: int) -> tuple[int, int]:
+    """(cudnnActivationMode_t, cudnnNanPropagation_t reluNanOpt) of an activation descriptor, read
+    by the real libcudnn (cudnnGetActivationDescriptor: a host call cudnn_bn never makes, so not in
+    its prototype table)."""
     function = _GET_ACTIVATION.get("function")
     if function is None:
         function = ctypes.CDLL(_raw.library().path).cudnnGetActivationDescriptor
@@ -1658,7 +1763,7 @@ def _activation_mode(descriptor: int) -> int:
         _GET_ACTIVATION["function"] = function
     mode, nan, coef = ctypes.c_int(), ctypes.c_int(), ctypes.c_double()
     _raw.check_status("cudnnGetActivationDescriptor", function(descriptor, ctypes.byref(mode), ctypes.byref(nan), ctypes.byref(coef)))
-    return mode.value
+    return mode.value, nan.value
 
 
 _GET_ACTIVATION: dict = {}

@@ -268,7 +268,16 @@ def test_gpu_bench_records_a_failed_section_and_goes_on(gpu, monkeypatch, tmp_pa
     result = json.loads(json_path.read_text())
     assert result["overflow_probe"] == {"error": "RuntimeError: probe crashed"}
     assert isinstance(result["ex_vs_plain"], list)  # the section after it still ran
-    assert "overflow_probe failed: RuntimeError: probe crashed" in (tmp_path / "b.md").read_text()
+    markdown = (tmp_path / "b.md").read_text()
+    assert "overflow_probe failed: RuntimeError: probe crashed" in markdown
+    # and the last one: a training step through the layers with the checks and without
+    steps = {(row["layout"], row["settings"]): row for row in result["training_step"]}
+    settings = _bench.TRAINING_STEP_SETTINGS
+    assert set(steps) == {(layout, setting) for layout in ("NCHW", "NHWC") for setting in settings}
+    assert all(row["step_ms"] > 0 and row["torch_step_ms"] is None for row in steps.values())
+    assert (steps["NCHW", "defaults"]["mode"], steps["NHWC", "defaults"]["mode"]) == ("SPATIAL", "SPATIAL_PERSISTENT")
+    assert steps["NCHW", "SPATIAL_PERSISTENT, raise (a check after every call)"]["mode"] == "SPATIAL_PERSISTENT"
+    assert "| training step, 10 BatchNorm layers, fwd + bwd |" in markdown
 
 
 def test_microseconds_per_call_warms_up_once_and_synchronizes_around_the_timed_calls():

@@ -5,6 +5,7 @@ pool, the stream binding, the Ex path's arguments, and a libcudnn built for anot
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import subprocess
 import sys
@@ -295,12 +296,13 @@ def test_a_thread_pool_creates_no_handle_after_warm_up_and_destroys_none(gpu):
     assert gpu.calls.count("cudnnCreate") == created and "cudnnDestroy" not in gpu.calls
 
 
-def test_a_flag_left_on_one_stream_is_cleared_before_the_handle_moves_to_another(gpu):
+def test_a_flag_left_on_one_stream_is_never_read_by_checked_calls_on_another(gpu):
     from cudnn_bn._cudnn import handles
 
     cupy = sys.modules["cupy"]
     handles.close_all()
-    handles.pool_for(0).size = 1  # both calls borrow the same handle
+    for lane in (handles.PLAIN, handles.CHECKED):
+        handles.pool_for(0, lane).size = 1  # one handle per lane: the unchecked call's and the checked calls'
     _, x, _, gamma, beta = make_case((4, 8, 3, 3), Mode.SPATIAL, 1, np.float32)
     other = cupy.cuda.Stream(non_blocking=True)
     with other:  # an unchecked persistent call that overflows, queued on another stream
@@ -312,6 +314,8 @@ def test_a_flag_left_on_one_stream_is_cleared_before_the_handle_moves_to_another
     for _ in range(2):  # checked calls on this stream: neither may report the other stream's flag
         cudnn_bn.forward_training(xb, gb, bb, mode="spatial_persistent", on_overflow="raise")
         other.synchronize()
+    # nor did they wait for it: the unchecked call's handle was never rebound, and no query cleared its flag
+    assert gpu.runtime_queries == {"BLOCKING": 2}
     handles.close_all()
 
 
@@ -454,8 +458,9 @@ def test_ignore_never_synchronizes_in_backward(gpu):
         for _ in range(2):  # the first call builds the plan, the second takes the cached path
             cudnn_bn.backward(xd, dyd, gd, saved)
         assert "cudnnQueryRuntimeError" not in gpu.calls
-        with pytest.raises(AssertionError, match="finite check"):  # a checked backward does read
-            cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="raise")
+        cudnn_bn.backward(xd, dyd, gd, saved, on_overflow="raise")  # nor a checked one of the forward's own statistics
+        with pytest.raises(AssertionError, match="finite check"):  # statistics from elsewhere are read
+            cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, mean=saved.mean.copy()), on_overflow="raise")
 
 
 # ---- a review's findings: per-thread default streams, the reserve under the signature cache ----

@@ -117,7 +117,9 @@ def test_overflow_fallback_reruns_spatial_and_warns_once_per_shape(gpu):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            y, saved = cudnn_bn.forward_training(*_device(x, gamma, beta), *running, channel_axis=-1)  # auto: persistent + fallback
+            y, saved = cudnn_bn.forward_training(  # auto: persistent, here with the fallback asked for
+                *_device(x, gamma, beta), *running, channel_axis=-1, on_overflow="fallback"
+            )
             reference.forward_training(*_wide(x, gamma, beta), *expected_running, mode="spatial", channel_axis=-1)
     assert len([w for w in caught if "re-ran with SPATIAL" in str(w.message)]) == 1
     assert saved.mode is Mode.SPATIAL and np.all(np.isfinite(y))
@@ -195,18 +197,24 @@ def test_bad_input_never_reaches_a_native_call(gpu):
     np.testing.assert_array_equal(xd, x)
 
 
-def test_non_finite_saved_statistics_are_refused_on_the_device(gpu):
+def test_non_finite_saved_statistics_from_elsewhere_are_refused_within_the_calls_one_wait(gpu):
     import dataclasses
 
     _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, dyd, gd, bd = _device(x, dy, gamma, beta)
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent")
+    foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())  # not the forward's arrays: checked
+    syncs, queries = gpu.host_syncs, gpu.runtime_queries["BLOCKING"]
+    cudnn_bn.backward(xd, dyd, gd, foreign)
+    # the check's read waits for the stream, kernel included; the flag is then read without waiting
+    assert (gpu.host_syncs - syncs, gpu.runtime_queries["BLOCKING"] - queries) == (1, 0)
+    assert gpu.runtime_queries["NONBLOCKING"] == 1
     poisoned = saved.inv_std.copy()
     poisoned[0] = np.inf
-    calls = len(gpu.calls)
+    kept = poisoned.get()
     with pytest.raises(ValueError, match="saved.inv_std: expected finite values"):
         cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, inv_std=poisoned))
-    assert len(gpu.calls) == calls
+    np.testing.assert_array_equal(poisoned.get(), kept)  # the caller's arrays as they were
 
 
 def test_non_contiguous_input_gives_the_contiguous_result(gpu):
@@ -288,13 +296,18 @@ def test_gpu_benchmark_runs_end_to_end(gpu, monkeypatch, tmp_path):
     assert not [r for r in result["rows"] if "PERSISTENT" in r["mode"] and r["operation"] == "backward"]
     assert {o["operation"] for o in result["overflowed"]} == {"forward_training", "backward"}
     assert all(row["fraction_of_copy"] > 0 for row in result["rows"])
-    assert [p["overflow_flag_raised"] for p in result["overflow_probe"]] == [True, True]
-    assert not any(p["persistent_output_finite"] for p in result["overflow_probe"])
+    probe = result["overflow_probe"]  # NCHW, NHWC and NDHWC, each on ordinary data and with a large offset
+    assert [(p["layout"], p["data"]) for p in probe] == [
+        (layout, data) for layout in ("NCHW", "NHWC", "NDHWC") for data in _bench.OVERFLOW_PROBE_DATA
+    ]
+    assert probe[4]["shape"] == [4, 8, 2, 3, 6]
+    assert all(p["overflow_flag_raised"] and not p["persistent_output_finite"] for p in probe)
     assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training"}
     assert "cudnn_bn_us_per_call" in result["host_overhead"]
     assert len(result["fused_vs_unfused"]) == 1  # overflowing persistent calls fall back, and still time
     markdown = (tmp_path / "b.md").read_text()
-    assert "| overflow probe 4x8x6x6 float32 |" in markdown and "Not timed because SPATIAL_PERSISTENT overflowed" in markdown
+    assert "| 4x8x2x3x6 NDHWC | 1000 + uniform [-2, 2] | True | False |" in markdown
+    assert "Not timed because SPATIAL_PERSISTENT overflowed" in markdown
 
 
 def test_gpu_benchmark_times_everything_when_nothing_overflows(gpu, monkeypatch, tmp_path):
@@ -308,8 +321,8 @@ def test_gpu_benchmark_times_everything_when_nothing_overflows(gpu, monkeypatch,
     _bench.run_bench(json_path=str(tmp_path / "b.json"), quick=True)
     result = json.loads((tmp_path / "b.json").read_text())
     assert len(result["rows"]) == 2 * 2 * 4 * 3 and result["overflowed"] == []
-    assert [p["overflow_flag_raised"] for p in result["overflow_probe"]] == [False, False]
-    assert all(p["max_abs_difference_vs_spatial"] < 1e-5 for p in result["overflow_probe"])
+    assert len(result["overflow_probe"]) == 6 and not any(p["overflow_flag_raised"] for p in result["overflow_probe"])
+    assert all(p["max_abs_difference_vs_spatial"] < 1e-3 for p in result["overflow_probe"])  # float32 around 1000
     assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training", "backward"}
     assert [r["path"] for r in result["fused_vs_unfused"]] == ["fused_ex"]  # C = 8: cuDNN's fused kernel
     assert result["fused_vs_unfused"][0]["fused_ms"] > 0 and result["fused_vs_unfused"][0]["unfused_ms"] > 0

@@ -770,3 +770,138 @@ def test_get_waits_for_the_arrays_own_device_as_cupy_does(cudnn_library):
             y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial", channel_axis=-1)
         expected, _ = reference.forward_training(x, gamma, beta, mode="spatial", channel_axis=-1)
         np.testing.assert_allclose(y.get(), expected, rtol=1e-5, atol=1e-6)  # read with device 0 current
+
+
+# ---- the fused ReLU treats NaN as its descriptor says ----
+@pytest.fixture
+def relu_propagating_nan(library):
+    """A ReLU activation descriptor created with CUDNN_PROPAGATE_NAN (cudnn_bn never makes one)."""
+    from cudnn_bn._cudnn import raw
+
+    pointer = ctypes.c_void_p()
+    library.cudnnCreateActivationDescriptor(ctypes.byref(pointer))
+    library.cudnnSetActivationDescriptor(pointer.value, int(raw.ActivationMode.RELU),
+                                         int(raw.NanPropagation.PROPAGATE_NAN), 0.0)
+    yield pointer.value
+    library.cudnnDestroyActivationDescriptor(pointer.value)
+
+
+def test_the_fused_relu_gives_0_for_nan_unless_its_descriptor_propagates_nan(gpu, cupy, fused_case, relu,
+                                                                             relu_propagating_nan):
+    case = fused_case
+    host_z = case.host_z.copy()
+    host_z[0, 0, 0, :2] = np.nan  # two pre-activations BN(x) + z of NaN
+    case.z = cupy.asarray(host_z)
+    outputs = {}
+    for name, descriptor in (("not propagated", relu), ("propagated", relu_propagating_nan)):
+        case.call(TRAINING_EX, **_fused_arguments(case, 2, descriptor))
+        y = case.y.get()
+        outputs[name] = y
+        case.call(BACKWARD_EX, **_fused_backward_arguments(case, 2, descriptor))
+        outputs[name + " dz"] = case.dz.get()
+    np.testing.assert_array_equal(outputs["not propagated"][0, 0, 0, :2], 0.0)
+    np.testing.assert_array_equal(outputs["not propagated dz"][0, 0, 0, :2], 0.0)
+    assert np.isnan(outputs["propagated"][0, 0, 0, :2]).all() and np.isnan(outputs["propagated dz"][0, 0, 0, :2]).all()
+    finite = np.isfinite(host_z)  # elsewhere the two agree
+    np.testing.assert_array_equal(outputs["propagated"][finite], outputs["not propagated"][finite])
+
+
+# ---- host synchronizations: counted where CUDA waits, refused while capturing ----
+def _blocking_query(gpu, cupy, library, case):
+    query(library, case.handle, BLOCKING)
+
+
+def _destroy_a_handle(gpu, cupy, library, case):
+    library.cudnnDestroy(new_handle(cupy, library))
+
+
+COUNTED = {  # kind -> what makes one such wait (after one kernel queued on the current stream)
+    "ndarray.get": lambda gpu, cupy, library, case: case.y.get(),
+    "ndarray.__bool__": lambda gpu, cupy, library, case: bool(case.y[0, 0, 0, 0] > 0),
+    "ndarray.__float__": lambda gpu, cupy, library, case: float(case.y.sum()),
+    "ndarray.__int__": lambda gpu, cupy, library, case: int(case.y[0, 0, 0, 0]),
+    "ndarray.item": lambda gpu, cupy, library, case: case.y[0, 0, 0, 0].item(),
+    "ndarray.tolist": lambda gpu, cupy, library, case: case.y.tolist(),
+    "ndarray.__repr__": lambda gpu, cupy, library, case: repr(case.y),
+    "Stream.synchronize": lambda gpu, cupy, library, case: cupy.cuda.get_current_stream().synchronize(),
+    "Event.synchronize": lambda gpu, cupy, library, case: _recorded_event(cupy).synchronize(),
+    "Device.synchronize": lambda gpu, cupy, library, case: cupy.cuda.Device(0).synchronize(),
+    "runtime.deviceSynchronize": lambda gpu, cupy, library, case: cupy.cuda.runtime.deviceSynchronize(),
+    "cudnnQueryRuntimeError(BLOCKING)": _blocking_query,
+    "cudnnDestroy": _destroy_a_handle,
+}
+
+
+def _recorded_event(cupy):
+    event = cupy.cuda.Event()
+    event.record()
+    return event
+
+
+@pytest.mark.parametrize("kind", sorted(COUNTED))
+def test_each_kind_of_host_wait_counts_once_and_is_refused_while_capturing(gpu, cupy, library, case, kind):
+    from fake_cudnn import StreamCaptureUnsupported
+
+    case.call(TRAINING)
+    before = gpu.host_syncs
+    refusal = f"cudaErrorStreamCaptureUnsupported: {re.escape(kind)}"
+    with gpu.capturing(), pytest.raises(StreamCaptureUnsupported, match=refusal):
+        COUNTED[kind](gpu, cupy, library, case)
+    assert gpu.host_syncs == before and not gpu.sync_points  # refused, not counted
+    COUNTED[kind](gpu, cupy, library, case)
+    assert gpu.host_syncs == before + 1 and gpu.sync_points == {kind: 1}
+    assert cupy.cuda.get_current_stream().done  # and it did wait for the queued kernel
+
+
+UNCOUNTED = {  # device work that the host runs in queue order, and calls that never wait
+    "copy": lambda cupy, library, case: case.y.copy(),
+    "ufunc": lambda cupy, library, case: case.y + 1,
+    "reduction": lambda cupy, library, case: case.y.sum(),
+    "vdot": lambda cupy, library, case: cupy.vdot(case.y, case.y),
+    "reshape": lambda cupy, library, case: case.y.reshape(-1),
+    "getitem": lambda cupy, library, case: case.y[0],
+    "setitem": lambda cupy, library, case: case.dx.__setitem__((0, 0, 0, 0), 1.0),
+    "astype": lambda cupy, library, case: case.y.astype(np.float64),
+    "asarray of host data": lambda cupy, library, case: cupy.asarray(np.ones(3)),
+    "set from the host": lambda cupy, library, case: case.dx.set(np.zeros(case.dx.shape, case.dx.dtype)),
+    "NONBLOCKING query": lambda cupy, library, case: query(library, case.handle, NONBLOCKING),
+    "RAWCODE query": lambda cupy, library, case: query(library, case.handle, RAWCODE),
+    "event done": lambda cupy, library, case: _recorded_event(cupy).done,
+    "stream done": lambda cupy, library, case: cupy.cuda.get_current_stream().done,
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNCOUNTED))
+def test_device_work_and_non_blocking_queries_are_not_host_waits(gpu, cupy, library, case, name):
+    case.call(TRAINING)
+    with gpu.capturing():
+        UNCOUNTED[name](cupy, library, case)
+    assert gpu.host_syncs == 0 and not gpu.sync_points
+
+
+def test_queries_are_counted_by_mode(gpu, cupy, library, case):
+    for mode in (RAWCODE, NONBLOCKING, NONBLOCKING, BLOCKING):
+        query(library, case.handle, mode)
+    assert gpu.runtime_queries == {"RAWCODE": 1, "NONBLOCKING": 2, "BLOCKING": 1}
+    assert gpu.host_syncs == 1
+
+
+def test_capture_refuses_waits_from_any_thread_and_ends_with_its_block(gpu, cupy, case):
+    from fake_cudnn import StreamCaptureUnsupported
+
+    case.call(TRAINING)
+    refusals = []
+
+    def wait():
+        try:
+            cupy.cuda.Device(0).synchronize()
+        except StreamCaptureUnsupported as error:
+            refusals.append(error)
+
+    with gpu.capturing():
+        thread = threading.Thread(target=wait)
+        thread.start()
+        thread.join(5)
+    assert len(refusals) == 1
+    wait()
+    assert len(refusals) == 1 and gpu.host_syncs == 1

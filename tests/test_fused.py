@@ -503,6 +503,59 @@ def test_exactly_zero_pre_activation_on_the_simulated_gpu(gpu, case, path, with_
         _check_exact_zero_channel(index, y, backward(arrays[0], y, arrays[1], arrays[2], saved))
 
 
+# ---- NaN before the ReLU gives 0 on every path (CUDNN_NOT_PROPAGATE_NAN on the Ex path) ----
+def _nan_pre_activations(x, residual, channel_axis):
+    """x and residual with NaN placed so that some pre-activations BN(x) + residual are NaN: two
+    residual elements, or (without a residual) one x element, which makes channel 0's statistics,
+    hence all its pre-activations, NaN. Returns (x, residual, where y must be 0)."""
+    x, where = x.copy(), np.zeros(x.shape, bool)
+    if residual is not None:
+        residual = residual.copy()
+        for place in ((0,) * x.ndim, (1,) + (0,) * (x.ndim - 1)):
+            residual[place], where[place] = np.nan, True
+        return x, residual, where
+    x[(0,) * x.ndim] = np.nan
+    channel = [slice(None)] * x.ndim
+    channel[channel_axis % x.ndim] = 0
+    where[tuple(channel)] = True
+    return x, residual, where
+
+
+def _y_with_nan_pre_activations(cupy, case, with_residual):
+    shape, mode, axis, dtype = case["shape"], case["mode"], case["channel_axis"], case["dtype"]
+    _, x, _, gamma, beta, residual = _inputs(shape, mode, axis, dtype)
+    x, residual, where = _nan_pre_activations(x, residual if with_residual else None, axis)
+    arrays = (x, gamma, beta, residual) if cupy is None else _device(cupy, x, gamma, beta, residual)
+    y, saved = forward_training(*arrays[:3], residual=arrays[3], mode=mode, channel_axis=axis)
+    return to_numpy(y), where, saved.path
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("case,path", [pytest.param(EX_CASE, PATH_REFERENCE, id="reference")] + SPATIAL_CASES)
+def test_a_nan_pre_activation_gives_0_on_every_fused_path(gpu, case, path, with_residual):
+    y, where, ran = _y_with_nan_pre_activations(None if path == PATH_REFERENCE else sys.modules["cupy"], case,
+                                                with_residual)
+    assert ran == path
+    np.testing.assert_array_equal(y[where], 0)
+    assert np.isfinite(y).all()
+
+
+def test_the_nan_check_fails_on_the_ex_path_when_the_descriptor_propagates_nan(gpu, monkeypatch):
+    from cudnn_bn._cudnn import plans, raw
+
+    library = raw.library()
+    create = library.cudnnSetActivationDescriptor
+    propagate = int(raw.NanPropagation.PROPAGATE_NAN)
+    monkeypatch.setattr(library, "cudnnSetActivationDescriptor",
+                        lambda descriptor, mode, nan, coef: create(descriptor, mode, propagate, coef))
+    plans.PLANS.clear()  # plans own the activation descriptors they made
+    try:
+        y, where, ran = _y_with_nan_pre_activations(sys.modules["cupy"], EX_CASE, True)
+    finally:
+        plans.PLANS.clear()
+    assert ran == PATH_FUSED_EX and np.isnan(y[where]).all()  # what the test above would catch
+
+
 def _gradients_at_the_constant_channel(grads, blocked, passing):
     """Which reference gradients cuDNN's fused backward gave for the constant channel 0, and those
     gradients whole.

@@ -1,5 +1,6 @@
-"""The handle pool (cudnn_bn/_cudnn/handles.py) on the simulated GPU: one pool per device, a stream
-bound once across threads, a cleared flag, and waiters each served in turn (docs/testing.md)."""
+"""The handle pool (cudnn_bn/_cudnn/handles.py) on the simulated GPU: one pool per device and lane, a
+stream bound once across threads and rebound without waiting, a handle claimed by itself, and
+waiters each served in turn (docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -43,12 +44,54 @@ def test_a_stream_bound_in_one_thread_is_not_bound_again_in_another(two_gpus):
     handle.close()
 
 
-def test_clearing_the_flag_leaves_it_read(two_gpus):
+def test_rebinding_a_handle_waits_for_nothing(two_gpus):
+    cupy = sys.modules["cupy"]
     handle = handles.Handle(0)
-    handle.flag_unread = True
-    handle.clear_flag()
-    assert handle.flag_unread is False
+    for _ in range(3):
+        handle.bind_stream(cupy.cuda.Stream())
+    assert "cudnnQueryRuntimeError" not in two_gpus.calls and two_gpus.host_syncs == 0
+    assert two_gpus.calls.count("cudnnSetStream") == 3
     handle.close()
+
+
+@pytest.mark.parametrize("persistent,on_overflow,lane", [
+    (True, "raise", handles.CHECKED),
+    (True, "fallback", handles.CHECKED),
+    (True, "deferred", handles.DEFERRED),
+    (True, "ignore", handles.PLAIN),
+    (True, None, handles.PLAIN),
+    (False, "raise", handles.PLAIN),
+    (False, "deferred", handles.PLAIN),
+])
+def test_a_call_borrows_from_the_lane_of_what_it_does_with_the_flag(persistent, on_overflow, lane):
+    from cudnn_bn._core.modes import parse_on_overflow
+
+    policy = None if on_overflow is None else parse_on_overflow(on_overflow)
+    assert handles.lane_for(persistent, policy) is lane
+
+
+def test_each_device_and_lane_has_its_own_pool(two_gpus):
+    pools = {(device, lane): handles.pool_for(device, lane) for device in (0, 1) for lane in (handles.PLAIN,
+             handles.CHECKED, handles.DEFERRED)}
+    assert len({id(pool) for pool in pools.values()}) == 6
+    assert all(pool.device_id == device and pool.lane == lane for (device, lane), pool in pools.items())
+    assert handles.pool_for(0) is pools[(0, handles.PLAIN)] and set(handles.pools()) == set(pools.values())
+
+
+def test_claim_takes_that_very_handle_and_waits_while_it_is_lent(two_gpus):
+    pool = handles.HandlePool(0, size=2)
+    first, second = pool.acquire(), pool.acquire()
+    pool.release(first)
+    claimed = []
+    thread = threading.Thread(target=lambda: claimed.append(pool.claim(second) or second))
+    thread.start()
+    time.sleep(0.05)
+    assert claimed == [] and pool._idle == [first]  # the other idle handle does not do
+    pool.release(second)
+    thread.join(5)
+    assert claimed == [second] and pool._idle == [first]
+    pool.release(second)
+    pool.close()
 
 
 def test_two_waiters_are_each_served_when_the_only_handle_comes_back(two_gpus):

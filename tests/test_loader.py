@@ -25,6 +25,7 @@ def test_import_loads_neither_cupy_nor_libcudnn():
         import json, sys, numpy as np, cudnn_bn
         x = np.ones((4, 2), np.float32) * np.arange(4, dtype=np.float32)[:, None]
         cudnn_bn.forward_training(x, np.ones(2, np.float32), np.zeros(2, np.float32))
+        assert cudnn_bn.check_overflow() is None  # nothing was deferred: nothing to load either
         print(json.dumps({"cupy": "cupy" in sys.modules, "raw": "cudnn_bn._cudnn.raw" in sys.modules, "ctypes_cdll": "cudnn_bn._cudnn.loader" in sys.modules}))
         """
     )

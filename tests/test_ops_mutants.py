@@ -581,17 +581,21 @@ def test_growing_one_streams_workspace_evicts_nothing_when_the_table_is_full(gpu
 
 
 def test_a_persistent_backward_from_another_device_checks_its_statistics_once_on_theirs(two_gpus, monkeypatch):
+    import dataclasses
+
     cupy = sys.modules["cupy"]
     _, x, _, gamma, beta = make_case((4, 2, 2, 8), Mode.SPATIAL, -1, np.float16)
     with cupy.cuda.Device(1):
         xd, gd, bd = _device(x, gamma, beta)
         _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+        foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())  # statistics the forward did not hand over
     checks, vdot = [], cupy.vdot
     monkeypatch.setattr(cupy, "vdot", lambda a, b: checks.append((a.device.id, cupy.cuda.runtime.getDevice())) or vdot(a, b))
-    for _ in range(2):  # the call that settles the signature, then the cached one, both from device 0
-        checks.clear()
-        dx, _, _ = cudnn_bn.backward(xd, xd, gd, saved)
-        assert checks == [(1, 1)] and dx.device.id == 1
+    for statistics, expected in ((saved, []), (foreign, [(1, 1)])):  # the forward's own are not read back
+        for _ in range(2):  # the call that settles the signature, then the cached one, both from device 0
+            checks.clear()
+            dx, _, _ = cudnn_bn.backward(xd, xd, gd, statistics)
+            assert checks == expected and dx.device.id == 1
 
 
 class _MisbehavingArray:
@@ -1049,4 +1053,5 @@ def test_backward_ex_on_two_devices_queries_its_sizes_with_each_devices_handle(t
         assert dx.device.id == device
     # one pool per device: a pool under any other key would lend a handle made on whichever device
     # was current when it was made to the calls of every device
-    assert set(handles._POOLS) <= {0, 1}
+    assert {device for device, _ in handles._POOLS} <= {0, 1}
+    assert all(pool.device_id == device for (device, _), pool in handles._POOLS.items())

@@ -35,10 +35,16 @@ class Mode(enum.IntEnum):
 
 
 class OnOverflow(str, enum.Enum):
-    """What to do when SPATIAL_PERSISTENT reports ``CUDNN_STATUS_RUNTIME_FP_OVERFLOW``."""
+    """What to do when SPATIAL_PERSISTENT reports ``CUDNN_STATUS_RUNTIME_FP_OVERFLOW``.
+
+    RAISE and FALLBACK read cuDNN's flag right after each call (one host synchronization);
+    DEFERRED records the call and leaves the flag for :func:`cudnn_bn.check_overflow`; IGNORE
+    never reads it (see docs/modes.md).
+    """
 
     RAISE = "raise"
     FALLBACK = "fallback"
+    DEFERRED = "deferred"
     IGNORE = "ignore"
 
     def __str__(self) -> str:

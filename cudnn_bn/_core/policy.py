@@ -1,13 +1,15 @@
 """The one place that decides which mode "auto" runs, and what overflow does by default.
 
-Policy (see docs/modes.md for the evidence and its limits):
+Policy (see docs/modes.md for the evidence, its limits and what would overturn it). Whatever
+"auto" chooses makes no host synchronization:
 - 2-D input: PER_ACTIVATION (for (N, C) data it is the same normalization as SPATIAL).
 - 3-D to 5-D input: SPATIAL.
-- Training on channels-last data: SPATIAL_PERSISTENT with on_overflow="fallback". PyTorch stopped
-  using persistent for NCHW after accuracy losses (ResNeXt-101, R(2+1)D) and TensorFlow keeps it
-  opt-in; NVIDIA's fast NHWC kernels sit behind the persistent mode. Not yet confirmed by our own
-  GPU measurements: revisit when docs/benchmarks has a recorded run.
-- Backward follows the mode that forward actually ran (``SavedStats.mode``).
+- Training on channels-last data (3-D to 5-D): SPATIAL_PERSISTENT, unchecked (on_overflow
+  "ignore"), as PyTorch runs it for channels_last and channels_last_3d without ever reading the
+  flag. cuDNN 9's header gives the mode's overflow-prone integer reduction to NCHW, and its
+  documentation limits the overflow discussion to NCHW. PyTorch stopped using persistent for NCHW
+  after accuracy losses (ResNeXt-101, R(2+1)D), so NCHW runs SPATIAL.
+- Backward follows the mode that forward actually ran (``SavedStats.mode``), unchecked too.
 - SPATIAL_PERSISTENT asked for by name defaults to on_overflow="raise".
 """
 
@@ -52,8 +54,8 @@ def _choose(requested, shape, channel_axis, operation, on_overflow):
             mode = Mode.SPATIAL_PERSISTENT
         else:
             mode = Mode.SPATIAL
-    if on_overflow is None:
-        return mode, OnOverflow.FALLBACK if chosen_by_policy else OnOverflow.RAISE
+    if on_overflow is None:  # where auto chooses persistent, cuDNN documents no overflow: nothing to read
+        return mode, OnOverflow.IGNORE if chosen_by_policy else OnOverflow.RAISE
     return mode, parse_on_overflow(on_overflow)
 
 

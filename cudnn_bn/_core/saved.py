@@ -32,6 +32,12 @@ class SavedStats:
     The scalar fields are validated at construction (a typed error names the field); the arrays
     are checked by ``backward`` against x, since their expected shape and dtype depend on it.
 
+    The SavedStats that a forward of this package returns on cupy arrays remembers that it made
+    ``mean`` and ``inv_std``: a SPATIAL_PERSISTENT backward that checks overflow then does not
+    read them back to check that they are finite (a host synchronization). Editing those arrays
+    in place voids this (CuPy arrays have no version counter to notice it); a SavedStats built
+    from arrays, copied, replaced or unpickled is checked.
+
     Equality and hashing are by identity of the arrays: two SavedStats are equal when they hold
     the same ``mean``, ``inv_std`` and ``reserve_space`` objects and equal mode, eps,
     channel_axis and on_overflow. This is cheap (no device synchronisation), never raises, and
@@ -47,6 +53,10 @@ class SavedStats:
     reserve_space: Any = None
     on_overflow: Any = None
 
+    # set by this package's forward on the object it returns (see above); not a field, so not
+    # compared, not carried by dataclasses.replace, copy or pickle
+    _from_forward = False
+
     def __post_init__(self) -> None:
         try:
             settings = dict(
@@ -61,15 +71,24 @@ class SavedStats:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def _checked(cls, mean, inv_std, mode: Mode, eps: float, channel_axis: int, reserve_space=None, on_overflow=None) -> "SavedStats":
+    def _checked(cls, mean, inv_std, mode: Mode, eps: float, channel_axis: int, reserve_space=None, on_overflow=None,
+                 from_forward: bool = False) -> "SavedStats":
         """For the computing paths, whose settings were validated by the call that made them:
-        the same object without re-validating (a few microseconds per call)."""
+        the same object without re-validating (a few microseconds per call). ``from_forward``:
+        ``mean`` and ``inv_std`` are what a forward of this package computed."""
         saved = object.__new__(cls)
         saved.__dict__.update(  # past the frozen __setattr__, as dataclasses' own __init__ goes
             mean=mean, inv_std=inv_std, mode=mode, eps=eps, channel_axis=channel_axis,
             reserve_space=reserve_space, on_overflow=on_overflow,
         )
+        if from_forward:
+            saved.__dict__["_from_forward"] = True
         return saved
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_from_forward", None)  # a copy's arrays are not the ones the forward made
+        return state
 
     def _identity(self) -> tuple:
         return (

@@ -28,6 +28,7 @@ __all__ = [
     "check_forward_training",
     "check_gradient",
     "check_saved",
+    "check_saved_entries_finite",
     "check_saved_finite",
     "param_dtype_for",
     "resolve_backward_settings",
@@ -213,8 +214,8 @@ def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, check_
     """Validate a backward call whose mode, eps and axis were settled by resolve_backward_settings.
 
     ``check_finite=False`` leaves out the check that persistent saved statistics are finite: the
-    cuDNN path runs it per call (it depends on values) and skips it where no synchronisation was
-    promised (on_overflow="ignore")."""
+    cuDNN path runs it per call (it depends on values), folded into the call's overflow check, and
+    only where the statistics did not come from its own forward and the call checks overflow."""
     array_kind(x=x, dy=dy, gamma=gamma)
     checked = _checked(x, mode, channel_axis, eps, {}, training=True)
     if saved is not None:
@@ -240,14 +241,21 @@ def check_backward(x, dy, gamma, saved, *, mode: Mode, eps, channel_axis, check_
 def check_saved_finite(saved) -> None:
     """SPATIAL_PERSISTENT's backward must get finite saved statistics (NaN is not allowed there).
 
-    Last, and on the persistent path only: on a GPU this check costs a synchronisation, which
-    that path pays anyway for its overflow query."""
+    Last, and on the persistent path only. The NumPy reference runs it; the cuDNN path folds the
+    same test into the one wait of a checked call, and skips it for the statistics its own forward
+    made (cudnn_bn/_cudnn/launch.py)."""
     xp = array_module(saved.mean)
     # one reduction and one device-to-host read for both: a NaN or Inf entry in either makes the
     # sum of products NaN or Inf, so a finite sum clears them all. A non-finite one may also be an
-    # overflow of finite entries: the exact checks below tell which.
-    if math.isfinite(float(xp.vdot(saved.mean, saved.inv_std))):
-        return
+    # overflow of finite entries: the exact check tells which.
+    if not math.isfinite(float(xp.vdot(saved.mean, saved.inv_std))):
+        check_saved_entries_finite(saved)
+
+
+def check_saved_entries_finite(saved) -> None:
+    """The exact check behind check_saved_finite's sum: a ValueError naming the saved array with a
+    NaN or Inf entry (finite entries whose products overflowed pass)."""
+    xp = array_module(saved.mean)
     for name in ("mean", "inv_std"):
         if not bool(xp.isfinite(getattr(saved, name)).all()):
             raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")

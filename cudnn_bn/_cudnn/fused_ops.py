@@ -32,10 +32,10 @@ from .._core.fused_saved import (
 from .._core.modes import Activation, Mode, OnOverflow
 from .._core.saved import trusted_saved_stats
 from .._core.scalars import check_momentum
-from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
+from .._core.validate import check_backward, check_forward_inference, check_forward_training
 from . import ops, raw
 from .availability import check_cuda_build_once
-from .handles import borrow
+from .handles import CHECKED, borrow, lane_for
 from .launch import (
     after_overflow,
     after_persistent,
@@ -124,15 +124,14 @@ _FUSED_TRAINING, _FUSED_INFERENCE, _FUSED_BACKWARD = (f"fused {name}" for name i
 
 class _FusedSettled:
     """What one fused call signature settled: the arrays' device, the checked description, the
-    plan and overflow policy, whether the fused Ex call runs (``fused_ex``), whether each call
-    checks that the saved statistics are finite (``checks_finite``), and the plain call's own
-    settling (ops.settle_*), which the composed path runs (None where only the fused Ex call does)."""
+    plan and overflow policy, whether the fused Ex call runs (``fused_ex``), and the plain call's
+    own settling (ops.settle_*), which the composed path runs (None where only the fused Ex call does)."""
 
-    __slots__ = ("device_id", "checked", "plan", "on_overflow", "fused_ex", "checks_finite", "plain")
+    __slots__ = ("device_id", "checked", "plan", "on_overflow", "fused_ex", "plain")
 
-    def __init__(self, device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite=False):
+    def __init__(self, device_id, checked, plan, on_overflow, fused_ex, plain):
         self.device_id, self.checked, self.plan, self.on_overflow = device_id, checked, plan, on_overflow
-        self.fused_ex, self.plain, self.checks_finite = fused_ex, plain, checks_finite
+        self.fused_ex, self.plain = fused_ex, plain
 
 
 # ---- forward training ----
@@ -206,14 +205,14 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     z_in = None if residual is None else cupy.ascontiguousarray(residual)
     gamma_in, beta_in = plan.param_in(cupy, gamma), plan.param_in(cupy, beta)
     mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
-    checked_overflow = on_overflow is not OnOverflow.IGNORE
-    backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
+    lane = lane_for(plan.persistent, on_overflow)
+    backup = (mean_in.copy(), var_in.copy()) if lane is CHECKED and mean_in is not None else None
     y = cupy.empty(x_in.shape, dtype=plan.data_dtype)
     save_mean, save_inv_std = plan.new_params(cupy)
     activation_desc = plan.activation_descriptor(activation)
     data = plan.data_desc_pointer
     z_desc = None if z_in is None else data
-    handle = lend(cupy, plan, checked_overflow)
+    handle = lend(cupy, plan, lane)
     try:
         workspace_size, _, reserve_size = plan.fused_ex_sizes(handle.pointer, bn_ops, activation)
         scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -229,7 +228,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
             activation_desc.pointer,
             scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(cupy, handle, lane, "fused forward_training", plan)
     finally:
         handle.pool.release(handle)
     if overflowed:
@@ -242,7 +241,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     plan.running_back(cupy, var_in, running_var)
     stats = trusted_saved_stats(
         plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
-        layout.public_channel_axis, reserve, on_overflow,
+        layout.public_channel_axis, reserve, on_overflow, from_forward=True,
     )
     # BackwardEx reads beta to undo the activation: a copy, so that an update of beta in place
     # between forward and backward does not change the gradient
@@ -292,8 +291,6 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
     key, settled = lookup(key)
     if settled is None:
         settled = remember(key, _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
-    elif settled.checks_finite:
-        check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
     with on_device(cupy, settled.device_id):
         if settled.fused_ex:
             result = _backward_ex(cupy, settled.plan, settled.checked, x, y, dy, gamma, saved, settled.on_overflow)
@@ -319,9 +316,6 @@ def _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_o
         named.update(saved_reserve_space=stats.reserve_space, saved_bias=saved.bias)
     device_id = same_device(**named)
     check_cuda_build_once(cupy)
-    checks_finite = checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE
-    if checks_finite:
-        check_saved_finite(stats)  # synchronizes; "ignore" promised no synchronisation
     plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
     fused_ex = (
         saved.path == PATH_FUSED_EX and stats.reserve_space is not None and saved.bias is not None
@@ -335,13 +329,15 @@ def _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_o
             plain = None
         else:  # the plain backward of the activation's gradient, which has dy's shape, dtype and device
             plain = ops.settle_backward(cupy, x, dy, gamma, _plain_stats(stats), mode, eps, channel_axis, on_overflow)
-    return _FusedSettled(device_id, checked, plan, on_overflow, fused_ex, plain, checks_finite)
+    return _FusedSettled(device_id, checked, plan, on_overflow, fused_ex, plain)
 
 
 def _plain_stats(stats):
-    """What the plain backward gets: the statistics alone (the Ex reserve space belongs to the fused ops)."""
+    """What the plain backward gets: the statistics alone (the Ex reserve space belongs to the fused
+    ops), still marked as the forward's when they were."""
     return trusted_saved_stats(
-        stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow
+        stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow,
+        from_forward=stats._from_forward,
     )
 
 
@@ -358,10 +354,10 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
     dgamma, dbeta = plan.new_params(cupy)
     reserve = stats.reserve_space
     activation_desc = plan.activation_descriptor(saved.activation)
-    checked_overflow = on_overflow is not OnOverflow.IGNORE
+    lane = lane_for(plan.persistent, on_overflow)
     data = plan.data_desc_pointer
     dz_desc = None if dz is None else data
-    handle = lend(cupy, plan, checked_overflow)
+    handle = lend(cupy, plan, lane)
     try:
         _, workspace_size, _ = plan.fused_ex_sizes(handle.pointer, bn_ops, saved.activation)
         scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
@@ -377,7 +373,9 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
             activation_desc.pointer,
             scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
-        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(
+            cupy, handle, lane, "fused backward", plan, None if stats._from_forward else stats
+        )
     finally:
         handle.pool.release(handle)
     if overflowed:

@@ -1,14 +1,25 @@
-"""cuDNN handles: a bounded pool per device, borrowed for the length of one call.
+"""cuDNN handles: bounded pools per device and flag discipline, borrowed for the length of one call.
 
 A handle is never used by two threads at once (cuDNN's rule), and a pool of threads creates no
 new handle after warm-up: cudnnCreate costs, and cudnnDestroy synchronizes the device
 (cudnn_graph.h), so a thread that exits must not take a handle down with it. Each handle
-remembers the stream it is bound to (cudnnSetStream only when it changes) and whether a
-SPATIAL_PERSISTENT call on it left the runtime-error flag unread.
+remembers the stream it is bound to (cudnnSetStream only when it changes).
+
+cuDNN keeps one runtime-error flag per handle, which SPATIAL_PERSISTENT kernels raise when they
+overflow. So that no call ever reads a flag another call left, and no rebinding has to wait to
+clear one, the handles of a device come in three pools, by what their calls do with the flag
+(``lane_for``):
+- CHECKED: persistent calls that read the flag right after their kernel ("raise", "fallback"),
+  so a handle there never carries an unread flag;
+- DEFERRED: persistent calls that leave it for later ("deferred"): each handle keeps a record of
+  those calls per stream (:class:`DeferredCalls`), read by a poll when a later call borrows it
+  and by ``cudnn_bn.check_overflow`` (cudnn_bn/_cudnn/deferred.py);
+- PLAIN: everything else; its persistent calls ("ignore") leave a flag nobody reads.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import threading
 import weakref
@@ -16,15 +27,40 @@ import weakref
 from . import raw
 from .errors import CudnnNotInitializedError
 
-__all__ = ["DEFAULT_POOL_SIZE", "NO_GPU_MESSAGE", "Handle", "HandlePool", "borrow", "close_all", "pool_for"]
+__all__ = [
+    "CHECKED",
+    "DEFAULT_POOL_SIZE",
+    "DEFERRED",
+    "NO_GPU_MESSAGE",
+    "PLAIN",
+    "DeferredCalls",
+    "Handle",
+    "HandlePool",
+    "borrow",
+    "close_all",
+    "lane_for",
+    "pool_for",
+    "pools",
+]
 
 NO_GPU_MESSAGE = (
     "cuDNN could not start: no usable CUDA GPU or driver on this machine. "
     "The NumPy reference (numpy arrays) still works; cupy arrays need a GPU"
 )
 PER_THREAD_STREAM = 2  # cudaStreamPerThread: CuPy's current stream under per-thread default streams
-DEFAULT_POOL_SIZE = 16  # handles per device; more threads than this wait for one to be returned
-_BLOCKING = int(raw.ErrQueryMode.BLOCKING)
+DEFAULT_POOL_SIZE = 16  # handles per device and lane; more threads than this wait for one to be returned
+PLAIN, CHECKED, DEFERRED = "plain", "checked", "deferred"  # the lanes: what a handle's calls do with its flag
+
+
+def lane_for(persistent: bool, on_overflow) -> str:
+    """The pool a call borrows from: CHECKED or DEFERRED for a persistent call that reads its flag
+    now or later (``on_overflow`` an OnOverflow or None), PLAIN otherwise."""
+    if not persistent or on_overflow is None:
+        return PLAIN
+    value = on_overflow.value
+    if value in ("raise", "fallback"):
+        return CHECKED
+    return DEFERRED if value == "deferred" else PLAIN
 
 
 def _destroy(pointer: int) -> None:
@@ -34,12 +70,30 @@ def _destroy(pointer: int) -> None:
         pass
 
 
+class DeferredCalls:
+    """The deferred persistent calls a handle ran on one stream since its flag was last read.
+
+    ``stream``: the CuPy stream (kept, so its pointer is not reused while recorded); ``event``:
+    recorded behind each call, so that its being done says every call here has finished;
+    ``calls``: how many calls of each (operation, shape, dtype, mode); ``finite_checks``:
+    (operation, shape, dtype, mode) -> a device bool, False when saved statistics from outside
+    this package were not finite (read by check_overflow, never by a call).
+    """
+
+    __slots__ = ("stream", "event", "calls", "finite_checks")
+
+    def __init__(self, stream, event):
+        self.stream, self.event = stream, event
+        self.calls: collections.Counter = collections.Counter()
+        self.finite_checks: dict = {}
+
+
 class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
     __slots__ = (
-        "device_id", "pointer", "pool", "bound_stream", "bound_identity", "flag_unread", "_stream_object",
-        "_runtime_status", "_runtime_status_ref", "_finalizer", "__weakref__",
+        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "_runtime_status",
+        "_runtime_status_ref", "_finalizer", "__weakref__",
     )
 
     def __init__(self, device_id: int):
@@ -51,10 +105,10 @@ class Handle:
         self.device_id = device_id
         self.pointer = pointer.value
         self.pool = None  # the HandlePool that lends it, which sets this
-        self.bound_stream = None  # cuDNN's default is the legacy stream, but we never rely on it
         self.bound_identity = None  # the stream pointer, with the thread under per-thread streams
-        self._stream_object = None
-        self.flag_unread = False  # a persistent call ran without cudnnQueryRuntimeError after it
+        self.stream = None  # the CuPy stream bound (cuDNN's default is the legacy stream; never relied on)
+        # DEFERRED lane: stream identity -> DeferredCalls not yet settled by a read of the flag
+        self.deferred: dict = {}
         # where cudnnQueryRuntimeError writes: one per handle, as a handle serves one thread at a time
         self._runtime_status = ctypes.c_int(0)
         self._runtime_status_ref = ctypes.byref(self._runtime_status)
@@ -66,28 +120,21 @@ class Handle:
 
         Under per-thread default streams every thread's current stream has the same pointer
         (cudaStreamPerThread) but runs its own queue: there the thread is part of the identity.
-        A flag left unread by an unchecked persistent call is cleared first: the blocking query
-        waits on the bound stream only, so after a rebind it could no longer reach that call's
-        kernel, whose flag would then be blamed on a later checked call on the new stream."""
+        Nothing waits here: a handle of the CHECKED lane has read its flag after each call, and a
+        DEFERRED one keeps its record per stream across the rebind."""
         pointer = stream.ptr
         identity = (pointer, threading.get_ident()) if pointer == PER_THREAD_STREAM else pointer
         if identity != self.bound_identity:
-            if self.flag_unread:
-                self.clear_flag()
             raw.library().cudnnSetStream(self.pointer, pointer)
-            self.bound_stream, self.bound_identity, self._stream_object = pointer, identity, stream
+            self.bound_identity, self.stream = identity, stream
 
-    def query_flag(self) -> int:
-        """Blocking cudnnQueryRuntimeError: waits for the bound stream's work and returns the
-        runtime status it left (reading it clears cuDNN's flag)."""
+    def query_flag(self, mode: raw.ErrQueryMode = raw.ErrQueryMode.BLOCKING) -> int:
+        """cudnnQueryRuntimeError in ``mode``: BLOCKING waits for the bound stream's work and
+        returns the runtime status it left (reading it clears cuDNN's flag); NONBLOCKING returns
+        RUNTIME_IN_PROGRESS instead of waiting while that work is unfinished."""
         self._runtime_status.value = 0
-        raw.library().cudnnQueryRuntimeError(self.pointer, self._runtime_status_ref, _BLOCKING, None)
-        self.flag_unread = False
+        raw.library().cudnnQueryRuntimeError(self.pointer, self._runtime_status_ref, int(mode), None)
         return self._runtime_status.value
-
-    def clear_flag(self) -> None:
-        """Wait for the bound stream's work and discard the runtime-error flag it may have left."""
-        self.query_flag()
 
     @property
     def closed(self) -> bool:
@@ -101,8 +148,8 @@ class Handle:
 class HandlePool:
     """At most ``size`` handles for one device; :meth:`borrow` lends one to one caller at a time."""
 
-    def __init__(self, device_id: int, size: int = DEFAULT_POOL_SIZE):
-        self.device_id, self.size = device_id, size
+    def __init__(self, device_id: int, size: int = DEFAULT_POOL_SIZE, lane: str = PLAIN):
+        self.device_id, self.size, self.lane = device_id, size, lane
         self._idle: list[Handle] = []
         self._count = 0  # handles created and not closed
         self._waiting = 0  # borrowers waiting for a handle to come back
@@ -135,11 +182,27 @@ class HandlePool:
 
     def release(self, handle: Handle) -> None:
         # append first, then look for waiters: a borrower that starts waiting later sees the handle
-        # (it checks the idle list under the lock after counting itself as waiting)
+        # (it checks the idle list under the lock after counting itself as waiting); every waiter
+        # is woken, since one of them may be waiting for this handle itself (claim)
         self._idle.append(handle)
         if self._waiting:
             with self._available:
-                self._available.notify()
+                self._available.notify_all()
+
+    def claim(self, handle: Handle) -> None:
+        """Take ``handle`` itself out of the idle list, waiting while it is lent (its flag may be
+        read only by its holder); give it back with :meth:`release`."""
+        with self._available:
+            self._waiting += 1
+            try:
+                while True:
+                    try:
+                        self._idle.remove(handle)
+                        return
+                    except ValueError:
+                        self._available.wait()
+            finally:
+                self._waiting -= 1
 
     def borrow(self) -> "_Loan":
         """``with pool.borrow() as handle:`` lends a handle for the block."""
@@ -175,28 +238,40 @@ class _Loan:
         self.pool.release(self.handle)
 
 
-_POOLS: dict[int, HandlePool] = {}
+_POOLS: dict[tuple[int, str], HandlePool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def pool_for(device_id: int) -> HandlePool:
-    """The pool of ``device_id`` (the caller makes that device current before borrowing)."""
-    pool = _POOLS.get(device_id)
+def pool_for(device_id: int, lane: str = PLAIN) -> HandlePool:
+    """The pool of ``device_id`` and ``lane`` (the caller makes that device current before borrowing)."""
+    pool = _POOLS.get((device_id, lane))
     if pool is None:
         with _POOLS_LOCK:
-            pool = _POOLS.setdefault(device_id, HandlePool(device_id))
+            pool = _POOLS.setdefault((device_id, lane), HandlePool(device_id, lane=lane))
     return pool
 
 
+def pools() -> list[HandlePool]:
+    """Every pool made so far."""
+    with _POOLS_LOCK:
+        return list(_POOLS.values())
+
+
 def borrow(device_id: int):
-    """Context manager lending a handle of ``device_id`` for one call."""
+    """Context manager lending a PLAIN handle of ``device_id`` for one call."""
     return pool_for(device_id).borrow()
 
 
 def close_all() -> None:
-    """Destroy every idle handle and forget the pools (tests; a process that is done with cuDNN)."""
+    """Destroy every idle handle and forget the pools (tests; a process that is done with cuDNN).
+    Deferred calls not yet checked are forgotten with their handles: call
+    cudnn_bn.check_overflow() first to read them."""
+    # the records of the handles going away (imported here: deferred imports this module)
+    from .deferred import forget
+
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
+    forget()
     for pool in pools:
         pool.close()

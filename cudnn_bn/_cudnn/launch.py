@@ -2,10 +2,11 @@
 
 - The device: the arrays' one device (a ValueError names them otherwise), made current only when
   another one is.
-- The handle: lent from its device's pool (handles.py) for the length of the native calls, bound
-  to CuPy's current stream (:func:`lend`).
-- SPATIAL_PERSISTENT's overflow flag: cleared before a checked call when an unchecked one left it
-  unread, read right after the kernel, and what follows an overflow: the running statistics
+- The handle: lent from its device's pool for the call's lane (handles.py) for the length of the
+  native calls, bound to CuPy's current stream (:func:`lend`); a handle holding deferred calls is
+  polled first, without waiting (deferred.py).
+- SPATIAL_PERSISTENT's overflow flag (:func:`after_persistent`): read right after the kernel by a
+  checked call, recorded by a deferred one; and what follows an overflow: the running statistics
   restored, then CudnnOverflowError, or the fallback warning (once per shape, at the caller's
   line) before the caller re-runs in SPATIAL.
 - The Ex calls' scratch: a workspace per (device, stream), and the check of the reserve space a
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -22,10 +24,11 @@ import warnings
 
 from .._core.modes import OnOverflow
 from .._core.policy import BACKWARD, TRAINING
-from . import raw
+from .._core.validate import check_saved_entries_finite
+from . import deferred, raw
 from .errors import CudnnOverflowError
-from .handles import pool_for
-from .raw import Status
+from .handles import CHECKED, DEFERRED, pool_for
+from .raw import ErrQueryMode, Status
 
 __all__ = [
     "MAX_WORKSPACE_STREAMS",
@@ -83,25 +86,24 @@ def pointer(array) -> int | None:
 
 # ---- the handle of one launch ----
 # Every native batch-norm call runs as
-#     handle = lend(cupy, plan, checked_overflow)
+#     handle = lend(cupy, plan, lane)
 #     try:
 #         <the native calls>
-#         overflowed = plan.persistent and after_persistent(handle, checked_overflow)
+#         overflowed = plan.persistent and after_persistent(cupy, handle, lane, operation, plan)
 #     finally:
 #         handle.pool.release(handle)
 # A context manager (a class with slots) would say it in two lines, but measured with
 # benchmarks/host_overhead.py it cost about half a microsecond more per call (4-6 %).
-def lend(cupy, plan, checked_overflow: bool):
-    """A handle of the plan's device for one launch, bound to CuPy's current stream; on a
-    SPATIAL_PERSISTENT plan a checked call (``checked_overflow``: it reads the flag after its
-    kernel) first clears a flag an unchecked call left. The caller gives it back with
-    ``handle.pool.release(handle)`` in a ``finally``."""
-    pool = pool_for(plan.device_id)
+def lend(cupy, plan, lane: str):
+    """A handle of the plan's device from the pool of ``lane`` (handles.lane_for) for one launch,
+    bound to CuPy's current stream. The caller gives it back with ``handle.pool.release(handle)``
+    in a ``finally``."""
+    pool = pool_for(plan.device_id, lane)
     handle = pool.acquire()
     try:
+        if handle.deferred:  # before rebinding: the non-blocking query reads the stream those calls ran on
+            deferred.poll(handle)
         handle.bind_stream(cupy.cuda.get_current_stream())
-        if plan.persistent and checked_overflow and handle.flag_unread:
-            handle.clear_flag()  # a checked call must not read a flag an earlier unchecked one left
     except BaseException:
         pool.release(handle)
         raise
@@ -109,17 +111,37 @@ def lend(cupy, plan, checked_overflow: bool):
 
 
 # ---- the overflow flag of SPATIAL_PERSISTENT ----
-def after_persistent(handle, checked: bool) -> bool:
-    """Right after a persistent kernel (no cudnnSetStream in between): True when it overflowed.
-    A checked call waits for it (blocking cudnnQueryRuntimeError); an unchecked one leaves the
-    flag for the handle to clear before its next checked call or stream."""
-    if not checked:
-        handle.flag_unread = True
-        return False
-    runtime_status = handle.query_flag()
-    if runtime_status == Status.RUNTIME_FP_OVERFLOW:
-        return True
-    raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status)
+def after_persistent(cupy, handle, lane: str, operation: str, plan, foreign_saved=None) -> bool:
+    """Right after a persistent kernel (no cudnnSetStream in between): True when it overflowed
+    and the call reads its flag now.
+
+    CHECKED lane: one wait. A BLOCKING cudnnQueryRuntimeError; or, given ``foreign_saved`` (saved
+    statistics a backward got from outside this package's forward), the read of their finiteness
+    check, queued behind the kernel, which waits for the stream, and then a NONBLOCKING query, which
+    has nothing left to wait for. Statistics found not finite raise ValueError naming them (after
+    the kernel, which wrote only this call's new outputs). DEFERRED lane: no wait; the call is
+    recorded on the handle (deferred.record), with a check of ``foreign_saved`` on the device.
+    PLAIN lane ("ignore"): nothing."""
+    if lane is CHECKED:
+        if foreign_saved is None:
+            runtime_status = handle.query_flag()
+        else:
+            finite = math.isfinite(float(cupy.vdot(foreign_saved.mean, foreign_saved.inv_std)))
+            runtime_status = handle.query_flag(ErrQueryMode.NONBLOCKING)
+            if runtime_status == Status.RUNTIME_IN_PROGRESS:  # another thread queued work on this stream meanwhile
+                runtime_status = handle.query_flag()
+            if not finite:
+                check_saved_entries_finite(foreign_saved)  # a NaN or Inf entry, not a product past the range
+        if runtime_status == Status.RUNTIME_FP_OVERFLOW:
+            return True
+        raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status)
+    elif lane is DEFERRED:
+        finite = None
+        if foreign_saved is not None:
+            mean, inv_std = foreign_saved.mean, foreign_saved.inv_std
+            finite = cupy.logical_and(cupy.isfinite(mean).all(), cupy.isfinite(inv_std).all())
+        layout = plan.layout
+        deferred.record(cupy, handle, (operation, layout.shape, str(plan.data_dtype), layout.mode.name), finite)
     return False
 
 

@@ -17,10 +17,10 @@ from .._core.modes import Mode, OnOverflow
 from .._core.policy import backward_settings, choose_mode
 from .._core.saved import trusted_saved_stats
 from .._core.scalars import check_momentum
-from .._core.validate import check_backward, check_forward_inference, check_forward_training, check_saved_finite
+from .._core.validate import check_backward, check_forward_inference, check_forward_training
 from . import raw
 from .availability import check_cuda_build_once
-from .handles import borrow
+from .handles import PLAIN, borrow
 from .launch import after_overflow, after_persistent, check_reserve, cupy_module, lend, pointer, same_device, workspace
 from .plans import BACKWARD, INFERENCE, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
 from .raw import BatchNormOps
@@ -107,19 +107,19 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
     """The forward training of a settled signature whose per-call checks passed, on the current
     device (x's): ``(y, saved)``; after an overflow, the SPATIAL re-run's or CudnnOverflowError."""
     plan, checked = settled.plan, settled.checked
-    on_overflow, checked_overflow = settled.on_overflow, settled.checked_overflow
+    on_overflow, lane = settled.on_overflow, settled.lane
     x_in = x if settled.x_as_is else cupy.ascontiguousarray(x)
     if settled.params_as_is:
         gamma_in, beta_in, mean_in, var_in = gamma, beta, running_mean, running_var
     else:
         gamma_in, beta_in = plan.param_in(cupy, gamma), plan.param_in(cupy, beta)
         mean_in, var_in = plan.running_in(cupy, running_mean), plan.running_in(cupy, running_var)
-    backup = (mean_in.copy(), var_in.copy()) if checked_overflow and mean_in is not None else None
+    backup = (mean_in.copy(), var_in.copy()) if settled.checked_overflow and mean_in is not None else None
     y = cupy.empty(x_in.shape, plan.data_dtype)
     save_mean, save_inv_std = plan.new_params(cupy)
     library, reserve = raw.library(), None
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    handle = lend(cupy, plan, checked_overflow)
+    handle = lend(cupy, plan, lane)
     try:
         if plan.uses_ex:
             workspace_size, _, reserve_size = plan.ex_workspace_sizes(handle.pointer)
@@ -147,7 +147,7 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
                 None if var_in is None else var_in.data.ptr,  # resultRunningVariance
                 checked.eps, save_mean.data.ptr, save_inv_std.data.ptr,
             )
-        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(cupy, handle, lane, TRAINING, plan)
     finally:
         handle.pool.release(handle)
     if overflowed:
@@ -166,7 +166,8 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
         save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
     layout = plan.layout
     return y, trusted_saved_stats(
-        save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow
+        save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow,
+        from_forward=True,
     )
 
 
@@ -215,7 +216,7 @@ def run_inference(cupy, settled: Settled, x, gamma, beta, mean, var):
     if plan.pieces is not None:
         pieces = [(piece, x_in[start:stop], y[start:stop]) for start, stop, piece in plan.pieces]
     library, eps = raw.library(), settled.checked.eps
-    handle = lend(cupy, plan, False)
+    handle = lend(cupy, plan, PLAIN)
     try:
         for piece, x_piece, y_piece in pieces:
             x_desc = piece.data_desc_pointer
@@ -248,8 +249,6 @@ def backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow):
     key, settled = lookup(key)
     if settled is None:
         settled = remember(key, settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
-    elif settled.checked_overflow:
-        check_saved_finite(saved)  # synchronizes; "ignore" promised no synchronisation
     return run_backward(cupy, settled, x, dy, gamma, saved, channel_axis)
 
 
@@ -262,8 +261,6 @@ def settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overf
         named.update(saved_mean=saved.mean, saved_inv_std=saved.inv_std, saved_reserve_space=saved.reserve_space)
     device_id = same_device(**named)
     check_cuda_build_once(cupy)
-    if checked.layout.mode is Mode.SPATIAL_PERSISTENT and on_overflow is not OnOverflow.IGNORE:
-        check_saved_finite(saved)  # before the plan's native calls; "ignore" promised no synchronisation
     plan = plan_for(BACKWARD, checked.layout, checked.data_dtype, device_id)
     reserve = None if saved is None else saved.reserve_space
     if reserve is not None and plan.uses_ex:  # BackwardEx reads the forward's reserve space
@@ -275,9 +272,11 @@ def settle_backward(cupy, x, dy, gamma, saved, mode, eps, channel_axis, on_overf
 
 def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
     """The backward of a settled signature whose per-call checks passed, on the current device
-    (x's): ``(dx, dgamma, dbeta)``; after an overflow, the SPATIAL re-run's or CudnnOverflowError."""
+    (x's): ``(dx, dgamma, dbeta)``; after an overflow, the SPATIAL re-run's or CudnnOverflowError.
+    A persistent call that checks overflow checks saved statistics that its own forward did not
+    make (SavedStats) for NaN and Inf too, within the same wait (launch.after_persistent)."""
     plan, checked = settled.plan, settled.checked
-    on_overflow, checked_overflow = settled.on_overflow, settled.checked_overflow
+    on_overflow, lane = settled.on_overflow, settled.lane
     if settled.x_as_is:
         x_in, dy_in = x, dy
     else:
@@ -294,7 +293,7 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
     dgamma, dbeta = plan.new_params(cupy)
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    handle = lend(cupy, plan, checked_overflow)
+    handle = lend(cupy, plan, lane)
     try:
         if reserve is not None and plan.uses_ex:  # its size was checked when the signature was settled
             workspace_size = plan.ex_workspace_sizes(handle.pointer)[1]
@@ -322,7 +321,9 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
                 p_desc, gamma_in.data.ptr, dgamma.data.ptr, dbeta.data.ptr, checked.eps,
                 pointer(saved_mean), pointer(saved_inv_std),  # savedMean, savedInvVariance: NULL to recompute
             )
-        overflowed = plan.persistent and after_persistent(handle, checked_overflow)
+        overflowed = plan.persistent and after_persistent(
+            cupy, handle, lane, BACKWARD, plan, None if saved is None or saved._from_forward else saved
+        )
     finally:
         handle.pool.release(handle)
     if overflowed:

@@ -12,8 +12,8 @@ statistics' settings), and mode, eps, channel_axis and on_overflow as given, wit
 from __future__ import annotations
 
 from .._core.arrays import byte_range, check_no_overlap
-from .._core.modes import OnOverflow
 from .._core.saved import SavedStats
+from .handles import CHECKED, lane_for
 from .plans import PLANS
 
 __all__ = [
@@ -63,16 +63,19 @@ def saved_signature(saved):
 
 class Settled:
     """What one call signature settled: the validated description, its plan, the overflow policy
-    (``on_overflow``; ``checked_overflow``: a persistent call that reads the flag), and which
-    arguments reach cuDNN as they are. ``extents``: for forward training with running statistics, each of
-    x, gamma, beta, running_mean, running_var as (first, last + 1) byte offsets from its address,
-    so that the per-call overlap check is arithmetic on five addresses."""
+    (``on_overflow``; ``lane``: the handle pool, by what the call does with the overflow flag,
+    handles.lane_for; ``checked_overflow``: a persistent call that reads the flag right after its
+    kernel), and which arguments reach cuDNN as they are. ``extents``: for forward training with
+    running statistics, each of x, gamma, beta, running_mean, running_var as (first, last + 1)
+    byte offsets from its address, so that the per-call overlap check is arithmetic on five
+    addresses."""
 
-    __slots__ = ("checked", "plan", "on_overflow", "checked_overflow", "x_as_is", "params_as_is", "extents")
+    __slots__ = ("checked", "plan", "on_overflow", "lane", "checked_overflow", "x_as_is", "params_as_is", "extents")
 
     def __init__(self, checked, plan, on_overflow, x, params, extents=None):
         self.checked, self.plan, self.on_overflow, self.extents = checked, plan, on_overflow, extents
-        self.checked_overflow = plan.persistent and on_overflow is not OnOverflow.IGNORE
+        self.lane = lane_for(plan.persistent, on_overflow)
+        self.checked_overflow = self.lane is CHECKED
         self.x_as_is = all(array.flags.c_contiguous for array in x)
         self.params_as_is = all(plan.param_as_is(array) for array in params if array is not None)
 

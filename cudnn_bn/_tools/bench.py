@@ -3,7 +3,8 @@
 On a GPU: cuDNN through this package, CUDA-event medians after warm-up, effective bandwidth and
 its fraction of a device-to-device copy measured in the same run, PyTorch's batch_norm on the
 same shapes where it is importable, host overhead per call, the persistent mode's overflow flag
-on ordinary data, and the Ex fast path against the plain call.
+on ordinary data, the Ex fast path against the plain call, and the wall time of a training step
+through a stack of BatchNorm layers with the overflow checks and without, beside PyTorch's.
 
 On a CPU: the NumPy reference (which is also the CPU backend) against PyTorch on the CPU in the
 same process, one thread each, where torch is importable. Each row gives min/median/max of
@@ -45,8 +46,21 @@ GPU_SHAPES = [(32, 64, 56, 56), (64, 256, 14, 14), (256, 2048, 7, 7), (4096, 102
 CPU_SHAPES = [(64, 64, 32, 32), (32, 256, 14, 14)]  # the shapes the reference is held to against torch CPU
 CPU_QUICK_SHAPES = [(8, 16, 28, 28)]
 BENCH_DTYPES = (np.float16, np.float32)
-OVERFLOW_PROBE_SHAPE = (32, 64, 56, 56)  # ordinary data: float32, uniform in [-2, 2]
+OVERFLOW_PROBE_SHAPE = (32, 64, 56, 56)  # float32; NDHWC splits H into D = 2 and H / 2
+# the probe's data: label -> offset added to values uniform in [-2, 2] (cuDNN documents that large
+# finite values make NCHW's persistent reduction overflow more often)
+OVERFLOW_PROBE_DATA = {"uniform [-2, 2]": 0.0, "1000 + uniform [-2, 2]": 1000.0}
 OPERATIONS = ("forward_training", "forward_inference", "backward")
+TRAINING_STEP_LAYERS = 10
+# settings of the training-step section: label -> (BatchNorm keywords, check_overflow() after each step)
+TRAINING_STEP_SETTINGS = {
+    "defaults": ({}, False),
+    "SPATIAL_PERSISTENT, raise (a check after every call)": (
+        {"mode": "spatial_persistent", "on_overflow": "raise"}, False),
+    "SPATIAL_PERSISTENT, deferred + check_overflow() per step": (
+        {"mode": "spatial_persistent", "on_overflow": "deferred"}, True),
+    "SPATIAL_PERSISTENT, ignore (no check)": ({"mode": "spatial_persistent", "on_overflow": "ignore"}, False),
+}
 # bytes a GPU kernel must move, in units of one x-sized tensor: read x, write y; backward reads x and dy, writes dx
 TRAFFIC = {"forward_training": 2, "forward_inference": 2, "backward": 3}
 
@@ -414,28 +428,41 @@ def _host_overhead(torch, calls=1000) -> dict:
 
 
 def _overflow_probe() -> list[dict]:
-    """Does SPATIAL_PERSISTENT raise the overflow flag on ordinary data, and does its output then
-    equal SPATIAL's? (OVERFLOW_PROBE_SHAPE, float32, values uniform in [-2, 2].)"""
+    """Does SPATIAL_PERSISTENT raise the overflow flag, and does its output then equal SPATIAL's?
+    NCHW, NHWC and NDHWC (the layouts "auto" runs persistent unchecked: docs/modes.md), float32,
+    on each of OVERFLOW_PROBE_DATA."""
+    import cupy
+
     from .._core.tolerances import to_numpy
 
+    n, c, h, w = OVERFLOW_PROBE_SHAPE
+    layouts = [(OVERFLOW_PROBE_SHAPE, 1, "NCHW"), (OVERFLOW_PROBE_SHAPE, -1, "NHWC"),
+               ((n, c, 2, max(h // 2, 1), w), -1, "NDHWC")]
     results = []
-    for channel_axis, layout_name in _layouts(OVERFLOW_PROBE_SHAPE):
-        arrays = _device_inputs(OVERFLOW_PROBE_SHAPE, channel_axis, Mode.SPATIAL, np.float32)
-        args = (arrays["x"], arrays["gamma"], arrays["beta"])
-        try:
-            _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="raise")
-            flagged = False
-        except CudnnOverflowError:
-            flagged = True
-        persistent, _ = _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="ignore")
-        spatial, _ = _api.forward_training(*args, mode="spatial", channel_axis=channel_axis)
-        difference = float(np.max(np.abs(to_numpy(persistent) - to_numpy(spatial))))
-        results.append({
-            "layout": layout_name,
-            "overflow_flag_raised": flagged,
-            "persistent_output_finite": bool(np.all(np.isfinite(to_numpy(persistent)))),
-            "max_abs_difference_vs_spatial": difference,
-        })
+    for shape, channel_axis, layout_name in layouts:
+        arrays = _device_inputs(shape, channel_axis, Mode.SPATIAL, np.float32)
+        for data, offset in OVERFLOW_PROBE_DATA.items():
+            x = arrays["x"] + np.float32(offset) if offset else arrays["x"]
+            args = (x, arrays["gamma"], arrays["beta"])
+            try:
+                _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="raise")
+                flagged = False
+            except CudnnOverflowError:
+                flagged = True
+            persistent, _ = _api.forward_training(*args, mode="spatial_persistent", channel_axis=channel_axis,
+                                                  on_overflow="ignore")
+            spatial, _ = _api.forward_training(*args, mode="spatial", channel_axis=channel_axis)
+            difference = float(np.max(np.abs(to_numpy(persistent) - to_numpy(spatial))))
+            results.append({
+                "layout": layout_name,
+                "shape": list(shape),
+                "data": data,
+                "overflow_flag_raised": flagged,
+                "persistent_output_finite": bool(np.all(np.isfinite(to_numpy(persistent)))),
+                "max_abs_difference_vs_spatial": difference,
+            })
+        del arrays
+        cupy.get_default_memory_pool().free_all_blocks()
     return results
 
 
@@ -491,6 +518,91 @@ def _fused_vs_unfused(repeats) -> list[dict]:
                      "unfused_over_fused": unfused_ms / fused_ms})
         del arrays, residual
     return rows
+
+
+def _training_steps(torch, quick: bool) -> list[dict]:
+    """Wall time per training step (forward through TRAINING_STEP_LAYERS BatchNorm layers, then
+    backward through them) on the first 4-D shape of GPU_SHAPES, NCHW float32 and NHWC float16,
+    with each of TRAINING_STEP_SETTINGS, and PyTorch's functional batch_norm in the same run. Wall
+    time with one synchronize per block of steps: what the host's waits for the device cost,
+    which CUDA events between kernels would not show."""
+    import cupy
+
+    from .._api import check_overflow
+    from ..layer import BatchNorm
+
+    shape = next(s for s in GPU_SHAPES if len(s) == 4)
+    steps, blocks = (2, 1) if quick else (20, 3)
+    synchronize = cupy.cuda.Device().synchronize
+    rows = []
+    for channel_axis, layout_name, dtype in ((1, "NCHW", np.float32), (-1, "NHWC", np.float16)):
+        data = _device_inputs(shape, channel_axis, Mode.SPATIAL, dtype)
+        where = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name,
+                 "layers": TRAINING_STEP_LAYERS}
+        torch_ms = None
+        if torch is not None:
+            try:
+                torch_step = _torch_training_step(torch, data, channel_axis)
+                torch_ms = _step_ms(torch_step, torch.cuda.synchronize, steps, blocks)
+            except Exception as error:
+                rows.append({**where, "settings": "PyTorch", "error": describe_failure(error)})
+        for label, (options, check) in TRAINING_STEP_SETTINGS.items():
+            layers = [BatchNorm(shape[1], channel_axis=channel_axis, dtype=dtype, xp=cupy, **options)
+                      for _ in range(TRAINING_STEP_LAYERS)]
+
+            def step(layers=layers, check=check, data=data):
+                out = data["x"]
+                for layer in layers:
+                    out = layer(out)
+                grad = data["dy"]
+                for layer in reversed(layers):
+                    grad = layer.backward(grad)
+                if check:
+                    check_overflow()
+
+            try:
+                ms = _step_ms(step, synchronize, steps, blocks)
+            except Exception as error:
+                rows.append({**where, "settings": label, "error": describe_failure(error)})
+                continue
+            row = {**where, "settings": label, "mode": str(layers[0]._kept.saved.mode), "step_ms": ms,
+                   "torch_step_ms": torch_ms}
+            if torch_ms:
+                row["time_vs_torch"] = ms / torch_ms
+            rows.append(row)
+        del data
+    return rows
+
+
+def _step_ms(step, synchronize, steps: int, blocks: int) -> float:
+    """Median over ``blocks`` of the wall time per step of ``steps`` steps and one synchronize."""
+    return statistics.median(microseconds_per_call(step, synchronize, steps) / 1e3 for _ in range(blocks))
+
+
+def _torch_training_step(torch, data, channel_axis):
+    """One training step of TRAINING_STEP_LAYERS functional batch norms on torch's view of the
+    same memory (channels_last for NHWC): forward, then the gradients of x and every weight and bias."""
+    functional = torch.nn.functional
+    x, dy = torch.from_dlpack(data["x"]), torch.from_dlpack(data["dy"])
+    if channel_axis == -1:
+        x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    x = x.detach().requires_grad_()
+    channels = x.shape[1]
+    parameters = []
+    for _ in range(TRAINING_STEP_LAYERS):
+        weight = torch.ones(channels, device=x.device, requires_grad=True)
+        bias = torch.zeros(channels, device=x.device, requires_grad=True)
+        parameters.append((weight, bias, torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device)))
+    inputs = [x] + [tensor for weight, bias, _, _ in parameters for tensor in (weight, bias)]
+
+    def step():
+        out = x
+        for weight, bias, running_mean, running_var in parameters:
+            out = functional.batch_norm(out, running_mean, running_var, weight, bias, training=True, momentum=0.1,
+                                        eps=1e-5)
+        torch.autograd.grad(out, inputs, dy)
+
+    return step
 
 
 def _device_copy_gbps(elements: int, repeats: int) -> float:
@@ -554,6 +666,7 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None, deadline: float |
     section("overflow_probe", _overflow_probe)
     section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
     section("fused_vs_unfused", lambda: _fused_vs_unfused(repeats))
+    section("training_step", lambda: _training_steps(torch, quick))
     return recorder.result
 
 
@@ -741,7 +854,7 @@ def to_markdown(result: dict) -> str:
 
 def _gpu_sections(result: dict) -> list[str]:
     lines = []
-    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused"):
+    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused", "training_step"):
         value = result.get(key)
         if isinstance(value, dict) and "error" in value:
             lines += ["", f"{key} failed: {value['error']}"]
@@ -751,8 +864,10 @@ def _gpu_sections(result: dict) -> list[str]:
                   f"cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us" + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else "")]
     probe = result.get("overflow_probe")
     if isinstance(probe, list):
-        lines += ["", f"| overflow probe {_shape_text(OVERFLOW_PROBE_SHAPE)} float32 | flag raised | output finite | max abs diff vs SPATIAL |", "|---|---|---|---|"]
-        lines += [f"| {p['layout']} | {p['overflow_flag_raised']} | {p['persistent_output_finite']} | {p['max_abs_difference_vs_spatial']:.3e} |" for p in probe]
+        lines += ["", "| overflow probe, float32 | data | flag raised | output finite | max abs diff vs SPATIAL |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_shape_text(p['shape'])} {p['layout']} | {p['data']} | {p['overflow_flag_raised']} | "
+                  f"{p['persistent_output_finite']} | {p['max_abs_difference_vs_spatial']:.3e} |" for p in probe]
     ex_rows = result.get("ex_vs_plain")
     if isinstance(ex_rows, list) and ex_rows:
         lines += ["", "| Ex path, float16 NHWC | operation | Ex ms | plain ms | plain / Ex |", "|---|---|---|---|---|"]
@@ -761,6 +876,18 @@ def _gpu_sections(result: dict) -> list[str]:
     if isinstance(fused_rows, list) and fused_rows:
         lines += ["", "| relu(BN(x) + z), float16 NHWC, fwd + bwd | fused path | fused ms | unfused ms | unfused / fused |", "|---|---|---|---|---|"]
         lines += [f"| {_shape_text(r['shape'])} | {r['path']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | {r['unfused_over_fused']:.2f} |" for r in fused_rows]
+    step_rows = result.get("training_step")
+    if isinstance(step_rows, list) and step_rows:
+        lines += ["", f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings "
+                  "| mode | ms per step | PyTorch ms | time / PyTorch |", "|---|---|---|---|---|---|---|"]
+        for r in step_rows:
+            where = f"| {_shape_text(r['shape'])} {r['layout']} | {r['dtype']} | {r['settings']} |"
+            if "error" in r:
+                lines.append(f"{where} failed: {r['error']} | | | |")
+                continue
+            torch_ms = f"{r['torch_step_ms']:.3f}" if r.get("torch_step_ms") else "-"
+            ratio = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else "-"
+            lines.append(f"{where} {r['mode']} | {r['step_ms']:.3f} | {torch_ms} | {ratio} |")
     return lines
 
 
