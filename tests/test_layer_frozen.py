@@ -259,3 +259,18 @@ def test_the_modes_resolved_at_forward_are_what_backward_runs_with():
     expected = cudnn_bn.backward_inference(x, dy, layer.gamma, layer.running_mean, layer.running_var,
                                            mode="per_activation")
     np.testing.assert_array_equal(layer.backward(dy), expected[0])
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_a_frozen_layer_step_on_the_simulated_gpu_never_waits_for_the_device(fresh_simulated_gpu, activation):
+    """forward (cuDNN's inference call) and backward (the CuPy kernels) of a frozen layer, inside
+    a stream capture, where any wait of the host would raise."""
+    cupy = sys.modules["cupy"]
+    layer = BatchNorm(3, channel_axis=-1, xp=cupy, activation=activation, frozen=True)
+    x, dy = (cupy.asarray(a) for a in _batches((8, 4, 4, 3), 1, seed=15)[0])
+    before = fresh_simulated_gpu.host_syncs
+    with fresh_simulated_gpu.capturing():
+        for _ in range(2):
+            layer(x, x[::-1].copy() if activation else None)
+            dx = layer.backward(dy)
+    assert fresh_simulated_gpu.host_syncs == before and dx.shape == x.shape
