@@ -140,27 +140,42 @@ def _batches(steps: int, shape, seed: int):
     return [tuple(2.0 + 3.0 * rng.standard_normal(shape) for _ in range(3)) for _ in range(steps)]
 
 
+LAYER_OPTIONS = (dict(momentum=None), dict(momentum=0.2, activation="relu"))
+
+
+def _layers_side_by_side(group, report: Report, sizes, options: dict, *, steps: int, seed: int):
+    """SyncBatchNorm on this rank's shard beside BatchNorm on the whole batch, ``steps`` training
+    steps, each checked; returns ``(name of the options, synced, single)``."""
+    rank = group.rank
+    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    name = ", ".join(f"{key}={value}" for key, value in options.items())
+    synced = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, **options)
+    single = BatchNorm(4, mode="spatial", dtype=np.float64, **options)
+    with_residual = "activation" in options
+    for step, (x, dy, residual) in enumerate(_batches(steps, (sum(sizes), 4, 3, 2), seed=seed)):
+        residual = residual if with_residual else None
+        y_part = synced(shards(x, sizes)[rank], None if residual is None else shards(residual, sizes)[rank])
+        dx_part = synced.backward(shards(dy, sizes)[rank])
+        y, dx = single(x, residual), single.backward(dy)
+        with report.check(f"sizes {sizes}, {name}: step {step}: y, dx, the gradients, running_var"):
+            close(y_part, y[rows], np.float64, what="y")
+            close(dx_part, dx[rows], np.float64, what="dx")
+            close(synced.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=50)
+            close(synced.grad_beta, single.grad_beta, np.float64, what="grad_beta", scale=50)
+            close(synced.running_var, single.running_var, np.float64, what="running_var")
+            assert synced.num_batches_tracked == single.num_batches_tracked == step + 1
+            if with_residual:
+                close(synced.grad_residual, single.grad_residual[rows], np.float64, what="grad_residual")
+                assert y_part.size == 0 or y_part.min() == 0.0, "the ReLU ran in training"
+    return name, synced, single
+
+
 def layer(group, report: Report) -> None:
     rank, sizes = group.rank, _sizes(group.world_size)
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    for options in (dict(momentum=None), dict(momentum=0.2, activation="relu")):
-        name = ", ".join(f"{key}={value}" for key, value in options.items())
-        synced = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, **options)
-        single = BatchNorm(4, mode="spatial", dtype=np.float64, **options)
+    for options in LAYER_OPTIONS:
+        name, synced, single = _layers_side_by_side(group, report, sizes, options, steps=3, seed=5)
         with_residual = "activation" in options
-        for step, (x, dy, residual) in enumerate(_batches(3, (sum(sizes), 4, 3, 2), seed=5)):
-            residual = residual if with_residual else None
-            y_part = synced(shards(x, sizes)[rank], None if residual is None else shards(residual, sizes)[rank])
-            dx_part = synced.backward(shards(dy, sizes)[rank])
-            y, dx = single(x, residual), single.backward(dy)
-            with report.check(f"{name}: step {step}: y, dx, grad_gamma, grad_beta, grad_residual"):
-                close(y_part, y[rows], np.float64, what="y")
-                close(dx_part, dx[rows], np.float64, what="dx")
-                close(synced.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=50)
-                close(synced.grad_beta, single.grad_beta, np.float64, what="grad_beta", scale=50)
-                if with_residual:
-                    close(synced.grad_residual, single.grad_residual[rows], np.float64, what="grad_residual")
-                    assert y_part.min() == 0.0, "the ReLU ran in training"
         state = synced.state_dict()
         with report.check(f"{name}: state_dict"):
             expected = single.state_dict()
@@ -270,23 +285,8 @@ def empty(group, report: Report) -> None:
                 output = step[0]
                 assert output["y"].shape[0] == output["dx"].shape[0] == 0 and output["dx"].dtype == dtype
 
-    rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    for options in (dict(momentum=None), dict(momentum=0.2, activation="relu")):
-        name = ", ".join(f"{key}={value}" for key, value in options.items())
-        synced = dist.SyncBatchNorm(4, group=group, mode="spatial", dtype=np.float64, **options)
-        single = BatchNorm(4, mode="spatial", dtype=np.float64, **options)
-        with_residual = "activation" in options
-        for step, (x, dy, residual) in enumerate(_batches(2, (sum(sizes), 4, 3, 2), seed=7)):
-            residual = residual if with_residual else None
-            y_part = synced(shards(x, sizes)[rank], None if residual is None else shards(residual, sizes)[rank])
-            dx_part = synced.backward(shards(dy, sizes)[rank])
-            y, dx = single(x, residual), single.backward(dy)
-            with report.check(f"layer, sizes {sizes}, {name}: step {step}"):
-                close(y_part, y[rows], np.float64, what="y")
-                close(dx_part, dx[rows], np.float64, what="dx")
-                close(synced.grad_gamma, single.grad_gamma, np.float64, what="grad_gamma", scale=50)
-                close(synced.running_var, single.running_var, np.float64, what="running_var")
-                assert synced.num_batches_tracked == step + 1
+    for options in LAYER_OPTIONS:
+        name, synced, _ = _layers_side_by_side(group, report, sizes, options, steps=2, seed=7)
         shared = dict(g=synced.grad_gamma, b=synced.grad_beta, m=synced.running_mean, v=synced.running_var)
         report.entry["digests"][f"layer, {name}"] = digest(shared, tuple(shared))
 
