@@ -40,7 +40,10 @@ from .._core.validate import (
 )
 from .protocol import BACKWARD, FORWARD, Agreement, Exchange, group_call, header
 
-__all__ = ["backward", "finish_backward", "finish_forward", "forward_training", "prepare_backward", "prepare_forward"]
+__all__ = [
+    "backward", "finish_backward", "finish_forward", "forward_training", "is_empty_shard", "prepare_backward",
+    "prepare_forward",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,9 +58,11 @@ def _group_mode(mode, shape, channel_axis) -> Mode:
     return Mode.SPATIAL if mode is Mode.SPATIAL_PERSISTENT else mode
 
 
-def _is_empty_shard(x) -> bool:
-    """Whether x (an array already checked as such) is a shard with no samples."""
-    return x.ndim >= 1 and x.shape[0] == 0
+def is_empty_shard(x) -> bool:
+    """Whether x is an array whose batch axis has size 0 (anything else: False, and the checks
+    say what is wrong with it)."""
+    shape = getattr(x, "shape", None)
+    return isinstance(shape, tuple) and len(shape) >= 1 and shape[0] == 0
 
 
 def _check_parameters_match_x(layout: Layout, **parameters) -> None:
@@ -276,7 +281,7 @@ def prepare_backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=
     xp = kind_module(array_kind(x=x, dy=dy, gamma=gamma))
     if saved is None:
         raise ValueError("saved: expected the SavedStats of this step's distributed forward_training, got None")
-    empty = _is_empty_shard(x)
+    empty = is_empty_shard(x)
     if empty:  # dy is checked against x itself, then both stand in as two samples of zeros
         check_gradient(x, dy, x.dtype)
     x_call, dy_call = (_with_second_sample(x, xp), _with_second_sample(dy, xp)) if empty else (x, dy)
@@ -340,9 +345,8 @@ def backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, ch
 
     dx (this shard's, x's shape and dtype; empty for an empty shard) and dgamma, dbeta (parameter
     shape and dtype, identical on every rank) equal single-process backward over the concatenated
-    batch: dgamma
-    and dbeta are sums over the whole group's batch, so a training loop that averages gradients
-    over ranks must leave them out of that average (docs/distributed.md).
+    batch: dgamma and dbeta are sums over the whole group's batch, so a training loop that
+    averages gradients over ranks must leave them out of that average (docs/distributed.md).
 
     Two collectives, of ``collective_bytes(world_size, features).backward`` bytes in all; the
     per-rank sums are added in rank order on every rank.

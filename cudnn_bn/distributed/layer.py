@@ -11,7 +11,7 @@ from .._core.layout import policy_shape
 from .._core.policy import INFERENCE, TRAINING, choose_mode
 from .._core.validate import check_gradient, param_dtype_for
 from ..layer import BatchNorm, FixedStatistics, KeptForBackward
-from .calls import finish_backward, finish_forward, prepare_backward, prepare_forward
+from .calls import finish_backward, finish_forward, is_empty_shard, prepare_backward, prepare_forward
 from .communicators import group_position
 from .protocol import BACKWARD, FORWARD, Exchange, bind_arguments
 
@@ -39,12 +39,6 @@ def _activation_gradient(kept: KeptForBackward, dy):
     grad = xp.zeros_like(dy)
     xp.copyto(grad, dy, where=reference.activation_mask(y, kept.saved.activation))
     return grad
-
-
-def _empty_batch(x) -> bool:
-    """Whether x is an array with a batch axis of size 0 (other objects: the checks name them)."""
-    shape = getattr(x, "shape", None)
-    return isinstance(shape, tuple) and len(shape) >= 1 and shape[0] == 0
 
 
 class SyncBatchNorm(BatchNorm):
@@ -86,7 +80,7 @@ class SyncBatchNorm(BatchNorm):
         """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
         if not self.training or self.frozen:  # no collective: this rank's own normalization
             x, residual = _bound(_FORWARD, "forward", self, arguments, options)
-            return self._forward_empty_shard(x, residual) if _empty_batch(x) else super().forward(x, residual)
+            return self._forward_empty_shard(x, residual) if is_empty_shard(x) else super().forward(x, residual)
         counting = self.track_running_stats
         exchange, step = Exchange(self.group, FORWARD), None
         with exchange.guard():
@@ -114,7 +108,7 @@ class SyncBatchNorm(BatchNorm):
         if (kept is None and (self.frozen or not self.training)) or (kept is not None and kept.group is None):
             # a forward that did not communicate (or none, where no forward would)
             (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
-            if kept is not None and _empty_batch(kept.x):
+            if kept is not None and is_empty_shard(kept.x):
                 return self._backward_empty_shard(dy)
             return super().backward(dy)
         exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
