@@ -23,8 +23,10 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
   (dims and strides) inside it, else BAD_PARAM: a wrong stride fails a test, never the interpreter.
 - **Identities.** Every ``cudnnCreate`` gives a distinct handle, bound to the legacy stream 0 and
   to the current device. Every stream has a distinct non-zero pointer, except the legacy default
-  stream (``Stream.null``, 0); each thread's default current stream is its own. Arrays carry their
-  device. A handle used by two threads at once, or a kernel call whose handle is bound to another
+  stream (``Stream.null``, 0) and the per-thread default stream (``Stream.ptds``, 2, CUDA's
+  ``cudaStreamPerThread``): one pointer that names the calling thread's own queue wherever it is
+  used (a kernel, a query, an event, a synchronize); each thread's default current stream is its
+  own. Arrays carry their device. A handle used by two threads at once, or a kernel call whose handle is bound to another
   stream than the calling thread's current one, is BAD_PARAM.
 - **Refusals.** NOT_SUPPORTED or BAD_PARAM wherever cuDNN documents one or PyTorch guards against
   one; each refusal names its reason (``KernelSimulator.refusals``). See ``KernelSimulator``.
@@ -99,6 +101,7 @@ ERRQUERY_RAWCODE, ERRQUERY_NONBLOCKING, ERRQUERY_BLOCKING = 0, 1, 2  # cudnnErrQ
 DATA_FLOAT, DATA_DOUBLE, DATA_HALF = 0, 1, 2  # cudnnDataType_t
 _NUMPY_TYPES = {DATA_FLOAT: np.dtype(np.float32), DATA_DOUBLE: np.dtype(np.float64), DATA_HALF: np.dtype(np.float16)}
 _BAD_PARAM, _NOT_SUPPORTED = int(Status.BAD_PARAM), int(Status.NOT_SUPPORTED)
+PER_THREAD_STREAM = 2  # cudaStreamPerThread: each thread's own default stream, whichever thread uses it
 
 
 def _hex(pointer) -> str:
@@ -258,6 +261,14 @@ class SimulatedCuda:
     def set_current_stream(self, stream: "Stream") -> None:
         local = self._thread()
         local.current[local.device if stream.device_id is None else stream.device_id] = stream
+
+    @staticmethod
+    def queue_key(device_id: int, pointer: int) -> tuple:
+        """The queue that stream ``pointer`` names when the calling thread uses it: the per-thread
+        default stream is each thread's own."""
+        if pointer == PER_THREAD_STREAM:
+            return (device_id, pointer, threading.get_ident())
+        return (device_id, pointer)
 
     def new_stream_pointer(self, device_id: int) -> int:
         with self.lock:
@@ -457,21 +468,24 @@ class SimulatedCuda:
 
 class Stream:
     """``cupy.cuda.Stream`` on the simulated GPU: a queue of work with a distinct, non-zero pointer
-    (0 only for the legacy default stream ``Stream.null``). ``with stream:`` makes it current."""
+    (0 for the legacy default stream ``Stream.null``, 2 for the per-thread default stream
+    ``Stream.ptds``, whose queue is the calling thread's own). ``with stream:`` makes it current."""
 
     null: "Stream"
+    ptds: "Stream"
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
         self.non_blocking = bool(non_blocking)
-        if null:
-            self.ptr, self.device_id = 0, None  # the legacy stream of whichever device is current
+        if null or ptds:  # the default stream of whichever device is current
+            self.ptr, self.device_id = (PER_THREAD_STREAM if ptds else 0), None
         else:
             self.device_id = _CUDA.current_device()
             self.ptr = _CUDA.new_stream_pointer(self.device_id)
 
     @property
     def key(self) -> tuple:
-        return (_CUDA.current_device() if self.device_id is None else self.device_id, self.ptr)
+        """The queue this stream names for the calling thread."""
+        return _CUDA.queue_key(_CUDA.current_device() if self.device_id is None else self.device_id, self.ptr)
 
     def __enter__(self):
         _CUDA.push_stream(self)
@@ -827,6 +841,7 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
 
 _CUDA = SimulatedCuda()
 Stream.null = Stream(null=True)
+Stream.ptds = Stream(ptds=True)
 _CUDA.module = _make_cupy_module(_CUDA)
 
 
@@ -1329,7 +1344,7 @@ class KernelSimulator:
     def _set_stream(self, handle, stream) -> None:
         with self._using("cudnnSetStream", handle) as state:
             stream = stream or 0
-            if stream:
+            if stream and stream != PER_THREAD_STREAM:  # the default streams belong to every device
                 device = self.cuda.streams.get(stream)
                 if device is None:
                     raise _Refused(_BAD_PARAM, f"stream {_hex(stream)} is not a stream of this process")
@@ -1350,7 +1365,7 @@ class KernelSimulator:
                 raise _Refused(_BAD_PARAM, "NULL rstatus")
             if tag:
                 raise _Refused(_BAD_PARAM, "tag must be NULL (cudnnRuntimeTag_t is only declared)")
-            key = (state.device_id, state.stream)
+            key = self.cuda.queue_key(state.device_id, state.stream)  # the calling thread's, for cudaStreamPerThread
             names = {ERRQUERY_BLOCKING: "BLOCKING", ERRQUERY_NONBLOCKING: "NONBLOCKING", ERRQUERY_RAWCODE: "RAWCODE"}
             with self._lock:
                 self.runtime_queries[names.get(mode, str(mode))] += 1
@@ -1530,7 +1545,7 @@ class KernelSimulator:
             relu_nan = NOT_PROPAGATE_NAN if ops == OPS_BN else _activation_settings(activation)[1]
             launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops,
                             relu_nan)
-            self.cuda.enqueue((state.device_id, state.stream), launch)
+            self.cuda.enqueue(self.cuda.queue_key(state.device_id, state.stream), launch)
         return located
 
     def _run(self, launch: Launch) -> None:

@@ -277,3 +277,33 @@ def test_closing_the_handles_forgets_what_was_deferred(gpu):
     _forward(x, gamma, beta)
     handles.close_all()
     assert deferred._PENDING == set() and cudnn_bn.check_overflow() is None
+
+
+def test_a_check_from_another_thread_waits_for_a_per_thread_default_stream(gpu, cupy):
+    # cudaStreamPerThread names the calling thread's own stream: the checking thread's blocking
+    # query waits for its own, so the worker's calls must be waited for by their event
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    called, checked, errors = threading.Event(), threading.Event(), []
+
+    def worker():
+        try:
+            with cupy.cuda.Stream.ptds:
+                x, _, gamma, beta, _, _ = _arrays()
+                _forward(x, gamma, beta)  # queued on this thread's default stream, not run
+                called.set()
+                checked.wait(10)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            called.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert called.wait(10) and errors == []
+        with pytest.raises(CudnnOverflowError, match=re.escape(_called(SHAPE) + ".")):
+            cudnn_bn.check_overflow()
+    finally:
+        checked.set()
+        thread.join(10)
+    assert gpu.sync_points == {"Event.synchronize": 1, "cudnnQueryRuntimeError(BLOCKING)": 1}
+    assert cudnn_bn.check_overflow() is None

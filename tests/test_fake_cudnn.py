@@ -905,3 +905,26 @@ def test_capture_refuses_waits_from_any_thread_and_ends_with_its_block(gpu, cupy
     assert len(refusals) == 1
     wait()
     assert len(refusals) == 1 and gpu.host_syncs == 1
+
+
+def test_the_per_thread_default_stream_is_each_threads_own_queue(gpu):
+    # cudaStreamPerThread: one pointer, a queue per thread; work queued on it by one thread is not
+    # waited for by another thread's synchronize of "the same" stream, only by its own event
+    cupy = sys.modules["cupy"]
+    assert cupy.cuda.Stream.ptds.ptr == 2
+    queued = []
+
+    def worker():
+        with cupy.cuda.Stream.ptds:
+            event = cupy.cuda.Event()  # queued on this thread's queue, where nothing runs it
+            event.record()
+            queued.append(event)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    (event,) = queued
+    cupy.cuda.Stream.ptds.synchronize()  # this thread's own queue: empty
+    assert not event.done
+    event.synchronize()
+    assert event.done

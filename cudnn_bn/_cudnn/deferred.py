@@ -14,8 +14,10 @@ next, so one handle's record may span streams, while the flag stays the handle's
   naming every call still recorded on the handle (any of them may have raised the flag); success
   drops them. The calls still running stay recorded. A poll never raises.
 - by :func:`check_overflow`: each handle with a record is claimed from its pool (waiting while
-  another thread holds it), the events of streams other than its bound one are waited for, and a
-  BLOCKING query reads the flag. Everything found since the last check is then raised once.
+  another thread holds it), the events of streams other than the one its BLOCKING query waits for
+  (the bound stream as the checking thread names it: another thread's per-thread default stream
+  is another) are waited for, and that query reads the flag. Everything found since the last
+  check is then raised once.
 
 Saved statistics from outside this package, given to a deferred persistent backward, are checked
 on the device (a device bool kept in the record) and read by check_overflow only.
@@ -28,7 +30,7 @@ import sys
 import threading
 
 from .errors import CudnnOverflowError, error_class_for
-from .handles import DeferredCalls
+from .handles import DeferredCalls, stream_identity
 from .raw import ErrQueryMode, Status, status_name
 
 __all__ = ["check_overflow", "forget", "poll", "record"]
@@ -117,10 +119,13 @@ def _read(cupy, handle) -> None:
     try:
         if not handle.deferred:  # its holder settled it meanwhile
             return
+        # the BLOCKING query waits for the bound stream as this thread names it: another thread's
+        # per-thread default stream is another queue, waited for by its event like any other stream
+        waited_by_query = stream_identity(handle.stream.ptr)
         with cupy.cuda.Device(handle.device_id):
             for identity, calls in handle.deferred.items():
-                if identity != handle.bound_identity and not calls.event.done:
-                    calls.event.synchronize()  # the BLOCKING query waits for the bound stream only
+                if identity != waited_by_query and not calls.event.done:
+                    calls.event.synchronize()
             status = handle.query_flag(ErrQueryMode.BLOCKING)
             _settle(handle, status, list(handle.deferred))
     finally:

@@ -41,6 +41,7 @@ __all__ = [
     "lane_for",
     "pool_for",
     "pools",
+    "stream_identity",
 ]
 
 NO_GPU_MESSAGE = (
@@ -61,6 +62,13 @@ def lane_for(persistent: bool, on_overflow) -> str:
     if value in ("raise", "fallback"):
         return CHECKED
     return DEFERRED if value == "deferred" else PLAIN
+
+
+def stream_identity(pointer: int):
+    """What tells apart the queue that stream ``pointer`` names in the calling thread: the pointer,
+    with the thread under per-thread default streams, whose one pointer (cudaStreamPerThread)
+    names each thread's own queue."""
+    return (pointer, threading.get_ident()) if pointer == PER_THREAD_STREAM else pointer
 
 
 def _destroy(pointer: int) -> None:
@@ -123,6 +131,7 @@ class Handle:
         Nothing waits here: a handle of the CHECKED lane has read its flag after each call, and a
         DEFERRED one keeps its record per stream across the rebind."""
         pointer = stream.ptr
+        # stream_identity(pointer), written out: this runs on every call
         identity = (pointer, threading.get_ident()) if pointer == PER_THREAD_STREAM else pointer
         if identity != self.bound_identity:
             raw.library().cudnnSetStream(self.pointer, pointer)
