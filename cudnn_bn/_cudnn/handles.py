@@ -162,6 +162,8 @@ class HandlePool:
         self._idle: list[Handle] = []
         self._count = 0  # handles created and not closed
         self._waiting = 0  # borrowers waiting for a handle to come back
+        self._claims: dict[Handle, int] = {}  # lent handles that claim() waits for -> how many claimers
+        self._handed: list[Handle] = []  # handles returned to their claimers, never seen by borrowers
         self._available = threading.Condition(threading.Lock())
 
     def acquire(self) -> Handle:
@@ -190,6 +192,11 @@ class HandlePool:
             raise
 
     def release(self, handle: Handle) -> None:
+        if self._claims and handle in self._claims:  # claim() waits for it: handed over, not lent again first
+            with self._available:
+                self._handed.append(handle)
+                self._available.notify_all()
+            return
         # append first, then look for waiters: a borrower that starts waiting later sees the handle
         # (it checks the idle list under the lock after counting itself as waiting); every waiter
         # is woken, since one of them may be waiting for this handle itself (claim)
@@ -200,18 +207,35 @@ class HandlePool:
 
     def claim(self, handle: Handle) -> None:
         """Take ``handle`` itself out of the idle list, waiting while it is lent (its flag may be
-        read only by its holder); give it back with :meth:`release`."""
+        read only by its holder); give it back with :meth:`release`. While a claim waits, the
+        holder hands the handle to it when returning it: a thread that keeps borrowing would
+        otherwise take it back first, every time."""
+        claimed = False
         with self._available:
             self._waiting += 1
             try:
                 while True:
+                    if handle in self._handed:
+                        self._handed.remove(handle)
+                        return
                     try:
                         self._idle.remove(handle)
                         return
                     except ValueError:
-                        self._available.wait()
+                        pass
+                    if not claimed:
+                        self._claims[handle] = self._claims.get(handle, 0) + 1
+                        claimed = True
+                    self._available.wait()
             finally:
                 self._waiting -= 1
+                if claimed:
+                    count = self._claims.pop(handle) - 1
+                    if count:
+                        self._claims[handle] = count
+                    elif handle in self._handed:  # this claim was interrupted after the handle came back
+                        self._handed.remove(handle)
+                        self._idle.append(handle)
 
     def borrow(self) -> "_Loan":
         """``with pool.borrow() as handle:`` lends a handle for the block."""
