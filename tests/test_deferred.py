@@ -137,7 +137,7 @@ def test_a_poll_that_finds_the_stream_busy_reads_nothing(gpu, cupy):
     with third:
         x3, _, gamma3, beta3, _, _ = _arrays(shape=(5, 4, 2, 2))
         _forward(x3, gamma3, beta3)  # polls on the handle's stream, the second: RUNTIME_IN_PROGRESS
-    assert gpu.runtime_queries == {"NONBLOCKING": 1} and deferred._FOUND == []
+    assert gpu.runtime_queries == {"NONBLOCKING": 1} and deferred._FOUND == {}
     with pytest.raises(CudnnOverflowError) as raised:
         cudnn_bn.check_overflow()
     message = str(raised.value)
@@ -307,3 +307,36 @@ def test_a_check_from_another_thread_waits_for_a_per_thread_default_stream(gpu, 
         thread.join(10)
     assert gpu.sync_points == {"Event.synchronize": 1, "cudnnQueryRuntimeError(BLOCKING)": 1}
     assert cudnn_bn.check_overflow() is None
+
+
+def test_what_polls_find_between_checks_does_not_grow_with_the_calls(gpu, cupy):
+    # a run that defers and checks rarely: the polls' findings and the device bools of the finite
+    # checks they settle are folded per call, not kept per poll
+    x, dy, gamma, beta, _, _ = _arrays()
+    _, saved = _forward(x, gamma, beta)
+    foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())  # checked on the device, read by the check
+    stream = cupy.cuda.get_current_stream()
+
+    def steps(count):
+        for _ in range(count):
+            _forward(x, gamma, beta)
+            cudnn_bn.backward(x, dy, gamma, foreign)
+            stream.synchronize()  # the calls have run: the next call's poll reads the flag and settles them
+
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    steps(20)
+    held = gpu.cuda.live_bytes(), len(deferred._FOUND)
+    steps(200)
+    assert (gpu.cuda.live_bytes(), len(deferred._FOUND)) == held
+    with pytest.raises(CudnnOverflowError) as raised:
+        cudnn_bn.check_overflow()
+    assert _called(SHAPE, count=220) in str(raised.value) and _called(SHAPE, "backward", count=220) in str(raised.value)
+    poisoned = saved.inv_std.copy()
+    poisoned[0] = np.nan
+    gpu.overflow_modes.clear()
+    for statistics in (foreign, dataclasses.replace(saved, inv_std=poisoned), foreign):
+        cudnn_bn.backward(x, dy, gamma, statistics)
+        stream.synchronize()
+    _forward(x, gamma, beta)  # its poll settles the backward calls before it
+    with pytest.raises(ValueError, match=re.escape("were not finite") + r".*: 3 x backward of \(8, 4, 3, 3\)"):
+        cudnn_bn.check_overflow()

@@ -37,15 +37,18 @@ __all__ = ["check_overflow", "forget", "poll", "record"]
 
 _LOCK = threading.Lock()
 _PENDING: set = set()  # the handles holding DeferredCalls (kept alive while they do)
-_FOUND: list = []  # (runtime status, Counter of calls, device) read by a poll, reported by the next check
-_UNREAD_FINITE: list = []  # (call, device bool) of settled calls, read by the next check
+# what reads of the flag found, for the next check: (runtime status, device) -> Counter of the calls
+# named; and the finite checks of settled calls: (device, call) -> (device bool, how many calls it
+# covers). Both are folded per key, so that neither grows with the number of calls between checks.
+_FOUND: dict = {}
+_UNREAD_FINITE: dict = {}
 
 
 def record(cupy, handle, call: tuple, finite=None) -> None:
     """Right after a deferred persistent kernel on ``handle`` (still bound to the stream it ran
     on): add ``call`` (operation, shape, dtype, mode) to the stream's record and move the
     stream's event behind it. ``finite``: for saved statistics from outside this package, the
-    device bool saying they were finite."""
+    device bool saying they were finite (folded per call into the record)."""
     records = handle.deferred
     calls = records.get(handle.bound_identity)
     if calls is None:
@@ -54,9 +57,15 @@ def record(cupy, handle, call: tuple, finite=None) -> None:
             _PENDING.add(handle)
     calls.calls[call] += 1
     if finite is not None:
-        earlier = calls.finite_checks.get(call)
-        calls.finite_checks[call] = finite if earlier is None else cupy.logical_and(earlier, finite)
+        _fold_finite(cupy, calls.finite_checks, call, finite, 1)
     calls.event.record(calls.stream)
+
+
+def _fold_finite(cupy, checks: dict, key, finite, count: int) -> None:
+    """``checks[key]``: (device bool, calls) with ``finite`` of ``count`` more calls folded in (on
+    the device: nothing waits)."""
+    earlier = checks.get(key)
+    checks[key] = (finite, count) if earlier is None else (cupy.logical_and(earlier[0], finite), earlier[1] + count)
 
 
 def poll(handle) -> None:
@@ -83,9 +92,10 @@ def _settle(handle, status: int, finished) -> None:
     done = [records.pop(identity) for identity in finished]
     with _LOCK:
         if status != Status.SUCCESS:
-            _FOUND.append((status, involved, handle.device_id))
-        for calls in done:
-            _UNREAD_FINITE.extend(calls.finite_checks.items())
+            _FOUND.setdefault((status, handle.device_id), collections.Counter()).update(involved)
+        for calls in done:  # their finite checks have run: folded on the handle's device, current here
+            for call, (finite, count) in calls.finite_checks.items():
+                _fold_finite(sys.modules["cupy"], _UNREAD_FINITE, (handle.device_id, call), finite, count)
         if not records:
             _PENDING.discard(handle)
 
@@ -134,13 +144,14 @@ def _read(cupy, handle) -> None:
 
 def _report(cupy) -> None:
     with _LOCK:
-        found, _FOUND[:] = list(_FOUND), []
-        unread, _UNREAD_FINITE[:] = list(_UNREAD_FINITE), []
-    not_finite = _not_finite(cupy, unread) if unread else []
+        found, unread = dict(_FOUND), dict(_UNREAD_FINITE)
+        _FOUND.clear()
+        _UNREAD_FINITE.clear()
+    not_finite = _not_finite(cupy, unread) if unread else None
     if not found and not not_finite:
         return
     overflowed, failed = None, []
-    for status, calls, device_id in found:
+    for (status, device_id), calls in found.items():
         if status == Status.RUNTIME_FP_OVERFLOW:
             overflowed = (overflowed or collections.Counter()) + calls
         else:
@@ -157,7 +168,7 @@ def _report(cupy) -> None:
     if not_finite:
         parts.append(
             "saved statistics given to deferred SPATIAL_PERSISTENT backward calls were not finite (NaN or Inf, which "
-            f"that kernel does not take; their gradients are not valid): {_listed(collections.Counter(not_finite))}"
+            f"that kernel does not take; their gradients are not valid) in some of: {_listed(not_finite)}"
         )
     detail = "; ".join(parts)
     if overflowed is not None:
@@ -169,20 +180,20 @@ def _report(cupy) -> None:
     raise ValueError(f"cudnn_bn.check_overflow: {detail}")
 
 
-def _not_finite(cupy, unread) -> list:
-    """The calls whose saved statistics were not finite: one host read per device, then one per
-    call only when something was found."""
+def _not_finite(cupy, unread: dict) -> collections.Counter:
+    """The calls (and how many of each were checked) whose saved statistics were not finite in some
+    of them: one host read per device, then one per call only when something was found."""
     by_device = collections.defaultdict(list)
-    for call, finite in unread:
-        by_device[finite.device.id].append((call, finite))
-    found = []
+    for (device_id, call), (finite, count) in unread.items():
+        by_device[device_id].append((call, finite, count))
+    found = collections.Counter()
     for device_id, checks in by_device.items():
         with cupy.cuda.Device(device_id):
             every = checks[0][1]
-            for _, finite in checks[1:]:
+            for _, finite, _ in checks[1:]:
                 every = cupy.logical_and(every, finite)
             if not bool(every):
-                found += [call for call, finite in checks if not bool(finite)]
+                found.update({call: count for call, finite, count in checks if not bool(finite)})
     return found
 
 

@@ -84,8 +84,9 @@ class DeferredCalls:
     ``stream``: the CuPy stream (kept, so its pointer is not reused while recorded); ``event``:
     recorded behind each call, so that its being done says every call here has finished;
     ``calls``: how many calls of each (operation, shape, dtype, mode); ``finite_checks``:
-    (operation, shape, dtype, mode) -> a device bool, False when saved statistics from outside
-    this package were not finite (read by check_overflow, never by a call).
+    (operation, shape, dtype, mode) -> (a device bool, False when saved statistics from outside
+    this package were not finite in some call; how many calls it covers), read by check_overflow,
+    never by a call.
     """
 
     __slots__ = ("stream", "event", "calls", "finite_checks")
