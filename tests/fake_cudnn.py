@@ -37,9 +37,11 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
   host waits for the device on real CUDA, and only those (``sync_points`` by kind): a BLOCKING
   ``cudnnQueryRuntimeError``; ``.get()``; ``bool()``, ``float()``, ``int()``, ``complex()``,
   ``operator.index()``, ``item()``, ``tolist()``, ``tobytes()``, ``repr()``, ``str()``,
-  ``format()`` and pickling of an array; ``Stream``, ``Event`` and ``Device`` synchronize and
-  ``runtime.deviceSynchronize``; ``cudnnDestroy`` (cudaDeviceSynchronize, cudnn_graph.h). The
-  simulator's own flushes (the host computing a ufunc, a copy or a reshape in queue order) are not
+  ``format()``, ``in`` and pickling of an array; ``nonzero()``, ``where(condition)`` and
+  indexing by a boolean mask (CuPy reads the count back to size the result); ``Stream``,
+  ``Event`` and ``Device`` synchronize and ``runtime.deviceSynchronize``; ``cudnnDestroy``
+  (cudaDeviceSynchronize, cudnn_graph.h). ``array_equal``, ``array_equiv`` and ``allclose``
+  answer, as CuPy does, with a 0-d device array, read only when asked. The simulator's own flushes (the host computing a ufunc, a copy or a reshape in queue order) are not
   counted: on a GPU those are kernels queued behind the work, not waits. Inside
   ``with simulator.capturing():`` every such point raises :class:`StreamCaptureUnsupported`, as
   CUDA stream capture refuses a synchronization.
@@ -695,10 +697,30 @@ class FakeArray(np.ndarray):
 
     def __array_function__(self, func, types, args, kwargs):
         _CUDA.flush_current()
+        if func in _DEVICE_BOOL_FUNCTIONS:  # CuPy answers with a 0-d device array, read only if asked
+            return _CUDA.to_device(np.bool_(func(*(_host_view(value) for value in args), **kwargs)))
+        if func is np.where and len(args) + len(kwargs) == 1:
+            _CUDA.host_sync("where(condition)")  # CuPy's nonzero: the count is read back to size the result
         result = super().__array_function__(func, types, args, kwargs)
         if isinstance(result, np.generic) or (type(result) is np.ndarray):
             return _CUDA.to_device(result)  # CuPy's functions return device arrays (0-d for a scalar), not host values
         return result
+
+
+# numpy functions whose answer CuPy gives as a 0-d device array (numpy's is a host bool)
+_DEVICE_BOOL_FUNCTIONS = (np.array_equal, np.array_equiv, np.allclose)
+
+
+def _nonzero(self):
+    """CuPy's nonzero (and boolean-mask indexing, which uses it) reads the count of nonzero entries
+    back to the host to size its result."""
+    _CUDA.host_sync("ndarray.nonzero")
+    _CUDA.flush_current()
+    return tuple(_CUDA.to_device(indices) for indices in self.view(np.ndarray).nonzero())
+
+
+def _is_boolean_mask(key) -> bool:
+    return any(isinstance(part, np.ndarray) and part.dtype == np.bool_ for part in (key if isinstance(key, tuple) else (key,)))
 
 
 def _synchronizing(name: str, host_read: bool):
@@ -720,6 +742,8 @@ def _synchronizing(name: str, host_read: bool):
 
 def _element_view(method):
     def getitem(self, key):
+        if _is_boolean_mask(key):
+            _CUDA.host_sync("ndarray.__getitem__(boolean mask)")  # the result's size is the mask's count
         result = method(self, key)
         if isinstance(result, np.generic):  # CuPy gives a 0-d device array for one element, never a host value
             return method(self, (key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
@@ -732,16 +756,17 @@ def _element_view(method):
 # what brings values to the host, where CuPy waits for the device (counted as host syncs)
 _HOST_READS = (
     "__bool__", "__float__", "__int__", "__complex__", "__index__", "__repr__", "__str__", "__format__", "__reduce__",
-    "__reduce_ex__", "item", "tolist", "tobytes",
+    "__reduce_ex__", "__contains__", "item", "tolist", "tobytes",
 )
 # everything else that touches the data, which CuPy queues as kernels or views (the host runs it in
 # queue order, without a wait)
-_DEVICE_WORK = ("__iter__", "__contains__", "__getitem__", "__setitem__", "__deepcopy__", "__copy__", "fill", "reshape",
+_DEVICE_WORK = ("__iter__", "__getitem__", "__setitem__", "__deepcopy__", "__copy__", "fill", "reshape",
                 "ravel", "flatten")
 for _name in _HOST_READS + _DEVICE_WORK:
     setattr(FakeArray, _name, _synchronizing(_name, _name in _HOST_READS))
 del _name
 FakeArray.__getitem__ = _element_view(FakeArray.__getitem__)
+FakeArray.nonzero = _nonzero
 
 FakeArray.__module__ = "cupy._core.core"  # what cudnn_bn's kind check looks at
 
@@ -797,7 +822,8 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
     module.empty_like, module.zeros_like, module.ones_like = like(empty), like(module.zeros), like(module.ones)
     module.asnumpy = lambda a, stream=None: a.get(stream) if isinstance(a, FakeArray) else np.asarray(a)
     for name in ("isfinite", "isnan", "isinf", "abs", "sqrt", "all", "any", "sum", "max", "min", "mean", "vdot",
-                 "maximum", "minimum", "copyto", "array_equal", "allclose", "add", "fmax", "logical_and"):
+                 "maximum", "minimum", "copyto", "array_equal", "array_equiv", "allclose", "add", "fmax", "logical_and",
+                 "where", "nonzero"):
         setattr(module, name, getattr(np, name))
     for name in ("uint8", "int32", "int64", "float16", "float32", "float64", "bool_", "dtype"):
         setattr(module, name, getattr(np, name))

@@ -829,6 +829,12 @@ COUNTED = {  # kind -> what makes one such wait (after one kernel queued on the 
     "runtime.deviceSynchronize": lambda gpu, cupy, library, case: cupy.cuda.runtime.deviceSynchronize(),
     "cudnnQueryRuntimeError(BLOCKING)": _blocking_query,
     "cudnnDestroy": _destroy_a_handle,
+    "ndarray.__format__": lambda gpu, cupy, library, case: format(case.y[0, 0, 0, 0], ".3f"),
+    "ndarray.__index__": lambda gpu, cupy, library, case: [0, 1][cupy.zeros((), np.int64)],
+    "ndarray.__contains__": lambda gpu, cupy, library, case: 0.5 in case.y,
+    "ndarray.nonzero": lambda gpu, cupy, library, case: case.y.nonzero(),
+    "ndarray.__getitem__(boolean mask)": lambda gpu, cupy, library, case: case.y[case.dx == case.dx],
+    "where(condition)": lambda gpu, cupy, library, case: cupy.where(case.dx == case.dx),
 }
 
 
@@ -877,6 +883,17 @@ def test_device_work_and_non_blocking_queries_are_not_host_waits(gpu, cupy, libr
     with gpu.capturing():
         UNCOUNTED[name](cupy, library, case)
     assert gpu.host_syncs == 0 and not gpu.sync_points
+
+
+@pytest.mark.parametrize("function", ["array_equal", "array_equiv", "allclose"])
+def test_comparisons_answer_with_a_device_array_read_only_when_asked(gpu, cupy, library, case, function):
+    # CuPy returns a 0-d device array here: an `if` on it is the host read, counted there
+    case.call(TRAINING)
+    with gpu.capturing():
+        answer = getattr(np, function)(case.y, case.y + 1)
+    assert isinstance(answer, type(case.y)) and answer.shape == () and gpu.host_syncs == 0
+    assert not bool(answer)
+    assert gpu.sync_points == {"ndarray.__bool__": 1}
 
 
 def test_queries_are_counted_by_mode(gpu, cupy, library, case):
