@@ -340,3 +340,23 @@ def test_what_polls_find_between_checks_does_not_grow_with_the_calls(gpu, cupy):
     _forward(x, gamma, beta)  # its poll settles the backward calls before it
     with pytest.raises(ValueError, match=re.escape("were not finite") + r".*: 3 x backward of \(8, 4, 3, 3\)"):
         cudnn_bn.check_overflow()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the kernel given Inf
+def test_finite_checks_on_two_streams_are_each_read_by_the_check(gpu, cupy):
+    # each stream's checks are folded on that stream (another stream could be handed the memory
+    # of an array still read there), and the check reads them all
+    handles.pool_for(0, handles.DEFERRED).size = 1  # one handle across both streams
+    x, dy, gamma, beta, _, _ = _arrays()
+    _, saved = _forward(x, gamma, beta)
+    poisoned = saved.inv_std.copy()
+    poisoned[1] = np.inf
+    for statistics in (saved.inv_std.copy(), poisoned):
+        with cupy.cuda.Stream(non_blocking=True):
+            for _ in range(2):
+                cudnn_bn.backward(x, dy, gamma, dataclasses.replace(saved, inv_std=statistics))
+    assert gpu.host_syncs == 0 and len(handles.pool_for(0, handles.DEFERRED)._idle[0].finite_checks) == 2
+    with pytest.raises(ValueError, match=r"in some of: 2 x backward of \(8, 4, 3, 3\) float32") as raised:
+        cudnn_bn.check_overflow()
+    assert "4 x" not in str(raised.value)
+    assert cudnn_bn.check_overflow() is None

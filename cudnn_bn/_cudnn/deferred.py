@@ -20,7 +20,9 @@ next, so one handle's record may span streams, while the flag stays the handle's
   check is then raised once.
 
 Saved statistics from outside this package, given to a deferred persistent backward, are checked
-on the device (a device bool kept in the record) and read by check_overflow only.
+on the device: a device bool per call signature, folded on the stream that computed it (a fold on
+another stream could read an array that CuPy's pool hands out again on its own stream), kept on
+the handle and read by check_overflow only.
 """
 
 from __future__ import annotations
@@ -36,36 +38,32 @@ from .raw import ErrQueryMode, Status, status_name
 __all__ = ["check_overflow", "forget", "poll", "record"]
 
 _LOCK = threading.Lock()
-_PENDING: set = set()  # the handles holding DeferredCalls (kept alive while they do)
+_PENDING: set = set()  # the handles holding DeferredCalls or finite checks (kept alive while they do)
 # what reads of the flag found, for the next check: (runtime status, device) -> Counter of the calls
-# named; and the finite checks of settled calls: (device, call) -> (device bool, how many calls it
-# covers). Both are folded per key, so that neither grows with the number of calls between checks.
+# named, folded, so that it does not grow with the number of calls between checks
 _FOUND: dict = {}
-_UNREAD_FINITE: dict = {}
+# (device, call, device bool, how many calls it covers): finite checks that a check took from their
+# handles, read by its report (or the next check's, if it was interrupted)
+_UNREAD_FINITE: list = []
 
 
 def record(cupy, handle, call: tuple, finite=None) -> None:
     """Right after a deferred persistent kernel on ``handle`` (still bound to the stream it ran
     on): add ``call`` (operation, shape, dtype, mode) to the stream's record and move the
     stream's event behind it. ``finite``: for saved statistics from outside this package, the
-    device bool saying they were finite (folded per call into the record)."""
-    records = handle.deferred
-    calls = records.get(handle.bound_identity)
+    device bool saying they were finite, folded into the handle's checks of that stream."""
+    identity, records = handle.bound_identity, handle.deferred
+    calls = records.get(identity)
     if calls is None:
-        calls = records[handle.bound_identity] = DeferredCalls(handle.stream, cupy.cuda.Event(disable_timing=True))
+        calls = records[identity] = DeferredCalls(handle.stream, cupy.cuda.Event(disable_timing=True))
         with _LOCK:
             _PENDING.add(handle)
     calls.calls[call] += 1
     if finite is not None:
-        _fold_finite(cupy, calls.finite_checks, call, finite, 1)
+        checks = handle.finite_checks.setdefault(identity, {})
+        earlier = checks.get(call)
+        checks[call] = (finite, 1) if earlier is None else (cupy.logical_and(earlier[0], finite), earlier[1] + 1)
     calls.event.record(calls.stream)
-
-
-def _fold_finite(cupy, checks: dict, key, finite, count: int) -> None:
-    """``checks[key]``: (device bool, calls) with ``finite`` of ``count`` more calls folded in (on
-    the device: nothing waits)."""
-    earlier = checks.get(key)
-    checks[key] = (finite, count) if earlier is None else (cupy.logical_and(earlier[0], finite), earlier[1] + count)
 
 
 def poll(handle) -> None:
@@ -89,14 +87,12 @@ def _settle(handle, status: int, finished) -> None:
         for calls in records.values():
             involved.update(calls.calls)
             calls.calls.clear()
-    done = [records.pop(identity) for identity in finished]
+    for identity in finished:
+        del records[identity]
     with _LOCK:
         if status != Status.SUCCESS:
             _FOUND.setdefault((status, handle.device_id), collections.Counter()).update(involved)
-        for calls in done:  # their finite checks have run: folded on the handle's device, current here
-            for call, (finite, count) in calls.finite_checks.items():
-                _fold_finite(sys.modules["cupy"], _UNREAD_FINITE, (handle.device_id, call), finite, count)
-        if not records:
+        if not records and not handle.finite_checks:
             _PENDING.discard(handle)
 
 
@@ -124,27 +120,40 @@ def check_overflow() -> None:
 
 
 def _read(cupy, handle) -> None:
+    """Read ``handle``'s flag (if its holder has not settled its calls meanwhile) and take its
+    finite checks, whose streams have then finished."""
     pool = handle.pool
     pool.claim(handle)
     try:
-        if not handle.deferred:  # its holder settled it meanwhile
-            return
-        # the BLOCKING query waits for the bound stream as this thread names it: another thread's
-        # per-thread default stream is another queue, waited for by its event like any other stream
-        waited_by_query = stream_identity(handle.stream.ptr)
-        with cupy.cuda.Device(handle.device_id):
-            for identity, calls in handle.deferred.items():
-                if identity != waited_by_query and not calls.event.done:
-                    calls.event.synchronize()
-            status = handle.query_flag(ErrQueryMode.BLOCKING)
-            _settle(handle, status, list(handle.deferred))
+        if handle.deferred:
+            _wait_and_query(cupy, handle)
+        taken, handle.finite_checks = handle.finite_checks, {}
+        with _LOCK:
+            _PENDING.discard(handle)
+            _UNREAD_FINITE.extend(
+                (handle.device_id, call, finite, count)
+                for checks in taken.values() for call, (finite, count) in checks.items()
+            )
     finally:
         pool.release(handle)
 
 
+def _wait_and_query(cupy, handle) -> None:
+    """Wait for every recorded call of the claimed ``handle``, read its flag and settle them all."""
+    # the BLOCKING query waits for the bound stream as this thread names it: another thread's
+    # per-thread default stream is another queue, waited for by its event like any other stream
+    waited_by_query = stream_identity(handle.stream.ptr)
+    with cupy.cuda.Device(handle.device_id):
+        for identity, calls in handle.deferred.items():
+            if identity != waited_by_query and not calls.event.done:
+                calls.event.synchronize()
+        status = handle.query_flag(ErrQueryMode.BLOCKING)
+        _settle(handle, status, list(handle.deferred))
+
+
 def _report(cupy) -> None:
     with _LOCK:
-        found, unread = dict(_FOUND), dict(_UNREAD_FINITE)
+        found, unread = dict(_FOUND), list(_UNREAD_FINITE)
         _FOUND.clear()
         _UNREAD_FINITE.clear()
     not_finite = _not_finite(cupy, unread) if unread else None
@@ -180,11 +189,11 @@ def _report(cupy) -> None:
     raise ValueError(f"cudnn_bn.check_overflow: {detail}")
 
 
-def _not_finite(cupy, unread: dict) -> collections.Counter:
+def _not_finite(cupy, unread: list) -> collections.Counter:
     """The calls (and how many of each were checked) whose saved statistics were not finite in some
     of them: one host read per device, then one per call only when something was found."""
     by_device = collections.defaultdict(list)
-    for (device_id, call), (finite, count) in unread.items():
+    for device_id, call, finite, count in unread:
         by_device[device_id].append((call, finite, count))
     found = collections.Counter()
     for device_id, checks in by_device.items():
@@ -211,6 +220,7 @@ def forget() -> None:
     with _LOCK:
         for handle in _PENDING:
             handle.deferred.clear()
+            handle.finite_checks.clear()
         _PENDING.clear()
         _FOUND.clear()
         _UNREAD_FINITE.clear()

@@ -83,25 +83,21 @@ class DeferredCalls:
 
     ``stream``: the CuPy stream (kept, so its pointer is not reused while recorded); ``event``:
     recorded behind each call, so that its being done says every call here has finished;
-    ``calls``: how many calls of each (operation, shape, dtype, mode); ``finite_checks``:
-    (operation, shape, dtype, mode) -> (a device bool, False when saved statistics from outside
-    this package were not finite in some call; how many calls it covers), read by check_overflow,
-    never by a call.
+    ``calls``: how many calls of each (operation, shape, dtype, mode).
     """
 
-    __slots__ = ("stream", "event", "calls", "finite_checks")
+    __slots__ = ("stream", "event", "calls")
 
     def __init__(self, stream, event):
         self.stream, self.event = stream, event
         self.calls: collections.Counter = collections.Counter()
-        self.finite_checks: dict = {}
 
 
 class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
     __slots__ = (
-        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "_runtime_status",
+        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "finite_checks", "_runtime_status",
         "_runtime_status_ref", "_finalizer", "__weakref__",
     )
 
@@ -116,8 +112,11 @@ class Handle:
         self.pool = None  # the HandlePool that lends it, which sets this
         self.bound_identity = None  # the stream pointer, with the thread under per-thread streams
         self.stream = None  # the CuPy stream bound (cuDNN's default is the legacy stream; never relied on)
-        # DEFERRED lane: stream identity -> DeferredCalls not yet settled by a read of the flag
+        # DEFERRED lane: stream identity -> DeferredCalls not yet settled by a read of the flag; and
+        # stream identity -> {call: (device bool, calls)}, False where saved statistics from outside
+        # this package were not finite in some call, folded on that stream, read by check_overflow
         self.deferred: dict = {}
+        self.finite_checks: dict = {}
         # where cudnnQueryRuntimeError writes: one per handle, as a handle serves one thread at a time
         self._runtime_status = ctypes.c_int(0)
         self._runtime_status_ref = ctypes.byref(self._runtime_status)
