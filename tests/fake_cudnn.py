@@ -23,8 +23,10 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
   (dims and strides) inside it, else BAD_PARAM: a wrong stride fails a test, never the interpreter.
 - **Identities.** Every ``cudnnCreate`` gives a distinct handle, bound to the legacy stream 0 and
   to the current device. Every stream has a distinct non-zero pointer, except the legacy default
-  stream (``Stream.null``, 0); each thread's default current stream is its own. Arrays carry their
-  device. A handle used by two threads at once, or a kernel call whose handle is bound to another
+  stream (``Stream.null``, 0) and the per-thread default stream (``Stream.ptds``, 2, CUDA's
+  ``cudaStreamPerThread``): one pointer that names the calling thread's own queue wherever it is
+  used (a kernel, a query, an event, a synchronize); each thread's default current stream is its
+  own. Arrays carry their device. A handle used by two threads at once, or a kernel call whose handle is bound to another
   stream than the calling thread's current one, is BAD_PARAM.
 - **Refusals.** NOT_SUPPORTED or BAD_PARAM wherever cuDNN documents one or PyTorch guards against
   one; each refusal names its reason (``KernelSimulator.refusals``). See ``KernelSimulator``.
@@ -35,9 +37,11 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
   host waits for the device on real CUDA, and only those (``sync_points`` by kind): a BLOCKING
   ``cudnnQueryRuntimeError``; ``.get()``; ``bool()``, ``float()``, ``int()``, ``complex()``,
   ``operator.index()``, ``item()``, ``tolist()``, ``tobytes()``, ``repr()``, ``str()``,
-  ``format()`` and pickling of an array; ``Stream``, ``Event`` and ``Device`` synchronize and
-  ``runtime.deviceSynchronize``; ``cudnnDestroy`` (cudaDeviceSynchronize, cudnn_graph.h). The
-  simulator's own flushes (the host computing a ufunc, a copy or a reshape in queue order) are not
+  ``format()``, ``in`` and pickling of an array; ``nonzero()``, ``where(condition)`` and
+  indexing by a boolean mask (CuPy reads the count back to size the result); ``Stream``,
+  ``Event`` and ``Device`` synchronize and ``runtime.deviceSynchronize``; ``cudnnDestroy``
+  (cudaDeviceSynchronize, cudnn_graph.h). ``array_equal``, ``array_equiv`` and ``allclose``
+  answer, as CuPy does, with a 0-d device array, read only when asked. The simulator's own flushes (the host computing a ufunc, a copy or a reshape in queue order) are not
   counted: on a GPU those are kernels queued behind the work, not waits. Inside
   ``with simulator.capturing():`` every such point raises :class:`StreamCaptureUnsupported`, as
   CUDA stream capture refuses a synchronization.
@@ -99,6 +103,7 @@ ERRQUERY_RAWCODE, ERRQUERY_NONBLOCKING, ERRQUERY_BLOCKING = 0, 1, 2  # cudnnErrQ
 DATA_FLOAT, DATA_DOUBLE, DATA_HALF = 0, 1, 2  # cudnnDataType_t
 _NUMPY_TYPES = {DATA_FLOAT: np.dtype(np.float32), DATA_DOUBLE: np.dtype(np.float64), DATA_HALF: np.dtype(np.float16)}
 _BAD_PARAM, _NOT_SUPPORTED = int(Status.BAD_PARAM), int(Status.NOT_SUPPORTED)
+PER_THREAD_STREAM = 2  # cudaStreamPerThread: each thread's own default stream, whichever thread uses it
 
 
 def _hex(pointer) -> str:
@@ -258,6 +263,14 @@ class SimulatedCuda:
     def set_current_stream(self, stream: "Stream") -> None:
         local = self._thread()
         local.current[local.device if stream.device_id is None else stream.device_id] = stream
+
+    @staticmethod
+    def queue_key(device_id: int, pointer: int) -> tuple:
+        """The queue that stream ``pointer`` names when the calling thread uses it: the per-thread
+        default stream is each thread's own."""
+        if pointer == PER_THREAD_STREAM:
+            return (device_id, pointer, threading.get_ident())
+        return (device_id, pointer)
 
     def new_stream_pointer(self, device_id: int) -> int:
         with self.lock:
@@ -457,21 +470,24 @@ class SimulatedCuda:
 
 class Stream:
     """``cupy.cuda.Stream`` on the simulated GPU: a queue of work with a distinct, non-zero pointer
-    (0 only for the legacy default stream ``Stream.null``). ``with stream:`` makes it current."""
+    (0 for the legacy default stream ``Stream.null``, 2 for the per-thread default stream
+    ``Stream.ptds``, whose queue is the calling thread's own). ``with stream:`` makes it current."""
 
     null: "Stream"
+    ptds: "Stream"
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
         self.non_blocking = bool(non_blocking)
-        if null:
-            self.ptr, self.device_id = 0, None  # the legacy stream of whichever device is current
+        if null or ptds:  # the default stream of whichever device is current
+            self.ptr, self.device_id = (PER_THREAD_STREAM if ptds else 0), None
         else:
             self.device_id = _CUDA.current_device()
             self.ptr = _CUDA.new_stream_pointer(self.device_id)
 
     @property
     def key(self) -> tuple:
-        return (_CUDA.current_device() if self.device_id is None else self.device_id, self.ptr)
+        """The queue this stream names for the calling thread."""
+        return _CUDA.queue_key(_CUDA.current_device() if self.device_id is None else self.device_id, self.ptr)
 
     def __enter__(self):
         _CUDA.push_stream(self)
@@ -681,10 +697,30 @@ class FakeArray(np.ndarray):
 
     def __array_function__(self, func, types, args, kwargs):
         _CUDA.flush_current()
+        if func in _DEVICE_BOOL_FUNCTIONS:  # CuPy answers with a 0-d device array, read only if asked
+            return _CUDA.to_device(np.bool_(func(*(_host_view(value) for value in args), **kwargs)))
+        if func is np.where and len(args) + len(kwargs) == 1:
+            _CUDA.host_sync("where(condition)")  # CuPy's nonzero: the count is read back to size the result
         result = super().__array_function__(func, types, args, kwargs)
         if isinstance(result, np.generic) or (type(result) is np.ndarray):
             return _CUDA.to_device(result)  # CuPy's functions return device arrays (0-d for a scalar), not host values
         return result
+
+
+# numpy functions whose answer CuPy gives as a 0-d device array (numpy's is a host bool)
+_DEVICE_BOOL_FUNCTIONS = (np.array_equal, np.array_equiv, np.allclose)
+
+
+def _nonzero(self):
+    """CuPy's nonzero (and boolean-mask indexing, which uses it) reads the count of nonzero entries
+    back to the host to size its result."""
+    _CUDA.host_sync("ndarray.nonzero")
+    _CUDA.flush_current()
+    return tuple(_CUDA.to_device(indices) for indices in self.view(np.ndarray).nonzero())
+
+
+def _is_boolean_mask(key) -> bool:
+    return any(isinstance(part, np.ndarray) and part.dtype == np.bool_ for part in (key if isinstance(key, tuple) else (key,)))
 
 
 def _synchronizing(name: str, host_read: bool):
@@ -706,6 +742,8 @@ def _synchronizing(name: str, host_read: bool):
 
 def _element_view(method):
     def getitem(self, key):
+        if _is_boolean_mask(key):
+            _CUDA.host_sync("ndarray.__getitem__(boolean mask)")  # the result's size is the mask's count
         result = method(self, key)
         if isinstance(result, np.generic):  # CuPy gives a 0-d device array for one element, never a host value
             return method(self, (key if isinstance(key, tuple) else (key,)) + (Ellipsis,))
@@ -718,16 +756,17 @@ def _element_view(method):
 # what brings values to the host, where CuPy waits for the device (counted as host syncs)
 _HOST_READS = (
     "__bool__", "__float__", "__int__", "__complex__", "__index__", "__repr__", "__str__", "__format__", "__reduce__",
-    "__reduce_ex__", "item", "tolist", "tobytes",
+    "__reduce_ex__", "__contains__", "item", "tolist", "tobytes",
 )
 # everything else that touches the data, which CuPy queues as kernels or views (the host runs it in
 # queue order, without a wait)
-_DEVICE_WORK = ("__iter__", "__contains__", "__getitem__", "__setitem__", "__deepcopy__", "__copy__", "fill", "reshape",
+_DEVICE_WORK = ("__iter__", "__getitem__", "__setitem__", "__deepcopy__", "__copy__", "fill", "reshape",
                 "ravel", "flatten")
 for _name in _HOST_READS + _DEVICE_WORK:
     setattr(FakeArray, _name, _synchronizing(_name, _name in _HOST_READS))
 del _name
 FakeArray.__getitem__ = _element_view(FakeArray.__getitem__)
+FakeArray.nonzero = _nonzero
 
 FakeArray.__module__ = "cupy._core.core"  # what cudnn_bn's kind check looks at
 
@@ -783,7 +822,8 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
     module.empty_like, module.zeros_like, module.ones_like = like(empty), like(module.zeros), like(module.ones)
     module.asnumpy = lambda a, stream=None: a.get(stream) if isinstance(a, FakeArray) else np.asarray(a)
     for name in ("isfinite", "isnan", "isinf", "abs", "sqrt", "all", "any", "sum", "max", "min", "mean", "vdot",
-                 "maximum", "minimum", "copyto", "array_equal", "allclose", "add", "fmax", "logical_and"):
+                 "maximum", "minimum", "copyto", "array_equal", "array_equiv", "allclose", "add", "fmax", "logical_and",
+                 "where", "nonzero"):
         setattr(module, name, getattr(np, name))
     for name in ("uint8", "int32", "int64", "float16", "float32", "float64", "bool_", "dtype"):
         setattr(module, name, getattr(np, name))
@@ -827,6 +867,7 @@ def _make_cupy_module(cuda: SimulatedCuda) -> types.ModuleType:
 
 _CUDA = SimulatedCuda()
 Stream.null = Stream(null=True)
+Stream.ptds = Stream(ptds=True)
 _CUDA.module = _make_cupy_module(_CUDA)
 
 
@@ -1329,7 +1370,7 @@ class KernelSimulator:
     def _set_stream(self, handle, stream) -> None:
         with self._using("cudnnSetStream", handle) as state:
             stream = stream or 0
-            if stream:
+            if stream and stream != PER_THREAD_STREAM:  # the default streams belong to every device
                 device = self.cuda.streams.get(stream)
                 if device is None:
                     raise _Refused(_BAD_PARAM, f"stream {_hex(stream)} is not a stream of this process")
@@ -1350,7 +1391,7 @@ class KernelSimulator:
                 raise _Refused(_BAD_PARAM, "NULL rstatus")
             if tag:
                 raise _Refused(_BAD_PARAM, "tag must be NULL (cudnnRuntimeTag_t is only declared)")
-            key = (state.device_id, state.stream)
+            key = self.cuda.queue_key(state.device_id, state.stream)  # the calling thread's, for cudaStreamPerThread
             names = {ERRQUERY_BLOCKING: "BLOCKING", ERRQUERY_NONBLOCKING: "NONBLOCKING", ERRQUERY_RAWCODE: "RAWCODE"}
             with self._lock:
                 self.runtime_queries[names.get(mode, str(mode))] += 1
@@ -1530,7 +1571,7 @@ class KernelSimulator:
             relu_nan = NOT_PROPAGATE_NAN if ops == OPS_BN else _activation_settings(activation)[1]
             launch = Launch(function, state, mode, refs, outputs, eps, factor, overflows, owners, self._run, ops,
                             relu_nan)
-            self.cuda.enqueue((state.device_id, state.stream), launch)
+            self.cuda.enqueue(self.cuda.queue_key(state.device_id, state.stream), launch)
         return located
 
     def _run(self, launch: Launch) -> None:

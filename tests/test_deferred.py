@@ -137,7 +137,7 @@ def test_a_poll_that_finds_the_stream_busy_reads_nothing(gpu, cupy):
     with third:
         x3, _, gamma3, beta3, _, _ = _arrays(shape=(5, 4, 2, 2))
         _forward(x3, gamma3, beta3)  # polls on the handle's stream, the second: RUNTIME_IN_PROGRESS
-    assert gpu.runtime_queries == {"NONBLOCKING": 1} and deferred._FOUND == []
+    assert gpu.runtime_queries == {"NONBLOCKING": 1} and deferred._FOUND == {}
     with pytest.raises(CudnnOverflowError) as raised:
         cudnn_bn.check_overflow()
     message = str(raised.value)
@@ -277,3 +277,86 @@ def test_closing_the_handles_forgets_what_was_deferred(gpu):
     _forward(x, gamma, beta)
     handles.close_all()
     assert deferred._PENDING == set() and cudnn_bn.check_overflow() is None
+
+
+def test_a_check_from_another_thread_waits_for_a_per_thread_default_stream(gpu, cupy):
+    # cudaStreamPerThread names the calling thread's own stream: the checking thread's blocking
+    # query waits for its own, so the worker's calls must be waited for by their event
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    called, checked, errors = threading.Event(), threading.Event(), []
+
+    def worker():
+        try:
+            with cupy.cuda.Stream.ptds:
+                x, _, gamma, beta, _, _ = _arrays()
+                _forward(x, gamma, beta)  # queued on this thread's default stream, not run
+                called.set()
+                checked.wait(10)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            called.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert called.wait(10) and errors == []
+        with pytest.raises(CudnnOverflowError, match=re.escape(_called(SHAPE) + ".")):
+            cudnn_bn.check_overflow()
+    finally:
+        checked.set()
+        thread.join(10)
+    assert gpu.sync_points == {"Event.synchronize": 1, "cudnnQueryRuntimeError(BLOCKING)": 1}
+    assert cudnn_bn.check_overflow() is None
+
+
+def test_what_polls_find_between_checks_does_not_grow_with_the_calls(gpu, cupy):
+    # a run that defers and checks rarely: the polls' findings and the device bools of the finite
+    # checks they settle are folded per call, not kept per poll
+    x, dy, gamma, beta, _, _ = _arrays()
+    _, saved = _forward(x, gamma, beta)
+    foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())  # checked on the device, read by the check
+    stream = cupy.cuda.get_current_stream()
+
+    def steps(count):
+        for _ in range(count):
+            _forward(x, gamma, beta)
+            cudnn_bn.backward(x, dy, gamma, foreign)
+            stream.synchronize()  # the calls have run: the next call's poll reads the flag and settles them
+
+    gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    steps(20)
+    held = gpu.cuda.live_bytes(), len(deferred._FOUND)
+    steps(200)
+    assert (gpu.cuda.live_bytes(), len(deferred._FOUND)) == held
+    with pytest.raises(CudnnOverflowError) as raised:
+        cudnn_bn.check_overflow()
+    assert _called(SHAPE, count=220) in str(raised.value) and _called(SHAPE, "backward", count=220) in str(raised.value)
+    poisoned = saved.inv_std.copy()
+    poisoned[0] = np.nan
+    gpu.overflow_modes.clear()
+    for statistics in (foreign, dataclasses.replace(saved, inv_std=poisoned), foreign):
+        cudnn_bn.backward(x, dy, gamma, statistics)
+        stream.synchronize()
+    _forward(x, gamma, beta)  # its poll settles the backward calls before it
+    with pytest.raises(ValueError, match=re.escape("were not finite") + r".*: 3 x backward of \(8, 4, 3, 3\)"):
+        cudnn_bn.check_overflow()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the kernel given Inf
+def test_finite_checks_on_two_streams_are_each_read_by_the_check(gpu, cupy):
+    # each stream's checks are folded on that stream (another stream could be handed the memory
+    # of an array still read there), and the check reads them all
+    handles.pool_for(0, handles.DEFERRED).size = 1  # one handle across both streams
+    x, dy, gamma, beta, _, _ = _arrays()
+    _, saved = _forward(x, gamma, beta)
+    poisoned = saved.inv_std.copy()
+    poisoned[1] = np.inf
+    for statistics in (saved.inv_std.copy(), poisoned):
+        with cupy.cuda.Stream(non_blocking=True):
+            for _ in range(2):
+                cudnn_bn.backward(x, dy, gamma, dataclasses.replace(saved, inv_std=statistics))
+    assert gpu.host_syncs == 0 and len(handles.pool_for(0, handles.DEFERRED)._idle[0].finite_checks) == 2
+    with pytest.raises(ValueError, match=r"in some of: 2 x backward of \(8, 4, 3, 3\) float32") as raised:
+        cudnn_bn.check_overflow()
+    assert "4 x" not in str(raised.value)
+    assert cudnn_bn.check_overflow() is None

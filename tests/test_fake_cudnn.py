@@ -829,6 +829,12 @@ COUNTED = {  # kind -> what makes one such wait (after one kernel queued on the 
     "runtime.deviceSynchronize": lambda gpu, cupy, library, case: cupy.cuda.runtime.deviceSynchronize(),
     "cudnnQueryRuntimeError(BLOCKING)": _blocking_query,
     "cudnnDestroy": _destroy_a_handle,
+    "ndarray.__format__": lambda gpu, cupy, library, case: format(case.y[0, 0, 0, 0], ".3f"),
+    "ndarray.__index__": lambda gpu, cupy, library, case: [0, 1][cupy.zeros((), np.int64)],
+    "ndarray.__contains__": lambda gpu, cupy, library, case: 0.5 in case.y,
+    "ndarray.nonzero": lambda gpu, cupy, library, case: case.y.nonzero(),
+    "ndarray.__getitem__(boolean mask)": lambda gpu, cupy, library, case: case.y[case.dx == case.dx],
+    "where(condition)": lambda gpu, cupy, library, case: cupy.where(case.dx == case.dx),
 }
 
 
@@ -879,6 +885,17 @@ def test_device_work_and_non_blocking_queries_are_not_host_waits(gpu, cupy, libr
     assert gpu.host_syncs == 0 and not gpu.sync_points
 
 
+@pytest.mark.parametrize("function", ["array_equal", "array_equiv", "allclose"])
+def test_comparisons_answer_with_a_device_array_read_only_when_asked(gpu, cupy, library, case, function):
+    # CuPy returns a 0-d device array here: an `if` on it is the host read, counted there
+    case.call(TRAINING)
+    with gpu.capturing():
+        answer = getattr(np, function)(case.y, case.y + 1)
+    assert isinstance(answer, type(case.y)) and answer.shape == () and gpu.host_syncs == 0
+    assert not bool(answer)
+    assert gpu.sync_points == {"ndarray.__bool__": 1}
+
+
 def test_queries_are_counted_by_mode(gpu, cupy, library, case):
     for mode in (RAWCODE, NONBLOCKING, NONBLOCKING, BLOCKING):
         query(library, case.handle, mode)
@@ -905,3 +922,26 @@ def test_capture_refuses_waits_from_any_thread_and_ends_with_its_block(gpu, cupy
     assert len(refusals) == 1
     wait()
     assert len(refusals) == 1 and gpu.host_syncs == 1
+
+
+def test_the_per_thread_default_stream_is_each_threads_own_queue(gpu):
+    # cudaStreamPerThread: one pointer, a queue per thread; work queued on it by one thread is not
+    # waited for by another thread's synchronize of "the same" stream, only by its own event
+    cupy = sys.modules["cupy"]
+    assert cupy.cuda.Stream.ptds.ptr == 2
+    queued = []
+
+    def worker():
+        with cupy.cuda.Stream.ptds:
+            event = cupy.cuda.Event()  # queued on this thread's queue, where nothing runs it
+            event.record()
+            queued.append(event)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    (event,) = queued
+    cupy.cuda.Stream.ptds.synchronize()  # this thread's own queue: empty
+    assert not event.done
+    event.synchronize()
+    assert event.done

@@ -1,6 +1,7 @@
 """The handle pool (cudnn_bn/_cudnn/handles.py) on the simulated GPU: one pool per device and lane, a
-stream bound once across threads and rebound without waiting, a handle claimed by itself, and
-waiters each served in turn (docs/testing.md)."""
+stream bound once across threads and rebound without waiting, a handle claimed by itself (and
+handed to its claim before anyone borrows it again), and waiters each served in turn
+(docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,33 @@ def test_claim_takes_that_very_handle_and_waits_while_it_is_lent(two_gpus):
     thread.join(5)
     assert claimed == [second] and pool._idle == [first]
     pool.release(second)
+    pool.close()
+
+
+def test_a_claimed_handle_goes_to_its_claim_before_its_holder_can_borrow_it_again(two_gpus):
+    # a thread that keeps borrowing (release, then acquire at once) would otherwise take the handle
+    # back every time, and check_overflow, which claims it, would wait on
+    pool = handles.HandlePool(0, size=1)
+    handle, order = pool.acquire(), []
+
+    def claim():
+        pool.claim(handle)
+        order.append("claimed")
+        pool.release(handle)
+
+    claimer = threading.Thread(target=claim, daemon=True)
+    claimer.start()
+    for _ in range(500):
+        if pool._waiting:
+            break
+        time.sleep(0.01)
+    pool.release(handle)
+    assert pool.acquire() is handle  # waits until the claim has had it
+    order.append("borrowed again")
+    claimer.join(5)
+    assert order == ["claimed", "borrowed again"]
+    pool.release(handle)
+    assert pool._idle == [handle] and not pool._claims and not pool._handed
     pool.close()
 
 

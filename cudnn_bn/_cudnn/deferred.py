@@ -14,11 +14,15 @@ next, so one handle's record may span streams, while the flag stays the handle's
   naming every call still recorded on the handle (any of them may have raised the flag); success
   drops them. The calls still running stay recorded. A poll never raises.
 - by :func:`check_overflow`: each handle with a record is claimed from its pool (waiting while
-  another thread holds it), the events of streams other than its bound one are waited for, and a
-  BLOCKING query reads the flag. Everything found since the last check is then raised once.
+  another thread holds it), the events of streams other than the one its BLOCKING query waits for
+  (the bound stream as the checking thread names it: another thread's per-thread default stream
+  is another) are waited for, and that query reads the flag. Everything found since the last
+  check is then raised once.
 
 Saved statistics from outside this package, given to a deferred persistent backward, are checked
-on the device (a device bool kept in the record) and read by check_overflow only.
+on the device: a device bool per call signature, folded on the stream that computed it (a fold on
+another stream could read an array that CuPy's pool hands out again on its own stream), kept on
+the handle and read by check_overflow only.
 """
 
 from __future__ import annotations
@@ -28,32 +32,37 @@ import sys
 import threading
 
 from .errors import CudnnOverflowError, error_class_for
-from .handles import DeferredCalls
+from .handles import DeferredCalls, stream_identity
 from .raw import ErrQueryMode, Status, status_name
 
 __all__ = ["check_overflow", "forget", "poll", "record"]
 
 _LOCK = threading.Lock()
-_PENDING: set = set()  # the handles holding DeferredCalls (kept alive while they do)
-_FOUND: list = []  # (runtime status, Counter of calls, device) read by a poll, reported by the next check
-_UNREAD_FINITE: list = []  # (call, device bool) of settled calls, read by the next check
+_PENDING: set = set()  # the handles holding DeferredCalls or finite checks (kept alive while they do)
+# what reads of the flag found, for the next check: (runtime status, device) -> Counter of the calls
+# named, folded, so that it does not grow with the number of calls between checks
+_FOUND: dict = {}
+# (device, call, device bool, how many calls it covers): finite checks that a check took from their
+# handles, read by its report (or the next check's, if it was interrupted)
+_UNREAD_FINITE: list = []
 
 
 def record(cupy, handle, call: tuple, finite=None) -> None:
     """Right after a deferred persistent kernel on ``handle`` (still bound to the stream it ran
     on): add ``call`` (operation, shape, dtype, mode) to the stream's record and move the
     stream's event behind it. ``finite``: for saved statistics from outside this package, the
-    device bool saying they were finite."""
-    records = handle.deferred
-    calls = records.get(handle.bound_identity)
+    device bool saying they were finite, folded into the handle's checks of that stream."""
+    identity, records = handle.bound_identity, handle.deferred
+    calls = records.get(identity)
     if calls is None:
-        calls = records[handle.bound_identity] = DeferredCalls(handle.stream, cupy.cuda.Event(disable_timing=True))
+        calls = records[identity] = DeferredCalls(handle.stream, cupy.cuda.Event(disable_timing=True))
         with _LOCK:
             _PENDING.add(handle)
     calls.calls[call] += 1
     if finite is not None:
-        earlier = calls.finite_checks.get(call)
-        calls.finite_checks[call] = finite if earlier is None else cupy.logical_and(earlier, finite)
+        checks = handle.finite_checks.setdefault(identity, {})
+        earlier = checks.get(call)
+        checks[call] = (finite, 1) if earlier is None else (cupy.logical_and(earlier[0], finite), earlier[1] + 1)
     calls.event.record(calls.stream)
 
 
@@ -78,13 +87,12 @@ def _settle(handle, status: int, finished) -> None:
         for calls in records.values():
             involved.update(calls.calls)
             calls.calls.clear()
-    done = [records.pop(identity) for identity in finished]
+    for identity in finished:
+        del records[identity]
     with _LOCK:
         if status != Status.SUCCESS:
-            _FOUND.append((status, involved, handle.device_id))
-        for calls in done:
-            _UNREAD_FINITE.extend(calls.finite_checks.items())
-        if not records:
+            _FOUND.setdefault((status, handle.device_id), collections.Counter()).update(involved)
+        if not records and not handle.finite_checks:
             _PENDING.discard(handle)
 
 
@@ -112,30 +120,47 @@ def check_overflow() -> None:
 
 
 def _read(cupy, handle) -> None:
+    """Read ``handle``'s flag (if its holder has not settled its calls meanwhile) and take its
+    finite checks, whose streams have then finished."""
     pool = handle.pool
     pool.claim(handle)
     try:
-        if not handle.deferred:  # its holder settled it meanwhile
-            return
-        with cupy.cuda.Device(handle.device_id):
-            for identity, calls in handle.deferred.items():
-                if identity != handle.bound_identity and not calls.event.done:
-                    calls.event.synchronize()  # the BLOCKING query waits for the bound stream only
-            status = handle.query_flag(ErrQueryMode.BLOCKING)
-            _settle(handle, status, list(handle.deferred))
+        if handle.deferred:
+            _wait_and_query(cupy, handle)
+        taken, handle.finite_checks = handle.finite_checks, {}
+        with _LOCK:
+            _PENDING.discard(handle)
+            _UNREAD_FINITE.extend(
+                (handle.device_id, call, finite, count)
+                for checks in taken.values() for call, (finite, count) in checks.items()
+            )
     finally:
         pool.release(handle)
 
 
+def _wait_and_query(cupy, handle) -> None:
+    """Wait for every recorded call of the claimed ``handle``, read its flag and settle them all."""
+    # the BLOCKING query waits for the bound stream as this thread names it: another thread's
+    # per-thread default stream is another queue, waited for by its event like any other stream
+    waited_by_query = stream_identity(handle.stream.ptr)
+    with cupy.cuda.Device(handle.device_id):
+        for identity, calls in handle.deferred.items():
+            if identity != waited_by_query and not calls.event.done:
+                calls.event.synchronize()
+        status = handle.query_flag(ErrQueryMode.BLOCKING)
+        _settle(handle, status, list(handle.deferred))
+
+
 def _report(cupy) -> None:
     with _LOCK:
-        found, _FOUND[:] = list(_FOUND), []
-        unread, _UNREAD_FINITE[:] = list(_UNREAD_FINITE), []
-    not_finite = _not_finite(cupy, unread) if unread else []
+        found, unread = dict(_FOUND), list(_UNREAD_FINITE)
+        _FOUND.clear()
+        _UNREAD_FINITE.clear()
+    not_finite = _not_finite(cupy, unread) if unread else None
     if not found and not not_finite:
         return
     overflowed, failed = None, []
-    for status, calls, device_id in found:
+    for (status, device_id), calls in found.items():
         if status == Status.RUNTIME_FP_OVERFLOW:
             overflowed = (overflowed or collections.Counter()) + calls
         else:
@@ -152,7 +177,7 @@ def _report(cupy) -> None:
     if not_finite:
         parts.append(
             "saved statistics given to deferred SPATIAL_PERSISTENT backward calls were not finite (NaN or Inf, which "
-            f"that kernel does not take; their gradients are not valid): {_listed(collections.Counter(not_finite))}"
+            f"that kernel does not take; their gradients are not valid) in some of: {_listed(not_finite)}"
         )
     detail = "; ".join(parts)
     if overflowed is not None:
@@ -164,20 +189,20 @@ def _report(cupy) -> None:
     raise ValueError(f"cudnn_bn.check_overflow: {detail}")
 
 
-def _not_finite(cupy, unread) -> list:
-    """The calls whose saved statistics were not finite: one host read per device, then one per
-    call only when something was found."""
+def _not_finite(cupy, unread: list) -> collections.Counter:
+    """The calls (and how many of each were checked) whose saved statistics were not finite in some
+    of them: one host read per device, then one per call only when something was found."""
     by_device = collections.defaultdict(list)
-    for call, finite in unread:
-        by_device[finite.device.id].append((call, finite))
-    found = []
+    for device_id, call, finite, count in unread:
+        by_device[device_id].append((call, finite, count))
+    found = collections.Counter()
     for device_id, checks in by_device.items():
         with cupy.cuda.Device(device_id):
             every = checks[0][1]
-            for _, finite in checks[1:]:
+            for _, finite, _ in checks[1:]:
                 every = cupy.logical_and(every, finite)
             if not bool(every):
-                found += [call for call, finite in checks if not bool(finite)]
+                found.update({call: count for call, finite, count in checks if not bool(finite)})
     return found
 
 
@@ -195,6 +220,7 @@ def forget() -> None:
     with _LOCK:
         for handle in _PENDING:
             handle.deferred.clear()
+            handle.finite_checks.clear()
         _PENDING.clear()
         _FOUND.clear()
         _UNREAD_FINITE.clear()

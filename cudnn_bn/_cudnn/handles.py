@@ -41,6 +41,7 @@ __all__ = [
     "lane_for",
     "pool_for",
     "pools",
+    "stream_identity",
 ]
 
 NO_GPU_MESSAGE = (
@@ -63,6 +64,13 @@ def lane_for(persistent: bool, on_overflow) -> str:
     return DEFERRED if value == "deferred" else PLAIN
 
 
+def stream_identity(pointer: int):
+    """What tells apart the queue that stream ``pointer`` names in the calling thread: the pointer,
+    with the thread under per-thread default streams, whose one pointer (cudaStreamPerThread)
+    names each thread's own queue."""
+    return (pointer, threading.get_ident()) if pointer == PER_THREAD_STREAM else pointer
+
+
 def _destroy(pointer: int) -> None:
     try:
         raw.library().cudnnDestroy(pointer)
@@ -75,24 +83,21 @@ class DeferredCalls:
 
     ``stream``: the CuPy stream (kept, so its pointer is not reused while recorded); ``event``:
     recorded behind each call, so that its being done says every call here has finished;
-    ``calls``: how many calls of each (operation, shape, dtype, mode); ``finite_checks``:
-    (operation, shape, dtype, mode) -> a device bool, False when saved statistics from outside
-    this package were not finite (read by check_overflow, never by a call).
+    ``calls``: how many calls of each (operation, shape, dtype, mode).
     """
 
-    __slots__ = ("stream", "event", "calls", "finite_checks")
+    __slots__ = ("stream", "event", "calls")
 
     def __init__(self, stream, event):
         self.stream, self.event = stream, event
         self.calls: collections.Counter = collections.Counter()
-        self.finite_checks: dict = {}
 
 
 class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
     __slots__ = (
-        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "_runtime_status",
+        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "finite_checks", "_runtime_status",
         "_runtime_status_ref", "_finalizer", "__weakref__",
     )
 
@@ -107,8 +112,11 @@ class Handle:
         self.pool = None  # the HandlePool that lends it, which sets this
         self.bound_identity = None  # the stream pointer, with the thread under per-thread streams
         self.stream = None  # the CuPy stream bound (cuDNN's default is the legacy stream; never relied on)
-        # DEFERRED lane: stream identity -> DeferredCalls not yet settled by a read of the flag
+        # DEFERRED lane: stream identity -> DeferredCalls not yet settled by a read of the flag; and
+        # stream identity -> {call: (device bool, calls)}, False where saved statistics from outside
+        # this package were not finite in some call, folded on that stream, read by check_overflow
         self.deferred: dict = {}
+        self.finite_checks: dict = {}
         # where cudnnQueryRuntimeError writes: one per handle, as a handle serves one thread at a time
         self._runtime_status = ctypes.c_int(0)
         self._runtime_status_ref = ctypes.byref(self._runtime_status)
@@ -123,6 +131,7 @@ class Handle:
         Nothing waits here: a handle of the CHECKED lane has read its flag after each call, and a
         DEFERRED one keeps its record per stream across the rebind."""
         pointer = stream.ptr
+        # stream_identity(pointer), written out: this runs on every call
         identity = (pointer, threading.get_ident()) if pointer == PER_THREAD_STREAM else pointer
         if identity != self.bound_identity:
             raw.library().cudnnSetStream(self.pointer, pointer)
@@ -153,6 +162,8 @@ class HandlePool:
         self._idle: list[Handle] = []
         self._count = 0  # handles created and not closed
         self._waiting = 0  # borrowers waiting for a handle to come back
+        self._claims: dict[Handle, int] = {}  # lent handles that claim() waits for -> how many claimers
+        self._handed: list[Handle] = []  # handles returned to their claimers, never seen by borrowers
         self._available = threading.Condition(threading.Lock())
 
     def acquire(self) -> Handle:
@@ -181,6 +192,11 @@ class HandlePool:
             raise
 
     def release(self, handle: Handle) -> None:
+        if self._claims and handle in self._claims:  # claim() waits for it: handed over, not lent again first
+            with self._available:
+                self._handed.append(handle)
+                self._available.notify_all()
+            return
         # append first, then look for waiters: a borrower that starts waiting later sees the handle
         # (it checks the idle list under the lock after counting itself as waiting); every waiter
         # is woken, since one of them may be waiting for this handle itself (claim)
@@ -191,18 +207,35 @@ class HandlePool:
 
     def claim(self, handle: Handle) -> None:
         """Take ``handle`` itself out of the idle list, waiting while it is lent (its flag may be
-        read only by its holder); give it back with :meth:`release`."""
+        read only by its holder); give it back with :meth:`release`. While a claim waits, the
+        holder hands the handle to it when returning it: a thread that keeps borrowing would
+        otherwise take it back first, every time."""
+        claimed = False
         with self._available:
             self._waiting += 1
             try:
                 while True:
+                    if handle in self._handed:
+                        self._handed.remove(handle)
+                        return
                     try:
                         self._idle.remove(handle)
                         return
                     except ValueError:
-                        self._available.wait()
+                        pass
+                    if not claimed:
+                        self._claims[handle] = self._claims.get(handle, 0) + 1
+                        claimed = True
+                    self._available.wait()
             finally:
                 self._waiting -= 1
+                if claimed:
+                    count = self._claims.pop(handle) - 1
+                    if count:
+                        self._claims[handle] = count
+                    elif handle in self._handed:  # this claim was interrupted after the handle came back
+                        self._handed.remove(handle)
+                        self._idle.append(handle)
 
     def borrow(self) -> "_Loan":
         """``with pool.borrow() as handle:`` lends a handle for the block."""
