@@ -11,6 +11,7 @@ import pytest
 from cudnn_bn import Mode
 from cudnn_bn._cudnn import plans
 from cudnn_bn._cudnn.descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type, descriptors_created
+from cudnn_bn._cudnn.errors import CudnnLimitError
 from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
 from cudnn_bn._cudnn.raw import ActivationMode, DataType
 from conftest import LAYOUTS, MODES, shape_for
@@ -134,6 +135,16 @@ def test_activation_descriptor(cudnn_library):
 def test_bad_dims_are_refused_before_the_native_call(cudnn_library, dims, strides):
     with pytest.raises(ValueError, match="dims, strides"):
         TensorDescriptor.from_dims(DataType.FLOAT, dims, strides)
+
+
+def test_six_dims_are_refused(cudnn_library):
+    with pytest.raises(ValueError):
+        TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 1, 1, 1, 1), (2, 1, 1, 1, 1, 1))
+
+
+def test_a_dim_past_int32_is_refused_naming_dims_and_strides(cudnn_library):
+    with pytest.raises(CudnnLimitError, match=r"^dims, strides: cuDNN takes dims, strides and element counts as 32-bit ints"):
+        TensorDescriptor.from_dims(DataType.FLOAT, (1, 2**31, 1, 1), (2**31, 1, 1, 1))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The plan cache (cudnn_bn/_cudnn/plans.py) on the simulated GPU: what each plan records about its
 call, inference pieces when training's limits are lower than inference's, the cache returning the
-same plan, the Ex-path switch and its query (docs/testing.md)."""
+same plan, the Ex-path switch and its query."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """cuDNN's limits (cudnn_bn/_cudnn/limits.py) at their exact boundaries, and the messages that
-say what to do: the cases the simulated-GPU tests pass through without pinning (docs/testing.md);
-and training past the real batch limits, routed, on the simulated GPU, which refuses what cuDNN
-is reported to refuse."""
+say what to do; and training past the real batch limits, routed, on the simulated GPU, which
+refuses what cuDNN is reported to refuse."""
 
 from __future__ import annotations
 
