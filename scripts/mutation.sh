@@ -40,9 +40,9 @@ done
 # module -> (source file, the test files that exercise it). The first is the module's own, where
 # the tests written to kill its survivors go: --survivors takes it from the last commit.
 case $module in
-    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_ops_mutants test_cupy_path test_cudnn_safety test_compat test_interop test_api test_fused_ops" ;;
-    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_ops_mutants test_cupy_path test_cudnn_safety test_compat test_fused test_fused_ops" ;;
-    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_ops_mutants test_cupy_path test_cudnn_safety test_api test_fused_ops" ;;
+    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_ops test_signatures test_launch test_cupy_path test_cudnn_safety test_compat test_interop test_api test_fused_ops" ;;
+    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_launch test_ops test_signatures test_cupy_path test_cudnn_safety test_compat test_fused test_fused_ops" ;;
+    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_signatures test_ops test_launch test_cupy_path test_cudnn_safety test_api test_fused_ops" ;;
     plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_plans test_cudnn_safety test_cupy_path test_descriptors" ;;
     limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_limits test_cudnn_safety test_cupy_path" ;;
     validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_arrays test_api test_layer test_compat test_cupy_path test_adversarial" ;;

@@ -209,6 +209,35 @@ def fresh_simulated_gpu(monkeypatch, cudnn_library):
         yield simulator
 
 
+@contextlib.contextmanager
+def _simulated_gpu_with_nothing_settled(monkeypatch, devices):
+    from cudnn_bn._cudnn import launch, signatures
+    from fake_cudnn import simulated_gpu
+
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
+    monkeypatch.setattr(launch, "WORKSPACES", {})
+    signatures.SETTLED.clear()
+    with simulated_gpu(monkeypatch, devices=devices) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def unsettled_gpu(monkeypatch, cudnn_library):
+    """The simulated GPU with no settled call signature, no Ex workspace and no shown fallback
+    warning left by an earlier test. Each test settles its own signatures: mutation runs pick, for
+    each mutant, the tests that reached the mutated code, and a signature settled by an earlier
+    test would hide the settling."""
+    with _simulated_gpu_with_nothing_settled(monkeypatch, 1) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def unsettled_two_gpus(monkeypatch, cudnn_library):
+    """unsettled_gpu with two devices."""
+    with _simulated_gpu_with_nothing_settled(monkeypatch, 2) as simulator:
+        yield simulator
+
+
 @pytest.fixture(scope="session")
 def cudnn_library():
     """The real libcudnn from the nvidia-cudnn wheel. CI installs it, so there a missing library
