@@ -36,6 +36,15 @@ MODES = list(Mode)
 LAYOUTS = [(2, 1), (3, 1), (3, -1), (4, 1), (4, -1), (5, 1), (5, -1)]  # (ndim, channel_axis)
 DTYPES = [np.float16, np.float32, np.float64]
 
+# Bounds for results that are not cuDNN's (cuDNN's are held to the per-dtype tolerances of
+# cudnn_bn/_core/tolerances.py): the same value computed two ways on the host.
+# float64 against float64 computed another way (a closed form, another order of the same sums,
+# torch's autograd): a few ulps over the thousands of terms these tests sum.
+FLOAT64_ROUNDING = 1e-12
+# float32 results of float64 arithmetic rounded once to float32 (the reference's, the layer's on
+# numpy), against the same value reached another way: a few float32 ulps (2**-23 is 1.2e-7).
+FLOAT32_ROUNDING = 1e-6
+
 REQUIRE_GPU_VARIABLE = "CUDNN_BN_REQUIRE_GPU"
 SIMULATED_GPU_VARIABLE = "CUDNN_BN_SIMULATED_GPU"
 SERIAL_MARKER = "gpu_serial"

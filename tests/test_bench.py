@@ -155,10 +155,15 @@ def test_spatial_and_persistent_spread_is_reported():
     assert _bench._same_code_spread(rows[:1]) is None
 
 
+# tracemalloc also counts NumPy's array headers and Python's objects: a few hundred bytes, under 0.05
+# of the 32 KiB float64 array these counts are in units of
+ALLOCATION_SLACK = 0.05
+
+
 def test_peak_temporaries_count_what_a_call_allocates_beyond_its_result():
     x = np.ones((64, 64), np.float32)
-    assert _bench.peak_float64_temporaries(lambda: x.astype(np.float64) * 2.0, x) == pytest.approx(1.0, abs=0.05)
-    assert _bench.peak_float64_temporaries(lambda: float((x.astype(np.float64) * 2.0).sum()), x) == pytest.approx(2.0, abs=0.05)
+    assert _bench.peak_float64_temporaries(lambda: x.astype(np.float64) * 2.0, x) == pytest.approx(1.0, abs=ALLOCATION_SLACK)
+    assert _bench.peak_float64_temporaries(lambda: float((x.astype(np.float64) * 2.0).sum()), x) == pytest.approx(2.0, abs=ALLOCATION_SLACK)
 
 
 def test_host_samples_interleave_and_respect_their_bounds():

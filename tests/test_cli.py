@@ -10,7 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from cudnn_bn._core.tolerances import tolerance
 from cudnn_bn._tools import cli
+
+_, FLOAT32_ATOL = tolerance(np.float32)  # compare's default dtype; its errors are absolute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +38,7 @@ def test_compare_reports_every_mode_and_operation_within_tolerance():
     assert len(rows) == 2 * 3 * 3
     for row in rows:
         error = float(row.split("|")[4])
-        assert error < 1e-4, row
+        assert error < FLOAT32_ATOL, row
     assert "NumPy reference" in result.stdout
 
 
@@ -140,7 +143,7 @@ def test_compare_on_the_simulated_gpu_records_a_refused_row(monkeypatch, cudnn_l
     failed = [row for row in rows if "error" in row]
     assert {row["operation"] for row in failed} == {"forward_inference"} and len(failed) == 6
     assert all(row["error"].startswith("CudnnNotSupportedError: cudnnBatchNormalizationForwardInference") for row in failed)
-    assert all(row["max_abs_error"] < 1e-4 for row in rows if "error" not in row)
+    assert all(row["max_abs_error"] < FLOAT32_ATOL for row in rows if "error" not in row)
 
 
 def test_bench_torch_fails_clearly_where_torch_is_missing(monkeypatch, capsys):

@@ -11,7 +11,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import make_case
+from conftest import FLOAT64_ROUNDING, make_case
 from group_checks import close, results, run_ranks, shards
 
 from cudnn_bn import Activation, BatchNorm, fused, reference
@@ -61,7 +61,7 @@ def test_sync_batch_norm_evaluates_without_communicating():
     np.testing.assert_allclose(layer(x), x / np.sqrt(1 + 1e-5))
     local = dist.SyncBatchNorm(3, group=group[0], mode="spatial", track_running_stats=False, dtype=np.float64).eval()
     y = local(x)  # this rank's own batch statistics
-    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=FLOAT64_ROUNDING)
     assert local.backward(np.ones_like(x)).shape == x.shape
     with pytest.raises(TypeError, match="group"):
         dist.SyncBatchNorm(3, group="nccl")

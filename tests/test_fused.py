@@ -40,6 +40,13 @@ def _pre_activation(x, gamma, beta, residual, mode, channel_axis):
 
 
 # ---- the reference against finite differences, in float64 ----
+# Central differences with a step of 1e-6: the truncation (step**2 times the third derivative) and the
+# loss's float64 rounding over the step (1e-16 * |loss| / step) are each about 1e-10 of a gradient of
+# order one; a one-sided difference is good to step times the second derivative only.
+FINITE_DIFFERENCES_RTOL, FINITE_DIFFERENCES_ATOL = 1e-6, 1e-7
+ONE_SIDED_DIFFERENCE_ATOL = 1e-6
+
+
 def _loss(x, gamma, beta, residual, weights, mode, channel_axis):
     y, _ = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
     return float(np.sum(weights * y))
@@ -58,6 +65,12 @@ def _central_differences(function, array, step=1e-6):
     return grad
 
 
+def _assert_matches_differences(gradient, loss, array):
+    """``gradient`` of ``loss()`` with respect to ``array``, against central differences."""
+    np.testing.assert_allclose(gradient, _central_differences(loss, array), rtol=FINITE_DIFFERENCES_RTOL,
+                               atol=FINITE_DIFFERENCES_ATOL)
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("mode,ndim,channel_axis", [
     (Mode.SPATIAL, 4, 1), (Mode.SPATIAL, 4, -1), (Mode.PER_ACTIVATION, 3, 1), (Mode.SPATIAL_PERSISTENT, 3, -1),
@@ -73,11 +86,11 @@ def test_reference_gradients_match_finite_differences(mode, ndim, channel_axis, 
     y, saved = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
     dx, dresidual, dgamma, dbeta = reference_backward(x, y, weights, gamma, saved)
     loss = lambda: _loss(x, gamma, beta, residual, weights, mode, channel_axis)  # noqa: E731
-    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dgamma, _central_differences(loss, gamma), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dbeta, _central_differences(loss, beta), rtol=1e-6, atol=1e-7)
+    _assert_matches_differences(dx, loss, x)
+    _assert_matches_differences(dgamma, loss, gamma)
+    _assert_matches_differences(dbeta, loss, beta)
     if with_residual:
-        np.testing.assert_allclose(dresidual, _central_differences(loss, residual), rtol=1e-6, atol=1e-7)
+        _assert_matches_differences(dresidual, loss, residual)
     else:
         assert dresidual is None
     assert np.count_nonzero(y == 0) > 0 and np.count_nonzero(y > 0) > 0  # both sides of the kink were exercised
@@ -108,17 +121,17 @@ def test_gradient_at_exactly_zero_pre_activation_is_zero_and_the_rest_match_fini
         below = residual.copy()
         below[index] -= step
         f_below = _loss(x, gamma, beta, below, ones, mode, channel_axis)
-        assert (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step == pytest.approx(0.0, abs=1e-6)
+        assert (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step == pytest.approx(0.0, abs=ONE_SIDED_DIFFERENCE_ATOL)
 
     # elsewhere: central differences of a loss with zero weight at the kinks
     weights = np.random.default_rng(11).standard_normal(shape)
     weights[kinks] = 0.0
     dx, dresidual, dgamma, dbeta = reference_backward(x, y, weights, gamma, saved)
     loss = lambda: _loss(x, gamma, beta, residual, weights, mode, channel_axis)  # noqa: E731
-    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dgamma, _central_differences(loss, gamma), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dbeta, _central_differences(loss, beta), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dresidual, _central_differences(loss, residual), rtol=1e-6, atol=1e-7)
+    _assert_matches_differences(dx, loss, x)
+    _assert_matches_differences(dgamma, loss, gamma)
+    _assert_matches_differences(dbeta, loss, beta)
+    _assert_matches_differences(dresidual, loss, residual)
 
 
 def test_a_channel_whose_pre_activation_is_exactly_zero_gets_no_gradient():

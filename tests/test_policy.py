@@ -11,7 +11,7 @@ import cudnn_bn
 from cudnn_bn import Mode, OnOverflow, SavedStats
 from cudnn_bn._core import policy
 from cudnn_bn._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
-from conftest import make_case
+from conftest import FLOAT64_ROUNDING, make_case
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,7 @@ def test_auto_records_the_mode_that_ran_and_backward_follows_it():
     dx, dgamma, dbeta = cudnn_bn.backward(x, dy, gamma, saved)
     expected = cudnn_bn.reference.backward(x, dy, gamma, mode="spatial", eps=1e-5, channel_axis=-1)
     for actual, wanted in zip((dx, dgamma, dbeta), expected):
-        np.testing.assert_allclose(actual, wanted, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(actual, wanted, rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
 
 
 def test_backward_auto_without_saved_never_picks_persistent():

@@ -10,9 +10,21 @@ import pytest
 
 from cudnn_bn import Mode, SavedStats, reference
 from cudnn_bn._core import arrays
-from conftest import LAYOUTS, MODES, make_case, shape_for
+from conftest import FLOAT64_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 
 EPS = 1e-5
+# Bounds of float64 results against float64 computed another way, besides FLOAT64_ROUNDING (the same
+# quantity summed in another order):
+# the same terms summed in the same order (2-D input, in every mode): an operation or two apart
+SAME_ARITHMETIC = 1e-13
+# a gradient derived another way (the chain rule, a compact form, a Jacobian product), inference
+# folded into one multiply-add, sums that cancel (dx over a group): longer chains of operations
+DERIVATION_TOLERANCE = 1e-10
+# inference from the variance recovered from inv_std (1 / inv_std**2 - eps): inv_std's rounding,
+# squared, inverted and less eps
+RECOVERED_VARIANCE_TOLERANCE = 1e-9
+# the float32 reference is its float64 result rounded once: within a float32 ulp (2**-23, 1.2e-7)
+ROUNDED_TO_FLOAT32 = 2e-7
 
 
 def _loss_and_grads(x, gamma, beta, dy, mode, channel_axis):
@@ -38,6 +50,11 @@ def _loss_and_grads(x, gamma, beta, dy, mode, channel_axis):
     return numeric(x, 0), numeric(gamma, 1), numeric(beta, 2)
 
 
+# central differences with a step of 1e-5 (in _loss_and_grads): truncation (step**2, 1e-10) and the
+# loss's rounding over the step (1e-16 / step, 1e-11), relative to the largest gradient
+FINITE_DIFFERENCES_RELATIVE_ERROR = 1e-7
+
+
 def _relative_error(actual, expected):
     return np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300)
 
@@ -58,9 +75,9 @@ def test_gradients_match_finite_differences(mode, with_saved, ndim, channel_axis
     else:
         dx, dgamma, dbeta = reference.backward(x, dy, gamma, mode=mode, eps=EPS, channel_axis=channel_axis)
     fd_dx, fd_dgamma, fd_dbeta = _loss_and_grads(x, gamma, beta, dy, mode, channel_axis)
-    assert _relative_error(dx, fd_dx) < 1e-7
-    assert _relative_error(dgamma, fd_dgamma) < 1e-7
-    assert _relative_error(dbeta, fd_dbeta) < 1e-7
+    assert _relative_error(dx, fd_dx) < FINITE_DIFFERENCES_RELATIVE_ERROR
+    assert _relative_error(dgamma, fd_dgamma) < FINITE_DIFFERENCES_RELATIVE_ERROR
+    assert _relative_error(dbeta, fd_dbeta) < FINITE_DIFFERENCES_RELATIVE_ERROR
 
 
 def _groups(array, layout):
@@ -119,9 +136,9 @@ def test_backward_matches_independent_derivations(derivation, mode, ndim, channe
     _, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
     dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved)
     expected_dx, expected_dgamma, expected_dbeta = derivation(x, dy, gamma, layout)
-    np.testing.assert_allclose(_groups(dx, layout), expected_dx, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(dgamma.reshape(-1), expected_dgamma, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(dbeta.reshape(-1), expected_dbeta, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(_groups(dx, layout), expected_dx, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(dgamma.reshape(-1), expected_dgamma, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(dbeta.reshape(-1), expected_dbeta, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -131,14 +148,14 @@ def test_forward_invariants(mode, ndim, channel_axis):
     ones, zeros = np.ones(layout.param_shape), np.zeros(layout.param_shape)
     y, saved = reference.forward_training(x, ones, zeros, mode=mode, eps=EPS, channel_axis=channel_axis)
     biased_var = x.var(axis=layout.reduce_axes).reshape(layout.param_shape)
-    np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=1e-12)
-    np.testing.assert_allclose(y.var(axis=layout.reduce_axes).reshape(layout.param_shape), biased_var / (biased_var + EPS), rtol=1e-12)
-    np.testing.assert_allclose(saved.inv_std, 1.0 / np.sqrt(biased_var + EPS), rtol=1e-12)
-    np.testing.assert_allclose(saved.mean, x.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=1e-12)
+    np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(y.var(axis=layout.reduce_axes).reshape(layout.param_shape), biased_var / (biased_var + EPS), rtol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(saved.inv_std, 1.0 / np.sqrt(biased_var + EPS), rtol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(saved.mean, x.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=FLOAT64_ROUNDING)
     assert saved.mode is mode and saved.eps == EPS and saved.channel_axis == (-1 if layout.channels_last else 1)
     dx, dgamma, dbeta = reference.backward(x, dy, ones, saved)
-    np.testing.assert_allclose(dx.sum(axis=layout.reduce_axes), 0.0, atol=1e-10)
-    np.testing.assert_allclose(dbeta, dy.sum(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=1e-12)
+    np.testing.assert_allclose(dx.sum(axis=layout.reduce_axes), 0.0, atol=DERIVATION_TOLERANCE)
+    np.testing.assert_allclose(dbeta, dy.sum(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=FLOAT64_ROUNDING)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -159,8 +176,8 @@ def test_running_statistics_follow_the_recurrence(mode, ndim, channel_axis, runn
         expected_mean = ((1 - momentum) * expected_mean + momentum * batch_mean).astype(running_dtype).astype(np.float64)
         expected_var = ((1 - momentum) * expected_var + momentum * unbiased).astype(running_dtype).astype(np.float64)
     assert running_mean.dtype == running_dtype
-    np.testing.assert_allclose(running_mean, expected_mean, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(running_var, expected_var, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(running_mean, expected_mean, rtol=FLOAT64_ROUNDING, atol=0)
+    np.testing.assert_allclose(running_var, expected_var, rtol=FLOAT64_ROUNDING, atol=0)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -170,10 +187,10 @@ def test_inference_with_batch_statistics_equals_training(mode, ndim, channel_axi
     y_train, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
     biased_var = x.var(axis=layout.reduce_axes).reshape(layout.param_shape)
     y_infer = reference.forward_inference(x, gamma, beta, saved.mean, biased_var, mode=mode, eps=EPS, channel_axis=channel_axis)
-    np.testing.assert_allclose(y_infer, y_train, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y_infer, y_train, rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
     scale, shift = reference.fold_inference(gamma, beta, saved.mean, biased_var, EPS)
     folded = x * scale.reshape(layout.broadcast_shape) + shift.reshape(layout.broadcast_shape)
-    np.testing.assert_allclose(folded, y_infer, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(folded, y_infer, rtol=DERIVATION_TOLERANCE, atol=DERIVATION_TOLERANCE)
 
 
 def test_two_dim_input_is_the_same_in_every_mode():
@@ -184,7 +201,7 @@ def test_two_dim_input_is_the_same_in_every_mode():
         results.append((y, saved.mean, saved.inv_std) + reference.backward(x, dy, gamma, saved))
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(a, b, rtol=SAME_ARITHMETIC, atol=SAME_ARITHMETIC)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -203,7 +220,11 @@ def test_low_precision_matches_float64_reference_within_rounding():
     _, x, dy, gamma, beta = make_case((8, 3, 5, 5), Mode.SPATIAL, dtype=np.float32, offset=100.0)
     y32, _ = reference.forward_training(x, gamma, beta)
     y64, _ = reference.forward_training(x.astype(np.float64), gamma.astype(np.float64), beta.astype(np.float64))
-    np.testing.assert_allclose(y32, y64, rtol=2e-7, atol=2e-7)
+    np.testing.assert_allclose(y32, y64, rtol=ROUNDED_TO_FLOAT32, atol=ROUNDED_TO_FLOAT32)
+
+
+# the variance at an offset of 1e8, and y's std there: sqrt(var / (var + eps)), 1 - 5e-6 for var 1
+LARGE_OFFSET_RTOL, LARGE_OFFSET_STD_RTOL = 1e-6, 1e-4
 
 
 def test_large_offset_is_exact_two_pass():
@@ -211,8 +232,10 @@ def test_large_offset_is_exact_two_pass():
     rng = np.random.default_rng(0)
     x = 1e8 + rng.standard_normal((64, 2))
     y, saved = reference.forward_training(x, np.ones(2), np.zeros(2), mode="per_activation")
-    np.testing.assert_allclose(1.0 / saved.inv_std**2 - 1e-5, x.var(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-4)
+    # x**2 is 1e16, whose float64 spacing is 2: a variance from sums of squares would be off by order
+    # one; two passes agree with numpy's to far better than these bounds
+    np.testing.assert_allclose(1.0 / saved.inv_std**2 - 1e-5, x.var(axis=0), rtol=LARGE_OFFSET_RTOL)
+    np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=LARGE_OFFSET_STD_RTOL)
 
 
 # ---------------------------------------------------------------- memory order and blocking ----
@@ -281,12 +304,12 @@ def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, bl
     x64, dy64, gamma64 = x.astype(np.float64), dy.astype(np.float64), gamma.astype(np.float64)
     exact = _results(x64, dy64, gamma64, beta.astype(np.float64), mode, channel_axis)
     expected_dx, expected_dgamma, expected_dbeta = _compact_backward(x64, dy64, gamma64, layout)
-    np.testing.assert_allclose(_groups(exact["dx"], layout), expected_dx, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(exact["dgamma"].reshape(-1), expected_dgamma, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(exact["dbeta"].reshape(-1), expected_dbeta, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(exact["mean"], x64.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=1e-13)
+    np.testing.assert_allclose(_groups(exact["dx"], layout), expected_dx, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(exact["dgamma"].reshape(-1), expected_dgamma, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(exact["dbeta"].reshape(-1), expected_dbeta, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(exact["mean"], x64.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=SAME_ARITHMETIC)
     biased_var = x64.var(axis=layout.reduce_axes).reshape(layout.param_shape)
-    np.testing.assert_allclose(exact["inv_std"], 1.0 / np.sqrt(biased_var + EPS), rtol=1e-12)
+    np.testing.assert_allclose(exact["inv_std"], 1.0 / np.sqrt(biased_var + EPS), rtol=FLOAT64_ROUNDING)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -336,14 +359,15 @@ def test_blocks_that_end_part_way_along_the_inner_axis(shape):
     x = np.random.default_rng(0).standard_normal(shape) * 3 + 5
     gamma, beta = np.linspace(0.5, 1.5, shape[1]), np.linspace(-1, 1, shape[1])
     y, saved = reference.forward_training(x, gamma, beta, eps=1e-3)
-    np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
     y = reference.forward_inference(x, gamma, beta, saved.mean, 1 / saved.inv_std**2 - 1e-3, eps=1e-3)
-    np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=RECOVERED_VARIANCE_TOLERANCE,
+                               atol=RECOVERED_VARIANCE_TOLERANCE)
     dy = np.random.default_rng(1).standard_normal(shape)
     dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved)
-    np.testing.assert_allclose(dbeta, dy.sum(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(dbeta, dy.sum(axis=(0, 2)), rtol=FLOAT64_ROUNDING)
     x_hat = (x - saved.mean[None, :, None]) * saved.inv_std[None, :, None]
-    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=(0, 2)), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=(0, 2)), rtol=DERIVATION_TOLERANCE, atol=DERIVATION_TOLERANCE)
     assert dx.shape == shape and np.isfinite(dx).all()
 
 

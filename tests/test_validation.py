@@ -16,7 +16,7 @@ import pytest
 import cudnn_bn
 from cudnn_bn import Mode, OnOverflow, SavedStats, reference
 from cudnn_bn._core import validate
-from conftest import make_case
+from conftest import FLOAT32_ROUNDING, make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
 
@@ -130,7 +130,7 @@ def test_read_only_parameters_of_another_float_dtype_are_cast():
     y, saved = cudnn_bn.forward_training(arrays["x"], gamma16, arrays["beta"].astype(np.float64), mode="spatial")
     y32, _ = cudnn_bn.forward_training(arrays["x"], gamma16.astype(np.float32), arrays["beta"], mode="spatial")
     assert y.dtype == np.float32 and saved.mean.dtype == np.float32
-    np.testing.assert_allclose(y, y32, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, y32, rtol=FLOAT32_ROUNDING, atol=FLOAT32_ROUNDING)
 
 
 def test_running_statistics_in_their_own_dtype_are_updated_in_place():
@@ -140,7 +140,7 @@ def test_running_statistics_in_their_own_dtype_are_updated_in_place():
     before_mean = arrays["running_mean"]
     _train(arrays, mode="spatial", momentum=1.0)
     assert arrays["running_mean"] is before_mean and before_mean.dtype == np.float64
-    np.testing.assert_allclose(before_mean, arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(before_mean, arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=FLOAT32_ROUNDING)
     assert arrays["running_var"].dtype == np.float16 and not np.all(arrays["running_var"] == 1.0)
 
 
@@ -548,9 +548,9 @@ def test_inference_allows_eps_zero(backend):
     arrays = backend(_case())
     y = cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"], mode="spatial", eps=0.0)
     expected = reference.forward_inference(*(_host(arrays[n]) for n in ("x", "gamma", "beta", "running_mean", "running_var")), mode="spatial", eps=0.0)
-    np.testing.assert_allclose(_host(y), expected, rtol=1e-6)
+    np.testing.assert_allclose(_host(y), expected, rtol=FLOAT32_ROUNDING)
     scale, _ = cudnn_bn.fold_inference(*(_host(arrays[n]) for n in ("gamma", "beta", "running_mean", "running_var")), 0)
-    np.testing.assert_allclose(scale, _host(arrays["gamma"]), rtol=1e-6)
+    np.testing.assert_allclose(scale, _host(arrays["gamma"]), rtol=FLOAT32_ROUNDING)
 
 
 # ---- written arrays that share memory with another argument ----
@@ -594,7 +594,7 @@ def test_disjoint_views_of_one_buffer_are_accepted():
     arrays.update(running_mean=buffer[0:3], running_var=buffer[3:6])
     arrays["running_var"][...] = 1.0
     _train(arrays, mode="spatial", momentum=1.0)
-    np.testing.assert_allclose(buffer[0:3], arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(buffer[0:3], arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=FLOAT32_ROUNDING)
 
 
 # ---- the SPATIAL re-run that the overflow advice suggests ----
@@ -606,7 +606,7 @@ def test_spatial_backward_accepts_persistent_statistics(backend):
     persistent = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
     spatial = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, mode="spatial")
     for a, b in zip(persistent, spatial):
-        np.testing.assert_allclose(_host(a), _host(b), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_host(a), _host(b), rtol=FLOAT32_ROUNDING, atol=FLOAT32_ROUNDING)
     with pytest.raises(ValueError, match="mode: saved statistics were computed in SPATIAL_PERSISTENT, got mode=PER_ACTIVATION"):
         cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, mode="per_activation")
     _, spatial_saved = _train(arrays, mode="spatial")
