@@ -265,6 +265,7 @@ def cudnn_library():
 def cudnn_headers(cudnn_library):
     """Text of cudnn_graph.h and cudnn_ops.h as installed beside the library."""
     from cuda import pathfinder
+
     from header_check import HEADERS
 
     directory = pathfinder.find_nvidia_header_directory("cudnn")

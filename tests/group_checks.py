@@ -10,10 +10,10 @@ import threading
 
 import numpy as np
 
+from conftest import FLOAT64_ROUNDING
 from cudnn_bn import distributed as dist
 from cudnn_bn import reference
 from cudnn_bn._core.tolerances import assert_close
-from conftest import FLOAT64_ROUNDING
 
 GROUP_TIMEOUT = 10.0  # seconds a collective of the in-process tests waits; they finish far sooner
 

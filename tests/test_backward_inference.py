@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import DTYPES, FLOAT32_ROUNDING, FLOAT64_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 from cudnn_bn import Mode, fused, reference
 from cudnn_bn._core.layout import make_layout
 from cudnn_bn._core.tolerances import assert_close
-from conftest import DTYPES, FLOAT32_ROUNDING, FLOAT64_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 from test_fused import _central_differences
 from test_reference import _groups

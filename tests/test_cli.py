@@ -128,10 +128,9 @@ def test_compare_records_a_failed_row_and_goes_on(monkeypatch, capsys):
 
 
 def test_compare_on_the_simulated_gpu_records_a_refused_row(monkeypatch, cudnn_library):
-    from fake_cudnn import simulated_gpu
-
     from cudnn_bn._cudnn import raw
     from cudnn_bn._tools.compare import run_compare
+    from fake_cudnn import simulated_gpu
 
     def refused(*args):
         raw.check_status("cudnnBatchNormalizationForwardInference", raw.Status.NOT_SUPPORTED, "refused by the test")

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT64_ROUNDING, make_case
 from cudnn_bn import CudnnBuildMismatchError, CudnnLimitError, Mode, reference
 from cudnn_bn._core.tolerances import assert_close, statistics_rtol, tolerance
 from cudnn_bn._cudnn import availability, launch, limits, plans
-from conftest import FLOAT64_ROUNDING, make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
 TESTS = Path(__file__).resolve().parent

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT32_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 from cudnn_bn import CudnnOverflowError, Mode, reference
 from cudnn_bn._core.tolerances import STATISTICS_RTOL, assert_close, tolerance
-from conftest import FLOAT32_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 
 

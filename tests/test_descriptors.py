@@ -8,13 +8,13 @@ import gc
 import numpy as np
 import pytest
 
+from conftest import LAYOUTS, MODES, shape_for
 from cudnn_bn import Mode
+from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
 from cudnn_bn._cudnn import plans
 from cudnn_bn._cudnn.descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type, descriptors_created
 from cudnn_bn._cudnn.errors import CudnnLimitError
-from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
 from cudnn_bn._cudnn.raw import ActivationMode, DataType
-from conftest import LAYOUTS, MODES, shape_for
 
 
 def _c_strides(shape):

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT64_ROUNDING, LAYOUTS, make_case, shape_for
 from cudnn_bn import BatchNorm, Mode, fused, reference
 from cudnn_bn import distributed as dist
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn.distributed import calls
-from conftest import FLOAT64_ROUNDING, LAYOUTS, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 from group_checks import (
     GROUP_TIMEOUT,

@@ -11,12 +11,12 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import FLOAT64_ROUNDING, make_case
-from group_checks import close, results, run_ranks, shards
 
+from conftest import FLOAT64_ROUNDING, make_case
 from cudnn_bn import Activation, BatchNorm, fused, reference
 from cudnn_bn import distributed as dist
 from cudnn_bn.layer import KeptForBackward
+from group_checks import close, results, run_ranks, shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILED = "failed (an error other than a refused input)"
@@ -325,9 +325,8 @@ def test_sync_batch_norm_with_an_empty_shard_trains_like_batch_norm_on_the_conca
 def test_sync_batch_norm_with_an_empty_shard_on_the_simulated_gpu(monkeypatch, cudnn_library):
     import sys
 
-    from fake_cudnn import FakeArray, simulated_gpu
-
     from cudnn_bn.distributed import calls
+    from fake_cudnn import FakeArray, simulated_gpu
 
     sizes = [3, 0, 2]
     (x, dy, _), = _relu_steps(7, (5, 4, 2, 2), count=1)

@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
-from fake_cudnn import simulated_gpu
 
+from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
 from cudnn_bn import Mode, reference
 from cudnn_bn._core.modes import Activation, parse_activation
 from cudnn_bn._core.tolerances import assert_close, statistics_rtol, to_numpy
@@ -25,6 +24,7 @@ from cudnn_bn.fused import (
     reference_backward,
     reference_forward_training,
 )
+from fake_cudnn import simulated_gpu
 
 
 def _inputs(shape, mode, channel_axis, dtype, seed=0):

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
-from cudnn_bn import BatchNorm, CudnnOverflowError, Mode, SavedStats, reference
-from cudnn_bn._core.tolerances import STATISTICS_RTOL, assert_close, statistics_rtol, to_numpy, tolerance
-from cudnn_bn._core.validate import param_dtype_for
 from conftest import LAYOUTS, MODES, make_case, shape_for
+from cudnn_bn import BatchNorm, CudnnOverflowError, Mode, SavedStats, reference
+from cudnn_bn._core.tolerances import STATISTICS_RTOL, assert_close, statistics_rtol, to_numpy
+from cudnn_bn._core.validate import param_dtype_for
 
 pytestmark = pytest.mark.gpu
 

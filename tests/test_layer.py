@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import FLOAT32_ROUNDING
 from cudnn_bn import BatchNorm, Mode, fused, reference
 from cudnn_bn.layer import KeptForBackward, _batch_count, _feature_shape, _listed, _prefix_hint
-from conftest import FLOAT32_ROUNDING
 from fake_cudnn import FakeArray, simulated_gpu
 
 # float32 running statistics after a few batches: every update rounds to float32 (6e-8 relative),

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT64_ROUNDING
 from cudnn_bn import BatchNorm, Mode, fused, reference
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn.layer import FixedStatistics
-from conftest import FLOAT64_ROUNDING
 from fake_cudnn import FakeArray, simulated_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

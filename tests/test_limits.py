@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import make_case
 from cudnn_bn import reference
 from cudnn_bn._core.layout import make_layout
 from cudnn_bn._core.modes import Mode
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import limits, plans
 from cudnn_bn._cudnn.errors import CudnnLimitError
-from conftest import make_case
 from fake_cudnn import FakeArray
 
 INT32_MAX = 2**31 - 1

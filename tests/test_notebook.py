@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-from test_readme import nbconvert_output, notebook_command
 
 from cudnn_bn._core.tolerances import tolerance
+from test_readme import nbconvert_output, notebook_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "examples", "compare_modes.ipynb")

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT64_ROUNDING, make_case
 from cudnn_bn import Mode, OnOverflow, SavedStats
 from cudnn_bn._core import policy
 from cudnn_bn._core.policy import BACKWARD, INFERENCE, TRAINING, choose_mode
-from conftest import FLOAT64_ROUNDING, make_case
 
 
 @pytest.mark.parametrize(

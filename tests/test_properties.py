@@ -8,8 +8,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cudnn_bn import Mode, reference
 from conftest import FLOAT64_ROUNDING, make_case
+from cudnn_bn import Mode, reference
 
 # float64 identities over drawn groups: with offsets up to 30 and, for a nearly constant group,
 # inv_std up to 1 / sqrt(eps) = 316, the rounding of x - mean (1e-16 * 30) grows by that much

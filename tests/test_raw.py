@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from cudnn_bn._cudnn import raw as _raw
 from cudnn_bn._core.modes import Mode
+from cudnn_bn._cudnn import raw as _raw
 from cudnn_bn._cudnn.raw import ENUMS, PROTOTYPES, Status
 from header_check import conformance_problems, parse_headers
 

@@ -26,10 +26,10 @@ import stat
 import subprocess
 import sys
 import tokenize
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")

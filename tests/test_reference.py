@@ -8,9 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from conftest import FLOAT64_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 from cudnn_bn import Mode, SavedStats, reference
 from cudnn_bn._core import arrays
-from conftest import FLOAT64_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 
 EPS = 1e-5
 # Bounds of float64 results against float64 computed another way, besides FLOAT64_ROUNDING (the same

@@ -10,8 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cudnn_bn import Mode, reference
 from conftest import make_case
+from cudnn_bn import Mode, reference
 
 ALL_FLOAT16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
 

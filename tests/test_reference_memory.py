@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import make_case
 from cudnn_bn import Mode, reference
 from cudnn_bn._tools.bench import peak_float64_temporaries  # the bench's own measurement
-from conftest import make_case
 
 EPS = 1e-5
 

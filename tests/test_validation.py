@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT32_ROUNDING, make_case
 from cudnn_bn import Mode, OnOverflow, SavedStats, reference
 from cudnn_bn._core import validate
-from conftest import FLOAT32_ROUNDING, make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
 
@@ -513,7 +513,7 @@ def test_masked_arrays_are_refused_by_inference_backward_and_fold():
         reference.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], mean, arrays["running_var"])
     with pytest.raises(TypeError, match=_literal(f"mean: {MASKED_MESSAGE}")):
         cudnn_bn.fold_inference(arrays["gamma"], arrays["beta"], mean, arrays["running_var"], 1e-5)
-    with pytest.raises(TypeError, match=_literal(f"x: expected a plain numpy.ndarray, got a numpy.matrix")):
+    with pytest.raises(TypeError, match=_literal("x: expected a plain numpy.ndarray, got a numpy.matrix")):
         reference.forward_training(np.asmatrix(arrays["x"][:, :, 0, 0]), arrays["gamma"], arrays["beta"])
 
 
