@@ -54,15 +54,19 @@ SERIAL_MARKER = "gpu_serial"
 NEEDS_A_GPU = {
     "tests/test_interop.py::test_torch_cuda_tensors_run_zero_copy": "torch CUDA tensors",
     "tests/test_interop.py::test_torch_tensors_that_require_grad_are_refused_and_detach_works": "torch CUDA tensors",
-    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it": "torch CUDA tensors and streams",
+    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it":
+        "torch CUDA tensors and streams",
     "tests/test_interop.py::test_torch_cpu_tensors_are_type_errors": "torch with CUDA",
     "tests/test_distributed.py::test_nccl_group_of_one_matches_the_reference": "NCCL through cupyx.distributed",
-    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it": "a CUDA kernel compiled by NVRTC (cupy.RawKernel)",
+    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it":
+        "a CUDA kernel compiled by NVRTC (cupy.RawKernel)",
 }
 # `gpu` tests that run alone, not beside parallel workers: node id (without parameters) -> why
 GPU_SERIAL = {
-    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it": "a 20 ms busy kernel orders the streams",
-    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it": "torch's busy kernel orders the streams",
+    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it":
+        "a 20 ms busy kernel orders the streams",
+    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it":
+        "torch's busy kernel orders the streams",
     "tests/test_gpu_parity.py::test_thread_stress_on_random_shapes_matches_the_reference": "16 threads load every core",
 }
 
@@ -326,7 +330,8 @@ def simulated_gpu_with_interop(monkeypatch, cudnn_library):
             log.append(("asarray", kernels_called()))
             dtype = np.dtype(interface["typestr"])
             shape = tuple(interface["shape"])
-            strides = interface["strides"] or tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
+            strides = interface["strides"] or tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize
+                                                    for i in range(len(shape)))
             extent = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
             buffer = (ctypes.c_char * extent).from_address(interface["data"][0])
             flat = np.frombuffer(buffer, dtype=np.uint8)

@@ -101,7 +101,8 @@ def test_thread_stress_in_a_subprocess_ends_without_a_crash_or_a_wrong_result(cu
                 device = [a.copy().view(FakeArray) for a in (x, dy, gamma, beta)]
                 y, saved = cudnn_bn.forward_training(device[0], device[2], device[3], mode="spatial")
                 dx, _, _ = cudnn_bn.backward(device[0], device[1], device[2], saved)
-                y64, saved64 = reference.forward_training(*(a.astype(np.float64) for a in (x, gamma, beta)), mode="spatial")
+                y64, saved64 = reference.forward_training(*(a.astype(np.float64) for a in (x, gamma, beta)),
+                                                          mode="spatial")
                 dx64 = reference.backward(*(a.astype(np.float64) for a in (x, dy, gamma)), saved64)[0]
                 # dx of random shapes sums up to 8**4 terms per channel: ten times the tolerance
                 if not (np.allclose(y.get(), y64, rtol=RTOL, atol=ATOL)
@@ -190,7 +191,8 @@ def test_inference_past_the_element_limit_runs_in_pieces(gpu, monkeypatch):
     x = x[..., :2].copy()
     y = cudnn_bn.forward_inference(*_device(x, gamma, beta, mean, var), mode="spatial", channel_axis=-1)
     assert len(_kernels(gpu)) == 3
-    assert_close(y, reference.forward_inference(*_wide(x, gamma, beta, mean, var), mode="spatial", channel_axis=-1), np.float16)
+    assert_close(y, reference.forward_inference(*_wide(x, gamma, beta, mean, var), mode="spatial", channel_axis=-1),
+                 np.float16)
 
 
 @pytest.mark.parametrize("mode", [Mode.PER_ACTIVATION, Mode.SPATIAL, Mode.SPATIAL_PERSISTENT])
@@ -350,7 +352,8 @@ def test_the_handle_is_bound_to_cupys_current_stream(gpu, monkeypatch):
     bound = []
     library = cudnn_bn._cudnn.raw.library()
     original = library.cudnnSetStream
-    monkeypatch.setattr(library, "cudnnSetStream", lambda handle, stream: (bound.append(stream), original(handle, stream))[1])
+    monkeypatch.setattr(library, "cudnnSetStream",
+                        lambda handle, stream: (bound.append(stream), original(handle, stream))[1])
     _, x, _, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, gd, bd = _device(x, gamma, beta)
     first, second = cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream(non_blocking=True)
@@ -383,10 +386,12 @@ def test_ex_path_gets_momentum_not_one_minus_momentum(gpu, monkeypatch):
     library = cudnn_bn._cudnn.raw.library()
     factors = []
     original = library.cudnnBatchNormalizationForwardTrainingEx
-    monkeypatch.setattr(library, "cudnnBatchNormalizationForwardTrainingEx", lambda *a: (factors.append(a[14]), original(*a))[1])
+    monkeypatch.setattr(library, "cudnnBatchNormalizationForwardTrainingEx",
+                        lambda *a: (factors.append(a[14]), original(*a))[1])
     _, x, _, gamma, beta = make_case((6, 3, 2, 4), Mode.SPATIAL, -1, np.float16)
     running = _device(np.zeros(4, np.float32), np.ones(4, np.float32))
-    cudnn_bn.forward_training(*_device(x, gamma, beta), *running, mode="spatial_persistent", channel_axis=-1, momentum=0.2)
+    cudnn_bn.forward_training(*_device(x, gamma, beta), *running, mode="spatial_persistent", channel_axis=-1,
+                              momentum=0.2)
     assert factors == [0.2]  # cuDNN's exponentialAverageFactor is the weight of the new batch
 
 

@@ -121,7 +121,8 @@ def test_gradient_at_exactly_zero_pre_activation_is_zero_and_the_rest_match_fini
         below = residual.copy()
         below[index] -= step
         f_below = _loss(x, gamma, beta, below, ones, mode, channel_axis)
-        assert (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step == pytest.approx(0.0, abs=ONE_SIDED_DIFFERENCE_ATOL)
+        difference = (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step
+        assert difference == pytest.approx(0.0, abs=ONE_SIDED_DIFFERENCE_ATOL)
 
     # elsewhere: central differences of a loss with zero weight at the kinks
     weights = np.random.default_rng(11).standard_normal(shape)
@@ -157,8 +158,10 @@ def test_reference_is_the_plain_reference_then_add_and_relu(mode, ndim, channel_
     param_dtype = gamma.dtype
     running = [np.zeros(layout.param_shape, param_dtype), np.ones(layout.param_shape, param_dtype)]
     plain_running = [a.copy() for a in running]
-    y, saved = reference_forward_training(x, gamma, beta, *running, residual=residual, mode=mode, channel_axis=channel_axis)
-    plain_y, plain_saved = reference.forward_training(x, gamma, beta, *plain_running, mode=mode, channel_axis=channel_axis)
+    y, saved = reference_forward_training(x, gamma, beta, *running, residual=residual, mode=mode,
+                                          channel_axis=channel_axis)
+    plain_y, plain_saved = reference.forward_training(x, gamma, beta, *plain_running, mode=mode,
+                                                      channel_axis=channel_axis)
     expected = np.maximum(plain_y.astype(np.float64) + residual, 0)
     assert y.dtype == dtype and y.shape == shape and y.flags.c_contiguous
     assert_close(y, expected, dtype, what="y")
@@ -294,15 +297,18 @@ def test_the_path_is_a_str_enum_whose_values_are_the_documented_strings(small):
 
     assert [(member.name, member.value) for member in FusedPath] == [
         ("REFERENCE", "reference"), ("FUSED_EX", "fused_ex"), ("COMPOSED", "composed")]
-    assert (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED) == (FusedPath.REFERENCE, FusedPath.FUSED_EX, FusedPath.COMPOSED)
+    assert (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED) == (FusedPath.REFERENCE, FusedPath.FUSED_EX,
+                                                              FusedPath.COMPOSED)
     x, _, gamma, beta, residual = small
     _, saved = forward_training(x, gamma, beta, residual=residual, mode="spatial")
     assert saved.path is FusedPath.REFERENCE and saved.path == "reference"
-    assert str(saved.path) == "reference" and f"{saved.path:>10}|" == " reference|" and json.dumps(saved.path) == '"reference"'
+    assert str(saved.path) == "reference" and f"{saved.path:>10}|" == " reference|"
+    assert json.dumps(saved.path) == '"reference"'
     rebuilt = FusedSaved(saved.stats, "relu", True, "composed")  # given as the documented string
     assert rebuilt.path is FusedPath.COMPOSED
     for wrong in ("COMPOSED", "somewhere", 1, None):
-        with pytest.raises(ValueError, match=r"^FusedSaved\.path: expected one of \['reference', 'fused_ex', 'composed'\], got "):
+        with pytest.raises(ValueError,
+                           match=r"^FusedSaved\.path: expected one of \['reference', 'fused_ex', 'composed'\], got "):
             FusedSaved(saved.stats, "relu", False, wrong)
 
 
@@ -367,7 +373,8 @@ def test_simulated_gpu_matches_the_reference(gpu, case, path, with_residual):
         assert ex_calls == [] and "cudnnBatchNormalizationForwardTraining" in gpu.calls
 
     y_eval = forward_inference(d_x, d_gamma, d_beta, *running, residual=d_residual, mode=mode, channel_axis=axis)
-    host_eval = forward_inference(x, gamma, beta, *[r.get() for r in running], residual=residual, mode=mode, channel_axis=axis)
+    host_eval = forward_inference(x, gamma, beta, *[r.get() for r in running], residual=residual, mode=mode,
+                                  channel_axis=axis)
     assert_close(y_eval.get(), host_eval, dtype, what="inference")
 
 

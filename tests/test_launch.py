@@ -25,7 +25,8 @@ from fake_cudnn import FakeArray
 def test_the_overflow_error_carries_cudnns_status():
     error = launch.overflow_error("cudnnBatchNormalizationForwardTraining", "advice")
     assert (error.status, error.status_name) == (1007, "CUDNN_STATUS_RUNTIME_FP_OVERFLOW")  # cudnn_graph.h
-    assert str(error) == "cudnnBatchNormalizationForwardTraining: CUDNN_STATUS_RUNTIME_FP_OVERFLOW (SPATIAL_PERSISTENT overflowed; advice)"
+    assert str(error) == ("cudnnBatchNormalizationForwardTraining: CUDNN_STATUS_RUNTIME_FP_OVERFLOW "
+                          "(SPATIAL_PERSISTENT overflowed; advice)")
 
 
 def _fallbacks(x, gamma, beta):
@@ -134,14 +135,18 @@ def _backward_with_reserve(ex_call, reserve):
 def test_the_last_reserve_check_before_backward_ex_refuses_the_wrong_kind(unsettled_gpu, make_bad):
     # SavedStats refuses these first; this check stands between them and the native call regardless
     bad = make_bad()
-    with pytest.raises(TypeError, match=rf"^saved\.reserve_space: expected the 1-D uint8 device buffer from forward_training, got {type(bad).__name__}$"):
+    with pytest.raises(TypeError,
+                       match=r"^saved\.reserve_space: expected the 1-D uint8 device buffer from forward_training, "
+                             rf"got {type(bad).__name__}$"):
         launch.check_reserve(bad, 4, 0)
 
 
 def test_a_reserve_space_too_small_is_a_value_error_with_the_sizes(ex_call):
     size = ex_call[3].reserve_space.size
     small = np.zeros(size - 1, np.uint8).view(FakeArray)
-    with pytest.raises(ValueError, match=rf"^saved\.reserve_space: expected at least {size} bytes on device 0 \(the forward's reserve space\), got {size - 1} bytes on device 0$"):
+    with pytest.raises(ValueError,
+                       match=rf"^saved\.reserve_space: expected at least {size} bytes on device 0 "
+                             rf"\(the forward's reserve space\), got {size - 1} bytes on device 0$"):
         _backward_with_reserve(ex_call, small)
 
 

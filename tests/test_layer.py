@@ -54,7 +54,8 @@ def test_running_statistics_with_momentum_and_eval_uses_them():
     np.testing.assert_allclose(layer.running_var, expected_var, rtol=RUNNING_STATISTICS_RTOL)
     layer.eval()
     y = layer(batches[0])
-    np.testing.assert_allclose(y, reference.forward_inference(batches[0], layer.gamma, layer.beta, layer.running_mean, layer.running_var), rtol=FLOAT32_ROUNDING)
+    expected = reference.forward_inference(batches[0], layer.gamma, layer.beta, layer.running_mean, layer.running_var)
+    np.testing.assert_allclose(y, expected, rtol=FLOAT32_ROUNDING)
     # backward in eval mode runs through the running statistics it normalized with
     dy = np.ones_like(batches[0])
     expected = reference.backward_inference(batches[0], dy, layer.gamma, layer.running_mean, layer.running_var)
@@ -68,8 +69,12 @@ def test_momentum_none_is_the_cumulative_average():
     batches = _batches((10, 2), 6, seed=3)
     for x in batches:
         layer(x)
-    np.testing.assert_allclose(layer.running_mean, np.mean([x.astype(np.float64).mean(axis=0) for x in batches], axis=0), rtol=RUNNING_STATISTICS_RTOL)
-    np.testing.assert_allclose(layer.running_var, np.mean([x.astype(np.float64).var(axis=0, ddof=1) for x in batches], axis=0), rtol=RUNNING_STATISTICS_RTOL)
+    np.testing.assert_allclose(layer.running_mean,
+                               np.mean([x.astype(np.float64).mean(axis=0) for x in batches], axis=0),
+                               rtol=RUNNING_STATISTICS_RTOL)
+    np.testing.assert_allclose(layer.running_var,
+                               np.mean([x.astype(np.float64).var(axis=0, ddof=1) for x in batches], axis=0),
+                               rtol=RUNNING_STATISTICS_RTOL)
     assert layer.num_batches_tracked == 6
 
 
@@ -136,7 +141,9 @@ def test_load_state_dict_checks_keys_and_shapes():
         layer.load_state_dict({**state, "weight": np.ones(4, np.float32)})
 
 
-@pytest.mark.parametrize("kwargs,error", [(dict(momentum=2.0), ValueError), (dict(eps=-1.0), ValueError), (dict(mode="bogus"), ValueError)])
+@pytest.mark.parametrize("kwargs,error",
+                         [(dict(momentum=2.0), ValueError), (dict(eps=-1.0), ValueError),
+                          (dict(mode="bogus"), ValueError)])
 def test_bad_construction(kwargs, error):
     with pytest.raises(error):
         BatchNorm(3, **kwargs)
@@ -182,8 +189,8 @@ def _host(array):
 
 def _layer_state(layer):
     """Everything a forward could change, as host copies."""
-    arrays = {name: None if value is None else _host(value) for name, value in
-              dict(gamma=layer.gamma, beta=layer.beta, running_mean=layer.running_mean, running_var=layer.running_var).items()}
+    state = dict(gamma=layer.gamma, beta=layer.beta, running_mean=layer.running_mean, running_var=layer.running_var)
+    arrays = {name: None if value is None else _host(value) for name, value in state.items()}
     return arrays, layer.num_batches_tracked, layer._kept
 
 
@@ -207,13 +214,18 @@ def _rejected_inputs(place, other_place):
         ("a list", good.tolist(), TypeError, "x: expected"),
         ("1-D", place(good[0, 0, 0]), ValueError, "x: expected 2 to 5 dims"),
         ("6-D", place(good.reshape(6, 4, 3, 3, 1, 1)), ValueError, "x: expected 2 to 5 dims"),
-        ("5 channels", place(np.ones((6, 5, 3, 3), np.float32)), ValueError, "x: expected 4 channels at axis 1 (BatchNorm(4)), got 5"),
-        ("channels last", place(np.ones((6, 3, 3, 4), np.float32)), ValueError, "x: expected 4 channels at axis 1 (BatchNorm(4)), got 3"),
-        ("int32", place(good.astype(np.int32)), TypeError, "x: expected dtype float32 (BatchNorm(4), dtype=float32), got int32"),
+        ("5 channels", place(np.ones((6, 5, 3, 3), np.float32)), ValueError,
+         "x: expected 4 channels at axis 1 (BatchNorm(4)), got 5"),
+        ("channels last", place(np.ones((6, 3, 3, 4), np.float32)), ValueError,
+         "x: expected 4 channels at axis 1 (BatchNorm(4)), got 3"),
+        ("int32", place(good.astype(np.int32)), TypeError,
+         "x: expected dtype float32 (BatchNorm(4), dtype=float32), got int32"),
         ("complex", place(good.astype(np.complex64)), TypeError, "x: expected dtype float32"),
-        ("float64", place(good.astype(np.float64)), TypeError, "x: expected dtype float32 (BatchNorm(4), dtype=float32), got float64"),
+        ("float64", place(good.astype(np.float64)), TypeError,
+         "x: expected dtype float32 (BatchNorm(4), dtype=float32), got float64"),
         ("float16", place(good.astype(np.float16)), TypeError, "x: expected dtype float32"),
-        ("one value per statistic", place(good[:1, :, :1, :1]), ValueError, "x: training needs at least 2 values per statistic"),
+        ("one value per statistic", place(good[:1, :, :1, :1]), ValueError,
+         "x: training needs at least 2 values per statistic"),
         ("an empty batch", place(good[:0]), ValueError, "x: expected every dimension to be at least 1"),
         ("the other array library", other_place(good), TypeError, "x: expected a"),
     ]
@@ -231,7 +243,8 @@ def test_rejected_input_changes_nothing_and_counts_no_batch_on_numpy(momentum):
     layer(batches[0])
     clean(batches[0])
     cases = _rejected_inputs(lambda a: a, lambda a: np.array(a, copy=True).view(FakeArray))
-    cases.append(("masked", _masked(batches[0]), TypeError, "x: expected a plain numpy.ndarray, got a numpy masked array"))
+    cases.append(("masked", _masked(batches[0]), TypeError,
+                  "x: expected a plain numpy.ndarray, got a numpy masked array"))
     for label, x, error, message in cases:
         before = _layer_state(layer)
         with pytest.raises(error, match=_escaped(message)):
@@ -260,7 +273,8 @@ def test_rejected_input_changes_nothing_and_counts_no_batch_on_the_simulated_gpu
     batches = [np.array(b).view(FakeArray) for b in _batches((6, 4, 3, 3), 3, seed=2)]
     layer(batches[0])
     clean(batches[0])
-    for label, x, error, message in _rejected_inputs(lambda a: np.array(a, copy=True).view(FakeArray), lambda a: np.array(a, copy=True)):
+    for label, x, error, message in _rejected_inputs(lambda a: np.array(a, copy=True).view(FakeArray),
+                                                     lambda a: np.array(a, copy=True)):
         before = _layer_state(layer)
         with pytest.raises(error, match=_escaped(message)):
             layer(x)
@@ -296,7 +310,9 @@ def test_a_failed_backward_keeps_the_gradients():
 
 def test_per_activation_layer_names_its_feature_shape():
     layer = BatchNorm((5, 4), mode="per_activation")
-    with pytest.raises(ValueError, match=_escaped("x: expected feature shape (5, 4) after the batch axis (BatchNorm((5, 4)), mode PER_ACTIVATION), got (5, 3)")):
+    with pytest.raises(ValueError,
+                       match=_escaped("x: expected feature shape (5, 4) after the batch axis "
+                                      "(BatchNorm((5, 4)), mode PER_ACTIVATION), got (5, 3)")):
         layer(np.ones((6, 5, 3), np.float32))
     assert layer.num_batches_tracked == 0
 
@@ -304,7 +320,9 @@ def test_per_activation_layer_names_its_feature_shape():
 def test_the_layer_dtype_is_enforced():
     layer = BatchNorm(4, dtype=np.float64, mode="spatial")
     x = _batches((6, 4, 3, 3), 1)[0]
-    with pytest.raises(TypeError, match=_escaped("x: expected dtype float64 (BatchNorm(4), dtype=float64), got float32; convert x, or build the layer with dtype=float32")):
+    with pytest.raises(TypeError,
+                       match=_escaped("x: expected dtype float64 (BatchNorm(4), dtype=float64), "
+                                      "got float32; convert x, or build the layer with dtype=float32")):
         layer(x)
     y = layer(x.astype(np.float64))
     assert y.dtype == np.float64 and layer.gamma.dtype == np.float64 and layer.running_mean.dtype == np.float64
@@ -329,7 +347,8 @@ def test_weight_and_bias_are_gamma_and_beta():
     np.testing.assert_allclose(y.std(axis=(0, 2, 3)), 2.0, rtol=APPLIED_SCALE_RTOL)
     for value, error, message in [
         (np.ones(4, np.float32), ValueError, "weight: expected shape (3,), got (4,)"),
-        (np.ones(3, np.float64), TypeError, "weight: expected dtype float32 (BatchNorm(3)'s parameter dtype), got float64"),
+        (np.ones(3, np.float64), TypeError,
+         "weight: expected dtype float32 (BatchNorm(3)'s parameter dtype), got float64"),
         ([1.0, 1.0, 1.0], TypeError, "weight: expected a numpy.ndarray"),
         (None, TypeError, "weight: expected"),
     ]:
@@ -350,24 +369,36 @@ def _trained_state():
 
 
 BAD_STATES = [
-    ("strings", dict(running_var=np.array(["a", "b", "c"])), TypeError, "state['running_var']: expected real numbers (a float or integer array), got dtype <U1"),
+    ("strings", dict(running_var=np.array(["a", "b", "c"])), TypeError,
+     "state['running_var']: expected real numbers (a float or integer array), got dtype <U1"),
     ("numeric strings", dict(weight=np.array(["1", "2", "3"])), TypeError, "state['weight']: expected real numbers"),
-    ("complex", dict(running_mean=np.ones(3, np.complex64)), TypeError, "state['running_mean']: expected real numbers (a float or integer array), got dtype complex64"),
+    ("complex", dict(running_mean=np.ones(3, np.complex64)), TypeError,
+     "state['running_mean']: expected real numbers (a float or integer array), got dtype complex64"),
     ("bool", dict(bias=np.ones(3, bool)), TypeError, "state['bias']: expected real numbers"),
     ("None", dict(running_var=None), TypeError, "state['running_var']: expected an array, got None"),
-    ("objects", dict(weight=np.array([1.0, None, 2.0], dtype=object)), TypeError, "state['weight']: expected real numbers"),
-    ("a masked array", dict(weight=np.ma.ones(3)), TypeError, "state['weight']: expected a plain array, got a numpy masked array"),
+    ("objects", dict(weight=np.array([1.0, None, 2.0], dtype=object)), TypeError,
+     "state['weight']: expected real numbers"),
+    ("a masked array", dict(weight=np.ma.ones(3)), TypeError,
+     "state['weight']: expected a plain array, got a numpy masked array"),
     ("shape", dict(running_var=np.ones(4)), ValueError, "state['running_var']: expected shape (3,), got (4,)"),
-    ("past float32", dict(running_var=np.array([1.0, 1e300, 1.0])), ValueError, "state['running_var']: expected values that fit float32"),
-    ("count of two", dict(num_batches_tracked=np.array([1, 2])), ValueError, "state['num_batches_tracked']: expected a non-negative integer scalar, got shape (2,)"),
-    ("count negative", dict(num_batches_tracked=-1), ValueError, "state['num_batches_tracked']: expected a non-negative integer scalar that fits int64, got -1"),
+    ("past float32", dict(running_var=np.array([1.0, 1e300, 1.0])), ValueError,
+     "state['running_var']: expected values that fit float32"),
+    ("count of two", dict(num_batches_tracked=np.array([1, 2])), ValueError,
+     "state['num_batches_tracked']: expected a non-negative integer scalar, got shape (2,)"),
+    ("count negative", dict(num_batches_tracked=-1), ValueError,
+     "state['num_batches_tracked']: expected a non-negative integer scalar that fits int64, got -1"),
     ("count negative array", dict(num_batches_tracked=np.array(-1)), ValueError, "got -1"),
     ("count past int64", dict(num_batches_tracked=2**63), ValueError, "fits int64"),
-    ("count float", dict(num_batches_tracked=np.array(1.5)), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar, got dtype float64"),
-    ("count python float", dict(num_batches_tracked=2.0), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar"),
-    ("count bool", dict(num_batches_tracked=True), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar, got True"),
-    ("count string", dict(num_batches_tracked="3"), TypeError, "state['num_batches_tracked']: expected a non-negative integer scalar"),
-    ("count None", dict(num_batches_tracked=None), TypeError, "state['num_batches_tracked']: expected an array, got None"),
+    ("count float", dict(num_batches_tracked=np.array(1.5)), TypeError,
+     "state['num_batches_tracked']: expected a non-negative integer scalar, got dtype float64"),
+    ("count python float", dict(num_batches_tracked=2.0), TypeError,
+     "state['num_batches_tracked']: expected a non-negative integer scalar"),
+    ("count bool", dict(num_batches_tracked=True), TypeError,
+     "state['num_batches_tracked']: expected a non-negative integer scalar, got True"),
+    ("count string", dict(num_batches_tracked="3"), TypeError,
+     "state['num_batches_tracked']: expected a non-negative integer scalar"),
+    ("count None", dict(num_batches_tracked=None), TypeError,
+     "state['num_batches_tracked']: expected an array, got None"),
 ]
 
 
@@ -386,7 +417,8 @@ def test_load_state_dict_is_atomic(label, change, error, message):
 def test_load_state_dict_converts_to_the_parameter_dtype():
     state = _trained_state()
     layer = BatchNorm(3)
-    layer.load_state_dict({**state, "weight": state["weight"].astype(np.float64), "bias": [0, 1, 2], "num_batches_tracked": np.int32(7)})
+    layer.load_state_dict({**state, "weight": state["weight"].astype(np.float64), "bias": [0, 1, 2],
+                           "num_batches_tracked": np.int32(7)})
     assert layer.gamma.dtype == np.float32 and layer.num_batches_tracked == 7 and type(layer.num_batches_tracked) is int
     np.testing.assert_array_equal(layer.beta, [0.0, 1.0, 2.0])
 
@@ -396,7 +428,8 @@ def test_negative_count_cannot_reach_the_cumulative_average():
     with pytest.raises(ValueError, match="num_batches_tracked"):
         layer.load_state_dict({**layer.state_dict(), "num_batches_tracked": -1})
     layer.num_batches_tracked = -1  # set by hand
-    with pytest.raises(ValueError, match="num_batches_tracked: expected a non-negative integer scalar that fits int64, got -1"):
+    with pytest.raises(ValueError,
+                       match="num_batches_tracked: expected a non-negative integer scalar that fits int64, got -1"):
         layer(_batches((8, 3, 2, 2), 1)[0])
     assert layer.num_batches_tracked == -1
 
@@ -428,7 +461,8 @@ def test_load_state_dict_without_the_prefix_says_which_prefix_to_pass():
     state = _sequential_state()
     layer = BatchNorm(3)
     before = _layer_state(layer)
-    with pytest.raises(KeyError, match=_escaped("the state holds this layer's entries under prefix '1.': pass prefix='1.'")):
+    with pytest.raises(KeyError,
+                       match=_escaped("the state holds this layer's entries under prefix '1.': pass prefix='1.'")):
         layer.load_state_dict(state)
     with pytest.raises(KeyError, match=_escaped("missing keys ['2.bias', '2.num_batches_tracked'")):
         layer.load_state_dict(state, prefix="2.")
@@ -467,19 +501,24 @@ def test_the_layer_accepts_the_array_library_by_name():
 
 
 BAD_CONSTRUCTION = [
-    (dict(num_features=3.7), TypeError, "num_features: expected a positive int or a tuple of them (the feature shape), got 3.7"),
-    (dict(num_features="3"), TypeError, "num_features: expected a positive int or a tuple of them (the feature shape), got '3'"),
+    (dict(num_features=3.7), TypeError,
+     "num_features: expected a positive int or a tuple of them (the feature shape), got 3.7"),
+    (dict(num_features="3"), TypeError,
+     "num_features: expected a positive int or a tuple of them (the feature shape), got '3'"),
     (dict(num_features=True), TypeError, "num_features: expected a positive int"),
     (dict(num_features=None), TypeError, "num_features: expected a positive int"),
     (dict(num_features=(3, 2.0), mode="per_activation"), TypeError, "num_features: expected a positive int"),
-    (dict(num_features=0), ValueError, "num_features: expected a positive int or a tuple of them (the feature shape), got 0"),
+    (dict(num_features=0), ValueError,
+     "num_features: expected a positive int or a tuple of them (the feature shape), got 0"),
     (dict(num_features=()), ValueError, "num_features: expected a positive int"),
     (dict(num_features=(2, 0), mode="per_activation"), ValueError, "num_features: expected a positive int"),
-    (dict(num_features=(1, 2, 3, 4, 5), mode="per_activation"), ValueError, "num_features: expected at most 4 feature dims"),
+    (dict(num_features=(1, 2, 3, 4, 5), mode="per_activation"), ValueError,
+     "num_features: expected at most 4 feature dims"),
     (dict(num_features=2**31), ValueError, "num_features: expected at most 2147483647 features"),
     (dict(num_features=10**400), ValueError, "num_features: expected at most 2147483647 features"),
     (dict(num_features=(4, 3)), ValueError, "num_features: a feature shape (4, 3) is for mode='per_activation'"),
-    (dict(num_features=(4, 3), mode="spatial"), ValueError, "num_features: a feature shape (4, 3) is for mode='per_activation'"),
+    (dict(num_features=(4, 3), mode="spatial"), ValueError,
+     "num_features: a feature shape (4, 3) is for mode='per_activation'"),
     (dict(dtype=np.int32), TypeError, "dtype: expected float16, float32 or float64, got <class 'numpy.int32'>"),
     (dict(dtype="complex64"), TypeError, "dtype: expected float16, float32 or float64, got 'complex64'"),
     (dict(dtype=None), TypeError, "dtype: expected float16, float32 or float64, got None"),
@@ -521,9 +560,13 @@ def test_layer_on_the_simulated_gpu_validates_its_own_arguments(gpu):
 
     layer = BatchNorm(4, mode="spatial", xp="cupy")
     assert layer.xp is cupy and isinstance(layer.gamma, FakeArray)
-    with pytest.raises(TypeError, match=_escaped("x: expected a cupy array (BatchNorm(4) keeps its state there), got a numpy array")):
+    with pytest.raises(TypeError,
+                       match=_escaped("x: expected a cupy array (BatchNorm(4) keeps its state there), "
+                                      "got a numpy array")):
         layer(np.ones((6, 4, 3, 3), np.float32))
-    with pytest.raises(TypeError, match=_escaped("weight: expected a cupy array (BatchNorm(4) keeps its state there), got a numpy array")):
+    with pytest.raises(TypeError,
+                       match=_escaped("weight: expected a cupy array (BatchNorm(4) keeps its state there), "
+                                      "got a numpy array")):
         layer.weight = np.ones(4, np.float32)
     state = {**layer.state_dict(), "running_mean": np.arange(4.0)}
     layer.load_state_dict(state)
@@ -568,18 +611,21 @@ def test_a_host_tensor_of_another_library_is_refused_naming_dlpack_and_the_conve
                 "kDLCPU; pass numpy.from_dlpack(x) (a view, no copy)")
     with pytest.raises(TypeError, match=f"^{_escaped(expected)}$"):
         layer(_DLPackProducer(_KDL_CPU))
-    with pytest.raises(TypeError, match=_escaped("got a torch.Tensor on DLPack device kDLCPU; pass numpy.from_dlpack(weight)")):
+    with pytest.raises(TypeError,
+                       match=_escaped("got a torch.Tensor on DLPack device kDLCPU; pass numpy.from_dlpack(weight)")):
         layer.weight = _DLPackProducer(_KDL_CPU)
     _assert_same_state(layer, before)
     # the functions give the same pointer for the same object
     import cudnn_bn
 
-    with pytest.raises(TypeError, match=_escaped("on DLPack device kDLCPU (for the NumPy reference pass numpy.from_dlpack(...))")):
+    with pytest.raises(TypeError,
+                       match=_escaped("on DLPack device kDLCPU (for the NumPy reference pass numpy.from_dlpack(...))")):
         cudnn_bn.forward_training(_DLPackProducer(_KDL_CPU), np.ones(8, np.float32), np.zeros(8, np.float32))
 
 
 def test_a_gpu_tensor_given_to_a_host_layer_says_how_cupy_takes_it():
-    with pytest.raises(TypeError, match=_escaped("got a torch.Tensor on DLPack device kDLCUDA; it is on a GPU: copy it to the "
+    with pytest.raises(TypeError,
+                       match=_escaped("got a torch.Tensor on DLPack device kDLCUDA; it is on a GPU: copy it to the "
                                                  "host, or use cupy arrays (cupy.from_dlpack(x), a view, no copy)")):
         BatchNorm(8)(_DLPackProducer(_KDL_CUDA))
 
@@ -700,12 +746,15 @@ def test_a_layer_pickled_before_activations_existed_loads_and_runs_backward():
 def test_a_residual_without_an_activation_is_refused_naming_both():
     layer = BatchNorm(3)
     x = _data((4, 3), 8)
-    with pytest.raises(ValueError, match=r"residual: BatchNorm\(3\) has no activation.*activation='relu', or add the residual yourself$"):
+    with pytest.raises(ValueError,
+                       match=r"residual: BatchNorm\(3\) has no activation"
+                             r".*activation='relu', or add the residual yourself$"):
         layer(x, x)
 
 
 # ---- eps, channel_axis and counting ----
-@pytest.mark.parametrize("dtype, param_dtype", [(np.float16, np.float32), (np.float32, np.float32), (np.float64, np.float64)])
+@pytest.mark.parametrize("dtype, param_dtype",
+                         [(np.float16, np.float32), (np.float32, np.float32), (np.float64, np.float64)])
 def test_a_new_layer_keeps_every_parameter_in_the_parameter_dtype(dtype, param_dtype):
     layer = BatchNorm(3, dtype=dtype)
     for array in (layer.gamma, layer.beta, layer.running_mean, layer.running_var):
@@ -793,7 +842,8 @@ class _FakeDeviceArray:
 def test_torch_like_tensors_load_including_bfloat16_without_rounding_others():
     layer = BatchNorm(2, dtype=np.float64)
     fine = np.array([1 + 2.0**-40, 3.0])
-    layer.load_state_dict({"weight": _FakeTensor(fine, "torch.float64"), "bias": _FakeTensor([0.5, 1.5], "torch.bfloat16")}, strict=False)
+    state = {"weight": _FakeTensor(fine, "torch.float64"), "bias": _FakeTensor([0.5, 1.5], "torch.bfloat16")}
+    layer.load_state_dict(state, strict=False)
     np.testing.assert_array_equal(layer.gamma, fine)
     np.testing.assert_array_equal(layer.beta, [0.5, 1.5])
 
@@ -836,4 +886,6 @@ def test_long_key_lists_show_eight_and_count_the_rest():
 def test_no_prefix_hint_for_a_state_already_under_the_right_prefix():
     expected = ["weight", "bias"]
     assert _prefix_hint({"weight": 1, "bias": 2, "other": 3}, expected, "") == ""
-    assert _prefix_hint({"1.weight": 1, "1.bias": 2}, expected, "") == "; the state holds this layer's entries under prefix '1.': pass prefix='1.'"
+    assert _prefix_hint({"1.weight": 1, "1.bias": 2}, expected, "") == (
+        "; the state holds this layer's entries under prefix '1.': pass prefix='1.'"
+    )

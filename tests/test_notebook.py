@@ -63,7 +63,8 @@ def test_every_plot_says_what_it_can_and_cannot_show_without_a_gpu():
     for cell in plotting:
         source = _source(cell)
         assert re.search(r"[Cc]annot show", source), f"a plot does not say what it cannot show:\n{source[:300]}"
-        assert "CPU" in source and ("GPU" in source or "ON_GPU" in source), f"a plot is not labelled by device:\n{source[:300]}"
+        assert "CPU" in source and ("GPU" in source or "ON_GPU" in source), (
+            f"a plot is not labelled by device:\n{source[:300]}")
 
 
 def test_committed_notebook_is_executed_with_its_plots_and_says_where():

@@ -60,7 +60,9 @@ def test_inference_runs_on_the_device_of_its_arrays(unsettled_two_gpus):
 def test_training_refuses_an_argument_on_another_device_naming_it(unsettled_two_gpus, position):
     arrays = _one_on_device_1(training_args(), position)
     names = ["x", "gamma", "beta", "running_mean", "running_var"]
-    with pytest.raises(ValueError, match=rf"^arrays on different devices: expected one device, got .*{names[position]} on device 1"):
+    with pytest.raises(ValueError,
+                       match=r"^arrays on different devices: expected one device, "
+                             rf"got .*{names[position]} on device 1"):
         cudnn_bn.forward_training(*arrays, mode="spatial")
 
 
@@ -78,7 +80,8 @@ def test_backward_refuses_an_argument_on_another_device_naming_it(unsettled_two_
         else:
             field = name.removeprefix("saved_")
             saved = dataclasses.replace(saved, **{field: on_device(getattr(saved, field))[0]})
-    with pytest.raises(ValueError, match=rf"^arrays on different devices: expected one device, got .*{name} on device 1"):
+    with pytest.raises(ValueError,
+                       match=rf"^arrays on different devices: expected one device, got .*{name} on device 1"):
         cudnn_bn.backward(xd, dyd, gd, saved)
 
 
@@ -88,7 +91,9 @@ def test_backward_refuses_a_reserve_space_on_another_device_naming_it(unsettled_
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
     with cupy.cuda.Device(1):
         elsewhere = on_device(np.asarray(saved.reserve_space))[0]
-    with pytest.raises(ValueError, match=r"^arrays on different devices: expected one device, got .*saved_reserve_space on device 1"):
+    with pytest.raises(ValueError,
+                       match=r"^arrays on different devices: expected one device, "
+                             r"got .*saved_reserve_space on device 1"):
         cudnn_bn.backward(xd, dyd, gd, dataclasses.replace(saved, reserve_space=elsewhere))
 
 
@@ -119,7 +124,8 @@ def test_backward_from_another_device_keeps_its_mode_eps_and_channel_axis(unsett
     with cupy.cuda.Device(1):
         xd, dyd, gd = on_device(x, dy, gamma)
     grads = cudnn_bn.backward(xd, dyd, gd, mode=mode, eps=0.5, channel_axis=-1)
-    expected = reference.backward(*(np.asarray(a, np.float64) for a in (x, dy, gamma)), mode=mode, eps=0.5, channel_axis=-1)
+    expected = reference.backward(*(np.asarray(a, np.float64) for a in (x, dy, gamma)), mode=mode, eps=0.5,
+                                  channel_axis=-1)
     for actual, wanted in zip(grads, expected):
         assert_close(actual, wanted, np.float32, scale=10)
 
@@ -127,7 +133,8 @@ def test_backward_from_another_device_keeps_its_mode_eps_and_channel_axis(unsett
 def test_the_fused_call_from_another_device_runs_on_its_arrays_device(unsettled_two_gpus):
     cupy = sys.modules["cupy"]
     _, x, _, gamma, beta = make_case((2, 2, 2, 8), Mode.SPATIAL, -1, np.float16)
-    expected, _ = fused.reference_forward_training(*(np.asarray(a, np.float64) for a in (x, gamma, beta)), mode="spatial", channel_axis=-1)
+    expected, _ = fused.reference_forward_training(*(np.asarray(a, np.float64) for a in (x, gamma, beta)),
+                                                   mode="spatial", channel_axis=-1)
     with cupy.cuda.Device(1):
         xd, gd, bd = on_device(x, gamma, beta)
     y, _ = fused.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
@@ -154,7 +161,8 @@ def test_inference_then_training_fallbacks_on_two_devices_each_use_their_own_han
         assert y.device.id == device and dx.device.id == device
 
 
-def test_a_persistent_backward_from_another_device_checks_its_statistics_once_on_theirs(unsettled_two_gpus, monkeypatch):
+def test_a_persistent_backward_from_another_device_checks_its_statistics_once_on_theirs(unsettled_two_gpus,
+                                                                                        monkeypatch):
     cupy = sys.modules["cupy"]
     _, x, _, gamma, beta = make_case((4, 2, 2, 8), Mode.SPATIAL, -1, np.float16)
     with cupy.cuda.Device(1):
@@ -162,7 +170,8 @@ def test_a_persistent_backward_from_another_device_checks_its_statistics_once_on
         _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
         foreign = dataclasses.replace(saved, inv_std=saved.inv_std.copy())  # statistics the forward did not hand over
     checks, vdot = [], cupy.vdot
-    monkeypatch.setattr(cupy, "vdot", lambda a, b: checks.append((a.device.id, cupy.cuda.runtime.getDevice())) or vdot(a, b))
+    monkeypatch.setattr(cupy, "vdot",
+                        lambda a, b: checks.append((a.device.id, cupy.cuda.runtime.getDevice())) or vdot(a, b))
     for statistics, expected in ((saved, []), (foreign, [(1, 1)])):  # the forward's own are not read back
         for _ in range(2):  # the call that settles the signature, then the cached one, both from device 0
             checks.clear()
@@ -198,7 +207,8 @@ def test_backward_fallback_uses_the_saved_statistics_it_was_given(unsettled_gpu)
         warnings.simplefilter("always")
         grads = cudnn_bn.backward(xd, dyd, gd, saved, mode="spatial_persistent", on_overflow="fallback")
     wide = [np.asarray(a, np.float64) for a in (x, dy, gamma)]
-    given = reference.SavedStats(np.asarray(saved.mean, np.float64), np.asarray(saved.inv_std, np.float64), "spatial", 1e-5, 1)
+    given = reference.SavedStats(np.asarray(saved.mean, np.float64), np.asarray(saved.inv_std, np.float64), "spatial",
+                                 1e-5, 1)
     for actual, expected in zip(grads, reference.backward(*wide, given)):
         assert_close(actual, expected, np.float32, scale=10)
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
@@ -208,7 +218,8 @@ def test_backward_fallback_uses_the_saved_statistics_it_was_given(unsettled_gpu)
 
 
 # ---- the cached path: momentum, checked per call ----
-@pytest.mark.parametrize("momentum", [float("nan"), float("inf"), -0.1, 1.5, True, "0.1"], ids=["nan", "inf", "negative", "above_one", "bool", "str"])
+@pytest.mark.parametrize("momentum", [float("nan"), float("inf"), -0.1, 1.5, True, "0.1"],
+                         ids=["nan", "inf", "negative", "above_one", "bool", "str"])
 def test_a_cached_training_call_refuses_a_bad_momentum_before_writing(unsettled_gpu, momentum):
     x, gamma, beta, mean, var = settled_training()
     before = (mean.get(), var.get())
@@ -217,8 +228,10 @@ def test_a_cached_training_call_refuses_a_bad_momentum_before_writing(unsettled_
     assert np.array_equal(mean.get(), before[0]) and np.array_equal(var.get(), before[1])
 
 
-@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.1, np.float32(0.5), np.float64(0.25), 1], ids=["zero", "one", "float", "float32", "float64", "int"])
-def test_a_cached_training_call_updates_with_any_valid_momentum_and_checks_only_non_floats(unsettled_gpu, monkeypatch, momentum):
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.1, np.float32(0.5), np.float64(0.25), 1],
+                         ids=["zero", "one", "float", "float32", "float64", "int"])
+def test_a_cached_training_call_updates_with_any_valid_momentum_and_checks_only_non_floats(unsettled_gpu, monkeypatch,
+                                                                                           momentum):
     x, gamma, beta, mean, var = settled_training()
     expected = reference_running(x, gamma, beta, mean, var, momentum)
     full_checks = []
@@ -235,7 +248,8 @@ def test_a_cached_training_call_updates_with_any_valid_momentum_and_checks_only_
 def test_inference_of_a_non_contiguous_x_matches_the_reference_also_once_settled(unsettled_gpu):
     x, gamma, beta, mean, var = inference_args()
     wide = np.concatenate([x, x + 1.0], axis=3)[..., ::2]  # every other element of a wider array
-    expected = reference.forward_inference(*(np.asarray(a, np.float64) for a in (wide, gamma, beta, mean, var)), mode="spatial")
+    expected = reference.forward_inference(*(np.asarray(a, np.float64) for a in (wide, gamma, beta, mean, var)),
+                                           mode="spatial")
     for _ in range(2):
         arrays = on_device(np.concatenate([x, x + 1.0], axis=3), gamma, beta, mean, var)
         arrays[0] = arrays[0][..., ::2]
@@ -264,7 +278,8 @@ def test_backward_reads_non_contiguous_saved_statistics_as_their_values(unsettle
 def test_inference_auto_runs_the_policys_mode(unsettled_gpu, shape, channel_axis, mode):
     layout, x, _, gamma, beta = make_case(shape, Mode[mode.upper()], channel_axis, np.float32)
     mean, var = np.full(layout.param_shape, 0.25, np.float32), np.full(layout.param_shape, 2.0, np.float32)
-    expected = reference.forward_inference(*(np.asarray(a, np.float64) for a in (x, gamma, beta, mean, var)), mode=mode, channel_axis=channel_axis)
+    expected = reference.forward_inference(*(np.asarray(a, np.float64) for a in (x, gamma, beta, mean, var)), mode=mode,
+                                           channel_axis=channel_axis)
     y = cudnn_bn.forward_inference(*on_device(x, gamma, beta, mean, var), mode="auto", channel_axis=channel_axis)
     assert_close(y, expected, np.float32)
 
@@ -279,7 +294,8 @@ def test_saved_statistics_without_a_reserve_take_the_plain_backward_on_an_ex_lay
         plans.set_ex_path_enabled(previous)
     assert saved.reserve_space is None
     cudnn_bn.backward(xd, dyd, gd, saved)
-    assert "cudnnBatchNormalizationBackwardEx" not in unsettled_gpu.calls and "cudnnBatchNormalizationBackward" in unsettled_gpu.calls
+    assert "cudnnBatchNormalizationBackwardEx" not in unsettled_gpu.calls
+    assert "cudnnBatchNormalizationBackward" in unsettled_gpu.calls
 
 
 def test_an_empty_reserve_request_still_gets_a_one_byte_buffer(unsettled_gpu):

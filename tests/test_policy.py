@@ -98,8 +98,10 @@ def test_an_empty_dimension_is_refused_after_its_rank_was_remembered():
 @pytest.mark.parametrize("recorded", [OnOverflow.FALLBACK, OnOverflow.IGNORE])
 def test_backward_keeps_the_overflow_policy_its_forward_recorded_unless_told_otherwise(recorded):
     x = np.ones((2, 4, 3, 3), np.float32)
-    saved = SavedStats(np.zeros(4, np.float32), np.ones(4, np.float32), Mode.SPATIAL_PERSISTENT, 1e-5, 1, on_overflow=recorded)
+    saved = SavedStats(np.zeros(4, np.float32), np.ones(4, np.float32), Mode.SPATIAL_PERSISTENT, 1e-5, 1,
+                       on_overflow=recorded)
     assert policy.backward_settings(x, saved, None, None, None, None) == (Mode.SPATIAL_PERSISTENT, recorded, 1e-5, 1)
     # an explicit policy wins; a persistent backward asked for without saved statistics raises by default
     assert policy.backward_settings(x, saved, None, None, None, "raise")[1] is OnOverflow.RAISE
-    assert policy.backward_settings(x, None, "spatial_persistent", 1e-5, None, None)[:2] == (Mode.SPATIAL_PERSISTENT, OnOverflow.RAISE)
+    settings = policy.backward_settings(x, None, "spatial_persistent", 1e-5, None, None)
+    assert settings[:2] == (Mode.SPATIAL_PERSISTENT, OnOverflow.RAISE)

@@ -58,7 +58,8 @@ def test_low_precision_reference_is_the_float64_result_rounded(case):
 def test_invariants_hold_for_any_layout(case):
     (layout, x, dy, gamma, beta), mode, channel_axis, dtype = case
     wide = x.astype(np.float64)
-    y, saved = reference.forward_training(wide, np.ones(layout.param_shape), np.zeros(layout.param_shape), mode=mode, channel_axis=channel_axis)
+    y, saved = reference.forward_training(wide, np.ones(layout.param_shape), np.zeros(layout.param_shape), mode=mode,
+                                          channel_axis=channel_axis)
     var = wide.var(axis=layout.reduce_axes)
     np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=DRAWN_GROUP_TOLERANCE)
     np.testing.assert_allclose(y.var(axis=layout.reduce_axes), var / (var + 1e-5), rtol=DRAWN_GROUP_TOLERANCE,

@@ -61,11 +61,13 @@ def _relative_error(actual, expected):
 
 # SPATIAL_PERSISTENT backward without saved statistics is an error (tested in test_validation).
 _GRADIENT_CASES = [
-    (mode, with_saved) for mode in MODES for with_saved in (True, False) if with_saved or mode is not Mode.SPATIAL_PERSISTENT
+    (mode, with_saved)
+    for mode in MODES for with_saved in (True, False) if with_saved or mode is not Mode.SPATIAL_PERSISTENT
 ]
 
 
-@pytest.mark.parametrize("mode,with_saved", _GRADIENT_CASES, ids=lambda v: getattr(v, "name", "saved" if v else "recomputed"))
+@pytest.mark.parametrize("mode,with_saved", _GRADIENT_CASES,
+                         ids=lambda v: getattr(v, "name", "saved" if v else "recomputed"))
 @pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
 def test_gradients_match_finite_differences(mode, with_saved, ndim, channel_axis):
     layout, x, dy, gamma, beta = make_case(shape_for(ndim, channel_axis), mode, channel_axis, seed=ndim)
@@ -97,7 +99,8 @@ def _chain_rule_backward(x, dy, gamma, layout):
     var = ((xg - mu) ** 2).sum(axis=1, keepdims=True) / m
     dxhat = dyg * g
     dvar = np.sum(dxhat * (xg - mu), axis=1, keepdims=True) * -0.5 * (var + EPS) ** -1.5
-    dmean = np.sum(-dxhat / np.sqrt(var + EPS), axis=1, keepdims=True) + dvar * np.sum(-2 * (xg - mu), axis=1, keepdims=True) / m
+    dmean = (np.sum(-dxhat / np.sqrt(var + EPS), axis=1, keepdims=True)
+             + dvar * np.sum(-2 * (xg - mu), axis=1, keepdims=True) / m)
     dx = dxhat / np.sqrt(var + EPS) + dvar * 2 * (xg - mu) / m + dmean / m
     xhat = (xg - mu) / np.sqrt(var + EPS)
     return dx, (dyg * xhat).sum(axis=1), dyg.sum(axis=1)
@@ -144,18 +147,22 @@ def test_backward_matches_independent_derivations(derivation, mode, ndim, channe
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
 def test_forward_invariants(mode, ndim, channel_axis):
-    layout, x, dy, _, _ = make_case(shape_for(ndim, channel_axis, batch=5), mode, channel_axis, seed=3, offset=3.0, scale=2.0)
+    layout, x, dy, _, _ = make_case(shape_for(ndim, channel_axis, batch=5), mode, channel_axis, seed=3, offset=3.0,
+                                    scale=2.0)
     ones, zeros = np.ones(layout.param_shape), np.zeros(layout.param_shape)
     y, saved = reference.forward_training(x, ones, zeros, mode=mode, eps=EPS, channel_axis=channel_axis)
     biased_var = x.var(axis=layout.reduce_axes).reshape(layout.param_shape)
     np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=FLOAT64_ROUNDING)
-    np.testing.assert_allclose(y.var(axis=layout.reduce_axes).reshape(layout.param_shape), biased_var / (biased_var + EPS), rtol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(y.var(axis=layout.reduce_axes).reshape(layout.param_shape),
+                               biased_var / (biased_var + EPS), rtol=FLOAT64_ROUNDING)
     np.testing.assert_allclose(saved.inv_std, 1.0 / np.sqrt(biased_var + EPS), rtol=FLOAT64_ROUNDING)
-    np.testing.assert_allclose(saved.mean, x.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(saved.mean, x.mean(axis=layout.reduce_axes).reshape(layout.param_shape),
+                               rtol=FLOAT64_ROUNDING)
     assert saved.mode is mode and saved.eps == EPS and saved.channel_axis == (-1 if layout.channels_last else 1)
     dx, dgamma, dbeta = reference.backward(x, dy, ones, saved)
     np.testing.assert_allclose(dx.sum(axis=layout.reduce_axes), 0.0, atol=DERIVATION_TOLERANCE)
-    np.testing.assert_allclose(dbeta, dy.sum(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(dbeta, dy.sum(axis=layout.reduce_axes).reshape(layout.param_shape),
+                               rtol=FLOAT64_ROUNDING)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -170,11 +177,14 @@ def test_running_statistics_follow_the_recurrence(mode, ndim, channel_axis, runn
     momentum = 0.3
     for step in range(4):
         _, x, _, gamma, beta = make_case(shape, mode, channel_axis, seed=100 + step, offset=step)
-        reference.forward_training(x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, channel_axis=channel_axis)
+        reference.forward_training(x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum,
+                                   channel_axis=channel_axis)
         batch_mean = x.mean(axis=layout.reduce_axes).reshape(layout.param_shape)
         unbiased = x.var(axis=layout.reduce_axes, ddof=1).reshape(layout.param_shape)
-        expected_mean = ((1 - momentum) * expected_mean + momentum * batch_mean).astype(running_dtype).astype(np.float64)
-        expected_var = ((1 - momentum) * expected_var + momentum * unbiased).astype(running_dtype).astype(np.float64)
+        # each step rounds to the running statistics' dtype, as the reference stores them
+        expected_mean = ((1 - momentum) * expected_mean + momentum * batch_mean).astype(running_dtype)
+        expected_var = ((1 - momentum) * expected_var + momentum * unbiased).astype(running_dtype)
+        expected_mean, expected_var = expected_mean.astype(np.float64), expected_var.astype(np.float64)
     assert running_mean.dtype == running_dtype
     np.testing.assert_allclose(running_mean, expected_mean, rtol=FLOAT64_ROUNDING, atol=0)
     np.testing.assert_allclose(running_var, expected_var, rtol=FLOAT64_ROUNDING, atol=0)
@@ -186,7 +196,8 @@ def test_inference_with_batch_statistics_equals_training(mode, ndim, channel_axi
     layout, x, _, gamma, beta = make_case(shape_for(ndim, channel_axis), mode, channel_axis, seed=11)
     y_train, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
     biased_var = x.var(axis=layout.reduce_axes).reshape(layout.param_shape)
-    y_infer = reference.forward_inference(x, gamma, beta, saved.mean, biased_var, mode=mode, eps=EPS, channel_axis=channel_axis)
+    y_infer = reference.forward_inference(x, gamma, beta, saved.mean, biased_var, mode=mode, eps=EPS,
+                                          channel_axis=channel_axis)
     np.testing.assert_allclose(y_infer, y_train, rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
     scale, shift = reference.fold_inference(gamma, beta, saved.mean, biased_var, EPS)
     folded = x * scale.reshape(layout.broadcast_shape) + shift.reshape(layout.broadcast_shape)
@@ -244,9 +255,11 @@ def _results(x, dy, gamma, beta, mode, channel_axis, saved_for_backward=None):
     """Every array the reference returns for one forward, inference and backward (the backward
     from ``saved_for_backward`` where given, else from this forward's statistics)."""
     y, saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
-    y_infer = reference.forward_inference(x, gamma, beta, saved.mean, 1.0 / saved.inv_std**2, mode=mode, eps=0.0, channel_axis=channel_axis)
+    y_infer = reference.forward_inference(x, gamma, beta, saved.mean, 1.0 / saved.inv_std**2, mode=mode, eps=0.0,
+                                          channel_axis=channel_axis)
     dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved_for_backward or saved)
-    return {"y": y, "mean": saved.mean, "inv_std": saved.inv_std, "y_infer": y_infer, "dx": dx, "dgamma": dgamma, "dbeta": dbeta}
+    return {"y": y, "mean": saved.mean, "inv_std": saved.inv_std, "y_infer": y_infer, "dx": dx, "dgamma": dgamma,
+            "dbeta": dbeta}
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -286,8 +299,10 @@ _BLOCKINGS = [(1, 1 / 8), (5, 1 / 8), (7, 0.0), (40, 1 / 8), (40, 0.0), (130, 1 
 @pytest.mark.parametrize("block_elements,fraction", _BLOCKINGS)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("shape,channel_axis", [((6, 3, 5, 6), 1), ((6, 5, 6, 3), -1), ((7, 4), 1)])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])  # float16 also takes the bit-pattern conversions, in every block shape
-def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, block_elements, fraction, mode, shape, channel_axis, dtype):
+# float16 also takes the bit-pattern conversions, in every block shape
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, block_elements, fraction, mode, shape,
+                                                                 channel_axis, dtype):
     monkeypatch.setattr(reference, "_MAX_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(reference, "_MIN_BLOCK_ELEMENTS", block_elements)
     monkeypatch.setattr(reference, "_TEMPORARY_FRACTION_OF_X", fraction)
@@ -295,7 +310,8 @@ def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, bl
     narrow = _results(x, dy, gamma, beta, mode, channel_axis)
     _, narrow_saved = reference.forward_training(x, gamma, beta, mode=mode, eps=EPS, channel_axis=channel_axis)
     # the float64 backward gets the same (rounded) saved statistics as the float32 one
-    rounded = dataclasses.replace(narrow_saved, mean=narrow_saved.mean.astype(np.float64), inv_std=narrow_saved.inv_std.astype(np.float64))
+    rounded = dataclasses.replace(narrow_saved, mean=narrow_saved.mean.astype(np.float64),
+                                  inv_std=narrow_saved.inv_std.astype(np.float64))
     wide = _results(*(a.astype(np.float64) for a in (x, dy, gamma, beta)), mode, channel_axis, rounded)
     # float32 results are the float64 results rounded, whatever the blocks
     for name in ("y", "mean", "inv_std", "dgamma", "dbeta", "dx"):
@@ -304,10 +320,14 @@ def test_blocking_keeps_float64_exactness_and_dtype_independence(monkeypatch, bl
     x64, dy64, gamma64 = x.astype(np.float64), dy.astype(np.float64), gamma.astype(np.float64)
     exact = _results(x64, dy64, gamma64, beta.astype(np.float64), mode, channel_axis)
     expected_dx, expected_dgamma, expected_dbeta = _compact_backward(x64, dy64, gamma64, layout)
-    np.testing.assert_allclose(_groups(exact["dx"], layout), expected_dx, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
-    np.testing.assert_allclose(exact["dgamma"].reshape(-1), expected_dgamma, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
-    np.testing.assert_allclose(exact["dbeta"].reshape(-1), expected_dbeta, rtol=DERIVATION_TOLERANCE, atol=FLOAT64_ROUNDING)
-    np.testing.assert_allclose(exact["mean"], x64.mean(axis=layout.reduce_axes).reshape(layout.param_shape), rtol=SAME_ARITHMETIC)
+    np.testing.assert_allclose(_groups(exact["dx"], layout), expected_dx, rtol=DERIVATION_TOLERANCE,
+                               atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(exact["dgamma"].reshape(-1), expected_dgamma, rtol=DERIVATION_TOLERANCE,
+                               atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(exact["dbeta"].reshape(-1), expected_dbeta, rtol=DERIVATION_TOLERANCE,
+                               atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(exact["mean"], x64.mean(axis=layout.reduce_axes).reshape(layout.param_shape),
+                               rtol=SAME_ARITHMETIC)
     biased_var = x64.var(axis=layout.reduce_axes).reshape(layout.param_shape)
     np.testing.assert_allclose(exact["inv_std"], 1.0 / np.sqrt(biased_var + EPS), rtol=FLOAT64_ROUNDING)
 
@@ -318,7 +338,8 @@ def test_low_precision_inference_is_the_float64_result_rounded_or_within_a_few_u
     """float16 inference is the float64 result rounded; float32 runs in float32 with a two-part
     mean: within 4 ulps of the float64 result even when x sits far from zero and close to its mean
     (where a folded scale * x + shift loses thousands of ulps)."""
-    layout, x, _, gamma, beta = make_case((8, 6, 5, 5), Mode.SPATIAL, 1, dtype=dtype, seed=21, offset=offset, scale=scale)
+    layout, x, _, gamma, beta = make_case((8, 6, 5, 5), Mode.SPATIAL, 1, dtype=dtype, seed=21, offset=offset,
+                                          scale=scale)
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=layout.reduce_axes) + 1e-3 * scale  # float64 statistics that float32 cannot hold
     var = x64.var(axis=layout.reduce_axes)
@@ -331,7 +352,8 @@ def test_low_precision_inference_is_the_float64_result_rounded_or_within_a_few_u
     # ulps of float32 at the size of the terms that are added
     shift = beta.reshape(layout.broadcast_shape).astype(np.float64)
     magnitude = (np.abs(exact - shift) + np.abs(shift)).astype(dtype)
-    np.testing.assert_array_less(np.abs(y.astype(np.float64) - exact), 4 * np.spacing(magnitude).astype(np.float64) + 1e-30)
+    np.testing.assert_array_less(np.abs(y.astype(np.float64) - exact),
+                                 4 * np.spacing(magnitude).astype(np.float64) + 1e-30)
 
 
 def test_fold_inference_defaults_to_the_same_eps_as_the_other_calls():
@@ -359,7 +381,8 @@ def test_blocks_that_end_part_way_along_the_inner_axis(shape):
     x = np.random.default_rng(0).standard_normal(shape) * 3 + 5
     gamma, beta = np.linspace(0.5, 1.5, shape[1]), np.linspace(-1, 1, shape[1])
     y, saved = reference.forward_training(x, gamma, beta, eps=1e-3)
-    np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
+    np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=FLOAT64_ROUNDING,
+                               atol=FLOAT64_ROUNDING)
     y = reference.forward_inference(x, gamma, beta, saved.mean, 1 / saved.inv_std**2 - 1e-3, eps=1e-3)
     np.testing.assert_allclose(y, _float64_batch_norm(x, gamma, beta, 1e-3), rtol=RECOVERED_VARIANCE_TOLERANCE,
                                atol=RECOVERED_VARIANCE_TOLERANCE)
@@ -367,7 +390,8 @@ def test_blocks_that_end_part_way_along_the_inner_axis(shape):
     dx, dgamma, dbeta = reference.backward(x, dy, gamma, saved)
     np.testing.assert_allclose(dbeta, dy.sum(axis=(0, 2)), rtol=FLOAT64_ROUNDING)
     x_hat = (x - saved.mean[None, :, None]) * saved.inv_std[None, :, None]
-    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=(0, 2)), rtol=DERIVATION_TOLERANCE, atol=DERIVATION_TOLERANCE)
+    np.testing.assert_allclose(dgamma, (dy * x_hat).sum(axis=(0, 2)), rtol=DERIVATION_TOLERANCE,
+                               atol=DERIVATION_TOLERANCE)
     assert dx.shape == shape and np.isfinite(dx).all()
 
 
@@ -400,7 +424,9 @@ def test_cupy_arrays_are_refused_with_the_references_message(monkeypatch):
     monkeypatch.setitem(arrays._KIND_OF_TYPE, _PosingAsCupy, "cupy")
     device = lambda a: np.asarray(a, np.float32).view(_PosingAsCupy)  # noqa: E731
     x, ones, zeros = device(np.ones((2, 3))), device(np.ones(3)), device(np.zeros(3))
-    with pytest.raises(TypeError, match=r"^cudnn_bn\.reference: expected numpy arrays; use cudnn_bn\.forward_training etc\. for cupy arrays$"):
+    with pytest.raises(TypeError,
+                       match=r"^cudnn_bn\.reference: expected numpy arrays; "
+                             r"use cudnn_bn\.forward_training etc\. for cupy arrays$"):
         reference.forward_inference(x, ones, zeros, zeros, ones)
 
 

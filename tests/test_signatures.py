@@ -93,7 +93,8 @@ def test_backward_checks_again_when_the_saved_statistics_gain_a_reserve(unsettle
     _, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
     cudnn_bn.backward(x, dy, gamma, saved)
     with pytest.raises((TypeError, ValueError), match="reserve_space"):
-        cudnn_bn.backward(x, dy, gamma, dataclasses.replace(saved, reserve_space=on_device(np.ones((2, 2), np.uint8))[0]))
+        cudnn_bn.backward(x, dy, gamma,
+                          dataclasses.replace(saved, reserve_space=on_device(np.ones((2, 2), np.uint8))[0]))
 
 
 # ---- the signature keys the types of what it is given ----
@@ -245,7 +246,8 @@ def test_a_settled_signature_skips_the_full_checks_on_its_next_call(unsettled_gp
     full_checks = []
     for name in ("check_forward_inference", "check_forward_training", "check_backward"):
         original = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _original=original, _name=name, **k: full_checks.append(_name) or _original(*a, **k))
+        monkeypatch.setattr(ops, name, lambda *a, _original=original, _name=name, **k: full_checks.append(_name)
+                            or _original(*a, **k))
     x, dy, gamma, beta = on_device(*backward_args())
     mean, var = on_device(np.zeros(3, np.float32), np.ones(3, np.float32))
     for _ in range(3):
@@ -273,7 +275,8 @@ def test_a_cached_training_call_still_refuses_a_running_statistic_overlapping_an
     cudnn_bn.forward_training(*on_device(*training_args()), mode="spatial")  # the signature is now cached
     arrays = on_device(*training_args())
     arrays[written] = arrays[other].reshape(-1)[:3]  # a view into the other argument's memory
-    with pytest.raises(ValueError, match=rf"^{names[written]}: expected memory of its own .* overlaps {names[other]}'s"):
+    with pytest.raises(ValueError,
+                       match=rf"^{names[written]}: expected memory of its own .* overlaps {names[other]}'s"):
         cudnn_bn.forward_training(*arrays, mode="spatial")
 
 
@@ -296,8 +299,10 @@ _ADJACENT_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("order", _ADJACENT_LAYOUTS, ids=["-".join(n.removeprefix("running_") for n in o) for o in _ADJACENT_LAYOUTS])
-def test_a_cached_training_call_accepts_adjacent_arrays_without_the_exact_overlap_check(unsettled_gpu, monkeypatch, order):
+@pytest.mark.parametrize("order", _ADJACENT_LAYOUTS,
+                         ids=["-".join(n.removeprefix("running_") for n in o) for o in _ADJACENT_LAYOUTS])
+def test_a_cached_training_call_accepts_adjacent_arrays_without_the_exact_overlap_check(unsettled_gpu, monkeypatch,
+                                                                                        order):
     names = ["x", "gamma", "beta", "running_mean", "running_var"]
     args = training_args()
     x, gamma, beta, mean, var = settled_training()
@@ -343,8 +348,10 @@ def _reversed(array, axis=0):
     return np.flip(device, axis)
 
 
-@pytest.mark.parametrize("reversed_name,written", [("x", 3), ("gamma", 4), ("beta", 3), ("running_mean", 4), ("running_var", 3)])
-def test_a_cached_training_call_sees_an_overlap_below_a_reversed_arrays_first_element(unsettled_gpu, reversed_name, written):
+@pytest.mark.parametrize("reversed_name,written",
+                         [("x", 3), ("gamma", 4), ("beta", 3), ("running_mean", 4), ("running_var", 3)])
+def test_a_cached_training_call_sees_an_overlap_below_a_reversed_arrays_first_element(unsettled_gpu, reversed_name,
+                                                                                      written):
     # a reversed view's first element is its highest address: the overlap sits below it
     names = ["x", "gamma", "beta", "running_mean", "running_var"]
     position = names.index(reversed_name)
