@@ -1,6 +1,6 @@
 """Arguments of the cuDNN path's calls on the simulated GPU (tests/fake_cudnn.py), shared by the
-tests of ops, signatures and launch: one small float32 SPATIAL case per call, the Ex path's case,
-and the running statistics the reference computes from them."""
+tests of ops, signatures, launch and plans: copies of host arrays on the device, one small float32
+SPATIAL case per call, the Ex path's case, and the running statistics the reference computes."""
 
 from __future__ import annotations
 
