@@ -11,15 +11,16 @@
 # --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
 # for trying a new test before committing it. One mutant at a time (--max-children 1); the whole
 # run is bounded by --timeout (default 1800 s). With --survivors the last run's copy is kept, the
-# last commit's tests/test_MODULE_mutants.py joins it, and only the mutants that survived (or had no
-# test) are run again: the quick check of a new test. Needs mutmut (pip install -e ".[dev]"); where
-# it lives elsewhere, MUTMUT names its command and PYTHON a Python importing the project and mutmut.
+# module's own test file (the first listed for it below) is taken from the last commit, and only the
+# mutants that survived (or had no test) are run again: the quick check of a new test. Needs mutmut
+# (pip install -e ".[dev]"); where it lives elsewhere, MUTMUT names its command and PYTHON a Python
+# importing the project and mutmut.
 #
 # Output: the score line, the commit, and every surviving mutant's diff in
 # .mutation/MODULE/survivors.txt.
 set -euo pipefail
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 
 [ $# -ge 1 ] || usage
 module=$1; shift
@@ -36,19 +37,19 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-# module -> (source file, the test files that exercise it). A module's own mutant-killing tests live
-# in tests/test_MODULE_mutants.py and are added when present.
+# module -> (source file, the test files that exercise it). The first is the module's own, where
+# the tests written to kill its survivors go: --survivors takes it from the last commit.
 case $module in
-    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_cupy_path test_cudnn_safety test_compat test_interop test_api test_fused_ops" ;;
-    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_ops_mutants test_cupy_path test_cudnn_safety test_compat test_fused test_fused_ops" ;;
-    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_ops_mutants test_cupy_path test_cudnn_safety test_api test_fused_ops" ;;
-    plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_cudnn_safety test_cupy_path test_descriptors" ;;
-    limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_cudnn_safety test_cupy_path" ;;
-    validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_api test_layer test_compat test_cupy_path test_adversarial" ;;
-    arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_arrays test_validation test_validate_mutants test_api test_compat test_cupy_path test_adversarial" ;;
-    scalars)     source=cudnn_bn/_core/scalars.py;      tests="test_validation test_validate_mutants test_api test_layer test_compat" ;;
-    layout)      source=cudnn_bn/_core/layout.py;       tests="test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
-    handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_cudnn_safety test_cupy_path test_raw" ;;
+    ops)         source=cudnn_bn/_cudnn/ops.py;         tests="test_ops test_signatures test_launch test_cupy_path test_cudnn_safety test_compat test_interop test_api test_fused_ops" ;;
+    launch)      source=cudnn_bn/_cudnn/launch.py;      tests="test_launch test_ops test_signatures test_cupy_path test_cudnn_safety test_compat test_fused test_fused_ops" ;;
+    signatures)  source=cudnn_bn/_cudnn/signatures.py;  tests="test_signatures test_ops test_launch test_cupy_path test_cudnn_safety test_api test_fused_ops" ;;
+    plans)       source=cudnn_bn/_cudnn/plans.py;       tests="test_plans test_cudnn_safety test_cupy_path test_descriptors" ;;
+    limits)      source=cudnn_bn/_cudnn/limits.py;      tests="test_limits test_cudnn_safety test_cupy_path" ;;
+    validate)    source=cudnn_bn/_core/validate.py;     tests="test_validation test_arrays test_api test_layer test_compat test_cupy_path test_adversarial" ;;
+    arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_arrays test_validation test_api test_compat test_cupy_path test_adversarial" ;;
+    scalars)     source=cudnn_bn/_core/scalars.py;      tests="test_validation test_api test_layer test_compat" ;;
+    layout)      source=cudnn_bn/_core/layout.py;       tests="test_layout test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
+    handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_handles_mutants test_cudnn_safety test_cupy_path test_raw" ;;
     policy)      source=cudnn_bn/_core/policy.py;       tests="test_policy test_cupy_path test_layer" ;;
     descriptors) source=cudnn_bn/_cudnn/descriptors.py; tests="test_descriptors test_cudnn_safety test_cupy_path test_raw" ;;
     layer)       source=cudnn_bn/layer.py;              tests="test_layer test_layer_fused test_api test_cudnn_safety" ;;
@@ -63,7 +64,8 @@ python=${PYTHON:-python}
 
 if [ $survivors_only = 1 ]; then
     [ -f "$work/results.txt" ] || { echo "--survivors needs an earlier run of $module"; exit 2; }
-    git -C "$root" archive HEAD "tests/test_${module}_mutants.py" | tar -xf - -C "$work"
+    own=${tests%% *}
+    git -C "$root" archive HEAD "tests/$own.py" | tar -xf - -C "$work"
     rerun=$(grep -E ': (survived|no tests)$' "$work/results.txt" | sed 's/^ *//; s/:.*//' || true)
     [ -n "$rerun" ] || { echo "no survivors to run again"; exit 0; }
     # a changed test selection makes mutmut forget every result: the earlier verdicts stand for the
@@ -79,7 +81,7 @@ merged = {name: before.get(name, status) if status == "not checked" else status 
 open("results.before.txt", "w").write("".join(f"    {name}: {status}\n" for name, status in merged.items()))
 EOF
     )
-    echo "$(head -1 "$work/.commit" | sed 's/, test_.* at .*//'), test_${module}_mutants.py at $(git -C "$root" rev-parse --short HEAD)" > "$work/.commit"
+    echo "$(head -1 "$work/.commit" | sed 's/, test_.* at .*//'), $own.py at $(git -C "$root" rev-parse --short HEAD)" > "$work/.commit"
 else
     rm -rf "$work"
     mkdir -p "$work"
@@ -97,7 +99,7 @@ commit=$(cat "$work/.commit")
 # Narrow [tool.mutmut] of the copy's pyproject.toml to this module and its tests; everything else in
 # the section (deselections, pytest options) stays as configured.
 selected=""
-for name in $tests "test_${module}_mutants"; do
+for name in $tests; do
     [ -f "$work/tests/$name.py" ] && selected="$selected tests/$name.py"
 done
 (cd "$work" && SOURCE=$source SELECTED=$selected "$python" - <<'EOF'

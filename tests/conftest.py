@@ -36,6 +36,15 @@ MODES = list(Mode)
 LAYOUTS = [(2, 1), (3, 1), (3, -1), (4, 1), (4, -1), (5, 1), (5, -1)]  # (ndim, channel_axis)
 DTYPES = [np.float16, np.float32, np.float64]
 
+# Bounds for results that are not cuDNN's (cuDNN's are held to the per-dtype tolerances of
+# cudnn_bn/_core/tolerances.py): the same value computed two ways on the host.
+# float64 against float64 computed another way (a closed form, another order of the same sums,
+# torch's autograd): a few ulps over the thousands of terms these tests sum.
+FLOAT64_ROUNDING = 1e-12
+# float32 results of float64 arithmetic rounded once to float32 (the reference's, the layer's on
+# numpy), against the same value reached another way: a few float32 ulps (2**-23 is 1.2e-7).
+FLOAT32_ROUNDING = 1e-6
+
 REQUIRE_GPU_VARIABLE = "CUDNN_BN_REQUIRE_GPU"
 SIMULATED_GPU_VARIABLE = "CUDNN_BN_SIMULATED_GPU"
 SERIAL_MARKER = "gpu_serial"
@@ -45,15 +54,19 @@ SERIAL_MARKER = "gpu_serial"
 NEEDS_A_GPU = {
     "tests/test_interop.py::test_torch_cuda_tensors_run_zero_copy": "torch CUDA tensors",
     "tests/test_interop.py::test_torch_tensors_that_require_grad_are_refused_and_detach_works": "torch CUDA tensors",
-    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it": "torch CUDA tensors and streams",
+    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it":
+        "torch CUDA tensors and streams",
     "tests/test_interop.py::test_torch_cpu_tensors_are_type_errors": "torch with CUDA",
     "tests/test_distributed.py::test_nccl_group_of_one_matches_the_reference": "NCCL through cupyx.distributed",
-    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it": "a CUDA kernel compiled by NVRTC (cupy.RawKernel)",
+    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it":
+        "a CUDA kernel compiled by NVRTC (cupy.RawKernel)",
 }
 # `gpu` tests that run alone, not beside parallel workers: node id (without parameters) -> why
 GPU_SERIAL = {
-    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it": "a 20 ms busy kernel orders the streams",
-    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it": "torch's busy kernel orders the streams",
+    "tests/test_gpu_parity.py::test_input_written_on_a_non_blocking_stream_just_before_the_call_is_read_after_it":
+        "a 20 ms busy kernel orders the streams",
+    "tests/test_interop.py::test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it":
+        "torch's busy kernel orders the streams",
     "tests/test_gpu_parity.py::test_thread_stress_on_random_shapes_matches_the_reference": "16 threads load every core",
 }
 
@@ -209,6 +222,35 @@ def fresh_simulated_gpu(monkeypatch, cudnn_library):
         yield simulator
 
 
+@contextlib.contextmanager
+def _simulated_gpu_with_nothing_settled(monkeypatch, devices):
+    from cudnn_bn._cudnn import launch, signatures
+    from fake_cudnn import simulated_gpu
+
+    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
+    monkeypatch.setattr(launch, "WORKSPACES", {})
+    signatures.SETTLED.clear()
+    with simulated_gpu(monkeypatch, devices=devices) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def unsettled_gpu(monkeypatch, cudnn_library):
+    """The simulated GPU with no settled call signature, no Ex workspace and no shown fallback
+    warning left by an earlier test. Each test settles its own signatures: mutation runs pick, for
+    each mutant, the tests that reached the mutated code, and a signature settled by an earlier
+    test would hide the settling."""
+    with _simulated_gpu_with_nothing_settled(monkeypatch, 1) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def unsettled_two_gpus(monkeypatch, cudnn_library):
+    """unsettled_gpu with two devices."""
+    with _simulated_gpu_with_nothing_settled(monkeypatch, 2) as simulator:
+        yield simulator
+
+
 @pytest.fixture(scope="session")
 def cudnn_library():
     """The real libcudnn from the nvidia-cudnn wheel. CI installs it, so there a missing library
@@ -227,6 +269,7 @@ def cudnn_library():
 def cudnn_headers(cudnn_library):
     """Text of cudnn_graph.h and cudnn_ops.h as installed beside the library."""
     from cuda import pathfinder
+
     from header_check import HEADERS
 
     directory = pathfinder.find_nvidia_header_directory("cudnn")
@@ -287,7 +330,8 @@ def simulated_gpu_with_interop(monkeypatch, cudnn_library):
             log.append(("asarray", kernels_called()))
             dtype = np.dtype(interface["typestr"])
             shape = tuple(interface["shape"])
-            strides = interface["strides"] or tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize for i in range(len(shape)))
+            strides = interface["strides"] or tuple(int(np.prod(shape[i + 1:])) * dtype.itemsize
+                                                    for i in range(len(shape)))
             extent = dtype.itemsize + sum((n - 1) * s for n, s in zip(shape, strides))
             buffer = (ctypes.c_char * extent).from_address(interface["data"][0])
             flat = np.frombuffer(buffer, dtype=np.uint8)

@@ -10,12 +10,12 @@ import threading
 
 import numpy as np
 
+from conftest import FLOAT64_ROUNDING
 from cudnn_bn import distributed as dist
 from cudnn_bn import reference
 from cudnn_bn._core.tolerances import assert_close
 
 GROUP_TIMEOUT = 10.0  # seconds a collective of the in-process tests waits; they finish far sooner
-FLOAT64_ROUNDING = 1e-12  # float64 results: the merge and the per-rank sums reorder additions
 
 # the values the group shares: bit-identical on every rank
 SHARED = ("mean", "inv_std", "running_mean", "running_var", "dgamma", "dbeta")
@@ -27,8 +27,8 @@ def shards(array, sizes):
 
 
 def close(actual, expected, dtype, *, what, scale=1.0, float64_tolerance=FLOAT64_ROUNDING):
-    """float64: to float64 rounding (relative to the values' scale); narrower dtypes: the
-    package's tolerance for that dtype."""
+    """float64: to float64 rounding (relative to the values' scale: the merge and the per-rank sums
+    reorder additions); narrower dtypes: the package's tolerance for that dtype."""
     if np.dtype(dtype) == np.float64:
         tolerance = float64_tolerance
         np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=tolerance,

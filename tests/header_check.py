@@ -120,9 +120,11 @@ def conformance_problems(prototypes_table: dict, header_texts) -> list[str]:
             continue
         expected = c_kind(c_return, enum_types, pointer_types)
         if ctypes_kind(restype) != expected:
-            problems.append(f"{name}: returns {ctypes_kind(restype)} in the table, {expected} ({c_return}) in the header")
+            problems.append(f"{name}: returns {ctypes_kind(restype)} in the table, "
+                            f"{expected} ({c_return}) in the header")
         for index, (ctype, c_param) in enumerate(zip(argtypes, c_params)):
             expected = c_kind(c_param, enum_types, pointer_types)
             if ctypes_kind(ctype) != expected:
-                problems.append(f"{name}: parameter {index} is {ctypes_kind(ctype)} in the table, {expected} ({c_param}) in the header")
+                problems.append(f"{name}: parameter {index} is {ctypes_kind(ctype)} in the table, "
+                                f"{expected} ({c_param}) in the header")
     return problems

@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+from conftest import make_case, shape_for  # noqa: E402
 from cudnn_bn import BatchNorm, Mode  # noqa: E402
 from cudnn_bn import distributed as dist  # noqa: E402
-from conftest import make_case, shape_for  # noqa: E402
 from group_checks import check_rank, close, digest, rank_outputs, reference_outputs, shards  # noqa: E402
 
 DYING_EXIT_STATUS = 3  # what the rank of the "dies" scenario exits with
@@ -400,9 +400,8 @@ def device(group, report: Report) -> None:
     except Exception as error:
         report.entry["skipped"] = f"libcudnn not installed ({type(error).__name__}): the simulated GPU needs it"
         return
-    from fake_cudnn import FakeArray, simulated_gpu
-
     from cudnn_bn.distributed import calls
+    from fake_cudnn import FakeArray, simulated_gpu
 
     def on_device(array):
         return np.array(array, copy=True).view(FakeArray)

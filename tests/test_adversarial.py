@@ -142,10 +142,11 @@ def _scalars(*values):
 
 
 HUGE = 10**400
-BAD_EPS_TRAINING = _scalars("1e-5", b"1e-5", None, [1e-5], np.array(1e-5), True, np.bool_(True), float("nan"), float("inf"),
-                            -float("inf"), -1.0, 0.0, 0, 1e-300, HUGE, -HUGE, 1e-5j)
+BAD_EPS_TRAINING = _scalars("1e-5", b"1e-5", None, [1e-5], np.array(1e-5), True, np.bool_(True), float("nan"),
+                            float("inf"), -float("inf"), -1.0, 0.0, 0, 1e-300, HUGE, -HUGE, 1e-5j)
 BAD_EPS_INFERENCE = {k: v for k, v in BAD_EPS_TRAINING.items() if k not in ("0.0", "0", "1e-300")}
-BAD_MOMENTUM = _scalars("0.1", None, True, [0.1], np.array(0.1), float("nan"), float("inf"), -0.1, 1.5, HUGE, -HUGE, 0.1j)
+BAD_MOMENTUM = _scalars("0.1", None, True, [0.1], np.array(0.1), float("nan"), float("inf"), -0.1, 1.5, HUGE, -HUGE,
+                        0.1j)
 BAD_CHANNEL_AXIS = _scalars(None, 1.0, "1", True, np.bool_(True), np.float64(1.0), [1], 2, 7, -5, HUGE)
 BAD_MODE = _scalars("bogus", "", 7, -1, 2.5, True, None, [], "spatial persistent")
 BAD_ON_OVERFLOW = _scalars("maybe", "", 5, [], 1.5, True)
@@ -194,11 +195,16 @@ def _backward_arrays(arrays):
 
 # (label, call, numpy only, prepare arrays, bad arrays per name, bad scalars per name)
 CALLS = [
-    ("forward_training", _train, False, dict, {"x": BAD_X, "gamma": BAD_PARAM, "beta": BAD_PARAM, "running_mean": BAD_RUNNING, "running_var": BAD_RUNNING},
-     {"eps": BAD_EPS_TRAINING, "momentum": BAD_MOMENTUM, "channel_axis": BAD_CHANNEL_AXIS, "mode": BAD_MODE, "on_overflow": BAD_ON_OVERFLOW}),
-    ("reference.forward_training", _reference_train, True, dict, {"x": BAD_X, "gamma": BAD_PARAM, "running_var": BAD_RUNNING},
-     {"eps": BAD_EPS_TRAINING, "momentum": BAD_MOMENTUM, "channel_axis": BAD_CHANNEL_AXIS, "mode": {**BAD_MODE, "'auto'": "auto"}}),
-    ("forward_inference", _infer, False, _inference_arrays, {"x": BAD_X, "gamma": BAD_PARAM, "beta": BAD_PARAM, "mean": BAD_PARAM, "var": BAD_PARAM},
+    ("forward_training", _train, False, dict,
+     {"x": BAD_X, "gamma": BAD_PARAM, "beta": BAD_PARAM, "running_mean": BAD_RUNNING, "running_var": BAD_RUNNING},
+     {"eps": BAD_EPS_TRAINING, "momentum": BAD_MOMENTUM, "channel_axis": BAD_CHANNEL_AXIS, "mode": BAD_MODE,
+      "on_overflow": BAD_ON_OVERFLOW}),
+    ("reference.forward_training", _reference_train, True, dict,
+     {"x": BAD_X, "gamma": BAD_PARAM, "running_var": BAD_RUNNING},
+     {"eps": BAD_EPS_TRAINING, "momentum": BAD_MOMENTUM, "channel_axis": BAD_CHANNEL_AXIS,
+      "mode": {**BAD_MODE, "'auto'": "auto"}}),
+    ("forward_inference", _infer, False, _inference_arrays,
+     {"x": BAD_X, "gamma": BAD_PARAM, "beta": BAD_PARAM, "mean": BAD_PARAM, "var": BAD_PARAM},
      {"eps": BAD_EPS_INFERENCE, "channel_axis": BAD_CHANNEL_AXIS, "mode": BAD_MODE}),
     ("reference.forward_inference", _reference_infer, True, _inference_arrays, {"x": BAD_X, "var": BAD_PARAM},
      {"eps": BAD_EPS_INFERENCE, "mode": {**BAD_MODE, "'auto'": "auto"}}),
@@ -209,7 +215,8 @@ CALLS = [
       "on_overflow": BAD_ON_OVERFLOW}),
     ("reference.backward", _reference_backward, True, _backward_arrays, {"x": BAD_X, "dy": BAD_DY},
      {"eps": {"'1e-5'": "1e-5", "0.0": 0.0, "10**400": HUGE}}),
-    ("fold_inference", _fold, False, _inference_arrays, {"gamma": BAD_PARAM, "beta": BAD_PARAM, "mean": BAD_PARAM, "var": BAD_PARAM},
+    ("fold_inference", _fold, False, _inference_arrays,
+     {"gamma": BAD_PARAM, "beta": BAD_PARAM, "mean": BAD_PARAM, "var": BAD_PARAM},
      {"eps": BAD_EPS_INFERENCE}),
 ]
 
@@ -312,7 +319,8 @@ def _bad_saved(saved, place, other):
     }
 
 
-SAVED_CASES = list(_bad_saved(SavedStats(np.zeros(C, np.float32), np.ones(C, np.float32), "spatial", 1e-5, 1), lambda a: a, lambda a: a))
+SAVED_CASES = list(_bad_saved(SavedStats(np.zeros(C, np.float32), np.ones(C, np.float32), "spatial", 1e-5, 1),
+                              lambda a: a, lambda a: a))
 
 
 SAVED_SWEEP = [
@@ -340,7 +348,8 @@ def test_bad_saved_statistics_are_refused_and_nothing_changes(side, label, bad):
     + [("on_overflow", v) for v in ("maybe", 5, 1.5)],
 )
 def test_saved_stats_construction_refuses_bad_settings(field, bad):
-    settings = dict(mean=np.zeros(C, np.float32), inv_std=np.ones(C, np.float32), mode="spatial", eps=1e-5, channel_axis=1)
+    settings = dict(mean=np.zeros(C, np.float32), inv_std=np.ones(C, np.float32), mode="spatial", eps=1e-5,
+                    channel_axis=1)
     settings[field] = bad
     with pytest.raises(TYPED, match=f"^SavedStats.{field}: "):
         SavedStats(**settings)
@@ -350,7 +359,9 @@ def test_saved_stats_construction_refuses_bad_settings(field, bad):
 
 def _layer_snapshot(layer):
     return (
-        _host_bytes({name: getattr(layer, name) for name in ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta") if getattr(layer, name) is not None}),
+        _host_bytes({name: getattr(layer, name)
+                     for name in ("gamma", "beta", "running_mean", "running_var", "grad_gamma", "grad_beta")
+                     if getattr(layer, name) is not None}),
         layer.num_batches_tracked,
         id(layer._kept),
         layer.training,

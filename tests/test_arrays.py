@@ -15,7 +15,7 @@ import pytest
 import cudnn_bn
 from conftest import make_case
 from cudnn_bn import compat, fused
-from cudnn_bn._core.arrays import array_kind, byte_range, check_no_overlap
+from cudnn_bn._core.arrays import array_kind, byte_range, check_no_overlap, uniform_kind
 
 
 class Tagged(np.ndarray):
@@ -216,3 +216,15 @@ def test_a_user_defined_subclass_computes_as_plain_arrays_and_keeps_its_arrays(f
     shared = running[0].copy().view(Tagged)
     with pytest.raises(ValueError, match=r"^running_mean: expected memory of its own .* overlaps running_var's"):
         cudnn_bn.forward_training(tagged[0], tagged[1], tagged[2], shared, shared, mode="spatial")
+
+
+# ---- the kind of arrays of one known type, told without the full check ----
+def test_uniform_kind_tells_the_kind_only_when_every_given_array_has_one_known_type():
+    plain, other = np.ones(3), np.ones(3).view(Tagged)
+    assert uniform_kind((plain, plain), (None, plain)) == "numpy"
+    assert uniform_kind((plain,), (None, None)) == "numpy"  # absent optional arrays are skipped
+    assert uniform_kind((plain, other)) is None  # mixed types: the full check decides
+    assert uniform_kind((plain, plain), (other,)) is None
+    assert uniform_kind((plain, plain), (plain, other)) is None
+    assert uniform_kind((None, None)) is None  # a required None is never a kind
+    assert uniform_kind(([1.0], [1.0])) is None  # a type the checks have not seen

@@ -16,15 +16,27 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import DTYPES, FLOAT32_ROUNDING, FLOAT64_ROUNDING, LAYOUTS, MODES, make_case, shape_for
 from cudnn_bn import Mode, fused, reference
 from cudnn_bn._core.layout import make_layout
 from cudnn_bn._core.tolerances import assert_close
-from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
 from fake_cudnn import FakeArray, simulated_gpu
 from test_fused import _central_differences
 from test_reference import _groups
 
 EPS = 1e-5
+# forward_inference, plain or fused, is affine in x, gamma, beta (and the residual) between ReLU's
+# kinks: central differences are exact up to the loss's float64 rounding over the step, about
+# 1e-16 * |loss| / step (1e-13 * |loss| with a step of 1e-3, 1e-10 * |loss| with one of 1e-6).
+AFFINE_DIFFERENCES_RTOL, AFFINE_DIFFERENCES_ATOL = 1e-8, 1e-9  # a step of 1e-3
+FUSED_DIFFERENCES_RTOL, FUSED_DIFFERENCES_ATOL = 1e-6, 1e-8  # a step of 1e-6
+# the same products and sums reached through another call: the rounding of an operation or two
+SAME_ARITHMETIC_RTOL = 1e-13
+# dgamma from the variance recovered from inv_std (1 / inv_std**2 - eps): inv_std's rounding,
+# amplified by the cancellation in the sum of dy * x_hat
+RECOVERED_VARIANCE_RTOL = 1e-9
+# torch's autograd in float64: the same formulas in another order, gradients of order one
+TORCH_RTOL, TORCH_ATOL = FLOAT64_ROUNDING, FLOAT64_ROUNDING / 10
 
 
 def _statistics(layout, dtype, seed=1, offset=0.0):
@@ -51,10 +63,11 @@ def _closed_form(x, dy, gamma, mean, var, layout, eps=EPS):
     return np.asarray(gamma, np.float64).reshape(-1, 1) / std * dyg, (dyg * x_hat).sum(axis=1), dyg.sum(axis=1)
 
 
-def _check_against_closed_form(results, x, dy, gamma, mean, var, layout, rtol=1e-12, eps=EPS):
+def _check_against_closed_form(results, x, dy, gamma, mean, var, layout, rtol=FLOAT64_ROUNDING, eps=EPS):
     dx, dgamma, dbeta = (np.asarray(host(a), np.float64) for a in results)
     expected_dx, expected_dgamma, expected_dbeta = _closed_form(x, dy, gamma, mean, var, layout, eps)
     np.testing.assert_allclose(_groups(dx, layout), expected_dx, rtol=rtol, atol=rtol)
+    # dgamma and dbeta sum a group, and may cancel to near zero: ten times the absolute allowance
     np.testing.assert_allclose(dgamma.reshape(-1), expected_dgamma, rtol=rtol, atol=rtol * 10)
     np.testing.assert_allclose(dbeta.reshape(-1), expected_dbeta, rtol=rtol, atol=rtol * 10)
 
@@ -75,7 +88,8 @@ def test_gradients_match_finite_differences_of_forward_inference(mode, ndim, cha
                                                     channel_axis=channel_axis)
     for got, array in ((dx, x), (dgamma, gamma), (dbeta, beta)):
         # forward_inference is affine in each of them: central differences are exact up to rounding
-        np.testing.assert_allclose(got, _central_differences(loss, array, step=1e-3), rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(got, _central_differences(loss, array, step=1e-3), rtol=AFFINE_DIFFERENCES_RTOL,
+                                   atol=AFFINE_DIFFERENCES_ATOL)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
@@ -95,10 +109,10 @@ def test_dx_is_the_folded_scale_times_dy_and_the_sums_are_what_backward_sums():
     mean, var = saved.mean, 1.0 / saved.inv_std**2 - EPS
     dx, dgamma, dbeta = cudnn_bn.backward_inference(x, dy, gamma, mean, var, eps=EPS)
     scale, _ = cudnn_bn.fold_inference(gamma, beta, mean, var, eps=EPS)
-    np.testing.assert_allclose(dx, scale.reshape(layout.broadcast_shape) * dy, rtol=1e-13)
+    np.testing.assert_allclose(dx, scale.reshape(layout.broadcast_shape) * dy, rtol=SAME_ARITHMETIC_RTOL)
     _, train_dgamma, train_dbeta = reference.backward(x, dy, gamma, saved)
-    np.testing.assert_allclose(dgamma, train_dgamma, rtol=1e-9)
-    np.testing.assert_allclose(dbeta, train_dbeta, rtol=1e-13)
+    np.testing.assert_allclose(dgamma, train_dgamma, rtol=RECOVERED_VARIANCE_RTOL)
+    np.testing.assert_allclose(dbeta, train_dbeta, rtol=SAME_ARITHMETIC_RTOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -127,7 +141,7 @@ def test_any_memory_order_and_parameters_of_another_float_dtype_give_the_same_re
                 cudnn_bn.backward_inference(x, dy, *wide)):
         for a, b in zip(got, expected):
             assert a.dtype == b.dtype and a.flags.c_contiguous
-            np.testing.assert_allclose(a, b, rtol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=FLOAT32_ROUNDING)
 
 
 def test_auto_resolves_as_forward_inference_and_eps_zero_is_allowed():
@@ -226,7 +240,8 @@ def test_fused_gradients_match_finite_differences_away_from_the_kink(mode, ndim,
                                                             channel_axis=channel_axis)
     arrays = [(dx, x), (dgamma, gamma), (dbeta, beta)] + ([(dresidual, residual)] if residual is not None else [])
     for got, array in arrays:
-        np.testing.assert_allclose(got, _central_differences(loss, array, step), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(got, _central_differences(loss, array, step), rtol=FUSED_DIFFERENCES_RTOL,
+                                   atol=FUSED_DIFFERENCES_ATOL)
     np.testing.assert_array_equal(dresidual, np.where(y > 0, dy, 0.0))
 
 
@@ -310,7 +325,7 @@ def test_matches_torch_autograd_through_eval_mode_batch_norm(where, mode, ndim, 
     got = cudnn_bn.backward_inference(*(where(a) for a in (x, dy, gamma, mean, var)), mode=mode, eps=EPS,
                                       channel_axis=channel_axis)
     for name, a, b in zip(("dx", "dgamma", "dbeta"), got, expected):
-        np.testing.assert_allclose(host(a), b, rtol=1e-12, atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(host(a), b, rtol=TORCH_RTOL, atol=TORCH_ATOL, err_msg=name)
 
 
 @pytest.mark.parametrize("mode,ndim,channel_axis",
@@ -324,7 +339,7 @@ def test_fused_matches_torch_autograd_through_batch_norm_add_relu(where, mode, n
     dx, dresidual, dgamma, dbeta = fused.backward_inference(*(where(a) for a in (x, y, dy, gamma, mean, var)),
                                                             mode=mode, eps=EPS, channel_axis=channel_axis)
     for name, a, b in zip(("dx", "dgamma", "dbeta", "dresidual"), (dx, dgamma, dbeta, dresidual), expected):
-        np.testing.assert_allclose(host(a), b, rtol=1e-12, atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(host(a), b, rtol=TORCH_RTOL, atol=TORCH_ATOL, err_msg=name)
 
 
 # ---- the simulated GPU: the CuPy path ----
@@ -347,6 +362,11 @@ def test_simulated_gpu_matches_the_reference(fresh_simulated_gpu, mode, ndim, ch
     assert not any(call.startswith("cudnnBatchNormalization") for call in fresh_simulated_gpu.calls)  # no cuDNN call
 
 
+# dgamma's error relative to its largest value, between what float32 keeps with x - mean in two parts
+# and what it loses with the mean rounded to float32 alone (2**-12 at x near 3000)
+FLOAT32_DGAMMA_ERROR = 1e-5
+
+
 def test_simulated_gpu_keeps_float32_accuracy_with_a_large_offset(fresh_simulated_gpu):
     """float32 data far from 0 with a float64 mean: x - mean in two float32 parts keeps dgamma at
     float32's accuracy, where the mean rounded to float32 alone would not."""
@@ -358,7 +378,7 @@ def test_simulated_gpu_keeps_float32_accuracy_with_a_large_offset(fresh_simulate
     rounded_mean = mean.astype(np.float32).astype(np.float64)
     centered = x - rounded_mean.reshape(layout.broadcast_shape)
     one_part = (dy.astype(np.float64) * centered).sum(axis=(0, 2, 3)) * inv_std
-    bar = 1e-5 * np.abs(expected).max()
+    bar = FLOAT32_DGAMMA_ERROR * np.abs(expected).max()
     assert np.abs(got - expected).max() < bar < np.abs(one_part - expected).max()
 
 

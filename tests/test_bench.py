@@ -34,10 +34,12 @@ def small_cpu_bench(monkeypatch, cpu_only):
 
 def test_cpu_bench_writes_labelled_json_and_markdown(tmp_path, capsys, small_cpu_bench):
     json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
-    assert _bench.run_bench(json_path=str(json_path), markdown_path=str(markdown_path), quick=True, with_torch=False) == 0
+    assert _bench.run_bench(json_path=str(json_path), markdown_path=str(markdown_path), quick=True,
+                            with_torch=False) == 0
     result = json.loads(json_path.read_text())
     assert result["backend"] == "CPU: NumPy reference (no PyTorch comparison)"
-    assert {"date", "device", "cpu", "cpus_available", "cudnn", "cupy", "torch", "cuda_driver"} <= set(result["environment"])
+    assert {"date", "device", "cpu", "cpus_available", "cudnn", "cupy", "torch",
+            "cuda_driver"} <= set(result["environment"])
     assert result["environment"]["cpus_available"] >= 1 and result["threads"]["reference"] == 1
     # the copy runs on a buffer past the last-level cache, and no GPU traffic model is applied
     assert result["copy"]["copy_buffer_bytes"] >= max(4 * (1 << 20), 64 << 20) and result["copy_gbps"] > 0
@@ -76,7 +78,8 @@ def test_cpu_rows_compare_with_a_peer_and_record_its_failures(small_cpu_bench, m
         if row["dtype"] == "float16":
             assert row["torch_error"] == "TypeError: no float16 here" and "torch_ms" not in row
         else:
-            assert len(row["samples_ms"]["torch"]["cpu"]) == len(row["samples_ms"]["reference"]["wall"]) == row["repeats"]
+            assert (len(row["samples_ms"]["torch"]["cpu"]) == len(row["samples_ms"]["reference"]["wall"])
+                    == row["repeats"])
             assert row["time_vs_torch"] == pytest.approx(row["median_ms"] / row["torch_ms"])
     assert np.dtype(np.float32) in calls
     result["environment"] = _bench._environment(False)
@@ -142,28 +145,40 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, capsys, small_c
     assert {f["error"] for f in failed} == {"RuntimeError: simulated failure"}
     assert len(result["rows"]) == _QUICK_ROWS - len(failed)
     captured = capsys.readouterr()
-    assert "Failed (the run went on):" in captured.out and "1 row(s)" not in captured.err and "6 row(s) failed" in captured.err
+    assert "Failed (the run went on):" in captured.out
+    assert "1 row(s)" not in captured.err and "6 row(s) failed" in captured.err
 
 
 def test_spatial_and_persistent_spread_is_reported():
     rows = [
-        {"shape": [2, 3], "layout": "NCHW", "dtype": "float32", "mode": "SPATIAL", "operation": "backward", "median_ms": 2.0},
-        {"shape": [2, 3], "layout": "NCHW", "dtype": "float32", "mode": "SPATIAL_PERSISTENT", "operation": "backward", "median_ms": 2.5},
-        {"shape": [2, 3], "layout": "NCHW", "dtype": "float32", "mode": "SPATIAL_PERSISTENT", "operation": "forward_training", "median_ms": 9.0},
+        {"shape": [2, 3], "layout": "NCHW", "dtype": "float32", "mode": "SPATIAL", "operation": "backward",
+         "median_ms": 2.0},
+        {"shape": [2, 3], "layout": "NCHW", "dtype": "float32", "mode": "SPATIAL_PERSISTENT", "operation": "backward",
+         "median_ms": 2.5},
+        {"shape": [2, 3], "layout": "NCHW", "dtype": "float32", "mode": "SPATIAL_PERSISTENT",
+         "operation": "forward_training", "median_ms": 9.0},
     ]
     assert _bench._same_code_spread(rows) == pytest.approx(0.25)
     assert _bench._same_code_spread(rows[:1]) is None
 
 
+# tracemalloc also counts NumPy's array headers and Python's objects: a few hundred bytes, under 0.05
+# of the 32 KiB float64 array these counts are in units of
+ALLOCATION_SLACK = 0.05
+
+
 def test_peak_temporaries_count_what_a_call_allocates_beyond_its_result():
     x = np.ones((64, 64), np.float32)
-    assert _bench.peak_float64_temporaries(lambda: x.astype(np.float64) * 2.0, x) == pytest.approx(1.0, abs=0.05)
-    assert _bench.peak_float64_temporaries(lambda: float((x.astype(np.float64) * 2.0).sum()), x) == pytest.approx(2.0, abs=0.05)
+    one_copy = _bench.peak_float64_temporaries(lambda: x.astype(np.float64) * 2.0, x)
+    two_copies = _bench.peak_float64_temporaries(lambda: float((x.astype(np.float64) * 2.0).sum()), x)
+    assert one_copy == pytest.approx(1.0, abs=ALLOCATION_SLACK)
+    assert two_copies == pytest.approx(2.0, abs=ALLOCATION_SLACK)
 
 
 def test_host_samples_interleave_and_respect_their_bounds():
     order = []
-    samples = _timing.host_samples({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=2, min_repeats=4, min_seconds=0.0)
+    samples = _timing.host_samples({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, warmup=2,
+                                   min_repeats=4, min_seconds=0.0)
     assert order == ["a", "b"] * 6
     assert {name: {clock: len(values) for clock, values in clocks.items()} for name, clocks in samples.items()} == {
         "a": {"wall": 4, "cpu": 4}, "b": {"wall": 4, "cpu": 4}}
@@ -174,7 +189,8 @@ def test_host_samples_interleave_and_respect_their_bounds():
 def test_cpu_time_leaves_out_what_the_thread_spends_waiting():
     import time
 
-    samples = _timing.host_samples({"sleep": lambda: time.sleep(0.02)}, warmup=0, min_repeats=2, min_seconds=0.0)["sleep"]
+    samples = _timing.host_samples({"sleep": lambda: time.sleep(0.02)}, warmup=0, min_repeats=2,
+                                   min_seconds=0.0)["sleep"]
     assert min(samples["wall"]) >= 0.02 and max(samples["cpu"]) < 0.01
     spread = _timing.spread_ms([0.003, 0.001, 0.002])
     assert spread == pytest.approx({"min_ms": 1.0, "median_ms": 2.0, "max_ms": 3.0})
@@ -282,5 +298,6 @@ def test_gpu_bench_records_a_failed_section_and_goes_on(gpu, monkeypatch, tmp_pa
 
 def test_microseconds_per_call_warms_up_once_and_synchronizes_around_the_timed_calls():
     calls, synchronized = [], []
-    value = _timing.microseconds_per_call(lambda: calls.append(len(synchronized)), lambda: synchronized.append(len(calls)), 5)
+    value = _timing.microseconds_per_call(lambda: calls.append(len(synchronized)),
+                                          lambda: synchronized.append(len(calls)), 5)
     assert calls == [0, 1, 1, 1, 1, 1] and synchronized == [1, 6] and value > 0

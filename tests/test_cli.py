@@ -10,14 +10,17 @@ import sys
 import numpy as np
 import pytest
 
+from cudnn_bn._core.tolerances import tolerance
 from cudnn_bn._tools import cli
+
+_, FLOAT32_ATOL = tolerance(np.float32)  # compare's default dtype; its errors are absolute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cudnn_bn", *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ROOT})
+    return subprocess.run([sys.executable, "-m", "cudnn_bn", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
 
 
 def test_info_exits_zero_and_reports(cudnn_library):
@@ -35,7 +38,7 @@ def test_compare_reports_every_mode_and_operation_within_tolerance():
     assert len(rows) == 2 * 3 * 3
     for row in rows:
         error = float(row.split("|")[4])
-        assert error < 1e-4, row
+        assert error < FLOAT32_ATOL, row
     assert "NumPy reference" in result.stdout
 
 
@@ -56,9 +59,10 @@ def test_a_closed_pipe_ends_the_command_quietly_with_the_sigpipe_status(command)
 
 
 def test_compare_into_head_prints_the_first_line_and_no_traceback():
-    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m cudnn_bn compare --reference | head -1; "
-                             "echo \"statuses ${PIPESTATUS[*]}\""],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m cudnn_bn compare --reference "
+                             "| head -1; echo \"statuses ${PIPESTATUS[*]}\""],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ROOT})
     lines = result.stdout.splitlines()
     assert lines[0].startswith("backend: NumPy reference") and len(lines) == 2, result.stdout
     statuses = lines[1].split()[1:]
@@ -119,16 +123,16 @@ def test_compare_records_a_failed_row_and_goes_on(monkeypatch, capsys):
     assert cli.main(["compare", "--reference"]) == 1
     captured = capsys.readouterr()
     failed = [line for line in captured.out.splitlines() if "failed:" in line]
-    assert len(failed) == 2 and all("SPATIAL_PERSISTENT | backward | failed: RuntimeError: simulated failure | - |" in line for line in failed)
+    assert len(failed) == 2 and all("SPATIAL_PERSISTENT | backward | failed: "
+                                    "RuntimeError: simulated failure | - |" in line for line in failed)
     assert len([line for line in captured.out.splitlines() if line.startswith(("| NCHW", "| NHWC"))]) == 2 * 3 * 3
     assert "2 row(s) failed" in captured.err
 
 
 def test_compare_on_the_simulated_gpu_records_a_refused_row(monkeypatch, cudnn_library):
-    from fake_cudnn import simulated_gpu
-
     from cudnn_bn._cudnn import raw
     from cudnn_bn._tools.compare import run_compare
+    from fake_cudnn import simulated_gpu
 
     def refused(*args):
         raw.check_status("cudnnBatchNormalizationForwardInference", raw.Status.NOT_SUPPORTED, "refused by the test")
@@ -139,8 +143,9 @@ def test_compare_on_the_simulated_gpu_records_a_refused_row(monkeypatch, cudnn_l
     assert backend == "cuDNN on CuPy arrays" and len(rows) == 2 * 3 * 3
     failed = [row for row in rows if "error" in row]
     assert {row["operation"] for row in failed} == {"forward_inference"} and len(failed) == 6
-    assert all(row["error"].startswith("CudnnNotSupportedError: cudnnBatchNormalizationForwardInference") for row in failed)
-    assert all(row["max_abs_error"] < 1e-4 for row in rows if "error" not in row)
+    assert all(row["error"].startswith("CudnnNotSupportedError: cudnnBatchNormalizationForwardInference")
+               for row in failed)
+    assert all(row["max_abs_error"] < FLOAT32_ATOL for row in rows if "error" not in row)
 
 
 def test_bench_torch_fails_clearly_where_torch_is_missing(monkeypatch, capsys):

@@ -178,7 +178,8 @@ def test_layout_constants_are_the_prototype_tables_tensor_formats():
 
 def test_constants_match_the_installed_headers(cudnn_headers):
     text = "\n".join(cudnn_headers)
-    for name in ("CUDNN_BATCHNORM_PER_ACTIVATION", "CUDNN_BATCHNORM_SPATIAL", "CUDNN_BATCHNORM_SPATIAL_PERSISTENT", "CUDNN_TENSOR_NCHW", "CUDNN_TENSOR_NHWC"):
+    for name in ("CUDNN_BATCHNORM_PER_ACTIVATION", "CUDNN_BATCHNORM_SPATIAL", "CUDNN_BATCHNORM_SPATIAL_PERSISTENT",
+                 "CUDNN_TENSOR_NCHW", "CUDNN_TENSOR_NHWC"):
         declared = re.search(rf"\b{name}\s*=\s*(\d+)", text)
         assert declared is not None, f"{name} not found in the headers"
         assert int(getattr(compat, name)) == int(declared.group(1)), name
@@ -222,7 +223,8 @@ def test_forward_inference_matches_reference(backend, case):
     mean = np.linspace(-0.5, 0.5, gamma.size).reshape(gamma.shape).astype(case.param_dtype)
     var = np.linspace(0.5, 1.5, gamma.size).reshape(gamma.shape).astype(case.param_dtype)
     y = compat.batch_normalization_forward_inference(
-        *(backend.put(a) for a in (x, gamma, beta, mean, var)), EPS, case.is_for_conv2d, case.mode, d_layout=case.d_layout
+        *(backend.put(a) for a in (x, gamma, beta, mean, var)), EPS, case.is_for_conv2d, case.mode,
+        d_layout=case.d_layout
     )
     x_ref, channel_axis, _, _ = case.reference_frame(x)
     expected = reference.forward_inference(
@@ -260,14 +262,16 @@ def test_ex_returns_the_reserve_space_only_where_the_ex_path_ran(backend):
     for case in (ex_case, plain_case):
         x, _, gamma, beta = _inputs(case)
         result = compat.batch_normalization_forward_training_ex(
-            *(backend.put(a) for a in (x, gamma, beta)), None, None, None, None, EPS, 0.9, True, case.mode, False, d_layout=NHWC
+            *(backend.put(a) for a in (x, gamma, beta)), None, None, None, None, EPS, 0.9, True, case.mode, False,
+            d_layout=NHWC
         )
         assert len(result) == 4
         runs_ex = backend.name != "numpy" and case is ex_case
         assert (result[0] is not None) == runs_ex, (backend.name, case.id)
         mean, inv_std = backend.put(np.zeros(gamma.shape, np.float32)), backend.put(np.zeros(gamma.shape, np.float32))
         result = compat.batch_normalization_forward_training_ex(
-            *(backend.put(a) for a in (x, gamma, beta)), None, None, mean, inv_std, EPS, 0.9, True, case.mode, False, d_layout=NHWC
+            *(backend.put(a) for a in (x, gamma, beta)), None, None, mean, inv_std, EPS, 0.9, True, case.mode, False,
+            d_layout=NHWC
         )
         assert len(result) == 2 and (result[0] is not None) == runs_ex
 
@@ -280,7 +284,8 @@ def test_given_mean_and_inv_std_are_filled_in_place_and_only_y_is_returned(backe
         *device, None, None, None, None, EPS, 0.9, True, SPATIAL, False
     )
     mean, inv_std = backend.put(np.full(3, np.nan, np.float32)), backend.put(np.full(3, np.nan, np.float32))
-    result = compat.batch_normalization_forward_training(*device, None, None, mean, inv_std, EPS, 0.9, True, SPATIAL, False)
+    result = compat.batch_normalization_forward_training(*device, None, None, mean, inv_std, EPS, 0.9, True, SPATIAL,
+                                                         False)
     assert not isinstance(result, tuple) and result.shape == case.shape
     assert_close(result, y, case.dtype)
     assert_close(mean, save_mean, case.dtype)
@@ -313,9 +318,12 @@ def test_backward_returns_gradients_in_x_dtype_where_gamma_is_not_in_the_paramet
     x, gy, gamma, beta = _inputs(case)
     gamma16, beta16 = gamma.astype(np.float16), beta.astype(np.float16)
     device = [backend.put(a) for a in (x, gamma16, beta16)]
-    _, mean, inv_std = compat.batch_normalization_forward_training(*device, None, None, None, None, EPS, 0.9, True, SPATIAL, False, NHWC)
+    _, mean, inv_std = compat.batch_normalization_forward_training(
+        *device, None, None, None, None, EPS, 0.9, True, SPATIAL, False, NHWC
+    )
     assert mean.dtype == np.float32
-    _, ggamma, gbeta = compat.batch_normalization_backward(device[0], device[1], backend.put(gy), mean, inv_std, EPS, True, SPATIAL, False, NHWC)
+    _, ggamma, gbeta = compat.batch_normalization_backward(device[0], device[1], backend.put(gy), mean, inv_std, EPS,
+                                                           True, SPATIAL, False, NHWC)
     assert ggamma.dtype == np.float16 and gbeta.dtype == np.float16
 
 
@@ -325,10 +333,13 @@ def test_compat_runs_through_the_public_functions(monkeypatch):
     calls = []
     for name in ("forward_training", "forward_inference", "backward"):
         original = getattr(_api, name)
-        monkeypatch.setattr(_api, name, lambda *a, _original=original, _name=name, **k: calls.append(_name) or _original(*a, **k))
+        monkeypatch.setattr(_api, name,
+                            lambda *a, _original=original, _name=name, **k: calls.append(_name) or _original(*a, **k))
     case = CASES[0]
     x, gy, gamma, beta = _inputs(case)
-    y, mean, inv_std = compat.batch_normalization_forward_training(x, gamma, beta, None, None, None, None, EPS, 0.9, True, SPATIAL, False)
+    y, mean, inv_std = compat.batch_normalization_forward_training(
+        x, gamma, beta, None, None, None, None, EPS, 0.9, True, SPATIAL, False
+    )
     compat.batch_normalization_backward(x, gamma, gy, mean, inv_std, EPS, True, SPATIAL, False)
     compat.batch_normalization_forward_inference(x, gamma, beta, mean, 1.0 / inv_std**2, EPS, True, SPATIAL)
     assert calls == ["forward_training", "backward", "forward_inference"]
@@ -368,7 +379,8 @@ def test_debug_raises_on_persistent_overflow_and_restores_the_running_statistics
         *(simulated.put(a) for a in (x, gamma, beta)), None, None, None, None, EPS, 0.9, True, SPATIAL, False
     )
     with pytest.raises(CudnnOverflowError):
-        compat.batch_normalization_backward(simulated.put(x), simulated.put(gamma), simulated.put(x), mean, inv_std, EPS, True, PERSISTENT, True)
+        compat.batch_normalization_backward(simulated.put(x), simulated.put(gamma), simulated.put(x), mean, inv_std,
+                                            EPS, True, PERSISTENT, True)
 
 
 def test_without_debug_persistent_is_not_checked_as_in_cupy_13(simulated):
@@ -420,7 +432,8 @@ class _ChainerStyleCudnnImpl:
             x, gamma, gy, mean, inv_std, eps, self.is_for_conv2d, self.cudnn_mode, self.debug,
             d_layout=cudnn_x_layout, reserve_space=forward_data,
         )
-        return gx.astype(x.dtype, copy=False), ggamma.astype(gamma.dtype, copy=False), gbeta.astype(gamma.dtype, copy=False)
+        return (gx.astype(x.dtype, copy=False), ggamma.astype(gamma.dtype, copy=False),
+                gbeta.astype(gamma.dtype, copy=False))
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[7]], ids=_ids)
@@ -434,20 +447,25 @@ def test_chainer_style_training_step(backend, case):
     expected_running = [np.zeros(gamma.shape), np.ones(gamma.shape)]
     learning_rate, decay = 0.1, 0.9
     for step in range(2):
-        y, *_, mean, inv_std, reserve_space = impl.forward(params[0], backend.put(x), case.d_layout, xp, params[1], EPS, decay, *running)
-        gx, ggamma, gbeta = impl.backward(params[0], backend.put(gy), backend.put(x), case.d_layout, mean, inv_std, EPS, reserve_space)
+        y, *_, mean, inv_std, reserve_space = impl.forward(params[0], backend.put(x), case.d_layout, xp, params[1], EPS,
+                                                           decay, *running)
+        gx, ggamma, gbeta = impl.backward(params[0], backend.put(gy), backend.put(x), case.d_layout, mean, inv_std, EPS,
+                                          reserve_space)
         params = [params[0] - learning_rate * ggamma, params[1] - learning_rate * gbeta]
 
         expected_y, saved, expected_running = _reference_training(case, x, *expected_params, *expected_running, decay)
         x_ref = case.reference_frame(x)[0]
-        grads = reference.backward(x_ref, case.reference_frame(gy)[0], _to_reference(case, x, expected_params[0]), saved)
+        grads = reference.backward(x_ref, case.reference_frame(gy)[0], _to_reference(case, x, expected_params[0]),
+                                   saved)
         expected_grads = [_from_reference(case, x, g, gamma.shape) for g in grads[1:]]
         assert_close(y, expected_y, case.dtype, scale=4, what=f"y, step {step}")
         assert_close(gx, grads[0].reshape(case.shape), case.dtype, scale=10, what=f"gx, step {step}")
         assert_close(ggamma, expected_grads[0], case.dtype, scale=10, what=f"ggamma, step {step}")
         for actual, expected in zip(running, expected_running):
-            assert_close(actual, _from_reference(case, x, expected, gamma.shape), case.dtype, what=f"running, step {step}")
-        expected_params = [expected_params[0] - learning_rate * expected_grads[0], expected_params[1] - learning_rate * expected_grads[1]]
+            assert_close(actual, _from_reference(case, x, expected, gamma.shape), case.dtype,
+                         what=f"running, step {step}")
+        expected_params = [expected_params[0] - learning_rate * expected_grads[0],
+                           expected_params[1] - learning_rate * expected_grads[1]]
         expected_running = [_from_reference(case, x, r, gamma.shape) for r in expected_running]
     if backend.simulator is not None and case is CASES[2]:
         assert reserve_space is not None
@@ -482,14 +500,20 @@ BAD_TRAINING = [
     ("decay above 1", dict(decay=1.5), ValueError, "decay: expected a finite value in [0, 1], got 1.5"),
     ("decay a string", dict(decay="0.9"), TypeError, "decay: expected a float"),
     ("unknown mode", dict(cudnn_mode=7), ValueError, "cudnn_mode: expected CUDNN_BATCHNORM_PER_ACTIVATION"),
-    ("unknown layout", dict(d_layout=2), ValueError, "d_layout: expected CUDNN_TENSOR_NCHW (0) or CUDNN_TENSOR_NHWC (1), got 2"),
-    ("layout a list", dict(d_layout=[1]), ValueError, "d_layout: expected CUDNN_TENSOR_NCHW (0) or CUDNN_TENSOR_NHWC (1), got [1]"),
+    ("unknown layout", dict(d_layout=2), ValueError,
+     "d_layout: expected CUDNN_TENSOR_NCHW (0) or CUDNN_TENSOR_NHWC (1), got 2"),
+    ("layout a list", dict(d_layout=[1]), ValueError,
+     "d_layout: expected CUDNN_TENSOR_NCHW (0) or CUDNN_TENSOR_NHWC (1), got [1]"),
     ("NHWC for 5-D", dict(x=np.zeros((2, 3, 2, 2, 2), np.float32)), ValueError, None),
     ("gamma too small", dict(gamma=np.ones(2, np.float32)), ValueError, "gamma: expected 3 elements"),
-    ("integer running_var", dict(running_var=np.ones(3, np.int32)), TypeError, "running_var: expected a floating dtype"),
+    ("integer running_var", dict(running_var=np.ones(3, np.int32)), TypeError,
+     "running_var: expected a floating dtype"),
     ("mean twice", dict(mean=np.zeros(3, np.float32)), ValueError, "mean, inv_std: expected two different arrays"),
-    ("read-only mean", dict(mean=np.zeros(3, np.float32), inv_std=np.zeros(3, np.float32)), ValueError, "mean: expected a writable array"),
-    ("strided mean of another shape", dict(mean=np.zeros((3, 2), np.float32)[:, 0:1], inv_std=np.zeros((3, 1), np.float32)), ValueError, "mean: expected a C-contiguous"),
+    ("read-only mean", dict(mean=np.zeros(3, np.float32), inv_std=np.zeros(3, np.float32)), ValueError,
+     "mean: expected a writable array"),
+    ("strided mean of another shape",
+     dict(mean=np.zeros((3, 2), np.float32)[:, 0:1], inv_std=np.zeros((3, 1), np.float32)), ValueError,
+     "mean: expected a C-contiguous"),
     ("torch-like object", dict(gamma=[1.0, 1.0, 1.0]), TypeError, "__cuda_array_interface__"),
 ]
 
@@ -521,14 +545,16 @@ def test_reserve_space_on_numpy_is_a_type_error():
     x, gy, gamma, _ = _inputs(CASES[0])
     saved = np.zeros(3, np.float32), np.ones(3, np.float32)
     with pytest.raises(TypeError, match="reserve_space: the NumPy reference has none"):
-        compat.batch_normalization_backward(x, gamma, gy, *saved, EPS, True, SPATIAL, False, reserve_space=np.zeros(8, np.uint8))
+        compat.batch_normalization_backward(x, gamma, gy, *saved, EPS, True, SPATIAL, False,
+                                            reserve_space=np.zeros(8, np.uint8))
 
 
 def test_reserve_space_must_be_a_device_array(simulated):
     x, gy, gamma, _ = (simulated.put(a) for a in _inputs(CASES[2]))
     saved = simulated.put(np.zeros(4, np.float32)), simulated.put(np.ones(4, np.float32))
     with pytest.raises(TypeError, match="reserve_space: expected None or the reserve_space returned"):
-        compat.batch_normalization_backward(x, gamma, gy, *saved, EPS, True, PERSISTENT, False, NHWC, reserve_space=b"\0" * 512)
+        compat.batch_normalization_backward(x, gamma, gy, *saved, EPS, True, PERSISTENT, False, NHWC,
+                                            reserve_space=b"\0" * 512)
     assert not any("Backward" in call for call in simulated.simulator.calls)
 
 
@@ -564,6 +590,7 @@ def test_given_mean_and_inv_std_may_not_overlap_an_input():
     before = gamma.copy()
     with pytest.raises(ValueError, match="mean: expected memory of its own"):
         compat.batch_normalization_forward_training(
-            x, gamma, beta, None, None, gamma, np.empty(3, np.float32), 1e-5, 0.9, True, compat.CUDNN_BATCHNORM_SPATIAL, False
+            x, gamma, beta, None, None, gamma, np.empty(3, np.float32), 1e-5, 0.9, True, compat.CUDNN_BATCHNORM_SPATIAL,
+            False
         )
     np.testing.assert_array_equal(gamma, before)

@@ -8,12 +8,13 @@ import gc
 import numpy as np
 import pytest
 
+from conftest import LAYOUTS, MODES, shape_for
 from cudnn_bn import Mode
+from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
 from cudnn_bn._cudnn import plans
 from cudnn_bn._cudnn.descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type, descriptors_created
-from cudnn_bn._core.layout import cudnn_dims_and_strides, make_layout
+from cudnn_bn._cudnn.errors import CudnnLimitError
 from cudnn_bn._cudnn.raw import ActivationMode, DataType
-from conftest import LAYOUTS, MODES, shape_for
 
 
 def _c_strides(shape):
@@ -50,7 +51,8 @@ CUDNN_DATA_FLOAT, CUDNN_DATA_DOUBLE, CUDNN_DATA_HALF, CUDNN_DATA_BFLOAT16 = 0, 1
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
-@pytest.mark.parametrize("dtype,data_type", [("float16", CUDNN_DATA_HALF), ("float32", CUDNN_DATA_FLOAT), ("float64", CUDNN_DATA_DOUBLE)])
+@pytest.mark.parametrize("dtype,data_type",
+                         [("float16", CUDNN_DATA_HALF), ("float32", CUDNN_DATA_FLOAT), ("float64", CUDNN_DATA_DOUBLE)])
 def test_plan_descriptors_for_every_mode_layout_and_dtype(cudnn_library, mode, ndim, channel_axis, dtype, data_type):
     shape = shape_for(ndim, channel_axis, batch=3, channels=4)
     layout = make_layout(shape, channel_axis, mode)
@@ -100,7 +102,9 @@ def test_plans_do_not_grow_over_repeated_calls(cudnn_library):
 
 def test_the_plan_cache_is_bounded_and_evicted_plans_keep_their_descriptors(cudnn_library):
     cache = plans.PlanCache(capacity=3)
-    build = lambda n: lambda: plans.Plan(plans.TRAINING, make_layout((n, 2, 3), 1, Mode.SPATIAL), np.dtype(np.float32), 0)  # noqa: E731
+    build = lambda n: lambda: plans.Plan(  # noqa: E731
+        plans.TRAINING, make_layout((n, 2, 3), 1, Mode.SPATIAL), np.dtype(np.float32), 0
+    )
     held = cache.get("a", build(2))
     for key, n in zip("bcde", range(3, 7)):
         cache.get(key, build(n))
@@ -130,15 +134,28 @@ def test_activation_descriptor(cudnn_library):
     assert activation.closed
 
 
-@pytest.mark.parametrize("dims,strides", [((2, 3, 4), (12, 4, 1)), ((2, 0, 4, 5), (20, 20, 5, 1)), ((2, 3, 4, 5), (60, 20, 5, -1))])
+@pytest.mark.parametrize("dims,strides",
+                         [((2, 3, 4), (12, 4, 1)), ((2, 0, 4, 5), (20, 20, 5, 1)), ((2, 3, 4, 5), (60, 20, 5, -1))])
 def test_bad_dims_are_refused_before_the_native_call(cudnn_library, dims, strides):
     with pytest.raises(ValueError, match="dims, strides"):
         TensorDescriptor.from_dims(DataType.FLOAT, dims, strides)
 
 
+def test_six_dims_are_refused(cudnn_library):
+    with pytest.raises(ValueError):
+        TensorDescriptor.from_dims(DataType.FLOAT, (1, 2, 1, 1, 1, 1), (2, 1, 1, 1, 1, 1))
+
+
+def test_a_dim_past_int32_is_refused_naming_dims_and_strides(cudnn_library):
+    with pytest.raises(CudnnLimitError,
+                       match=r"^dims, strides: cuDNN takes dims, strides and element counts as 32-bit ints"):
+        TensorDescriptor.from_dims(DataType.FLOAT, (1, 2**31, 1, 1), (2**31, 1, 1, 1))
+
+
 @pytest.mark.parametrize(
     "shape,axis,expected",
-    [((8, 3, 4, 5), 1, (8, 3, 4, 5)), ((8, 3, 4, 5), -1, (8, 4, 5, 3)), ((8, 3), -1, (8, 3)), ((2, 3, 4, 5, 6), -1, (2, 4, 5, 6, 3))],
+    [((8, 3, 4, 5), 1, (8, 3, 4, 5)), ((8, 3, 4, 5), -1, (8, 4, 5, 3)), ((8, 3), -1, (8, 3)),
+     ((2, 3, 4, 5, 6), -1, (2, 4, 5, 6, 3))],
 )
 def test_physical_shape_moves_channels_last(shape, axis, expected):
     from cudnn_bn._core.layout import physical_shape

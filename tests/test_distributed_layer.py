@@ -11,12 +11,12 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import make_case
-from group_checks import close, results, run_ranks, shards
 
+from conftest import FLOAT64_ROUNDING, make_case
 from cudnn_bn import Activation, BatchNorm, fused, reference
 from cudnn_bn import distributed as dist
 from cudnn_bn.layer import KeptForBackward
+from group_checks import close, results, run_ranks, shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILED = "failed (an error other than a refused input)"
@@ -61,7 +61,7 @@ def test_sync_batch_norm_evaluates_without_communicating():
     np.testing.assert_allclose(layer(x), x / np.sqrt(1 + 1e-5))
     local = dist.SyncBatchNorm(3, group=group[0], mode="spatial", track_running_stats=False, dtype=np.float64).eval()
     y = local(x)  # this rank's own batch statistics
-    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
+    np.testing.assert_allclose(y.mean(axis=(0, 2, 3)), 0.0, atol=FLOAT64_ROUNDING)
     assert local.backward(np.ones_like(x)).shape == x.shape
     with pytest.raises(TypeError, match="group"):
         dist.SyncBatchNorm(3, group="nccl")
@@ -325,9 +325,8 @@ def test_sync_batch_norm_with_an_empty_shard_trains_like_batch_norm_on_the_conca
 def test_sync_batch_norm_with_an_empty_shard_on_the_simulated_gpu(monkeypatch, cudnn_library):
     import sys
 
-    from fake_cudnn import FakeArray, simulated_gpu
-
     from cudnn_bn.distributed import calls
+    from fake_cudnn import FakeArray, simulated_gpu
 
     sizes = [3, 0, 2]
     (x, dy, _), = _relu_steps(7, (5, 4, 2, 2), count=1)

@@ -61,7 +61,8 @@ def test_status_names():
     [
         CudnnBadParamError(2000, "CUDNN_STATUS_BAD_PARAM", "cudnnBatchNormalizationBackward", "savedMean is NULL"),
         CudnnOverflowError(1007, "CUDNN_STATUS_RUNTIME_FP_OVERFLOW", "cudnnBatchNormalizationForwardTraining"),
-        CudnnLibraryNotFoundError(["$CUDNN_BN_LIBRARY: not set", "cuda.pathfinder: nothing"], "pip install nvidia-cudnn-cu12"),
+        CudnnLibraryNotFoundError(["$CUDNN_BN_LIBRARY: not set", "cuda.pathfinder: nothing"],
+                                  "pip install nvidia-cudnn-cu12"),
         CudnnVersionError(8905, "/opt/libcudnn.so.8", 90000),
     ],
     ids=lambda e: type(e).__name__,

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import DTYPES, make_case, shape_for
 from cudnn_bn import Mode, fused, reference
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import frozen
-from conftest import DTYPES, make_case, shape_for
 from fake_cudnn import FakeArray
 from test_backward_inference import _statistics
 

@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
-from fake_cudnn import simulated_gpu
 
+from conftest import DTYPES, LAYOUTS, MODES, make_case, shape_for
 from cudnn_bn import Mode, reference
 from cudnn_bn._core.modes import Activation, parse_activation
 from cudnn_bn._core.tolerances import assert_close, statistics_rtol, to_numpy
@@ -25,6 +24,7 @@ from cudnn_bn.fused import (
     reference_backward,
     reference_forward_training,
 )
+from fake_cudnn import simulated_gpu
 
 
 def _inputs(shape, mode, channel_axis, dtype, seed=0):
@@ -40,6 +40,13 @@ def _pre_activation(x, gamma, beta, residual, mode, channel_axis):
 
 
 # ---- the reference against finite differences, in float64 ----
+# Central differences with a step of 1e-6: the truncation (step**2 times the third derivative) and the
+# loss's float64 rounding over the step (1e-16 * |loss| / step) are each about 1e-10 of a gradient of
+# order one; a one-sided difference is good to step times the second derivative only.
+FINITE_DIFFERENCES_RTOL, FINITE_DIFFERENCES_ATOL = 1e-6, 1e-7
+ONE_SIDED_DIFFERENCE_ATOL = 1e-6
+
+
 def _loss(x, gamma, beta, residual, weights, mode, channel_axis):
     y, _ = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
     return float(np.sum(weights * y))
@@ -58,6 +65,12 @@ def _central_differences(function, array, step=1e-6):
     return grad
 
 
+def _assert_matches_differences(gradient, loss, array):
+    """``gradient`` of ``loss()`` with respect to ``array``, against central differences."""
+    np.testing.assert_allclose(gradient, _central_differences(loss, array), rtol=FINITE_DIFFERENCES_RTOL,
+                               atol=FINITE_DIFFERENCES_ATOL)
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("mode,ndim,channel_axis", [
     (Mode.SPATIAL, 4, 1), (Mode.SPATIAL, 4, -1), (Mode.PER_ACTIVATION, 3, 1), (Mode.SPATIAL_PERSISTENT, 3, -1),
@@ -73,11 +86,11 @@ def test_reference_gradients_match_finite_differences(mode, ndim, channel_axis, 
     y, saved = reference_forward_training(x, gamma, beta, residual=residual, mode=mode, channel_axis=channel_axis)
     dx, dresidual, dgamma, dbeta = reference_backward(x, y, weights, gamma, saved)
     loss = lambda: _loss(x, gamma, beta, residual, weights, mode, channel_axis)  # noqa: E731
-    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dgamma, _central_differences(loss, gamma), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dbeta, _central_differences(loss, beta), rtol=1e-6, atol=1e-7)
+    _assert_matches_differences(dx, loss, x)
+    _assert_matches_differences(dgamma, loss, gamma)
+    _assert_matches_differences(dbeta, loss, beta)
     if with_residual:
-        np.testing.assert_allclose(dresidual, _central_differences(loss, residual), rtol=1e-6, atol=1e-7)
+        _assert_matches_differences(dresidual, loss, residual)
     else:
         assert dresidual is None
     assert np.count_nonzero(y == 0) > 0 and np.count_nonzero(y > 0) > 0  # both sides of the kink were exercised
@@ -108,17 +121,18 @@ def test_gradient_at_exactly_zero_pre_activation_is_zero_and_the_rest_match_fini
         below = residual.copy()
         below[index] -= step
         f_below = _loss(x, gamma, beta, below, ones, mode, channel_axis)
-        assert (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step == pytest.approx(0.0, abs=1e-6)
+        difference = (_loss(x, gamma, beta, residual, ones, mode, channel_axis) - f_below) / step
+        assert difference == pytest.approx(0.0, abs=ONE_SIDED_DIFFERENCE_ATOL)
 
     # elsewhere: central differences of a loss with zero weight at the kinks
     weights = np.random.default_rng(11).standard_normal(shape)
     weights[kinks] = 0.0
     dx, dresidual, dgamma, dbeta = reference_backward(x, y, weights, gamma, saved)
     loss = lambda: _loss(x, gamma, beta, residual, weights, mode, channel_axis)  # noqa: E731
-    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dgamma, _central_differences(loss, gamma), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dbeta, _central_differences(loss, beta), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dresidual, _central_differences(loss, residual), rtol=1e-6, atol=1e-7)
+    _assert_matches_differences(dx, loss, x)
+    _assert_matches_differences(dgamma, loss, gamma)
+    _assert_matches_differences(dbeta, loss, beta)
+    _assert_matches_differences(dresidual, loss, residual)
 
 
 def test_a_channel_whose_pre_activation_is_exactly_zero_gets_no_gradient():
@@ -144,8 +158,10 @@ def test_reference_is_the_plain_reference_then_add_and_relu(mode, ndim, channel_
     param_dtype = gamma.dtype
     running = [np.zeros(layout.param_shape, param_dtype), np.ones(layout.param_shape, param_dtype)]
     plain_running = [a.copy() for a in running]
-    y, saved = reference_forward_training(x, gamma, beta, *running, residual=residual, mode=mode, channel_axis=channel_axis)
-    plain_y, plain_saved = reference.forward_training(x, gamma, beta, *plain_running, mode=mode, channel_axis=channel_axis)
+    y, saved = reference_forward_training(x, gamma, beta, *running, residual=residual, mode=mode,
+                                          channel_axis=channel_axis)
+    plain_y, plain_saved = reference.forward_training(x, gamma, beta, *plain_running, mode=mode,
+                                                      channel_axis=channel_axis)
     expected = np.maximum(plain_y.astype(np.float64) + residual, 0)
     assert y.dtype == dtype and y.shape == shape and y.flags.c_contiguous
     assert_close(y, expected, dtype, what="y")
@@ -281,15 +297,18 @@ def test_the_path_is_a_str_enum_whose_values_are_the_documented_strings(small):
 
     assert [(member.name, member.value) for member in FusedPath] == [
         ("REFERENCE", "reference"), ("FUSED_EX", "fused_ex"), ("COMPOSED", "composed")]
-    assert (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED) == (FusedPath.REFERENCE, FusedPath.FUSED_EX, FusedPath.COMPOSED)
+    assert (PATH_REFERENCE, PATH_FUSED_EX, PATH_COMPOSED) == (FusedPath.REFERENCE, FusedPath.FUSED_EX,
+                                                              FusedPath.COMPOSED)
     x, _, gamma, beta, residual = small
     _, saved = forward_training(x, gamma, beta, residual=residual, mode="spatial")
     assert saved.path is FusedPath.REFERENCE and saved.path == "reference"
-    assert str(saved.path) == "reference" and f"{saved.path:>10}|" == " reference|" and json.dumps(saved.path) == '"reference"'
+    assert str(saved.path) == "reference" and f"{saved.path:>10}|" == " reference|"
+    assert json.dumps(saved.path) == '"reference"'
     rebuilt = FusedSaved(saved.stats, "relu", True, "composed")  # given as the documented string
     assert rebuilt.path is FusedPath.COMPOSED
     for wrong in ("COMPOSED", "somewhere", 1, None):
-        with pytest.raises(ValueError, match=r"^FusedSaved\.path: expected one of \['reference', 'fused_ex', 'composed'\], got "):
+        with pytest.raises(ValueError,
+                           match=r"^FusedSaved\.path: expected one of \['reference', 'fused_ex', 'composed'\], got "):
             FusedSaved(saved.stats, "relu", False, wrong)
 
 
@@ -354,7 +373,8 @@ def test_simulated_gpu_matches_the_reference(gpu, case, path, with_residual):
         assert ex_calls == [] and "cudnnBatchNormalizationForwardTraining" in gpu.calls
 
     y_eval = forward_inference(d_x, d_gamma, d_beta, *running, residual=d_residual, mode=mode, channel_axis=axis)
-    host_eval = forward_inference(x, gamma, beta, *[r.get() for r in running], residual=residual, mode=mode, channel_axis=axis)
+    host_eval = forward_inference(x, gamma, beta, *[r.get() for r in running], residual=residual, mode=mode,
+                                  channel_axis=axis)
     assert_close(y_eval.get(), host_eval, dtype, what="inference")
 
 

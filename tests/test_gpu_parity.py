@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 import cudnn_bn
-from cudnn_bn import BatchNorm, CudnnOverflowError, Mode, SavedStats, reference
-from cudnn_bn._core.tolerances import STATISTICS_RTOL, assert_close, statistics_rtol, to_numpy, tolerance
-from cudnn_bn._core.validate import param_dtype_for
 from conftest import LAYOUTS, MODES, make_case, shape_for
+from cudnn_bn import BatchNorm, CudnnOverflowError, Mode, SavedStats, reference
+from cudnn_bn._core.tolerances import STATISTICS_RTOL, assert_close, statistics_rtol, to_numpy
+from cudnn_bn._core.validate import param_dtype_for
 
 pytestmark = pytest.mark.gpu
 
@@ -98,7 +98,8 @@ def _check_training(shape, mode, channel_axis, dtype, *, offset=0.0, scale=1.0, 
     Returns the case, cuDNN's SavedStats and the reference's."""
     layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, dtype, offset=offset, scale=scale)
     param_dtype = param_dtype_for(dtype)
-    running_host = [np.zeros(layout.param_shape, param_dtype), np.ones(layout.param_shape, param_dtype)] if running else [None, None]
+    running_host = ([np.zeros(layout.param_shape, param_dtype), np.ones(layout.param_shape, param_dtype)] if running
+                    else [None, None])
     running_gpu = _to_device(*running_host)
     running64 = _wide(*running_host)
     x_gpu, gamma_gpu, beta_gpu = _to_device(x, gamma, beta)
@@ -142,7 +143,8 @@ def test_forward_training_without_running_statistics_matches_reference(mode, ndi
 @pytest.mark.parametrize("ndim,channel_axis", LAYOUTS)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 def test_forward_inference_matches_reference(mode, ndim, channel_axis, dtype):
-    layout, x, _, gamma, beta = make_case(shape_for(ndim, channel_axis, batch=3, channels=5, spatial=(5, 3, 3)), mode, channel_axis, dtype)
+    layout, x, _, gamma, beta = make_case(shape_for(ndim, channel_axis, batch=3, channels=5, spatial=(5, 3, 3)), mode,
+                                          channel_axis, dtype)
     rng = np.random.default_rng(1)
     mean = rng.standard_normal(layout.param_shape).astype(gamma.dtype)
     var = (0.5 + rng.random(layout.param_shape)).astype(gamma.dtype)
@@ -168,13 +170,19 @@ def test_forward_inference_matches_reference(mode, ndim, channel_axis, dtype):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=_dtype_id)
 def test_special_shapes(shape, channel_axis, mode, dtype, request):
     on_overflow = "fallback" if mode is Mode.SPATIAL_PERSISTENT else None
-    layout, x, dy, gamma, saved, saved64 = _check_training(shape, mode, channel_axis, dtype, steps=1, on_overflow=on_overflow)
+    layout, x, dy, gamma, saved, saved64 = _check_training(shape, mode, channel_axis, dtype, steps=1,
+                                                           on_overflow=on_overflow)
     expected = reference.backward(*_wide(x, dy, gamma), saved64)
     assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved), expected, dtype)
     _record(request, ran=saved.mode.name)
     if saved.mode is not mode:
         pytest.skip(f"SPATIAL_PERSISTENT raised the overflow flag on ordinary data {shape} {_dtype_id(dtype)} and fell "
                     "back to SPATIAL; the fallback matched the reference, the persistent kernel was not checked")
+
+
+# A float64 running mean of float32 data (momentum 1) is cuDNN's float32 mean stored wider: the float32
+# rounding of a sum of 200 values, about 1e-6 relative; the absolute part is for means near zero.
+RUNNING_MEAN_RTOL, RUNNING_MEAN_ATOL = 1e-5, 1e-6
 
 
 def test_parameters_and_running_statistics_of_other_float_dtypes():
@@ -184,9 +192,11 @@ def test_parameters_and_running_statistics_of_other_float_dtypes():
     identity = running_mean
     cudnn_bn.forward_training(x_gpu, gamma_gpu, beta_gpu, running_mean, running_var, mode="spatial", momentum=1.0)
     assert running_mean is identity and running_mean.dtype == np.float64 and running_var.dtype == np.float16
-    np.testing.assert_allclose(to_numpy(running_mean), x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(running_mean), x.astype(np.float64).mean(axis=(0, 2, 3)),
+                               rtol=RUNNING_MEAN_RTOL, atol=RUNNING_MEAN_ATOL)
     # float16 storage rounds to 2**-11 (5e-4) relative; the N / (N - 1) factor at count 200 is 0.5%
-    np.testing.assert_allclose(to_numpy(running_var), x.astype(np.float64).var(axis=(0, 2, 3), ddof=1), rtol=STATISTICS_RTOL)
+    np.testing.assert_allclose(to_numpy(running_var), x.astype(np.float64).var(axis=(0, 2, 3), ddof=1),
+                               rtol=STATISTICS_RTOL)
 
 
 def test_per_activation_channels_last_keeps_the_parameter_order():
@@ -194,7 +204,8 @@ def test_per_activation_channels_last_keeps_the_parameter_order():
     running = _to_device(np.zeros(layout.param_shape, np.float32), np.ones(layout.param_shape, np.float32))
     y, saved = cudnn_bn.forward_training(*_to_device(x, gamma, beta), *running, mode="per_activation", channel_axis=-1)
     running64 = [np.zeros(layout.param_shape), np.ones(layout.param_shape)]
-    y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode="per_activation", channel_axis=-1)
+    y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode="per_activation",
+                                              channel_axis=-1)
     assert saved.mean.shape == (3, 4, 5)
     assert_training_matches(y, saved, running, y64, saved64, running64, np.float32, spread=1.0)
 
@@ -207,9 +218,12 @@ EX_SHAPES = [(8, 20, 8), (8, 6, 6, 16), (4, 3, 5, 6, 8)]  # channels-last, C % 4
 @pytest.mark.parametrize("running", [True, False], ids=["running", "no-running"])
 @pytest.mark.parametrize("shape", EX_SHAPES, ids=lambda shape: f"{len(shape)}d")
 def test_ex_path_channels_last_float16_matches_reference(shape, running):
-    layout, x, dy, gamma, saved, saved64 = _check_training(shape, Mode.SPATIAL_PERSISTENT, -1, np.float16, steps=2, running=running)
+    layout, x, dy, gamma, saved, saved64 = _check_training(shape, Mode.SPATIAL_PERSISTENT, -1, np.float16, steps=2,
+                                                           running=running)
     assert saved.mode is Mode.SPATIAL_PERSISTENT
-    assert saved.reserve_space is not None, "persistent channels-last float16 with C % 4 == 0 runs the Ex calls, which keep a reserve space"
+    assert saved.reserve_space is not None, (
+        "persistent channels-last float16 with C % 4 == 0 runs the Ex calls, which keep a reserve space"
+    )
     expected = reference.backward(*_wide(x, dy, gamma), saved64)
     assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved), expected, np.float16)
 
@@ -231,7 +245,8 @@ def test_auto_training_on_channels_last_float16_takes_the_ex_path(shape, request
 
 # ---------------------------------------------------------------- "auto" and the layer ----
 
-AUTO_CASES = [((64, 5), 1, np.float32), ((6, 3, 5, 5), 1, np.float32), ((6, 5, 5, 3), -1, np.float32), ((4, 3, 4, 5, 4), -1, np.float16)]
+AUTO_CASES = [((64, 5), 1, np.float32), ((6, 3, 5, 5), 1, np.float32), ((6, 5, 5, 3), -1, np.float32),
+              ((4, 3, 4, 5, 4), -1, np.float16)]
 
 
 @pytest.mark.parametrize("shape,channel_axis,dtype", AUTO_CASES, ids=_value_id)
@@ -246,7 +261,8 @@ def test_auto_mode_matches_the_reference(shape, channel_axis, dtype, request):
     _record(request, auto_chose=saved64.mode.name, ran=saved.mode.name)
     assert saved.mode is saved64.mode  # auto never falls back: it checks no flag where it runs persistent
     assert_training_matches(y, saved, running, y64, saved64, running64, dtype, spread=1.0)
-    assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved), cudnn_bn.backward(*_wide(x, dy, gamma), saved64), dtype)
+    assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved),
+                           cudnn_bn.backward(*_wide(x, dy, gamma), saved64), dtype)
     mean, var = (statistic.astype(np.float32) for statistic in running64)  # as updated by the reference
     y_eval = cudnn_bn.forward_inference(*_to_device(x, gamma, beta, mean, var), mode="auto", channel_axis=channel_axis)
     wanted = cudnn_bn.forward_inference(*_wide(x, gamma, beta, mean, var), mode="auto", channel_axis=channel_axis)
@@ -306,7 +322,8 @@ def test_non_contiguous_inputs_match_the_reference():
         x_view, dy_view = view(x_gpu), view(dy_gpu)
         assert not x_view.flags.c_contiguous
         y, saved = cudnn_bn.forward_training(x_view, gamma_gpu, beta_gpu, mode="spatial", channel_axis=channel_axis)
-        y64, saved64 = reference.forward_training(*_wide(view(x), gamma, beta), mode="spatial", channel_axis=channel_axis)
+        y64, saved64 = reference.forward_training(*_wide(view(x), gamma, beta), mode="spatial",
+                                                  channel_axis=channel_axis)
         assert y.shape == x_view.shape and y.flags.c_contiguous
         assert_training_matches(y, saved, [None, None], y64, saved64, [None, None], np.float32, spread=1.0)
         results = cudnn_bn.backward(x_view, dy_view, gamma_gpu, saved)
@@ -429,18 +446,22 @@ def _stress_worker(index, iterations, tally, failures):
             mean = rng.standard_normal(layout.param_shape).astype(gamma.dtype)
             var = (0.5 + rng.random(layout.param_shape)).astype(gamma.dtype)
             x_gpu, dy_gpu, gamma_gpu, beta_gpu, mean_gpu, var_gpu = _to_device(x, dy, gamma, beta, mean, var)
-            y, saved = cudnn_bn.forward_training(x_gpu, gamma_gpu, beta_gpu, mode=mode, channel_axis=channel_axis, on_overflow="fallback")
+            y, saved = cudnn_bn.forward_training(x_gpu, gamma_gpu, beta_gpu, mode=mode, channel_axis=channel_axis,
+                                                 on_overflow="fallback")
             grads = cudnn_bn.backward(x_gpu, dy_gpu, gamma_gpu, saved)
-            y_eval = cudnn_bn.forward_inference(x_gpu, gamma_gpu, beta_gpu, mean_gpu, var_gpu, mode=mode, channel_axis=channel_axis)
+            y_eval = cudnn_bn.forward_inference(x_gpu, gamma_gpu, beta_gpu, mean_gpu, var_gpu, mode=mode,
+                                                channel_axis=channel_axis)
             cupy.cuda.get_current_stream().synchronize()
             calls += 3
             fallbacks += saved.mode is not mode
             y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), mode=mode, channel_axis=channel_axis)
             wanted = [y64, *reference.backward(*_wide(x, dy, gamma), saved64),
-                      reference.forward_inference(*_wide(x, gamma, beta, mean, var), mode=mode, channel_axis=channel_axis)]
+                      reference.forward_inference(*_wide(x, gamma, beta, mean, var), mode=mode,
+                                                  channel_axis=channel_axis)]
             got = [to_numpy(a) for a in (y, *grads, y_eval)]
             for name, actual, value in zip(("y", "dx", "dgamma", "dbeta", "inference y"), got, wanted):
-                if actual.shape != value.shape or not np.allclose(actual, value, rtol=STRESS_TOLERANCE, atol=STRESS_TOLERANCE * _scale(value)):
+                if actual.shape != value.shape or not np.allclose(actual, value, rtol=STRESS_TOLERANCE,
+                                                                  atol=STRESS_TOLERANCE * _scale(value)):
                     failures.append(f"thread {index} call {iteration}: {name} wrong for {shape} {mode.name} "
                                     f"channel_axis={channel_axis} {_dtype_id(dtype)}")
     tally[index] = (calls, fallbacks)
@@ -484,8 +505,10 @@ def test_batches_past_cudnn_batch_limits_are_routed_or_refused():
         layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, np.float32, seed=4)
         running_host = [np.zeros(layout.param_shape, np.float32), np.ones(layout.param_shape, np.float32)]
         running, running64 = _to_device(*running_host), _wide(*running_host)
-        y, saved = cudnn_bn.forward_training(*_to_device(x, gamma, beta), *running, mode=mode, channel_axis=channel_axis)
-        y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode=mode, channel_axis=channel_axis)
+        y, saved = cudnn_bn.forward_training(*_to_device(x, gamma, beta), *running, mode=mode,
+                                             channel_axis=channel_axis)
+        y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode=mode,
+                                                  channel_axis=channel_axis)
         assert_training_matches(y, saved, running, y64, saved64, running64, np.float32, spread=1.0)
         assert_gradients_match(cudnn_bn.backward(*_to_device(x, dy, gamma), saved),
                                reference.backward(*_wide(x, dy, gamma), saved64), np.float32, str(shape))
@@ -498,7 +521,8 @@ def test_batches_past_cudnn_batch_limits_are_routed_or_refused():
     wanted = reference.forward_inference(*_wide(x, gamma[:2], beta[:2], mean, var), mode="spatial")
     assert_close(y, wanted, np.float32, what="chunked inference y", scale=_scale(wanted))
 
-    too_many = _to_device(np.ones((LIMITS.training_max_batch + 1, 2, 1, 2), np.float32), np.ones(2, np.float32), np.zeros(2, np.float32))
+    too_many = _to_device(np.ones((LIMITS.training_max_batch + 1, 2, 1, 2), np.float32), np.ones(2, np.float32),
+                          np.zeros(2, np.float32))
     with pytest.raises(cudnn_bn.CudnnLimitError, match=str(LIMITS.training_max_batch)):
         cudnn_bn.forward_training(*too_many, mode="spatial")
 
@@ -524,7 +548,8 @@ OVERFLOW_SHAPES = {"NCHW": ((16, 8, 16, 16), 1), "NHWC": ((16, 16, 16, 8), -1)} 
 OVERFLOW_CASES = (
     [("float16", layout, "offset", m) for layout in OVERFLOW_SHAPES for m in (1e-4, 1e-2, 1.0, 1e2, 1e3, 3e4, 6e4)]
     + [("float16", layout, "outliers", 6e4) for layout in OVERFLOW_SHAPES]
-    + [("float32", layout, pattern, m) for layout in OVERFLOW_SHAPES for pattern in ("offset", "outliers") for m in (1e4, 1e8, 1e12, 1e15)]
+    + [("float32", layout, pattern, m)
+       for layout in OVERFLOW_SHAPES for pattern in ("offset", "outliers") for m in (1e4, 1e8, 1e12, 1e15)]
 )
 
 
@@ -544,7 +569,8 @@ def test_persistent_forward_overflow_is_raised_or_falls_back_never_silent(case, 
     layout, _, _, gamma, beta = make_case(shape, Mode.SPATIAL, channel_axis, dtype)
     before = [np.full(layout.param_shape, 0.5, np.float32), np.full(layout.param_shape, 2.0, np.float32)]
     running64 = _wide(*before)
-    y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode="spatial", channel_axis=channel_axis)
+    y64, saved64 = reference.forward_training(*_wide(x, gamma, beta), *running64, mode="spatial",
+                                              channel_axis=channel_axis)
     spread = float(np.std(x.astype(np.float64)))
     x_gpu, gamma_gpu, beta_gpu = _to_device(x, gamma, beta)
     call = dict(mode="spatial_persistent", channel_axis=channel_axis)
@@ -556,7 +582,8 @@ def test_persistent_forward_overflow_is_raised_or_falls_back_never_silent(case, 
     except CudnnOverflowError:
         raised = True
         for restored, original, name in zip(running, before, ("running_mean", "running_var")):
-            np.testing.assert_array_equal(to_numpy(restored), original, err_msg=f"{name} not restored after the overflow")
+            np.testing.assert_array_equal(to_numpy(restored), original,
+                                          err_msg=f"{name} not restored after the overflow")
     if not raised:
         assert saved.mode is Mode.SPATIAL_PERSISTENT
         assert_training_matches(y, saved, running, y64, saved64, running64, dtype, spread)
@@ -585,20 +612,24 @@ def test_persistent_backward_overflow_is_raised_or_falls_back_never_silent(case,
     dtype_name, layout_name, magnitude = case
     dtype = np.dtype(dtype_name)
     base, channel_axis = OVERFLOW_SHAPES[layout_name]
-    height = 17 + BACKWARD_OVERFLOW_CASES.index(case)  # one shape per case: its fallback warning is shown once per shape
+    # one shape per case: its fallback warning is shown once per shape
+    height = 17 + BACKWARD_OVERFLOW_CASES.index(case)
     shape = (base[0], base[1], height, base[3]) if channel_axis == 1 else (base[0], height, base[2], base[3])
     layout, x, _, gamma, beta = make_case(shape, Mode.SPATIAL, channel_axis, dtype)
     dy = _overflow_input(shape, dtype, "offset", magnitude, seed=6)
     x_gpu, dy_gpu, gamma_gpu, beta_gpu = _to_device(x, dy, gamma, beta)
-    _, saved = cudnn_bn.forward_training(x_gpu, gamma_gpu, beta_gpu, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="fallback")
+    _, saved = cudnn_bn.forward_training(x_gpu, gamma_gpu, beta_gpu, mode="spatial_persistent",
+                                         channel_axis=channel_axis, on_overflow="fallback")
     if saved.mode is not Mode.SPATIAL_PERSISTENT:
         _record(request, forward="fell back on ordinary x")
         pytest.skip("the persistent forward overflowed on ordinary data, so there is no persistent backward to check")
-    _, saved64 = reference.forward_training(*_wide(x, gamma, beta), mode="spatial_persistent", channel_axis=channel_axis)
+    _, saved64 = reference.forward_training(*_wide(x, gamma, beta), mode="spatial_persistent",
+                                            channel_axis=channel_axis)
     expected = reference.backward(*_wide(x, dy, gamma), saved64)
 
     try:
-        assert_gradients_match(cudnn_bn.backward(x_gpu, dy_gpu, gamma_gpu, saved, on_overflow="raise"), expected, dtype, "(raise run)")
+        assert_gradients_match(cudnn_bn.backward(x_gpu, dy_gpu, gamma_gpu, saved, on_overflow="raise"), expected, dtype,
+                               "(raise run)")
         raised = False
     except CudnnOverflowError:
         raised = True
@@ -622,10 +653,11 @@ def test_an_ignored_overflow_does_not_reach_the_next_checked_call(request):
     for case in [c for c in OVERFLOW_CASES if c[3] >= 3e4]:
         dtype_name, layout_name, pattern, magnitude = case
         shape, channel_axis = OVERFLOW_SHAPES[layout_name]
-        arrays = _to_device(_overflow_input(shape, dtype_name, pattern, magnitude), np.ones(shape[channel_axis], np.float32),
-                            np.zeros(shape[channel_axis], np.float32))
+        arrays = _to_device(_overflow_input(shape, dtype_name, pattern, magnitude),
+                            np.ones(shape[channel_axis], np.float32), np.zeros(shape[channel_axis], np.float32))
         try:
-            cudnn_bn.forward_training(*arrays, mode="spatial_persistent", channel_axis=channel_axis, on_overflow="raise")
+            cudnn_bn.forward_training(*arrays, mode="spatial_persistent", channel_axis=channel_axis,
+                                      on_overflow="raise")
         except CudnnOverflowError:
             flagging = (case, arrays, channel_axis)
             break

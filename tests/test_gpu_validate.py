@@ -37,7 +37,8 @@ TIER_LIMITS = {"smoke": 150, "suite": 360, "bench": 150}
 def _environment(**extra) -> dict:
     environment = {key: value for key, value in os.environ.items()
                    if key not in ("CUDNN_BN_REQUIRE_GPU", "CUDNN_BN_SIMULATED_GPU", "GPU_VALIDATE_HANG", "OUT")}
-    environment.update({"PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, **extra})
+    environment.update({"PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+                        "PYTHON": sys.executable, **extra})
     return environment
 
 
@@ -111,11 +112,12 @@ def test_without_a_gpu_the_preflight_stops_the_run_in_seconds_with_exit_2(tmp_pa
     assert "cudnn_status: NOT usable" in preflight and "verdict: STOP" in preflight
     steps = _steps(out)
     assert steps["preflight"]["result"] == "failed" and steps["preflight"]["exit"] == "1"
-    assert {steps[name]["result"] for name in ("smoke-checks", "limit-probes", "suite-parallel", "suite-serial", "bench",
-                                               "query-timing")} == {"not-run"}
+    after_the_preflight = ("smoke-checks", "limit-probes", "suite-parallel", "suite-serial", "bench", "query-timing")
+    assert {steps[name]["result"] for name in after_the_preflight} == {"not-run"}
     assert not (out / "junit.xml").exists() and not (out / "checks.jsonl").exists()
     summary = (out / "summary.md").read_text()
-    assert "NOT RUN: the preflight stopped the validation" in summary and "| setup | preflight | required | failed | 1 |" in summary
+    assert "NOT RUN: the preflight stopped the validation" in summary
+    assert "| setup | preflight | required | failed | 1 |" in summary
     assert readme.read_text() == "<!-- gpu-status -->\nno run\n<!-- /gpu-status -->\n"
     _assert_evidence_comes_back(out)
 
@@ -150,10 +152,12 @@ def test_the_simulated_smoke_tier_completes_and_all_its_evidence_comes_back(tmp_
     steps = _steps(out)
     assert [steps[name]["result"] for name in ("preflight", "smoke-checks", "limit-probes")] == ["simulated"] * 3
     assert "passed" not in {step["result"] for step in steps.values()}  # nothing simulated reads as passed on a GPU
-    assert sorted(os.listdir(out)) == sorted([evidence.LOG, evidence.STEPS, evidence.SUMMARY, evidence.PREFLIGHT, evidence.CHECKS])
+    assert sorted(os.listdir(out)) == sorted([evidence.LOG, evidence.STEPS, evidence.SUMMARY, evidence.PREFLIGHT,
+                                              evidence.CHECKS])
     _assert_evidence_comes_back(out)
     summary = (out / "summary.md").read_text()
-    assert summary.startswith("### GPU validation rehearsal on the simulated GPU: REHEARSED") and "**Simulated.**" in summary
+    assert summary.startswith("### GPU validation rehearsal on the simulated GPU: REHEARSED")
+    assert "**Simulated.**" in summary
     assert all(f"| {tier} |" in summary for tier in ("smoke", "suite", "bench"))  # every tier named, asked for or not
     assert "| smoke | passed on the simulated GPU |" in summary
     assert all(f"`{name}` x" in summary for name in evidence.expected_entry_points())
@@ -162,16 +166,19 @@ def test_the_simulated_smoke_tier_completes_and_all_its_evidence_comes_back(tmp_
     ends = [r for r in records if r.get("kind") == "check" and r["event"] == "end"]
     assert len(ends) >= 60 and all(r["simulated"] for r in records)
     assert {r["outcome"] for r in ends} == {"passed", "needs a GPU"}
-    assert {r["check"] for r in ends if r["outcome"] == "needs a GPU"} == {"torch-dlpack", "torch-cuda-array-interface", "nccl-one-rank"}
+    needing_a_gpu = {r["check"] for r in ends if r["outcome"] == "needs a GPU"}
+    assert needing_a_gpu == {"torch-dlpack", "torch-cuda-array-interface", "nccl-one-rank"}
     verdicts = [r for r in records if r.get("kind") == "limit-verdict"]
-    assert [r["case"].split(" vs ")[1] for r in verdicts] == ["131071x1x1x1", "262136x1x1x1", "880802x1x1x1", "65536x1x1x1"]
+    assert [r["case"].split(" vs ")[1] for r in verdicts] == ["131071x1x1x1", "262136x1x1x1", "880802x1x1x1",
+                                                              "65536x1x1x1"]
     assert all(r["holds"] == "yes: refused with a status" for r in verdicts)  # what the simulator refuses
     assert _digest(readme) == before and _digest(os.path.join(ROOT, "README.md")) == repository_readme
 
 
 def test_a_hung_smoke_check_is_cut_reported_and_the_tier_goes_on(tmp_path):
     out = tmp_path / "out"
-    result, seconds = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_HANG="compat@8", GPU_VALIDATE_README="")
+    result, seconds = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_HANG="compat@8",
+                                GPU_VALIDATE_README="")
     assert result.returncode == 1, result.stdout[-4000:]
     assert seconds < 60
     steps = _steps(out)
@@ -181,13 +188,15 @@ def test_a_hung_smoke_check_is_cut_reported_and_the_tier_goes_on(tmp_path):
     assert "compat: hanging here" in log and "Fatal Python error: Aborted" in log  # SIGABRT: every thread's stack
     summary = (out / "summary.md").read_text()
     assert "FAIL (smoke-checks)" in summary and "started and never finished (hung, crashed or cut): `compat`" in summary
-    assert "| compat | did not finish |" in summary and "| plain-spatial-float32-NCHW | passed on the simulated GPU |" in summary
+    assert "| compat | did not finish |" in summary
+    assert "| plain-spatial-float32-NCHW | passed on the simulated GPU |" in summary
     _assert_evidence_comes_back(out)
 
 
 def test_a_crash_in_a_smoke_check_fails_that_check_and_the_checks_after_it_run_in_a_new_process(tmp_path):
     out = tmp_path / "out"
-    result, _ = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_FAULT="compat:crash", GPU_VALIDATE_README="")
+    result, _ = _validate("--simulate", "smoke", OUT=str(out), GPU_VALIDATE_FAULT="compat:crash",
+                          GPU_VALIDATE_README="")
     assert result.returncode == 1, result.stdout[-4000:]
     steps = _steps(out)
     assert steps["smoke-checks"]["result"] == "failed" and steps["limit-probes"]["result"] == "simulated"
@@ -207,17 +216,20 @@ def test_a_smoke_check_past_its_own_limit_is_stopped_and_the_rest_still_run(tmp_
     evidence = _load("gpu_evidence")
     records = tmp_path / "checks.jsonl"
     only = ["plain-spatial-float32-NCHW", "compat", "layer-train-then-eval"]
-    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_smoke.py"), "--records", str(records), "--only", *only],
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_smoke.py"), "--records", str(records),
+                             "--only", *only],
                             capture_output=True, text=True, timeout=120, cwd=ROOT,
                             env=_environment(CUDNN_BN_SIMULATED_GPU="1", GPU_VALIDATE_FAULT="compat:hang@2"))
     assert result.returncode == 1, result.stdout[-3000:]
-    assert "compat: no end after 2 s; stopping its process" in result.stdout and "Fatal Python error: Aborted" in result.stdout
+    assert "compat: no end after 2 s; stopping its process" in result.stdout
+    assert "Fatal Python error: Aborted" in result.stdout
     ends = {r["check"]: r for r in evidence.read_records(str(records)) if r.get("event") == "end"}
     assert list(ends) == only
     assert ends["compat"]["outcome"] == "failed" and ends["compat"]["detail"].startswith("no end after 2 s")
     assert ends["plain-spatial-float32-NCHW"]["outcome"] == ends["layer-train-then-eval"]["outcome"] == "passed"
     [points] = [r for r in evidence.read_records(str(records)) if r.get("kind") == "entry-points"]
-    assert points["missing"] == [] and points["called"]["cudnnBatchNormalizationBackward"] >= 2  # the plain check's and the layer's
+    # the plain check's and the layer's
+    assert points["missing"] == [] and points["called"]["cudnnBatchNormalizationBackward"] >= 2
 
 
 def test_steps_that_cannot_start_fail_and_the_summary_is_still_written(tmp_path):
@@ -266,14 +278,16 @@ def test_an_error_of_the_orchestrator_itself_still_leaves_a_summary(tmp_path, mo
     ("failed", 3, "DEGRADED: float16 CuPy kernels do not compile or run", True),
     ("failed", 1, "STOP: cuDNN is not usable on this machine", False),  # only its own STOP stops the run
 ])
-def test_only_the_preflights_own_verdict_stops_the_run(tmp_path, monkeypatch, preflight_result, preflight_exit, verdict, tiers_run):
+def test_only_the_preflights_own_verdict_stops_the_run(tmp_path, monkeypatch, preflight_result, preflight_exit, verdict,
+                                                       tiers_run):
     validate, run, out = _in_process_run(tmp_path, simulate=False)
     started = []
 
     def run_step(step):
         started.append(step.name)
         if step.name == "preflight":
-            (out / "preflight.txt").write_text("cudnn_status: usable: 1 GPU(s)\n" + (f"verdict: {verdict}\n" if verdict else ""))
+            verdict_line = f"verdict: {verdict}\n" if verdict else ""
+            (out / "preflight.txt").write_text("cudnn_status: usable: 1 GPU(s)\n" + verdict_line)
             run.record(step, preflight_result, preflight_exit, 40.0, step.limit_s)
             return preflight_exit
         run.record(step, "passed" if step.kind == "required" else "done", 0, 1.0, step.limit_s)
@@ -303,13 +317,14 @@ def test_a_step_that_floods_its_output_keeps_its_head_and_tail_in_the_log(tmp_pa
     assert len(log) < 20_000 and "bytes of this step's output left out here" in log
     left_out = int(re.search(r"\.\.\. (\d+) bytes of this step", log).group(1))
     kept_head = len(log.split("[gpu-validate] ...")[0])
-    assert kept_head + left_out + len("line 199997\nline 199998\nline 199999\n") + 5_000_001 + len("the last line\n") == len(flood)
+    kept_tail = len("line 199997\nline 199998\nline 199999\n") + 5_000_001 + len("the last line\n")
+    assert kept_head + left_out + kept_tail == len(flood)
 
 
 def test_sigterm_stops_the_step_and_the_run_and_the_summary_is_written(tmp_path):
     out = tmp_path / "out"
-    process = subprocess.Popen(["bash", os.path.join(CI, "gpu-validate"), "--simulate", "smoke"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    process = subprocess.Popen(["bash", os.path.join(CI, "gpu-validate"), "--simulate", "smoke"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                env=_environment(OUT=str(out), GPU_VALIDATE_HANG="compat@60", GPU_VALIDATE_README=""))
     try:
         for line in process.stdout:
@@ -353,7 +368,8 @@ def test_a_smoke_check_that_fails_does_not_hide_the_others(tmp_path, monkeypatch
     def fails(checks):
         raise smoke.CheckFailed("y: max abs difference 1 from the reference")
 
-    monkeypatch.setattr(smoke.Checks, "all", lambda checks: [("fails", lambda: fails(checks)), ("calls", lambda: calls_cudnn(checks))])
+    monkeypatch.setattr(smoke.Checks, "all",
+                        lambda checks: [("fails", lambda: fails(checks)), ("calls", lambda: calls_cudnn(checks))])
     with simulated_gpu(monkeypatch):
         ends = smoke.run_checks(records, only=None)
     status = smoke.finish_checks(records, ends, only=None)
@@ -361,8 +377,10 @@ def test_a_smoke_check_that_fails_does_not_hide_the_others(tmp_path, monkeypatch
     written = evidence.read_records(str(tmp_path / "checks.jsonl"))
     ends = {r["check"]: r for r in written if r.get("event") == "end"}
     assert status == 1
-    assert ends["fails"]["outcome"] == "failed" and ends["fails"]["detail"] == "CheckFailed: y: max abs difference 1 from the reference"
-    assert ends["calls"]["outcome"] == "passed" and ends["calls"]["entry_points"] == {"cudnnBatchNormalizationForwardTraining": 1}
+    assert ends["fails"]["outcome"] == "failed"
+    assert ends["fails"]["detail"] == "CheckFailed: y: max abs difference 1 from the reference"
+    assert ends["calls"]["outcome"] == "passed"
+    assert ends["calls"]["entry_points"] == {"cudnnBatchNormalizationForwardTraining": 1}
     [points] = [r for r in written if r.get("kind") == "entry-points"]
     assert "cudnnBatchNormalizationBackward" in points["missing"]  # an entry point no check called fails the tier
 
@@ -370,8 +388,8 @@ def test_a_smoke_check_that_fails_does_not_hide_the_others(tmp_path, monkeypatch
 def test_gpu_tests_run_on_the_simulated_gpu_and_the_others_say_they_need_a_gpu(tmp_path):
     junit = tmp_path / "junit.xml"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit}", "-rs",
-         "tests/test_gpu_parity.py::test_bad_input_on_the_gpu_gives_the_reference_errors",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={junit}",
+         "-rs", "tests/test_gpu_parity.py::test_bad_input_on_the_gpu_gives_the_reference_errors",
          "tests/test_distributed.py::test_nccl_group_of_one_matches_the_reference"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
     assert result.returncode == 0, result.stdout[-3000:]
@@ -382,7 +400,8 @@ def test_gpu_tests_run_on_the_simulated_gpu_and_the_others_say_they_need_a_gpu(t
 
 def test_a_simulated_benchmark_says_so_in_its_json(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(CI, "gpu_bench.py"), "--json", str(tmp_path / "bench.json")],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["simulated"] is True and bench["backend"].startswith("SIMULATED GPU")
@@ -390,8 +409,10 @@ def test_a_simulated_benchmark_says_so_in_its_json(tmp_path):
 
 
 def test_a_benchmark_past_its_deadline_lists_what_it_did_not_time_and_passes(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_bench.py"), "--json", str(tmp_path / "bench.json"), "--seconds", "0"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_bench.py"), "--json", str(tmp_path / "bench.json"),
+                             "--seconds", "0"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env=_environment(CUDNN_BN_SIMULATED_GPU="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["rows"] == [] and bench["failed"] == []
@@ -400,7 +421,8 @@ def test_a_benchmark_past_its_deadline_lists_what_it_did_not_time_and_passes(tmp
                         "training_step"]
     rows = [entry for entry in bench["not_timed"] if "section" not in entry]
     assert len(rows) == 2 * 4 * 3 * 2  # float16 and float32 x the four labels x three operations x NCHW and NHWC
-    assert f"Not timed, because the run's deadline had passed: {len(bench['not_timed'])} rows and sections" in result.stdout
+    assert (f"Not timed, because the run's deadline had passed: {len(bench['not_timed'])} rows and sections"
+            in result.stdout)
     text = _load("gpu_summary").section_bench(bench, [], True)
     assert any(line.startswith(f"- not_timed: {len(bench['not_timed'])}") for line in text)
 
@@ -408,12 +430,15 @@ def test_a_benchmark_past_its_deadline_lists_what_it_did_not_time_and_passes(tmp
 def test_every_gpu_test_named_for_special_handling_exists():
     from conftest import GPU_SERIAL, NEEDS_A_GPU
 
-    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", "--collect-only", "-q", "tests"],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", "--collect-only",
+                             "-q", "tests"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
     collected = {line.split("[")[0] for line in result.stdout.splitlines() if "::" in line}
-    assert set(NEEDS_A_GPU) <= collected and set(GPU_SERIAL) <= collected, (set(NEEDS_A_GPU) | set(GPU_SERIAL)) - collected
-    serial = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu and gpu_serial", "--collect-only", "-q",
-                             "tests"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
+    named = set(NEEDS_A_GPU) | set(GPU_SERIAL)
+    assert named <= collected, named - collected
+    serial = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu and gpu_serial",
+                             "--collect-only", "-q", "tests"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
     assert {line.split("[")[0] for line in serial.stdout.splitlines() if "::" in line} == set(GPU_SERIAL)
 
 
@@ -431,17 +456,21 @@ SETUP_ROWS = [_row("setup", "preflight", "passed"), _row("setup", "environment",
     (SETUP_ROWS + [_row("smoke", "smoke-checks", "simulated")], True, 0, "REHEARSED"),
     (SETUP_ROWS + [_row("smoke", "smoke-checks", "timed-out", "-6")], False, 1, "FAIL (smoke-checks)"),
     (SETUP_ROWS + [_row("suite", "suite-parallel", "no-test-ran")], True, 1, "FAIL (suite-parallel)"),
-    (SETUP_ROWS + [_row("smoke", "smoke-checks", "not-run", "-")], True, 3, "INCOMPLETE (what ran passed; not run: smoke)"),
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "not-run", "-")], True, 3,
+     "INCOMPLETE (what ran passed; not run: smoke)"),
     ([_row("setup", "preflight", "simulated")], True, 1, "FAIL (no tier ran on the simulated GPU)"),
     ([_row("setup", "preflight", "passed")], False, 1, "FAIL (no tier ran)"),
-    (SETUP_ROWS + [_row("smoke", "smoke-checks", "passed"), _row("bench", "bench", "not-run", "-")], False, 3, "INCOMPLETE"),
+    (SETUP_ROWS + [_row("smoke", "smoke-checks", "passed"), _row("bench", "bench", "not-run", "-")], False, 3,
+     "INCOMPLETE"),
     ([_row("setup", "preflight", "failed", "1"), _row("smoke", "smoke-checks", "not-run", "-")], False, 2, "NOT RUN"),
     ([_row("setup", "preflight", "failed", "1")], False, 2, "NOT RUN"),  # exit 1 and no verdict: it stopped the run
     # a preflight cut at its limit or crashed did not stop the run: the tiers ran, and it fails the run
-    ([_row("setup", "preflight", "timed-out", "-6"), _row("smoke", "smoke-checks", "passed")], False, 1, "FAIL (preflight)"),
+    ([_row("setup", "preflight", "timed-out", "-6"), _row("smoke", "smoke-checks", "passed")], False, 1,
+     "FAIL (preflight)"),
     ([_row("setup", "preflight", "crashed-signal-11", "-11"), _row("smoke", "smoke-checks", "failed", "1")], False, 1,
      "FAIL (preflight, smoke-checks)"),
-    ([_row("setup", "preflight", "failed", "3"), _row("smoke", "smoke-checks", "passed")], False, 1, "FAIL (preflight)"),
+    ([_row("setup", "preflight", "failed", "3"), _row("smoke", "smoke-checks", "passed")], False, 1,
+     "FAIL (preflight)"),
     ([], False, 1, "UNKNOWN"),
 ])
 def test_the_exit_status_is_decided_in_one_place(rows, simulated, status, verdict):
@@ -474,22 +503,26 @@ def test_the_log_parser_reads_xdist_workers_and_names_the_test_a_crashed_worker_
     parsed = summary.read_verbose_log(XDIST_LOG)
     assert parsed["outcomes"] == {
         "tests/test_gpu_parity.py::test_a[x]": "passed", "tests/test_gpu_parity.py::test_b[y]": "failed",
-        "tests/test_interop.py::test_torch_cpu_tensors_are_type_errors": "skipped", "tests/test_fused.py::test_d": "xfailed",
+        "tests/test_interop.py::test_torch_cpu_tensors_are_type_errors": "skipped",
+        "tests/test_fused.py::test_d": "xfailed",
     }
     assert parsed["crashed"] == ["tests/test_gpu_parity.py::test_c[z]"]
 
 
 def test_the_summary_of_a_cut_suite_reads_the_xdist_log(tmp_path):
     summary = _load("gpu_summary")
-    (tmp_path / "gpu-validate.log").write_text("[gpu-validate] step suite/suite-parallel: start (limit 250 s): python -m pytest\n"
+    (tmp_path / "gpu-validate.log").write_text("[gpu-validate] step suite/suite-parallel: "
+                                               "start (limit 250 s): python -m pytest\n"
                                                "2 workers [7 items]\n" + XDIST_LOG)
     steps = tmp_path / "steps.tsv"
     steps.write_text("setup\tpreflight\trequired\tpassed\t0\t3.0\t25\nsuite\tsuite-parallel\trequired\ttimed-out\t-6\t260.0\t260\n")
     text = summary.summarize(str(tmp_path), str(steps))
-    assert "FAIL (suite-parallel)" in text and "No junit XML" in text and "1 passed, 1 failed, 1 skipped, 1 xfailed" in text
+    assert "FAIL (suite-parallel)" in text and "No junit XML" in text
+    assert "1 passed, 1 failed, 1 skipped, 1 xfailed" in text
     assert "a pytest-xdist worker crashed while running `tests/test_gpu_parity.py::test_c[z]`" in text
     assert "`tests/test_gpu_parity.py::test_b[y]`: failed" in text
-    assert "**3 of the 7 selected tests have no result**" in text and "workers that went down (a crash, or a test past its timeout): 1" in text
+    assert "**3 of the 7 selected tests have no result**" in text
+    assert "workers that went down (a crash, or a test past its timeout): 1" in text
 
 
 def test_the_summary_names_the_test_that_never_finished_in_one_process(tmp_path):
@@ -545,7 +578,8 @@ def test_the_parallel_suite_step_survives_a_crashed_and_a_hung_test_and_its_summ
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env=_environment(PYTHONFAULTHANDLER="1"))
     assert result.returncode == 1, result.stdout[-3000:]
-    (out / "gpu-validate.log").write_text("[gpu-validate] step suite/suite-parallel: start (limit 250 s): pytest\n" + result.stdout)
+    (out / "gpu-validate.log").write_text("[gpu-validate] step suite/suite-parallel: "
+                                          "start (limit 250 s): pytest\n" + result.stdout)
     (out / "steps.tsv").write_text("suite\tsuite-parallel\trequired\tfailed\t1\t9.0\t250\n")
     text = _load("gpu_summary").summarize(str(out), str(out / "steps.tsv"))
     assert "8 tests: 6 passed, 0 failed, 2 error" in text and "Every one of the 8 selected tests has a result." in text
@@ -575,13 +609,15 @@ def test_summary_counts_failures_skips_recorded_outcomes_limits_and_query_cost(t
     subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
                     f"--junitxml={tmp_path / 'junit.xml'}", str(tmp_path / "test_sample.py")],
                    capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    (tmp_path / "preflight.txt").write_text("cudnn_status: checking ...\ncudnn_status: usable: 1 GPU(s)\ndevice 0: H100\nverdict: ok\n")
+    (tmp_path / "preflight.txt").write_text("cudnn_status: checking ...\n"
+                                            "cudnn_status: usable: 1 GPU(s)\ndevice 0: H100\nverdict: ok\n")
     steps = tmp_path / "steps.tsv"
     steps.write_text("setup\tpreflight\trequired\tpassed\t0\t3.1\t25\nsuite\tsuite-parallel\trequired\tfailed\t1\t80.2\t260\n"
                      "setup\tenvironment\tinfo\tfailed\t127\t0.0\t15\n")
     records = [
         dict(tier="smoke", kind="limit-verdict", step="limit-probes", limit="inference batch",
-             case="SPATIAL float32 65535x1x1x1 vs 65536x1x1x1", within="ok", past="NOT_SUPPORTED", holds="yes: refused with a status"),
+             case="SPATIAL float32 65535x1x1x1 vs 65536x1x1x1", within="ok", past="NOT_SUPPORTED",
+             holds="yes: refused with a status"),
         dict(tier="bench", kind="query_timing", step="query-timing", measure="idle query, us", value="3.2"),
     ]
     (tmp_path / "checks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -612,14 +648,16 @@ def test_a_simulated_run_never_touches_the_readme(tmp_path, capsys):
 def test_a_record_after_one_cut_by_a_dying_process_starts_its_own_line(tmp_path, capsys):
     evidence = _load("gpu_evidence")
     path = tmp_path / "checks.jsonl"
-    path.write_text('{"kind": "check", "check": "a", "event": "end"}\n{"kind": "check", "check": "b", "ev')  # cut mid-record
+    # cut mid-record
+    path.write_text('{"kind": "check", "check": "a", "event": "end"}\n{"kind": "check", "check": "b", "ev')
     records = evidence.RecordWriter(str(path))
     records.start_a_line()
     records.write(kind="check", check="b", event="end", outcome="failed")
     records.start_a_line()  # nothing to end now
     records.write(kind="entry-points")
     records.close()
-    assert [(r["kind"], r.get("check")) for r in evidence.read_records(str(path))] == [("check", "a"), ("check", "b"), ("entry-points", None)]
+    read = [(r["kind"], r.get("check")) for r in evidence.read_records(str(path))]
+    assert read == [("check", "a"), ("check", "b"), ("entry-points", None)]
     assert path.read_text().count("\n") == 4
 
 
@@ -645,8 +683,9 @@ def test_the_limit_probes_cover_both_sides_of_every_batch_limit_with_the_package
 
     probes = _load("gpu_probes")
     numbers = probes.limit_numbers()
-    assert (numbers["per_activation_training_max_batch"], numbers["training_max_batch"], numbers["inference_max_batch"]) == (
-        LIMITS.per_activation_training_max_batch, LIMITS.training_max_batch, LIMITS.inference_max_batch)
+    assert (
+        numbers["per_activation_training_max_batch"], numbers["training_max_batch"], numbers["inference_max_batch"]
+    ) == (LIMITS.per_activation_training_max_batch, LIMITS.training_max_batch, LIMITS.inference_max_batch)
     groups = {group["name"]: group for group in probes.plan()}
     batches = lambda name: [case["shape"][0] for case in groups[name]["cases"]]  # noqa: E731
     assert batches("training-batch-per_activation-float32") == [131070, 131071, 262136]
@@ -660,26 +699,34 @@ def test_the_limit_probes_cover_both_sides_of_every_batch_limit_with_the_package
         if group["kind"] == "limit":
             assert group["cases"][0]["edge"] == "within"  # a crash past the limit keeps the call within it
             assert all(max(case["shape"]) < 2**31 for case in group["cases"])  # only the count may pass int32
-    counts = {case["edge"]: math.prod(case["shape"]) for g in groups.values() if g["set"] == "int32" for case in g["cases"]}
+    counts = {case["edge"]: math.prod(case["shape"])
+              for g in groups.values() if g["set"] == "int32" for case in g["cases"]}
     assert counts["within"] <= LIMITS.int32_max < counts["past"]
 
 
-def _limit_record(edge, operation, status="CUDNN_STATUS_SUCCESS", check="matches (y 1e-07)", shape=(65536, 1, 1, 1), **extra):
-    return dict(kind="limit", group="g", edge=edge, operation=operation, status=status, check=check, shape=list(shape), **extra)
+def _limit_record(edge, operation, status="CUDNN_STATUS_SUCCESS", check="matches (y 1e-07)", shape=(65536, 1, 1, 1),
+                  **extra):
+    return dict(kind="limit", group="g", edge=edge, operation=operation, status=status, check=check, shape=list(shape),
+                **extra)
 
 
 @pytest.mark.parametrize("within,past,expected", [
-    ([_limit_record("within", "forward_inference")], [_limit_record("past", "forward_inference", "CUDNN_STATUS_NOT_SUPPORTED", "-")], "yes: refused"),
-    ([_limit_record("within", "forward_inference")], [_limit_record("past", "forward_inference")], "no: cuDNN ran past the limit"),
-    ([_limit_record("within", "forward_inference")], [_limit_record("past", "forward_inference", check="WRONG (y nan)")], "yes, and worse"),
+    ([_limit_record("within", "forward_inference")],
+     [_limit_record("past", "forward_inference", "CUDNN_STATUS_NOT_SUPPORTED", "-")], "yes: refused"),
+    ([_limit_record("within", "forward_inference")], [_limit_record("past", "forward_inference")],
+     "no: cuDNN ran past the limit"),
+    ([_limit_record("within", "forward_inference")],
+     [_limit_record("past", "forward_inference", check="WRONG (y nan)")], "yes, and worse"),
     ([_limit_record("within", "forward_inference")], [], "unclear: the call past the limit did not report"),
-    ([_limit_record("within", "forward_inference", "CUDNN_STATUS_NOT_SUPPORTED", "-")], [], "unclear: the call within the limit failed"),
+    ([_limit_record("within", "forward_inference", "CUDNN_STATUS_NOT_SUPPORTED", "-")], [],
+     "unclear: the call within the limit failed"),
     ([], [], "unclear: no result within the limit"),
 ])
 def test_probe_verdicts(within, past, expected):
     probes = _load("gpu_probes")
     group = dict(name="g", kind="limit", limit="inference batch", operations=["forward_inference"], mode="SPATIAL",
-                 dtype="float32", cases=[dict(edge="within", shape=(65535, 1, 1, 1)), dict(edge="past", shape=(65536, 1, 1, 1))])
+                 dtype="float32",
+                 cases=[dict(edge="within", shape=(65535, 1, 1, 1)), dict(edge="past", shape=(65536, 1, 1, 1))])
     [row] = probes.verdicts([group], within + past)
     assert row["holds"].startswith(expected) and row["case"] == "SPATIAL float32 65535x1x1x1 vs 65536x1x1x1"
 
@@ -687,8 +734,9 @@ def test_probe_verdicts(within, past, expected):
 def test_probes_record_a_group_that_dies_and_go_on(tmp_path):
     evidence = _load("gpu_evidence")
     records = tmp_path / "checks.jsonl"
-    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_probes.py"), "--records", str(records), "--set", "limits",
-                             "--only", "inference-batch-spatial-float32", "training-batch-spatial-float32"],
+    result = subprocess.run([sys.executable, os.path.join(CI, "gpu_probes.py"), "--records", str(records),
+                             "--set", "limits", "--only", "inference-batch-spatial-float32",
+                             "training-batch-spatial-float32"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=_environment())
     assert result.returncode == 1, result.stdout[-2000:]
     written = evidence.read_records(str(records))
@@ -721,7 +769,8 @@ class _FakeTorch:
         self.calls.append(("synchronize", device))
         sys.modules["cupy"].cuda.Device().synchronize()
 
-    def _batch_norm(self, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-05):
+    def _batch_norm(self, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-05):
         assert all(isinstance(t, _CudaTensor) for t in (input, running_mean, running_var, weight, bias))
         self.calls.append(("batch_norm", training, momentum, eps))
         return input
@@ -776,7 +825,8 @@ class _FakeNcclBackend:
         self.calls.append(("stop",))
 
 
-def test_the_checks_that_need_a_gpu_run_their_gpu_branches_against_torch_and_nccl_fakes(simulated_gpu_with_interop, monkeypatch):
+def test_the_checks_that_need_a_gpu_run_their_gpu_branches_against_torch_and_nccl_fakes(simulated_gpu_with_interop,
+                                                                                        monkeypatch):
     """torch-dlpack, torch-cuda-array-interface, host-time-vs-torch and nccl-one-rank as they run on
     a GPU (not their simulated stand-ins): every call they make to torch, to cupyx.distributed and
     to cudnn_bn, with the signatures of the real libraries, and their results checked."""
@@ -797,7 +847,8 @@ def test_the_checks_that_need_a_gpu_run_their_gpu_branches_against_torch_and_ncc
     monkeypatch.setitem(sys.modules, "cupyx", cupyx)
     monkeypatch.setitem(sys.modules, "cupyx.distributed", distributed)
     # cupy.fuse compiles the group's dx kernel on a GPU; here the fused function runs op by op
-    monkeypatch.setattr(sys.modules["cupy"], "fuse", lambda kernel_name=None: (lambda function: function), raising=False)
+    monkeypatch.setattr(sys.modules["cupy"], "fuse", lambda kernel_name=None: (lambda function: function),
+                        raising=False)
     monkeypatch.delenv("MPI4PY_RC_INITIALIZE", raising=False)
     monkeypatch.delenv("NCCL_DEBUG", raising=False)
     checks = smoke.Checks(None)
@@ -805,16 +856,21 @@ def test_the_checks_that_need_a_gpu_run_their_gpu_branches_against_torch_and_ncc
 
     dlpack = checks.torch_call("dlpack")
     assert [call for call in torch.calls if call[0] == "__dlpack__"] and dlpack["torch"] == torch.__version__
-    assert set(dlpack["max_abs_difference"]) == {"y", "running mean (in the torch tensor)", "running var (in the torch tensor)"}
+    assert set(dlpack["max_abs_difference"]) == {"y", "running mean (in the torch tensor)",
+                                                 "running var (in the torch tensor)"}
     torch.calls.clear()
     interface = checks.torch_call("cuda_array_interface")
-    assert ("__cuda_array_interface__",) in torch.calls and not [call for call in torch.calls if call[0] == "__dlpack__"]
-    assert interface["max_abs_difference"]["running var (in the torch tensor)"] < 1e-6  # written in place, in the tensor's memory
+    assert ("__cuda_array_interface__",) in torch.calls
+    assert not [call for call in torch.calls if call[0] == "__dlpack__"]
+    # written in place, in the tensor's memory
+    assert interface["max_abs_difference"]["running var (in the torch tensor)"] < 1e-6
     torch.calls.clear()
     timed = checks.host_time()
     batch_norms = [call for call in torch.calls if call[0] == "batch_norm"]
-    assert len(batch_norms) == smoke.HOST_TIME_CALLS + 1 and batch_norms[0] == ("batch_norm", True, smoke.MOMENTUM, smoke.EPS)
-    assert ("synchronize", None) in torch.calls and timed["torch_us"] > 0 and timed["ratio"] > 0 and "torch.nn.functional" in timed["detail"]
+    assert len(batch_norms) == smoke.HOST_TIME_CALLS + 1
+    assert batch_norms[0] == ("batch_norm", True, smoke.MOMENTUM, smoke.EPS)
+    assert ("synchronize", None) in torch.calls and timed["torch_us"] > 0 and timed["ratio"] > 0
+    assert "torch.nn.functional" in timed["detail"]
 
     group = checks.nccl_one_rank()
     [backend] = backends

@@ -24,7 +24,8 @@ def test_the_host_overhead_benchmark_measures_every_call_and_restores_the_librar
             row = rows[(case, operation)]
             assert 0 < row["min_us"] <= row["median_us"] <= row["max_us"]
     assert {name: getattr(cudnn_library, name) for name in host_overhead._NOOP_NAMES} == before
-    assert "cupy" not in sys.modules or sys.modules["cupy"].__name__ == "cupy" and not hasattr(sys.modules["cupy"], "HostArray")
+    assert ("cupy" not in sys.modules
+            or sys.modules["cupy"].__name__ == "cupy" and not hasattr(sys.modules["cupy"], "HostArray"))
     markdown = host_overhead.to_markdown(result)
     assert "| NCHW float32, SPATIAL | forward_training |" in markdown
 

@@ -122,19 +122,23 @@ def test_cuda_array_interface_objects_run_on_cudnn_and_get_running_statistics_in
     assert_close(running_mean, expected_mean, np.float32)
     assert_close(running_var, expected_var, np.float32)
     assert "cudnnBatchNormalizationForwardTraining" in gpu.calls
-    dx, dgamma, dbeta = cudnn_bn.backward(CudaArrayInterfaceStandIn(x), CudaArrayInterfaceStandIn(dy), CudaArrayInterfaceStandIn(gamma), saved)
-    for actual, expected in zip((dx, dgamma, dbeta), reference.backward(x.astype(np.float64), dy.astype(np.float64), gamma, expected_saved)):
+    dx, dgamma, dbeta = cudnn_bn.backward(CudaArrayInterfaceStandIn(x), CudaArrayInterfaceStandIn(dy),
+                                          CudaArrayInterfaceStandIn(gamma), saved)
+    for actual, expected in zip((dx, dgamma, dbeta),
+                                reference.backward(x.astype(np.float64), dy.astype(np.float64), gamma, expected_saved)):
         assert_close(actual, expected, np.float32, scale=10)
-    y_inference = cudnn_bn.forward_inference(*wrapped[:3], CudaArrayInterfaceStandIn(expected_saved.mean.astype(np.float32)),
-                                             CudaArrayInterfaceStandIn((1 / expected_saved.inv_std**2).astype(np.float32)),
-                                             mode="spatial", eps=0.0)
+    expected_var = (1 / expected_saved.inv_std**2).astype(np.float32)
+    y_inference = cudnn_bn.forward_inference(*wrapped[:3],
+                                             CudaArrayInterfaceStandIn(expected_saved.mean.astype(np.float32)),
+                                             CudaArrayInterfaceStandIn(expected_var), mode="spatial", eps=0.0)
     assert_close(y_inference, expected_y, np.float32, scale=4)
 
 
 def test_the_producer_stream_is_waited_on_before_any_kernel(gpu):
     x, _, gamma, beta = _case()
     producer_stream = 0x5A5A
-    cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, stream=producer_stream), gamma.view(FakeArray), beta.view(FakeArray), mode="spatial")
+    cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, stream=producer_stream), gamma.view(FakeArray),
+                              beta.view(FakeArray), mode="spatial")
     records = [entry for entry in gpu.log if entry[0] == "record"]
     waits = [entry for entry in gpu.log if entry[0] == "wait"]
     assert len(records) == 1 and len(waits) == 1
@@ -150,21 +154,25 @@ def test_the_producer_stream_is_waited_on_before_any_kernel(gpu):
 def test_no_wait_when_there_is_nothing_to_wait_for(gpu, stream):
     x, _, gamma, beta = _case()
     stream = _current_stream_pointer() if stream == "current" else None
-    cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, stream=stream), gamma.view(FakeArray), beta.view(FakeArray), mode="spatial")
+    cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, stream=stream), gamma.view(FakeArray), beta.view(FakeArray),
+                              mode="spatial")
     assert not [entry for entry in gpu.log if entry[0] in ("record", "wait")]
     assert ("asarray", 0) in gpu.log
 
 
 def test_a_version_2_interface_without_a_stream_is_accepted(gpu):
     x, _, gamma, beta = _case()
-    y, _ = cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, version=2), gamma.view(FakeArray), beta.view(FakeArray), mode="spatial")
-    assert_close(y, reference.forward_training(x.astype(np.float64), gamma, beta, mode="spatial")[0], np.float32, scale=4)
+    y, _ = cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, version=2), gamma.view(FakeArray),
+                                     beta.view(FakeArray), mode="spatial")
+    assert_close(y, reference.forward_training(x.astype(np.float64), gamma, beta, mode="spatial")[0], np.float32,
+                 scale=4)
 
 
 def test_stream_zero_is_refused_before_anything_runs(gpu):
     x, _, gamma, beta = _case()
     with pytest.raises(ValueError, match="x: __cuda_array_interface__ 'stream' is 0"):
-        cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, stream=0), gamma.view(FakeArray), beta.view(FakeArray), mode="spatial")
+        cudnn_bn.forward_training(CudaArrayInterfaceStandIn(x, stream=0), gamma.view(FakeArray), beta.view(FakeArray),
+                                  mode="spatial")
     assert not gpu.calls
 
 
@@ -173,8 +181,9 @@ def test_a_read_only_interface_cannot_receive_running_statistics(gpu):
     running_mean = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="running_mean: expected a writable array"):
         cudnn_bn.forward_training(
-            CudaArrayInterfaceStandIn(x, readonly=True), CudaArrayInterfaceStandIn(gamma, readonly=True), beta.view(FakeArray),
-            CudaArrayInterfaceStandIn(running_mean, readonly=True), np.ones(3, np.float32).view(FakeArray), mode="spatial",
+            CudaArrayInterfaceStandIn(x, readonly=True), CudaArrayInterfaceStandIn(gamma, readonly=True),
+            beta.view(FakeArray), CudaArrayInterfaceStandIn(running_mean, readonly=True),
+            np.ones(3, np.float32).view(FakeArray), mode="spatial",
         )
     _synchronize()
     np.testing.assert_array_equal(running_mean, 0.0)
@@ -190,7 +199,8 @@ def test_dlpack_objects_on_a_cuda_device_go_through_cupy_from_dlpack(gpu):
     wrapped = [DLPackStandIn(a) for a in (x, gamma, beta, running_mean, running_var)]
     y, saved = cudnn_bn.forward_training(*wrapped, mode="spatial", momentum=0.5)
     expected_mean, expected_var = np.zeros(3), np.ones(3)
-    expected_y, _ = reference.forward_training(x.astype(np.float64), gamma, beta, expected_mean, expected_var, mode="spatial", momentum=0.5)
+    expected_y, _ = reference.forward_training(x.astype(np.float64), gamma, beta, expected_mean, expected_var,
+                                               mode="spatial", momentum=0.5)
     assert_close(y, expected_y, np.float32, scale=4)
     _synchronize()
     assert_close(running_mean, expected_mean, np.float32)  # written through the zero-copy view
@@ -212,7 +222,8 @@ def test_an_object_with_both_protocols_is_taken_through_dlpack(gpu):
 def test_saved_statistics_held_in_foreign_arrays_are_accepted(gpu):
     x, dy, gamma, beta = _case()
     _, saved = reference.forward_training(x, gamma, beta, mode="spatial")
-    foreign = cudnn_bn.SavedStats(DLPackStandIn(saved.mean.copy()), DLPackStandIn(saved.inv_std.copy()), saved.mode, saved.eps, 1)
+    foreign = cudnn_bn.SavedStats(DLPackStandIn(saved.mean.copy()), DLPackStandIn(saved.inv_std.copy()), saved.mode,
+                                  saved.eps, 1)
     grads = cudnn_bn.backward(x.view(FakeArray), dy.view(FakeArray), gamma.view(FakeArray), foreign)
     for actual, expected in zip(grads, reference.backward(x, dy, gamma, saved)):
         assert_close(actual, expected, np.float32, scale=10)
@@ -240,7 +251,8 @@ ACCEPTED_WORDS = ("numpy", "cupy", "__cuda_array_interface__", "__dlpack__ on a 
 @pytest.mark.parametrize(
     "value,expected",
     [
-        (DLPackStandIn(np.zeros((4, 3, 2, 2), np.float32), device_type=1), "on DLPack device kDLCPU (for the NumPy reference pass numpy.from_dlpack"),
+        (DLPackStandIn(np.zeros((4, 3, 2, 2), np.float32), device_type=1),
+         "on DLPack device kDLCPU (for the NumPy reference pass numpy.from_dlpack"),
         (DLPackStandIn(np.zeros((4, 3, 2, 2), np.float32), device_type=3), "on DLPack device kDLCUDAHost"),
         ([[1.0, 2.0], [3.0, 4.0]], "got list"),
         ("x", "got str"),
@@ -286,7 +298,8 @@ def test_numpy_users_never_load_cupy_or_the_converter():
         y, saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
         cudnn_bn.backward(x, x, gamma, saved)
         compat.batch_normalization_forward_training(x, gamma, beta, None, None, None, None, 1e-5, 0.9, True, 1, False)
-        print(sorted(name for name in ("cupy", "cudnn_bn._cudnn.interop", "cudnn_bn._cudnn.ops") if name in sys.modules))
+        modules = ("cupy", "cudnn_bn._cudnn.interop", "cudnn_bn._cudnn.ops")
+        print(sorted(name for name in modules if name in sys.modules))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -314,13 +327,15 @@ def test_torch_cuda_tensors_run_zero_copy(channel_axis):
     y, saved = cudnn_bn.forward_training(device(x), device(gamma), device(beta), running_mean, running_var,
                                          mode="spatial", momentum=0.5, channel_axis=channel_axis)
     expected_mean, expected_var = np.zeros(3), np.ones(3)
-    expected_y, expected_saved = reference.forward_training(x.astype(np.float64), gamma, beta, expected_mean, expected_var,
-                                                            mode="spatial", momentum=0.5, channel_axis=channel_axis)
+    expected_y, expected_saved = reference.forward_training(x.astype(np.float64), gamma, beta, expected_mean,
+                                                            expected_var, mode="spatial", momentum=0.5,
+                                                            channel_axis=channel_axis)
     assert_close(y, expected_y, np.float32, scale=4)
     assert_close(running_mean.cpu().numpy(), expected_mean, np.float32)  # updated inside the torch tensor
     assert_close(running_var.cpu().numpy(), expected_var, np.float32)
     grads = cudnn_bn.backward(device(x), device(dy), device(gamma), saved)
-    for actual, expected in zip(grads, reference.backward(x.astype(np.float64), dy.astype(np.float64), gamma, expected_saved)):
+    for actual, expected in zip(grads,
+                                reference.backward(x.astype(np.float64), dy.astype(np.float64), gamma, expected_saved)):
         assert_close(actual, expected, np.float32, scale=10)
     wrapped_back = torch.from_dlpack(y)  # results are cupy arrays; DLPack takes them back to torch
     assert wrapped_back.is_cuda and tuple(wrapped_back.shape) == x.shape
@@ -333,8 +348,10 @@ def test_torch_tensors_that_require_grad_are_refused_and_detach_works():
     weight = torch.from_numpy(gamma).cuda().requires_grad_()
     with pytest.raises(TypeError, match="gamma: .*detach"):
         cudnn_bn.forward_training(torch.from_numpy(x).cuda(), weight, torch.from_numpy(beta).cuda(), mode="spatial")
-    y, _ = cudnn_bn.forward_training(torch.from_numpy(x).cuda(), weight.detach(), torch.from_numpy(beta).cuda(), mode="spatial")
-    assert_close(y, reference.forward_training(x.astype(np.float64), gamma, beta, mode="spatial")[0], np.float32, scale=4)
+    y, _ = cudnn_bn.forward_training(torch.from_numpy(x).cuda(), weight.detach(), torch.from_numpy(beta).cuda(),
+                                     mode="spatial")
+    assert_close(y, reference.forward_training(x.astype(np.float64), gamma, beta, mode="spatial")[0], np.float32,
+                 scale=4)
 
 
 class _CudaArrayInterfaceOnly:
@@ -366,7 +383,8 @@ def test_torch_work_pending_on_its_stream_is_finished_before_cudnn_reads_it(prot
         source = torch.from_numpy(x).cuda()
         torch.cuda._sleep(200_000_000)  # keep the producer busy so that a missing wait shows
         data = source * 2.0
-        y, _ = cudnn_bn.forward_training(wrap(data), wrap(torch.from_numpy(gamma).cuda()), wrap(torch.from_numpy(beta).cuda()), mode="spatial")
+        y, _ = cudnn_bn.forward_training(wrap(data), wrap(torch.from_numpy(gamma).cuda()),
+                                         wrap(torch.from_numpy(beta).cuda()), mode="spatial")
     expected, _ = reference.forward_training(2.0 * x.astype(np.float64), gamma, beta, mode="spatial")
     assert_close(y, expected, np.float32, scale=4)
 
@@ -376,7 +394,8 @@ def test_torch_cpu_tensors_are_type_errors():
     torch = _torch_cuda()
     x, _, gamma, beta = _case()
     with pytest.raises(TypeError, match="x: expected .* on DLPack device kDLCPU"):
-        cudnn_bn.forward_training(torch.from_numpy(x), torch.from_numpy(gamma).cuda(), torch.from_numpy(beta).cuda(), mode="spatial")
+        cudnn_bn.forward_training(torch.from_numpy(x), torch.from_numpy(gamma).cuda(), torch.from_numpy(beta).cuda(),
+                                  mode="spatial")
 
 
 # ---- the hint for callers that take one array module only (the layer) ----
@@ -384,16 +403,19 @@ def test_torch_cpu_tensors_are_type_errors():
     (DLPackStandIn(np.ones(2), device_type=1), "numpy",
      "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass numpy.from_dlpack(x) (a view, no copy)"),
     (DLPackStandIn(np.ones(2), device_type=1), "cupy",
-     "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass cupy.asarray(numpy.from_dlpack(x)) (a copy to the GPU)"),
+     "a test_interop.DLPackStandIn on DLPack device kDLCPU; pass cupy.asarray(numpy.from_dlpack(x)) "
+     "(a copy to the GPU)"),
     (DLPackStandIn(np.ones(2), device_type=13), "cupy",
      "a test_interop.DLPackStandIn on DLPack device kDLCUDAManaged; pass cupy.from_dlpack(x) (a view, no copy)"),
     (CudaArrayInterfaceStandIn(np.ones(2)), "cupy",
-     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; pass cupy.asarray(x) (a view, no copy)"),
+     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; pass cupy.asarray(x) "
+     "(a view, no copy)"),
     (CudaArrayInterfaceStandIn(np.ones(2)), "numpy",
-     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; it is on a GPU: copy it to the host, or "
-     "use cupy arrays (cupy.asarray(x), a view, no copy)"),
+     "a test_interop.CudaArrayInterfaceStandIn exposing __cuda_array_interface__; it is on a GPU: copy it to the "
+     "host, or use cupy arrays (cupy.asarray(x), a view, no copy)"),
     (DLPackStandIn(np.ones(2), device_type=10), "numpy", "a test_interop.DLPackStandIn on DLPack device kDLROCM"),
-    (RefusingTensor(), "cupy", "a test_interop.RefusingTensor on DLPack device kDLCUDA; pass cupy.from_dlpack(x) (a view, no copy)"),
+    (RefusingTensor(), "cupy",
+     "a test_interop.RefusingTensor on DLPack device kDLCUDA; pass cupy.from_dlpack(x) (a view, no copy)"),
     ([1.0, 2.0], "numpy", None),
 ], ids=["host-numpy", "host-cupy", "managed-cupy", "cai-cupy", "cai-numpy", "rocm", "refusing", "list"])
 def test_the_hint_says_what_a_foreign_array_is_and_how_to_pass_it(value, module, expected):

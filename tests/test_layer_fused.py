@@ -44,7 +44,8 @@ def test_layer_with_relu_is_the_fused_call(with_residual):
         assert layer.grad_residual is None
     layer.eval()
     y_eval = layer(x, residual=residual)
-    np.testing.assert_array_equal(y_eval, forward_inference(x, gamma, beta, *running, residual=residual, mode="spatial"))
+    np.testing.assert_array_equal(y_eval,
+                                  forward_inference(x, gamma, beta, *running, residual=residual, mode="spatial"))
 
 
 def test_layer_without_activation_refuses_a_residual_and_stays_unchanged():

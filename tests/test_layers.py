@@ -39,5 +39,5 @@ def test_a_layer_imports_nothing_above_itself(folder):
 def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     module = PACKAGE / "_core" / "layout.py"
     assert _imported_packages(module) <= {"_core"}
-    assert "_cudnn" in _imported_packages(PACKAGE / "_cudnn" / "ops.py") and "_core" in _imported_packages(PACKAGE / "_cudnn" / "ops.py")
+    assert {"_cudnn", "_core"} <= _imported_packages(PACKAGE / "_cudnn" / "ops.py")
     assert "_api" in _imported_packages(PACKAGE / "_tools" / "bench.py")  # tools sit on top

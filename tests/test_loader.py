@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(code: str, **env) -> dict:
     environment = {**os.environ, "PYTHONPATH": ROOT, **env}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=120)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                            env=environment, timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -26,7 +27,8 @@ def test_import_loads_neither_cupy_nor_libcudnn():
         x = np.ones((4, 2), np.float32) * np.arange(4, dtype=np.float32)[:, None]
         cudnn_bn.forward_training(x, np.ones(2, np.float32), np.zeros(2, np.float32))
         assert cudnn_bn.check_overflow() is None  # nothing was deferred: nothing to load either
-        print(json.dumps({"cupy": "cupy" in sys.modules, "raw": "cudnn_bn._cudnn.raw" in sys.modules, "ctypes_cdll": "cudnn_bn._cudnn.loader" in sys.modules}))
+        print(json.dumps({"cupy": "cupy" in sys.modules, "raw": "cudnn_bn._cudnn.raw" in sys.modules,
+                          "ctypes_cdll": "cudnn_bn._cudnn.loader" in sys.modules}))
         """
     )
     assert out == {"cupy": False, "raw": False, "ctypes_cdll": False}

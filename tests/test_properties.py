@@ -8,8 +8,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import FLOAT64_ROUNDING, make_case
 from cudnn_bn import Mode, reference
-from conftest import make_case
+
+# float64 identities over drawn groups: with offsets up to 30 and, for a nearly constant group,
+# inv_std up to 1 / sqrt(eps) = 316, the rounding of x - mean (1e-16 * 30) grows by that much
+DRAWN_GROUP_TOLERANCE = 1e-9
+# dx sums to zero over each group: the cancellation grows with the largest |dx| and the count
+DX_SUM_TOLERANCE_PER_TERM = 1e-8
 
 
 @st.composite
@@ -52,10 +58,14 @@ def test_low_precision_reference_is_the_float64_result_rounded(case):
 def test_invariants_hold_for_any_layout(case):
     (layout, x, dy, gamma, beta), mode, channel_axis, dtype = case
     wide = x.astype(np.float64)
-    y, saved = reference.forward_training(wide, np.ones(layout.param_shape), np.zeros(layout.param_shape), mode=mode, channel_axis=channel_axis)
+    y, saved = reference.forward_training(wide, np.ones(layout.param_shape), np.zeros(layout.param_shape), mode=mode,
+                                          channel_axis=channel_axis)
     var = wide.var(axis=layout.reduce_axes)
-    np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=1e-9)
-    np.testing.assert_allclose(y.var(axis=layout.reduce_axes), var / (var + 1e-5), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(y.mean(axis=layout.reduce_axes), 0.0, atol=DRAWN_GROUP_TOLERANCE)
+    np.testing.assert_allclose(y.var(axis=layout.reduce_axes), var / (var + 1e-5), rtol=DRAWN_GROUP_TOLERANCE,
+                               atol=FLOAT64_ROUNDING)
     dx, _, dbeta = reference.backward(wide, dy.astype(np.float64), np.ones(layout.param_shape), saved)
-    np.testing.assert_allclose(dx.sum(axis=layout.reduce_axes), 0.0, atol=1e-8 * max(1.0, float(np.abs(dx).max())) * layout.count)
-    np.testing.assert_allclose(dbeta.reshape(-1), dy.astype(np.float64).sum(axis=layout.reduce_axes).reshape(-1), rtol=1e-12, atol=1e-12)
+    dx_scale = max(1.0, float(np.abs(dx).max())) * layout.count
+    np.testing.assert_allclose(dx.sum(axis=layout.reduce_axes), 0.0, atol=DX_SUM_TOLERANCE_PER_TERM * dx_scale)
+    np.testing.assert_allclose(dbeta.reshape(-1), dy.astype(np.float64).sum(axis=layout.reduce_axes).reshape(-1),
+                               rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)

@@ -8,13 +8,13 @@ import re
 
 import pytest
 
-from cudnn_bn._cudnn import raw as _raw
 from cudnn_bn._core.modes import Mode
+from cudnn_bn._cudnn import raw as _raw
 from cudnn_bn._cudnn.raw import ENUMS, PROTOTYPES, Status
 from header_check import conformance_problems, parse_headers
 
-REQUIRED = """cudnnGetVersion cudnnGetCudartVersion cudnnGetErrorString cudnnGetLastErrorString cudnnCreate cudnnDestroy cudnnSetStream
-cudnnGetStream cudnnCreateTensorDescriptor cudnnSetTensorNdDescriptor cudnnGetTensorNdDescriptor
+REQUIRED = """cudnnGetVersion cudnnGetCudartVersion cudnnGetErrorString cudnnGetLastErrorString cudnnCreate cudnnDestroy
+cudnnSetStream cudnnGetStream cudnnCreateTensorDescriptor cudnnSetTensorNdDescriptor cudnnGetTensorNdDescriptor
 cudnnDestroyTensorDescriptor
 cudnnDeriveBNTensorDescriptor cudnnBatchNormalizationForwardTraining cudnnBatchNormalizationForwardInference
 cudnnBatchNormalizationBackward cudnnBatchNormalizationForwardTrainingEx cudnnBatchNormalizationBackwardEx
@@ -61,10 +61,12 @@ def test_every_prototype_matches_the_header(cudnn_headers):
     "name,wrong,expected",
     [
         ("cudnnBatchNormalizationForwardTraining", lambda r, a: (r, a[:-1]), "16 parameters in the table, 17"),
-        ("cudnnBatchNormalizationBackward", lambda r, a: (r, a[:16] + (ctypes.c_float,) + a[17:]), "parameter 16 is float in the table, double"),
+        ("cudnnBatchNormalizationBackward", lambda r, a: (r, a[:16] + (ctypes.c_float,) + a[17:]),
+         "parameter 16 is float in the table, double"),
         ("cudnnSetStream", lambda r, a: (r, (a[0], ctypes.c_int)), "parameter 1 is int in the table, pointer"),
         ("cudnnGetVersion", lambda r, a: (ctypes.c_int, a), "returns int in the table, size_t"),
-        ("cudnnSetActivationDescriptor", lambda r, a: (r, a[:3] + (ctypes.c_void_p,)), "parameter 3 is pointer in the table, double"),
+        ("cudnnSetActivationDescriptor", lambda r, a: (r, a[:3] + (ctypes.c_void_p,)),
+         "parameter 3 is pointer in the table, double"),
     ],
 )
 def test_conformance_check_catches_a_wrong_prototype(cudnn_headers, name, wrong, expected):
@@ -76,7 +78,8 @@ def test_conformance_check_catches_a_wrong_prototype(cudnn_headers, name, wrong,
 
 def test_conformance_check_catches_an_unknown_function(cudnn_headers):
     table = {**PROTOTYPES, "cudnnBatchNormalizationForwardTrainingExtra": PROTOTYPES["cudnnCreate"]}
-    assert conformance_problems(table, cudnn_headers) == ["cudnnBatchNormalizationForwardTrainingExtra: not declared in the headers"]
+    assert conformance_problems(table, cudnn_headers) == ["cudnnBatchNormalizationForwardTrainingExtra: "
+                                                          "not declared in the headers"]
 
 
 def test_every_enum_member_matches_the_header(cudnn_headers):
@@ -91,7 +94,8 @@ def test_every_enum_member_matches_the_header(cudnn_headers):
 
 def test_every_header_status_is_known(cudnn_headers):
     _, members, _, _ = parse_headers(cudnn_headers)
-    header_statuses = {value for name, value in members.items() if name.startswith("CUDNN_STATUS_") and value is not None}
+    header_statuses = {value for name, value in members.items()
+                       if name.startswith("CUDNN_STATUS_") and value is not None}
     assert header_statuses <= {s.value for s in Status}
 
 
@@ -101,7 +105,8 @@ def test_version_and_path(cudnn_library, cudnn_headers):
     version_header = os.path.join(os.path.dirname(os.path.dirname(cudnn_library.path)), "include", "cudnn_version.h")
     if os.path.exists(version_header):
         text = open(version_header).read()
-        major, minor, patch = (int(re.search(rf"#define CUDNN_{part}\s+(\d+)", text).group(1)) for part in ("MAJOR", "MINOR", "PATCHLEVEL"))
+        major, minor, patch = (int(re.search(rf"#define CUDNN_{part}\s+(\d+)", text).group(1))
+                               for part in ("MAJOR", "MINOR", "PATCHLEVEL"))
         assert cudnn_library.version == major * 10000 + minor * 100 + patch
 
 

@@ -26,10 +26,10 @@ import stat
 import subprocess
 import sys
 import tokenize
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -93,7 +93,8 @@ def check_prints(block: Block, printed: str, patterns=(PRINTS,)) -> None:
     for expected in expected_prints(block.source, patterns):
         prefix = expected.endswith(" ...")
         wanted = expected[:-4] if prefix else expected
-        while position < len(lines) and not (lines[position].startswith(wanted) if prefix else lines[position] == wanted):
+        while position < len(lines) and not (lines[position].startswith(wanted) if prefix
+                                             else lines[position] == wanted):
             position += 1
         assert position < len(lines), f"{block.where}: expected a printed line {expected!r}; printed:\n{printed}"
         position += 1
@@ -108,7 +109,8 @@ def run_blocks(blocks: list[Block], namespace: dict | None = None) -> dict:
             try:
                 exec(compile(block.source, block.where, "exec"), namespace)
             except Exception as error:
-                raise AssertionError(f"{block.where}: the block raised {type(error).__name__}: {error}\n{block.source}") from error
+                raise AssertionError(f"{block.where}: the block raised {type(error).__name__}: {error}\n"
+                                     f"{block.source}") from error
         check_prints(block, printed.getvalue())
     return namespace
 
@@ -116,7 +118,8 @@ def run_blocks(blocks: list[Block], namespace: dict | None = None) -> dict:
 def cpu_blocks(path: str) -> list[Block]:
     """The blocks that run on a CPU: unmarked ones, and torch ones where torch is importable."""
     has_torch = importlib.util.find_spec("torch") is not None
-    return [block for block in python_blocks(path) if block.marker is None or (block.marker == TORCH_MARK and has_torch)]
+    return [block for block in python_blocks(path)
+            if block.marker is None or (block.marker == TORCH_MARK and has_torch)]
 
 
 def code_without_comments(source: str) -> str:
@@ -145,7 +148,8 @@ def simulated_cupy(monkeypatch):
         cupy = sys.modules["cupy"]
         rng = np.random.default_rng(0)
         random = type(sys)("cupy.random")
-        random.standard_normal = lambda size=None, dtype=np.float64: cupy.asarray(rng.standard_normal(size, dtype=dtype))
+        random.standard_normal = lambda size=None, dtype=np.float64: cupy.asarray(
+            rng.standard_normal(size, dtype=dtype))
         monkeypatch.setattr(cupy, "random", random, raising=False)
         yield simulator
 
@@ -212,7 +216,8 @@ def test_the_marker_check_catches_an_unmarked_gpu_block_and_a_needless_mark(tmp_
     unmarked.write_text("```python\nimport cupy as cp\nx = cp.ones(3)\n```\n")
     with pytest.raises(AssertionError, match="uses a GPU"):
         check_markers(str(unmarked))
-    for line in ('x = torch.ones(3, device="cuda")', "layer = BatchNorm(4, xp=cupy)"):  # the other ways a block needs one
+    # the other ways a block needs one
+    for line in ('x = torch.ones(3, device="cuda")', "layer = BatchNorm(4, xp=cupy)"):
         unmarked.write_text(f"```python\n{line}\n```\n")
         with pytest.raises(AssertionError, match="uses a GPU"):
             check_markers(str(unmarked))
@@ -243,7 +248,8 @@ def test_readme_links_exist_and_name_the_guides():
     local = [target for target in targets if "://" not in target]
     missing = [target for target in local if not os.path.exists(os.path.join(ROOT, target))]
     assert not missing, f"README.md links to missing files: {missing}"
-    for guide in ("examples/compare_modes.ipynb", "docs/migrating-from-cupy.md", "docs/distributed.md", "docs/gpu-validation.md"):
+    for guide in ("examples/compare_modes.ipynb", "docs/migrating-from-cupy.md", "docs/distributed.md",
+                  "docs/gpu-validation.md"):
         assert guide in local, f"README.md does not link {guide}"
     assert "bash .ci/gpu-validate" in text
 
@@ -276,7 +282,8 @@ def test_the_readme_says_how_to_get_the_source_and_no_page_keeps_a_bare_placehol
         page_text = open(page, encoding="utf-8").read()
         assert "<this repository>" not in page_text, page
         if "<repository URL>" in page_text and page != README:
-            assert "README.md#get-the-source" in page_text, f"{page}: says <repository URL> without pointing to the README"
+            assert "README.md#get-the-source" in page_text, (
+                f"{page}: says <repository URL> without pointing to the README")
 
 
 def test_the_readme_states_what_the_test_install_costs_and_why():
@@ -408,7 +415,8 @@ def test_readme_has_one_status_line_near_the_top_that_a_run_or_a_person_wrote():
     assert text.index(summary.STATUS_END) < text.index("\n## "), "the status line belongs above the first section"
     status = _status(text)
     assert "\n" not in status and status
-    assert status.startswith(NO_RUN_YET) or re.match(r"\*\*GPU validation: (passed|FAILED \(.+?\))\*\* on ", status), status
+    assert status.startswith(NO_RUN_YET) or re.match(
+        r"\*\*GPU validation: (passed|FAILED \(.+?\))\*\* on ", status), status
     # the README and the validation record agree on whether a GPU run exists
     record = open(os.path.join(ROOT, "docs", "gpu-validation.md"), encoding="utf-8").read()
     assert status.startswith(NO_RUN_YET) == ("**No GPU run yet.**" in record)
@@ -427,7 +435,10 @@ case "$*" in
     echo "verdict: STOP (no GPU)" >> "$out/preflight.txt"; exit 1 ;;
   *pytest*--junitxml=*)
     for arg in "$@"; do case $arg in --junitxml=*) junit=${arg#--junitxml=} ;; esac; done
-    printf '<testsuites><testsuite time="1.0"><testcase classname="tests.test_a" name="test_one" time="0.5"/><testcase classname="tests.test_a" name="test_two" time="0.5"><skipped message="not here"/></testcase></testsuite></testsuites>' > "$junit"
+    printf '<testsuites><testsuite time="1.0">' > "$junit"
+    printf '<testcase classname="tests.test_a" name="test_one" time="0.5"/>' >> "$junit"
+    printf '<testcase classname="tests.test_a" name="test_two" time="0.5">' >> "$junit"
+    printf '<skipped message="not here"/></testcase></testsuite></testsuites>' >> "$junit"
     exit "${STUB_SUITE_RC:-0}" ;;
   *) exit 0 ;;
 esac
@@ -556,4 +567,5 @@ def test_an_update_keeps_the_readme_permissions(tmp_path):
     assert message.startswith("README status updated")
     assert stat.S_IMODE(readme.stat().st_mode) == 0o644
     assert _status(readme.read_text()) == "**GPU validation: passed** on a GPU"
-    assert summary.update_readme(str(readme), "**GPU validation: passed** on a GPU").startswith("README status unchanged")
+    message = summary.update_readme(str(readme), "**GPU validation: passed** on a GPU")
+    assert message.startswith("README status unchanged")

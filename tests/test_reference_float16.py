@@ -10,8 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cudnn_bn import Mode, reference
 from conftest import make_case
+from cudnn_bn import Mode, reference
 
 ALL_FLOAT16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
 
@@ -26,7 +26,8 @@ def _same_bits(actual, expected):
 def _hard_float64_values() -> np.ndarray:
     finite = np.unique(ALL_FLOAT16[np.isfinite(ALL_FLOAT16)].astype(np.float64))
     midpoints = (finite[:-1] + finite[1:]) / 2
-    edges = [65504.0, 65519.999, 65520.0, 65536.0, 1e300, np.inf, np.nan, 0.0, -0.0, 2.0**-14, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-300]
+    edges = [65504.0, 65519.999, 65520.0, 65536.0, 1e300, np.inf, np.nan, 0.0, -0.0, 2.0**-14, 2.0**-24, 2.0**-25,
+             3 * 2.0**-26, 1e-300]
     points = np.concatenate([finite, midpoints, edges, -np.asarray(edges)])
     near = [points, np.nextafter(points, np.inf), np.nextafter(points, -np.inf)]
     # within half a float32 ulp of a midpoint: float32 rounds them onto it
@@ -81,7 +82,8 @@ def test_widening_float16_without_inf_or_nan_takes_the_bit_path():
 
 
 def test_float16_results_with_blocks_and_outliers_are_the_float64_results_rounded():
-    layout, x, dy, gamma, beta = make_case((16, 3, 40, 40), Mode.SPATIAL, 1, dtype=np.float16, seed=4, offset=2.0, scale=3.0)
+    layout, x, dy, gamma, beta = make_case((16, 3, 40, 40), Mode.SPATIAL, 1, dtype=np.float16, seed=4, offset=2.0,
+                                           scale=3.0)
     x[0, 0, :3, 0] = [60000.0, -2.0**-20, 0.0]  # an outlier, a subnormal and a zero
     y, saved = reference.forward_training(x, gamma, beta)
     dx, _, _ = reference.backward(x, dy, gamma, saved)

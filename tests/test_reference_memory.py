@@ -6,15 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import make_case
 from cudnn_bn import Mode, reference
 from cudnn_bn._tools.bench import peak_float64_temporaries  # the bench's own measurement
-from conftest import make_case
 
 EPS = 1e-5
 
 
 # 2**17 elements: large enough that the blocks are a small part of x
-_CASES = [((32, 16, 16, 16), 1, Mode.SPATIAL), ((32, 16, 16, 16), -1, Mode.SPATIAL), ((32, 16, 16, 16), 1, Mode.PER_ACTIVATION), ((1024, 128), 1, Mode.SPATIAL)]
+_CASES = [((32, 16, 16, 16), 1, Mode.SPATIAL), ((32, 16, 16, 16), -1, Mode.SPATIAL),
+          ((32, 16, 16, 16), 1, Mode.PER_ACTIVATION), ((1024, 128), 1, Mode.SPATIAL)]
 
 
 @pytest.mark.parametrize("shape,channel_axis,mode", _CASES, ids=lambda v: getattr(v, "name", str(v)))
@@ -24,10 +25,13 @@ def test_every_call_holds_less_than_one_float64_copy_of_x(shape, channel_axis, m
     running_mean, running_var = np.zeros(layout.param_shape, gamma.dtype), np.ones(layout.param_shape, gamma.dtype)
     _, saved = reference.forward_training(x, gamma, beta, mode=mode, channel_axis=channel_axis)
     calls = {
-        "forward_training": lambda: reference.forward_training(x, gamma, beta, running_mean, running_var, mode=mode, channel_axis=channel_axis),
-        "forward_inference": lambda: reference.forward_inference(x, gamma, beta, running_mean, running_var, mode=mode, channel_axis=channel_axis),
+        "forward_training": lambda: reference.forward_training(x, gamma, beta, running_mean, running_var, mode=mode,
+                                                               channel_axis=channel_axis),
+        "forward_inference": lambda: reference.forward_inference(x, gamma, beta, running_mean, running_var, mode=mode,
+                                                                 channel_axis=channel_axis),
         "backward": lambda: reference.backward(x, dy, gamma, saved),
-        "backward, statistics recomputed": lambda: reference.backward(x, dy, gamma, mode=mode, eps=EPS, channel_axis=channel_axis),
+        "backward, statistics recomputed": lambda: reference.backward(x, dy, gamma, mode=mode, eps=EPS,
+                                                                      channel_axis=channel_axis),
     }
     for name, run in calls.items():
         units = peak_float64_temporaries(run, x)

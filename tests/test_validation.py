@@ -1,18 +1,22 @@
 """Every bad input raises its typed error before any work, naming the argument, and leaves the
-caller's arrays untouched. Run through the public functions, which share the checks with cuDNN."""
+caller's arrays untouched. Run through the public functions, which share the checks with cuDNN; and
+the checks of cudnn_bn/_core/validate.py called directly, where the public functions reach them only
+after their own layer has already refused the same input."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import pickle
+import sys
 
 import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import FLOAT32_ROUNDING, make_case
 from cudnn_bn import Mode, OnOverflow, SavedStats, reference
-from conftest import make_case
+from cudnn_bn._core import validate
 from fake_cudnn import FakeArray, simulated_gpu
 
 
@@ -74,13 +78,15 @@ def _literal(text):
         (dict(momentum=-0.1), ValueError, "momentum"),
         (dict(momentum=float("nan")), ValueError, "momentum"),
         (dict(momentum="0.1"), TypeError, "momentum"),
-        (dict(eps=-1e-5), ValueError, "eps: expected a finite value >= 1.18e-38 (2**-126) in training and backward, got -1e-05"),
+        (dict(eps=-1e-5), ValueError,
+         "eps: expected a finite value >= 1.18e-38 (2**-126) in training and backward, got -1e-05"),
         (dict(eps=float("inf")), ValueError, "eps"),
         (dict(channel_axis=2), ValueError, "channel_axis: expected 1 (channels-first) or -1"),
         (dict(channel_axis=4), ValueError, "out of range"),
         (dict(channel_axis=-5), ValueError, "out of range"),
         (dict(channel_axis=1.0), TypeError, "channel_axis"),
-        (dict(mode="batch"), ValueError, "mode: expected one of ['per_activation', 'spatial', 'spatial_persistent', 'auto']"),
+        (dict(mode="batch"), ValueError,
+         "mode: expected one of ['per_activation', 'spatial', 'spatial_persistent', 'auto']"),
         (dict(mode=7), ValueError, "mode"),
         (dict(on_overflow="maybe"), ValueError, "on_overflow: expected one of"),
     ],
@@ -101,7 +107,8 @@ def test_unknown_mode_in_the_reference_lists_valid_names():
 
 @pytest.mark.parametrize(
     "shape,mode",
-    [((1, 3, 1, 1), Mode.SPATIAL), ((1, 3, 2, 2), Mode.PER_ACTIVATION), ((1, 3), Mode.SPATIAL), ((1, 3, 1), Mode.SPATIAL_PERSISTENT)],
+    [((1, 3, 1, 1), Mode.SPATIAL), ((1, 3, 2, 2), Mode.PER_ACTIVATION), ((1, 3), Mode.SPATIAL),
+     ((1, 3, 1), Mode.SPATIAL_PERSISTENT)],
 )
 def test_training_needs_two_values_per_statistic(shape, mode):
     layout, x, dy, gamma, beta = make_case(shape, mode)
@@ -126,7 +133,7 @@ def test_read_only_parameters_of_another_float_dtype_are_cast():
     y, saved = cudnn_bn.forward_training(arrays["x"], gamma16, arrays["beta"].astype(np.float64), mode="spatial")
     y32, _ = cudnn_bn.forward_training(arrays["x"], gamma16.astype(np.float32), arrays["beta"], mode="spatial")
     assert y.dtype == np.float32 and saved.mean.dtype == np.float32
-    np.testing.assert_allclose(y, y32, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, y32, rtol=FLOAT32_ROUNDING, atol=FLOAT32_ROUNDING)
 
 
 def test_running_statistics_in_their_own_dtype_are_updated_in_place():
@@ -136,7 +143,7 @@ def test_running_statistics_in_their_own_dtype_are_updated_in_place():
     before_mean = arrays["running_mean"]
     _train(arrays, mode="spatial", momentum=1.0)
     assert arrays["running_mean"] is before_mean and before_mean.dtype == np.float64
-    np.testing.assert_allclose(before_mean, arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(before_mean, arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=FLOAT32_ROUNDING)
     assert arrays["running_var"].dtype == np.float16 and not np.all(arrays["running_var"] == 1.0)
 
 
@@ -194,12 +201,15 @@ def test_a_running_statistic_whose_elements_share_memory_is_refused(make):
 
 
 BAD_BACKWARD = [
-    ("dy shape", dict(dy=np.zeros((4, 3, 2, 1), np.float32)), {}, ValueError, "dy: expected x's shape (4, 3, 2, 2), got (4, 3, 2, 1)"),
-    ("dy dtype", dict(dy=np.zeros((4, 3, 2, 2), np.float64)), {}, TypeError, "dy: expected x's dtype float32, got float64"),
+    ("dy shape", dict(dy=np.zeros((4, 3, 2, 1), np.float32)), {}, ValueError,
+     "dy: expected x's shape (4, 3, 2, 2), got (4, 3, 2, 1)"),
+    ("dy dtype", dict(dy=np.zeros((4, 3, 2, 2), np.float64)), {}, TypeError,
+     "dy: expected x's dtype float32, got float64"),
     ("gamma shape", dict(gamma=np.ones(2, np.float32)), {}, ValueError, "gamma: expected shape (3,), got (2,)"),
     ("mode conflict", {}, dict(mode="per_activation"), ValueError, "mode: saved statistics were computed in SPATIAL"),
     ("eps conflict", {}, dict(eps=1e-3), ValueError, "eps: saved statistics were computed with eps=1e-05"),
-    ("axis conflict", {}, dict(channel_axis=-1), ValueError, "channel_axis: saved statistics were computed with channel_axis=1"),
+    ("axis conflict", {}, dict(channel_axis=-1), ValueError,
+     "channel_axis: saved statistics were computed with channel_axis=1"),
 ]
 
 
@@ -246,14 +256,19 @@ def test_saved_of_the_wrong_type_or_shape():
     for backward in (reference.backward, cudnn_bn.backward):
         with pytest.raises(TypeError, match="saved: expected cudnn_bn.SavedStats"):
             backward(arrays["x"], arrays["dy"], arrays["gamma"], {"mean": 0})
-    _, saved = reference.forward_training(np.ones((4, 2), np.float32) * np.arange(4)[:, None], np.ones(2, np.float32), np.zeros(2, np.float32))
-    with pytest.raises(ValueError, match=r"saved.mean: expected shape \(3,\) \(x of shape \(4, 3, 2, 2\), channel_axis=1, SPATIAL\), got \(2,\)"):
+    _, saved = reference.forward_training(np.ones((4, 2), np.float32) * np.arange(4)[:, None], np.ones(2, np.float32),
+                                          np.zeros(2, np.float32))
+    with pytest.raises(ValueError,
+                       match=r"saved.mean: expected shape \(3,\) "
+                             r"\(x of shape \(4, 3, 2, 2\), channel_axis=1, SPATIAL\), got \(2,\)"):
         reference.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
 
 
 def test_fold_inference_checks_shapes_and_eps():
     ones = np.ones(3, np.float32)
-    with pytest.raises(ValueError, match=r"gamma, beta, mean, var: expected one shape \(the parameter shape\), got gamma \(3,\), beta \(3,\), mean \(3,\), var \(2,\)"):
+    with pytest.raises(ValueError,
+                       match=r"gamma, beta, mean, var: expected one shape \(the parameter shape\), "
+                             r"got gamma \(3,\), beta \(3,\), mean \(3,\), var \(2,\)"):
         cudnn_bn.fold_inference(ones, ones, ones, np.ones(2, np.float32), 1e-5)
     with pytest.raises(ValueError, match="eps"):
         cudnn_bn.fold_inference(ones, ones, ones, ones, -1.0)
@@ -322,20 +337,24 @@ def backend(request):
 
 
 CALLS = {
-    "forward_training": lambda a: cudnn_bn.forward_training(a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode="spatial"),
-    "forward_inference": lambda a: cudnn_bn.forward_inference(a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode="spatial"),
+    "forward_training": lambda a: cudnn_bn.forward_training(a["x"], a["gamma"], a["beta"], a["running_mean"],
+                                                            a["running_var"], mode="spatial"),
+    "forward_inference": lambda a: cudnn_bn.forward_inference(a["x"], a["gamma"], a["beta"], a["running_mean"],
+                                                              a["running_var"], mode="spatial"),
     "backward": lambda a: cudnn_bn.backward(a["x"], a["dy"], a["gamma"], mode="spatial", eps=1e-5),
 }
 NAMES_IN_CALL = {
     "forward_training": ["x", "gamma", "beta"],
-    "forward_inference": [("x", "x"), ("gamma", "gamma"), ("beta", "beta"), ("running_mean", "mean"), ("running_var", "var")],
+    "forward_inference": [("x", "x"), ("gamma", "gamma"), ("beta", "beta"), ("running_mean", "mean"),
+                          ("running_var", "var")],
     "backward": ["x", "dy", "gamma"],
 }
 
 
 @pytest.mark.parametrize(
     "call,key,name",
-    [(call, *(item if isinstance(item, tuple) else (item, item))) for call, items in NAMES_IN_CALL.items() for item in items],
+    [(call, *(item if isinstance(item, tuple) else (item, item)))
+     for call, items in NAMES_IN_CALL.items() for item in items],
 )
 def test_none_for_a_required_array_is_a_type_error(backend, call, key, name):
     arrays = backend(_case())
@@ -395,18 +414,24 @@ def test_saved_stats_scalar_fields_are_validated_at_construction(change, error, 
 @pytest.mark.parametrize(
     "change,error,message",
     [
-        (lambda s: dict(mean=s.mean.astype(np.float16)), TypeError, "saved.mean: expected float32 (the parameter dtype for float32 data"),
+        (lambda s: dict(mean=s.mean.astype(np.float16)), TypeError,
+         "saved.mean: expected float32 (the parameter dtype for float32 data"),
         (lambda s: dict(inv_std=s.inv_std.astype(np.int32)), TypeError, "saved.inv_std: expected float32"),
-        (lambda s: dict(reserve_space=object()), TypeError, "saved.reserve_space: expected a numpy.ndarray or cupy.ndarray, got object"),
-        (lambda s: dict(reserve_space=np.zeros(8, np.float32)), TypeError, "saved.reserve_space: expected None or the non-empty 1-D contiguous uint8 buffer"),
-        (lambda s: dict(reserve_space=np.zeros((2, 4), np.uint8)), TypeError, "saved.reserve_space: expected None or the non-empty"),
-        (lambda s: dict(reserve_space=np.zeros(0, np.uint8)), TypeError, "saved.reserve_space: expected None or the non-empty"),
+        (lambda s: dict(reserve_space=object()), TypeError,
+         "saved.reserve_space: expected a numpy.ndarray or cupy.ndarray, got object"),
+        (lambda s: dict(reserve_space=np.zeros(8, np.float32)), TypeError,
+         "saved.reserve_space: expected None or the non-empty 1-D contiguous uint8 buffer"),
+        (lambda s: dict(reserve_space=np.zeros((2, 4), np.uint8)), TypeError,
+         "saved.reserve_space: expected None or the non-empty"),
+        (lambda s: dict(reserve_space=np.zeros(0, np.uint8)), TypeError,
+         "saved.reserve_space: expected None or the non-empty"),
     ],
 )
 def test_saved_stats_arrays_are_validated_where_backward_checks_them(backend, change, error, message):
     arrays = backend(_case())
     _, saved = _train(arrays, mode="spatial")
-    changed = {name: backend({name: value})[name] if isinstance(value, np.ndarray) else value for name, value in change(saved).items()}
+    changed = {name: backend({name: value})[name] if isinstance(value, np.ndarray) else value
+               for name, value in change(saved).items()}
     bad = dataclasses.replace(saved, **changed)
     with pytest.raises(error, match=_literal(message)):
         cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], bad)
@@ -434,7 +459,8 @@ def test_integers_past_float_range_are_value_errors(kwargs, message):
     with pytest.raises(ValueError, match=_literal(message)):
         _train(arrays, **{"mode": "spatial", **kwargs})
     with pytest.raises(ValueError, match="eps: expected a float >= 0, got an integer of 401 digits"):
-        cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"], eps=10**400)
+        cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"],
+                                   arrays["running_var"], eps=10**400)
     _assert_untouched(arrays, snapshot)
 
 
@@ -463,11 +489,14 @@ def test_channel_axis_accepts_numpy_integers(backend, axis):
     shape = (4, 3, 2, 2) if int(axis) == 1 else (4, 2, 2, 3)
     layout, x, dy, gamma, beta = make_case(shape, Mode.SPATIAL, int(axis), dtype=np.float32)
     arrays = backend(dict(x=x, dy=dy, gamma=gamma, beta=beta))
-    y, saved = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial", channel_axis=axis)
-    y_int, _ = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial", channel_axis=int(axis))
+    y, saved = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial",
+                                         channel_axis=axis)
+    y_int, _ = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial",
+                                         channel_axis=int(axis))
     np.testing.assert_array_equal(_host(y), _host(y_int))
     assert saved.channel_axis == int(axis) and type(saved.channel_axis) is int
-    cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["gamma"], arrays["gamma"], mode="spatial", channel_axis=axis)
+    cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["gamma"], arrays["gamma"],
+                               mode="spatial", channel_axis=axis)
     cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, channel_axis=axis)
     cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], mode="spatial", eps=1e-5, channel_axis=axis)
     reference.forward_training(x, gamma, beta, mode="spatial", channel_axis=axis)
@@ -491,7 +520,8 @@ def test_masked_arrays_are_refused(name):
     arrays[name] = np.ma.masked_less(arrays[name], 0.5)
     snapshot = _snapshot(arrays)
     with pytest.raises(TypeError, match=_literal(f"{name}: {MASKED_MESSAGE}")):
-        reference.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"])
+        reference.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"],
+                                   arrays["running_var"])
     with pytest.raises(TypeError, match=f"^{name}: expected"):  # the public call names it too
         _train(arrays, mode="spatial")
     _assert_untouched(arrays, snapshot)
@@ -509,7 +539,7 @@ def test_masked_arrays_are_refused_by_inference_backward_and_fold():
         reference.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], mean, arrays["running_var"])
     with pytest.raises(TypeError, match=_literal(f"mean: {MASKED_MESSAGE}")):
         cudnn_bn.fold_inference(arrays["gamma"], arrays["beta"], mean, arrays["running_var"], 1e-5)
-    with pytest.raises(TypeError, match=_literal(f"x: expected a plain numpy.ndarray, got a numpy.matrix")):
+    with pytest.raises(TypeError, match=_literal("x: expected a plain numpy.ndarray, got a numpy.matrix")):
         reference.forward_training(np.asmatrix(arrays["x"][:, :, 0, 0]), arrays["gamma"], arrays["beta"])
 
 
@@ -542,11 +572,13 @@ def test_the_smallest_training_eps_keeps_a_constant_channel_finite(backend):
 
 def test_inference_allows_eps_zero(backend):
     arrays = backend(_case())
-    y = cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"], arrays["running_var"], mode="spatial", eps=0.0)
-    expected = reference.forward_inference(*(_host(arrays[n]) for n in ("x", "gamma", "beta", "running_mean", "running_var")), mode="spatial", eps=0.0)
-    np.testing.assert_allclose(_host(y), expected, rtol=1e-6)
+    y = cudnn_bn.forward_inference(arrays["x"], arrays["gamma"], arrays["beta"], arrays["running_mean"],
+                                   arrays["running_var"], mode="spatial", eps=0.0)
+    names = ("x", "gamma", "beta", "running_mean", "running_var")
+    expected = reference.forward_inference(*(_host(arrays[n]) for n in names), mode="spatial", eps=0.0)
+    np.testing.assert_allclose(_host(y), expected, rtol=FLOAT32_ROUNDING)
     scale, _ = cudnn_bn.fold_inference(*(_host(arrays[n]) for n in ("gamma", "beta", "running_mean", "running_var")), 0)
-    np.testing.assert_allclose(scale, _host(arrays["gamma"]), rtol=1e-6)
+    np.testing.assert_allclose(scale, _host(arrays["gamma"]), rtol=FLOAT32_ROUNDING)
 
 
 # ---- written arrays that share memory with another argument ----
@@ -579,7 +611,9 @@ def test_written_arrays_that_share_memory_are_refused(backend, label):
     arrays = backend(_case())
     arrays.update(_overlaps(arrays, _place(backend))[label])
     snapshot = _snapshot(arrays)
-    with pytest.raises(ValueError, match="running_(mean|var): expected memory of its own \\(it is written in place\\), got an array whose memory overlaps"):
+    with pytest.raises(ValueError,
+                       match="running_(mean|var): expected memory of its own \\(it is written in place\\), "
+                             "got an array whose memory overlaps"):
         _train(arrays, mode="spatial")
     _assert_untouched(arrays, snapshot)
 
@@ -590,7 +624,7 @@ def test_disjoint_views_of_one_buffer_are_accepted():
     arrays.update(running_mean=buffer[0:3], running_var=buffer[3:6])
     arrays["running_var"][...] = 1.0
     _train(arrays, mode="spatial", momentum=1.0)
-    np.testing.assert_allclose(buffer[0:3], arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(buffer[0:3], arrays["x"].astype(np.float64).mean(axis=(0, 2, 3)), rtol=FLOAT32_ROUNDING)
 
 
 # ---- the SPATIAL re-run that the overflow advice suggests ----
@@ -602,11 +636,13 @@ def test_spatial_backward_accepts_persistent_statistics(backend):
     persistent = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved)
     spatial = cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, mode="spatial")
     for a, b in zip(persistent, spatial):
-        np.testing.assert_allclose(_host(a), _host(b), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="mode: saved statistics were computed in SPATIAL_PERSISTENT, got mode=PER_ACTIVATION"):
+        np.testing.assert_allclose(_host(a), _host(b), rtol=FLOAT32_ROUNDING, atol=FLOAT32_ROUNDING)
+    with pytest.raises(ValueError,
+                       match="mode: saved statistics were computed in SPATIAL_PERSISTENT, got mode=PER_ACTIVATION"):
         cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], saved, mode="per_activation")
     _, spatial_saved = _train(arrays, mode="spatial")
-    with pytest.raises(ValueError, match="mode: saved statistics were computed in SPATIAL, got mode=SPATIAL_PERSISTENT"):
+    with pytest.raises(ValueError,
+                       match="mode: saved statistics were computed in SPATIAL, got mode=SPATIAL_PERSISTENT"):
         cudnn_bn.backward(arrays["x"], arrays["dy"], arrays["gamma"], spatial_saved, mode="spatial_persistent")
 
 
@@ -640,7 +676,8 @@ def test_the_overflow_policy_prints_what_users_type():
     assert str(OnOverflow.FALLBACK) == "fallback" and f"{OnOverflow.RAISE:>6}" == " raise"
     assert OnOverflow.IGNORE == "ignore" and repr(OnOverflow.IGNORE) == "<OnOverflow.IGNORE: 'ignore'>"
     arrays = _case()
-    _, saved = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial_persistent", on_overflow="ignore")
+    _, saved = cudnn_bn.forward_training(arrays["x"], arrays["gamma"], arrays["beta"], mode="spatial_persistent",
+                                         on_overflow="ignore")
     assert str(saved.on_overflow) == "ignore"
 
 
@@ -659,8 +696,10 @@ def test_overlap_bounds_use_the_device_pointer_of_cupy_arrays():
     with pytest.raises(ValueError, match="running_mean: expected memory of its own"):
         check_no_overlap({"running_mean": DeviceArray(base, (3,), (4,))}, {"gamma": DeviceArray(base + 8, (3,), (4,))})
     with pytest.raises(ValueError, match="running_var: expected memory of its own .* overlaps x's"):  # a reversed view
-        check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))}, {"x": DeviceArray(base - 396, (10, 10), (40, 4))})
-    check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))}, {"x": DeviceArray(base - 400, (10, 10), (40, 4))})  # adjacent
+        check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))},
+                         {"x": DeviceArray(base - 396, (10, 10), (40, 4))})
+    check_no_overlap({"running_var": DeviceArray(base + 8, (3,), (-4,))},
+                     {"x": DeviceArray(base - 400, (10, 10), (40, 4))})  # adjacent
     check_no_overlap({"running_var": DeviceArray(base, (0,), (4,))}, {"x": DeviceArray(base, (3,), (4,))})  # empty
 
 
@@ -680,6 +719,105 @@ def test_the_finite_check_accepts_the_largest_finite_statistics(dtype):
     largest = np.finfo(dtype).max
     saved = cudnn_bn.SavedStats(np.full(4, largest, dtype), np.full(4, largest, dtype), "spatial_persistent", 1e-5, 1)
     check_saved_finite(saved)  # raises ValueError if it mistook them
-    poisoned = cudnn_bn.SavedStats(np.full(4, largest, dtype), np.array([largest, np.inf, 1, 1], dtype), "spatial_persistent", 1e-5, 1)
+    poisoned = cudnn_bn.SavedStats(np.full(4, largest, dtype), np.array([largest, np.inf, 1, 1], dtype),
+                                   "spatial_persistent", 1e-5, 1)
     with pytest.raises(ValueError, match="saved.inv_std: expected finite values"):
         check_saved_finite(poisoned)
+
+
+# ---- the checks called directly, where the public functions refuse first ----
+INFERENCE_NAMES = ["x", "gamma", "beta", "mean", "var"]
+
+
+def _inference_args():
+    return [np.ones((4, 3, 2, 2)), np.ones(3), np.zeros(3), np.zeros(3), np.ones(3)]
+
+
+def _check(args):
+    return validate.check_forward_inference(*args, mode=Mode.SPATIAL, eps=0.0, channel_axis=1)
+
+
+def test_inference_accepts_eps_zero():
+    assert _check(_inference_args()).layout.shape == (4, 3, 2, 2)
+
+
+@pytest.mark.parametrize("position", range(5), ids=INFERENCE_NAMES)
+def test_inference_refuses_a_non_array_naming_it(position):
+    args = _inference_args()
+    args[position] = args[position].tolist()
+    with pytest.raises(TypeError, match=rf"\b{INFERENCE_NAMES[position]}\b"):
+        _check(args)
+
+
+@pytest.mark.parametrize("position", range(1, 5), ids=INFERENCE_NAMES[1:])
+def test_inference_refuses_a_parameter_of_the_wrong_shape_naming_it(position):
+    args = _inference_args()
+    args[position] = np.ones(4)
+    with pytest.raises(ValueError, match=rf"^{INFERENCE_NAMES[position]}: "):
+        _check(args)
+
+
+def _backward_args():
+    return [np.ones((4, 3, 2, 2)), np.ones((4, 3, 2, 2)), np.ones(3)]
+
+
+def test_backward_settings_accept_auto_and_refuse_a_training_eps_below_float32s_range():
+    x = np.ones((4, 3, 2, 2))
+    mode, eps, channel_axis = validate.resolve_backward_settings(x, None, "auto", 1e-5, 1)
+    assert eps == 1e-5 and channel_axis == 1 and mode is not None
+    with pytest.raises(ValueError, match=r"^eps: expected a finite value >= "):
+        validate.resolve_backward_settings(x, None, "spatial", 0.0, 1)
+
+
+@pytest.mark.parametrize("missing,message", [
+    ("mode", "mode: required when saved is None (backward recomputes the batch statistics)"),
+    ("eps", "eps: required when saved is None (it must equal the forward call's eps)"),
+])
+def test_backward_without_saved_statistics_names_what_it_needs(missing, message):
+    settings = {"mode": "spatial", "eps": 1e-5}
+    settings[missing] = None
+    with pytest.raises(ValueError) as raised:
+        validate.resolve_backward_settings(np.ones((4, 3, 2, 2)), None, settings["mode"], settings["eps"], 1)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("position", range(3), ids=["x", "dy", "gamma"])
+def test_backward_refuses_a_non_array_naming_it(position):
+    args = _backward_args()
+    args[position] = args[position].tolist()
+    with pytest.raises(TypeError, match=rf"\b{['x', 'dy', 'gamma'][position]}\b"):
+        validate.check_backward(*args, None, mode=Mode.SPATIAL, eps=1e-5, channel_axis=1)
+
+
+def test_backward_refuses_eps_zero():
+    with pytest.raises(ValueError, match="^eps: "):
+        validate.check_backward(*_backward_args(), None, mode=Mode.SPATIAL, eps=0.0, channel_axis=1)
+
+
+def test_persistent_backward_without_saved_statistics_says_why():
+    with pytest.raises(ValueError) as raised:
+        validate.check_backward(*_backward_args(), None, mode=Mode.SPATIAL_PERSISTENT, eps=1e-5, channel_axis=1)
+    assert str(raised.value) == (
+        "saved: SPATIAL_PERSISTENT backward requires the saved mean and inverse std from forward_training "
+        "(cuDNN does not recompute them on that path), got None"
+    )
+
+
+def test_a_saved_reserve_space_of_the_wrong_shape_is_named():
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 2))
+    _, saved = cudnn_bn.forward_training(x, np.ones(3), np.zeros(3), mode="spatial")
+    bad = dataclasses.replace(saved, reserve_space=np.zeros((2, 2), np.uint8))
+    with pytest.raises((TypeError, ValueError),
+                       match=r"^saved\.reserve_space: "
+                             r"expected None or the non-empty 1-D contiguous uint8 buffer that "):
+        cudnn_bn.backward(x, np.ones_like(x), np.ones(3), bad)
+
+
+def test_the_finite_check_reads_the_statistics_with_their_own_array_module(gpu, monkeypatch):
+    cupy = sys.modules["cupy"]
+    calls = []
+    vdot = cupy.vdot
+    monkeypatch.setattr(cupy, "vdot", lambda a, b: calls.append(type(a)) or vdot(a, b))
+    mean, inv_std = (np.array(values, np.float32).view(FakeArray) for values in ([0.5, -1.0], [2.0, 3.0]))
+    validate.check_saved_finite(SavedStats(mean, inv_std, Mode.SPATIAL_PERSISTENT, 1e-5, 1))
+    assert calls == [FakeArray]

@@ -1,5 +1,5 @@
-"""cudnn_bn/_core/layout.py at its edges: the channels-last shape of a 3-D input, and the axis and
-shape refusals with their messages (docs/testing.md)."""
+"""cudnn_bn/_core/layout.py: the channels-last shape of a 3-D input, the axis and shape refusals
+with their messages, and cuDNN's order of the parameters and of a columns descriptor."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The plan cache (cudnn_bn/_cudnn/plans.py) on the simulated GPU: what each plan records about its
 call, inference pieces when training's limits are lower than inference's, the cache returning the
-same plan, the Ex-path switch and its query (docs/testing.md)."""
+same plan, the Ex-path switch and its query."""
 
 from __future__ import annotations
 
@@ -8,29 +8,20 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import make_case
 from cudnn_bn import reference
 from cudnn_bn._core.layout import make_layout
 from cudnn_bn._core.modes import Mode
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import limits, plans
 from cudnn_bn._cudnn.errors import CudnnLimitError
-from conftest import make_case
-from fake_cudnn import FakeArray, simulated_gpu
+from cudnn_calls import on_device
 
 
 @pytest.fixture
-def gpu(monkeypatch, cudnn_library):
-    from cudnn_bn._cudnn import launch
-
-    monkeypatch.setattr(launch, "fallback_warnings_shown", set())
-    plans.PLANS.clear()
-    with simulated_gpu(monkeypatch) as simulator:
-        yield simulator
-    plans.PLANS.clear()
-
-
-def _device(*arrays):
-    return [np.array(a, copy=True).view(FakeArray) for a in arrays]
+def gpu(fresh_simulated_gpu):
+    """The simulated GPU with no plan and no shown fallback warning left by an earlier test."""
+    return fresh_simulated_gpu
 
 
 def _wide(*arrays):
@@ -41,7 +32,8 @@ def _inference(shape, mode):
     layout, x, _, gamma, beta = make_case(shape, mode, 1, np.float32)
     rng = np.random.default_rng(2)
     mean, var = rng.standard_normal(layout.param_shape), 0.5 + rng.random(layout.param_shape)
-    y = cudnn_bn.forward_inference(*_device(x, gamma, beta, mean.astype(np.float32), var.astype(np.float32)), mode=mode)
+    y = cudnn_bn.forward_inference(*on_device(x, gamma, beta, mean.astype(np.float32), var.astype(np.float32)),
+                                   mode=mode)
     assert_close(y, reference.forward_inference(*_wide(x, gamma, beta), mean, var, mode=mode), np.float32, scale=4)
 
 

@@ -1,7 +1,6 @@
 """cuDNN's limits (cudnn_bn/_cudnn/limits.py) at their exact boundaries, and the messages that
-say what to do: the cases the simulated-GPU tests pass through without pinning (docs/testing.md);
-and training past the real batch limits, routed, on the simulated GPU, which refuses what cuDNN
-is reported to refuse."""
+say what to do; and training past the real batch limits, routed, on the simulated GPU, which
+refuses what cuDNN is reported to refuse."""
 
 from __future__ import annotations
 
@@ -9,13 +8,13 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import make_case
 from cudnn_bn import reference
 from cudnn_bn._core.layout import make_layout
 from cudnn_bn._core.modes import Mode
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import limits, plans
 from cudnn_bn._cudnn.errors import CudnnLimitError
-from conftest import make_case
 from fake_cudnn import FakeArray
 
 INT32_MAX = 2**31 - 1
@@ -51,7 +50,8 @@ def test_training_at_exactly_the_batch_limit_runs_as_it_is(monkeypatch):
     assert limits.training_route(make_layout((4, 3, 2, 2), 1, Mode.SPATIAL)) is None
     assert limits.training_route(make_layout((4, 3), 1, Mode.SPATIAL_PERSISTENT)) is None
     assert limits.training_route(make_layout((5, 3), 1, Mode.SPATIAL)) == limits.ROUTE_AS_SPATIAL_COLUMNS
-    with pytest.raises(CudnnLimitError, match=r"SPATIAL training kernels support a batch of at most 4 \(PyTorch's guard, PR #32763\), "
+    with pytest.raises(CudnnLimitError,
+                       match=r"SPATIAL training kernels support a batch of at most 4 \(PyTorch's guard, PR #32763\), "
                                               r"got N=5 .*only 2-D and PER_ACTIVATION input can be routed"):
         limits.training_route(make_layout((5, 3, 2, 2), 1, Mode.SPATIAL))
 
@@ -60,11 +60,13 @@ def test_training_at_exactly_the_batch_limit_runs_as_it_is(monkeypatch):
 def test_per_activation_training_has_its_own_batch_limit_and_is_routed_past_it(monkeypatch, shape, channel_axis):
     # pytorch#2917: PER_ACTIVATION training fails past N = 131070, far below SPATIAL's 880801
     assert limits.LIMITS.training_batch_limit(Mode.PER_ACTIVATION) == 131070
-    assert limits.LIMITS.training_batch_limit(Mode.SPATIAL) == limits.LIMITS.training_batch_limit(Mode.SPATIAL_PERSISTENT) == 880801
+    assert limits.LIMITS.training_batch_limit(Mode.SPATIAL) == 880801
+    assert limits.LIMITS.training_batch_limit(Mode.SPATIAL_PERSISTENT) == 880801
     monkeypatch.setattr(limits, "LIMITS", limits.Limits(training_max_batch=4, per_activation_training_max_batch=2))
     assert limits.training_route(make_layout(shape, channel_axis, Mode.PER_ACTIVATION)) is None
     past = (3,) + shape[1:]
-    assert limits.training_route(make_layout(past, channel_axis, Mode.PER_ACTIVATION)) == limits.ROUTE_AS_SPATIAL_COLUMNS
+    routed = limits.training_route(make_layout(past, channel_axis, Mode.PER_ACTIVATION))
+    assert routed == limits.ROUTE_AS_SPATIAL_COLUMNS
     assert limits.training_route(make_layout(past, channel_axis, Mode.SPATIAL)) is None  # SPATIAL's limit is 4 here
 
 
@@ -102,7 +104,8 @@ def _wide(array):
     ((131071, 2, 2), 1, Mode.PER_ACTIVATION),
     ((880802, 2), 1, Mode.SPATIAL),
 ])
-def test_training_past_cudnns_batch_limit_is_routed_and_matches_the_reference(fresh_simulated_gpu, shape, channel_axis, mode):
+def test_training_past_cudnns_batch_limit_is_routed_and_matches_the_reference(fresh_simulated_gpu, shape, channel_axis,
+                                                                              mode):
     layout, x, dy, gamma, beta = make_case(shape, mode, channel_axis, np.float32)
     running = [_device(np.zeros(layout.param_shape, np.float32)), _device(np.ones(layout.param_shape, np.float32))]
     wanted_running = [np.zeros(layout.param_shape), np.ones(layout.param_shape)]
@@ -111,7 +114,8 @@ def test_training_past_cudnns_batch_limit_is_routed_and_matches_the_reference(fr
     grads = cudnn_bn.backward(_device(x), _device(dy), _device(gamma), saved)
     y64, saved64 = reference.forward_training(_wide(x), _wide(gamma), _wide(beta), *wanted_running, mode=mode,
                                               channel_axis=channel_axis)
-    assert not fresh_simulated_gpu.refusals  # the simulator refuses N past the limit in the batch dim: it was moved out of it
+    # the simulator refuses N past the limit in the batch dim: it was moved out of it
+    assert not fresh_simulated_gpu.refusals
     assert_close(y, y64, np.float32, scale=4)
     for actual, wanted in zip((saved.mean, saved.inv_std, *running), (saved64.mean, saved64.inv_std, *wanted_running)):
         assert_close(actual, wanted, np.float32)
