@@ -106,8 +106,11 @@ def fault_request() -> tuple[str, str, int | None] | None:
         return None
     check, _, what = text.partition(":")
     kind, _, seconds = what.partition("@")
-    if not check or kind not in ("crash", "hang") or (kind == "hang") != seconds.isdigit() or (seconds.isdigit() and int(seconds) < 1):
-        raise ValueError(f"{FAULT_VARIABLE}: expected CHECK:crash or CHECK:hang@SECONDS (e.g. compat:hang@3), got {text!r}")
+    timed = seconds.isdigit()
+    if not check or kind not in ("crash", "hang") or (kind == "hang") != timed or (timed and int(seconds) < 1):
+        raise ValueError(
+            f"{FAULT_VARIABLE}: expected CHECK:crash or CHECK:hang@SECONDS (e.g. compat:hang@3), got {text!r}"
+        )
     return check, kind, int(seconds) if seconds else None
 
 

@@ -74,7 +74,8 @@ def _cupy_facts(report: Report):
     except Exception as error:
         report.line("cupy", f"not importable: {type(error).__name__}: {error}")
         return None
-    report.line("cupy", f"{getattr(cupy, '__version__', '?')} ({os.path.dirname(getattr(cupy, '__file__', '') or '?')})")
+    where = os.path.dirname(getattr(cupy, "__file__", "") or "?")
+    report.line("cupy", f"{getattr(cupy, '__version__', '?')} ({where})")
     runtime = cupy.cuda.runtime
     for key, read in (("cuda_runtime", runtime.runtimeGetVersion), ("cuda_driver", runtime.driverGetVersion)):
         try:
@@ -176,7 +177,9 @@ def _first_call(report: Report, cupy) -> bool:
     except Exception as error:
         report.line("first_call", f"FAILED: {type(error).__name__}: {_first_lines(error)}")
         return False
-    wanted, _ = cudnn_bn.reference.forward_training(x.astype(numpy.float64), gamma.astype(numpy.float64), beta.astype(numpy.float64), mode="spatial")
+    wanted, _ = cudnn_bn.reference.forward_training(
+        x.astype(numpy.float64), gamma.astype(numpy.float64), beta.astype(numpy.float64), mode="spatial"
+    )
     error = float(numpy.max(numpy.abs(y - wanted)))
     if not error < 1e-4:
         report.line("first_call", f"FAILED: SPATIAL forward_training differs from the reference by {error:.3e}")
@@ -213,8 +216,8 @@ def main(argv: list[str]) -> int:
 
 def _check(report: Report) -> int:
     if evidence.simulated():
-        report.line("simulated", "yes: the simulated GPU of tests/fake_cudnn.py (host memory, the reference's numbers); "
-                                 "nothing here is a GPU result")
+        report.line("simulated", "yes: the simulated GPU of tests/fake_cudnn.py (host memory, the reference's "
+                                 "numbers); nothing here is a GPU result")
     _facts(report, _python_facts)
     _facts(report, _cupy_facts)
     _facts(report, _cudnn_library_facts)

@@ -16,8 +16,9 @@
 
 Each group runs in its own process with its own time limit, so that a crash, a sticky CUDA error
 or a hang past a limit costs that group only; the groups of a set run at the same time (their
-tensors are small), except the int32 ones (8 GiB and more each), one after the other. Every record is appended to the records file as it
-comes (.ci/gpu_evidence.py), and a verdict per limit case once its group has ended. On the
+tensors are small), except the int32 ones (8 GiB and more each), one after the other. Every
+record is appended to the records file as it comes (.ci/gpu_evidence.py), and a verdict per
+limit case once its group has ended. On the
 simulated GPU (CUDNN_BN_SIMULATED_GPU=1) the groups run against tests/fake_cudnn.py, which
 refuses what cuDNN is reported to refuse: the verdicts then show the simulator's rules.
 """
@@ -70,12 +71,15 @@ def plan() -> list[dict]:
     inference = numbers["inference_max_batch"]
     rest = (1, 1, 1)  # (N, 1, 1, 1): only N matters; pytorch#2917 and pytorch#19911 reproduce with it
     groups = [
-        dict(name="training-batch-per_activation-float32", set="limits", kind="limit", limit="PER_ACTIVATION training batch",
-             operations=["forward_training", "backward"], mode="PER_ACTIVATION", dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
-             cases=[dict(edge="within", shape=(per_activation,) + rest), dict(edge="past", shape=(per_activation + 1,) + rest),
+        dict(name="training-batch-per_activation-float32", set="limits", kind="limit",
+             limit="PER_ACTIVATION training batch", operations=["forward_training", "backward"], mode="PER_ACTIVATION",
+             dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
+             cases=[dict(edge="within", shape=(per_activation,) + rest),
+                    dict(edge="past", shape=(per_activation + 1,) + rest),
                     dict(edge="past", shape=(PER_ACTIVATION_MEASURED_BATCH,) + rest)]),
         dict(name="training-batch-spatial-float32", set="limits", kind="limit", limit="SPATIAL training batch",
-             operations=["forward_training", "backward"], mode="SPATIAL", dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
+             operations=["forward_training", "backward"], mode="SPATIAL", dtype="float32",
+             timeout=LIMIT_GROUP_TIMEOUT_S,
              cases=[dict(edge="within", shape=(spatial,) + rest), dict(edge="past", shape=(spatial + 1,) + rest)]),
         dict(name="inference-batch-spatial-float32", set="limits", kind="limit", limit="inference batch",
              operations=["forward_inference"], mode="SPATIAL", dtype="float32", timeout=LIMIT_GROUP_TIMEOUT_S,
@@ -89,7 +93,8 @@ def plan() -> list[dict]:
         groups.append(dict(
             name=f"int32-count-{mode.lower()}-{operations[0]}", set="int32", kind="limit", limit="int32 element count",
             operations=operations, mode=mode, dtype="float16", timeout=90,
-            cases=[dict(edge="within", shape=(2, 4, height, height - 1)), dict(edge="past", shape=(2, 4, height, height + 1))]))
+            cases=[dict(edge="within", shape=(2, 4, height, height - 1)),
+                   dict(edge="past", shape=(2, 4, height, height + 1))]))
     return groups
 
 
@@ -142,7 +147,9 @@ class RawBatchNorm:
 
     def overflow_flag(self) -> bool:
         status = ctypes.c_int(0)
-        self.library.cudnnQueryRuntimeError(self.handle, ctypes.byref(status), int(self.raw.ErrQueryMode.BLOCKING), None)
+        self.library.cudnnQueryRuntimeError(
+            self.handle, ctypes.byref(status), int(self.raw.ErrQueryMode.BLOCKING), None
+        )
         return status.value == int(self.raw.Status.RUNTIME_FP_OVERFLOW)
 
     def close(self) -> None:
@@ -230,11 +237,13 @@ class LimitCase:
             host = numpy.random.default_rng(seed).standard_normal(self.shape).astype(self.dtype)
             return cupy.asarray(host), host.astype(numpy.float64)
         block_height = 64
-        block = numpy.random.default_rng(seed).standard_normal((self.shape[1], block_height, self.shape[3])).astype(self.dtype)
+        block_shape = (self.shape[1], block_height, self.shape[3])
+        block = numpy.random.default_rng(seed).standard_normal(block_shape).astype(self.dtype)
         device_block = cupy.asarray(block)
         data = cupy.empty(self.shape, dtype=self.dtype)
         for n in range(self.shape[0]):  # each sample < 2**31 elements: plain CuPy kernels suffice
-            data[n].reshape(self.shape[1], self.shape[2] // block_height, block_height, self.shape[3])[...] = device_block[:, None]
+            tiles = data[n].reshape(self.shape[1], self.shape[2] // block_height, block_height, self.shape[3])
+            tiles[...] = device_block[:, None]
         return data, block.astype(numpy.float64)
 
     def _output(self):
@@ -260,7 +269,10 @@ class LimitCase:
 
     def _samples(self, device_array, index):
         """Values at flat indices of every sample (each sample indexed on its own, below 2**31)."""
-        return [device_array[n].reshape(-1)[self.cupy.asarray(index)].get().astype(self.numpy.float64) for n in range(self.shape[0])]
+        return [
+            device_array[n].reshape(-1)[self.cupy.asarray(index)].get().astype(self.numpy.float64)
+            for n in range(self.shape[0])
+        ]
 
     def _sample_index(self):
         per_sample = int(self.numpy.prod(self.shape[1:], dtype=self.numpy.int64))
@@ -300,12 +312,15 @@ class LimitCase:
         gamma_host, beta_host = (0.5 + self.rng.random(self.param_shape)), self.rng.standard_normal(self.param_shape)
         gamma, beta = self._params(gamma_host, beta_host)
         running_mean, running_var = self._params(numpy.zeros(self.param_shape), numpy.ones(self.param_shape))
-        save_mean, save_inv_std = self._params(numpy.full(self.param_shape, numpy.nan), numpy.full(self.param_shape, numpy.nan))
+        save_mean, save_inv_std = self._params(
+            numpy.full(self.param_shape, numpy.nan), numpy.full(self.param_shape, numpy.nan)
+        )
         y = self._output()
         status, cuda_error, seconds = self._call(
             "forward_training", bn.library.cudnnBatchNormalizationForwardTraining, bn.handle, mode_value(self.mode),
-            bn.alpha, bn.beta, x_desc, x.data.ptr, x_desc, y.data.ptr, p_desc, gamma.data.ptr, beta.data.ptr, self.FACTOR,
-            running_mean.data.ptr, running_var.data.ptr, self.EPS, save_mean.data.ptr, save_inv_std.data.ptr)
+            bn.alpha, bn.beta, x_desc, x.data.ptr, x_desc, y.data.ptr, p_desc, gamma.data.ptr, beta.data.ptr,
+            self.FACTOR, running_mean.data.ptr, running_var.data.ptr, self.EPS, save_mean.data.ptr,
+            save_inv_std.data.ptr)
         extra = {}
         if status == "CUDNN_STATUS_SUCCESS" and cuda_error is None and self.mode == "SPATIAL_PERSISTENT":
             extra["overflow_flag"] = bn.overflow_flag()
@@ -316,14 +331,19 @@ class LimitCase:
             return False
         if status != "CUDNN_STATUS_SUCCESS":
             self.record("forward_training", status, "-", seconds, **extra)
-            if "backward" in self.group["operations"]:  # the backward has a limit of its own: probe it with exact statistics
+            if "backward" in self.group["operations"]:
+                # the backward has a limit of its own: probe it with exact statistics
                 save_mean, save_inv_std = self._params(mean, inv_std)
-                return self._backward(x_desc, p_desc, x, host, gamma, gamma_host, save_mean, save_inv_std, mean, inv_std)
+                return self._backward(
+                    x_desc, p_desc, x, host, gamma, gamma_host, save_mean, save_inv_std, mean, inv_std
+                )
             return True
         errors = {
             "saved mean": _relative(save_mean.get(), mean.reshape(self.param_shape), numpy),
             "saved inv_std": _relative(save_inv_std.get(), inv_std.reshape(self.param_shape), numpy),
-            "running var": _relative(running_var.get(), (variance * self.count / (self.count - 1)).reshape(self.param_shape), numpy),
+            "running var": _relative(
+                running_var.get(), (variance * self.count / (self.count - 1)).reshape(self.param_shape), numpy
+            ),
         }
         errors.update(self._y_errors(x, y, host, mean, inv_std, gamma_host, beta_host))
         self.record("forward_training", status, _verdict(errors, self.dtype), seconds, **extra)
@@ -376,7 +396,8 @@ class LimitCase:
             channel = self._channel_of(index)
             per_channel = lambda array: array.reshape(-1)[channel]  # noqa: E731
             worst = 0.0
-            for x_values, dy_values, dx_values in zip(self._samples(x, index), self._samples(dy, index), self._samples(dx, index)):
+            samples = zip(self._samples(x, index), self._samples(dy, index), self._samples(dx, index))
+            for x_values, dy_values, dx_values in samples:
                 x_hat_values = (x_values - per_channel(mean)) * per_channel(inv_std)
                 wanted = per_channel(factor) * (dy_values - per_channel(wanted_dbeta) / self.count
                                                 - x_hat_values * per_channel(wanted_dgamma) / self.count)
@@ -435,11 +456,15 @@ def child_query_timing(group: dict) -> None:
     from cudnn_bn._tools.timing import microseconds_per_call
 
     simulated = evidence.simulated()
-    shapes, calls = (SIMULATED_QUERY_TIMING_SHAPES, SIMULATED_QUERY_TIMING_CALLS) if simulated else (QUERY_TIMING_SHAPES, QUERY_TIMING_CALLS)
+    if simulated:
+        shapes, calls = SIMULATED_QUERY_TIMING_SHAPES, SIMULATED_QUERY_TIMING_CALLS
+    else:
+        shapes, calls = QUERY_TIMING_SHAPES, QUERY_TIMING_CALLS
     bn = RawBatchNorm(cupy)
     idle = microseconds_per_call(bn.overflow_flag, lambda: None, 2000)
     bn.close()
-    emit(dict(kind="query_timing", measure="cudnnQueryRuntimeError (blocking) on an idle handle, us per call", value=f"{idle:.2f}"))
+    emit(dict(kind="query_timing", measure="cudnnQueryRuntimeError (blocking) on an idle handle, us per call",
+              value=f"{idle:.2f}"))
     synchronize = cupy.cuda.get_current_stream().synchronize
     for shape in shapes:
         x = cupy.asarray(numpy.random.default_rng(0).uniform(-2, 2, shape).astype(numpy.float32))
@@ -447,9 +472,15 @@ def child_query_timing(group: dict) -> None:
         label = "x".join(map(str, shape)) + " float32 NCHW forward_training, us per call"
         timings = {
             "SPATIAL": lambda: cudnn_bn.forward_training(x, gamma, beta, mode="spatial"),
-            "SPATIAL + stream synchronize": lambda: (cudnn_bn.forward_training(x, gamma, beta, mode="spatial"), synchronize()),
-            "SPATIAL_PERSISTENT on_overflow=ignore": lambda: cudnn_bn.forward_training(x, gamma, beta, mode="spatial_persistent", on_overflow="ignore"),
-            "SPATIAL_PERSISTENT on_overflow=raise (checked)": lambda: cudnn_bn.forward_training(x, gamma, beta, mode="spatial_persistent", on_overflow="raise"),
+            "SPATIAL + stream synchronize": lambda: (
+                cudnn_bn.forward_training(x, gamma, beta, mode="spatial"), synchronize()
+            ),
+            "SPATIAL_PERSISTENT on_overflow=ignore": lambda: cudnn_bn.forward_training(
+                x, gamma, beta, mode="spatial_persistent", on_overflow="ignore"
+            ),
+            "SPATIAL_PERSISTENT on_overflow=raise (checked)": lambda: cudnn_bn.forward_training(
+                x, gamma, beta, mode="spatial_persistent", on_overflow="raise"
+            ),
         }
         for name, function in timings.items():
             flagged = []
@@ -461,7 +492,9 @@ def child_query_timing(group: dict) -> None:
                     flagged.append(1)
 
             value = f"{microseconds_per_call(call, synchronize, calls):.1f}"
-            emit(dict(kind="query_timing", measure=f"{label}: {name}", value=value + (f" ({len(flagged)} calls flagged)" if flagged else "")))
+            if flagged:
+                value += f" ({len(flagged)} calls flagged)"
+            emit(dict(kind="query_timing", measure=f"{label}: {name}", value=value))
 
 
 CHILDREN = {"limit": child_limit, "query_timing": child_query_timing}
@@ -476,9 +509,10 @@ def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tupl
     found, command = [], [python, "-u", os.path.abspath(__file__), "--child", group["name"]]
     print(f"[probes] group {group['name']} (limit {group['timeout']} s)", flush=True)
     start = time.perf_counter()
-    python_path = os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", cwd=ROOT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path})
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    python_path = os.pathsep.join([ROOT] + inherited)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                               cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path})
     timer = threading.Timer(group["timeout"], process.kill)
     timer.start()
     tail: list[str] = []
@@ -501,11 +535,13 @@ def _run_group(group: dict, python: str, records: evidence.RecordWriter) -> tupl
     if returncode == 0:
         return found, None
     why = "killed at its time limit" if seconds >= group["timeout"] else f"exit status {returncode}"
-    problem = records.write(kind="problem", group=group["name"], problem=f"{why} after {seconds:.1f} s", last_output=" | ".join(tail))
+    problem = records.write(kind="problem", group=group["name"], problem=f"{why} after {seconds:.1f} s",
+                            last_output=" | ".join(tail))
     return found, problem
 
 
-def _run_groups(groups: list[dict], records: evidence.RecordWriter, at_once: bool) -> list[tuple[list[dict], dict | None]]:
+def _run_groups(groups: list[dict], records: evidence.RecordWriter,
+                at_once: bool) -> list[tuple[list[dict], dict | None]]:
     """_run_group for each group, all at the same time or one after the other; results in the
     groups' order."""
     if not at_once:
@@ -516,8 +552,9 @@ def _run_groups(groups: list[dict], records: evidence.RecordWriter, at_once: boo
         try:
             results[index] = _run_group(groups[index], sys.executable, records)
         except Exception as error:  # recorded, so that the verdicts say "unclear" for this group
-            results[index] = ([], records.write(kind="problem", group=groups[index]["name"],
-                                                problem=f"could not run: {type(error).__name__}: {error}", last_output=""))
+            problem = records.write(kind="problem", group=groups[index]["name"],
+                                    problem=f"could not run: {type(error).__name__}: {error}", last_output="")
+            results[index] = ([], problem)
 
     threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(groups))]
     for thread in threads:
@@ -544,7 +581,9 @@ def _describe_edge(records: list[dict]) -> str:
 def _holds(within: list[dict], past: list[dict], operations: list[str]) -> str:
     def clean(records):
         return len(records) == len(operations) and all(
-            r["status"] == "CUDNN_STATUS_SUCCESS" and not r.get("cuda_error") and r["check"].startswith("matches") for r in records)
+            r["status"] == "CUDNN_STATUS_SUCCESS" and not r.get("cuda_error") and r["check"].startswith("matches")
+            for r in records
+        )
 
     if not within:
         return "unclear: no result within the limit (the group crashed or timed out first)"
@@ -575,9 +614,10 @@ def verdicts(groups: list[dict], records: list[dict]) -> list[dict]:
         within = [r for r in mine if r["edge"] == "within"]
         for case in (case for case in group["cases"] if case["edge"] == "past"):
             past = [r for r in mine if r["edge"] == "past" and tuple(r["shape"]) == tuple(case["shape"])]
+            compared = f"{_shape_text(within_case['shape'])} vs {_shape_text(case['shape'])}"
             rows.append(dict(kind="limit-verdict", group=group["name"], limit=group["limit"],
-                             case=f"{group['mode']} {group['dtype']} {_shape_text(within_case['shape'])} vs {_shape_text(case['shape'])}",
-                             within=_describe_edge(within), past=_describe_edge(past), holds=_holds(within, past, group["operations"])))
+                             case=f"{group['mode']} {group['dtype']} {compared}", within=_describe_edge(within),
+                             past=_describe_edge(past), holds=_holds(within, past, group["operations"])))
     return rows
 
 

@@ -158,7 +158,9 @@ def compare(errors: dict, name: str, actual, expected, dtype, *, statistics=Fals
     difference = float(np.max(np.abs(got - wanted))) if got.size else 0.0
     errors[name] = float(f"{difference:.3g}")
     if not np.allclose(got, wanted, rtol=rtol, atol=atol, equal_nan=False):
-        raise CheckFailed(f"{name}: max abs difference {difference:.3g} from the reference, outside rtol {rtol:g} / atol {atol:.3g}")
+        raise CheckFailed(
+            f"{name}: max abs difference {difference:.3g} from the reference, outside rtol {rtol:g} / atol {atol:.3g}"
+        )
 
 
 def _inputs(shape, mode, channel_axis, dtype, seed=0, spread=1.0):
@@ -231,7 +233,8 @@ class Checks:
         layout, host = _inputs(shape, mode, axis, dtype)
         wide, device, errors = _wide(host), self.device(host), {}
         y, saved = cudnn_bn.forward_training(device["x"], device["gamma"], device["beta"], device["running_mean"],
-                                             device["running_var"], mode=mode, momentum=MOMENTUM, eps=EPS, channel_axis=axis)
+                                             device["running_var"], mode=mode, momentum=MOMENTUM, eps=EPS,
+                                             channel_axis=axis)
         running64 = [wide["running_mean"], wide["running_var"]]
         y64, saved64 = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], *running64, mode=mode,
                                                   momentum=MOMENTUM, eps=EPS, channel_axis=axis)
@@ -241,7 +244,8 @@ class Checks:
         compare(errors, "running mean", device["running_mean"], running64[0], dtype, statistics=True, spread=1.0)
         compare(errors, "running var", device["running_var"], running64[1], dtype, statistics=True)
         grads = cudnn_bn.backward(device["x"], device["dy"], device["gamma"], saved)
-        for name, actual, expected in zip(("dx", "dgamma", "dbeta"), grads, reference.backward(wide["x"], wide["dy"], wide["gamma"], saved64)):
+        expected_grads = reference.backward(wide["x"], wide["dy"], wide["gamma"], saved64)
+        for name, actual, expected in zip(("dx", "dgamma", "dbeta"), grads, expected_grads):
             compare(errors, name, actual, expected, dtype)
         mean, var = host["gamma"] - 0.5, host["gamma"] + 0.25  # any statistics will do; var > 0
         y_eval = cudnn_bn.forward_inference(device["x"], device["gamma"], device["beta"], self.cupy.asarray(mean),
@@ -260,17 +264,19 @@ class Checks:
         layout, host = _inputs(shape, mode, axis, dtype)
         wide, device, errors = _wide(host), self.device(host), {}
         y, saved = cudnn_bn.forward_training(device["x"], device["gamma"], device["beta"], device["running_mean"],
-                                             device["running_var"], mode=mode, eps=EPS, channel_axis=axis, on_overflow="raise")
+                                             device["running_var"], mode=mode, eps=EPS, channel_axis=axis,
+                                             on_overflow="raise")
         if saved.reserve_space is None:
             raise CheckFailed("the forward did not take the Ex path (no reserve space in its saved statistics)")
         running64 = [wide["running_mean"], wide["running_var"]]
-        y64, saved64 = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], *running64, mode=mode, eps=EPS,
-                                                  channel_axis=axis)
+        y64, saved64 = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], *running64, mode=mode,
+                                                  eps=EPS, channel_axis=axis)
         compare(errors, "y", y, y64, dtype)
         compare(errors, "saved inv_std", saved.inv_std, saved64.inv_std, dtype, statistics=True)
         compare(errors, "running var", device["running_var"], running64[1], dtype, statistics=True)
         grads = cudnn_bn.backward(device["x"], device["dy"], device["gamma"], saved, on_overflow="raise")
-        for name, actual, expected in zip(("dx", "dgamma", "dbeta"), grads, reference.backward(wide["x"], wide["dy"], wide["gamma"], saved64)):
+        expected_grads = reference.backward(wide["x"], wide["dy"], wide["gamma"], saved64)
+        for name, actual, expected in zip(("dx", "dgamma", "dbeta"), grads, expected_grads):
             compare(errors, name, actual, expected, dtype)
         return {"max_abs_difference": errors}
 
@@ -288,12 +294,14 @@ class Checks:
         if saved.path != fused.PATH_FUSED_EX:
             raise CheckFailed(f"the fused forward took the {saved.path} path, not cuDNN's fused Ex kernel")
         grads = fused.backward(device["x"], y, device["dy"], device["gamma"], saved, on_overflow="raise")
-        y64, saved64 = fused.forward_training(host["x"], host["gamma"], host["beta"], residual=residual, mode=mode, channel_axis=axis)
+        y64, saved64 = fused.forward_training(host["x"], host["gamma"], host["beta"], residual=residual, mode=mode,
+                                              channel_axis=axis)
         compare(errors, "y", y, y64, dtype)
         expected = fused.backward(host["x"], y64, host["dy"], host["gamma"], saved64)
         for name, actual, wanted in zip(("dx", "dresidual", "dgamma", "dbeta"), grads, expected):
             if wanted is not None:
-                compare(errors, name, actual, wanted, dtype, scale=layout.count if name in ("dgamma", "dbeta") else None)
+                scale = layout.count if name in ("dgamma", "dbeta") else None
+                compare(errors, name, actual, wanted, dtype, scale=scale)
         return {"max_abs_difference": errors, "path": saved.path}
 
     # ---- the overflow flag on ordinary data ----
@@ -335,8 +343,8 @@ class Checks:
             wide, device = _wide(host), self.device(host)
             y, saved = cudnn_bn.forward_training(device["x"], device["gamma"], device["beta"], mode="per_activation",
                                                  eps=EPS, channel_axis=axis)
-            y64, saved64 = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], mode="per_activation", eps=EPS,
-                                                      channel_axis=axis)
+            y64, saved64 = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], mode="per_activation",
+                                                      eps=EPS, channel_axis=axis)
             label = "x".join(map(str, shape))
             compare(errors, f"{label} y", y, y64, np.float32)
             grads = cudnn_bn.backward(device["x"], device["dy"], device["gamma"], saved)
@@ -346,9 +354,12 @@ class Checks:
         shape = (LIMITS.inference_max_batch + 5, 2, 1, 2)
         _, host = _inputs(shape, "spatial", 1, np.float32, seed=4)
         wide = _wide(host)
-        y = cudnn_bn.forward_inference(*(self.cupy.asarray(host[name]) for name in ("x", "gamma", "beta", "gamma", "gamma")),
-                                       mode="spatial", eps=EPS)
-        wanted = reference.forward_inference(wide["x"], wide["gamma"], wide["beta"], wide["gamma"], wide["gamma"], mode="spatial", eps=EPS)
+        y = cudnn_bn.forward_inference(
+            *(self.cupy.asarray(host[name]) for name in ("x", "gamma", "beta", "gamma", "gamma")),
+            mode="spatial", eps=EPS,
+        )
+        wanted = reference.forward_inference(wide["x"], wide["gamma"], wide["beta"], wide["gamma"], wide["gamma"],
+                                             mode="spatial", eps=EPS)
         compare(errors, "chunked inference y", y, wanted, np.float32)
         return {"max_abs_difference": errors}
 
@@ -380,15 +391,19 @@ class Checks:
         _, host = _inputs((8, 3, 4, 4), "spatial", 1, np.float32, seed=6)
         tensors = {name: torch.from_numpy(array).cuda() for name, array in host.items()}
         errors = {}
-        y, saved = cudnn_bn.forward_training(*(wrap(tensors[name]) for name in ("x", "gamma", "beta", "running_mean", "running_var")),
-                                             mode="spatial", momentum=MOMENTUM, eps=EPS)
+        y, saved = cudnn_bn.forward_training(
+            *(wrap(tensors[name]) for name in ("x", "gamma", "beta", "running_mean", "running_var")),
+            mode="spatial", momentum=MOMENTUM, eps=EPS,
+        )
         wide = _wide(host)
         running64 = [wide["running_mean"], wide["running_var"]]
-        y64, _ = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], *running64, mode="spatial", momentum=MOMENTUM, eps=EPS)
+        y64, _ = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], *running64, mode="spatial",
+                                            momentum=MOMENTUM, eps=EPS)
         compare(errors, "y", y, y64, np.float32)
-        compare(errors, "running mean (in the torch tensor)", tensors["running_mean"].cpu().numpy(), running64[0], np.float32,
-                statistics=True, spread=1.0)
-        compare(errors, "running var (in the torch tensor)", tensors["running_var"].cpu().numpy(), running64[1], np.float32, statistics=True)
+        compare(errors, "running mean (in the torch tensor)", tensors["running_mean"].cpu().numpy(), running64[0],
+                np.float32, statistics=True, spread=1.0)
+        compare(errors, "running var (in the torch tensor)", tensors["running_var"].cpu().numpy(), running64[1],
+                np.float32, statistics=True)
         return {"max_abs_difference": errors, "torch": torch.__version__}
 
     def compat(self) -> dict:
@@ -412,9 +427,11 @@ class Checks:
         gpu = BatchNorm(4, mode="spatial", dtype=np.float32, xp=self.cupy)
         ref = BatchNorm(4, mode="spatial", dtype=np.float64, xp=np)
         errors = {}
-        x, dy = (0.5 + 2.0 * rng.standard_normal((6, 4, 3, 3))).astype(np.float32), rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+        x = (0.5 + 2.0 * rng.standard_normal((6, 4, 3, 3))).astype(np.float32)
+        dy = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
         compare(errors, "train y", gpu(self.cupy.asarray(x)), ref(x.astype(np.float64)), np.float32)
-        compare(errors, "train dx", gpu.backward(self.cupy.asarray(dy)), ref.backward(dy.astype(np.float64)), np.float32)
+        compare(errors, "train dx", gpu.backward(self.cupy.asarray(dy)), ref.backward(dy.astype(np.float64)),
+                np.float32)
         compare(errors, "grad_gamma", gpu.grad_gamma, ref.grad_gamma, np.float32)
         gpu_state, ref_state = gpu.state_dict(), ref.state_dict()
         compare(errors, "running_var", gpu_state["running_var"], ref_state["running_var"], np.float32, statistics=True)
@@ -432,21 +449,25 @@ class Checks:
         args = (device["x"], device["gamma"], device["beta"], device["running_mean"], device["running_var"])
         synchronize = self.cupy.cuda.Device().synchronize
         with self.counter.paused() if self.counter else contextlib.nullcontext():
-            ours = microseconds_per_call(lambda: cudnn_bn.forward_training(*args, mode="spatial"), synchronize, HOST_TIME_CALLS)
+            ours = microseconds_per_call(
+                lambda: cudnn_bn.forward_training(*args, mode="spatial"), synchronize, HOST_TIME_CALLS
+            )
         result = {"shape": list(HOST_TIME_SHAPE), "calls": HOST_TIME_CALLS, "cudnn_bn_us": round(ours, 2)}
         if self.simulated:
-            result.update(torch_us=None, detail=f"cudnn_bn {ours:.1f} us per call on the simulated GPU (not a GPU figure); "
-                                                "torch.nn.functional.batch_norm's side needs a GPU")
+            result.update(torch_us=None,
+                          detail=f"cudnn_bn {ours:.1f} us per call on the simulated GPU (not a GPU figure); "
+                                 "torch.nn.functional.batch_norm's side needs a GPU")
             return result
         torch = self._torch()
         tensors = {name: torch.from_numpy(array).cuda() for name, array in host.items()}
         functional = torch.nn.functional
         theirs = microseconds_per_call(
-            lambda: functional.batch_norm(tensors["x"], tensors["running_mean"], tensors["running_var"], tensors["gamma"],
-                                          tensors["beta"], training=True, momentum=MOMENTUM, eps=EPS),
+            lambda: functional.batch_norm(tensors["x"], tensors["running_mean"], tensors["running_var"],
+                                          tensors["gamma"], tensors["beta"], training=True, momentum=MOMENTUM, eps=EPS),
             torch.cuda.synchronize, HOST_TIME_CALLS)
         result.update(torch_us=round(theirs, 2), ratio=round(ours / theirs, 3),
-                      detail=f"cudnn_bn {ours:.1f} us, torch.nn.functional.batch_norm {theirs:.1f} us per call (forward_training, host time)")
+                      detail=f"cudnn_bn {ours:.1f} us, torch.nn.functional.batch_norm {theirs:.1f} us per call "
+                             "(forward_training, host time)")
         return result
 
     def nccl_one_rank(self) -> dict:
@@ -467,11 +488,14 @@ class Checks:
         try:
             _, host = _inputs((6, 4, 3, 3), "spatial", 1, np.float32, seed=11)
             device, wide = self.device(host), _wide(host)
-            y, saved = distributed.forward_training(device["x"], device["gamma"], device["beta"], group=group, mode="spatial")
+            y, saved = distributed.forward_training(
+                device["x"], device["gamma"], device["beta"], group=group, mode="spatial"
+            )
             grads = distributed.backward(device["x"], device["dy"], device["gamma"], saved, group=group)
             y64, saved64 = reference.forward_training(wide["x"], wide["gamma"], wide["beta"], mode="spatial")
             compare(errors, "y", y, y64, np.float32)
-            for name, actual, expected in zip(("dx", "dgamma", "dbeta"), grads, reference.backward(wide["x"], wide["dy"], wide["gamma"], saved64)):
+            expected_grads = reference.backward(wide["x"], wide["dy"], wide["gamma"], saved64)
+            for name, actual, expected in zip(("dx", "dgamma", "dbeta"), grads, expected_grads):
                 compare(errors, name, actual, expected, np.float32)
         finally:
             group.close()
@@ -529,7 +553,8 @@ def run_checks(records: evidence.RecordWriter, only: list[str] | None) -> list[d
             outcome, detail = "failed", _first_line(error)
             print(traceback.format_exc(), flush=True)
         ends.append(records.write(kind="check", check=name, event="end", outcome=outcome,
-                                  seconds=round(time.perf_counter() - start, 3), detail=detail, entry_points=counter.take(), **fields))
+                                  seconds=round(time.perf_counter() - start, 3), detail=detail,
+                                  entry_points=counter.take(), **fields))
     counter.uninstall()
     return ends
 
@@ -578,29 +603,32 @@ class CheckProcess:
                 self.running = None
                 seconds = round(time.monotonic() - started, 3)
                 if self.stopped_hung:
-                    detail = (f"no end after {self.check_limit_s:g} s: the process running the checks was stopped (SIGABRT: its "
-                              "stacks are in the log)")
+                    detail = (f"no end after {self.check_limit_s:g} s: the process running the checks was stopped "
+                              "(SIGABRT: its stacks are in the log)")
                 else:
-                    detail = f"the process running the checks died in this check ({_exit_text(status)}; its stack is in the log)"
+                    detail = (f"the process running the checks died in this check ({_exit_text(status)}; its stack is "
+                              "in the log)")
                 if remaining:
                     detail += "; the checks after it ran in a new process"
-                self.ends.append(self.records.write(kind="check", check=name, event="end", outcome="failed", seconds=seconds,
-                                                    detail=detail, entry_points={}, process_lost=True))
+                self.ends.append(self.records.write(kind="check", check=name, event="end", outcome="failed",
+                                                    seconds=seconds, detail=detail, entry_points={},
+                                                    process_lost=True))
                 if name in remaining:
                     remaining.remove(name)
             elif len(remaining) == before:  # not one check started: it failed before the first, and would again
                 for name in remaining:
-                    self.ends.append(self.records.write(kind="check", check=name, event="end", outcome="failed", seconds=0.0,
-                                                        detail=f"the process running the checks ended before this check "
-                                                               f"({_exit_text(status)}; see the log)", entry_points={}))
+                    detail = (f"the process running the checks ended before this check ({_exit_text(status)}; "
+                              "see the log)")
+                    self.ends.append(self.records.write(kind="check", check=name, event="end", outcome="failed",
+                                                        seconds=0.0, detail=detail, entry_points={}))
                 remaining = []
         return self.ends
 
     def _one_process(self, remaining: list[str]) -> int:
-        command = [sys.executable, "-u", "-X", "faulthandler", os.path.abspath(__file__), "--records", self.records.path, "--child",
-                   "--only", *remaining]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                   cwd=evidence.ROOT)
+        command = [sys.executable, "-u", "-X", "faulthandler", os.path.abspath(__file__),
+                   "--records", self.records.path, "--child", "--only", *remaining]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="replace", cwd=evidence.ROOT)
         self.stopped_hung = False
         watchdog = threading.Thread(target=self._watch, args=(process,), daemon=True)
         watchdog.start()

@@ -168,9 +168,10 @@ def read_verbose_log(log: str) -> dict:
         else:
             started[node_id] = None
     unfinished = [node_id for node_id in started if node_id not in cases]
+    exhausted = (line.strip() for line in log.splitlines() if "maximum crashed workers reached" in line)
     return {"outcomes": cases, "unfinished": unfinished, "crashed": list(dict.fromkeys(crashed)), "selected": selected,
             "workers_down": sum(1 for line in log.splitlines() if XDIST_NODE_DOWN.match(line)),
-            "workers_exhausted": next((line.strip() for line in log.splitlines() if "maximum crashed workers reached" in line), None)}
+            "workers_exhausted": next(exhausted, None)}
 
 
 def step_output(log: str, tier: str, step: str) -> str:
@@ -184,7 +185,8 @@ def step_output(log: str, tier: str, step: str) -> str:
 
 def pytest_plugins_line(log: str) -> str:
     """pytest's own header lines: its version and the plugins it loaded."""
-    found = [line.strip() for line in log.splitlines() if line.startswith(("This is pytest version", "platform ", "plugins: "))]
+    headers = ("This is pytest version", "platform ", "plugins: ")
+    found = [line.strip() for line in log.splitlines() if line.startswith(headers)]
     return "; ".join(dict.fromkeys(found))
 
 
@@ -279,13 +281,17 @@ def section_header(preflight: dict, steps: list[dict], log: str, simulated: bool
         f"- GPU: {'; '.join(_devices(preflight)) or preflight.get('devices', 'unknown')}",
         f"- CUDA driver {preflight.get('cuda_driver', '?')}, runtime {preflight.get('cuda_runtime', '?')}; "
         f"cuDNN {preflight.get('cudnn_library', '?')}",
-        f"- CuPy {preflight.get('cupy', '?')}; NumPy {preflight.get('numpy', '?')}; Python {preflight.get('python', '?')}",
+        f"- CuPy {preflight.get('cupy', '?')}; NumPy {preflight.get('numpy', '?')}; "
+        f"Python {preflight.get('python', '?')}",
         f"- pytest: {pytest_plugins_line(log) or 'not recorded'}",
-        f"- preflight: {preflight.get('verdict', 'no preflight.txt')}; cudnn_status: {preflight.get('cudnn_status', '?')}; "
+        f"- preflight: {preflight.get('verdict', 'no preflight.txt')}; "
+        f"cudnn_status: {preflight.get('cudnn_status', '?')}; "
         f"float16 kernel: {preflight.get('float16_kernel', '?')}; first call: {preflight.get('first_call', '?')}",
     ]
     source = re.search(r"source fingerprint: (\w+)", log)
-    lines.append(f"- source: commit {source_commit(log) or 'unknown'}, fingerprint {source.group(1) if source else 'unknown'}")
+    lines.append(
+        f"- source: commit {source_commit(log) or 'unknown'}, fingerprint {source.group(1) if source else 'unknown'}"
+    )
     tiers = tier_results(steps)
     lines += ["", *table(["tier", "result", "seconds", "limits of its own steps, s"],
                          [[tier, _tier_text(tiers.get(tier, "not asked for")),
@@ -293,8 +299,8 @@ def section_header(preflight: dict, steps: list[dict], log: str, simulated: bool
                            sum(int(s["limit"]) for s in steps if s["tier"] == tier)] for tier in TIERS])]
     if steps:
         lines += ["", *table(["tier", "step", "kind", "result", "exit", "seconds", "limit"],
-                             [[s["tier"], s["name"], s["kind"], _result_text(s["result"]), s["exit"], s["seconds"], s["limit"]]
-                              for s in steps])]
+                             [[s["tier"], s["name"], s["kind"], _result_text(s["result"]), s["exit"], s["seconds"],
+                               s["limit"]] for s in steps])]
     return lines
 
 
@@ -309,10 +315,13 @@ def section_checks(records: list[dict], simulated: bool) -> list[str]:
     ended = {r["check"]: r for r in checks if r.get("event") == "end"}
     counts = collections.Counter(r["outcome"] for r in ended.values())
     passed = "passed on the simulated GPU" if simulated else "passed"
-    summary = f"{len(ended)} checks: {counts['passed']} {passed}, {counts['failed']} failed, {counts[NEEDS_A_GPU]} need a GPU"
+    summary = (
+        f"{len(ended)} checks: {counts['passed']} {passed}, {counts['failed']} failed, {counts[NEEDS_A_GPU]} need a GPU"
+    )
     unfinished = [name for name in started if name not in ended]
     if unfinished:
-        summary += f"; started and never finished (hung, crashed or cut): {', '.join(f'`{name}`' for name in unfinished)}"
+        never_finished = ", ".join(f"`{name}`" for name in unfinished)
+        summary += f"; started and never finished (hung, crashed or cut): {never_finished}"
     lines.append(summary + ".")
     rows = []
     for name in started:
@@ -328,13 +337,18 @@ def section_checks(records: list[dict], simulated: bool) -> list[str]:
         called = points.get("called", {})
         lines += ["", "cuDNN batch-norm entry points called by the smoke checks (the Ex kernels by bnOps): "
                   + "; ".join(f"`{name}` x{count}" for name, count in sorted(called.items())) + "."]
-        lines.append(f"Not called: {', '.join(points['missing'])}." if points.get("missing") else "Every entry point was called.")
+        lines.append(
+            f"Not called: {', '.join(points['missing'])}." if points.get("missing") else "Every entry point was called."
+        )
     else:
         lines += ["", "No entry-point count (the checks did not finish)."]
     flags = [r for r in ended.values() if "flag_raised" in r]
     if flags:
         lines += ["", "SPATIAL_PERSISTENT overflow flag on ordinary data (uniform in [-2, 2], 32x64x56x56):", ""]
-        lines += table(["case", "flag raised", "what followed"], [[r["check"].replace("overflow-flag-", ""), r["flag_raised"], r.get("detail", "")] for r in flags])
+        lines += table(
+            ["case", "flag raised", "what followed"],
+            [[r["check"].replace("overflow-flag-", ""), r["flag_raised"], r.get("detail", "")] for r in flags],
+        )
     return lines
 
 
@@ -354,7 +368,8 @@ def section_limits(records: list[dict]) -> list[str]:
     if not rows and not problems:
         return lines + ["No verdict recorded (the step did not run, or died first)."]
     if rows:
-        lines += ["", "cuDNN called directly at each edge, bypassing the package's routing; every result against float64:", ""]
+        lines += ["", "cuDNN called directly at each edge, bypassing the package's routing; every result against "
+                  "float64:", ""]
         lines += table(["limit", "case", "within the limit", "past the limit", "still holds?"],
                        [[r["limit"], r["case"], r["within"], r["past"], r["holds"]] for r in rows])
     lines += [f"- problem: {r['group']}: {r['problem']} (last output: {r.get('last_output', '')})" for r in problems]
@@ -383,21 +398,26 @@ def _suite_step_lines(name: str, about: str, junit: dict | None, output: str, si
             lines.append(junit["error"])
         counts = collections.Counter(case["outcome"] for case in junit["cases"])
         reported = len(junit["cases"])
-        lines.append(f"{reported} tests{where}: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES) + f"; {junit.get('seconds', 0.0):.1f} s.")
+        lines.append(f"{reported} tests{where}: " + ", ".join(f"{counts[o]} {o}" for o in OUTCOMES)
+                     + f"; {junit.get('seconds', 0.0):.1f} s.")
     if verbose["selected"] is not None:
         if reported < verbose["selected"]:
-            lines.append(f"**{verbose['selected'] - reported} of the {verbose['selected']} selected tests have no result** "
-                         "(the step was cut, or pytest-xdist stopped replacing crashed workers): they did not run.")
+            lines.append(f"**{verbose['selected'] - reported} of the {verbose['selected']} selected tests have no "
+                         "result** (the step was cut, or pytest-xdist stopped replacing crashed workers): they did not "
+                         "run.")
         else:
             lines.append(f"Every one of the {verbose['selected']} selected tests has a result.")
     if verbose["unfinished"]:
         lines.append("Started and never finished: " + ", ".join(f"`{node}`" for node in verbose["unfinished"]) + ".")
     if verbose["workers_down"]:
-        lines.append(f"pytest-xdist workers that went down (a crash, or a test past its timeout): {verbose['workers_down']}"
-                     + (f"; then {verbose['workers_exhausted']}" if verbose["workers_exhausted"] else "; each was replaced") + ".")
+        then = f"; then {verbose['workers_exhausted']}" if verbose["workers_exhausted"] else "; each was replaced"
+        lines.append("pytest-xdist workers that went down (a crash, or a test past its timeout): "
+                     f"{verbose['workers_down']}{then}.")
     lines += [f"- a pytest-xdist worker crashed while running `{node}`" for node in verbose["crashed"]]
     if junit is None:
-        lines += [f"- `{node}`: {outcome}" for node, outcome in verbose["outcomes"].items() if outcome in ("failed", "error")]
+        lines += [
+            f"- `{node}`: {outcome}" for node, outcome in verbose["outcomes"].items() if outcome in ("failed", "error")
+        ]
     return lines
 
 
@@ -433,18 +453,21 @@ def section_recorded_outcomes(cases: list[dict], simulated: bool = False) -> lis
     for function, group in by_function.items():
         columns = list(dict.fromkeys(name for case in group for name in case["properties"]))
         lines += ["", f"Recorded by `{function}`:", ""]
-        outcome = (lambda case: _result_text("simulated") if case["outcome"] == "passed" else case["outcome"]) if simulated else (
-            lambda case: case["outcome"])
+        def outcome(case) -> str:
+            return _result_text("simulated") if simulated and case["outcome"] == "passed" else case["outcome"]
+
         lines += table(["case", "test outcome", *columns],
-                       [[case["node_id"][len(function):] or "-", outcome(case), *(case["properties"].get(c, "") for c in columns)]
-                        for case in group])
+                       [[case["node_id"][len(function):] or "-", outcome(case),
+                         *(case["properties"].get(c, "") for c in columns)] for case in group])
     return lines
 
 
 def section_bench(bench, records: list[dict], simulated: bool) -> list[str]:
     lines = ["", "#### Benchmark (bench.json; its Markdown table is in the log)"]
     if simulated:
-        lines.append("On the simulated GPU: one small shape, --quick, no PyTorch; the times are the host's, not a GPU's.")
+        lines.append(
+            "On the simulated GPU: one small shape, --quick, no PyTorch; the times are the host's, not a GPU's."
+        )
     if bench is None:
         lines.append("No bench.json.")
     elif "unreadable" in bench:
@@ -456,8 +479,8 @@ def section_bench(bench, records: list[dict], simulated: bool) -> list[str]:
                 lines.append(f"- {key}: {len(value)}; first: {first_line(json.dumps(value[0]))}")
         overhead = bench.get("host_overhead")
         if isinstance(overhead, dict) and "cudnn_bn_us_per_call" in overhead:
-            lines.append(f"- host overhead per call: cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us"
-                         + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else ""))
+            torch_text = f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else ""
+            lines.append(f"- host overhead per call: cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us{torch_text}")
     timing = [r for r in records if r.get("kind") == "query_timing"]
     problems = [r for r in records if r.get("kind") == "problem" and r.get("step") == "query-timing"]
     if timing or problems:
@@ -471,7 +494,8 @@ def section_evidence(out: str) -> list[str]:
     files = sorted(name for name in os.listdir(out) if os.path.isfile(os.path.join(out, name)))
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in files}
     lines = ["", "#### Evidence files", "",
-             "; ".join(f"`{name}` {sizes[name]} bytes" for name in files) + f" ({len(files)} files; summary.md as it was being written)."]
+             "; ".join(f"`{name}` {sizes[name]} bytes" for name in files)
+             + f" ({len(files)} files; summary.md as it was being written)."]
     problems = evidence.evidence_problems(out)
     lines.append("Beyond what a GPU machine returns: " + "; ".join(problems) if problems else
                  f"Within what a GPU machine returns (at most {evidence.MAX_FILES} files, 16 MiB each, 64 MiB in all).")
@@ -506,9 +530,14 @@ def status_line(preflight: dict, steps: list[dict], out: str, log: str, date: st
     for tier, result in tier_results(steps).items():
         text = f"{tier} {result}"
         if tier == "suite" and result != "not run":
-            cases = [case for name in (evidence.JUNIT, evidence.JUNIT_SERIAL) for case in (read_junit(os.path.join(out, name)) or {"cases": []})["cases"]]
+            cases = [
+                case
+                for name in (evidence.JUNIT, evidence.JUNIT_SERIAL)
+                for case in (read_junit(os.path.join(out, name)) or {"cases": []})["cases"]
+            ]
             counts = collections.Counter(case["outcome"] for case in cases)
-            text += " (" + (", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o]) or "no test results recorded") + ")"
+            outcomes = ", ".join(f"{counts[o]} {o}" for o in OUTCOMES if counts[o])
+            text += f" ({outcomes or 'no test results recorded'})"
         tiers.append(text)
     return (f"**GPU validation: {word}** on {gpu}, {date} ({'; '.join(facts)}): {'; '.join(tiers) or 'no tier ran'}. "
             f"Details: [{GPU_VALIDATION_DOC}]({GPU_VALIDATION_DOC}).")
@@ -562,7 +591,8 @@ def _section(title: str, build, *args) -> list[str]:
     try:
         return build(*args)
     except Exception as error:
-        return ["", f"#### {title}", f"This section could not be written ({type(error).__name__}: {first_line(error)}); "
+        return ["", f"#### {title}",
+                f"This section could not be written ({type(error).__name__}: {first_line(error)}); "
                 "its inputs are among the evidence files."]
 
 
@@ -576,9 +606,11 @@ def _summary(out: str, steps_path: str | None, simulated: bool) -> dict:
     if "smoke" in ran or any(r.get("tier") == "smoke" for r in records):
         lines += _section("Smoke checks", section_checks, records, simulated)
         lines += _section("Limit probes", section_limits, records)
-    if "suite" in ran or any(os.path.exists(os.path.join(out, name)) for name in (evidence.JUNIT, evidence.JUNIT_SERIAL)):
+    junit_written = any(os.path.exists(os.path.join(out, name)) for name in (evidence.JUNIT, evidence.JUNIT_SERIAL))
+    if "suite" in ran or junit_written:
         lines += _section("GPU suite", section_suite, out, log, steps, simulated)
-    if "bench" in ran or os.path.exists(os.path.join(out, evidence.BENCH)) or any(r.get("tier") == "bench" for r in records):
+    bench_recorded = any(r.get("tier") == "bench" for r in records)
+    if "bench" in ran or os.path.exists(os.path.join(out, evidence.BENCH)) or bench_recorded:
         lines += _section("Benchmark", section_bench, read_json(os.path.join(out, evidence.BENCH)), records, simulated)
     lines += _section("Evidence files", section_evidence, out)
     status = None
@@ -593,9 +625,12 @@ def _summary(out: str, steps_path: str | None, simulated: bool) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="the output folder of .ci/gpu-validate")
-    parser.add_argument("--steps", help="the step table (tab-separated: tier, step, kind, result, exit, seconds, limit)")
-    parser.add_argument("--readme", help="rewrite this README's validation status line (only after a run that reached the GPU)")
-    parser.add_argument("--simulated", action="store_true", help="the run was on the simulated GPU: say so everywhere, touch no README")
+    parser.add_argument("--steps",
+                        help="the step table (tab-separated: tier, step, kind, result, exit, seconds, limit)")
+    parser.add_argument("--readme",
+                        help="rewrite this README's validation status line (only after a run that reached the GPU)")
+    parser.add_argument("--simulated", action="store_true",
+                        help="the run was on the simulated GPU: say so everywhere, touch no README")
     args = parser.parse_args(argv)
     summary = _summary(args.out, args.steps, args.simulated)
     with open(os.path.join(args.out, evidence.SUMMARY), "w") as handle:  # fails before the README is touched

@@ -121,7 +121,9 @@ def tier_limit(tier: str) -> int:
 
 def stop_grace(step: Step) -> int:
     """Seconds a step cut at its limit may still take while it is being stopped."""
-    return sum(seconds for number, seconds in STOP_GRACE_S.items() if number != signal.SIGINT or step.command in PYTEST_STEPS)
+    return sum(
+        seconds for number, seconds in STOP_GRACE_S.items() if number != signal.SIGINT or step.command in PYTEST_STEPS
+    )
 
 
 class Run:
@@ -140,7 +142,8 @@ class Run:
 
     def _step_environment(self) -> dict:
         environment = dict(os.environ)
-        environment["PYTHONPATH"] = os.pathsep.join([ROOT] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+        inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+        environment["PYTHONPATH"] = os.pathsep.join([ROOT] + inherited)
         environment.update(PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
         if self.simulate:
             environment[evidence.SIMULATED_GPU_VARIABLE] = "1"
@@ -177,7 +180,8 @@ echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi: not available"
 echo "== python packages"; "{python}" -m pip list --disable-pip-version-check 2>&1
 echo "== pytest"; "{python}" -m pytest -VV -p no:cacheprovider 2>&1
 echo "== source"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null
-echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o -name gpu-validate \\) | sort | xargs cat | sha256sum | cut -c1-16)"
+echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o -name gpu-validate \\) |
+    sort | xargs cat | sha256sum | cut -c1-16)"
 """
         return ["bash", "-c", script]
 
@@ -192,12 +196,15 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
 
     def bench(self) -> list[str]:
         step = next(step for step in TIERS["bench"] if step.command == "bench")
-        return self._script("gpu_bench.py", "--json", self.path(evidence.BENCH), "--seconds", str(step.limit_s - BENCH_LAST_ROW_S))
+        return self._script(
+            "gpu_bench.py", "--json", self.path(evidence.BENCH), "--seconds", str(step.limit_s - BENCH_LAST_ROW_S)
+        )
 
     def _pytest(self, marker: str, junit: str, parallel: bool) -> list[str]:
         command = [self.python, "-u", "-m", "pytest", "-m", marker, "-v", "-rfEsxX", "--tb=short", "--color=no",
                    "--durations=15", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-                   "-o", f"faulthandler_timeout={TEST_TIMEOUT_S * 3 // 4}", "-o", "junit_family=xunit1", f"--junitxml={self.path(junit)}"]
+                   "-o", f"faulthandler_timeout={TEST_TIMEOUT_S * 3 // 4}", "-o", "junit_family=xunit1",
+                   f"--junitxml={self.path(junit)}"]
         workers = parallel and self._importable("xdist")
         if parallel and not workers:
             self.say("pytest-xdist is not importable here: the parallel step runs in one process")
@@ -222,8 +229,8 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         """Whether the steps' Python imports ``module`` (asked once; a hung or failed check says no)."""
         if module not in self._plugins:
             try:
-                check = subprocess.run([self.python, "-c", f"import {module}"], capture_output=True, env=self.step_environment,
-                                       timeout=PLUGIN_CHECK_TIMEOUT_S)
+                check = subprocess.run([self.python, "-c", f"import {module}"], capture_output=True,
+                                       env=self.step_environment, timeout=PLUGIN_CHECK_TIMEOUT_S)
                 self._plugins[module] = check.returncode == 0
             except (OSError, subprocess.TimeoutExpired) as error:
                 self.say(f"could not ask whether {module} is importable: {type(error).__name__}: {error}")
@@ -233,7 +240,8 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
     # ---- running a step ----
     def record(self, step: Step, result: str, exit_status, seconds: float, limit: int) -> None:
         with open(self.path(evidence.STEPS), "a", encoding="utf-8") as handle:
-            handle.write("\t".join([step.tier, step.name, step.kind, result, str(exit_status), f"{seconds:.1f}", str(limit)]) + "\n")
+            fields = [step.tier, step.name, step.kind, result, str(exit_status), f"{seconds:.1f}", str(limit)]
+            handle.write("\t".join(fields) + "\n")
 
     def limit_of(self, step: Step) -> int:
         if self.hang is not None and step.name == "smoke-checks":
@@ -247,7 +255,10 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         start = time.monotonic()
         try:
             argv = getattr(self, step.command)()
-            command = "bash -c (nvidia-smi; pip list; pytest -VV; git; a source fingerprint)" if step.command == "environment" else shlex.join(argv)
+            if step.command == "environment":
+                command = "bash -c (nvidia-smi; pip list; pytest -VV; git; a source fingerprint)"
+            else:
+                command = shlex.join(argv)
             self.say(f"step {step.tier}/{step.name}: start (limit {limit} s): {command}")
             process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                                        env=self.step_environment, start_new_session=True)
@@ -342,7 +353,9 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
     # ---- the whole run ----
     def validate(self, tiers: list[str]) -> int:
         """Every step of ``tiers``, then the summary, whatever happened on the way."""
-        mode = "on the SIMULATED GPU of tests/fake_cudnn.py (a rehearsal: no GPU result)" if self.simulate else "on a GPU"
+        mode = (
+            "on the SIMULATED GPU of tests/fake_cudnn.py (a rehearsal: no GPU result)" if self.simulate else "on a GPU"
+        )
         self.say(f"tiers {', '.join(tiers)} {mode}; output folder {self.out}; python {self.python}; "
                  f"budget {self.budget_s} s; {evidence.utc_now()}")
         try:
@@ -386,7 +399,9 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
         for name in evidence.remove_temporaries(self.out):
             self.say(f"removed {name}, left by a step stopped while it rewrote that file")
         self.say(f"summary: {self.path(evidence.SUMMARY)}")
-        command = [sys.executable, os.path.join(ROOT, ".ci", "gpu_summary.py"), self.out, "--steps", self.path(evidence.STEPS)]
+        command = [
+            sys.executable, os.path.join(ROOT, ".ci", "gpu_summary.py"), self.out, "--steps", self.path(evidence.STEPS)
+        ]
         command += ["--simulated"] if self.simulate else (["--readme", self.readme] if self.readme else [])
         self.log.flush()
         written = False
@@ -414,9 +429,11 @@ echo "source fingerprint: $(find cudnn_bn tests .ci -type f \\( -name '*.py' -o 
     def _fallback_summary(self, steps: list[dict], verdict: str) -> None:
         """The verdict and the step table, where the summary writer could not write summary.md."""
         title = "GPU validation rehearsal on the simulated GPU" if self.simulate else "GPU validation run"
-        lines = [f"### {title}: {verdict}", "", "The summary writer failed (its error is at the end of gpu-validate.log); "
-                 "this is the step table alone.", ""]
-        lines += gpu_summary.table(list(gpu_summary.STEP_FIELDS), [[step[field] for field in gpu_summary.STEP_FIELDS] for step in steps])
+        lines = [f"### {title}: {verdict}", "",
+                 "The summary writer failed (its error is at the end of gpu-validate.log); this is the step table "
+                 "alone.", ""]
+        fields = list(gpu_summary.STEP_FIELDS)
+        lines += gpu_summary.table(fields, [[step[field] for field in fields] for step in steps])
         with open(self.path(evidence.SUMMARY), "w", encoding="utf-8") as handle:
             handle.write("\n".join(lines) + "\n")
 
@@ -443,7 +460,8 @@ def main(argv=None) -> int:
             os.remove(os.path.join(out, name))
     readme = os.environ.get("GPU_VALIDATE_README", "README.md")
     run = Run(out, os.environ.get("PYTHON") or "python3", args.simulate, os.path.join(ROOT, readme) if readme else None,
-              int(os.environ.get("GPU_VALIDATE_BUDGET_S") or BUDGET_S), int(os.environ.get("GPU_VALIDATE_WORKERS") or default_workers()))
+              int(os.environ.get("GPU_VALIDATE_BUDGET_S") or BUDGET_S),
+              int(os.environ.get("GPU_VALIDATE_WORKERS") or default_workers()))
     signal.signal(signal.SIGTERM, _terminated)
     return run.validate([args.tier] if args.tier else list(TIER_NAMES))
 

@@ -180,6 +180,12 @@ def _median_seconds_per_call(function, calls: int, blocks: int = 7) -> tuple[flo
     return min(samples), statistics.median(samples), max(samples)
 
 
+def _row(case: str, operation: str, seconds: tuple[float, float, float]) -> dict:
+    """A row of the table from _median_seconds_per_call's (min, median, max), in microseconds."""
+    low, median, high = seconds
+    return {"case": case, "operation": operation, "min_us": low * 1e6, "median_us": median * 1e6, "max_us": high * 1e6}
+
+
 def _inputs(shape, channel_axis, dtype):
     rng = np.random.default_rng(0)
     channels = shape[channel_axis]
@@ -205,16 +211,19 @@ def measure(calls: int) -> dict:
             x, dy, gamma, beta, running = _inputs(shape, axis, dtype)
             _, saved = cudnn_bn.forward_training(x, gamma, beta, *running, mode=mode, channel_axis=axis)
             timings = {
-                "forward_training": lambda: cudnn_bn.forward_training(x, gamma, beta, *running, mode=mode, channel_axis=axis),
+                "forward_training": lambda: cudnn_bn.forward_training(
+                    x, gamma, beta, *running, mode=mode, channel_axis=axis
+                ),
                 "backward": lambda: cudnn_bn.backward(x, dy, gamma, saved),
-                "forward_inference": lambda: cudnn_bn.forward_inference(x, gamma, beta, *running, mode=mode, channel_axis=axis),
+                "forward_inference": lambda: cudnn_bn.forward_inference(
+                    x, gamma, beta, *running, mode=mode, channel_axis=axis
+                ),
+                "forward_training + backward": lambda: cudnn_bn.backward(
+                    x, dy, gamma, cudnn_bn.forward_training(x, gamma, beta, *running, mode=mode, channel_axis=axis)[1]
+                ),
             }
             for operation, function in timings.items():
-                low, median, high = _median_seconds_per_call(function, calls)
-                rows.append({"case": label, "operation": operation, "min_us": low * 1e6, "median_us": median * 1e6, "max_us": high * 1e6})
-            fwd_bwd = lambda: cudnn_bn.backward(x, dy, gamma, cudnn_bn.forward_training(x, gamma, beta, *running, mode=mode, channel_axis=axis)[1])  # noqa: E731
-            low, median, high = _median_seconds_per_call(fwd_bwd, calls)
-            rows.append({"case": label, "operation": "forward_training + backward", "min_us": low * 1e6, "median_us": median * 1e6, "max_us": high * 1e6})
+                rows.append(_row(label, operation, _median_seconds_per_call(function, calls)))
         cupy = sys.modules["cupy"]
 
         param = cupy.empty(16, np.float32)
@@ -231,8 +240,7 @@ def measure(calls: int) -> dict:
             ("3 empty() and their .data.ptr (included above)", plain),
             ("the persistent forward's: 4 empty(), 2 copy() (included above)", persistent_forward),
         ):
-            low, median, high = _median_seconds_per_call(function, calls)
-            rows.append({"case": "stand-in CuPy", "operation": operation, "min_us": low * 1e6, "median_us": median * 1e6, "max_us": high * 1e6})
+            rows.append(_row("stand-in CuPy", operation, _median_seconds_per_call(function, calls)))
     return {
         "calls": calls,
         "python": platform.python_version(),
@@ -252,20 +260,24 @@ def _torch_cpu_row(calls: int) -> dict | None:
     x = torch.randn(8, 16, 4, 4)
     weight, bias = torch.ones(16), torch.zeros(16)
     mean, var = torch.zeros(16), torch.ones(16)
-    low, median, high = _median_seconds_per_call(lambda: F.batch_norm(x, mean, var, weight, bias, training=True), calls)
-    return {"case": "torch CPU F.batch_norm, compute included", "operation": "forward_training", "min_us": low * 1e6, "median_us": median * 1e6, "max_us": high * 1e6}
+    seconds = _median_seconds_per_call(lambda: F.batch_norm(x, mean, var, weight, bias, training=True), calls)
+    return _row("torch CPU F.batch_norm, compute included", "forward_training", seconds)
 
 
 def to_markdown(result: dict) -> str:
     lines = [
-        f"Host time per call, no-op C kernels, real libcudnn descriptors, stand-in CuPy; {result['calls']} calls per row, "
-        f"median of 7 blocks; Python {result['python']}, numpy {result['numpy']}, {result['cpu']}.",
+        "Host time per call, no-op C kernels, real libcudnn descriptors, stand-in CuPy; "
+        f"{result['calls']} calls per row, median of 7 blocks; Python {result['python']}, numpy {result['numpy']}, "
+        f"{result['cpu']}.",
         "",
         "| case | operation | median µs | min µs | max µs |",
         "|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        lines.append(f"| {row['case']} | {row['operation']} | {row['median_us']:.1f} | {row['min_us']:.1f} | {row['max_us']:.1f} |")
+        lines.append(
+            f"| {row['case']} | {row['operation']} | {row['median_us']:.1f} | {row['min_us']:.1f} "
+            f"| {row['max_us']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -273,7 +285,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--json", help="also write the result as JSON here")
-    parser.add_argument("--torch", action="store_true", help="add a torch CPU row (F.batch_norm on the same tiny tensor)")
+    parser.add_argument("--torch", action="store_true",
+                        help="add a torch CPU row (F.batch_norm on the same tiny tensor)")
     args = parser.parse_args(argv)
     result = measure(args.calls)
     if args.torch:

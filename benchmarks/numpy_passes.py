@@ -97,9 +97,13 @@ def half_costs(shape) -> dict:
     np.copyto(wide, x[:size])
     return {
         "float16 to float64, NumPy's cast": per_element(lambda part: np.copyto(wide, x[part])),
-        "float16 to float64, the reference's": per_element(lambda part: reference._widen_float16(x[part], wide, bits[0])),
+        "float16 to float64, the reference's": per_element(
+            lambda part: reference._widen_float16(x[part], wide, bits[0])
+        ),
         "float64 to float16, NumPy's cast": per_element(lambda part: np.copyto(y[part], wide, casting="same_kind")),
-        "float64 to float16, the reference's": per_element(lambda part: reference._round_to_float16(wide, y[part], bits)),
+        "float64 to float16, the reference's": per_element(
+            lambda part: reference._round_to_float16(wide, y[part], bits)
+        ),
     }
 
 
@@ -107,8 +111,9 @@ def exact_forward_floor(costs: dict) -> dict:
     """ns per element of the least exact training forward: the statistics from one widened copy
     of each block (its sum, then its centred squares, blocks merged by Chan's formula) and the
     output (widen, subtract the mean, multiply by gamma * inv_std, add beta, narrow)."""
-    widen, subtract, multiply = costs["widen float32 to float64"], costs["subtract (float64)"], costs["multiply (float64)"]
-    add, narrow, reduce = costs["add (float64)"], costs["narrow float64 to float32"], costs["per-channel sum (float64)"]
+    widen, narrow = costs["widen float32 to float64"], costs["narrow float64 to float32"]
+    subtract, multiply, add = costs["subtract (float64)"], costs["multiply (float64)"], costs["add (float64)"]
+    reduce = costs["per-channel sum (float64)"]
     statistics_passes = widen + reduce + subtract + multiply + reduce
     output_pass = widen + subtract + multiply + add + narrow
     return {"statistics": statistics_passes, "output": output_pass, "total": statistics_passes + output_pass}
@@ -151,7 +156,10 @@ def main(argv=None) -> int:
     for name, value in half.items():
         print(f"  {name:36s} {value:6.3f}")
     moves = half["float16 to float64, the reference's"] + half["float64 to float16, the reference's"]
-    print(f"float16 in and out alone (the reference's conversions): {moves:.2f} ns per element, {moves * elements / 1e6:.2f} ms")
+    print(
+        f"float16 in and out alone (the reference's conversions): {moves:.2f} ns per element, "
+        f"{moves * elements / 1e6:.2f} ms"
+    )
     torch_half_ms = torch_channels_last_ms(shape, "float16", training=False)
     if torch_half_ms is not None:
         print(f"torch F.batch_norm, float16, channels last, inference: {torch_half_ms:.2f} ms; "

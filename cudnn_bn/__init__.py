@@ -15,6 +15,8 @@ from ._api import (
     forward_inference,
     forward_training,
 )
+from ._core.modes import Activation, Mode, OnOverflow
+from ._core.saved import SavedStats
 from ._cudnn.errors import (
     CudnnBadParamError,
     CudnnBuildMismatchError,
@@ -28,8 +30,6 @@ from ._cudnn.errors import (
     CudnnOverflowError,
     CudnnVersionError,
 )
-from ._core.modes import Activation, Mode, OnOverflow
-from ._core.saved import SavedStats
 from .layer import BatchNorm
 from .reference import fold_inference
 

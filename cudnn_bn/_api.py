@@ -62,7 +62,9 @@ def accept_arrays(written, optional, /, **named) -> tuple[str, tuple]:
             raise  # numpy's own kinds that are refused: array_kind's message says why
         from ._cudnn import interop
 
-        given = {name: interop.as_supported_array(name, value, written=name in written) for name, value in given.items()}
+        given = {
+            name: interop.as_supported_array(name, value, written=name in written) for name, value in given.items()
+        }
         kind = array_kind(**given)
     return kind, tuple(given.get(name) for name in named)
 
@@ -90,7 +92,8 @@ def cudnn_available() -> tuple[bool, str]:
     return cudnn_status()
 
 
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="auto", momentum=0.1, eps=1e-5, channel_axis=1, on_overflow=None):
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="auto", momentum=0.1, eps=1e-5,
+                     channel_axis=1, on_overflow=None):
     """Batch-norm forward in training mode on numpy (reference) or cupy (cuDNN) arrays.
 
     Same arguments and results as :func:`cudnn_bn.reference.forward_training`, plus:
@@ -111,7 +114,9 @@ def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mod
             _RUNNING, _RUNNING, x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var
         )
     if kind == "cupy":  # the cuDNN path resolves the mode by the same policy, once per call signature
-        return _cudnn_ops().forward_training(x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow)
+        return _cudnn_ops().forward_training(
+            x, gamma, beta, running_mean, running_var, mode, momentum, eps, channel_axis, on_overflow
+        )
     mode, on_overflow = choose_mode(mode, x.shape, channel_axis, TRAINING, on_overflow)
     y, saved = reference.forward_training(
         x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps, channel_axis=channel_axis
@@ -147,7 +152,8 @@ def backward(x, dy, gamma, saved=None, *, mode=None, eps=None, channel_axis=None
     saved = _accept_saved(saved)
     if kind == "cupy":
         return _cudnn_ops().backward(x, dy, gamma, saved, mode, eps, channel_axis, on_overflow)
-    mode, _, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)  # checks saved's kind too
+    # checks saved's kind too
+    mode, _, eps, channel_axis = backward_settings(x, saved, mode, eps, channel_axis, on_overflow)
     return reference.backward(x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)
 
 

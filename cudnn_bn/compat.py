@@ -179,7 +179,8 @@ def _distinct_outputs(mean, inv_std) -> None:
 # ---- the functions ----
 
 
-def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug, d_layout, on_overflow):
+def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode,
+                      debug, d_layout, on_overflow):
     """(reserve_space, y, save_mean, save_inv_std) of one training forward; every check runs
     before anything is computed or written."""
     _distinct_outputs(mean, inv_std)
@@ -212,13 +213,18 @@ def _forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, 
     )
     y = geometry.restore(y)
     if outputs is None:
-        return saved.reserve_space, y, geometry.param_result(saved.mean, gamma.shape), geometry.param_result(saved.inv_std, gamma.shape)
+        return (
+            saved.reserve_space, y,
+            geometry.param_result(saved.mean, gamma.shape), geometry.param_result(saved.inv_std, gamma.shape),
+        )
     outputs[0][...] = saved.mean
     outputs[1][...] = saved.inv_std
     return saved.reserve_space, y, mean, inv_std
 
 
-def batch_normalization_forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug, d_layout=CUDNN_TENSOR_NCHW, *, on_overflow=None):
+def batch_normalization_forward_training(x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay,
+                                         is_for_conv2d, cudnn_mode, debug, d_layout=CUDNN_TENSOR_NCHW, *,
+                                         on_overflow=None):
     """Batch-norm training forward, as CuPy 13's ``cupyx.cudnn`` function of this name.
 
     Args:
@@ -241,12 +247,15 @@ def batch_normalization_forward_training(x, gamma, beta, running_mean, running_v
         x, else float32). Results are numpy arrays for numpy input, cupy arrays otherwise.
     """
     _, y, save_mean, save_inv_std = _forward_training(
-        x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug, d_layout, on_overflow
+        x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug,
+        d_layout, on_overflow,
     )
     return (y, save_mean, save_inv_std) if mean is None else y
 
 
-def batch_normalization_forward_training_ex(x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug, d_layout=CUDNN_TENSOR_NCHW, *, on_overflow=None):
+def batch_normalization_forward_training_ex(x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay,
+                                            is_for_conv2d, cudnn_mode, debug, d_layout=CUDNN_TENSOR_NCHW, *,
+                                            on_overflow=None):
     """:func:`batch_normalization_forward_training` that also returns cuDNN's reserve space.
 
     Returns ``(reserve_space, y, save_mean, save_inv_std)`` when ``mean`` is None, else
@@ -255,12 +264,14 @@ def batch_normalization_forward_training_ex(x, gamma, beta, running_mean, runnin
     (always None on numpy). Pass it to :func:`batch_normalization_backward` as ``reserve_space=``.
     """
     reserve_space, y, save_mean, save_inv_std = _forward_training(
-        x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug, d_layout, on_overflow
+        x, gamma, beta, running_mean, running_var, mean, inv_std, eps, decay, is_for_conv2d, cudnn_mode, debug,
+        d_layout, on_overflow,
     )
     return (reserve_space, y, save_mean, save_inv_std) if mean is None else (reserve_space, y)
 
 
-def batch_normalization_forward_inference(x, gamma, beta, mean, var, eps, is_for_conv2d, cudnn_mode, d_layout=CUDNN_TENSOR_NCHW):
+def batch_normalization_forward_inference(x, gamma, beta, mean, var, eps, is_for_conv2d, cudnn_mode,
+                                          d_layout=CUDNN_TENSOR_NCHW):
     """Batch-norm forward with fixed statistics, as CuPy 13's function of this name.
 
     ``gamma, beta, mean, var`` hold the parameter count in any shape; returns y with x's shape
@@ -270,12 +281,15 @@ def batch_normalization_forward_inference(x, gamma, beta, mean, var, eps, is_for
     mode = _mode(cudnn_mode)
     _, (x, gamma, beta, mean, var) = _api.accept_arrays((), (), x=x, gamma=gamma, beta=beta, mean=mean, var=var)
     geometry = _geometry(x, is_for_conv2d, d_layout, mode)
-    params = [geometry.param(name, array) for name, array in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var))]
+    params = [
+        geometry.param(name, array) for name, array in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var))
+    ]
     y = _api.forward_inference(geometry.data(x), *params, mode=mode, eps=eps, channel_axis=geometry.channel_axis)
     return geometry.restore(y)
 
 
-def batch_normalization_backward(x, gamma, gy, mean, inv_std, eps, is_for_conv2d, cudnn_mode, debug, d_layout=CUDNN_TENSOR_NCHW, *, reserve_space=None, on_overflow=None):
+def batch_normalization_backward(x, gamma, gy, mean, inv_std, eps, is_for_conv2d, cudnn_mode, debug,
+                                 d_layout=CUDNN_TENSOR_NCHW, *, reserve_space=None, on_overflow=None):
     """Gradients of the training forward, as CuPy 13's function of this name.
 
     Args:
@@ -296,7 +310,9 @@ def batch_normalization_backward(x, gamma, gy, mean, inv_std, eps, is_for_conv2d
     for name, array in (("mean", mean), ("inv_std", inv_std)):
         if array is None:
             raise TypeError(f"{name}: expected the saved statistic returned by the forward call, got None")
-    kind, (x, gamma, gy, mean, inv_std) = _api.accept_arrays((), (), x=x, gamma=gamma, gy=gy, mean=mean, inv_std=inv_std)
+    kind, (x, gamma, gy, mean, inv_std) = _api.accept_arrays(
+        (), (), x=x, gamma=gamma, gy=gy, mean=mean, inv_std=inv_std
+    )
     _check_reserve_space(kind, reserve_space)
     geometry = _geometry(x, is_for_conv2d, d_layout, mode)
     saved = SavedStats(

@@ -243,7 +243,10 @@ class BatchNorm:
             raise TypeError(f"{name}: expected a {self._xp.__name__} array ({self._short()} keeps its state there), "
                             f"got {hint}") from None
         if kind != self._xp.__name__:
-            raise TypeError(f"{name}: expected a {self._xp.__name__} array ({self._short()} keeps its state there), got a {kind} array")
+            raise TypeError(
+                f"{name}: expected a {self._xp.__name__} array ({self._short()} keeps its state there), "
+                f"got a {kind} array"
+            )
         return kind
 
     def _own_parameter(self, name: str, value):
@@ -251,7 +254,9 @@ class BatchNorm:
         self._kind_of(name, value)
         param_dtype = param_dtype_for(self.dtype)
         if np.dtype(value.dtype) != param_dtype:
-            raise TypeError(f"{name}: expected dtype {param_dtype} ({self._short()}'s parameter dtype), got {value.dtype}")
+            raise TypeError(
+                f"{name}: expected dtype {param_dtype} ({self._short()}'s parameter dtype), got {value.dtype}"
+            )
         if tuple(value.shape) != self.param_shape:
             raise ValueError(f"{name}: expected shape {self.param_shape}, got {tuple(value.shape)}")
         return value
@@ -452,7 +457,11 @@ class BatchNorm:
         if not isinstance(prefix, str):
             raise TypeError(f"prefix: expected a str, got {prefix!r}")
         if prefix:
-            entries = {key[len(prefix):]: value for key, value in state.items() if isinstance(key, str) and key.startswith(prefix)}
+            entries = {
+                key[len(prefix):]: value
+                for key, value in state.items()
+                if isinstance(key, str) and key.startswith(prefix)
+            }
         else:
             entries = dict(state)
         expected = self._state_names()
@@ -515,14 +524,22 @@ def _feature_shape(num_features) -> tuple[int, ...]:
     items = tuple(num_features) if isinstance(num_features, (tuple, list)) else (num_features,)
     for item in items:
         if isinstance(item, (bool, np.bool_)) or not isinstance(item, (int, np.integer)):
-            raise TypeError(f"num_features: expected a positive int or a tuple of them (the feature shape), got {num_features!r}")
+            raise TypeError(
+                f"num_features: expected a positive int or a tuple of them (the feature shape), got {num_features!r}"
+            )
     shape = tuple(int(n) for n in items)
     if not shape or any(n < 1 for n in shape):
-        raise ValueError(f"num_features: expected a positive int or a tuple of them (the feature shape), got {num_features!r}")
+        raise ValueError(
+            f"num_features: expected a positive int or a tuple of them (the feature shape), got {num_features!r}"
+        )
     if len(shape) > MAX_NDIM - 1:
-        raise ValueError(f"num_features: expected at most {MAX_NDIM - 1} feature dims (inputs have at most {MAX_NDIM}), got {shape}")
+        raise ValueError(
+            f"num_features: expected at most {MAX_NDIM - 1} feature dims (inputs have at most {MAX_NDIM}), got {shape}"
+        )
     if math.prod(shape) > _INT32_MAX:
-        raise ValueError(f"num_features: expected at most {_INT32_MAX} features (cuDNN's int32 limit), got {math.prod(shape)}")
+        raise ValueError(
+            f"num_features: expected at most {_INT32_MAX} features (cuDNN's int32 limit), got {math.prod(shape)}"
+        )
     return shape
 
 
@@ -565,7 +582,9 @@ def _refuse_unusable_device(xp, error: Exception) -> None:
 
     problem = cupy_device_problem(xp)
     if problem is not None:
-        raise RuntimeError(f"xp='cupy': CuPy cannot allocate the layer's state here: {problem}. {_NUMPY_LAYER}") from error
+        raise RuntimeError(
+            f"xp='cupy': CuPy cannot allocate the layer's state here: {problem}. {_NUMPY_LAYER}"
+        ) from error
 
 
 def _batch_count(name: str, value) -> int:
@@ -593,7 +612,9 @@ def _host_value(key: str, value) -> np.ndarray:
     try:
         return host_array(value)
     except (TypeError, ValueError) as error:
-        raise TypeError(f"state[{key!r}]: expected an array of real numbers, got {type(value).__name__} ({error})") from None
+        raise TypeError(
+            f"state[{key!r}]: expected an array of real numbers, got {type(value).__name__} ({error})"
+        ) from None
 
 
 def _listed(keys: list, limit: int = 8) -> str:

@@ -131,7 +131,11 @@ class _Blocks:
         group_step = min(groups, max(1, block_elements // inner_step)) if inner_step == inner else 1
         outer_step = min(outer, max(1, block_elements // (group_step * inner_step))) if group_step == groups else 1
         self.slices = [
-            (slice(a, min(a + outer_step, outer)), slice(g, min(g + group_step, groups)), slice(i, min(i + inner_step, inner)))
+            (
+                slice(a, min(a + outer_step, outer)),
+                slice(g, min(g + group_step, groups)),
+                slice(i, min(i + inner_step, inner)),
+            )
             for a in range(0, outer, outer_step)
             for g in range(0, groups, group_step)
             for i in range(0, inner, inner_step)
@@ -315,7 +319,8 @@ def _row(param) -> np.ndarray:
     return np.asarray(param, dtype=np.float64).reshape(-1)
 
 
-def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="spatial", momentum=0.1, eps=1e-5, channel_axis=1):
+def forward_training(x, gamma, beta, running_mean=None, running_var=None, *, mode="spatial", momentum=0.1, eps=1e-5,
+                     channel_axis=1):
     """Batch-norm forward in training mode.
 
     Args:
@@ -643,7 +648,9 @@ def fused_backward(x, y, dy, gamma, saved, *, mode=None, eps=None, channel_axis=
     stats64 = trusted_saved_stats(
         saved.mean.astype(np.float64), saved.inv_std.astype(np.float64), saved.mode, saved.eps, saved.channel_axis
     )
-    dx, dgamma, dbeta = backward(x.astype(np.float64), grad, gamma, stats64, mode=mode, eps=eps, channel_axis=channel_axis)
+    dx, dgamma, dbeta = backward(
+        x.astype(np.float64), grad, gamma, stats64, mode=mode, eps=eps, channel_axis=channel_axis
+    )
     dresidual = grad.astype(checked.data_dtype) if saved.has_residual else None
     return (
         dx.astype(checked.data_dtype, copy=False), dresidual,

@@ -5,7 +5,7 @@
 #   scripts/mutation.sh MODULE --survivors [--timeout SECONDS]
 #
 # MODULE is one of: ops launch signatures plans limits validate arrays scalars layout handles policy
-# descriptors layer reference.
+# descriptors layer reference deferred frozen.
 # The run happens in a private copy of the committed tree (.mutation/MODULE/), so edits made to the
 # working tree during a run change nothing, and the score belongs to the commit it prints. With
 # --worktree the copy is taken from the working tree instead (tracked and untracked, not ignored):
@@ -49,11 +49,13 @@ case $module in
     arrays)      source=cudnn_bn/_core/arrays.py;       tests="test_arrays test_validation test_api test_compat test_cupy_path test_adversarial" ;;
     scalars)     source=cudnn_bn/_core/scalars.py;      tests="test_validation test_api test_layer test_compat" ;;
     layout)      source=cudnn_bn/_core/layout.py;       tests="test_layout test_validation test_reference test_descriptors test_properties test_cupy_path" ;;
-    handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_handles_mutants test_cudnn_safety test_cupy_path test_raw" ;;
+    handles)     source=cudnn_bn/_cudnn/handles.py;     tests="test_handles test_cudnn_safety test_cupy_path test_raw" ;;
     policy)      source=cudnn_bn/_core/policy.py;       tests="test_policy test_cupy_path test_layer" ;;
     descriptors) source=cudnn_bn/_cudnn/descriptors.py; tests="test_descriptors test_cudnn_safety test_cupy_path test_raw" ;;
     layer)       source=cudnn_bn/layer.py;              tests="test_layer test_layer_fused test_api test_cudnn_safety" ;;
     reference)   source=cudnn_bn/reference.py;          tests="test_reference test_reference_float16 test_fused test_properties test_reference_memory test_api test_validation" ;;
+    deferred)    source=cudnn_bn/_cudnn/deferred.py;    tests="test_deferred test_sync_budget test_handles test_cupy_path" ;;
+    frozen)      source=cudnn_bn/_cudnn/frozen.py;      tests="test_frozen test_layer_frozen test_backward_inference" ;;
     *) usage ;;
 esac
 

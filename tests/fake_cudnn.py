@@ -26,8 +26,8 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
   stream (``Stream.null``, 0) and the per-thread default stream (``Stream.ptds``, 2, CUDA's
   ``cudaStreamPerThread``): one pointer that names the calling thread's own queue wherever it is
   used (a kernel, a query, an event, a synchronize); each thread's default current stream is its
-  own. Arrays carry their device. A handle used by two threads at once, or a kernel call whose handle is bound to another
-  stream than the calling thread's current one, is BAD_PARAM.
+  own. Arrays carry their device. A handle used by two threads at once, or a kernel call whose
+  handle is bound to another stream than the calling thread's current one, is BAD_PARAM.
 - **Refusals.** NOT_SUPPORTED or BAD_PARAM wherever cuDNN documents one or PyTorch guards against
   one; each refusal names its reason (``KernelSimulator.refusals``). See ``KernelSimulator``.
 - **Overflow flag.** Per handle: a SPATIAL_PERSISTENT kernel whose mode is in ``overflow_modes``
@@ -41,8 +41,9 @@ It is a specification of cuDNN and CuPy, written to be at least as strict as the
   indexing by a boolean mask (CuPy reads the count back to size the result); ``Stream``,
   ``Event`` and ``Device`` synchronize and ``runtime.deviceSynchronize``; ``cudnnDestroy``
   (cudaDeviceSynchronize, cudnn_graph.h). ``array_equal``, ``array_equiv`` and ``allclose``
-  answer, as CuPy does, with a 0-d device array, read only when asked. The simulator's own flushes (the host computing a ufunc, a copy or a reshape in queue order) are not
-  counted: on a GPU those are kernels queued behind the work, not waits. Inside
+  answer, as CuPy does, with a 0-d device array, read only when asked. The simulator's own
+  flushes (the host computing a ufunc, a copy or a reshape in queue order) are not counted: on a
+  GPU those are kernels queued behind the work, not waits. Inside
   ``with simulator.capturing():`` every such point raises :class:`StreamCaptureUnsupported`, as
   CUDA stream capture refuses a synchronization.
 
@@ -140,7 +141,8 @@ class _Allocation:
     def __init__(self, serial, start, stop, device_id, stream_key, owner, owner_ref):
         self.serial, self.start, self.stop = serial, start, stop
         self.device_id, self.stream_key = device_id, stream_key
-        self.owner, self.owner_ref = owner, owner_ref  # the object owning the bytes: strong, or weak when it is the array itself
+        # the object owning the bytes: strong, or weak when it is the array itself
+        self.owner, self.owner_ref = owner, owner_ref
         self.lease_ref = None
         self.released = False  # every array on it is gone (CuPy: returned to the pool)
         self.pending = collections.Counter()  # stream key -> queued kernels using it
@@ -720,7 +722,8 @@ def _nonzero(self):
 
 
 def _is_boolean_mask(key) -> bool:
-    return any(isinstance(part, np.ndarray) and part.dtype == np.bool_ for part in (key if isinstance(key, tuple) else (key,)))
+    parts = key if isinstance(key, tuple) else (key,)
+    return any(isinstance(part, np.ndarray) and part.dtype == np.bool_ for part in parts)
 
 
 def _synchronizing(name: str, host_read: bool):
@@ -994,7 +997,9 @@ class _DescriptorTracker:
                     descriptor, 8, ctypes.byref(data_type), ctypes.byref(count), dims, strides
                 )
             except CudnnError as error:
-                raise _Refused(_BAD_PARAM, f"{role}: {_hex(descriptor)} is not a readable tensor descriptor ({error})") from None
+                raise _Refused(
+                    _BAD_PARAM, f"{role}: {_hex(descriptor)} is not a readable tensor descriptor ({error})"
+                ) from None
         return _Described(data_type.value, tuple(dims[: count.value]), tuple(strides[: count.value]))
 
 
@@ -1020,7 +1025,8 @@ class _TensorRef:
     def view(self) -> np.ndarray:
         buffer = (ctypes.c_char * (self.high - self.low)).from_address(self.pointer + self.low)
         itemsize = self.dtype.itemsize
-        return np.ndarray(self.dims, self.dtype, buffer=buffer, offset=-self.low, strides=[s * itemsize for s in self.strides])
+        return np.ndarray(self.dims, self.dtype, buffer=buffer, offset=-self.low,
+                          strides=[s * itemsize for s in self.strides])
 
 
 def _extent(dims, strides, itemsize: int) -> tuple[int, int]:
@@ -1085,8 +1091,7 @@ def training_kernel(launch: Launch) -> None:
         y = np.where((y > 0) | (np.isnan(y) & (launch.relu_nan == PROPAGATE_NAN)), y, 0.0)
     launch.view("y")[...] = y
     if launch.has("running_mean"):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            unbiased_var = biased_var * (np.float64(count) / (count - 1))
+        unbiased_var = biased_var * (np.float64(count) / (count - 1))
         factor = launch.factor
         for role, batch_value in (("running_mean", mean), ("running_var", unbiased_var)):
             running = launch.view(role)
@@ -1341,11 +1346,14 @@ class KernelSimulator:
     def _check_device_and_stream(self, state: _HandleState) -> None:
         device = self.cuda.current_device()
         if device != state.device_id:
-            raise _Refused(_BAD_PARAM, f"the handle was created on device {state.device_id} but device {device} is current")
+            raise _Refused(
+                _BAD_PARAM, f"the handle was created on device {state.device_id} but device {device} is current"
+            )
         current = self.cuda.current_stream().ptr
         if current != state.stream:
             raise _Refused(_BAD_PARAM, f"the handle is bound to stream {_hex(state.stream)} but the calling thread's "
-                                       f"current stream is {_hex(current)}: cudnnSetStream(handle, current stream) first")
+                                       f"current stream is {_hex(current)}: cudnnSetStream(handle, current stream) "
+                                       "first")
 
     # ---- handles, streams, the error flag ----
     def _create(self, handle_out) -> None:
@@ -1422,7 +1430,9 @@ class KernelSimulator:
             raise _Refused(_BAD_PARAM, f"{role}: NULL tensor descriptor")
         described = _DESCRIPTORS.read(descriptor, role)
         if len(described.dims) not in (4, 5):
-            raise _Refused(_BAD_PARAM, f"{role}: {len(described.dims)} dims; batch normalization takes 4-D or 5-D tensors")
+            raise _Refused(
+                _BAD_PARAM, f"{role}: {len(described.dims)} dims; batch normalization takes 4-D or 5-D tensors"
+            )
         if described.dtype is None:
             raise _Refused(_NOT_SUPPORTED, f"{role}: data type {described.code} "
                                            "(the simulated GPU computes half, float and double)")
@@ -1447,19 +1457,23 @@ class KernelSimulator:
         values = {}
         for name, pointer in pointers.items():
             if self.cuda.find_live(pointer, pointer + ctypes.sizeof(ctype)) is not None:
-                raise _Refused(_BAD_PARAM, f"{name} points into device memory; cuDNN reads alpha and beta from the host")
+                raise _Refused(
+                    _BAD_PARAM, f"{name} points into device memory; cuDNN reads alpha and beta from the host"
+                )
             values[name] = ctype.from_address(pointer).value
         wanted = {name: 1.0 if name.startswith("alpha") else 0.0 for name in pointers}
         if values != wanted:
-            raise _Refused(_BAD_PARAM, f"alpha/beta read as {values} at cuDNN's width for this data ({ctype.__name__}); "
-                                       "the simulated GPU runs alpha=1, beta=0 only, and a scalar of the wrong width "
-                                       "reads as another value")
+            raise _Refused(_BAD_PARAM, f"alpha/beta read as {values} at cuDNN's width for this data "
+                                       f"({ctype.__name__}); the simulated GPU runs alpha=1, beta=0 only, and a "
+                                       "scalar of the wrong width reads as another value")
 
     def _limits(self, data: _Described, operation: str, mode: Mode) -> None:
         count = math.prod(data.dims)
         reach = sum((d - 1) * abs(s) for d, s in zip(data.dims, data.strides))
         if max(count, reach, *data.dims, *(abs(s) for s in data.strides)) > INT32_MAX:
-            raise _Refused(_NOT_SUPPORTED, f"x ({data}, {count} elements) is past cuDNN's 32-bit indexing (at most {INT32_MAX})")
+            raise _Refused(
+                _NOT_SUPPORTED, f"x ({data}, {count} elements) is past cuDNN's 32-bit indexing (at most {INT32_MAX})"
+            )
         batch = data.dims[0]
         if operation == "inference":
             limit, source = INFERENCE_MAX_BATCH, "pytorch#19911"
@@ -1468,7 +1482,9 @@ class KernelSimulator:
         else:
             limit, source = TRAINING_MAX_BATCH, "PyTorch's guard, PR #32763"
         if batch > limit:
-            raise _Refused(_NOT_SUPPORTED, f"{operation} in {mode.name} with N={batch}: cuDNN fails past N={limit} ({source})")
+            raise _Refused(
+                _NOT_SUPPORTED, f"{operation} in {mode.name} with N={batch}: cuDNN fails past N={limit} ({source})"
+            )
 
     def _check_sources(self, tensors: dict) -> None:
         """An array whose pointer was taken, sized past int32: its descriptor cannot be right."""
@@ -1480,9 +1496,9 @@ class KernelSimulator:
             shape, strides, itemsize = source
             count = math.prod(shape)
             if max(count, *shape, *(abs(s) // itemsize for s in strides)) > INT32_MAX:
-                raise _Refused(_NOT_SUPPORTED, f"{role}: the array at {_hex(pointer)} has shape {shape} ({count} elements), "
-                                               f"past cuDNN's 32-bit sizes, but its descriptor says {described.dims}: "
-                                               "a C int truncated it")
+                raise _Refused(_NOT_SUPPORTED, f"{role}: the array at {_hex(pointer)} has shape {shape} "
+                                               f"({count} elements), past cuDNN's 32-bit sizes, but its descriptor "
+                                               f"says {described.dims}: a C int truncated it")
 
     def _ex_conditions(self, mode: Mode, ops, tensors: dict, activation=None) -> None:
         if ops not in (OPS_BN, OPS_BN_ACTIVATION, OPS_BN_ADD_ACTIVATION):
@@ -1501,18 +1517,23 @@ class KernelSimulator:
         if channels % 4:
             unmet.append(f"C % 4 == 0 (got C={channels})")
         if unmet:
-            raise _Refused(_NOT_SUPPORTED, "the Ex calls run only on NVIDIA's NHWC fast path here (cuDNN would fall back "
-                                           f"to its generic kernel, which cudnn_bn never asks for); unmet: {'; '.join(unmet)}")
+            raise _Refused(_NOT_SUPPORTED, "the Ex calls run only on NVIDIA's NHWC fast path here (cuDNN would fall "
+                                           "back to its generic kernel, which cudnn_bn never asks for); unmet: "
+                                           f"{'; '.join(unmet)}")
 
     def _fused_activation(self, ops, activation) -> None:
         """A fused bnOps needs an activation descriptor, and cuDNN's fused kernels apply ReLU only."""
         if not activation:  # no fused kernel applies without one (cuDNN's status here is not documented)
-            raise _Refused(_NOT_SUPPORTED, f"bnOps {ops} (CUDNN_BATCHNORM_OPS_BN_{'ADD_' if ops == OPS_BN_ADD_ACTIVATION else ''}"
-                                           "ACTIVATION) applies an activation, but activationDesc is NULL")
+            fused_name = f"CUDNN_BATCHNORM_OPS_BN_{'ADD_' if ops == OPS_BN_ADD_ACTIVATION else ''}ACTIVATION"
+            raise _Refused(
+                _NOT_SUPPORTED, f"bnOps {ops} ({fused_name}) applies an activation, but activationDesc is NULL"
+            )
         try:
             mode, _ = _activation_settings(activation)
         except CudnnError as error:
-            raise _Refused(_BAD_PARAM, f"activationDesc {_hex(activation)} is not a readable activation descriptor ({error})") from None
+            raise _Refused(
+                _BAD_PARAM, f"activationDesc {_hex(activation)} is not a readable activation descriptor ({error})"
+            ) from None
         if mode != ACTIVATION_RELU:
             raise _Refused(_NOT_SUPPORTED, f"bnOps {ops} with activation mode {mode}: the fused batch-norm kernels "
                                            f"apply CUDNN_ACTIVATION_RELU ({ACTIVATION_RELU}) only")
@@ -1541,8 +1562,8 @@ class KernelSimulator:
         if allocation is None:
             around = self.cuda.find_live(pointer, pointer + 1)
             holder = f"{around.describe()} holds the pointer" if around else "no live allocation holds the pointer"
-            raise _Refused(_BAD_PARAM, f"{role}: {what} reaches bytes [{low}, {high}) from {_hex(pointer)}, outside any "
-                                       f"one live allocation ({holder})")
+            raise _Refused(_BAD_PARAM, f"{role}: {what} reaches bytes [{low}, {high}) from {_hex(pointer)}, outside "
+                                       f"any one live allocation ({holder})")
         if allocation.device_id != state.device_id:
             raise _Refused(_BAD_PARAM, f"{role}: memory on device {allocation.device_id}, "
                                        f"the handle's device is {state.device_id}")
@@ -1579,7 +1600,9 @@ class KernelSimulator:
         if any(allocation.hazard for allocation, _ in launch.holds):
             self._poison(launch)  # it read memory the pool may already have given away
             return
-        self.kernels[launch.function](launch)
+        # a kernel warns of nothing: NaN and Inf propagate silently on a GPU (count == 1 divides by zero too)
+        with np.errstate(all="ignore"):
+            self.kernels[launch.function](launch)
         if launch.overflows:
             self._poison(launch)  # an overflowing persistent kernel writes NaN and raises the flag
             launch.handle.flag = int(Status.RUNTIME_FP_OVERFLOW)
@@ -1662,7 +1685,9 @@ class KernelSimulator:
             self._scalars(x_t, alpha=alpha, beta=beta)
             _epsilon(eps)
             if mode is Mode.SPATIAL_PERSISTENT:
-                raise _Refused(_NOT_SUPPORTED, "ForwardInference takes PER_ACTIVATION or SPATIAL, not SPATIAL_PERSISTENT")
+                raise _Refused(
+                    _NOT_SUPPORTED, "ForwardInference takes PER_ACTIVATION or SPATIAL, not SPATIAL_PERSISTENT"
+                )
             self._limits(x_t, "inference", mode)
             tensors = {"x": (x, x_t), "y": (y, y_t), "scale": (scale, p_t), "bias": (bias, p_t),
                        "mean": (mean, p_t), "var": (var, p_t)}
@@ -1737,10 +1762,12 @@ class KernelSimulator:
                                                "that produced these saved statistics")
                 filled_ops = self.reserve_ops.get(reserve, OPS_BN)
                 if filled_ops != ops:
-                    raise _Refused(_BAD_PARAM, f"BackwardEx with bnOps {ops} got the reserve space of a ForwardTrainingEx "
-                                               f"with bnOps {filled_ops}")
+                    raise _Refused(_BAD_PARAM, f"BackwardEx with bnOps {ops} got the reserve space of a "
+                                               f"ForwardTrainingEx with bnOps {filled_ops}")
             elif ops != OPS_BN:
-                raise _Refused(_BAD_PARAM, f"bnOps {ops}: BackwardEx needs the forward's reserve space (the activation's mask)")
+                raise _Refused(
+                    _BAD_PARAM, f"bnOps {ops}: BackwardEx needs the forward's reserve space (the activation's mask)"
+                )
             fused = {"ops": ops, "y": y, "y_desc": y_desc, "bias": bias, "dz": dz, "dz_desc": dz_desc,
                      "activation": activation}
             self._backward_call(name, state, mode, alpha_data, beta_data, alpha_param, beta_param, x_desc, x, dy_desc,
@@ -1803,7 +1830,10 @@ def _activation_settings(descriptor: int) -> tuple[int, int]:
                              ctypes.POINTER(ctypes.c_double))
         _GET_ACTIVATION["function"] = function
     mode, nan, coef = ctypes.c_int(), ctypes.c_int(), ctypes.c_double()
-    _raw.check_status("cudnnGetActivationDescriptor", function(descriptor, ctypes.byref(mode), ctypes.byref(nan), ctypes.byref(coef)))
+    _raw.check_status(
+        "cudnnGetActivationDescriptor",
+        function(descriptor, ctypes.byref(mode), ctypes.byref(nan), ctypes.byref(coef)),
+    )
     return mode.value, nan.value
 
 

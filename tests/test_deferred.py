@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import make_case
 from cudnn_bn import BatchNorm, CudnnOverflowError, Mode, compat, fused
 from cudnn_bn._cudnn import deferred, handles
-from conftest import make_case
 from fake_cudnn import FakeArray, simulated_gpu
 
 SHAPE = (8, 4, 3, 3)

@@ -12,14 +12,15 @@ import gc
 import re
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import make_case
 from cudnn_bn import Mode, reference
 from cudnn_bn._cudnn.errors import CudnnError
-from conftest import make_case
 from fake_cudnn import CUDNN_BN_MIN_EPSILON, FakeArray, OutOfMemoryError, simulated_gpu, virtual_array
 
 BAD_PARAM, NOT_SUPPORTED, IN_PROGRESS, OVERFLOW = 2000, 3000, 1006, 1007
@@ -123,7 +124,9 @@ class Case:
         self.x_desc = descriptors(code, dims, self.strides)
         param_dims = (1, dims[1]) + (dims[2:] if mode == PER_ACTIVATION else (1,) * (len(dims) - 2))
         param_dtype = np.float64 if dtype == np.float64 else np.float32
-        self.p_desc = descriptors(DOUBLE if dtype == np.float64 else FLOAT, param_dims, _packed(param_dims, range(len(dims))))
+        self.p_desc = descriptors(
+            DOUBLE if dtype == np.float64 else FLOAT, param_dims, _packed(param_dims, range(len(dims)))
+        )
         self.host_gamma = (0.5 + rng.random(param_dims)).astype(param_dtype)
         self.host_beta = rng.standard_normal(param_dims).astype(param_dtype)
         self.gamma, self.beta = cupy.asarray(self.host_gamma), cupy.asarray(self.host_beta)
@@ -270,7 +273,9 @@ def test_the_simulated_kernels_agree_with_the_reference(gpu, cupy, library, desc
         gamma = case.host_gamma.reshape(-1) if mode != PER_ACTIVATION else case.host_gamma[0]
         beta = case.host_beta.reshape(-1) if mode != PER_ACTIVATION else case.host_beta[0]
         x, dy = case.host_x.astype(np.float64), case.host_dy.astype(np.float64)
-        y, saved = reference.forward_training(x, gamma.astype(np.float64), beta.astype(np.float64), mode=mode, channel_axis=axis)
+        y, saved = reference.forward_training(
+            x, gamma.astype(np.float64), beta.astype(np.float64), mode=mode, channel_axis=axis
+        )
         dx, dgamma, dbeta = reference.backward(x, dy, gamma.astype(np.float64), saved)
         tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(case.y.get(), y, **tolerance)
@@ -279,11 +284,26 @@ def test_the_simulated_kernels_agree_with_the_reference(gpu, cupy, library, desc
         np.testing.assert_allclose(case.dbeta.get().reshape(dbeta.shape), dbeta, **tolerance)
 
 
+def test_a_kernel_warns_of_nothing_and_lets_nan_and_inf_through(gpu, cupy, case):
+    """A GPU kernel raises no floating-point warning: non-finite inputs give non-finite outputs."""
+    shape = case.save_inv.shape
+    case.save_mean = cupy.asarray(np.zeros(shape, np.float32))
+    case.save_inv = cupy.asarray(np.full(shape, np.inf, np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        case.call(BACKWARD)
+        cupy.cuda.get_current_stream().synchronize()
+    assert not np.isfinite(case.dx.get()).any()
+    assert np.isfinite(case.dbeta.get()).all()  # the sum of dy alone: the kernel ran
+
+
 # ---- memory: the registry, bounds, CuPy's stream-ordered pool ----
 def test_an_extent_past_the_buffer_is_bad_param_not_a_crash(gpu, cupy, library, descriptors):
     case = Case(cupy, library, descriptors, dims=(2, 5, 3, 4), channels_last=True)
     unpermuted = descriptors(FLOAT, (2, 5, 3, 4), (60, 20, 5, 1))  # (N, H, W, C) strides on (N, C, H, W) dims
-    error = refused(BAD_PARAM, case.call, TRAINING, xDesc=unpermuted, yDesc=unpermuted, match="outside any one live allocation")
+    error = refused(
+        BAD_PARAM, case.call, TRAINING, xDesc=unpermuted, yDesc=unpermuted, match="outside any one live allocation"
+    )
     assert "holds the pointer" in str(error)
     assert gpu.calls[-1] == TRAINING and gpu.refusals[-1][:2] == (TRAINING, BAD_PARAM)
 
@@ -326,7 +346,8 @@ def test_an_allocation_past_the_cap_is_out_of_memory(gpu, cupy):
         cupy.empty((5, 2**32 + 6), np.float32)
 
 
-def test_arrays_carry_their_device_and_a_kernel_refuses_another_devices_memory(monkeypatch, cudnn_library, descriptors_2):
+def test_arrays_carry_their_device_and_a_kernel_refuses_another_devices_memory(monkeypatch, cudnn_library,
+                                                                               descriptors_2):
     cupy, library, make = descriptors_2
     case = Case(cupy, library, make)
     with cupy.cuda.Device(1):
@@ -444,8 +465,8 @@ def test_a_dim_truncated_by_a_c_int_is_not_supported(gpu, cupy, library, descrip
     (INFERENCE, SPATIAL, 65535, None, None), (INFERENCE, SPATIAL, 65536, NOT_SUPPORTED, "pytorch#19911"),
     (INFERENCE, PER_ACTIVATION, 65536, NOT_SUPPORTED, "pytorch#19911"),
 ])
-def test_the_batch_size_limits_are_refused_per_mode_with_the_reason(gpu, cupy, library, descriptors, function, mode, batch,
-                                                                    status, source):
+def test_the_batch_size_limits_are_refused_per_mode_with_the_reason(gpu, cupy, library, descriptors, function, mode,
+                                                                    batch, status, source):
     case = Case(cupy, library, descriptors, dims=(batch, 1, 1, 1), mode=mode)
     if status is None:
         if function == BACKWARD:
@@ -557,7 +578,8 @@ def test_the_ex_conditions_on_ops_mode_and_buffers(gpu, ex_case, override, statu
     ((6, 8, 3, 2), np.float32, True, "CUDNN_DATA_HALF"),
     ((6, 6, 3, 2), np.float16, True, r"C % 4 == 0 \(got C=6\)"),
 ])
-def test_the_ex_conditions_on_layout_dtype_and_channels(gpu, cupy, library, descriptors, dims, dtype, channels_last, match):
+def test_the_ex_conditions_on_layout_dtype_and_channels(gpu, cupy, library, descriptors, dims, dtype, channels_last,
+                                                        match):
     case = Case(cupy, library, descriptors, dims=dims, dtype=dtype, channels_last=channels_last, mode=PERSISTENT)
     refused(NOT_SUPPORTED, case.call, TRAINING_EX, match=match)
     size = ctypes.c_size_t()
@@ -576,9 +598,13 @@ def test_backward_ex_needs_the_reserve_space_of_the_forward_that_saved_the_stati
 
 def test_the_backward_ex_workspace_query_needs_y_desc(gpu, library, ex_case):
     size = ctypes.c_size_t()
-    query_args = lambda y_desc: (ex_case.handle, PERSISTENT, 0, ex_case.x_desc, y_desc, ex_case.x_desc, None,  # noqa: E731
-                                 ex_case.x_desc, ex_case.p_desc, None, ctypes.byref(size))
-    refused(BAD_PARAM, library.cudnnGetBatchNormalizationBackwardExWorkspaceSize, *query_args(None), match="yDesc is NULL")
+
+    def query_args(y_desc):
+        return (ex_case.handle, PERSISTENT, 0, ex_case.x_desc, y_desc, ex_case.x_desc, None, ex_case.x_desc,
+                ex_case.p_desc, None, ctypes.byref(size))
+
+    refused(BAD_PARAM, library.cudnnGetBatchNormalizationBackwardExWorkspaceSize, *query_args(None),
+            match="yDesc is NULL")
     library.cudnnGetBatchNormalizationBackwardExWorkspaceSize(*query_args(ex_case.x_desc))
     assert size.value == gpu.workspace_size == 256
 
@@ -751,11 +777,13 @@ def test_the_fused_ex_ops_apply_relu_only(gpu, library, fused_case):
     (dict(y=None), BAD_PARAM, "NULL yData"),
     (dict(bias=None), BAD_PARAM, "NULL bnBias"),
     (dict(dz=None), BAD_PARAM, "NULL dzData"),
-    (dict(bnOps=1, dzDesc=None, dz=None), BAD_PARAM, "bnOps 1 got the reserve space of a ForwardTrainingEx with bnOps 2"),
+    (dict(bnOps=1, dzDesc=None, dz=None), BAD_PARAM,
+     "bnOps 1 got the reserve space of a ForwardTrainingEx with bnOps 2"),
 ])
 def test_the_fused_ex_backward_refuses(gpu, fused_case, relu, override, status, match):
     fused_case.call(TRAINING_EX, **_fused_arguments(fused_case, 2, relu))
-    refused(status, fused_case.call, BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu, **override), match=match)
+    refused(status, fused_case.call, BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu, **override),
+            match=match)
     fused_case.call(BACKWARD_EX, **_fused_backward_arguments(fused_case, 2, relu))  # the right call still runs
 
 

@@ -260,7 +260,7 @@ def test_readme_test_commands_are_what_ci_reads():
     awk = re.search(r"commands=\$\((awk '.*?' README\.md)\)", run_script)
     assert awk, ".ci/run no longer reads the commands with awk; update this test with it"
     result = subprocess.run(["bash", "-c", awk.group(1)], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert result.stdout.splitlines() == ['pip install -e ".[test]"', "python -m pytest"]
+    assert result.stdout.splitlines() == ['pip install -e ".[test]"', "python -m pytest", "ruff check ."]
 
 
 def test_the_readme_says_how_to_get_the_source_and_no_page_keeps_a_bare_placeholder():

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 import cudnn_bn
+from conftest import make_case
 from cudnn_bn import BatchNorm, Mode, compat, fused
 from cudnn_bn import distributed as dist
-from conftest import make_case
 from fake_cudnn import FakeArray
 
 

@@ -114,7 +114,11 @@ def check_residual_apart(x, residual, running_mean=None, running_var=None) -> No
     """What check_residual reads of addresses (a call with a settled signature checks only this):
     ``residual`` (not None) apart from x, and the running statistics the call writes apart from it."""
     _check_separate("residual", residual, x=x)
-    written = {name: array for name, array in (("running_mean", running_mean), ("running_var", running_var)) if array is not None}
+    written = {
+        name: array
+        for name, array in (("running_mean", running_mean), ("running_var", running_var))
+        if array is not None
+    }
     if written:
         check_no_overlap(written, {"residual": residual})
 
@@ -124,7 +128,9 @@ def _check_separate(name: str, array, **others) -> None:
         check_no_overlap({name: array}, others)
     except ValueError:
         detail = " or ".join(others)
-        raise ValueError(f"{name}: expected memory of its own, got an array whose memory overlaps {detail}; pass a copy") from None
+        raise ValueError(
+            f"{name}: expected memory of its own, got an array whose memory overlaps {detail}; pass a copy"
+        ) from None
 
 
 def check_forward_output(x, y) -> None:
@@ -140,6 +146,7 @@ def check_forward_output(x, y) -> None:
 def check_fused_saved(saved) -> FusedSaved:
     if not isinstance(saved, FusedSaved):
         raise TypeError(
-            f"saved: expected the cudnn_bn.fused.FusedSaved that cudnn_bn.fused.forward_training returned, got {type(saved).__name__}"
+            "saved: expected the cudnn_bn.fused.FusedSaved that cudnn_bn.fused.forward_training returned, "
+            f"got {type(saved).__name__}"
         )
     return saved

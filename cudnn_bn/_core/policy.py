@@ -29,7 +29,10 @@ def choose_mode(requested, shape, channel_axis, operation: str, on_overflow=None
     # the choice depends on the rank of x, not its sizes: remembered per (arguments, ndim)
     try:
         # types too: True == 1 == Mode.SPATIAL as keys, but only some of them are valid arguments
-        key = (type(requested), requested, type(on_overflow), on_overflow, operation, len(shape), type(channel_axis), channel_axis)
+        key = (
+            type(requested), requested, type(on_overflow), on_overflow, operation, len(shape),
+            type(channel_axis), channel_axis,
+        )
         chosen = _CHOSEN.get(key) if 0 not in shape else None  # an empty dim: let the checks refuse it
     except Exception:  # an unhashable or misbehaving argument: the checks below say what is wrong with it
         key = chosen = None

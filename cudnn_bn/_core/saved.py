@@ -8,7 +8,7 @@ from typing import Any
 from .modes import Mode, parse_mode, parse_on_overflow
 from .scalars import check_channel_axis, check_eps
 
-__all__ = ["SavedStats", "trusted_saved_stats"]
+__all__ = ["SavedStats", "computed_by_forward", "trusted_saved_stats"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -113,3 +113,9 @@ class SavedStats:
 # SavedStats._checked by a name the computing paths of other modules may call: what they return was
 # validated by the call that computed it.
 trusted_saved_stats = SavedStats._checked
+
+
+def computed_by_forward(saved: SavedStats) -> bool:
+    """Whether ``saved``'s mean and inv_std are what a forward of this package computed (then a
+    SPATIAL_PERSISTENT backward need not check that they are finite)."""
+    return saved._from_forward

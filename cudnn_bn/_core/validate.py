@@ -92,7 +92,8 @@ def _checked(x, mode, channel_axis, eps, params: dict, *, training: bool) -> Che
     return Checked(layout, data_dtype, param_dtype_for(data_dtype), check_eps(eps, training=training))
 
 
-def check_forward_training(x, gamma, beta, running_mean, running_var, *, mode, momentum, eps, channel_axis) -> tuple[Checked, float]:
+def check_forward_training(x, gamma, beta, running_mean, running_var, *, mode, momentum, eps,
+                           channel_axis) -> tuple[Checked, float]:
     """Validate a forward-training call; return the description and the momentum as a float.
 
     The running statistics are written in place, so each must have memory of its own: one that
@@ -116,7 +117,9 @@ def check_forward_training(x, gamma, beta, running_mean, running_var, *, mode, m
 def check_forward_inference(x, gamma, beta, mean, var, *, mode, eps, channel_axis) -> Checked:
     """Validate a forward-inference call (eps = 0 is allowed here: the statistics are given)."""
     array_kind(x=x, gamma=gamma, beta=beta, mean=mean, var=var)
-    return _checked(x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta, "mean": mean, "var": var}, training=False)
+    return _checked(
+        x, mode, channel_axis, eps, {"gamma": gamma, "beta": beta, "mean": mean, "var": var}, training=False
+    )
 
 
 def check_backward_inference(x, dy, gamma, mean, var, *, mode, eps, channel_axis) -> Checked:
@@ -171,7 +174,9 @@ def resolve_backward_settings(x, saved, mode, eps, channel_axis):
     run_mode = saved.mode
     if explicit_mode not in (None, AUTO) and explicit_mode is not saved.mode:
         if not (explicit_mode is Mode.SPATIAL and saved.mode is Mode.SPATIAL_PERSISTENT):
-            raise ValueError(f"mode: saved statistics were computed in {saved.mode.name}, got mode={explicit_mode.name}")
+            raise ValueError(
+                f"mode: saved statistics were computed in {saved.mode.name}, got mode={explicit_mode.name}"
+            )
         run_mode = Mode.SPATIAL
     if eps is not None and eps != saved.eps:
         raise ValueError(f"eps: saved statistics were computed with eps={saved.eps}, got eps={eps}")
@@ -179,7 +184,8 @@ def resolve_backward_settings(x, saved, mode, eps, channel_axis):
         explicit = make_layout(x.shape, channel_axis, saved.mode).public_channel_axis
         if explicit != make_layout(x.shape, saved.channel_axis, saved.mode).public_channel_axis:
             raise ValueError(
-                f"channel_axis: saved statistics were computed with channel_axis={saved.channel_axis}, got {channel_axis}"
+                "channel_axis: saved statistics were computed with "
+                f"channel_axis={saved.channel_axis}, got {channel_axis}"
             )
     return run_mode, saved.eps, saved.channel_axis
 
@@ -258,7 +264,9 @@ def check_saved_entries_finite(saved) -> None:
     xp = array_module(saved.mean)
     for name in ("mean", "inv_std"):
         if not bool(xp.isfinite(getattr(saved, name)).all()):
-            raise ValueError(f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries")
+            raise ValueError(
+                f"saved.{name}: expected finite values (NaN or Inf would poison the gradient), got non-finite entries"
+            )
 
 
 def check_fold(gamma, beta, mean, var, eps) -> float:

@@ -32,7 +32,7 @@ import sys
 import threading
 
 from .errors import CudnnOverflowError, error_class_for
-from .handles import DeferredCalls, stream_identity
+from .handles import DeferredCalls, forget_on_close, stream_identity
 from .raw import ErrQueryMode, Status, status_name
 
 __all__ = ["check_overflow", "forget", "poll", "record"]
@@ -216,7 +216,8 @@ def _listed(calls: collections.Counter) -> str:
 
 
 def forget() -> None:
-    """Drop every record and finding (the handles are being destroyed)."""
+    """Drop every record and finding (the handles are being destroyed: handles.close_all
+    calls this)."""
     with _LOCK:
         for handle in _PENDING:
             handle.deferred.clear()
@@ -224,3 +225,6 @@ def forget() -> None:
         _PENDING.clear()
         _FOUND.clear()
         _UNREAD_FINITE.clear()
+
+
+forget_on_close(forget)

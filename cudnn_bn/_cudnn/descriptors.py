@@ -14,14 +14,16 @@ import weakref
 
 import numpy as np
 
-from . import raw
 from .._core.modes import Mode
+from . import raw
 from .limits import check_descriptor_fits
 from .raw import DataType
 
 __all__ = ["ActivationDescriptor", "TensorDescriptor", "cudnn_data_type", "descriptors_created"]
 
-_DATA_TYPES = {"float16": DataType.HALF, "float32": DataType.FLOAT, "float64": DataType.DOUBLE, "bfloat16": DataType.BFLOAT16}
+_DATA_TYPES = {
+    "float16": DataType.HALF, "float32": DataType.FLOAT, "float64": DataType.DOUBLE, "bfloat16": DataType.BFLOAT16,
+}
 _CUDNN_MAX_DIMS = 8  # CUDNN_DIM_MAX
 
 

@@ -101,7 +101,8 @@ class CudnnVersionError(RuntimeError):
         self.version, self.path, self.minimum = int(version), path, int(minimum)
         super().__init__(
             f"cuDNN {self.version} loaded from {path} is too old: cudnn_bn needs {self.minimum} or newer "
-            f"(cuDNN 9); install nvidia-cudnn-cu12 or nvidia-cudnn-cu13, or point CUDNN_BN_LIBRARY at a newer libcudnn.so.9"
+            "(cuDNN 9); install nvidia-cudnn-cu12 or nvidia-cudnn-cu13, or point CUDNN_BN_LIBRARY at a newer "
+            "libcudnn.so.9"
         )
 
     def __reduce__(self):

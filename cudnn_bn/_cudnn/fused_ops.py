@@ -30,7 +30,7 @@ from .._core.fused_saved import (
     check_residual_apart,
 )
 from .._core.modes import Activation, Mode, OnOverflow
-from .._core.saved import trusted_saved_stats
+from .._core.saved import computed_by_forward, trusted_saved_stats
 from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training
 from . import ops, raw
@@ -337,7 +337,7 @@ def _plain_stats(stats):
     ops), still marked as the forward's when they were."""
     return trusted_saved_stats(
         stats.mean, stats.inv_std, stats.mode, stats.eps, stats.channel_axis, None, stats.on_overflow,
-        from_forward=stats._from_forward,
+        from_forward=computed_by_forward(stats),
     )
 
 
@@ -374,7 +374,7 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
             scratch.data.ptr, scratch.size, reserve.data.ptr, reserve.size,
         )
         overflowed = plan.persistent and after_persistent(
-            cupy, handle, lane, "fused backward", plan, None if stats._from_forward else stats
+            cupy, handle, lane, "fused backward", plan, None if computed_by_forward(stats) else stats
         )
     finally:
         handle.pool.release(handle)

@@ -38,6 +38,7 @@ __all__ = [
     "HandlePool",
     "borrow",
     "close_all",
+    "forget_on_close",
     "lane_for",
     "pool_for",
     "pools",
@@ -106,7 +107,9 @@ class Handle:
         try:
             raw.library().cudnnCreate(ctypes.byref(pointer))
         except CudnnNotInitializedError as error:
-            raise CudnnNotInitializedError(error.status, error.status_name, error.function, f"{NO_GPU_MESSAGE}; {error.detail}") from None
+            raise CudnnNotInitializedError(
+                error.status, error.status_name, error.function, f"{NO_GPU_MESSAGE}; {error.detail}"
+            ) from None
         self.device_id = device_id
         self.pointer = pointer.value
         self.pool = None  # the HandlePool that lends it, which sets this
@@ -295,16 +298,25 @@ def borrow(device_id: int):
     return pool_for(device_id).borrow()
 
 
+# what the layers above keep about handles, dropped by close_all with the handles (deferred.py
+# registers its records here when it is imported: before that it has recorded nothing)
+_FORGET_ON_CLOSE: list = []
+
+
+def forget_on_close(forget) -> None:
+    """Have :func:`close_all` call ``forget()`` before it destroys the handles: the records a higher
+    layer keeps of them (this module imports none of its callers)."""
+    _FORGET_ON_CLOSE.append(forget)
+
+
 def close_all() -> None:
     """Destroy every idle handle and forget the pools (tests; a process that is done with cuDNN).
     Deferred calls not yet checked are forgotten with their handles: call
     cudnn_bn.check_overflow() first to read them."""
-    # the records of the handles going away (imported here: deferred imports this module)
-    from .deferred import forget
-
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
-    forget()
+    for forget in _FORGET_ON_CLOSE:
+        forget()
     for pool in pools:
         pool.close()

@@ -125,7 +125,8 @@ def foreign_array_hint(name: str, value, module: str) -> str | None:
     if device is not None:
         where = _DLPACK_CUDA_DEVICES.get(device[0]) or _DLPACK_DEVICE_NAMES.get(device[0], f"device type {device[0]}")
         described = f"a {_type_name(value)} on DLPack device {where}"
-        on_gpu, on_host, wrapped = device[0] in _DLPACK_CUDA_DEVICES, device[0] == _DLPACK_CPU, f"cupy.from_dlpack({name})"
+        on_gpu, on_host = device[0] in _DLPACK_CUDA_DEVICES, device[0] == _DLPACK_CPU
+        wrapped = f"cupy.from_dlpack({name})"
     elif _has_cuda_array_interface(value):
         described = f"a {_type_name(value)} exposing __cuda_array_interface__"
         on_gpu, on_host, wrapped = True, False, f"cupy.asarray({name})"

@@ -15,7 +15,7 @@ import dataclasses
 from .._core.layout import Layout
 from .._core.modes import Mode, OnOverflow
 from .._core.policy import backward_settings, choose_mode
-from .._core.saved import trusted_saved_stats
+from .._core.saved import computed_by_forward, trusted_saved_stats
 from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training
 from . import raw
@@ -322,7 +322,7 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
                 pointer(saved_mean), pointer(saved_inv_std),  # savedMean, savedInvVariance: NULL to recompute
             )
         overflowed = plan.persistent and after_persistent(
-            cupy, handle, lane, BACKWARD, plan, None if saved is None or saved._from_forward else saved
+            cupy, handle, lane, BACKWARD, plan, None if saved is None or computed_by_forward(saved) else saved
         )
     finally:
         handle.pool.release(handle)

@@ -25,7 +25,10 @@ from .descriptors import ActivationDescriptor, TensorDescriptor, cudnn_data_type
 from .limits import ROUTE_AS_SPATIAL_COLUMNS, check_descriptor_fits, ex_path_unmet, inference_chunk, training_route
 from .raw import BatchNormOps
 
-__all__ = ["BACKWARD", "INFERENCE", "PLANS", "TRAINING", "ChunkedPlan", "Plan", "PlanCache", "plan_for", "set_ex_path_enabled", "uses_ex_path"]
+__all__ = [
+    "BACKWARD", "INFERENCE", "PLANS", "TRAINING", "ChunkedPlan", "Plan", "PlanCache", "plan_for", "set_ex_path_enabled",
+    "uses_ex_path",
+]
 
 
 # alpha = 1, beta = 0 typed to the data: C float for half/float data, C double for double data.
@@ -87,7 +90,8 @@ class Plan:
         self.persistent = layout.mode is Mode.SPATIAL_PERSISTENT
         self.alpha, self.beta = _SCALARS[self.data_dtype == np.float64]
         self.uses_ex = (
-            _ex_path_enabled and operation != INFERENCE and self.route is None and not ex_path_unmet(layout, self.data_dtype)
+            _ex_path_enabled and operation != INFERENCE and self.route is None
+            and not ex_path_unmet(layout, self.data_dtype)
         )
         self.fused_sizes = {}  # (bnOps, activation) -> Ex sizes, queried on first use
         self.activations = {}  # activation -> the ActivationDescriptor this plan owns
@@ -141,7 +145,9 @@ class Plan:
         by this plan, so it lives as long as any call that holds the plan."""
         descriptor = self.activations.get(activation)
         if descriptor is None:
-            descriptor = self.activations.setdefault(activation, ActivationDescriptor.of(raw.ActivationMode(int(activation))))
+            descriptor = self.activations.setdefault(
+                activation, ActivationDescriptor.of(raw.ActivationMode(int(activation)))
+            )
         return descriptor
 
     def fused_ex_sizes(self, handle_pointer: int, ops: BatchNormOps, activation) -> tuple[int, int, int]:

@@ -32,12 +32,12 @@ import tracemalloc
 import numpy as np
 
 from .. import _api
-from .._cudnn.availability import cudnn_status
-from .._cudnn.errors import CudnnOverflowError
 from .._core.layout import make_layout, physical_shape
 from .._core.modes import Mode
 from .._core.saved import SavedStats
 from .._core.validate import param_dtype_for
+from .._cudnn.availability import cudnn_status
+from .._cudnn.errors import CudnnOverflowError
 from .timing import describe_failure, host_samples, median_gpu_seconds, microseconds_per_call, spread_ms
 
 __all__ = ["run_bench", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "OPERATIONS", "to_markdown"]
@@ -108,7 +108,10 @@ class _Recorder:
 
 
 def _where(shape, layout_name, dtype, mode_label, operation) -> dict:
-    return {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "mode": mode_label, "operation": operation}
+    return {
+        "shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name, "mode": mode_label,
+        "operation": operation,
+    }
 
 
 def _host_data(shape, channel_axis, dtype, seed=0) -> dict:
@@ -149,14 +152,17 @@ def _operations(arrays, mode, channel_axis, on_overflow="ignore"):
     a = arrays
     operations = {
         "forward_training": lambda: _api.forward_training(
-            a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode=mode, channel_axis=channel_axis, on_overflow=on_overflow
+            a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"],
+            mode=mode, channel_axis=channel_axis, on_overflow=on_overflow,
         ),
         "forward_inference": lambda: _api.forward_inference(
             a["x"], a["gamma"], a["beta"], a["running_mean"], a["running_var"], mode=mode, channel_axis=channel_axis
         ),
     }
     try:
-        _, saved = _api.forward_training(a["x"], a["gamma"], a["beta"], mode=mode, channel_axis=channel_axis, on_overflow="raise")
+        _, saved = _api.forward_training(
+            a["x"], a["gamma"], a["beta"], mode=mode, channel_axis=channel_axis, on_overflow="raise"
+        )
     except CudnnOverflowError:
         return operations
     operations["backward"] = lambda: _api.backward(a["x"], a["dy"], a["gamma"], saved, on_overflow=on_overflow)
@@ -183,8 +189,12 @@ def _torch_operations(torch, arrays, mode, channel_axis):
     x_grad = x.detach().requires_grad_()
     y = functional.batch_norm(x_grad, None, None, weight, bias, training=True, eps=1e-5)
     return {
-        "forward_training": lambda: functional.batch_norm(x, running_mean, running_var, weight.detach(), bias.detach(), training=True, momentum=0.1, eps=1e-5),
-        "forward_inference": lambda: functional.batch_norm(x, running_mean, running_var, weight.detach(), bias.detach(), training=False, eps=1e-5),
+        "forward_training": lambda: functional.batch_norm(
+            x, running_mean, running_var, weight.detach(), bias.detach(), training=True, momentum=0.1, eps=1e-5
+        ),
+        "forward_inference": lambda: functional.batch_norm(
+            x, running_mean, running_var, weight.detach(), bias.detach(), training=False, eps=1e-5
+        ),
         "backward": lambda: torch.autograd.grad(y, (x_grad, weight, bias), dy, retain_graph=True),
     }
 
@@ -231,7 +241,10 @@ def _host_copy(quick: bool) -> dict:
     nbytes = max(4 * (cache or 0), 64 << 20)
     source = np.ones(nbytes // 4, np.float32)
     target = np.zeros_like(source)  # both written once, so no page is first touched while timing
-    samples = host_samples({"copy": lambda: np.copyto(target, source)}, warmup=1, min_repeats=3 if quick else 10, min_seconds=0.0 if quick else 0.5)
+    samples = host_samples(
+        {"copy": lambda: np.copyto(target, source)},
+        warmup=1, min_repeats=3 if quick else 10, min_seconds=0.0 if quick else 0.5,
+    )
     seconds = statistics.median(samples["copy"][CPU_CLOCK])
     return {"copy_gbps": 2 * nbytes / seconds / 1e9, "copy_buffer_bytes": nbytes, "last_level_cache_bytes": cache}
 
@@ -297,7 +310,11 @@ def _cpu_bench(quick: bool, recorder: _Recorder | None = None, with_torch: bool 
     recorder.set("backend", f"CPU: NumPy reference ({peer})")
     rounds, repeats = (CPU_QUICK_ROUNDS, CPU_QUICK_REPEATS_PER_ROUND) if quick else (CPU_ROUNDS, CPU_REPEATS_PER_ROUND)
     recorder.set("timing", {"rounds": rounds, **repeats, "interleaved": torch is not None, "clock": CPU_CLOCK})
-    recorder.set("threads", {"reference": 1, "torch": torch.get_num_threads() if torch is not None else None, "cpus_available": _cpus_available()})
+    recorder.set("threads", {
+        "reference": 1,
+        "torch": torch.get_num_threads() if torch is not None else None,
+        "cpus_available": _cpus_available(),
+    })
     recorder.section("copy", lambda: _host_copy(quick))
     recorder.set("copy_gbps", recorder.result["copy"].get("copy_gbps"))
     cases = [
@@ -325,7 +342,10 @@ def _cpu_bench(quick: bool, recorder: _Recorder | None = None, with_torch: bool 
                 continue
             for operation in OPERATIONS:
                 if _key(where[operation]) not in failed:
-                    _cpu_round(recorder, rows, failed, where[operation], arrays["x"], ours[operation], theirs.get(operation), repeats)
+                    _cpu_round(
+                        recorder, rows, failed, where[operation], arrays["x"], ours[operation], theirs.get(operation),
+                        repeats,
+                    )
             del arrays, ours, theirs
     return recorder.result
 
@@ -373,7 +393,9 @@ def _cpu_round(recorder: _Recorder, rows: dict, failed: set, where: dict, x, our
     row["wall_median_ms"] = spread("reference", "wall")["median_ms"]
     if "torch" in row["samples_ms"]:
         torch_spread = spread("torch", CPU_CLOCK)
-        row.update(torch_ms=torch_spread["median_ms"], torch_min_ms=torch_spread["min_ms"], torch_max_ms=torch_spread["max_ms"])
+        row.update(
+            torch_ms=torch_spread["median_ms"], torch_min_ms=torch_spread["min_ms"], torch_max_ms=torch_spread["max_ms"]
+        )
         row["torch_wall_median_ms"] = spread("torch", "wall")["median_ms"]
         row["time_vs_torch"] = row["median_ms"] / row["torch_ms"]
     recorder.save()
@@ -478,12 +500,16 @@ def _ex_vs_plain(repeats) -> list[dict]:
             previous = cudnn_ops.set_ex_path_enabled(enabled)
             try:
                 operations = _operations(arrays, Mode.SPATIAL_PERSISTENT, -1)
-                timings[label] = {op: median_gpu_seconds(operations[op], repeats) * 1e3 for op in ("forward_training", "backward") if op in operations}
+                timings[label] = {
+                    op: median_gpu_seconds(operations[op], repeats) * 1e3
+                    for op in ("forward_training", "backward")
+                    if op in operations
+                }
             finally:
                 cudnn_ops.set_ex_path_enabled(previous)
         for op in set(timings["ex"]) & set(timings["plain"]):
-            rows.append({"shape": list(shape), "operation": op, "ex_ms": timings["ex"][op], "plain_ms": timings["plain"][op],
-                         "plain_over_ex": timings["plain"][op] / timings["ex"][op]})
+            rows.append({"shape": list(shape), "operation": op, "ex_ms": timings["ex"][op],
+                         "plain_ms": timings["plain"][op], "plain_over_ex": timings["plain"][op] / timings["ex"][op]})
     return rows
 
 
@@ -491,33 +517,35 @@ def _fused_vs_unfused(repeats) -> list[dict]:
     """relu(BN(x) + residual) and its four gradients in one fused call each, against the unfused
     sequence (batch norm, add, ReLU; the ReLU mask, then the batch-norm backward), forward +
     backward per step, on float16 channels-last data (cuDNN's fused Ex path where it applies)."""
+    return [_fused_vs_unfused_row(shape, repeats) for shape in GPU_SHAPES if len(shape) == 4 and shape[1] % 4 == 0]
+
+
+def _fused_vs_unfused_row(shape, repeats) -> dict:
+    """One shape of :func:`_fused_vs_unfused`: its arrays are freed when it returns, before the next
+    shape's are made."""
     import cupy
 
     from .. import fused
 
-    rows = []
-    for shape in [s for s in GPU_SHAPES if len(s) == 4 and s[1] % 4 == 0]:
-        arrays = _device_inputs(shape, -1, Mode.SPATIAL_PERSISTENT, np.float16)
-        x, gamma, beta, dy = arrays["x"], arrays["gamma"], arrays["beta"], arrays["dy"]
-        residual = cupy.ascontiguousarray(dy[::-1])
-        settings = dict(mode="spatial_persistent", channel_axis=-1, on_overflow="fallback")
+    arrays = _device_inputs(shape, -1, Mode.SPATIAL_PERSISTENT, np.float16)
+    x, gamma, beta, dy = arrays["x"], arrays["gamma"], arrays["beta"], arrays["dy"]
+    residual = cupy.ascontiguousarray(dy[::-1])
+    settings = dict(mode="spatial_persistent", channel_axis=-1, on_overflow="fallback")
 
-        def fused_step():
-            y, saved = fused.forward_training(x, gamma, beta, residual=residual, **settings)
-            fused.backward(x, y, dy, gamma, saved)
+    def fused_step():
+        y, saved = fused.forward_training(x, gamma, beta, residual=residual, **settings)
+        fused.backward(x, y, dy, gamma, saved)
 
-        def unfused_step():
-            u, saved = _api.forward_training(x, gamma, beta, **settings)
-            y = cupy.maximum(u + residual, 0)
-            _api.backward(x, dy * (y > 0), gamma, saved)  # the ReLU mask: one more pass
+    def unfused_step():
+        u, saved = _api.forward_training(x, gamma, beta, **settings)
+        y = cupy.maximum(u + residual, 0)
+        _api.backward(x, dy * (y > 0), gamma, saved)  # the ReLU mask: one more pass
 
-        _, saved = fused.forward_training(x, gamma, beta, residual=residual, **settings)
-        fused_ms = median_gpu_seconds(fused_step, repeats) * 1e3
-        unfused_ms = median_gpu_seconds(unfused_step, repeats) * 1e3
-        rows.append({"shape": list(shape), "path": saved.path, "fused_ms": fused_ms, "unfused_ms": unfused_ms,
-                     "unfused_over_fused": unfused_ms / fused_ms})
-        del arrays, residual
-    return rows
+    _, saved = fused.forward_training(x, gamma, beta, residual=residual, **settings)
+    fused_ms = median_gpu_seconds(fused_step, repeats) * 1e3
+    unfused_ms = median_gpu_seconds(unfused_step, repeats) * 1e3
+    return {"shape": list(shape), "path": saved.path, "fused_ms": fused_ms, "unfused_ms": unfused_ms,
+            "unfused_over_fused": unfused_ms / fused_ms}
 
 
 def _training_steps(torch, quick: bool) -> list[dict]:
@@ -647,7 +675,9 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None, deadline: float |
                     if mode is Mode.SPATIAL_PERSISTENT:
                         checks.append(("raise", f"{mode.name} (overflow checked)"))
                     if _past(deadline):
-                        recorder.result["not_timed"] += [_where(shape, layout_name, dtype, label, op) for _, label in checks for op in OPERATIONS]
+                        recorder.result["not_timed"] += [
+                            _where(shape, layout_name, dtype, label, op) for _, label in checks for op in OPERATIONS
+                        ]
                         recorder.save()
                         continue
                     try:
@@ -659,7 +689,10 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None, deadline: float |
                                 recorder.failed(_where(shape, layout_name, dtype, label, operation), error)
                         continue
                     for on_overflow, label in checks:
-                        _gpu_rows(recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow, label, repeats, copy_gbps)
+                        _gpu_rows(
+                            recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow,
+                            label, repeats, copy_gbps,
+                        )
                     del arrays, peer
                     cupy.get_default_memory_pool().free_all_blocks()
     section("host_overhead", lambda: _host_overhead(torch))
@@ -670,7 +703,8 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None, deadline: float |
     return recorder.result
 
 
-def _gpu_rows(recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow, label, repeats, copy_gbps) -> None:
+def _gpu_rows(recorder, arrays, peer, torch, shape, layout_name, dtype, mode, channel_axis, on_overflow, label, repeats,
+              copy_gbps) -> None:
     """Time the three operations of one combination; overflowed and failed ones are recorded."""
     try:
         operations = _operations(arrays, mode, channel_axis, on_overflow)
@@ -734,9 +768,15 @@ def _shape_text(shape) -> str:
     return "x".join(map(str, shape))
 
 
+def _row_text(row: dict) -> str:
+    """Which row: its shape, layout, dtype, mode and operation, as the lists under the tables name it."""
+    return f"{_shape_text(row['shape'])} {row['layout']} {row['dtype']} {row['mode']} {row['operation']}"
+
+
 def _gpu_table(result: dict) -> list[str]:
     lines = [
-        "| shape (N, C, ...) | layout | dtype | mode | operation | median ms | GB/s | of copy | torch ms | time / torch |",
+        "| shape (N, C, ...) | layout | dtype | mode | operation | median ms | GB/s | of copy | torch ms "
+        "| time / torch |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -752,7 +792,8 @@ def _gpu_table(result: dict) -> list[str]:
 
 def _cpu_table(result: dict) -> list[str]:
     lines = [
-        "| shape (N, C, ...) | layout | dtype | mode | operation | min ms | median ms | max ms | torch median ms | time / torch | float64 temporaries (x) |",
+        "| shape (N, C, ...) | layout | dtype | mode | operation | min ms | median ms | max ms | torch median ms "
+        "| time / torch | float64 temporaries (x) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
@@ -760,7 +801,8 @@ def _cpu_table(result: dict) -> list[str]:
         ratio = f"{row['time_vs_torch']:.2f}" if "time_vs_torch" in row else "-"
         lines.append(
             f"| {_shape_text(row['shape'])} | {row['layout']} | {row['dtype']} | {row['mode']} | {row['operation']} "
-            f"| {row['min_ms']:.3f} | {row['median_ms']:.3f} | {row['max_ms']:.3f} | {torch_ms} | {ratio} | {row['peak_float64_temporaries_x']:.2f} |"
+            f"| {row['min_ms']:.3f} | {row['median_ms']:.3f} | {row['max_ms']:.3f} | {torch_ms} | {ratio} "
+            f"| {row['peak_float64_temporaries_x']:.2f} |"
         )
     return lines
 
@@ -768,18 +810,23 @@ def _cpu_table(result: dict) -> list[str]:
 def _same_code_spread(rows) -> float | None:
     """Largest relative difference of median time between SPATIAL and SPATIAL_PERSISTENT rows,
     which run the same reference code: a check that the rows time the code, not the allocator."""
-    spatial = {(tuple(r["shape"]), r["layout"], r["dtype"], r["operation"]): r["median_ms"] for r in rows if r["mode"] == "SPATIAL"}
+    def same_call(row) -> tuple:
+        return tuple(row["shape"]), row["layout"], row["dtype"], row["operation"]
+
+    spatial = {same_call(r): r["median_ms"] for r in rows if r["mode"] == "SPATIAL"}
     differences = [
-        abs(r["median_ms"] / spatial[key] - 1.0)
+        abs(r["median_ms"] / spatial[same_call(r)] - 1.0)
         for r in rows
-        if r["mode"] == "SPATIAL_PERSISTENT" and (key := (tuple(r["shape"]), r["layout"], r["dtype"], r["operation"])) in spatial
+        if r["mode"] == "SPATIAL_PERSISTENT" and same_call(r) in spatial
     ]
     return max(differences) if differences else None
 
 
 def _wall_over_cpu(rows) -> float | None:
     """Median over rows of wall-clock median / CPU-time median: how busy the machine was."""
-    ratios = [row["wall_median_ms"] / row["median_ms"] for row in rows if row.get("wall_median_ms") and row.get("median_ms")]
+    ratios = [
+        row["wall_median_ms"] / row["median_ms"] for row in rows if row.get("wall_median_ms") and row.get("median_ms")
+    ]
     return statistics.median(ratios) if ratios else None
 
 
@@ -796,27 +843,33 @@ def _cpu_header(result: dict, env: dict) -> list[str]:
         cache = copy.get("last_level_cache_bytes")
         cache_text = f", last-level cache {cache >> 20} MiB" if cache else ""
         lines.append(
-            f"Memory copy bandwidth {copy['copy_gbps']:.1f} GB/s (read + write, {copy['copy_buffer_bytes'] >> 20} MiB buffer{cache_text}), "
+            f"Memory copy bandwidth {copy['copy_gbps']:.1f} GB/s "
+            f"(read + write, {copy['copy_buffer_bytes'] >> 20} MiB buffer{cache_text}), "
             "for scale only: no traffic model is applied to the reference."
         )
     elif "error" in copy:
         lines.append(f"Copy bandwidth not measured: {copy['error']}")
     lines.append(
-        f"Each row: {timing.get('rounds')} rounds over the whole table, each with {timing.get('warmup')} warm-up calls and "
-        f"{timing.get('min_repeats')} or more timed repeats" + (f" (as many as fill {timing['min_seconds']:g} s)" if timing.get("min_seconds") else "")
+        f"Each row: {timing.get('rounds')} rounds over the whole table, each with {timing.get('warmup')} warm-up calls "
+        f"and {timing.get('min_repeats')} or more timed repeats"
+        + (f" (as many as fill {timing['min_seconds']:g} s)" if timing.get("min_seconds") else "")
         + (" interleaved with PyTorch's" if timing.get("interleaved") else "")
-        + "; min / median / max over all its repeats; time / torch is the ratio of medians; float64 temporaries is the peak that NumPy allocates during one call, "
-        "less its results, in units of an x-sized float64 array."
+        + "; min / median / max over all its repeats; time / torch is the ratio of medians; float64 temporaries is "
+        "the peak that NumPy allocates during one call, less its results, in units of an x-sized float64 array."
     )
     if timing.get("clock") == "cpu":
         contention = _wall_over_cpu(result["rows"])
         lines.append(
-            "Times are CPU time of the calling thread, where both the reference and PyTorch (one thread) run; wall-clock medians are in the JSON"
+            "Times are CPU time of the calling thread, where both the reference and PyTorch (one thread) run; "
+            "wall-clock medians are in the JSON"
             + (f", {contention:.2f}x the CPU time here (1.00 on an idle machine)." if contention else ".")
         )
     spread = _same_code_spread(result["rows"])
     if spread is not None:
-        lines.append(f"SPATIAL and SPATIAL_PERSISTENT run the same reference code; their medians differ by at most {spread:.0%} here.")
+        lines.append(
+            "SPATIAL and SPATIAL_PERSISTENT run the same reference code; "
+            f"their medians differ by at most {spread:.0%} here."
+        )
     return lines
 
 
@@ -836,18 +889,17 @@ def to_markdown(result: dict) -> str:
     lines += _cpu_table(result) if on_cpu else _gpu_table(result)
     if result.get("failed"):
         lines += ["", "Failed (the run went on):", ""]
-        lines += [f"- {_shape_text(f['shape'])} {f['layout']} {f['dtype']} {f['mode']} {f['operation']}: {f['error']}" for f in result["failed"]]
+        lines += [f"- {_row_text(f)}: {f['error']}" for f in result["failed"]]
     torch_errors = [row for row in result["rows"] if "torch_error" in row]
     if torch_errors:
-        lines += ["", "PyTorch failed on: " + "; ".join(
-            f"{_shape_text(r['shape'])} {r['layout']} {r['dtype']} {r['mode']} {r['operation']} ({r['torch_error']})" for r in torch_errors)]
+        lines += ["", "PyTorch failed on: " + "; ".join(f"{_row_text(r)} ({r['torch_error']})" for r in torch_errors)]
     if result.get("overflowed"):
-        lines += ["", "Not timed because SPATIAL_PERSISTENT overflowed on the benchmark data: " + "; ".join(
-            f"{_shape_text(o['shape'])} {o['layout']} {o['dtype']} {o['mode']} {o['operation']}" for o in result["overflowed"])]
+        lines += ["", "Not timed because SPATIAL_PERSISTENT overflowed on the benchmark data: "
+                  + "; ".join(_row_text(o) for o in result["overflowed"])]
     if result.get("not_timed"):
-        lines += ["", f"Not timed, because the run's deadline had passed: {len(result['not_timed'])} rows and sections; first "
-                  + ", ".join(f.get("section") or f"{_shape_text(f['shape'])} {f['layout']} {f['dtype']} {f['mode']} {f['operation']}"
-                              for f in result["not_timed"][:3]) + "."]
+        first = ", ".join(f.get("section") or _row_text(f) for f in result["not_timed"][:3])
+        lines += ["", "Not timed, because the run's deadline had passed: "
+                  f"{len(result['not_timed'])} rows and sections; first {first}."]
     lines += _gpu_sections(result)
     return "\n".join(lines) + "\n"
 
@@ -860,8 +912,9 @@ def _gpu_sections(result: dict) -> list[str]:
             lines += ["", f"{key} failed: {value['error']}"]
     overhead = result.get("host_overhead")
     if isinstance(overhead, dict) and "error" not in overhead:
-        lines += ["", f"Host overhead per call on {overhead['shape']} ({overhead['calls']} calls, one synchronisation): "
-                  f"cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us" + (f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else "")]
+        torch_text = f", PyTorch {overhead['torch_us_per_call']:.1f} us" if "torch_us_per_call" in overhead else ""
+        lines += ["", f"Host overhead per call on {overhead['shape']} ({overhead['calls']} calls, one synchronisation)"
+                  f": cudnn_bn {overhead['cudnn_bn_us_per_call']:.1f} us{torch_text}"]
     probe = result.get("overflow_probe")
     if isinstance(probe, list):
         lines += ["", "| overflow probe, float32 | data | flag raised | output finite | max abs diff vs SPATIAL |",
@@ -871,11 +924,20 @@ def _gpu_sections(result: dict) -> list[str]:
     ex_rows = result.get("ex_vs_plain")
     if isinstance(ex_rows, list) and ex_rows:
         lines += ["", "| Ex path, float16 NHWC | operation | Ex ms | plain ms | plain / Ex |", "|---|---|---|---|---|"]
-        lines += [f"| {_shape_text(r['shape'])} | {r['operation']} | {r['ex_ms']:.3f} | {r['plain_ms']:.3f} | {r['plain_over_ex']:.2f} |" for r in ex_rows]
+        lines += [
+            f"| {_shape_text(r['shape'])} | {r['operation']} | {r['ex_ms']:.3f} | {r['plain_ms']:.3f} "
+            f"| {r['plain_over_ex']:.2f} |"
+            for r in ex_rows
+        ]
     fused_rows = result.get("fused_vs_unfused")
     if isinstance(fused_rows, list) and fused_rows:
-        lines += ["", "| relu(BN(x) + z), float16 NHWC, fwd + bwd | fused path | fused ms | unfused ms | unfused / fused |", "|---|---|---|---|---|"]
-        lines += [f"| {_shape_text(r['shape'])} | {r['path']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} | {r['unfused_over_fused']:.2f} |" for r in fused_rows]
+        lines += ["", "| relu(BN(x) + z), float16 NHWC, fwd + bwd | fused path | fused ms | unfused ms "
+                  "| unfused / fused |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {_shape_text(r['shape'])} | {r['path']} | {r['fused_ms']:.3f} | {r['unfused_ms']:.3f} "
+            f"| {r['unfused_over_fused']:.2f} |"
+            for r in fused_rows
+        ]
     step_rows = result.get("training_step")
     if isinstance(step_rows, list) and step_rows:
         lines += ["", f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings "

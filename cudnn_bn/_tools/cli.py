@@ -73,12 +73,15 @@ def _program_name() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=_program_name(), description="cuDNN batch normalization for CuPy, checked against NumPy")
+    parser = argparse.ArgumentParser(
+        prog=_program_name(), description="cuDNN batch normalization for CuPy, checked against NumPy"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     compare = commands.add_parser("compare", help="run every mode on a standard tensor and report error and time")
     compare.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
     compare.add_argument("--reference", action="store_true", help="use the NumPy reference even where a GPU is present")
-    compare.add_argument("--require-cudnn", action="store_true", help="fail (exit 2, saying why) where cuDNN is unusable instead of using the reference")
+    compare.add_argument("--require-cudnn", action="store_true",
+                         help="fail (exit 2, saying why) where cuDNN is unusable instead of using the reference")
     compare.set_defaults(run=_compare)
     info = commands.add_parser("info", help="cuDNN, CuPy, driver and GPU versions and usable backends")
     info.set_defaults(run=_info)
@@ -86,9 +89,11 @@ def main(argv=None) -> int:
     bench.add_argument("--json", help="write the results as JSON to this file, rewritten after every row")
     bench.add_argument("--markdown", help="write the results as a markdown table to this file")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
-    bench.add_argument("--require-cudnn", action="store_true", help="fail (exit 2, saying why) where cuDNN is unusable instead of benchmarking the reference")
+    bench.add_argument("--require-cudnn", action="store_true",
+                       help="fail (exit 2, saying why) where cuDNN is unusable instead of benchmarking the reference")
     bench.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
-                       help="CPU: compare with PyTorch on the CPU (default: where importable; --no-torch never imports it)")
+                       help="CPU: compare with PyTorch on the CPU "
+                            "(default: where importable; --no-torch never imports it)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     try:

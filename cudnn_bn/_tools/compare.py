@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _api
-from .._cudnn.availability import cudnn_status
 from .._core.layout import make_layout, physical_shape
 from .._core.modes import Mode
-from .timing import describe_failure, median_gpu_seconds, median_host_seconds
 from .._core.tolerances import to_numpy
 from .._core.validate import param_dtype_for
+from .._cudnn.availability import cudnn_status
+from .timing import describe_failure, median_gpu_seconds, median_host_seconds
 
 __all__ = ["run_compare", "STANDARD_SHAPE"]
 
@@ -114,12 +114,18 @@ def _measurements(mode, channel_axis, dtype, on_gpu: bool) -> dict:
 
 
 def format_table(backend: str, rows: list[dict], dtype) -> str:
-    header = f"backend: {backend}\ntensor: {STANDARD_SHAPE} (N, C, H, W) {np.dtype(dtype).name}, errors against the float64 reference\n"
+    header = (
+        f"backend: {backend}\n"
+        f"tensor: {STANDARD_SHAPE} (N, C, H, W) {np.dtype(dtype).name}, errors against the float64 reference\n"
+    )
     lines = ["| layout | mode | operation | max abs error | median ms |", "|---|---|---|---|---|"]
     for row in rows:
         mode = row["mode"] if row["ran"] == row["mode"] else f"{row['mode']} (ran {row['ran']})"
         if "error" in row:
             lines.append(f"| {row['layout']} | {mode} | {row['operation']} | failed: {row['error']} | - |")
         else:
-            lines.append(f"| {row['layout']} | {mode} | {row['operation']} | {row['max_abs_error']:.3e} | {row['median_ms']:.3f} |")
+            lines.append(
+                f"| {row['layout']} | {mode} | {row['operation']} | {row['max_abs_error']:.3e} "
+                f"| {row['median_ms']:.3f} |"
+            )
     return header + "\n".join(lines)

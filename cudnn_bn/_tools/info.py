@@ -38,7 +38,9 @@ def _build_match() -> dict:
         mismatch = cuda_build_mismatch(cupy)
     except Exception:  # no cupy, no libcudnn: the lines above already say so
         return {}
-    return {"cuda_build_check": "libcudnn and CuPy use the same CUDA major" if mismatch is None else f"MISMATCH: {mismatch}"}
+    return {
+        "cuda_build_check": "libcudnn and CuPy use the same CUDA major" if mismatch is None else f"MISMATCH: {mismatch}"
+    }
 
 
 def _cupy_and_gpu() -> dict:
@@ -70,7 +72,9 @@ def _cupy_and_gpu() -> dict:
 
 
 def collect_info() -> dict:
-    info = {"cudnn_bn": __import__("cudnn_bn").__version__, "python": platform.python_version(), "numpy": np.__version__}
+    info = {
+        "cudnn_bn": __import__("cudnn_bn").__version__, "python": platform.python_version(), "numpy": np.__version__,
+    }
     info.update(_cudnn())
     info.update(_cupy_and_gpu())
     info.update(_build_match())

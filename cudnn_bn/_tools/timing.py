@@ -7,7 +7,10 @@ import gc
 import statistics
 import time
 
-__all__ = ["CLOCKS", "describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "microseconds_per_call", "spread_ms"]
+__all__ = [
+    "CLOCKS", "describe_failure", "host_samples", "median_gpu_seconds", "median_host_seconds", "microseconds_per_call",
+    "spread_ms",
+]
 
 
 def describe_failure(error: BaseException) -> str:
@@ -31,7 +34,8 @@ def median_host_seconds(function, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(samples["f"]["wall"])
 
 
-def host_samples(functions: dict, *, warmup: int = 3, min_repeats: int = 15, min_seconds: float = 0.5, max_repeats: int = 500) -> dict:
+def host_samples(functions: dict, *, warmup: int = 3, min_repeats: int = 15, min_seconds: float = 0.5,
+                 max_repeats: int = 500) -> dict:
     """Times in seconds of each of ``functions`` (name -> zero-argument callable), on every clock
     of CLOCKS: ``{name: {"wall": [...], "cpu": [...]}}``.
 

@@ -252,7 +252,8 @@ class Exchange:
         row[_VERSION], row[_SEQUENCE], row[_CALL] = PROTOCOL_VERSION, _next_sequence_number(self.group), self.call
         buffer = np.zeros(self.world_size * HEADER_SIZE)
         buffer[self.rank * HEADER_SIZE : (self.rank + 1) * HEADER_SIZE] = row
-        gathered = host_array(self._allreduce(self._buffer_module("numpy").asarray(buffer)), np.float64)  # made on the host
+        # made on the host
+        gathered = host_array(self._allreduce(self._buffer_module("numpy").asarray(buffer)), np.float64)
         headers = gathered.reshape(self.world_size, HEADER_SIZE)
         self._check(headers)
         counts = headers[:, _COUNT]

@@ -1,7 +1,7 @@
 """The handle pool (cudnn_bn/_cudnn/handles.py) on the simulated GPU: one pool per device and lane, a
 stream bound once across threads and rebound without waiting, a handle claimed by itself (and
-handed to its claim before anyone borrows it again), and waiters each served in turn
-(docs/testing.md)."""
+handed to its claim before anyone borrows it again), waiters each served in turn, and close_all
+having the layers above forget their records of the handles before it destroys them."""
 
 from __future__ import annotations
 
@@ -165,6 +165,17 @@ def test_closing_a_pool_forgets_its_idle_handles(two_gpus):
         pool.release(handle)
     pool.close()
     assert pool.created == 0 and all(handle.closed for handle in lent)
+
+
+def test_close_all_has_the_layers_above_forget_first_then_destroys_the_idle_handles(two_gpus, monkeypatch):
+    monkeypatch.setattr(handles, "_FORGET_ON_CLOSE", list(handles._FORGET_ON_CLOSE))  # restored: this forget ends here
+    with handles.borrow(0) as handle:
+        pass
+    seen = []
+    handles.forget_on_close(lambda: seen.append(handle.closed))
+    handles.close_all()
+    assert seen == [False]  # forgotten while the handle was still alive
+    assert handle.closed and handles.pools() == []
 
 
 def test_closing_a_handle_destroys_it_in_cudnn(two_gpus):
