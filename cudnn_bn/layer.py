@@ -404,10 +404,16 @@ class BatchNorm:
             dx, dresidual, dgamma, dbeta = fused.backward(x, y, dy, self._gamma, saved)
         else:
             (dx, dgamma, dbeta), dresidual = _api.backward(x, dy, self._gamma, saved), None
-        if self.affine:
-            self.grad_gamma, self.grad_beta = (None, None) if self._parameters_frozen else (dgamma, dbeta)
+        self._set_parameter_gradients(dgamma, dbeta)
         self.grad_residual = dresidual
         return dx
+
+    def _set_parameter_gradients(self, dgamma, dbeta) -> None:
+        """``grad_gamma`` and ``grad_beta`` after a backward (of this class or a subclass): when
+        affine, these gradients, or None while the parameters are frozen. The flag is read here,
+        at backward, whatever it was at forward (the statistics follow the forward)."""
+        if self.affine:
+            self.grad_gamma, self.grad_beta = (None, None) if self._parameters_frozen else (dgamma, dbeta)
 
     # ---- state ----
     def _state_names(self) -> list:

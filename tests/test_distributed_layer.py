@@ -438,3 +438,29 @@ def test_a_sync_layer_that_does_not_communicate_gives_an_empty_shard_empty_resul
         layer(np.zeros((0, 2, 4), np.float32))
     with pytest.raises(ValueError, match=r"^residual: expected x's shape"):
         layer(x, np.zeros((1, 3, 4), np.float32))
+
+
+@pytest.mark.parametrize("sizes", [[3, 2], [5, 0]], ids=str)
+def test_parameters_frozen_between_a_training_forward_and_its_backward_leave_no_gradients_as_in_batch_norm(sizes):
+    """The backward of a training forward still runs over the group (the statistics follow the
+    forward), and its parameter gradients follow the parameters' state at backward, as
+    BatchNorm's do: frozen there, they are None on every rank, and dx is unchanged."""
+    x, dy, _ = _relu_steps(11, (5, 3, 2), count=1)[0]
+    single = BatchNorm(3, mode="spatial", dtype=np.float64)
+    single(x)
+    single.freeze(parameters=True)
+    expected_dx = single.backward(dy)
+    assert single.grad_gamma is None and single.grad_beta is None
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float64)
+        layer.grad_gamma = layer.grad_beta = np.ones(3)  # an earlier step's, cleared as BatchNorm clears them
+        layer(shards(x, sizes)[rank])
+        layer.freeze(parameters=True)
+        return layer.backward(shards(dy, sizes)[rank]), layer.grad_gamma, layer.grad_beta, layer._kept.group
+
+    outcomes = results(run_ranks(2, body))
+    close(np.concatenate([dx for dx, *_ in outcomes]), expected_dx, np.float64, what="dx")
+    for _, grad_gamma, grad_beta, group in outcomes:
+        assert group is not None  # the forward ran over the group, and so did its backward
+        assert grad_gamma is None and grad_beta is None

@@ -123,8 +123,7 @@ class SyncBatchNorm(BatchNorm):
             statistics = kept.saved.stats if fused_forward else kept.saved
             step = prepare_backward(exchange, kept.x, grad, self.gamma, statistics)
         dx, dgamma, dbeta = finish_backward(exchange, step)
-        if self.affine:
-            self.grad_gamma, self.grad_beta = dgamma, dbeta
+        self._set_parameter_gradients(dgamma, dbeta)
         self.grad_residual = grad if isinstance(kept.saved, FusedSaved) and kept.saved.has_residual else None
         return dx
 
@@ -150,9 +149,8 @@ class SyncBatchNorm(BatchNorm):
         self._kind_of("dy", dy)
         check_gradient(kept.x, dy, self.dtype)
         dx = self._xp.empty(kept.x.shape, self.dtype)
-        if self.affine:
-            zeros = None if self.parameters_frozen else self._xp.zeros(self.param_shape, param_dtype_for(self.dtype))
-            self.grad_gamma, self.grad_beta = zeros, None if zeros is None else zeros.copy()
+        zeros = self._xp.zeros(self.param_shape, param_dtype_for(self.dtype))
+        self._set_parameter_gradients(zeros, zeros.copy())
         self.grad_residual = self._xp.empty(kept.x.shape, self.dtype) if kept.saved.has_residual else None
         return dx
 
