@@ -464,3 +464,24 @@ def test_parameters_frozen_between_a_training_forward_and_its_backward_leave_no_
     for _, grad_gamma, grad_beta, group in outcomes:
         assert group is not None  # the forward ran over the group, and so did its backward
         assert grad_gamma is None and grad_beta is None
+
+
+def test_a_rank_frozen_while_the_others_train_is_a_rank_that_never_calls():
+    """A user error, documented in docs/distributed.md: the frozen rank makes no collective and is
+    not told; the training rank waits for it in its forward and, under local_group, raises
+    CollectiveTimeoutError naming it after the timeout, with nothing changed (no hang)."""
+    x = np.random.default_rng(12).standard_normal((4, 3, 2))
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float64, frozen=rank == 0)
+        try:
+            y = layer(x)
+        except dist.CollectiveTimeoutError as error:
+            return error, layer.num_batches_tracked, layer._kept
+        return y, layer.num_batches_tracked, layer._kept
+
+    (y, frozen_count, kept), (error, count, nothing) = run_ranks(2, body, timeout=0.3)
+    np.testing.assert_array_equal(y, BatchNorm(3, mode="spatial", dtype=np.float64, frozen=True)(x))
+    assert frozen_count == 0 and kept.group is None
+    assert isinstance(error, dist.CollectiveTimeoutError) and "waiting for rank(s) [0]" in str(error)
+    assert count == 0 and nothing is None

@@ -59,8 +59,10 @@ class SyncBatchNorm(BatchNorm):
     when ``track_running_stats=False`` (as torch.nn.SyncBatchNorm does), so ranks need not
     evaluate in step. A frozen layer (``frozen=True``, :meth:`freeze`) does not communicate
     either: in every mode it normalizes with its running statistics and backpropagates through
-    them on this rank alone. ``grad_gamma`` and ``grad_beta`` are the group's sums, identical on
-    every rank, after a training step, and this rank's own after a step that did not communicate.
+    them on this rank alone; every rank must freeze the same layers at the same step, or the
+    others wait for the frozen rank (docs/distributed.md). ``grad_gamma`` and ``grad_beta`` are
+    the group's sums, identical on every rank, after a training step, and this rank's own after a
+    step that did not communicate.
 
     A rank's shard may be empty (``x.shape[0] == 0``, the last batch of an epoch): it takes part
     in a training step with count 0 and gets an empty y and dx, the group's statistics and
