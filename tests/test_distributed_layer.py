@@ -485,3 +485,51 @@ def test_a_rank_frozen_while_the_others_train_is_a_rank_that_never_calls():
     assert frozen_count == 0 and kept.group is None
     assert isinstance(error, dist.CollectiveTimeoutError) and "waiting for rank(s) [0]" in str(error)
     assert count == 0 and nothing is None
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_the_empty_rank_may_change_from_step_to_step_and_an_eval_step_follows(activation):
+    """Steps whose empty rank moves (and one of two ranks holding a sample each), each against
+    BatchNorm on the concatenated batch; then an eval step with an empty shard, whose y and dx
+    are BatchNorm's rows and whose gradients are this rank's own (zeros on the empty rank)."""
+    plan = [[5, 0, 4], [0, 6, 3], [4, 5, 0], [1, 0, 1]]
+    rng = np.random.default_rng(13)
+    steps = [tuple(2.0 + 3.0 * rng.standard_normal((sum(sizes), 4, 3)) for _ in range(3)) for sizes in plan]
+    with_residual = lambda r: r if activation else None  # noqa: E731
+    single = BatchNorm(4, momentum=None, dtype=np.float64, activation=activation)
+    expected = []
+    for x, dy, residual in steps:
+        y = single(x, with_residual(residual))
+        expected.append((y, single.backward(dy), single.grad_gamma.copy(), single.grad_beta.copy()))
+    x, dy, residual = steps[0]
+    single.eval()
+    expected_eval = single(x, with_residual(residual)), single.backward(dy)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(4, group=group, momentum=None, dtype=np.float64, activation=activation)
+        outputs = []
+        for sizes, (x, dy, residual) in zip(plan, steps):
+            part = layer(shards(x, sizes)[rank], shards(residual, sizes)[rank] if activation else None)
+            outputs.append((part, layer.backward(shards(dy, sizes)[rank]), layer.grad_gamma, layer.grad_beta))
+        x, dy, residual = steps[0]
+        layer.eval()
+        part = layer(shards(x, plan[0])[rank], shards(residual, plan[0])[rank] if activation else None)
+        return layer, outputs, (part, layer.backward(shards(dy, plan[0])[rank]), layer.grad_gamma)
+
+    outcomes = results(run_ranks(3, body))
+    for step, (y, dx, grad_gamma, grad_beta) in enumerate(expected):
+        close(np.concatenate([o[1][step][0] for o in outcomes]), y, np.float64, what=f"y, step {step}")
+        close(np.concatenate([o[1][step][1] for o in outcomes]), dx, np.float64, what=f"dx, step {step}")
+        for _, outputs, _ in outcomes:
+            assert outputs[step][2].tobytes() == outcomes[0][1][step][2].tobytes()  # the same bits on every rank
+            assert outputs[step][3].tobytes() == outcomes[0][1][step][3].tobytes()
+            close(outputs[step][2], grad_gamma, np.float64, what="grad_gamma", scale=50)
+            close(outputs[step][3], grad_beta, np.float64, what="grad_beta", scale=50)
+    for layer, _, _ in outcomes:
+        assert layer.num_batches_tracked == len(plan)
+        assert layer.running_var.tobytes() == outcomes[0][0].running_var.tobytes()
+        close(layer.running_var, single.running_var, np.float64, what="running_var")
+    close(np.concatenate([o[2][0] for o in outcomes]), expected_eval[0], np.float64, what="eval y")
+    close(np.concatenate([o[2][1] for o in outcomes]), expected_eval[1], np.float64, what="eval dx")
+    np.testing.assert_array_equal(outcomes[1][2][2], np.zeros(4))  # the empty shard's own gradient
+    close(sum(o[2][2] for o in outcomes), single.grad_gamma, np.float64, what="eval grad_gamma summed", scale=50)

@@ -261,6 +261,41 @@ def test_a_frozen_layer_matches_torch_autograd_through_an_eval_mode_batch_norm()
     assert int(layer.state_dict()["num_batches_tracked"]) == int(module.num_batches_tracked) == 2
 
 
+def test_a_frozen_relu_layer_with_a_residual_matches_torch_relu_of_eval_batch_norm_plus_residual():
+    """Step by step against torch's autograd through relu(bn(x) + z) with an eval-mode
+    nn.BatchNorm2d whose weight and bias require gradients; the state goes from torch (trained
+    a step, so its statistics are its own) to the frozen channels-last layer."""
+    torch = pytest.importorskip("torch")
+    module = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    module(torch.from_numpy(_batches((8, 3, 4, 4), 1, seed=16, dtype=np.float64)[0][0]))  # a training step
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([0.5, 1.5, 2.0]))
+        module.bias.copy_(torch.tensor([-1.0, 0.25, 1.0]))
+    module.eval()
+    layer = BatchNorm(3, dtype=np.float64, activation="relu", channel_axis=-1, frozen=True)
+    layer.load_state_dict(module.state_dict())
+    rng = np.random.default_rng(17)
+    to_torch = lambda a: torch.tensor(np.ascontiguousarray(np.moveaxis(a, -1, 1)), requires_grad=True)  # noqa: E731
+    to_numpy = lambda t: np.moveaxis(t.detach().numpy(), 1, -1)  # noqa: E731
+    for x, dy in _batches((8, 4, 4, 3), 3, seed=18, dtype=np.float64):
+        residual = rng.standard_normal(x.shape)
+        xt, zt = to_torch(x), to_torch(residual)
+        module.zero_grad()
+        out = torch.relu(module(xt) + zt)
+        out.backward(torch.from_numpy(np.ascontiguousarray(np.moveaxis(dy, -1, 1))))
+        y, dx = layer(x, residual), layer.backward(dy)
+        assert 0 < (y > 0).mean() < 1  # the mask matters
+        np.testing.assert_allclose(y, to_numpy(out), rtol=FLOAT64_ROUNDING, atol=FLOAT64_ROUNDING)
+        np.testing.assert_allclose(dx, to_numpy(xt.grad), rtol=FLOAT64_ROUNDING, atol=TORCH_DX_ATOL)
+        np.testing.assert_array_equal(layer.grad_residual, to_numpy(zt.grad))
+        np.testing.assert_allclose(layer.grad_gamma, module.weight.grad.numpy(), rtol=TORCH_DGAMMA_RTOL,
+                                   atol=FLOAT64_ROUNDING)
+        np.testing.assert_allclose(layer.grad_beta, module.bias.grad.numpy(), rtol=TORCH_DGAMMA_RTOL,
+                                   atol=FLOAT64_ROUNDING)
+    np.testing.assert_array_equal(layer.running_var, module.running_var.numpy())
+    assert layer.num_batches_tracked == int(module.num_batches_tracked) == 1
+
+
 def test_the_modes_resolved_at_forward_are_what_backward_runs_with():
     layer = BatchNorm((3, 2), mode="per_activation", frozen=True)
     x, dy = _batches((5, 3, 2), 1, seed=14)[0]
