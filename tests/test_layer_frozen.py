@@ -63,6 +63,31 @@ def test_a_frozen_layer_normalizes_with_its_running_statistics_and_never_updates
     assert after_count == count
 
 
+def test_frozen_steps_do_not_count_in_the_cumulative_average():
+    """momentum=None averages over the batches counted: a frozen step, in train() or eval(), is
+    not one, so after unfreeze() the layer is where one that never saw the frozen batches is."""
+    batches = [x for x, _ in _batches((8, 3, 4, 4), 5, seed=19)]
+    layer, never_frozen = BatchNorm(3, momentum=None), BatchNorm(3, momentum=None)
+    for x in batches[:2]:
+        layer(x)
+        never_frozen(x)
+    layer.freeze()
+    (mean, var), count = _state(layer)
+    for x in batches[2:4]:
+        layer(x)
+        layer.eval()(x)
+        layer.train()
+    (after_mean, after_var), after_count = _state(layer)
+    np.testing.assert_array_equal(after_mean, mean)
+    np.testing.assert_array_equal(after_var, var)
+    assert after_count == count == 2
+    layer.unfreeze()(batches[4])
+    never_frozen(batches[4])
+    assert layer.num_batches_tracked == never_frozen.num_batches_tracked == 3
+    np.testing.assert_array_equal(layer.running_mean, never_frozen.running_mean)
+    np.testing.assert_array_equal(layer.running_var, never_frozen.running_var)
+
+
 def test_frozen_parameters_give_no_parameter_gradients_and_the_same_dx():
     layer = _trained()
     x, dy = _batches((8, 3, 4, 4), 1, seed=3)[0]
