@@ -142,6 +142,16 @@ def by_value(values) -> str:
     return "; ".join(f"{value} on rank{'s' if len(members) > 1 else ''} {members}" for value, members in ranks.items())
 
 
+def _refuse_copy(communicator, protocol=None):
+    """What pickling or copying a communicator raises: it is this process's connection to the
+    other ranks, which no copy can share or carry elsewhere (a copy's close, say, would free what
+    the original still uses)."""
+    raise TypeError(
+        f"{type(communicator).__name__} cannot be pickled or copied: it is this process's connection to the other "
+        f"ranks ({communicator!r}). Pass the communicator itself; each process (or thread rank) makes its own"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # ranks as threads
 
@@ -259,6 +269,8 @@ class LocalCommunicator:
     def __repr__(self) -> str:
         return f"LocalCommunicator(rank={self._rank}, world_size={self.world_size}, timeout={self.timeout:g})"
 
+    __reduce_ex__ = _refuse_copy  # pickle, copy and deepcopy all come here
+
 
 def _printable_seconds(number) -> str:
     """A refused timeout as it was given: every digit of a float (so that a value just over a
@@ -310,6 +322,8 @@ class _ProcessMember:
 
     _rank: int
     _world_size: int
+
+    __reduce_ex__ = _refuse_copy  # pickle, copy and deepcopy all come here
 
     @property
     def rank(self) -> int:
