@@ -336,11 +336,20 @@ class BatchNorm:
             raise ValueError(f"residual: {self._short()} has no activation, so there is no fused add; "
                              "build the layer with activation='relu', or add the residual yourself")
 
-    def _momentum_for_next_batch(self) -> float:
-        if self.momentum is not None:
-            return float(self.momentum)
+    def _next_batch_count(self) -> int:
+        """``num_batches_tracked`` once this batch is counted, checked before any work: the count
+        must be a non-negative integer, and one more must still fit int64 (state_dict's dtype)."""
         count = _batch_count("num_batches_tracked", self.num_batches_tracked)
-        return 1.0 / (count + 1)
+        if count == _COUNT_MAX:
+            raise ValueError(
+                f"num_batches_tracked: expected a count below {_COUNT_MAX} (int64's largest, state_dict's dtype) "
+                f"so that this batch can be counted, got {count}"
+            )
+        return count + 1
+
+    def _momentum_for(self, next_count: int) -> float:
+        """The running statistics' factor for the batch that makes the count ``next_count``."""
+        return float(self.momentum) if self.momentum is not None else 1.0 / next_count
 
     def forward(self, x, residual=None):
         """Normalize ``x`` and keep what backward needs; in training mode, unless frozen, with the
@@ -359,12 +368,13 @@ class BatchNorm:
             common.update(residual=residual, activation=self.activation)
         if training_path:
             counting = self.training and self.track_running_stats
-            momentum = self._momentum_for_next_batch() if counting else 0.0
+            next_count = self._next_batch_count() if counting else None
+            momentum = self._momentum_for(next_count) if counting else 0.0
             train = _api.forward_training if self.activation is None else fused.forward_training
             y, saved = train(x, self._gamma, self._beta, self.running_mean, self.running_var, momentum=momentum,
                              on_overflow=self.on_overflow, **common)
             if counting:  # only a batch that ran is counted
-                self.num_batches_tracked += 1
+                self.num_batches_tracked = next_count
             self._kept = KeptForBackward(x, saved, None if self.activation is None else y)
             return y
         infer = _api.forward_inference if self.activation is None else fused.forward_inference

@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from ._core.arrays import OPTIONAL_ARRAYS, array_kind
+from ._core.arrays import OPTIONAL_ARRAYS, array_kind, kind_module
 from ._core.fused_saved import (
     PATH_REFERENCE,
     FusedSaved,
@@ -514,10 +514,11 @@ def fold_inference(gamma, beta, mean, var, eps=1e-5):
     Returns:
         ``(scale, shift)`` with the parameters' shape and a dtype of at least float32.
     """
-    array_kind(gamma=gamma, beta=beta, mean=mean, var=var)
+    xp = kind_module(array_kind(gamma=gamma, beta=beta, mean=mean, var=var))
     eps = check_fold(gamma, beta, mean, var, eps)
     dtype = np.result_type(gamma.dtype, beta.dtype, mean.dtype, var.dtype, np.float32)
-    gamma, beta, mean, var = (a.astype(np.float64) for a in (gamma, beta, mean, var))
+    # asarray: the results are plain arrays of the kind, whatever ndarray subclass (np.memmap) came in
+    gamma, beta, mean, var = (xp.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
     scale = gamma / (var + eps) ** 0.5
     return scale.astype(dtype), (beta - mean * scale).astype(dtype)
 

@@ -346,6 +346,18 @@ def communicator(group, report: Report) -> None:
                 assert text in str(error), str(error)
             else:
                 raise AssertionError(f"mpi_group({arguments}) raised nothing")
+    with report.check("pickle, copy and deepcopy refused: a copy's close would free the original's duplicate"):
+        import copy
+        import pickle
+
+        for make in (pickle.dumps, copy.copy, copy.deepcopy):
+            try:
+                make(group)
+            except TypeError as error:
+                assert str(error).startswith("MpiCommunicator cannot be pickled or copied"), str(error)
+            else:
+                raise AssertionError(f"{make.__name__} of an MpiCommunicator raised nothing")
+        assert np.array_equal(group.allreduce_sum(np.ones(2)), np.full(2, float(world_size)))
     with dist.mpi_group(cuda_aware=True) as cuda_aware:  # numpy arrays go to MPI directly: no GPU is touched
         sizes = _sizes(world_size)
         _check_step(report, "cuda_aware=True with numpy arrays",

@@ -58,6 +58,44 @@ def test_a_closed_pipe_ends_the_command_quietly_with_the_sigpipe_status(command)
     assert "Exception ignored" not in result.stderr, result.stderr  # the interpreter's last flush stays quiet too
 
 
+def _cli_with_stdout(args, redirect: str):
+    """The command run by bash with ``redirect`` applied to its stdout (``>&-``, ``>/dev/full``)."""
+    command = " ".join([sys.executable, "-m", "cudnn_bn", *args])
+    return subprocess.run(["bash", "-c", f"{command} {redirect}"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+@pytest.mark.parametrize("command", [("info",), ("compare", "--reference")])
+def test_a_command_started_with_stdout_closed_runs_without_a_traceback(command):
+    """Python then has no sys.stdout: print writes nowhere, and nothing may assume a stream."""
+    result = _cli_with_stdout(command, ">&-")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a device that is always full")
+def test_output_that_cannot_be_written_is_one_line_and_the_io_error_status():
+    result = _cli_with_stdout(["info"], ">/dev/full")
+    assert result.returncode == cli.WRITE_ERROR_STATUS == 74
+    assert result.stderr == "python -m cudnn_bn info: could not write its output: [Errno 28] No space left on device\n"
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+@pytest.mark.parametrize("where,problem", [
+    (lambda tmp: tmp / "missing" / "out", "its folder {tmp}/missing does not exist"),
+    (lambda tmp: tmp, "it is a folder"),
+], ids=["missing folder", "a folder"])
+def test_bench_refuses_an_output_file_it_cannot_write_before_running_anything(monkeypatch, capsys, tmp_path, option,
+                                                                             where, problem):
+    from cudnn_bn._tools import bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda **_: pytest.fail("the benchmark ran"))
+    path = where(tmp_path)
+    assert cli.main(["bench", "--quick", option, str(path)]) == 2
+    assert capsys.readouterr().err == (f"bench {option}: cannot write {path}: {problem.format(tmp=tmp_path)}; "
+                                       "nothing was run\n")
+
+
 def test_compare_into_head_prints_the_first_line_and_no_traceback():
     result = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m cudnn_bn compare --reference "
                              "| head -1; echo \"statuses ${PIPESTATUS[*]}\""],

@@ -257,6 +257,32 @@ def test_backward_matches_reference(backend, case):
     assert_close(gbeta, _from_reference(case, x, expected[2], gamma.shape), case.dtype, scale=10)
 
 
+def test_backward_with_the_reserve_space_and_statistics_written_into_given_arrays(simulated):
+    """CuPy 13's usage: the forward writes its statistics into the caller's mean and inv_std,
+    which are copies of what the Ex kernel wrote beside its reserve space. BackwardEx takes only
+    the statistics its reserve space was filled for, so this backward runs the plain call."""
+    case = CASES[2]  # the Ex path: NHWC persistent float16, C = 4
+    x, gy, gamma, beta = _inputs(case)
+    device = [simulated.put(a) for a in (x, gamma, beta)]
+    mean, inv_std = (simulated.put(np.zeros(gamma.shape, np.float32)) for _ in range(2))
+    reserve_space, _ = compat.batch_normalization_forward_training_ex(
+        *device, None, None, mean, inv_std, EPS, 0.9, case.is_for_conv2d, case.mode, False, d_layout=case.d_layout
+    )
+    assert reserve_space is not None
+    gx, ggamma, gbeta = compat.batch_normalization_backward(
+        device[0], device[1], simulated.put(gy), mean, inv_std, EPS, case.is_for_conv2d, case.mode, False,
+        d_layout=case.d_layout, reserve_space=reserve_space,
+    )
+    assert "cudnnBatchNormalizationBackward" in simulated.simulator.calls
+    assert "cudnnBatchNormalizationBackwardEx" not in simulated.simulator.calls
+    _, saved, _ = _reference_training(case, x, gamma, beta, np.zeros(gamma.shape), np.ones(gamma.shape), 0.9)
+    expected = reference.backward(case.reference_frame(x)[0], case.reference_frame(gy)[0],
+                                  _to_reference(case, x, gamma), saved)
+    assert_close(gx, expected[0].reshape(case.shape), case.dtype, scale=10)
+    assert_close(ggamma, _from_reference(case, x, expected[1], gamma.shape), case.dtype, scale=10)
+    assert_close(gbeta, _from_reference(case, x, expected[2], gamma.shape), case.dtype, scale=10)
+
+
 def test_ex_returns_the_reserve_space_only_where_the_ex_path_ran(backend):
     ex_case, plain_case = CASES[2], CASES[1]  # NHWC persistent float16 C=4, NHWC spatial float32
     for case in (ex_case, plain_case):

@@ -516,6 +516,37 @@ def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_on
         group[1].allreduce_sum(np.zeros(2))
 
 
+def test_a_thread_group_larger_than_its_collectives_can_hold_is_refused_at_once():
+    """Each collective holds a slot per rank from every rank: 10**7 thread ranks took 12 s and
+    gigabytes to make before anything could run, and a larger count ran out of memory."""
+    limit = dist.communicators.MAX_LOCAL_WORLD_SIZE
+    assert len(dist.local_group(limit, timeout=GROUP_TIMEOUT)) == limit
+    for world_size, printed in ((limit + 1, str(limit + 1)), (10**7, "10000000"), (np.int64(2**40), str(2**40)),
+                                (10**30, "an int of 100 bits")):
+        start = time.monotonic()
+        with pytest.raises(ValueError) as refused:
+            dist.local_group(world_size)
+        assert time.monotonic() - start < 1
+        assert str(refused.value).startswith(f"world_size: expected at most {limit} thread ranks (each is a thread "
+                                             f"of this process, and each collective holds a slot per rank from every "
+                                             f"rank), got {printed}; a larger group runs as processes")
+
+
+def test_a_communicator_refuses_to_be_pickled_or_copied_saying_why():
+    """A copy of a rank's connection would be a second member for one rank (the copy's close
+    would free what the original still uses, on MPI); a list of them copies as a list."""
+    import copy
+
+    group = dist.local_group(2, timeout=GROUP_TIMEOUT)
+    for make in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"^LocalCommunicator cannot be pickled or copied: it is this process's "
+                                            r"connection to the other ranks \(LocalCommunicator\(rank=1, "):
+            make(group[1])
+    assert copy.copy(group) == group  # the list, holding the same communicators
+    outcomes = run_ranks(2, lambda rank, communicator: communicator.allreduce_sum(np.ones(2)), group=group)
+    assert all(np.array_equal(total, [2.0, 2.0]) for total in outcomes)
+
+
 def test_a_timeout_past_what_threads_can_wait_is_refused_naming_it():
     limit = repr(threading.TIMEOUT_MAX)
     just_over = threading.TIMEOUT_MAX * 1.0000001

@@ -154,6 +154,29 @@ def test_every_check_of_the_layer_runs_before_the_collective(refusal):
     assert isinstance(outcomes[0], dist.PeerFailedError) and f"rank 1 refused its {refusal}" in str(outcomes[0])
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_count_one_rank_cannot_increment_is_refused_on_every_rank_before_the_collective(momentum):
+    _, x, _, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32, momentum=momentum)
+        if rank == 1:
+            layer.num_batches_tracked = 2**63 - 1
+        try:
+            layer(shards(x, [2, 2])[rank])
+        except Exception as error:
+            return error, layer.state_dict(), layer.num_batches_tracked
+        return None
+
+    outcomes = results(run_ranks(2, body))
+    assert type(outcomes[1][0]) is ValueError
+    assert str(outcomes[1][0]).startswith("rank 1: num_batches_tracked: expected a count below")
+    assert isinstance(outcomes[0][0], dist.PeerFailedError)
+    assert "rank 1 refused its num_batches_tracked" in str(outcomes[0][0])
+    for (_, state, count), before in zip(outcomes, (0, 2**63 - 1)):
+        assert count == before and (state["running_mean"] == 0).all() and (state["running_var"] == 1).all()
+
+
 def test_a_backward_without_a_forward_on_one_rank_raises_there_and_is_named_elsewhere():
     _, x, dy, _, _ = make_case((4, 3, 2), "spatial", 1, np.float32)
 

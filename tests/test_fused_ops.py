@@ -4,6 +4,8 @@ values, with the same errors as a first call. Results and paths are in tests/tes
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 
 from conftest import make_case
 from cudnn_bn import Mode
+from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import fused_ops, ops, plans
 from cudnn_bn.fused import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, backward, forward_inference, forward_training
 from fake_cudnn import simulated_gpu
@@ -244,3 +247,23 @@ def test_a_settled_fused_ex_backward_checked_its_reserve_when_settled(gpu):
         with pytest.raises(ValueError, match=message):
             backward(x, y, dy, gamma, small)
     assert not any(call.startswith("cudnnBatchNormalizationBackward") for call in gpu.calls)
+
+
+@pytest.mark.parametrize("copy_of", [
+    copy.deepcopy,
+    lambda saved: dataclasses.replace(saved, stats=dataclasses.replace(
+        saved.stats, mean=saved.mean.copy(), inv_std=saved.inv_std.copy(), reserve_space=saved.reserve_space.copy())),
+], ids=["deepcopy", "arrays copied"])
+def test_a_copy_of_fused_ex_statistics_runs_composed_with_the_same_results(gpu, copy_of):
+    """BackwardEx reads the mask its forward left in the reserve space for these statistics: a copy
+    of the FusedSaved runs the mask and the plain backward instead."""
+    x, dy, gamma, beta, residual, _, _ = _arrays(EX)
+    y, saved = forward_training(x, gamma, beta, residual=residual, mode=EX["mode"], channel_axis=EX["channel_axis"])
+    assert saved.path == PATH_FUSED_EX
+    expected = [a.get() for a in backward(x, y, dy, gamma, saved)]
+    assert gpu.calls.count("cudnnBatchNormalizationBackwardEx") == 1
+    for _ in range(2):  # settling the signature, then settled
+        for got, want in zip(backward(x, y, dy, gamma, copy_of(saved)), expected):
+            assert_close(got, want, EX["dtype"])
+    assert gpu.calls.count("cudnnBatchNormalizationBackwardEx") == 1
+    assert gpu.calls.count("cudnnBatchNormalizationBackward") == 2

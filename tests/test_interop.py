@@ -279,6 +279,61 @@ def test_a_refusing_producer_is_a_type_error_carrying_its_reason(gpu):
     assert "tensor.detach()" in message and not gpu.calls
 
 
+class MisreportedDevice:
+    """A producer whose ``__dlpack_device__`` answers in other terms than DLPack's two integers."""
+
+    def __init__(self, report):
+        self.report = report
+
+    def __dlpack__(self, **_):
+        raise AssertionError("never exported: its device is unknown")
+
+    def __dlpack_device__(self):
+        return self.report
+
+
+@pytest.mark.parametrize("report", [("cuda", 0), (2,), None, (2.5j, 0)], ids=["names", "one", "none", "complex"])
+def test_a_device_reported_in_other_terms_is_no_dlpack_producer(report):
+    x, _, gamma, beta = _case()
+    with pytest.raises(TypeError, match=r"^gamma: expected a numpy.ndarray, .* got test_interop.MisreportedDevice$"):
+        cudnn_bn.forward_training(x, MisreportedDevice(report), beta, mode="spatial")
+    with pytest.raises(TypeError, match=r"^x: expected a numpy.ndarray or cupy.ndarray, got MisreportedDevice$"):
+        cudnn_bn.BatchNorm(3)(MisreportedDevice(report))
+
+
+def test_a_cuda_array_on_a_machine_without_cupy_is_a_type_error_naming_it(monkeypatch):
+    x, _, gamma, beta = _case()
+    running_mean = np.zeros(3, np.float32)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy fails, as where it is not installed
+    with pytest.raises(TypeError, match=r"^running_var: the test_interop.CudaArrayInterfaceStandIn could not be "
+                                        r"wrapped as a cupy array \(cupy.asarray raised ModuleNotFoundError: .*\): "
+                                        r"CuPy is not installed"):
+        cudnn_bn.forward_training(x, gamma, beta, running_mean, CudaArrayInterfaceStandIn(np.ones(3, np.float32)),
+                                  mode="spatial")
+    np.testing.assert_array_equal(running_mean, 0.0)
+
+
+def test_a_cuda_array_that_cupy_refuses_is_a_type_error_naming_it(gpu, monkeypatch):
+    """cupy.asarray fails where CuPy has no device, and for an interface it cannot read: the
+    argument is named with the reason, and nothing runs."""
+    x, _, gamma, beta = _case()
+    running_mean = np.zeros(3, np.float32)
+
+    def refuse(obj, dtype=None, order=None):
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    monkeypatch.setattr(sys.modules["cupy"], "asarray", refuse)
+    with pytest.raises(TypeError, match=r"^running_var: the test_interop.CudaArrayInterfaceStandIn could not be "
+                                        r"wrapped as a cupy array \(cupy.asarray raised RuntimeError: "
+                                        r"cudaErrorInsufficientDriver\)"):
+        cudnn_bn.forward_training(x.view(FakeArray), gamma.view(FakeArray), beta.view(FakeArray),
+                                  running_mean.view(FakeArray), CudaArrayInterfaceStandIn(np.ones(3, np.float32)),
+                                  mode="spatial")
+    _synchronize()
+    np.testing.assert_array_equal(running_mean, 0.0)
+    assert not gpu.calls
+
+
 def test_foreign_cuda_arrays_do_not_mix_with_numpy(gpu):
     x, _, gamma, beta = _case()
     with pytest.raises(TypeError, match="mixed kinds"):

@@ -434,6 +434,33 @@ def test_negative_count_cannot_reach_the_cumulative_average():
     assert layer.num_batches_tracked == -1
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("count,error,message", [
+    ("5", TypeError, "expected a non-negative integer scalar, got '5'"),
+    (None, TypeError, "expected a non-negative integer scalar, got None"),
+    (2.0, TypeError, "expected a non-negative integer scalar, got 2.0"),
+    (-1, ValueError, "expected a non-negative integer scalar that fits int64, got -1"),
+    (2**63 - 1, ValueError, f"expected a count below {2**63 - 1} .* so that this batch can be counted"),
+], ids=["str", "None", "float", "negative", "int64 max"])
+def test_a_count_that_cannot_count_this_batch_is_refused_before_any_work(count, error, message, momentum):
+    """Whatever the momentum: the count is checked before the batch runs, not incremented after it
+    (a batch that ran and then failed to count changed the running statistics)."""
+    layer = BatchNorm(3, momentum=momentum, mode="spatial")
+    layer.num_batches_tracked = count
+    before = _layer_state(layer)
+    with pytest.raises(error, match=f"^num_batches_tracked: {message}"):
+        layer(_batches((8, 3, 2, 2), 1)[0])
+    _assert_same_state(layer, before)
+
+
+def test_the_last_batch_int64_can_count_runs_and_its_state_saves():
+    layer = BatchNorm(3, mode="spatial")
+    layer.num_batches_tracked = np.int64(2**63 - 2)
+    layer(_batches((8, 3, 2, 2), 1)[0])
+    assert layer.num_batches_tracked == 2**63 - 1
+    assert int(layer.state_dict()["num_batches_tracked"]) == 2**63 - 1
+
+
 def _sequential_state():
     """The keys torch's nn.Sequential(Conv2d, BatchNorm2d(3), ReLU, BatchNorm2d(3)) would produce."""
     state = {"0.weight": np.ones((3, 3, 1, 1), np.float32), "0.bias": np.zeros(3, np.float32)}

@@ -5,6 +5,7 @@ workspace."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import warnings
@@ -296,6 +297,29 @@ def test_saved_statistics_without_a_reserve_take_the_plain_backward_on_an_ex_lay
     cudnn_bn.backward(xd, dyd, gd, saved)
     assert "cudnnBatchNormalizationBackwardEx" not in unsettled_gpu.calls
     assert "cudnnBatchNormalizationBackward" in unsettled_gpu.calls
+
+
+@pytest.mark.parametrize("copy_of,reads_the_reserve", [
+    (copy.deepcopy, False),
+    (lambda saved: dataclasses.replace(saved, mean=saved.mean.copy()), False),
+    (lambda saved: dataclasses.replace(saved, reserve_space=saved.reserve_space.copy()), False),
+    (lambda saved: cudnn_bn.SavedStats(saved.mean, saved.inv_std, saved.mode, saved.eps, saved.channel_axis,
+                                       saved.reserve_space, saved.on_overflow), True),
+], ids=["deepcopy", "mean copied", "reserve copied", "rebuilt from its arrays"])
+def test_backward_ex_reads_a_reserve_space_only_with_the_statistics_it_was_filled_for(unsettled_gpu, copy_of,
+                                                                                    reads_the_reserve):
+    """BackwardEx must get the reserve space its forward filled for the saved mean it is given
+    (the pairing the simulated GPU enforces): with a copy of either, the plain backward, with the
+    same results, before and after the signature is settled."""
+    xd, dyd, gd, bd = ex_case()
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
+    expected = [a.get() for a in cudnn_bn.backward(xd, dyd, gd, saved)]
+    for _ in range(2):
+        for got, want in zip(cudnn_bn.backward(xd, dyd, gd, copy_of(saved)), expected):
+            np.testing.assert_array_equal(got.get(), want)
+    ex_calls = 3 if reads_the_reserve else 1
+    assert unsettled_gpu.calls.count("cudnnBatchNormalizationBackwardEx") == ex_calls
+    assert unsettled_gpu.calls.count("cudnnBatchNormalizationBackward") == 3 - ex_calls
 
 
 def test_an_empty_reserve_request_still_gets_a_one_byte_buffer(unsettled_gpu):

@@ -416,6 +416,23 @@ def test_fold_inference_returns_the_widest_dtype_of_its_inputs_at_least_float32(
     assert scale.dtype == shift.dtype == high
 
 
+class _Tagged(np.ndarray):
+    """A user's ndarray subclass."""
+
+
+def test_fold_inference_returns_plain_arrays_for_subclasses_and_memory_maps(tmp_path):
+    gamma, beta = np.full(3, 2.0, np.float32), np.full(3, 0.5, np.float32)
+    mean, var = np.zeros(3, np.float32), np.full(3, 4.0, np.float32)
+    mapped = np.memmap(tmp_path / "var.bin", dtype=np.float32, mode="w+", shape=(3,))
+    mapped[...] = var
+    expected = reference.fold_inference(gamma, beta, mean, var)
+    for arguments in ((gamma.view(_Tagged), beta, mean, var), (gamma, beta, mean, mapped),
+                      tuple(a.view(_Tagged) for a in (gamma, beta, mean, var))):
+        for got, want in zip(reference.fold_inference(*arguments), expected):
+            assert type(got) is np.ndarray
+            np.testing.assert_array_equal(got, want)
+
+
 class _PosingAsCupy(np.ndarray):
     """A NumPy array that the kind check takes for a CuPy one."""
 

@@ -295,6 +295,24 @@ def test_mode_accepts_enum_name_and_value():
         parse_mode(True)
 
 
+@pytest.mark.parametrize("value", [np.int64(1), np.int32(1), np.uint8(1)], ids=lambda v: type(v).__name__)
+def test_mode_accepts_a_numpy_integer_value_as_channel_axis_does(value):
+    """A mode read from an array or a saved config is a numpy integer: the value, like 1."""
+    from cudnn_bn._core.modes import parse_mode
+
+    assert parse_mode(value) is Mode.SPATIAL
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), "spatial")
+    y, saved = cudnn_bn.forward_training(x, gamma, beta, mode=value)
+    expected_y, expected_saved = cudnn_bn.forward_training(x, gamma, beta, mode="spatial")
+    assert saved.mode is Mode.SPATIAL and np.array_equal(y, expected_y)
+    assert cudnn_bn.SavedStats(saved.mean, saved.inv_std, value, 1e-5, 1).mode is Mode.SPATIAL
+    np.testing.assert_array_equal(cudnn_bn.backward_inference(x, dy, gamma, beta, gamma, mode=value)[0],
+                                  cudnn_bn.backward_inference(x, dy, gamma, beta, gamma, mode=1)[0])
+    for wrong in (np.int64(3), np.bool_(True), np.float64(1.0)):
+        with pytest.raises(ValueError, match=r"^mode: expected one of \['per_activation', 'spatial'"):
+            parse_mode(wrong)
+
+
 def test_other_modes_do_not_pay_for_the_finite_check():
     """Only the persistent path checks saved statistics (on a GPU the check synchronises)."""
     import dataclasses

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+import numpy as np
+
 __all__ = ["Activation", "Mode", "OnOverflow", "parse_activation", "parse_mode", "parse_on_overflow", "AUTO"]
 
 AUTO = "auto"
@@ -59,7 +61,8 @@ _MODE_NAMES = {mode.name.lower(): mode for mode in Mode}
 
 
 def parse_mode(mode, *, allow_auto: bool = False):
-    """Return a :class:`Mode` (or ``"auto"`` where allowed) from a Mode, its value or its name."""
+    """Return a :class:`Mode` (or ``"auto"`` where allowed) from a Mode, its value (a Python or
+    numpy integer) or its name."""
     if isinstance(mode, Mode):
         return mode
     if isinstance(mode, str):
@@ -68,8 +71,9 @@ def parse_mode(mode, *, allow_auto: bool = False):
             return AUTO
         if key in _MODE_NAMES:
             return _MODE_NAMES[key]
-    elif isinstance(mode, int) and not isinstance(mode, bool) and mode in Mode._value2member_map_:
-        return Mode(mode)
+    elif (isinstance(mode, (int, np.integer)) and not isinstance(mode, (bool, np.bool_))
+          and int(mode) in Mode._value2member_map_):  # a numpy integer too, as channel_axis takes
+        return Mode(int(mode))
     valid = sorted(_MODE_NAMES) + ([AUTO] if allow_auto else [])
     raise ValueError(f"mode: expected one of {valid} or a cudnn_bn.Mode, got {mode!r}")
 

@@ -44,6 +44,8 @@ from .launch import (
     lend,
     on_device,
     pointer,
+    remember_reserve,
+    reserve_filled_for,
     same_device,
     workspace,
 )
@@ -239,6 +241,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
+    remember_reserve(reserve, save_mean)
     stats = trusted_saved_stats(
         plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
         layout.public_channel_axis, reserve, on_overflow, from_forward=True,
@@ -291,15 +294,22 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
     key, settled = lookup(key)
     if settled is None:
         settled = remember(key, _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
+    # BackwardEx reads the reserve space (the activation's mask) of the forward that made these
+    # statistics: with a copy of either (pickled, deep-copied), the composed path, which reads the
+    # mask from y
+    fused_ex = settled.fused_ex and settled.plan.param_as_is(stats.mean) and reserve_filled_for(
+        stats.reserve_space, stats.mean)
     with on_device(cupy, settled.device_id):
-        if settled.fused_ex:
+        if fused_ex:
             result = _backward_ex(cupy, settled.plan, settled.checked, x, y, dy, gamma, saved, settled.on_overflow)
             if result is not None:
                 return result
         grad = activation_grad(cupy, y, dy, saved.activation)
         plain = _plain_stats(stats)
-        if settled.fused_ex:  # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
+        if fused_ex:  # the persistent kernel overflowed and on_overflow is "fallback": SPATIAL, composed
             dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, Mode.SPATIAL, eps, channel_axis, OnOverflow.IGNORE)
+        elif settled.fused_ex:  # statistics or reserve space copied: the composed path's plain backward
+            dx, dgamma, dbeta = ops.backward(x, grad, gamma, plain, mode, eps, channel_axis, settled.on_overflow)
         else:
             dx, dgamma, dbeta = ops.run_backward(cupy, settled.plain, x, grad, gamma, plain, channel_axis)
     return dx, (grad if saved.has_residual else None), dgamma, dbeta

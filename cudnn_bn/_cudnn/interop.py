@@ -67,9 +67,9 @@ def _dlpack_device(value):
         return None
     try:
         device_type, device_id = report()
-    except Exception:  # a producer that cannot say where it lives is not a DLPack producer here
+        return int(device_type), int(device_id)
+    except Exception:  # a producer that cannot say where it lives (or says it in other terms) is none here
         return None
-    return int(device_type), int(device_id)
 
 
 def as_supported_array(name: str, value, *, written: bool = False):
@@ -98,15 +98,32 @@ def as_supported_array(name: str, value, *, written: bool = False):
     if interface is not None:
         return _from_cuda_array_interface(name, value, interface, written)
     if refusals:
-        raise TypeError(
-            f"{name}: the {_type_name(value)} could not be wrapped as a cupy array ({'; '.join(refusals)}); "
-            "a torch tensor that requires grad must be passed as tensor.detach() (it shares the memory)"
-        )
+        raise _not_wrapped(name, value, refusals)
     if device is not None:
         where = _DLPACK_DEVICE_NAMES.get(device[0], f"device type {device[0]}")
         hint = " (for the NumPy reference pass numpy.from_dlpack(...))" if device[0] == _DLPACK_CPU else ""
         raise TypeError(f"{name}: expected {ACCEPTED}, got a {_type_name(value)} on DLPack device {where}{hint}")
     raise TypeError(f"{name}: expected {ACCEPTED}, got {_type_name(value)}")
+
+
+def _not_wrapped(name: str, value, refusals: list) -> TypeError:
+    """The error for a CUDA array that CuPy could not take, with each protocol's reason and, where
+    this machine cannot run CuPy at all (no CuPy, no driver, no GPU), that reason in words."""
+    reasons = "; ".join(refusals)
+    try:
+        from .availability import cupy_device_problem
+
+        problem = cupy_device_problem(_cupy())
+    except ImportError as error:
+        from .availability import cupy_missing
+
+        problem = cupy_missing(error)
+    if problem is not None:
+        return TypeError(f"{name}: the {_type_name(value)} could not be wrapped as a cupy array ({reasons}): {problem}")
+    return TypeError(
+        f"{name}: the {_type_name(value)} could not be wrapped as a cupy array ({reasons}); "
+        "a torch tensor that requires grad must be passed as tensor.detach() (it shares the memory)"
+    )
 
 
 def _has_cuda_array_interface(value) -> bool:
@@ -162,7 +179,10 @@ def _from_cuda_array_interface(name: str, value, interface, written: bool):
                 f"{name}: __cuda_array_interface__ 'stream' is 0, which version 3 forbids as ambiguous; "
                 "expected None, 1 (legacy default), 2 (per-thread default) or a stream pointer"
             )
-    array = _cupy().asarray(value)
+    try:
+        array = _cupy().asarray(value)
+    except Exception as error:  # CuPy missing or without a device here, or an interface it cannot read
+        raise _not_wrapped(name, value, [f"cupy.asarray raised {type(error).__name__}: {error}"]) from error
     if stream is not None:
         _wait_for_producer(array, stream)
     return array

@@ -21,7 +21,18 @@ from .._core.validate import check_backward, check_forward_inference, check_forw
 from . import raw
 from .availability import check_cuda_build_once
 from .handles import PLAIN, borrow
-from .launch import after_overflow, after_persistent, check_reserve, cupy_module, lend, pointer, same_device, workspace
+from .launch import (
+    after_overflow,
+    after_persistent,
+    check_reserve,
+    cupy_module,
+    lend,
+    pointer,
+    remember_reserve,
+    reserve_filled_for,
+    same_device,
+    workspace,
+)
 from .plans import BACKWARD, INFERENCE, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
 from .raw import BatchNormOps
 from .signatures import (
@@ -162,6 +173,8 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
     if not settled.params_as_is:
         plan.running_back(cupy, mean_in, running_mean)
         plan.running_back(cupy, var_in, running_var)
+    if reserve is not None:
+        remember_reserve(reserve, save_mean)
     if plan.param_from_cudnn is not None:
         save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
     layout = plan.layout
@@ -293,9 +306,12 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
     dgamma, dbeta = plan.new_params(cupy)
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
+    # BackwardEx reads the reserve space of the forward that made these statistics: with a copy of
+    # either (pickled, deep-copied), the plain backward, which reads none
+    uses_ex = reserve is not None and plan.uses_ex and reserve_filled_for(reserve, saved_mean)
     handle = lend(cupy, plan, lane)
     try:
-        if reserve is not None and plan.uses_ex:  # its size was checked when the signature was settled
+        if uses_ex:  # the reserve's size was checked when the signature was settled
             workspace_size = plan.ex_workspace_sizes(handle.pointer)[1]
             scratch = workspace(cupy, plan.device_id, handle.bound_identity, workspace_size)
             library.cudnnBatchNormalizationBackwardEx(

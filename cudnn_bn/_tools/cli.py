@@ -2,9 +2,12 @@
 
 Exit status: 0 when everything ran; 1 when some rows of compare or bench failed (each is listed,
 and the others still ran); 2 when --require-cudnn finds cuDNN unusable, --torch finds no PyTorch,
-or arguments conflict; 141 (128 + SIGPIPE, what a shell reports for a Unix tool that a closed
-pipe stopped) when the reader of stdout went away, as in ``cudnn-bn compare | head -1``: the
-command then stops quietly, without a traceback.
+arguments conflict, or bench's --json or --markdown file cannot be written (said before anything
+runs); 74 (sysexits' EX_IOERR) when the output could not be written (a full disk, a failing
+device), said in one line on stderr; 141 (128 + SIGPIPE, what a shell reports for a Unix tool
+that a closed pipe stopped) when the reader of stdout went away, as in ``cudnn-bn compare |
+head -1``: the command then stops quietly, without a traceback. With stdout closed (``>&-``) the
+command runs and its printed output goes nowhere, as Python's print does.
 """
 
 from __future__ import annotations
@@ -52,9 +55,28 @@ def _info(args) -> int:
     return 0
 
 
+def _unwritable(path) -> str | None:
+    """Why a file cannot be written at ``path`` (None: it can, or no path was given)."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a folder"
+    if not os.path.isdir(folder):
+        return f"its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return "permission denied"
+    return None
+
+
 def _bench(args) -> int:
     from .bench import run_bench
 
+    for option, path in (("--json", args.json), ("--markdown", args.markdown)):
+        problem = _unwritable(path)
+        if problem is not None:  # said now, not after the whole run
+            print(f"bench {option}: cannot write {path}: {problem}; nothing was run", file=sys.stderr)
+            return 2
     if args.require_cudnn and not _cudnn_required("bench"):
         return 2
     if args.torch:
@@ -98,13 +120,32 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         status = args.run(args)
-        sys.stdout.flush()  # a closed pipe shows here at the latest, not in the interpreter's exit
+        if sys.stdout is not None:  # None when the command started with stdout closed
+            sys.stdout.flush()  # a closed pipe shows here at the latest, not in the interpreter's exit
     except BrokenPipeError:
         return _stdout_closed()
+    except OSError as error:  # the output could not be written: say so in one line, as Unix tools do
+        return _write_failed(args.command, error)
     return status
 
 
 CLOSED_PIPE_STATUS = 128 + 13  # 128 + SIGPIPE (13 on Linux and macOS; the signal module lacks it on Windows)
+WRITE_ERROR_STATUS = 74  # EX_IOERR of sysexits.h (the os module has it on Unix only)
+
+
+def _write_failed(command: str, error: OSError) -> int:
+    """A write failed (ENOSPC, EIO, ...): one line on stderr, then stdout flushed or dropped, so
+    that the interpreter's last flush does not fail again with a traceback."""
+    try:
+        print(f"{_program_name()} {command}: could not write its output: {error}", file=sys.stderr)
+    except OSError:
+        pass  # stderr is gone too: the status says it
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        _stdout_closed()
+    return WRITE_ERROR_STATUS
 
 
 def _stdout_closed() -> int:

@@ -43,6 +43,11 @@ __all__ = [
 ]
 
 DEFAULT_LOCAL_TIMEOUT = 60.0  # seconds a LocalCommunicator waits for the other ranks
+# Thread ranks in one local group, at most. Each rank is a thread of this process, and each of a
+# group call's collectives gathers every rank's buffer of one slot per rank: memory grows with
+# the square of the group's size (at 1024 ranks, 160 MB of headers per collective). Larger
+# groups are processes (mpi_group, nccl_group).
+MAX_LOCAL_WORLD_SIZE = 1024
 
 
 @runtime_checkable
@@ -140,6 +145,16 @@ def by_value(values) -> str:
     for rank, value in enumerate(values):
         ranks.setdefault(value, []).append(rank)
     return "; ".join(f"{value} on rank{'s' if len(members) > 1 else ''} {members}" for value, members in ranks.items())
+
+
+def _refuse_copy(communicator, protocol=None):
+    """What pickling or copying a communicator raises: it is this process's connection to the
+    other ranks, which no copy can share or carry elsewhere (a copy's close, say, would free what
+    the original still uses)."""
+    raise TypeError(
+        f"{type(communicator).__name__} cannot be pickled or copied: it is this process's connection to the other "
+        f"ranks ({communicator!r}). Pass the communicator itself; each process (or thread rank) makes its own"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,10 +274,12 @@ class LocalCommunicator:
     def __repr__(self) -> str:
         return f"LocalCommunicator(rank={self._rank}, world_size={self.world_size}, timeout={self.timeout:g})"
 
+    __reduce_ex__ = _refuse_copy  # pickle, copy and deepcopy all come here
 
-def _printable_seconds(number) -> str:
-    """A refused timeout as it was given: every digit of a float (so that a value just over a
-    limit does not print as the limit), the size of an int too long to print."""
+
+def _printable_number(number) -> str:
+    """A refused timeout or world size as it was given: every digit of a float (so that a value
+    just over a limit does not print as the limit), the size of an int too long to print."""
     if isinstance(number, (int, np.integer)):
         number = int(number)
         return repr(number) if number.bit_length() <= 64 else f"an int of {number.bit_length()} bits"
@@ -272,11 +289,18 @@ def _printable_seconds(number) -> str:
 def local_group(world_size: int, *, timeout: float = DEFAULT_LOCAL_TIMEOUT) -> list[LocalCommunicator]:
     """Communicators for ``world_size`` ranks that run as threads of this process.
 
-    The thread of rank i passes the i-th communicator as ``group=``. ``timeout``: seconds each
+    The thread of rank i passes the i-th communicator as ``group=``; at most
+    ``MAX_LOCAL_WORLD_SIZE`` (1024) ranks. ``timeout``: seconds each
     collective waits for the other ranks before raising :class:`CollectiveTimeoutError`; at most
     ``threading.TIMEOUT_MAX`` (about 292 years), the longest wait Python's threads allow.
     """
     world_size = positive_int("world_size", world_size)
+    if world_size > MAX_LOCAL_WORLD_SIZE:
+        raise ValueError(
+            f"world_size: expected at most {MAX_LOCAL_WORLD_SIZE} thread ranks (each is a thread of this process, and "
+            f"each collective holds a slot per rank from every rank), got {_printable_number(world_size)}; a larger "
+            "group runs as processes: mpi_group or nccl_group"
+        )
     if isinstance(timeout, (bool, np.bool_)) or not isinstance(timeout, (int, float, np.integer, np.floating)):
         raise TypeError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     try:
@@ -286,7 +310,7 @@ def local_group(world_size: int, *, timeout: float = DEFAULT_LOCAL_TIMEOUT) -> l
     if not usable:
         raise ValueError(
             f"timeout: expected a positive finite number of seconds, at most threading.TIMEOUT_MAX "
-            f"({threading.TIMEOUT_MAX!r}), got {_printable_seconds(timeout)}"
+            f"({threading.TIMEOUT_MAX!r}), got {_printable_number(timeout)}"
         )
     rendezvous = _Rendezvous(world_size, float(timeout))
     return [LocalCommunicator(rendezvous, rank) for rank in range(world_size)]
@@ -310,6 +334,8 @@ class _ProcessMember:
 
     _rank: int
     _world_size: int
+
+    __reduce_ex__ = _refuse_copy  # pickle, copy and deepcopy all come here
 
     @property
     def rank(self) -> int:

@@ -88,7 +88,8 @@ class SyncBatchNorm(BatchNorm):
         with exchange.guard():
             x, residual = _bound(_FORWARD, "forward", self, arguments, options)
             self._check_forward_arguments(x, residual, TRAINING, empty_batch=True)
-            momentum = self._momentum_for_next_batch() if counting else 0.0
+            next_count = self._next_batch_count() if counting else None
+            momentum = self._momentum_for(next_count) if counting else 0.0
             step = prepare_forward(
                 exchange, x, self.gamma, self.beta, self.running_mean, self.running_var, mode=self.mode,
                 momentum=momentum, eps=self.eps, channel_axis=self.channel_axis, residual=residual,
@@ -96,7 +97,7 @@ class SyncBatchNorm(BatchNorm):
             )
         y, saved = finish_forward(exchange, step)
         if counting:  # only a batch that ran is counted
-            self.num_batches_tracked += 1
+            self.num_batches_tracked = next_count
         self._kept = KeptForBackward(x, saved, None if self.activation is None else y, self.group)
         return y
 
