@@ -304,13 +304,14 @@ def test_saved_statistics_without_a_reserve_take_the_plain_backward_on_an_ex_lay
     (lambda saved: dataclasses.replace(saved, mean=saved.mean.copy()), False),
     (lambda saved: dataclasses.replace(saved, reserve_space=saved.reserve_space.copy()), False),
     (lambda saved: cudnn_bn.SavedStats(saved.mean, saved.inv_std, saved.mode, saved.eps, saved.channel_axis,
-                                       saved.reserve_space, saved.on_overflow), True),
+                                       saved.reserve_space, saved.on_overflow), False),
 ], ids=["deepcopy", "mean copied", "reserve copied", "rebuilt from its arrays"])
 def test_backward_ex_reads_a_reserve_space_only_with_the_statistics_it_was_filled_for(unsettled_gpu, copy_of,
                                                                                     reads_the_reserve):
     """BackwardEx must get the reserve space its forward filled for the saved mean it is given
-    (the pairing the simulated GPU enforces): with a copy of either, the plain backward, with the
-    same results, before and after the signature is settled."""
+    (the pairing the simulated GPU enforces): it reads it only with the forward's own SavedStats;
+    with a copy of either, or a SavedStats rebuilt from the same arrays, the plain backward, with
+    the same results, before and after the signature is settled."""
     xd, dyd, gd, bd = ex_case()
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", channel_axis=-1)
     expected = [a.get() for a in cudnn_bn.backward(xd, dyd, gd, saved)]

@@ -44,8 +44,6 @@ from .launch import (
     lend,
     on_device,
     pointer,
-    remember_reserve,
-    reserve_filled_for,
     same_device,
     workspace,
 )
@@ -241,7 +239,6 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
         return None
     plan.running_back(cupy, mean_in, running_mean)
     plan.running_back(cupy, var_in, running_var)
-    remember_reserve(reserve, save_mean)
     stats = trusted_saved_stats(
         plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
         layout.public_channel_axis, reserve, on_overflow, from_forward=True,
@@ -294,11 +291,11 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
     key, settled = lookup(key)
     if settled is None:
         settled = remember(key, _settle_backward(cupy, x, y, dy, gamma, saved, mode, eps, channel_axis, on_overflow))
-    # BackwardEx reads the reserve space (the activation's mask) of the forward that made these
-    # statistics: with a copy of either (pickled, deep-copied), the composed path, which reads the
-    # mask from y
-    fused_ex = settled.fused_ex and settled.plan.param_as_is(stats.mean) and reserve_filled_for(
-        stats.reserve_space, stats.mean)
+    # BackwardEx reads the reserve space (the activation's mask) of the forward that wrote these
+    # statistics, at the addresses it wrote them: with a copy of them (pickled, deep-copied,
+    # converted), the composed path, which reads the mask from y
+    fused_ex = (settled.fused_ex and settled.plan.param_as_is(stats.mean) and computed_by_forward(stats)
+                and settled.plan.param_from_cudnn is None)
     with on_device(cupy, settled.device_id):
         if fused_ex:
             result = _backward_ex(cupy, settled.plan, settled.checked, x, y, dy, gamma, saved, settled.on_overflow)

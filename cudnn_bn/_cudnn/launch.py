@@ -10,8 +10,7 @@
   restored, then CudnnOverflowError, or the fallback warning (once per shape, at the caller's
   line) before the caller re-runs in SPATIAL.
 - The Ex calls' scratch: a workspace per (device, stream), and the check of the reserve space a
-  backward is given; which saved mean each reserve space was filled for (BackwardEx reads the
-  reserve space of the forward that made the statistics it is given, and nothing else).
+  backward is given.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import os
 import sys
 import threading
 import warnings
-import weakref
 
 from .._core.modes import OnOverflow
 from .._core.policy import BACKWARD, TRAINING
@@ -47,8 +45,6 @@ __all__ = [
     "outside_the_package",
     "overflow_error",
     "pointer",
-    "remember_reserve",
-    "reserve_filled_for",
     "same_device",
     "warn_fallback",
     "workspace",
@@ -219,34 +215,6 @@ def check_reserve(reserve, size: int, device_id: int) -> None:
             f"saved.reserve_space: expected at least {size} bytes on device {device_id} (the forward's reserve space), "
             f"got {reserve.size} bytes on device {reserve.device.id}"
         )
-
-
-# reserve space address -> (address of the saved mean its forward wrote, a token of the entry): an
-# entry lives as long as its reserve space, whose address no other array can have meanwhile
-_RESERVE_FILLED_FOR: dict = {}
-_RESERVES_LOCK = threading.Lock()
-
-
-def remember_reserve(reserve, save_mean) -> None:
-    """After a forward Ex call: ``reserve`` was filled for the statistics written at ``save_mean``."""
-    address, entry = reserve.data.ptr, (save_mean.data.ptr, object())
-    with _RESERVES_LOCK:
-        _RESERVE_FILLED_FOR[address] = entry
-    weakref.finalize(reserve, _forget_reserve, address, entry)
-
-
-def _forget_reserve(address: int, entry) -> None:
-    with _RESERVES_LOCK:
-        if _RESERVE_FILLED_FOR.get(address) is entry:
-            del _RESERVE_FILLED_FOR[address]
-
-
-def reserve_filled_for(reserve, saved_mean) -> bool:
-    """Whether a forward filled ``reserve`` for the saved mean that BackwardEx would read at
-    ``saved_mean``'s address. A copy of either (pickled, deep-copied) is not: its backward runs
-    without the reserve space, as the plain call or the composed fused path."""
-    entry = _RESERVE_FILLED_FOR.get(reserve.data.ptr)
-    return entry is not None and entry[0] == saved_mean.data.ptr
 
 
 # the Ex workspace, kept per (device, stream): work on one stream runs in order

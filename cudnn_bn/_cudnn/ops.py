@@ -28,8 +28,6 @@ from .launch import (
     cupy_module,
     lend,
     pointer,
-    remember_reserve,
-    reserve_filled_for,
     same_device,
     workspace,
 )
@@ -173,8 +171,6 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
     if not settled.params_as_is:
         plan.running_back(cupy, mean_in, running_mean)
         plan.running_back(cupy, var_in, running_var)
-    if reserve is not None:
-        remember_reserve(reserve, save_mean)
     if plan.param_from_cudnn is not None:
         save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
     layout = plan.layout
@@ -306,9 +302,11 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
     dgamma, dbeta = plan.new_params(cupy)
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    # BackwardEx reads the reserve space of the forward that made these statistics: with a copy of
-    # either (pickled, deep-copied), the plain backward, which reads none
-    uses_ex = reserve is not None and plan.uses_ex and reserve_filled_for(reserve, saved_mean)
+    # BackwardEx reads the reserve space of the forward that wrote these statistics, at the addresses
+    # it wrote them: with a copy of them (pickled, deep-copied, converted, the caller's own arrays as
+    # compat passes them), the plain backward, which reads no reserve space
+    uses_ex = (reserve is not None and plan.uses_ex and computed_by_forward(saved) and saved_mean is saved.mean
+               and plan.param_from_cudnn is None)
     handle = lend(cupy, plan, lane)
     try:
         if uses_ex:  # the reserve's size was checked when the signature was settled
