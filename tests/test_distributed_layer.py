@@ -757,6 +757,27 @@ def test_a_layer_frozen_on_one_rank_for_one_step_meets_its_own_call_a_step_late_
     close(np.concatenate([o[3] for o in outcomes]), single.backward(steps[2][1]), np.float64, what="dx")
 
 
+def test_a_frozen_forward_refused_on_one_rank_and_run_again_is_counted_once():
+    """A frozen layer's forward refused on its rank (no collective: it raises there alone) is no
+    skipped call; run again, it is counted once, as on the other rank, and the next layer's call
+    is in step."""
+    sizes = [2, 3]
+    steps = _two_layer_steps(19, sizes, 1)
+
+    def body(rank, group):
+        layers = _two_layers(group)
+        layers[0].freeze()
+        if rank == 0:
+            with pytest.raises(TypeError, match="x: expected dtype float64"):
+                layers[0](shards(steps[0][0], sizes)[rank].astype(np.float32))
+        return [_train_two_layers(rank, layers, *steps[0], sizes)]
+
+    outcomes = results(run_ranks(2, body))
+    singles = [BatchNorm(3, mode="spatial", dtype=np.float64, frozen=True), BatchNorm(3, mode="spatial",
+                                                                                      dtype=np.float64)]
+    _check_two_layer_step(outcomes, 0, steps, sizes, singles)
+
+
 def test_a_layer_name_is_checked_when_the_layer_is_made_and_a_refused_layer_takes_no_number():
     group = dist.local_group(1)[0]
     with pytest.raises(TypeError, match=r"^name: expected a str, the same on every rank, or None, got 3$"):

@@ -113,9 +113,11 @@ class SyncBatchNorm(BatchNorm):
     def forward(self, *arguments, **options):
         """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
         if not self.training or self.frozen:  # no collective: this rank's own normalization
-            note_skipped_call(self.group, self._identity, in_eval=not self.training, frozen=self.frozen)
             x, residual = _bound(_FORWARD, "forward", self, arguments, options)
-            return self._forward_empty_shard(x, residual) if is_empty_shard(x) else super().forward(x, residual)
+            y = self._forward_empty_shard(x, residual) if is_empty_shard(x) else super().forward(x, residual)
+            # noted once it ran: a forward refused here (on this rank alone) is no skipped call
+            note_skipped_call(self.group, self._identity, in_eval=not self.training, frozen=self.frozen)
+            return y
         counting = self.track_running_stats
         exchange, step = Exchange(self.group, FORWARD, self._identity), None
         with exchange.guard():
