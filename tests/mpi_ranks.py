@@ -10,7 +10,8 @@ on, so that every rank still makes the same group calls.
 
 Scenarios: ``reference`` (every rank's results against the reference on the concatenated batch),
 ``layer`` (SyncBatchNorm against BatchNorm on the whole batch), ``faults`` (refused inputs, ranks
-that disagree or are out of step, and the next step after each), ``empty`` (a rank whose shard
+that disagree or are out of step, a layer frozen on one rank whose next layer meets the others'
+first, and the next step after each), ``empty`` (a rank whose shard
 has no samples, in the group calls and the layer; a group of empty shards), ``communicator`` (the
 MpiCommunicator itself), ``device`` (cupy arrays on the simulated GPU, staged and direct, with an
 empty rank too), and ``dies`` (the last rank ends its process in the middle of a step).
@@ -260,6 +261,45 @@ def faults(group, report: Report) -> None:
                         "out of step (each rank counts the group calls made on its communicator object): "
                         "group call #")
     good_step("the step after ranks out of step", seed=3)
+
+    # the last rank's first layer is frozen: it makes no group call, so that rank's second layer,
+    # of the same width, meets the others' first layer in one header collective (same sequence
+    # number, kind and shapes); the layers' identities differ, so every rank raises, nothing is
+    # merged, and the next step, both layers training, is BatchNorm's on the whole batch
+    first, second = (dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float32) for _ in range(2))
+    if rank == last:
+        first.freeze()
+    others = list(range(last))
+    expected_texts = (
+        f"(forward_training of {second.identity}, after 1 frozen layer forward without a group call) on rank [{last}]",
+        f"(forward_training of {first.identity}) on rank{'s' if len(others) > 1 else ''} {others}",
+        f"before this call, the forward of {first.identity} (frozen) made no group call on rank [{last}]",
+    )
+    with report.check("a layer frozen on one rank: its next layer meets the others' first, every rank raises"):
+        try:
+            second(first(shard))
+        except dist.GroupMismatchError as error:
+            message = str(error)
+        else:
+            raise AssertionError("no error: two layers' batches were merged")
+        assert message.startswith(f"rank {rank}: the ranks are out of step"), message
+        for text in expected_texts:
+            assert text in message, (text, message)
+        assert first.num_batches_tracked == second.num_batches_tracked == 0 and not second.running_mean.any()
+    first.unfreeze()
+    _, x_next, dy_next, _, _ = make_case((sum(sizes), 3, 2), "spatial", 1, np.float32, seed=10)
+    singles = [BatchNorm(3, mode="spatial", dtype=np.float32) for _ in range(2)]
+    y_part = second(first(shards(x_next, sizes)[rank]))
+    dx_part = first.backward(second.backward(shards(dy_next, sizes)[rank]))
+    y = singles[1](singles[0](x_next))
+    dx = singles[0].backward(singles[1].backward(dy_next))
+    with report.check("the step after a layer frozen on one rank"):
+        close(y_part, y[rows], np.float32, what="y")
+        close(dx_part, dx[rows], np.float32, what="dx", scale=10)
+        close(first.running_var, singles[0].running_var, np.float32, what="first running_var")
+        assert first.num_batches_tracked == second.num_batches_tracked == 1
+    report.entry["digests"]["the step after a layer frozen on one rank"] = digest(
+        dict(first=first.grad_gamma, second=second.grad_gamma), ("first", "second"))
 
     # the last rank wraps its communicator in a new object, whose count of group calls starts at 0:
     # out of step once, then every rank counts on from the highest count and the steps run

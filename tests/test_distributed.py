@@ -208,7 +208,8 @@ def test_each_call_sends_a_header_then_a_payload_of_the_documented_sizes(mode, s
         assert after_forward == [header, expected.forward - header]
         assert after_backward == [header, expected.forward - header, header, expected.backward - header]
     assert expected.header == header and expected.forward == expected.backward
-    assert dist.collective_bytes(8, 256) == (8 * (19 + 512) * 8, 8 * (19 + 512) * 8, 8 * 19 * 8)
+    assert dist.HEADER_SIZE == 25
+    assert dist.collective_bytes(8, 256) == (8 * (25 + 512) * 8, 8 * (25 + 512) * 8, 8 * 25 * 8)
 
 
 # ---- failures: typed errors on every rank, never a hang ----
@@ -442,6 +443,65 @@ def test_ranks_out_of_step_raise_on_every_rank_and_nothing_is_merged():
             np.testing.assert_array_equal(array, kept)
 
 
+def test_a_rank_that_skips_a_call_meets_the_next_call_by_its_call_id_and_every_rank_raises():
+    """Two calls of one step with the same shapes (two layers of one width, made of the functional
+    calls) and their own call_ids: rank 0 skips the first, so its second meets rank 1's first in
+    the same header collective, with the same sequence number and kind. The call_ids differ:
+    every rank raises, nothing changes, and the next step runs on both ranks."""
+    _, x, _, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float64)
+    running = [[np.zeros(3), np.ones(3)] for _ in range(2)]
+
+    def body(rank, communicator):
+        try:
+            if rank == 1:  # rank 0 skips the call with call_id 1
+                dist.forward_training(x[rank::2], gamma, beta, *running[rank], group=communicator, call_id=1)
+            dist.forward_training(x[rank::2], gamma, beta, *running[rank], group=communicator, call_id=2)
+        except dist.GroupMismatchError as error:
+            return error, [r.copy() for r in running[rank]], _good_step(rank, communicator)
+        raise AssertionError("no error: two calls were merged")
+
+    outcomes = results(run_ranks(2, body))
+    for rank, (error, kept, _) in enumerate(outcomes):
+        assert error.rank == rank
+        assert (f"{OUT_OF_STEP}: group call #1 (forward_training, call_id=2) on rank [0]; group call #1 "
+                "(forward_training, call_id=1) on rank [1]") in str(error)
+        np.testing.assert_array_equal(kept[0], 0.0)
+        np.testing.assert_array_equal(kept[1], 1.0)
+    np.testing.assert_array_equal(outcomes[0][2], outcomes[1][2])  # the next step ran on both ranks
+
+
+@pytest.mark.parametrize("call_id,error_type,message", [
+    (-1, ValueError, "call_id: expected an int in [0, 2**53), got -1"),
+    (2**53, ValueError, "call_id: expected an int in [0, 2**53), got 9007199254740992"),
+    (True, TypeError, "call_id: expected an int, the same on every rank, got True"),
+    ("bn1", TypeError, "call_id: expected an int, the same on every rank, got 'bn1'"),
+])
+def test_a_call_id_refused_on_one_rank_raises_there_and_is_named_on_the_others(call_id, error_type, message):
+    _, x, _, gamma, beta = make_case((4, 3, 2), "spatial", 1, np.float64)
+
+    def body(rank, communicator):
+        try:
+            dist.forward_training(x[rank::2], gamma, beta, group=communicator, call_id=call_id if rank else 5)
+        except Exception as error:
+            return error, _good_step(rank, communicator)
+        raise AssertionError("no error")
+
+    (named, after), (refused, after_too) = results(run_ranks(2, body))
+    assert type(refused) is error_type and str(refused) == f"rank 1: {message}"
+    assert isinstance(named, dist.PeerFailedError) and f"rank 1 refused its call_id ({error_type.__name__})" in str(
+        named)
+    np.testing.assert_array_equal(after, after_too)
+
+
+def test_call_ids_that_agree_run_and_a_numpy_integer_is_one():
+    outputs = results(run_ranks(2, lambda rank, communicator: [
+        dist.forward_training(np.arange(6.0).reshape(2, 3) + rank, np.ones(3), np.zeros(3), group=communicator,
+                              call_id=identity)[1].mean for identity in (7, np.int64(7), 2**53 - 1)]))
+    for means in outputs:
+        for mean in means:
+            np.testing.assert_array_equal(mean, [2.0, 3.0, 4.0])
+
+
 class Rewrapped(CountingCommunicator):
     """A new object over the same rank: the call count of the protocol starts again for it."""
 
@@ -500,7 +560,7 @@ def test_ranks_of_different_protocol_versions_are_named():
     outcomes = run_ranks(2, lambda rank, c: _good_step(rank, OtherVersion(c) if rank == 1 else c), group=group)
     for error in outcomes:
         assert isinstance(error, dist.GroupMismatchError)
-        assert "different versions of the group protocol: 3 on rank [0]; 4 on rank [1]" in str(error)
+        assert "different versions of the group protocol: 4 on rank [0]; 5 on rank [1]" in str(error)
 
 
 def test_the_same_communicator_in_two_threads_is_named_and_stops_the_group_at_once():
@@ -1001,9 +1061,9 @@ def test_arguments_that_do_not_bind_are_refused_inside_the_guard_on_every_rank(w
 def test_the_group_calls_show_their_real_parameters():
     assert str(inspect.signature(dist.forward_training)) == (
         "(x, gamma, beta, running_mean=None, running_var=None, *, group, mode='auto', momentum=0.1, eps=1e-05, "
-        "channel_axis=1)")
+        "channel_axis=1, call_id=0)")
     assert str(inspect.signature(dist.backward)) == (
-        "(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=None)")
+        "(x, dy, gamma, saved, *, group, mode=None, eps=None, channel_axis=None, call_id=0)")
     assert dist.forward_training.__name__ == "forward_training" and "group" in dist.forward_training.__doc__
     # group itself is bound by Python before the call starts: a rank without it raises at once
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'group'"):

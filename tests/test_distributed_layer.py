@@ -556,3 +556,290 @@ def test_the_empty_rank_may_change_from_step_to_step_and_an_eval_step_follows(ac
     close(np.concatenate([o[2][1] for o in outcomes]), expected_eval[1], np.float64, what="eval dx")
     np.testing.assert_array_equal(outcomes[1][2][2], np.zeros(4))  # the empty shard's own gradient
     close(sum(o[2][2] for o in outcomes), single.grad_gamma, np.float64, what="eval grad_gamma summed", scale=50)
+
+
+# ---- which layer a group call comes from: its identity in the header ----
+
+OUT_OF_STEP = "out of step (each rank counts the group calls made on its communicator object)"
+
+
+def _two_layers(group, *, names=(None, None), order=(0, 1)):
+    """Two SyncBatchNorm layers of the same width (3 channels, float64), made in ``order``;
+    returned as (first, second) whatever the order they were made in."""
+    made = {}
+    for index in order:
+        made[index] = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float64, name=names[index])
+    return made[0], made[1]
+
+
+def _two_layer_steps(seed, sizes, count):
+    rng = np.random.default_rng(seed)
+    return [tuple(2.0 + 3.0 * rng.standard_normal((sum(sizes), 3, 2)) for _ in range(2)) for _ in range(count)]
+
+
+def _check_two_layer_step(outcomes, step_index, steps, sizes, singles):
+    """The ranks' outputs of one step of first -> second (y, dx of the input, grad_gamma of each
+    layer that communicated: a frozen one's is the rank's own) against BatchNorm's on the
+    concatenated batch."""
+    x, dy = steps[step_index]
+    first, second = singles
+    y = second(first(x))
+    dx = first.backward(second.backward(dy))
+    close(np.concatenate([o[step_index][0] for o in outcomes]), y, np.float64, what="y")
+    close(np.concatenate([o[step_index][1] for o in outcomes]), dx, np.float64, what="dx")
+    for outputs in outcomes:
+        if not first.frozen:
+            close(outputs[step_index][2], first.grad_gamma, np.float64, what="first grad_gamma", scale=50)
+        close(outputs[step_index][3], second.grad_gamma, np.float64, what="second grad_gamma", scale=50)
+
+
+def _train_two_layers(rank, layers, x, dy, sizes):
+    first, second = layers
+    y = second(first(shards(x, sizes)[rank]))
+    dx = first.backward(second.backward(shards(dy, sizes)[rank]))
+    return y, dx, first.grad_gamma.copy(), second.grad_gamma.copy()
+
+
+@pytest.mark.parametrize("skipping", ["frozen", "eval"])
+def test_a_rank_whose_layer_skips_its_call_meets_another_layer_and_every_rank_raises_naming_both(skipping):
+    """The mix that order alone cannot see: rank 0's first layer makes no group call (frozen, or
+    in eval mode), so its second layer's forward, of the same width, meets rank 1's first layer's
+    forward in the same header collective, with the same sequence number, kind and shapes. The
+    identities in the headers differ: both ranks raise, naming both layers and what rank 0 skipped,
+    nothing changes, and the next step, every layer training, gives BatchNorm's results."""
+    sizes = [2, 3]
+    steps = _two_layer_steps(14, sizes, 2)
+
+    def body(rank, group):
+        layers = _two_layers(group)
+        if rank == 0:
+            layers[0].freeze() if skipping == "frozen" else layers[0].eval()
+        x = shards(steps[0][0], sizes)[rank]
+        try:
+            layers[1](layers[0](x))
+        except dist.GroupMismatchError as error:
+            untouched = [(layer.num_batches_tracked, layer.running_mean.copy(), layer._kept) for layer in layers]
+            layers[0].unfreeze() if skipping == "frozen" else layers[0].train()
+            return error, untouched, _train_two_layers(rank, layers, *steps[1], sizes)
+        raise AssertionError("no error: two layers' batches were merged")
+
+    outcomes = results(run_ranks(2, body))
+    reason = "frozen" if skipping == "frozen" else "in eval mode"
+    counted = ", after 1 frozen layer forward without a group call" if skipping == "frozen" else ""
+    for rank, (error, untouched, _) in enumerate(outcomes):
+        assert error.rank == rank
+        assert (f"{OUT_OF_STEP}: group call #1 (forward_training of SyncBatchNorm #2{counted}) on rank [0]; group call "
+                "#1 (forward_training of SyncBatchNorm #1) on rank [1]; every rank must make the same group calls in "
+                "the same order; this call changed nothing, and the next group call is #2 on every rank; before this "
+                f"call, the forward of SyncBatchNorm #1 ({reason}) made no group call on rank [0]") in str(error)
+        for count, running_mean, kept in untouched[1:] if rank == 0 else untouched:
+            assert count == 0 and not running_mean.any() and kept is None
+    singles = [BatchNorm(3, mode="spatial", dtype=np.float64) for _ in range(2)]
+    _check_two_layer_step([[o[2]] for o in outcomes], 0, steps[1:], sizes, singles)
+
+
+def test_named_layers_are_named_in_the_mismatch_on_every_rank():
+    def body(rank, group):
+        first, second = _two_layers(group, names=("layer1.bn", "layer2.bn"))
+        if rank == 1:
+            first.freeze()
+        x = np.ones((2, 3, 2)) * np.arange(2)[:, None, None]
+        try:
+            second(first(x))
+        except dist.GroupMismatchError as error:
+            return error, first.identity, second.identity
+        raise AssertionError("no error")
+
+    for rank, (error, first, second) in enumerate(results(run_ranks(2, body))):
+        assert ("group call #1 (forward_training of SyncBatchNorm 'layer1.bn') on rank [0]; group call #1 "
+                "(forward_training of SyncBatchNorm 'layer2.bn', after 1 frozen layer forward without a group call) on "
+                "rank [1]") in str(error)
+        assert "the forward of SyncBatchNorm 'layer1.bn' (frozen) made no group call on rank [1]" in str(error)
+        assert (first, second) == ("SyncBatchNorm 'layer1.bn'", "SyncBatchNorm 'layer2.bn'")
+
+
+def test_a_backward_that_meets_another_layers_backward_raises_on_every_rank():
+    """Backward calls carry the layer's identity too: a rank that runs the layers' backwards in
+    another order is out of step at the first of them. A layer that every rank evaluated alike
+    before it is no culprit, and the message does not name it."""
+    sizes = [2, 2]
+    x, dy = _two_layer_steps(15, sizes, 1)[0]
+
+    def body(rank, group):
+        first, second = _two_layers(group)
+        second(first(shards(x, sizes)[rank]))
+        dist.SyncBatchNorm(3, group=group, dtype=np.float64).eval()(shards(x, sizes)[rank])  # on every rank
+        grad = shards(dy, sizes)[rank]
+        try:
+            first.backward(grad) if rank == 1 else second.backward(grad)
+        except dist.GroupMismatchError as error:
+            return error, first.grad_gamma, second.grad_gamma
+        raise AssertionError("no error")
+
+    for error, *grads in results(run_ranks(2, body)):
+        assert ("group call #3 (backward of SyncBatchNorm #2) on rank [0]; group call #3 (backward of SyncBatchNorm "
+                "#1) on rank [1]") in str(error)
+        assert "before this call" not in str(error) and "SyncBatchNorm #3" not in str(error)
+        assert grads == [None, None]
+
+
+def test_layers_made_in_different_orders_on_different_ranks_are_detected_at_the_first_call():
+    def body(rank, group):
+        first, second = _two_layers(group, order=(0, 1) if rank == 0 else (1, 0))
+        try:
+            first(np.arange(12.0).reshape(2, 3, 2))
+        except dist.GroupMismatchError as error:
+            return error, first.identity
+        raise AssertionError("no error")
+
+    outcomes = results(run_ranks(2, body))
+    assert [identity for _, identity in outcomes] == ["SyncBatchNorm #1", "SyncBatchNorm #2"]
+    for error, _ in outcomes:
+        assert ("group call #1 (forward_training of SyncBatchNorm #1) on rank [0]; group call #1 (forward_training "
+                "of SyncBatchNorm #2) on rank [1]") in str(error)
+
+
+def test_named_layers_match_by_name_whatever_order_they_were_made_in():
+    sizes = [3, 2]
+    steps = _two_layer_steps(16, sizes, 2)
+
+    def body(rank, group):
+        layers = _two_layers(group, names=("stem.bn", "head.bn"), order=(0, 1) if rank == 0 else (1, 0))
+        return [_train_two_layers(rank, layers, x, dy, sizes) for x, dy in steps]
+
+    outcomes = results(run_ranks(2, body))
+    singles = [BatchNorm(3, mode="spatial", dtype=np.float64) for _ in range(2)]
+    for step in range(2):
+        _check_two_layer_step(outcomes, step, steps, sizes, singles)
+
+
+@pytest.mark.parametrize("first_frozen", [False, True], ids=["training", "first layer frozen on every rank"])
+def test_one_rank_evaluating_alone_between_training_steps_stays_in_step(first_frozen):
+    """The common validation pattern: rank 0 alone runs the layers in eval mode between two
+    training steps (no group call) while rank 1 goes on to the next step and waits in its first
+    layer's forward; rank 0's first training call is that same layer's: in step, and merged.
+    Eval forwards are not counted, those of a frozen layer neither; the training forwards of a
+    layer frozen on every rank are counted on every rank alike."""
+    sizes = [2, 3]
+    steps = _two_layer_steps(17, sizes, 2)
+
+    def body(rank, group):
+        layers = _two_layers(group)
+        if first_frozen:
+            layers[0].freeze()
+        outputs = [_train_two_layers(rank, layers, *steps[0], sizes)]
+        if rank == 0:
+            for layer in layers:
+                layer.eval()
+            layers[1](layers[0](np.ones((4, 3, 2))))
+            for layer in layers:
+                layer.train()
+        outputs.append(_train_two_layers(rank, layers, *steps[1], sizes))
+        return outputs
+
+    outcomes = results(run_ranks(2, body))
+    singles = [BatchNorm(3, mode="spatial", dtype=np.float64, frozen=first_frozen),
+               BatchNorm(3, mode="spatial", dtype=np.float64)]
+    for step in range(2):
+        _check_two_layer_step(outcomes, step, steps, sizes, singles)
+
+
+def test_a_layer_frozen_on_one_rank_for_one_step_meets_its_own_call_a_step_late_and_every_rank_raises():
+    """One layer, frozen on rank 0 for one step: rank 0 makes no group call in that step, so its
+    next step's forward of the same layer meets rank 1's forward of the step before, with the
+    same sequence number, kind, identity and shapes. The count of frozen layer forwards skipped
+    since the previous group call differs (1 on rank 0, 0 on rank 1): every rank raises, and the
+    step after it trains like BatchNorm."""
+    sizes = [2, 2]
+    steps = _two_layer_steps(18, sizes, 3)
+
+    def body(rank, group):
+        layer = dist.SyncBatchNorm(3, group=group, mode="spatial", dtype=np.float64)
+        forward = lambda step: layer(shards(steps[step][0], sizes)[rank])  # noqa: E731
+        if rank == 0:
+            layer.freeze()
+            forward(0)
+            layer.backward(shards(steps[0][1], sizes)[rank])
+            layer.unfreeze()
+        try:
+            forward(1 if rank == 0 else 0)
+        except dist.GroupMismatchError as error:
+            untouched = layer.num_batches_tracked, layer.running_var.copy()
+            return error, untouched, forward(2), layer.backward(shards(steps[2][1], sizes)[rank])
+        raise AssertionError("no error: two steps' batches were merged")
+
+    outcomes = results(run_ranks(2, body))
+    for error, (count, running_var), _, _ in outcomes:
+        assert (f"{OUT_OF_STEP}: group call #1 (forward_training of SyncBatchNorm #1, after 1 frozen layer forward "
+                "without a group call) on rank [0]; group call #1 (forward_training of SyncBatchNorm #1) on rank [1]"
+                ) in str(error)
+        assert "before this call, the forward of SyncBatchNorm #1 (frozen) made no group call on rank [0]" in str(error)
+        assert count == 0 and (running_var == 1).all()
+    single = BatchNorm(3, mode="spatial", dtype=np.float64)
+    close(np.concatenate([o[2] for o in outcomes]), single(steps[2][0]), np.float64, what="y of the next step")
+    close(np.concatenate([o[3] for o in outcomes]), single.backward(steps[2][1]), np.float64, what="dx")
+
+
+def test_a_frozen_forward_refused_on_one_rank_and_run_again_is_counted_once():
+    """A frozen layer's forward refused on its rank (no collective: it raises there alone) is no
+    skipped call; run again, it is counted once, as on the other rank, and the next layer's call
+    is in step."""
+    sizes = [2, 3]
+    steps = _two_layer_steps(19, sizes, 1)
+
+    def body(rank, group):
+        layers = _two_layers(group)
+        layers[0].freeze()
+        if rank == 0:
+            with pytest.raises(TypeError, match="x: expected dtype float64"):
+                layers[0](shards(steps[0][0], sizes)[rank].astype(np.float32))
+        return [_train_two_layers(rank, layers, *steps[0], sizes)]
+
+    outcomes = results(run_ranks(2, body))
+    singles = [BatchNorm(3, mode="spatial", dtype=np.float64, frozen=True), BatchNorm(3, mode="spatial",
+                                                                                      dtype=np.float64)]
+    _check_two_layer_step(outcomes, 0, steps, sizes, singles)
+
+
+def test_a_layer_name_is_checked_when_the_layer_is_made_and_a_refused_layer_takes_no_number():
+    group = dist.local_group(1)[0]
+    with pytest.raises(TypeError, match=r"^name: expected a str, the same on every rank, or None, got 3$"):
+        dist.SyncBatchNorm(3, group=group, name=3)
+    with pytest.raises(ValueError, match=r"^name: expected a non-empty str or None, got ''$"):
+        dist.SyncBatchNorm(3, group=group, name="")
+    with pytest.raises(ValueError, match="momentum"):
+        dist.SyncBatchNorm(3, group=group, momentum=2.0)
+    first = dist.SyncBatchNorm(3, group=group)
+    named = dist.SyncBatchNorm(3, group=group, name="block.bn")
+    second = dist.SyncBatchNorm(3, group=group)
+    assert (first.identity, named.identity, second.identity) == (
+        "SyncBatchNorm #1", "SyncBatchNorm 'block.bn'", "SyncBatchNorm #2")  # named layers take no number
+    assert first.name is None and named.name == "block.bn"
+    assert repr(named).endswith(f", group={group!r}, name='block.bn')") and "name=" not in repr(first)
+    assert dist.SyncBatchNorm(3, group=dist.local_group(1)[0]).identity == "SyncBatchNorm #1"  # numbered per group
+
+
+def test_the_identity_is_not_in_the_state_dict_and_a_layer_loaded_from_one_keeps_its_own():
+    group = dist.local_group(1)[0]
+    trained = dist.SyncBatchNorm(3, group=group, dtype=np.float64, name="trained")
+    trained(np.arange(12.0).reshape(4, 3))
+    state = trained.state_dict()
+    assert sorted(state) == sorted(BatchNorm(3, dtype=np.float64).state_dict())
+    loaded = dist.SyncBatchNorm(3, group=group, dtype=np.float64)
+    loaded.load_state_dict(state)
+    assert loaded.identity == "SyncBatchNorm #1" and loaded.name is None
+    np.testing.assert_array_equal(loaded.running_mean, trained.running_mean)
+    with pytest.raises(TypeError, match="SyncBatchNorm cannot be pickled or copied"):
+        pickle.dumps(trained)
+
+
+def test_a_sync_layer_state_from_before_identities_takes_the_next_number():
+    group = dist.local_group(1)[0]
+    layer = dist.SyncBatchNorm(3, group=group, dtype=np.float64)
+    state = layer.__getstate__()
+    del state["_identity"], state["name"]
+    old = dist.SyncBatchNorm.__new__(dist.SyncBatchNorm)
+    old.__setstate__(state)
+    assert (layer.identity, old.identity, old.name) == ("SyncBatchNorm #1", "SyncBatchNorm #2", None)
+    x = np.arange(12.0).reshape(4, 3)
+    np.testing.assert_array_equal(old(x), layer(x))

@@ -38,7 +38,7 @@ from .._core.validate import (
     param_dtype_for,
     resolve_backward_settings,
 )
-from .protocol import BACKWARD, FORWARD, Agreement, Exchange, group_call, header
+from .protocol import BACKWARD, FORWARD, Agreement, Exchange, call_identity, group_call, header
 
 __all__ = [
     "backward", "finish_backward", "finish_forward", "forward_training", "is_empty_shard", "prepare_backward",
@@ -233,7 +233,7 @@ def finish_forward(exchange: Exchange, step: ForwardStep | None):
 
 @group_call(FORWARD, finish_forward)
 def forward_training(exchange: Exchange, x, gamma, beta, running_mean=None, running_var=None, *, mode="auto",
-                     momentum=0.1, eps=1e-5, channel_axis=1):
+                     momentum=0.1, eps=1e-5, channel_axis=1, call_id=0):
     """Batch-norm training forward over the batch that all ranks of ``group`` hold together.
 
     Arguments as :func:`cudnn_bn.forward_training` (this rank's shard ``x``; gamma, beta and the
@@ -252,9 +252,16 @@ def forward_training(exchange: Exchange, x, gamma, beta, running_mean=None, runn
 
     Two collectives, of ``collective_bytes(world_size, features).forward`` bytes in all. Raises on
     every rank, with nothing changed, when any rank's input or arguments are refused, the ranks
-    disagree or they are out of step. (The body is the guarded preparation; :func:`group_call`
-    makes the public call, whose ``group`` is keyword-only.)
+    disagree or they are out of step.
+
+    ``call_id``: an int in [0, 2**53) that names this call in the program, the same on every
+    rank (default 0). The header carries it: ranks at different calls (one rank skipped a call)
+    raise :class:`GroupMismatchError` instead of merging two calls' batches, also when the
+    calls agree on everything else. Give different calls of one step different ids (a layer
+    index, say); :class:`SyncBatchNorm` identifies its calls itself. (The body is the guarded
+    preparation; :func:`group_call` makes the public call, whose ``group`` is keyword-only.)
     """
+    exchange.identity = call_identity(call_id)
     return prepare_forward(exchange, x, gamma, beta, running_mean, running_var, mode=mode, momentum=momentum, eps=eps,
                            channel_axis=channel_axis)
 
@@ -336,7 +343,7 @@ def finish_backward(exchange: Exchange, step: BackwardStep | None):
 
 
 @group_call(BACKWARD, finish_backward)
-def backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None):
+def backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, channel_axis=None, call_id=0):
     """Gradients over the group's batch: ``(dx, dgamma, dbeta)``.
 
     Arguments as :func:`cudnn_bn.backward`, with ``saved`` required: the statistics that
@@ -349,6 +356,8 @@ def backward(exchange: Exchange, x, dy, gamma, saved, *, mode=None, eps=None, ch
     averages gradients over ranks must leave them out of that average (docs/distributed.md).
 
     Two collectives, of ``collective_bytes(world_size, features).backward`` bytes in all; the
-    per-rank sums are added in rank order on every rank.
+    per-rank sums are added in rank order on every rank. ``call_id``: as in
+    :func:`forward_training` (the forward's id is a natural choice).
     """
+    exchange.identity = call_identity(call_id)
     return prepare_backward(exchange, x, dy, gamma, saved, mode=mode, eps=eps, channel_axis=channel_axis)

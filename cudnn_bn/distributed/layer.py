@@ -13,7 +13,16 @@ from .._core.validate import check_gradient, param_dtype_for
 from ..layer import BatchNorm, FixedStatistics, KeptForBackward
 from .calls import finish_backward, finish_forward, is_empty_shard, prepare_backward, prepare_forward
 from .communicators import group_position
-from .protocol import BACKWARD, FORWARD, Exchange, bind_arguments
+from .protocol import (
+    BACKWARD,
+    FORWARD,
+    Exchange,
+    bind_arguments,
+    check_layer_name,
+    layer_identity,
+    layer_label,
+    note_skipped_call,
+)
 
 __all__ = ["SyncBatchNorm"]
 
@@ -49,6 +58,20 @@ class SyncBatchNorm(BatchNorm):
         track_running_stats, channel_axis, dtype, xp, activation, frozen).
         group: this rank's :class:`Communicator`; every rank builds its layer with the same
             settings and calls forward and backward in the same order.
+        name: None, or a str that names this layer in its group calls, the same on every rank
+            (a module path such as ``"layer1.0.bn1"``). Without a name, the layer is numbered
+            among the unnamed SyncBatchNorm layers made on ``group`` (the communicator object),
+            in the order they are made: the same on every rank that builds the same layers in
+            the same order, as sync BN requires anyway.
+
+    Every group call carries the layer's identity (its name, or its number) in its header, and
+    the count of training forwards of frozen layers that made no group call before it: when one
+    rank's call of this layer meets another layer's call on another rank (a layer frozen or in
+    eval mode on one rank only makes no group call, so that rank's next layer comes early), or
+    its own call of the next step (frozen on one rank for a step), or ranks built their layers in
+    different orders, every rank raises :class:`GroupMismatchError` naming the layers, instead of
+    merging two calls' batches. The identity is not part of :meth:`state_dict`; ``identity``
+    reads it.
 
     Training mode communicates (two collectives in forward, two in backward); with an
     activation, forward returns ``act(BN(x) + residual)`` with the group's statistics and
@@ -59,8 +82,9 @@ class SyncBatchNorm(BatchNorm):
     when ``track_running_stats=False`` (as torch.nn.SyncBatchNorm does), so ranks need not
     evaluate in step. A frozen layer (``frozen=True``, :meth:`freeze`) does not communicate
     either: in every mode it normalizes with its running statistics and backpropagates through
-    them on this rank alone; every rank must freeze the same layers at the same step, or the
-    others wait for the frozen rank (docs/distributed.md). ``grad_gamma`` and ``grad_beta`` are
+    them on this rank alone; every rank must freeze the same layers at the same step: a rank
+    frozen alone makes every rank raise at its next group call, or, if it makes none, leaves the
+    others waiting for it (docs/distributed.md). ``grad_gamma`` and ``grad_beta`` are
     the group's sums, identical on every rank, after a training step, and this rank's own after a
     step that did not communicate.
 
@@ -73,18 +97,29 @@ class SyncBatchNorm(BatchNorm):
     :meth:`state_dict` and load it into a layer made with a group.
     """
 
-    def __init__(self, num_features, *, group, **options):
+    def __init__(self, num_features, *, group, name=None, **options):
         group_position(group)
+        check_layer_name(name)
         super().__init__(num_features, **options)
-        self.group = group
+        self.group, self.name = group, name
+        self._identity = layer_identity(group, name)  # once the layer is made: a refused one takes no number
+
+    @property
+    def identity(self) -> str:
+        """How group calls and their errors name this layer: ``"SyncBatchNorm #2"`` (the second
+        unnamed one made on its group) or ``"SyncBatchNorm 'layer1.0.bn1'"``."""
+        return layer_label(self.group, self._identity)
 
     def forward(self, *arguments, **options):
         """Normalize this rank's shard ``x`` (shapes, dtypes and ``residual`` as BatchNorm.forward)."""
         if not self.training or self.frozen:  # no collective: this rank's own normalization
             x, residual = _bound(_FORWARD, "forward", self, arguments, options)
-            return self._forward_empty_shard(x, residual) if is_empty_shard(x) else super().forward(x, residual)
+            y = self._forward_empty_shard(x, residual) if is_empty_shard(x) else super().forward(x, residual)
+            # noted once it ran: a forward refused here (on this rank alone) is no skipped call
+            note_skipped_call(self.group, self._identity, in_eval=not self.training, frozen=self.frozen)
+            return y
         counting = self.track_running_stats
-        exchange, step = Exchange(self.group, FORWARD), None
+        exchange, step = Exchange(self.group, FORWARD, self._identity), None
         with exchange.guard():
             x, residual = _bound(_FORWARD, "forward", self, arguments, options)
             self._check_forward_arguments(x, residual, TRAINING, empty_batch=True)
@@ -114,7 +149,8 @@ class SyncBatchNorm(BatchNorm):
             if kept is not None and is_empty_shard(kept.x):
                 return self._backward_empty_shard(dy)
             return super().backward(dy)
-        exchange, step, grad = Exchange(self.group if kept is None else kept.group, BACKWARD), None, None
+        group = self.group if kept is None else kept.group
+        exchange, step, grad = Exchange(group, BACKWARD, self._identity), None, None
         with exchange.guard():
             (dy,) = _bound(_BACKWARD, "backward", self, arguments, options)
             if kept is None:
@@ -166,5 +202,11 @@ class SyncBatchNorm(BatchNorm):
             "into a SyncBatchNorm made with a group (this one, for a copy in this process)"
         )
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_identity" not in self.__dict__:  # the state of a layer made before layers had an identity
+            self.name, self._identity = None, layer_identity(self.group)
+
     def __repr__(self) -> str:
-        return self._repr_with("SyncBatchNorm", f", group={self.group!r}")
+        named = "" if self.name is None else f", name={self.name!r}"
+        return self._repr_with("SyncBatchNorm", f", group={self.group!r}{named}")

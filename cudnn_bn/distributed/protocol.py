@@ -27,7 +27,9 @@ group whose counts are all 0 is refused on every rank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import hashlib
 import inspect
 import math
 import re
@@ -49,22 +51,35 @@ __all__ = [
     "FORWARD",
     "HEADER_SIZE",
     "Agreement",
+    "CallIdentity",
     "CollectiveBytes",
     "Exchange",
     "bind_arguments",
+    "call_identity",
+    "check_layer_name",
     "collective_bytes",
     "group_call",
     "header",
+    "layer_identity",
+    "layer_label",
+    "note_skipped_call",
 ]
 
-PROTOCOL_VERSION = 3  # changes whenever the header's layout or the meaning of its values does
+PROTOCOL_VERSION = 4  # changes whenever the header's layout or the meaning of its values does
 
-# header columns (float64; every value a small integer or the exact eps / momentum)
+# header columns (float64; every value an integer below 2**53 or the exact eps / momentum)
 _VERSION, _SEQUENCE, _CALL, _STATUS, _ARGUMENT = range(5)
 _COUNT, _FEATURES, _DTYPE_BYTES, _MODE, _CHANNEL_AXIS, _NDIM = range(5, 11)
 _PARAM_DIMS = slice(11, 15)  # the parameter shape, padded with zeros (at most 4 dims)
 _EPS, _MOMENTUM, _RUNNING, _ACTIVATION = range(15, 19)
-HEADER_SIZE = 19  # values per rank
+_CALLER, _CALLER_ID = 19, 20  # the call's identity (CallIdentity: kind, value)
+# layer forwards on this rank that made no group call since the communicator's previous group
+# call: how many were training forwards of frozen layers (agreed: every rank freezes the same
+# layers at the same step; eval forwards are not counted, ranks need not evaluate in step), and
+# the first of any kind, with why (for the message of ranks out of step)
+_FROZEN_SKIPS = 21
+_SKIPPED_CALLER, _SKIPPED_ID, _SKIPPED_STATE = 22, 23, 24
+HEADER_SIZE = 25  # values per rank
 
 FORWARD, BACKWARD = 1, 2  # the call kinds, as _CALL holds them
 _CALL_NAMES = {FORWARD: "forward_training", BACKWARD: "backward"}
@@ -76,7 +91,7 @@ _READY, _REFUSED_TYPE, _REFUSED_VALUE, _FAILED, _INTERRUPTED = range(5)
 # the arguments a refusal can name (its message starts with the name), as _ARGUMENT holds them (index + 1)
 _ARGUMENTS = (
     "x", "dy", "gamma", "beta", "running_mean", "running_var", "saved", "residual", "mode", "eps", "momentum",
-    "channel_axis", "num_batches_tracked", "arguments",
+    "channel_axis", "num_batches_tracked", "arguments", "call_id",
 )
 _LEADING_NAME = re.compile(r"\s*([A-Za-z_]\w*)")
 
@@ -84,7 +99,7 @@ _LEADING_NAME = re.compile(r"\s*([A-Za-z_]\w*)")
 def header(layout: Layout, data_dtype, eps: float, *, momentum: float = 0.0, running: bool = False,
            activation: Activation | None = None) -> np.ndarray:
     """The header row of a rank whose input passed its checks (the exchange fills in the
-    version, sequence number and call)."""
+    version, sequence number, call, identity and the layer forwards skipped before it)."""
     row = np.zeros(HEADER_SIZE)
     row[_COUNT] = layout.count
     row[_FEATURES] = math.prod(layout.param_shape)
@@ -139,36 +154,160 @@ _AGREED_FIELDS = (
 
 
 # ---------------------------------------------------------------------------------------------
-# sequence numbers: group calls made on each communicator
-
-_CALLS_MADE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_CALLS_MADE_STRONG: dict = {}  # id -> [communicator, calls], for communicators that cannot be weakly keyed
-_CALLS_LOCK = threading.Lock()
+# what each communicator object has seen: group calls, layers, skipped calls
 
 
-def _count_calls(group, update) -> int:
-    """Set the count of group calls made on ``group`` to ``update(count)``; return the count before."""
-    with _CALLS_LOCK:
-        try:
-            number = _CALLS_MADE.get(group, 0)
-            _CALLS_MADE[group] = update(number)
-        except TypeError:  # unhashable, or no weak references
-            entry = _CALLS_MADE_STRONG.setdefault(id(group), [group, 0])
-            number = entry[1]
-            entry[1] = update(number)
-    return number
+@dataclasses.dataclass
+class _GroupRecord:
+    calls_made: int = 0  # group calls made on the communicator (the next call's sequence number)
+    layers_made: int = 0  # unnamed SyncBatchNorm layers made on it
+    names: dict = dataclasses.field(default_factory=dict)  # name digest -> name, of the named layers made on it
+    # since the last group call: training forwards of frozen layers, and the first layer forward
+    # of any kind without a group call, as (kind, value, state)
+    frozen_skips: int = 0
+    skipped: tuple | None = None
 
 
-def _next_sequence_number(group) -> int:
-    """The number of group calls made on ``group`` before this one (this one is counted)."""
-    return _count_calls(group, lambda number: number + 1)
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_RECORDS_STRONG: dict = {}  # id -> (communicator, record), for communicators that cannot be weakly keyed
+_RECORDS_LOCK = threading.Lock()
+
+
+def _record(group) -> _GroupRecord:
+    """The record of ``group`` (held under _RECORDS_LOCK)."""
+    try:
+        record = _RECORDS.get(group)
+        if record is None:
+            record = _RECORDS[group] = _GroupRecord()
+        return record
+    except TypeError:  # unhashable, or no weak references
+        return _RECORDS_STRONG.setdefault(id(group), (group, _GroupRecord()))[1]
+
+
+def _start_call(group) -> tuple[int, int, tuple | None]:
+    """This group call's sequence number (the calls made on ``group`` before it; this one is
+    counted), and the frozen training forwards and the first layer forward that made no group
+    call since the previous one (then forgotten)."""
+    with _RECORDS_LOCK:
+        record = _record(group)
+        started = record.calls_made, record.frozen_skips, record.skipped
+        record.calls_made, record.frozen_skips, record.skipped = record.calls_made + 1, 0, None
+    return started
 
 
 def _count_on_from(group, calls_made: int) -> None:
     """Every rank of a group found out of step sets its count to the same number (the highest
     count of the call), so that the next call is in step again wherever the counts differed
     because a communicator object was re-created on some ranks."""
-    _count_calls(group, lambda number: calls_made)
+    with _RECORDS_LOCK:
+        _record(group).calls_made = calls_made
+
+
+# ---------------------------------------------------------------------------------------------
+# identities: which call of the program a group call is, the same on every rank
+
+# CallIdentity.kind; 0 in a header: a call not identified (it failed before)
+_FUNCTION_CALL, _NUMBERED_LAYER, _NAMED_LAYER = 1, 2, 3
+_IDENTITY_LIMIT = 2**53  # identities travel as float64 header values, exact below this
+# _SKIPPED_STATE: why a layer forward made no group call (bits)
+_IN_EVAL, _FROZEN = 1, 2
+_SKIPPED_STATES = {_IN_EVAL: "in eval mode", _FROZEN: "frozen", _IN_EVAL | _FROZEN: "frozen, in eval mode"}
+
+
+class CallIdentity(NamedTuple):
+    """Which call of the program a group call is, carried in its header so that two different
+    calls that meet in one collective raise instead of being merged.
+
+    kind: a functional call (value: its ``call_id``), a SyncBatchNorm without a name (value: its
+    number among the unnamed layers made on its communicator, from 0) or one with a name (value:
+    53 bits of the name's BLAKE2b digest, the same in every process)."""
+
+    kind: int
+    value: int
+
+
+def call_identity(call_id) -> CallIdentity:
+    """The identity of a functional group call; ``call_id`` checked (an int in [0, 2**53))."""
+    if isinstance(call_id, (bool, np.bool_)) or not isinstance(call_id, (int, np.integer)):
+        raise TypeError(f"call_id: expected an int, the same on every rank, got {call_id!r}")
+    if not 0 <= call_id < _IDENTITY_LIMIT:
+        raise ValueError(f"call_id: expected an int in [0, 2**53), got {call_id}")
+    return CallIdentity(_FUNCTION_CALL, int(call_id))
+
+
+def check_layer_name(name) -> str | None:
+    """A layer's ``name``: None, or a non-empty str."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name: expected a str, the same on every rank, or None, got {name!r}")
+    if name == "":
+        raise ValueError("name: expected a non-empty str or None, got ''")
+    return name
+
+
+def _name_digest(name: str) -> int:
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _IDENTITY_LIMIT
+
+
+def layer_identity(group, name=None) -> CallIdentity:
+    """The identity of a SyncBatchNorm made now on ``group``: its name's, or, without a name, the
+    next number among the unnamed layers made on that communicator object (the same on every
+    rank that builds the same layers in the same order)."""
+    name = check_layer_name(name)
+    with _RECORDS_LOCK:
+        record = _record(group)
+        if name is not None:
+            identity = CallIdentity(_NAMED_LAYER, _name_digest(name))
+            record.names[identity.value] = name
+        else:
+            identity = CallIdentity(_NUMBERED_LAYER, record.layers_made)
+            record.layers_made += 1
+    return identity
+
+
+def note_skipped_call(group, identity: CallIdentity, *, in_eval: bool, frozen: bool) -> None:
+    """A layer forward on ``group`` made no group call (eval mode, frozen). A training forward of
+    a frozen layer is counted: the next group call's ranks must have skipped as many (a rank
+    frozen alone would otherwise meet the others' call of that layer with its next step's). The
+    first skipped forward since the previous group call is kept for the message."""
+    state = (_IN_EVAL if in_eval else 0) | (_FROZEN if frozen else 0)
+    with _RECORDS_LOCK:
+        record = _record(group)
+        if state == _FROZEN:  # a training forward (an eval forward of a frozen layer is an eval forward)
+            record.frozen_skips += 1
+        if record.skipped is None:
+            record.skipped = (*identity, state)
+
+
+def _layer_label(kind: int, value: int, names: dict) -> str:
+    """How messages name a layer: 'SyncBatchNorm #2' (numbered from #1 in the order made), or
+    "SyncBatchNorm 'layer1.bn'" (a name this rank knows, else its digest)."""
+    if kind == _NUMBERED_LAYER:
+        return f"SyncBatchNorm #{value + 1}"
+    name = names.get(value)
+    return f"SyncBatchNorm {name!r}" if name is not None else f"a SyncBatchNorm whose name hashes to {value:#x}"
+
+
+def _call_label(kind: int, value: int, names: dict) -> str:
+    """What follows a call's kind in messages: '' (the default call_id, or an unidentified
+    call), ', call_id=3', ' of SyncBatchNorm #2'."""
+    if kind == _FUNCTION_CALL:
+        return f", call_id={value}" if value else ""
+    if kind in (_NUMBERED_LAYER, _NAMED_LAYER):
+        return f" of {_layer_label(kind, value, names)}"
+    return ""
+
+
+def _frozen_skips_label(row: np.ndarray) -> str:
+    count = int(row[_FROZEN_SKIPS])
+    return f", after {count} frozen layer forward{'s' if count > 1 else ''} without a group call" if count else ""
+
+
+def layer_label(group, identity: CallIdentity) -> str:
+    """How messages name the layer of ``identity``, made on ``group``."""
+    with _RECORDS_LOCK:
+        names = dict(_record(group).names)
+    return _layer_label(*identity, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +330,13 @@ class Agreement(NamedTuple):
 class Exchange:
     """One group call on ``group``: guarded preparation, header collective, payload collective.
 
-    ``call``: FORWARD or BACKWARD. The constructor checks ``group`` (a rank without a valid
+    ``call``: FORWARD or BACKWARD. ``identity``: which call of the program this is
+    (:class:`CallIdentity`), known before the guard (a layer's) or set inside it (a functional
+    call's ``call_id``, an argument); identities are compared among the ranks whose calls are
+    ready. The constructor checks ``group`` (a rank without a valid
     communicator cannot take part, and raises at once). Use::
 
-        exchange = Exchange(group, FORWARD)
+        exchange = Exchange(group, FORWARD, identity)
         with exchange.guard():
             ...checks and local work...
             exchange.offer(header_row, slot_values)
@@ -202,9 +344,9 @@ class Exchange:
         slots = exchange.gather(agreement)  # (world_size, 2 * features), host float64
     """
 
-    def __init__(self, group, call: int):
+    def __init__(self, group, call: int, identity: CallIdentity | None = None):
         self.rank, self.world_size = group_position(group)
-        self.group, self.call = group, call
+        self.group, self.call, self.identity = group, call, identity
         self._device_buffers = bool(getattr(group, "device_buffers", False))
         self._host_buffers = bool(getattr(group, "host_buffers", not self._device_buffers))
         self.error: BaseException | None = None
@@ -249,7 +391,12 @@ class Exchange:
         if self.error is None and self._header is None:
             self.error = RuntimeError("the group call offered nothing before its header collective")
         row = self._header.copy() if self.error is None else _failure_header(self.error)
-        row[_VERSION], row[_SEQUENCE], row[_CALL] = PROTOCOL_VERSION, _next_sequence_number(self.group), self.call
+        sequence, row[_FROZEN_SKIPS], skipped = _start_call(self.group)
+        row[_VERSION], row[_SEQUENCE], row[_CALL] = PROTOCOL_VERSION, sequence, self.call
+        if self.identity is not None:
+            row[_CALLER], row[_CALLER_ID] = self.identity
+        if skipped is not None:
+            row[_SKIPPED_CALLER], row[_SKIPPED_ID], row[_SKIPPED_STATE] = skipped
         buffer = np.zeros(self.world_size * HEADER_SIZE)
         buffer[self.rank * HEADER_SIZE : (self.rank + 1) * HEADER_SIZE] = row
         # made on the host
@@ -268,6 +415,37 @@ class Exchange:
         gathered = host_array(self._allreduce(self._payload), np.float64)
         return gathered.reshape(self.world_size, 2 * agreement.features)
 
+    def _check_in_step(self, headers: np.ndarray, calls_made: int) -> None:
+        """Every rank at the same group call: the same sequence number, kind and count of frozen
+        layer forwards skipped before it, and the same identity on every rank whose call is ready
+        (a rank that failed raises its reason, the others PeerFailedError, whichever calls they
+        were)."""
+        with _RECORDS_LOCK:
+            names = dict(_record(self.group).names)
+        positions = {(int(row[_SEQUENCE]), int(row[_CALL]), int(row[_FROZEN_SKIPS])) for row in headers}
+        identities = {(int(row[_CALLER]), int(row[_CALLER_ID])) for row in headers if row[_STATUS] == _READY}
+        if len(positions) == 1 and len(identities) <= 1:
+            return
+        steps = [f"group call #{int(row[_SEQUENCE]) + 1} ({_CALL_NAMES.get(int(row[_CALL]), 'unknown')}"
+                 f"{_call_label(int(row[_CALLER]), int(row[_CALLER_ID]), names)}{_frozen_skips_label(row)})"
+                 for row in headers]
+        skipped: dict = {}  # what a rank skipped -> the ranks that did
+        for r, row in enumerate(headers):
+            if row[_SKIPPED_CALLER]:
+                layer = _layer_label(int(row[_SKIPPED_CALLER]), int(row[_SKIPPED_ID]), names)
+                skipped.setdefault(f"{layer} ({_SKIPPED_STATES[int(row[_SKIPPED_STATE])]})", []).append(r)
+        hint = "".join(  # what every rank skipped alike (an eval pass of the whole group) explains nothing
+            f"; before this call, the forward of {layer} made no group call on rank{'s' if len(ranks) > 1 else ''} "
+            f"{ranks}" for layer, ranks in skipped.items() if len(ranks) < self.world_size)
+        if hint:
+            hint += " (a layer frozen or in eval mode on some ranks only puts the ranks out of step)"
+        raise GroupMismatchError(
+            self.rank,
+            f"the ranks are out of step (each rank counts the group calls made on its communicator object): "
+            f"{by_value(steps)}; every rank must make the same group calls in the same order; this call changed "
+            f"nothing, and the next group call is #{calls_made + 1} on every rank{hint}",
+        )
+
     def _check(self, headers: np.ndarray) -> None:
         rank = self.rank
         versions = [int(v) for v in headers[:, _VERSION]]
@@ -283,15 +461,7 @@ class Exchange:
             if ranked is self.error:
                 raise self.error
             raise ranked from self.error
-        steps = [f"group call #{int(s) + 1} ({_CALL_NAMES.get(int(c), 'unknown')})"
-                 for s, c in headers[:, [_SEQUENCE, _CALL]]]
-        if len(set(steps)) > 1:
-            raise GroupMismatchError(
-                rank,
-                f"the ranks are out of step (each rank counts the group calls made on its communicator object): "
-                f"{by_value(steps)}; every rank must make the same group calls in the same order; this call changed "
-                f"nothing, and the next group call is #{calls_made + 1} on every rank",
-            )
+        self._check_in_step(headers, calls_made)
         failed = [r for r in range(self.world_size) if headers[r, _STATUS] != _READY]
         if failed:
             reasons = "; ".join(f"rank {r} {_failure(headers[r])}" for r in failed)
