@@ -44,7 +44,7 @@ from . import _api
 from ._core.arrays import array_kind, check_no_overlap, check_writable
 from ._core.layout import Layout, make_layout
 from ._core.modes import Mode, OnOverflow, parse_mode
-from ._core.saved import SavedStats, trusted_saved_stats
+from ._core.saved import SavedStats, reserve_filled_by, trusted_saved_stats
 from ._core.scalars import check_eps, check_momentum
 from ._cudnn.enums import TensorFormat
 
@@ -327,11 +327,12 @@ def batch_normalization_backward(x, gamma, gy, mean, inv_std, eps, is_for_conv2d
         channel_axis=geometry.channel_axis,
         reserve_space=reserve_space,
     )
-    if reserve_space is not None and _filled_by_ex_forward(saved):
+    reserve_ops = None if reserve_space is None else _ex_forward_ops(saved)
+    if reserve_ops is not None:
         # the statistics the forward returned with this reserve space, where it wrote them: what
         # the package's own SavedStats of that forward holds (cudnn_bn/_cudnn/ops.py, BackwardEx)
         saved = trusted_saved_stats(saved.mean, saved.inv_std, saved.mode, saved.eps, saved.channel_axis,
-                                    saved.reserve_space, saved.on_overflow, from_forward=True)
+                                    saved.reserve_space, saved.on_overflow, from_forward=True, reserve_ops=reserve_ops)
     gx, ggamma, gbeta = _api.backward(
         geometry.data(x), geometry.data(gy), geometry.param("gamma", gamma), saved,
         on_overflow=_on_overflow(debug, on_overflow),
@@ -342,15 +343,17 @@ def batch_normalization_backward(x, gamma, gy, mean, inv_std, eps, is_for_conv2d
     return geometry.restore(gx), ggamma, gbeta
 
 
-# reserve space address -> (the addresses of the saved mean and inv_std its forward returned, a
-# token of the entry). CuPy 13's API hands the three arrays back separately; the entry lives as long
-# as the reserve space, whose address no other array can have meanwhile.
+# reserve space address -> (the addresses of the saved mean and inv_std its forward returned, the
+# bnOps that filled it, a token of the entry). CuPy 13's API hands the three arrays back
+# separately; the entry lives as long as the reserve space, whose address no other array can have
+# meanwhile.
 _EX_FORWARDS: dict = {}
 _EX_FORWARDS_LOCK = threading.Lock()
 
 
 def _remember_ex_forward(saved: SavedStats) -> None:
-    address, entry = saved.reserve_space.data.ptr, (saved.mean.data.ptr, saved.inv_std.data.ptr, object())
+    address = saved.reserve_space.data.ptr
+    entry = (saved.mean.data.ptr, saved.inv_std.data.ptr, reserve_filled_by(saved), object())
     with _EX_FORWARDS_LOCK:
         _EX_FORWARDS[address] = entry
     weakref.finalize(saved.reserve_space, _forget_ex_forward, address, entry)
@@ -362,12 +365,14 @@ def _forget_ex_forward(address: int, entry) -> None:
             del _EX_FORWARDS[address]
 
 
-def _filled_by_ex_forward(saved: SavedStats) -> bool:
-    """Whether ``saved``'s reserve space was filled by a forward that returned these very arrays as
-    its statistics (a copy of any of them, or statistics written into the caller's arrays, is not:
-    the backward then runs without the reserve space)."""
+def _ex_forward_ops(saved: SavedStats):
+    """The bnOps of the forward that filled ``saved``'s reserve space, when it returned these very
+    arrays as its statistics; None otherwise (for a copy of any of them, or statistics written into
+    the caller's arrays: the backward then runs without the reserve space)."""
     entry = _EX_FORWARDS.get(saved.reserve_space.data.ptr)
-    return entry is not None and entry[:2] == (saved.mean.data.ptr, saved.inv_std.data.ptr)
+    if entry is None or entry[:2] != (saved.mean.data.ptr, saved.inv_std.data.ptr):
+        return None
+    return entry[2]
 
 
 def _check_reserve_space(kind: str, reserve_space) -> None:

@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+import cudnn_bn
 from conftest import make_case
-from cudnn_bn import Mode
+from cudnn_bn import Mode, SavedStats
 from cudnn_bn._core.tolerances import assert_close
 from cudnn_bn._cudnn import fused_ops, ops, plans
 from cudnn_bn.fused import PATH_COMPOSED, PATH_FUSED_EX, FusedSaved, backward, forward_inference, forward_training
@@ -247,6 +248,25 @@ def test_a_settled_fused_ex_backward_checked_its_reserve_when_settled(gpu):
         with pytest.raises(ValueError, match=message):
             backward(x, y, dy, gamma, small)
     assert not any(call.startswith("cudnnBatchNormalizationBackward") for call in gpu.calls)
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "add-relu"])
+def test_the_plain_backward_of_fused_ex_statistics_reads_no_reserve_space(gpu, with_residual):
+    """A fused forward's reserve space holds its activation's mask too, for a BackwardEx with the
+    same bnOps: the plain backward given those statistics runs cudnnBatchNormalizationBackward,
+    with the NumPy reference's results, and settled runs the same way."""
+    x, dy, gamma, beta, residual, _, _ = _arrays(EX)
+    _, saved = forward_training(x, gamma, beta, residual=residual if with_residual else None, mode=EX["mode"],
+                                channel_axis=EX["channel_axis"])
+    assert saved.path == PATH_FUSED_EX and saved.reserve_space is not None
+    host = [array.get() for array in (x, dy, gamma, saved.mean, saved.inv_std)]
+    expected = cudnn_bn.backward(*host[:3], SavedStats(host[3], host[4], saved.mode, saved.eps, saved.channel_axis))
+    for _ in range(2):  # settling the signature, then settled
+        got = cudnn_bn.backward(x, dy, gamma, saved.stats)
+        for actual, want in zip(got, expected):
+            assert_close(actual, want, EX["dtype"], scale=EX["shape"][0])
+    assert gpu.calls.count("cudnnBatchNormalizationBackward") == 2
+    assert "cudnnBatchNormalizationBackwardEx" not in gpu.calls
 
 
 @pytest.mark.parametrize("copy_of", [

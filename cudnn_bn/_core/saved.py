@@ -8,7 +8,7 @@ from typing import Any
 from .modes import Mode, parse_mode, parse_on_overflow
 from .scalars import check_channel_axis, check_eps
 
-__all__ = ["SavedStats", "computed_by_forward", "trusted_saved_stats"]
+__all__ = ["SavedStats", "computed_by_forward", "reserve_filled_by", "trusted_saved_stats"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,9 +53,10 @@ class SavedStats:
     reserve_space: Any = None
     on_overflow: Any = None
 
-    # set by this package's forward on the object it returns (see above); not a field, so not
+    # set by this package's forward on the object it returns (see above); not fields, so not
     # compared, not carried by dataclasses.replace, copy or pickle
     _from_forward = False
+    _reserve_ops = None  # the bnOps of the ForwardTrainingEx that filled reserve_space with these statistics
 
     def __post_init__(self) -> None:
         try:
@@ -72,10 +73,12 @@ class SavedStats:
 
     @classmethod
     def _checked(cls, mean, inv_std, mode: Mode, eps: float, channel_axis: int, reserve_space=None, on_overflow=None,
-                 from_forward: bool = False) -> "SavedStats":
+                 from_forward: bool = False, reserve_ops=None) -> "SavedStats":
         """For the computing paths, whose settings were validated by the call that made them:
         the same object without re-validating (a few microseconds per call). ``from_forward``:
-        ``mean`` and ``inv_std`` are what a forward of this package computed."""
+        ``mean`` and ``inv_std`` are what a forward of this package computed; ``reserve_ops``: the
+        bnOps of the ForwardTrainingEx that wrote them and filled ``reserve_space`` (a BackwardEx
+        may read that reserve space only with the same bnOps)."""
         saved = object.__new__(cls)
         saved.__dict__.update(  # past the frozen __setattr__, as dataclasses' own __init__ goes
             mean=mean, inv_std=inv_std, mode=mode, eps=eps, channel_axis=channel_axis,
@@ -83,11 +86,14 @@ class SavedStats:
         )
         if from_forward:
             saved.__dict__["_from_forward"] = True
+            if reserve_ops is not None:
+                saved.__dict__["_reserve_ops"] = reserve_ops
         return saved
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_from_forward", None)  # a copy's arrays are not the ones the forward made
+        state.pop("_reserve_ops", None)
         return state
 
     def _identity(self) -> tuple:
@@ -119,3 +125,10 @@ def computed_by_forward(saved: SavedStats) -> bool:
     """Whether ``saved``'s mean and inv_std are what a forward of this package computed (then a
     SPATIAL_PERSISTENT backward need not check that they are finite)."""
     return saved._from_forward
+
+
+def reserve_filled_by(saved: SavedStats):
+    """The bnOps of the ForwardTrainingEx of this package that filled ``saved.reserve_space`` and
+    returned ``saved``; None for a SavedStats built, copied, replaced or unpickled, and for a forward
+    that ran no Ex call."""
+    return saved._reserve_ops

@@ -30,7 +30,7 @@ from .._core.fused_saved import (
     check_residual_apart,
 )
 from .._core.modes import Activation, Mode, OnOverflow
-from .._core.saved import computed_by_forward, trusted_saved_stats
+from .._core.saved import computed_by_forward, reserve_filled_by, trusted_saved_stats
 from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training
 from . import ops, raw
@@ -241,7 +241,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
     plan.running_back(cupy, var_in, running_var)
     stats = trusted_saved_stats(
         plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std), layout.mode, checked.eps,
-        layout.public_channel_axis, reserve, on_overflow, from_forward=True,
+        layout.public_channel_axis, reserve, on_overflow, from_forward=True, reserve_ops=int(bn_ops),
     )
     # BackwardEx reads beta to undo the activation: a copy, so that an update of beta in place
     # between forward and backward does not change the gradient
@@ -294,8 +294,8 @@ def backward(x, y, dy, gamma, saved: FusedSaved, *, mode: Mode, eps, channel_axi
     # BackwardEx reads the reserve space (the activation's mask) of the forward that wrote these
     # statistics, at the addresses it wrote them: with a copy of them (pickled, deep-copied,
     # converted), the composed path, which reads the mask from y
-    fused_ex = (settled.fused_ex and settled.plan.param_as_is(stats.mean) and computed_by_forward(stats)
-                and settled.plan.param_from_cudnn is None)
+    fused_ex = (settled.fused_ex and settled.plan.param_as_is(stats.mean) and settled.plan.param_from_cudnn is None
+                and reserve_filled_by(stats) == int(_bn_ops(saved.has_residual)))
     with on_device(cupy, settled.device_id):
         if fused_ex:
             result = _backward_ex(cupy, settled.plan, settled.checked, x, y, dy, gamma, saved, settled.on_overflow)

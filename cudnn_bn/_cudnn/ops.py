@@ -15,7 +15,7 @@ import dataclasses
 from .._core.layout import Layout
 from .._core.modes import Mode, OnOverflow
 from .._core.policy import backward_settings, choose_mode
-from .._core.saved import computed_by_forward, trusted_saved_stats
+from .._core.saved import computed_by_forward, reserve_filled_by, trusted_saved_stats
 from .._core.scalars import check_momentum
 from .._core.validate import check_backward, check_forward_inference, check_forward_training
 from . import raw
@@ -176,7 +176,7 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
     layout = plan.layout
     return y, trusted_saved_stats(
         save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow,
-        from_forward=True,
+        from_forward=True, reserve_ops=None if reserve is None else _BN,
     )
 
 
@@ -302,10 +302,11 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
     dgamma, dbeta = plan.new_params(cupy)
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    # BackwardEx reads the reserve space of the forward that wrote these statistics, at the addresses
-    # it wrote them: with a copy of them (pickled, deep-copied, converted, the caller's own arrays as
-    # compat passes them), the plain backward, which reads no reserve space
-    uses_ex = (reserve is not None and plan.uses_ex and computed_by_forward(saved) and saved_mean is saved.mean
+    # BackwardEx reads the reserve space of the plain Ex forward that wrote these statistics, at the
+    # addresses it wrote them: with a copy of them (pickled, deep-copied, converted, the caller's own
+    # arrays as compat passes them) or a fused forward's (its bnOps differ), the plain backward, which
+    # reads no reserve space
+    uses_ex = (reserve is not None and plan.uses_ex and reserve_filled_by(saved) == _BN and saved_mean is saved.mean
                and plan.param_from_cudnn is None)
     handle = lend(cupy, plan, lane)
     try:
