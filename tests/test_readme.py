@@ -274,8 +274,11 @@ def test_the_readme_says_how_to_get_the_source_and_no_page_keeps_a_bare_placehol
     else:
         assert "git clone <repository URL>" in section and "[project.urls]" in section
     assert "pip install <file>" in section  # a wheel or source archive
-    if "source archive lacks" in section:  # true while nothing adds the test support files to the sdist
-        assert not os.path.exists(os.path.join(ROOT, "MANIFEST.in"))
+    assert "`MANIFEST.in`" in section  # the source archive holds what the tests need
+    manifest = open(os.path.join(ROOT, "MANIFEST.in"), encoding="utf-8").read().split("\n")
+    for folder in ("tests", "docs", "examples", "benchmarks", ".ci"):
+        assert f"graft {folder}" in manifest, folder
+    assert any(line.startswith("include ") and ".gitignore" in line.split() for line in manifest)
     pages = [README] + [os.path.join(ROOT, "docs", name) for name in os.listdir(os.path.join(ROOT, "docs"))
                         if name.endswith(".md")]
     for page in pages:
