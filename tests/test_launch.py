@@ -244,6 +244,34 @@ def test_a_stale_flag_does_not_fail_the_next_checked_backward(unsettled_gpu):
     assert np.all(np.isfinite(dx))
 
 
+def test_a_flag_left_unread_by_a_call_that_raised_is_cleared_before_the_next_checked_call(unsettled_gpu,
+                                                                                          monkeypatch):
+    """A checked backward whose kernel overflowed raises before its flag is read (here from the
+    finiteness read of statistics from elsewhere, as a KeyboardInterrupt could): the next checked
+    call on that handle clears the flag first, and does not report the other call's overflow."""
+    cupy = sys.modules["cupy"]
+    _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
+    xd, dyd, gd, bd = on_device(x, dy, gamma, beta)
+    _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
+    foreign = dataclasses.replace(saved, mean=saved.mean.copy())  # read back after the kernel
+    pool = handles.pool_for(0, handles.CHECKED)
+    unsettled_gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    with monkeypatch.context() as patched:
+        patched.setattr(cupy, "vdot", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            cudnn_bn.backward(xd, dyd, gd, foreign, on_overflow="raise")
+    (handle,) = pool._idle  # back in its pool, its flag still set
+    assert handle.flag_unread
+    unsettled_gpu.overflow_modes.discard(Mode.SPATIAL_PERSISTENT)
+    queries = unsettled_gpu.calls.count("cudnnQueryRuntimeError")
+    y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
+    assert np.all(np.isfinite(y.get()))
+    assert unsettled_gpu.calls.count("cudnnQueryRuntimeError") == queries + 2  # the clearing, then its own
+    assert not handle.flag_unread
+    cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
+    assert unsettled_gpu.calls.count("cudnnQueryRuntimeError") == queries + 3  # nothing left to clear
+
+
 # ---- the cupy module and the handle loan ----
 def test_the_cupy_path_imports_cupy_when_it_is_not_loaded_yet(monkeypatch, tmp_path):
     (tmp_path / "cupy.py").write_text("STAND_IN = True\n")

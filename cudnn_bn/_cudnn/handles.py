@@ -10,7 +10,8 @@ overflow. So that no call ever reads a flag another call left, and no rebinding 
 clear one, the handles of a device come in three pools, by what their calls do with the flag
 (``lane_for``):
 - CHECKED: persistent calls that read the flag right after their kernel ("raise", "fallback"),
-  so a handle there never carries an unread flag;
+  so a handle there never carries an unread flag (one whose call raised before reading it is
+  marked, and the next borrower clears it: launch.lend);
 - DEFERRED: persistent calls that leave it for later ("deferred"): each handle keeps a record of
   those calls per stream (:class:`DeferredCalls`), read by a poll when a later call borrows it
   and by ``cudnn_bn.check_overflow`` (cudnn_bn/_cudnn/deferred.py);
@@ -98,7 +99,8 @@ class Handle:
     """Owns one ``cudnnHandle_t`` on one device."""
 
     __slots__ = (
-        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "finite_checks", "_runtime_status",
+        "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "finite_checks", "flag_unread",
+        "_runtime_status",
         "_runtime_status_ref", "_finalizer", "__weakref__",
     )
 
@@ -120,6 +122,9 @@ class Handle:
         # this package were not finite in some call, folded on that stream, read by check_overflow
         self.deferred: dict = {}
         self.finite_checks: dict = {}
+        # CHECKED lane: a persistent kernel ran and its call did not get to read the flag (an
+        # exception in between); the next borrower clears the flag before its own kernel
+        self.flag_unread = False
         # where cudnnQueryRuntimeError writes: one per handle, as a handle serves one thread at a time
         self._runtime_status = ctypes.c_int(0)
         self._runtime_status_ref = ctypes.byref(self._runtime_status)

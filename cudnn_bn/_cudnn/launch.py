@@ -103,10 +103,14 @@ def lend(cupy, plan, lane: str):
     try:
         if handle.deferred:  # before rebinding: the non-blocking query reads the stream those calls ran on
             deferred.poll(handle)
+        elif handle.flag_unread:  # a checked call raised between its kernel and its flag: clear that flag
+            handle.query_flag()  # (a wait, on this rare path only), so that this call reads only its own
+            handle.flag_unread = False
         handle.bind_stream(cupy.cuda.get_current_stream())
     except BaseException:
         pool.release(handle)
         raise
+    handle.flag_unread = lane is CHECKED  # until after_persistent reads it
     return handle
 
 
@@ -131,7 +135,9 @@ def after_persistent(cupy, handle, lane: str, operation: str, plan, foreign_save
             if runtime_status == Status.RUNTIME_IN_PROGRESS:  # another thread queued work on this stream meanwhile
                 runtime_status = handle.query_flag()
             if not finite:
+                handle.flag_unread = False
                 check_saved_entries_finite(foreign_saved)  # a NaN or Inf entry, not a product past the range
+        handle.flag_unread = False
         if runtime_status == Status.RUNTIME_FP_OVERFLOW:
             return True
         raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status)
