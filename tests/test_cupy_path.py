@@ -335,3 +335,10 @@ def test_gpu_benchmark_times_everything_when_nothing_overflows(gpu, monkeypatch,
     assert {r["operation"] for r in result["ex_vs_plain"]} == {"forward_training", "backward"}
     assert [r["path"] for r in result["fused_vs_unfused"]] == ["fused_ex"]  # C = 8: cuDNN's fused kernel
     assert result["fused_vs_unfused"][0]["fused_ms"] > 0 and result["fused_vs_unfused"][0]["unfused_ms"] > 0
+    frozen = result["backward_inference"]  # the backward through fixed statistics, beside the training backward
+    assert [(r["layout"], r["dtype"]) for r in frozen] == [("NCHW", "float32"), ("NHWC", "float16")]
+    assert all(r["backward_inference_ms"] > 0 and r["backward_ms"] > 0 and "torch_ms" not in r for r in frozen)
+    table = _bench.to_markdown(result)
+    assert "| backward through fixed statistics | dtype | backward_inference ms |" in table
+    nhwc = frozen[1]
+    assert f"| 4x8x6x6 NHWC | float16 | {nhwc['backward_inference_ms']:.3f} | {nhwc['backward_ms']:.3f} | - |" in table

@@ -418,7 +418,7 @@ def test_a_benchmark_past_its_deadline_lists_what_it_did_not_time_and_passes(tmp
     assert bench["rows"] == [] and bench["failed"] == []
     sections = [entry["section"] for entry in bench["not_timed"] if "section" in entry]
     assert sections == ["copy_gbps", "host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused",
-                        "training_step"]
+                        "training_step", "backward_inference"]
     rows = [entry for entry in bench["not_timed"] if "section" not in entry]
     assert len(rows) == 2 * 4 * 3 * 2  # float16 and float32 x the four labels x three operations x NCHW and NHWC
     assert (f"Not timed, because the run's deadline had passed: {len(bench['not_timed'])} rows and sections"

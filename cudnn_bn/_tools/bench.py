@@ -548,6 +548,51 @@ def _fused_vs_unfused_row(shape, repeats) -> dict:
             "unfused_over_fused": unfused_ms / fused_ms}
 
 
+def _backward_inference(torch, repeats) -> list[dict]:
+    """The backward through fixed statistics (``backward_inference``: one elementwise pass and the
+    channel sums, in CuPy kernels; cuDNN has no such call) against cuDNN's training backward on the
+    same data, and PyTorch's eval-mode batch_norm backward (autograd to x, weight and bias) in the
+    same run, on the first 4-D shape of GPU_SHAPES, NCHW float32 and NHWC float16."""
+    shape = next(s for s in GPU_SHAPES if len(s) == 4)
+    rows = []
+    for channel_axis, layout_name, dtype in ((1, "NCHW", np.float32), (-1, "NHWC", np.float16)):
+        a = _device_inputs(shape, channel_axis, Mode.SPATIAL, dtype)
+        row = {"shape": list(shape), "layout": layout_name, "dtype": np.dtype(dtype).name}
+        try:
+            _, saved = _api.forward_training(a["x"], a["gamma"], a["beta"], channel_axis=channel_axis)
+            row["backward_inference_ms"] = median_gpu_seconds(lambda: _api.backward_inference(
+                a["x"], a["dy"], a["gamma"], a["running_mean"], a["running_var"], channel_axis=channel_axis,
+            ), repeats) * 1e3
+            row["backward_ms"] = median_gpu_seconds(
+                lambda: _api.backward(a["x"], a["dy"], a["gamma"], saved), repeats) * 1e3
+        except Exception as error:
+            row["error"] = describe_failure(error)
+        if torch is not None and "error" not in row:
+            try:
+                theirs = _torch_eval_backward(torch, a, channel_axis)
+                row["torch_ms"] = _median_torch_seconds(torch, theirs, repeats) * 1e3
+                row["time_vs_torch"] = row["backward_inference_ms"] / row["torch_ms"]
+            except Exception as error:
+                row["torch_error"] = describe_failure(error)
+        rows.append(row)
+    return rows
+
+
+def _torch_eval_backward(torch, arrays, channel_axis):
+    """The gradients of PyTorch's eval-mode batch_norm to x, weight and bias, on its view of the
+    same memory (channels_last for NHWC)."""
+    x, dy = torch.from_dlpack(arrays["x"]), torch.from_dlpack(arrays["dy"])
+    if channel_axis == -1:
+        x, dy = x.permute(0, 3, 1, 2), dy.permute(0, 3, 1, 2)
+    x = x.detach().requires_grad_()
+    as_tensor = lambda name: torch.from_dlpack(arrays[name])  # noqa: E731
+    weight = as_tensor("gamma").detach().clone().requires_grad_()
+    bias = as_tensor("beta").detach().clone().requires_grad_()
+    y = torch.nn.functional.batch_norm(x, as_tensor("running_mean"), as_tensor("running_var"), weight, bias,
+                                       training=False, eps=1e-5)
+    return lambda: torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)
+
+
 def _training_steps(torch, quick: bool) -> list[dict]:
     """Wall time per training step (forward through TRAINING_STEP_LAYERS BatchNorm layers, then
     backward through them) on the first 4-D shape of GPU_SHAPES, NCHW float32 and NHWC float16,
@@ -700,6 +745,7 @@ def _gpu_bench(quick: bool, recorder: _Recorder | None = None, deadline: float |
     section("ex_vs_plain", lambda: _ex_vs_plain(repeats))
     section("fused_vs_unfused", lambda: _fused_vs_unfused(repeats))
     section("training_step", lambda: _training_steps(torch, quick))
+    section("backward_inference", lambda: _backward_inference(torch, repeats))
     return recorder.result
 
 
@@ -906,7 +952,8 @@ def to_markdown(result: dict) -> str:
 
 def _gpu_sections(result: dict) -> list[str]:
     lines = []
-    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused", "training_step"):
+    for key in ("host_overhead", "overflow_probe", "ex_vs_plain", "fused_vs_unfused", "training_step",
+                "backward_inference"):
         value = result.get(key)
         if isinstance(value, dict) and "error" in value:
             lines += ["", f"{key} failed: {value['error']}"]
@@ -950,6 +997,18 @@ def _gpu_sections(result: dict) -> list[str]:
             torch_ms = f"{r['torch_step_ms']:.3f}" if r.get("torch_step_ms") else "-"
             ratio = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else "-"
             lines.append(f"{where} {r['mode']} | {r['step_ms']:.3f} | {torch_ms} | {ratio} |")
+    frozen_rows = result.get("backward_inference")
+    if isinstance(frozen_rows, list) and frozen_rows:
+        lines += ["", "| backward through fixed statistics | dtype | backward_inference ms | training backward ms "
+                  "| PyTorch eval backward ms | time / PyTorch |", "|---|---|---|---|---|---|"]
+        for r in frozen_rows:
+            where = f"| {_shape_text(r['shape'])} {r['layout']} | {r['dtype']} |"
+            if "error" in r:
+                lines.append(f"{where} failed: {r['error']} | | | |")
+                continue
+            torch_ms = f"{r['torch_ms']:.3f}" if "torch_ms" in r else "-"
+            ratio = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else "-"
+            lines.append(f"{where} {r['backward_inference_ms']:.3f} | {r['backward_ms']:.3f} | {torch_ms} | {ratio} |")
     return lines
 
 
