@@ -173,10 +173,9 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
         plan.running_back(cupy, var_in, running_var)
     if plan.param_from_cudnn is not None:
         save_mean, save_inv_std = plan.param_out(cupy, save_mean), plan.param_out(cupy, save_inv_std)
-    layout = plan.layout
     return y, trusted_saved_stats(
-        save_mean, save_inv_std, layout.mode, checked.eps, layout.public_channel_axis, reserve, on_overflow,
-        from_forward=True, reserve_ops=None if reserve is None else _BN,
+        save_mean, save_inv_std, plan.layout.mode, checked.eps, plan.layout.public_channel_axis, reserve,
+        on_overflow, from_forward=True, reserve_ops=None if reserve is None else _BN,
     )
 
 
@@ -302,10 +301,9 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
     dgamma, dbeta = plan.new_params(cupy)
     library = raw.library()
     x_desc, p_desc = plan.data_desc_pointer, plan.param_desc_pointer
-    # BackwardEx reads the reserve space of the plain Ex forward that wrote these statistics, at the
-    # addresses it wrote them: with a copy of them (pickled, deep-copied, converted, the caller's own
-    # arrays as compat passes them) or a fused forward's (its bnOps differ), the plain backward, which
-    # reads no reserve space
+    # BackwardEx reads the reserve space its plain Ex forward filled with these statistics, where it
+    # wrote them; with a copy of them (pickled, converted, compat's caller arrays) or a fused forward's
+    # reserve space (other bnOps), the plain backward, which reads none
     uses_ex = (reserve is not None and plan.uses_ex and reserve_filled_by(saved) == _BN and saved_mean is saved.mean
                and plan.param_from_cudnn is None)
     handle = lend(cupy, plan, lane)

@@ -987,29 +987,41 @@ def _gpu_sections(result: dict) -> list[str]:
         ]
     step_rows = result.get("training_step")
     if isinstance(step_rows, list) and step_rows:
-        lines += ["", f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings "
-                  "| mode | ms per step | PyTorch ms | time / PyTorch |", "|---|---|---|---|---|---|---|"]
-        for r in step_rows:
-            where = f"| {_shape_text(r['shape'])} {r['layout']} | {r['dtype']} | {r['settings']} |"
-            if "error" in r:
-                lines.append(f"{where} failed: {r['error']} | | | |")
-                continue
-            torch_ms = f"{r['torch_step_ms']:.3f}" if r.get("torch_step_ms") else "-"
-            ratio = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else "-"
-            lines.append(f"{where} {r['mode']} | {r['step_ms']:.3f} | {torch_ms} | {ratio} |")
+        lines += _rows_beside_torch(
+            f"| training step, {step_rows[0]['layers']} BatchNorm layers, fwd + bwd | dtype | settings | mode "
+            "| ms per step | PyTorch ms | time / PyTorch |",
+            step_rows, ("dtype", "settings"), lambda r: f"{r['mode']} | {r['step_ms']:.3f}", "torch_step_ms",
+        )
     frozen_rows = result.get("backward_inference")
     if isinstance(frozen_rows, list) and frozen_rows:
-        lines += ["", "| backward through fixed statistics | dtype | backward_inference ms | training backward ms "
-                  "| PyTorch eval backward ms | time / PyTorch |", "|---|---|---|---|---|---|"]
-        for r in frozen_rows:
-            where = f"| {_shape_text(r['shape'])} {r['layout']} | {r['dtype']} |"
-            if "error" in r:
-                lines.append(f"{where} failed: {r['error']} | | | |")
-                continue
-            torch_ms = f"{r['torch_ms']:.3f}" if "torch_ms" in r else "-"
-            ratio = f"{r['time_vs_torch']:.2f}" if "time_vs_torch" in r else "-"
-            lines.append(f"{where} {r['backward_inference_ms']:.3f} | {r['backward_ms']:.3f} | {torch_ms} | {ratio} |")
+        lines += _rows_beside_torch(
+            "| backward through fixed statistics | dtype | backward_inference ms | training backward ms "
+            "| PyTorch eval backward ms | time / PyTorch |",
+            frozen_rows, ("dtype",), lambda r: f"{r['backward_inference_ms']:.3f} | {r['backward_ms']:.3f}", "torch_ms",
+        )
     return lines
+
+
+def _rows_beside_torch(header: str, rows: list, labels: tuple, ours, torch_key: str) -> list[str]:
+    """A table of rows timed beside PyTorch: shape and layout, the ``labels`` cells, ``ours(row)``
+    (two cells), then PyTorch's milliseconds and ours over them; a row that failed says so."""
+    lines = ["", header, "|---" * (header.count("|") - 1) + "|"]
+    for r in rows:
+        where = f"| {_shape_text(r['shape'])} {r['layout']} | " + " | ".join(str(r[label]) for label in labels) + " |"
+        if "error" in r:
+            lines.append(f"{where} failed: {r['error']} | | | |")
+        else:
+            lines.append(f"{where} {ours(r)} | {_torch_cells(r, torch_key)}")
+    return lines
+
+
+def _torch_cells(row: dict, torch_key: str) -> str:
+    """The last two cells of a row timed beside PyTorch: its milliseconds, and ours over them."""
+    if "torch_error" in row:
+        return f"failed: {row['torch_error']} | - |"
+    torch_ms = f"{row[torch_key]:.3f}" if row.get(torch_key) else "-"
+    ratio = f"{row['time_vs_torch']:.2f}" if "time_vs_torch" in row else "-"
+    return f"{torch_ms} | {ratio} |"
 
 
 def run_bench(json_path=None, markdown_path=None, quick: bool = False, with_torch: bool | None = None,
