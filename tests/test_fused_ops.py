@@ -269,6 +269,23 @@ def test_the_plain_backward_of_fused_ex_statistics_reads_no_reserve_space(gpu, w
     assert "cudnnBatchNormalizationBackwardEx" not in gpu.calls
 
 
+def test_a_fused_ex_saved_with_another_bn_ops_runs_composed(gpu):
+    """The reserve space of a BN_ADD_ACTIVATION forward, handed back as a FusedSaved without the
+    residual (BN_ACTIVATION): the mask and the plain backward, with the reference's results."""
+    x, dy, gamma, beta, residual, _, _ = _arrays(EX)
+    y, saved = forward_training(x, gamma, beta, residual=residual, mode=EX["mode"], channel_axis=EX["channel_axis"])
+    assert saved.path == PATH_FUSED_EX and saved.has_residual
+    without = dataclasses.replace(saved, has_residual=False)
+    host = [array.get() for array in (x, y, dy, gamma, saved.mean, saved.inv_std)]
+    stats = SavedStats(host[4], host[5], saved.mode, saved.eps, saved.channel_axis)
+    expected = backward(*host[:4], FusedSaved(stats, saved.activation, False, PATH_COMPOSED))
+    got = backward(x, y, dy, gamma, without)
+    assert got[1] is None and expected[1] is None
+    for actual, want in zip(got[::2] + got[3:], expected[::2] + expected[3:]):
+        assert_close(actual, want, EX["dtype"], scale=EX["shape"][0])
+    assert "cudnnBatchNormalizationBackwardEx" not in gpu.calls
+
+
 @pytest.mark.parametrize("copy_of", [
     copy.deepcopy,
     lambda saved: dataclasses.replace(saved, stats=dataclasses.replace(

@@ -244,32 +244,65 @@ def test_a_stale_flag_does_not_fail_the_next_checked_backward(unsettled_gpu):
     assert np.all(np.isfinite(dx))
 
 
-def test_a_flag_left_unread_by_a_call_that_raised_is_cleared_before_the_next_checked_call(unsettled_gpu,
-                                                                                          monkeypatch):
-    """A checked backward whose kernel overflowed raises before its flag is read (here from the
-    finiteness read of statistics from elsewhere, as a KeyboardInterrupt could): the next checked
-    call on that handle clears the flag first, and does not report the other call's overflow."""
+def _interrupted_checked_backward(simulator, monkeypatch):
+    """A checked backward whose kernel overflows and which raises before its flag is read (here from
+    the finiteness read of statistics from elsewhere, as a KeyboardInterrupt could); returns the
+    arrays, the warnings it gave and the CHECKED pool."""
     cupy = sys.modules["cupy"]
     _, x, dy, gamma, beta = make_case((4, 3, 2, 2), Mode.SPATIAL, 1, np.float32)
     xd, dyd, gd, bd = on_device(x, dy, gamma, beta)
     _, saved = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
     foreign = dataclasses.replace(saved, mean=saved.mean.copy())  # read back after the kernel
-    pool = handles.pool_for(0, handles.CHECKED)
-    unsettled_gpu.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
-    with monkeypatch.context() as patched:
+    simulator.overflow_modes.add(Mode.SPATIAL_PERSISTENT)
+    with monkeypatch.context() as patched, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         patched.setattr(cupy, "vdot", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
             cudnn_bn.backward(xd, dyd, gd, foreign, on_overflow="raise")
-    (handle,) = pool._idle  # back in its pool, its flag still set
-    assert handle.flag_unread
-    unsettled_gpu.overflow_modes.discard(Mode.SPATIAL_PERSISTENT)
+    simulator.overflow_modes.discard(Mode.SPATIAL_PERSISTENT)
+    return (xd, gd, bd), [w for w in caught if issubclass(w.category, RuntimeWarning)], handles.pool_for(
+        0, handles.CHECKED)
+
+
+def test_a_call_that_raised_before_reading_its_flag_clears_it_itself_and_warns_of_an_overflow(unsettled_gpu,
+                                                                                             monkeypatch):
+    """The thread that ran the kernel clears its flag as it gives the handle back (another thread's
+    query could wait on another queue under per-thread default streams), and says that what the
+    interrupted call wrote may hold NaN; the next checked call reads only its own flag."""
     queries = unsettled_gpu.calls.count("cudnnQueryRuntimeError")
+    (xd, gd, bd), caught, pool = _interrupted_checked_backward(unsettled_gpu, monkeypatch)
+    assert unsettled_gpu.calls.count("cudnnQueryRuntimeError") == queries + 2  # the forward's, then the clearing
+    assert [str(w.message) for w in caught] == [
+        "cudnn_bn: a SPATIAL_PERSISTENT call that raised before reading its overflow flag had overflowed; "
+        "what it wrote, running statistics included, may hold NaN or Inf"
+    ]
+    (handle,) = pool._idle
+    assert not handle.flag_unread
     y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
     assert np.all(np.isfinite(y.get()))
+    assert unsettled_gpu.calls.count("cudnnQueryRuntimeError") == queries + 3  # its own only
+
+
+def test_a_flag_that_could_not_be_cleared_is_cleared_by_the_next_borrower(unsettled_gpu, monkeypatch):
+    real, blocking = handles.Handle.query_flag, []
+
+    def query(self, mode=raw.ErrQueryMode.BLOCKING):
+        if mode == raw.ErrQueryMode.BLOCKING:
+            blocking.append(mode)
+        if len(blocking) == 2:  # the forward's read, then the clearing as the interrupted backward gives back
+            raise cudnn_bn.CudnnError(4000, "CUDNN_STATUS_INTERNAL_ERROR", "cudnnQueryRuntimeError", "")
+        return real(self, mode)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(handles.Handle, "query_flag", query)
+        (xd, gd, bd), caught, pool = _interrupted_checked_backward(unsettled_gpu, monkeypatch)
+    assert len(blocking) == 2 and caught == []
+    (handle,) = pool._idle
+    assert handle.flag_unread  # still marked
+    queries = unsettled_gpu.calls.count("cudnnQueryRuntimeError")
+    y, _ = cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
+    assert np.all(np.isfinite(y.get())) and not handle.flag_unread
     assert unsettled_gpu.calls.count("cudnnQueryRuntimeError") == queries + 2  # the clearing, then its own
-    assert not handle.flag_unread
-    cudnn_bn.forward_training(xd, gd, bd, mode="spatial_persistent", on_overflow="raise")
-    assert unsettled_gpu.calls.count("cudnnQueryRuntimeError") == queries + 3  # nothing left to clear
 
 
 # ---- the cupy module and the handle loan ----

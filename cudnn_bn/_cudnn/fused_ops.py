@@ -41,6 +41,7 @@ from .launch import (
     after_persistent,
     check_reserve,
     cupy_module,
+    give_back,
     lend,
     on_device,
     pointer,
@@ -230,7 +231,7 @@ def _forward_training_ex(cupy, plan, checked, x, gamma, beta, running_mean, runn
         )
         overflowed = plan.persistent and after_persistent(cupy, handle, lane, "fused forward_training", plan)
     finally:
-        handle.pool.release(handle)
+        give_back(handle)
     if overflowed:
         after_overflow(
             "cudnnBatchNormalizationForwardTrainingEx", TRAINING, "fused forward_training", plan, on_overflow, backup,
@@ -384,7 +385,7 @@ def _backward_ex(cupy, plan, checked, x, y, dy, gamma, saved, on_overflow):
             cupy, handle, lane, "fused backward", plan, None if computed_by_forward(stats) else stats
         )
     finally:
-        handle.pool.release(handle)
+        give_back(handle)
     if overflowed:
         after_overflow("cudnnBatchNormalizationBackwardEx", BACKWARD, "fused backward", plan, on_overflow)
         return None

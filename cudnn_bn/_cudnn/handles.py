@@ -10,8 +10,8 @@ overflow. So that no call ever reads a flag another call left, and no rebinding 
 clear one, the handles of a device come in three pools, by what their calls do with the flag
 (``lane_for``):
 - CHECKED: persistent calls that read the flag right after their kernel ("raise", "fallback"),
-  so a handle there never carries an unread flag (one whose call raised before reading it is
-  marked, and the next borrower clears it: launch.lend);
+  so a handle there never carries an unread flag (a call that raised before reading it clears it
+  as it gives the handle back, launch.give_back; where even that fails, the next borrower does);
 - DEFERRED: persistent calls that leave it for later ("deferred"): each handle keeps a record of
   those calls per stream (:class:`DeferredCalls`), read by a poll when a later call borrows it
   and by ``cudnn_bn.check_overflow`` (cudnn_bn/_cudnn/deferred.py);

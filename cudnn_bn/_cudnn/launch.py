@@ -40,6 +40,7 @@ __all__ = [
     "check_reserve",
     "cupy_module",
     "fallback_warnings_shown",
+    "give_back",
     "lend",
     "on_device",
     "outside_the_package",
@@ -91,20 +92,20 @@ def pointer(array) -> int | None:
 #         <the native calls>
 #         overflowed = plan.persistent and after_persistent(cupy, handle, lane, operation, plan)
 #     finally:
-#         handle.pool.release(handle)
+#         give_back(handle)
 # A context manager (a class with slots) would say it in two lines, but measured with
 # benchmarks/host_overhead.py it cost about half a microsecond more per call (4-6 %).
 def lend(cupy, plan, lane: str):
     """A handle of the plan's device from the pool of ``lane`` (handles.lane_for) for one launch,
-    bound to CuPy's current stream. The caller gives it back with ``handle.pool.release(handle)``
-    in a ``finally``."""
+    bound to CuPy's current stream. The caller gives it back with :func:`give_back` in a
+    ``finally``."""
     pool = pool_for(plan.device_id, lane)
     handle = pool.acquire()
     try:
         if handle.deferred:  # before rebinding: the non-blocking query reads the stream those calls ran on
             deferred.poll(handle)
-        elif handle.flag_unread:  # a checked call raised between its kernel and its flag: clear that flag
-            handle.query_flag()  # (a wait, on this rare path only), so that this call reads only its own
+        elif handle.flag_unread:  # give_back could not clear it: clear it now (a wait, on this rare path
+            handle.query_flag()  # only), so that this call reads only its own flag
             handle.flag_unread = False
         handle.bind_stream(cupy.cuda.get_current_stream())
     except BaseException:
@@ -112,6 +113,32 @@ def lend(cupy, plan, lane: str):
         raise
     handle.flag_unread = lane is CHECKED  # until after_persistent reads it
     return handle
+
+
+def give_back(handle) -> None:
+    """Return a lent handle to its pool. A CHECKED call that raised before its flag was read
+    (between lend and after_persistent) clears the flag here, in the thread whose stream ran the
+    kernel (under per-thread default streams another thread's query would wait on another queue),
+    and warns when it finds an overflow there: the call that raised restored nothing."""
+    try:
+        if handle.flag_unread:
+            _clear_unread_flag(handle)
+    finally:
+        handle.pool.release(handle)
+
+
+def _clear_unread_flag(handle) -> None:
+    try:
+        status = handle.query_flag()  # a wait, on the path of a call that raised
+    except Exception:
+        return  # still marked: the next borrower clears it (lend)
+    handle.flag_unread = False
+    if status == Status.RUNTIME_FP_OVERFLOW:
+        warnings.warn(
+            "cudnn_bn: a SPATIAL_PERSISTENT call that raised before reading its overflow flag had overflowed; "
+            "what it wrote, running statistics included, may hold NaN or Inf",
+            RuntimeWarning, stacklevel=outside_the_package(),
+        )
 
 
 # ---- the overflow flag of SPATIAL_PERSISTENT ----

@@ -26,13 +26,13 @@ from .launch import (
     after_persistent,
     check_reserve,
     cupy_module,
+    give_back,
     lend,
     pointer,
     same_device,
     workspace,
 )
 from .plans import BACKWARD, INFERENCE, TRAINING, plan_for, set_ex_path_enabled, uses_ex_path
-from .raw import BatchNormOps
 from .signatures import (
     SETTLED,
     Settled,
@@ -45,7 +45,7 @@ from .signatures import (
     signature,
 )
 
-_BN = int(BatchNormOps.BN)  # bnOps of the plain Ex calls
+_BN = int(raw.BatchNormOps.BN)  # bnOps of the plain Ex calls
 
 __all__ = [
     "backward",
@@ -158,7 +158,7 @@ def run_training(cupy, settled: Settled, x, gamma, beta, running_mean, running_v
             )
         overflowed = plan.persistent and after_persistent(cupy, handle, lane, TRAINING, plan)
     finally:
-        handle.pool.release(handle)
+        give_back(handle)
     if overflowed:
         after_overflow(
             "cudnnBatchNormalizationForwardTraining", TRAINING, "forward_training", plan, on_overflow, backup,
@@ -235,7 +235,7 @@ def run_inference(cupy, settled: Settled, x, gamma, beta, mean, var):
                 piece.param_desc_pointer, gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps,
             )
     finally:
-        handle.pool.release(handle)
+        give_back(handle)
     return y
 
 
@@ -338,7 +338,7 @@ def run_backward(cupy, settled: Settled, x, dy, gamma, saved, channel_axis):
             cupy, handle, lane, BACKWARD, plan, None if saved is None or computed_by_forward(saved) else saved
         )
     finally:
-        handle.pool.release(handle)
+        give_back(handle)
     if overflowed:
         after_overflow("cudnnBatchNormalizationBackward", BACKWARD, "backward", plan, on_overflow)
         plain_saved = None
