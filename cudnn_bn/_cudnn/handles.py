@@ -100,8 +100,7 @@ class Handle:
 
     __slots__ = (
         "device_id", "pointer", "pool", "bound_identity", "stream", "deferred", "finite_checks", "flag_unread",
-        "_runtime_status",
-        "_runtime_status_ref", "_finalizer", "__weakref__",
+        "_runtime_status", "_runtime_status_ref", "_finalizer", "__weakref__",
     )
 
     def __init__(self, device_id: int):
@@ -122,8 +121,8 @@ class Handle:
         # this package were not finite in some call, folded on that stream, read by check_overflow
         self.deferred: dict = {}
         self.finite_checks: dict = {}
-        # CHECKED lane: a persistent kernel ran and its call did not get to read the flag (an
-        # exception in between); the next borrower clears the flag before its own kernel
+        # CHECKED lane: lent to a call that has not read its flag yet (launch.lend sets it,
+        # after_persistent clears it; give_back reads the flag of a call that raised in between)
         self.flag_unread = False
         # where cudnnQueryRuntimeError writes: one per handle, as a handle serves one thread at a time
         self._runtime_status = ctypes.c_int(0)

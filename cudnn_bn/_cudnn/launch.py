@@ -161,10 +161,9 @@ def after_persistent(cupy, handle, lane: str, operation: str, plan, foreign_save
             runtime_status = handle.query_flag(ErrQueryMode.NONBLOCKING)
             if runtime_status == Status.RUNTIME_IN_PROGRESS:  # another thread queued work on this stream meanwhile
                 runtime_status = handle.query_flag()
-            if not finite:
-                handle.flag_unread = False
-                check_saved_entries_finite(foreign_saved)  # a NaN or Inf entry, not a product past the range
         handle.flag_unread = False
+        if foreign_saved is not None and not finite:
+            check_saved_entries_finite(foreign_saved)  # a NaN or Inf entry, not a product past the range
         if runtime_status == Status.RUNTIME_FP_OVERFLOW:
             return True
         raw.check_status("cudnnQueryRuntimeError (kernel status)", runtime_status)

@@ -1005,11 +1005,13 @@ def _gpu_sections(result: dict) -> list[str]:
 def _rows_beside_torch(header: str, rows: list, labels: tuple, ours, torch_key: str) -> list[str]:
     """A table of rows timed beside PyTorch: shape and layout, the ``labels`` cells, ``ours(row)``
     (two cells), then PyTorch's milliseconds and ours over them; a row that failed says so."""
-    lines = ["", header, "|---" * (header.count("|") - 1) + "|"]
+    columns = header.count("|") - 1
+    lines = ["", header, "|---" * columns + "|"]
+    after_failed = " |" * (columns - len(labels) - 2)  # the cells after the one that says it failed
     for r in rows:
         where = f"| {_shape_text(r['shape'])} {r['layout']} | " + " | ".join(str(r[label]) for label in labels) + " |"
         if "error" in r:
-            lines.append(f"{where} failed: {r['error']} | | | |")
+            lines.append(f"{where} failed: {r['error']} |{after_failed}")
         else:
             lines.append(f"{where} {ours(r)} | {_torch_cells(r, torch_key)}")
     return lines
